@@ -1,0 +1,1 @@
+"""The CUDA kernel sources (*.cu), shipped as package data and compiled at first use through CuPy."""

@@ -1,0 +1,12 @@
+"""neuroidx_fast: index what the units of a trained CNN respond to, fast.
+
+Low-level ops (stable API for other tools): ``neuroidx_fast.ops.spatial_reduce`` and ``TopK``.
+SPEC.md defines every number; ``neuroidx_fast.backends`` says which implementation runs.
+"""
+
+from ._version import __version__
+from .topk import TopK
+from . import ops
+from .ops import spatial_reduce
+
+__all__ = ["__version__", "TopK", "ops", "spatial_reduce"]

@@ -1,0 +1,88 @@
+"""Pure-PyTorch reference implementations of the hot ops (SPEC.md section 1).
+
+These are the default backend, the CPU fallback and the oracle every other backend is tested against.
+Every backend module (``cpp``, ``triton``, ``cuda``) exposes the same two functions with the same
+contract:
+
+``spatial_reduce(x) -> (vmax, argmax, vmean)``
+    ``x``: [B, C, H, W] float32 / float16 / bfloat16, any strides (contiguous, channels_last, sliced).
+    ``vmax`` [B, C] float32: the map's maximum, bit-identical to the element cast to float32;
+    ``argmax`` [B, C] int64: its flat index ``y * W + x``, the lowest one on ties;
+    ``vmean`` [B, C] float32: the map's mean (accumulated in float32 or wider).
+    A map holding NaN gives ``vmax = NaN``, ``argmax`` = the flat index of its first NaN and a NaN mean.
+
+``topk_update(state_values, state_ids, state_positions, values, ids, positions) -> None``
+    In place. ``state_values`` [C, K] float32, ``state_ids`` / ``state_positions`` [C, K] int64, all
+    contiguous, every row sorted best first; ``values`` [B, C] float32 contiguous and NaN-free (the
+    caller checks), ``ids`` [B] int64, ``positions`` [B, C] int64 contiguous.
+    Afterwards each row holds the best K of (its old entries, the B candidates of that unit), sorted.
+    Order: a real entry beats an empty one (empty: value -inf, id -1, position -1); between real
+    entries the larger value wins, then the lower id. Exact ties of (value, id), which only arise when
+    the caller feeds an image twice, keep the old entry first, then candidates in batch order.
+    The K-th slot of each row is the unit's admission threshold: a candidate that does not beat it is
+    skipped without touching the row, so once the state is warm almost nothing is merged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["spatial_reduce", "topk_update", "topk_merge_rows", "better"]
+
+# Sort key for empty slots: larger than any real id, so that empties sort after real -inf entries.
+_EMPTY_ID_KEY = torch.iinfo(torch.int64).max
+
+
+def spatial_reduce(x: torch.Tensor):
+    b, c = x.shape[0], x.shape[1]
+    flat = x.reshape(b, c, -1)
+    # torch.max over a dim returns the first maximal index and propagates NaN (pointing at the first NaN).
+    vmax, argmax = flat.max(dim=2)
+    vmean = flat.mean(dim=2, dtype=torch.float32)
+    return vmax.float(), argmax, vmean
+
+
+def better(v_a, id_a, v_b, id_b):
+    """True where entry a ranks strictly before entry b (empty entries have id -1)."""
+    a_real = id_a >= 0
+    b_real = id_b >= 0
+    strictly = (v_a > v_b) | ((v_a == v_b) & (id_a < id_b))
+    return a_real & (~b_real | strictly)
+
+
+def topk_merge_rows(values, ids, positions, k: int):
+    """Sort each row of [R, N] entries by the top-K order and keep the first k columns."""
+    order_ids = torch.where(ids >= 0, ids, torch.full_like(ids, _EMPTY_ID_KEY))
+    # Two stable sorts: secondary key (id ascending) first, then primary key (value descending).
+    by_id = torch.sort(order_ids, dim=1, stable=True).indices
+    v1 = torch.gather(values, 1, by_id)
+    by_value = torch.sort(v1, dim=1, descending=True, stable=True).indices
+    order = torch.gather(by_id, 1, by_value)[:, :k]
+    return (torch.gather(values, 1, order), torch.gather(ids, 1, order), torch.gather(positions, 1, order))
+
+
+def topk_update(state_values, state_ids, state_positions, values, ids, positions) -> None:
+    num_units, k = state_values.shape
+    if values.shape[0] == 0:
+        return
+    cand_v = values.t()  # [C, B]
+    cand_ids = ids.view(1, -1).expand(num_units, -1)
+    admitted = better(cand_v, cand_ids, state_values[:, -1:], state_ids[:, -1:])
+    active = admitted.any(dim=1).nonzero().flatten()
+    if active.numel() == 0:
+        return
+    cand_v = cand_v[active]
+    cand_ids = torch.where(admitted[active], cand_ids[active], torch.full_like(cand_ids[active], -1))
+    cand_v = torch.where(cand_ids >= 0, cand_v, torch.full_like(cand_v, float("-inf")))
+    cand_pos = torch.where(cand_ids >= 0, positions.t()[active], torch.full_like(cand_ids, -1))
+    merged = topk_merge_rows(
+        torch.cat([state_values[active], cand_v], dim=1),
+        torch.cat([state_ids[active], cand_ids], dim=1),
+        torch.cat([state_positions[active], cand_pos], dim=1),
+        k,
+    )
+    state_values[active], state_ids[active], state_positions[active] = merged
+
+
+def check_device(device_type: str) -> None:
+    """The reference runs wherever torch runs."""

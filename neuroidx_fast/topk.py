@@ -1,0 +1,220 @@
+"""``TopK``: the streaming, mergeable, serialisable per-unit top-K state of SPEC.md section 1."""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .ops import spatial_reduce
+from .ops.reference import topk_merge_rows
+
+__all__ = ["TopK", "STATE_FORMAT"]
+
+STATE_FORMAT = "neuroidx_fast.TopK/1"
+_NAN_POLICIES = ("raise", "ignore")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TopK: {name} must be a positive int, got {value!r}")
+    return value
+
+
+class TopK:
+    """The K best images of each of ``num_units`` units, kept exactly over a stream of batches.
+
+    For unit c the state holds the K largest activations seen (value descending, then lower image id
+    first), with the image ids and the flat positions of the maxima. Unused slots hold value -inf,
+    id -1 and position -1. Memory is O(num_units * k) whatever the number of images. The K-th slot of
+    each unit is its admission threshold: once warm, a candidate that does not beat it costs one
+    comparison and no merge.
+
+    ``nan="raise"`` (default) rejects NaN activations with an error naming the unit and the batch's
+    image ids; ``nan="ignore"`` treats NaN as -inf. ``backend`` picks the implementation of the update
+    (see ``neuroidx_fast.backends``); every backend gives the same state, bit for bit.
+    """
+
+    def __init__(self, num_units: int, k: int, device=None, nan: str = "raise", backend: str | None = "auto",
+                 name: str | None = None):
+        self.num_units = _check_positive_int("num_units", num_units)
+        self.k = _check_positive_int("k", k)
+        if nan not in _NAN_POLICIES:
+            raise ValueError(f"TopK: nan must be one of {_NAN_POLICIES}, got {nan!r}")
+        self.nan = nan
+        self.name = name
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.backend = backends.resolve_name(backend, self.device)
+        self._ops = backends.get(self.backend, self.device)
+        self.values = torch.full((num_units, k), float("-inf"), dtype=torch.float32, device=self.device)
+        self.ids = torch.full((num_units, k), -1, dtype=torch.int64, device=self.device)
+        self.positions = torch.full((num_units, k), -1, dtype=torch.int64, device=self.device)
+        self.count = 0
+
+    def __repr__(self) -> str:
+        label = f"{self.name!r}, " if self.name else ""
+        return (f"TopK({label}num_units={self.num_units}, k={self.k}, count={self.count}, "
+                f"device={self.device}, backend={self.backend!r})")
+
+    # ------------------------------------------------------------------ updates
+    def _where(self) -> str:
+        return f"layer {self.name!r}" if self.name else "TopK"
+
+    def _check_batch(self, values, ids, positions):
+        if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != self.num_units:
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise ValueError(f"{self._where()}: values must be a [B, {self.num_units}] tensor, got {shape}")
+        if not values.is_floating_point():
+            raise TypeError(f"{self._where()}: values must be floating point, got {values.dtype}")
+        if values.device != self.device:
+            raise ValueError(f"{self._where()}: values are on {values.device} but the state is on {self.device}; "
+                             f"move them with .to({str(self.device)!r}) or build the TopK with that device")
+        ids = torch.as_tensor(ids, device=self.device)
+        if ids.dim() != 1 or ids.shape[0] != values.shape[0]:
+            raise ValueError(f"{self._where()}: ids must be a [B] = [{values.shape[0]}] tensor of image ids, "
+                             f"got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.is_complex():
+            raise TypeError(f"{self._where()}: ids must be integers (int64), got {ids.dtype}")
+        ids = ids.to(torch.int64).contiguous()
+        if positions is None:
+            positions = torch.zeros(values.shape, dtype=torch.int64, device=self.device)
+        else:
+            positions = torch.as_tensor(positions, device=self.device)
+            if positions.shape != values.shape:
+                raise ValueError(f"{self._where()}: positions must have the shape of values "
+                                 f"{tuple(values.shape)}, got {tuple(positions.shape)}")
+            if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+                raise TypeError(f"{self._where()}: positions must be integers (int64), got {positions.dtype}")
+            positions = positions.to(torch.int64).contiguous()
+        if ids.numel():
+            if int(ids.min()) < 0:
+                raise ValueError(f"{self._where()}: image ids must be >= 0 (their dataset positions), "
+                                 f"got {int(ids.min())}")
+            if torch.unique(ids).numel() != ids.numel():
+                raise ValueError(f"{self._where()}: a batch holds the same image id twice; each image must be "
+                                 "seen once (ids are dataset positions)")
+        return values.float().contiguous(), ids, positions
+
+    def _handle_nan(self, values, ids):
+        nan_mask = torch.isnan(values)
+        if not bool(nan_mask.any()):
+            return values
+        if self.nan == "ignore":
+            return values.masked_fill(nan_mask, float("-inf"))
+        rows, units = nan_mask.nonzero(as_tuple=True)
+        bad_units = sorted(set(units.tolist()))
+        bad_ids = sorted(set(ids[rows].tolist()))
+        shown = ", ".join(map(str, bad_units[:8])) + (" ..." if len(bad_units) > 8 else "")
+        raise ValueError(
+            f"NaN activation in {self._where()}: unit(s) {shown} on image id(s) {bad_ids[:16]}"
+            f"{' ...' if len(bad_ids) > 16 else ''} (batch ids {ids.tolist()[:32]}"
+            f"{' ...' if ids.numel() > 32 else ''}). Check the model and inputs, or pass nan='ignore' "
+            "to treat NaN as -inf")
+
+    def update(self, values: torch.Tensor, ids, positions=None) -> "TopK":
+        """Add a batch: ``values`` [B, C] (each image's per-unit activation), ``ids`` [B] int64 image ids,
+        ``positions`` [B, C] int64 flat positions of the maxima (zeros if None)."""
+        values, ids, positions = self._check_batch(values, ids, positions)
+        if values.shape[0] == 0:
+            return self
+        values = self._handle_nan(values, ids)
+        self._ops.topk_update(self.values, self.ids, self.positions, values, ids, positions)
+        self.count += int(values.shape[0])
+        return self
+
+    def observe(self, activations: torch.Tensor, ids):
+        """Reduce a layer output [B, C, H, W] (or [B, C]) with ``spatial_reduce`` and add it.
+
+        Returns the per-(image, unit) spatial means [B, C] (for class-conditional statistics). Under
+        ``nan="ignore"``, NaN elements of a map are dropped: its max and argmax come from the rest, its
+        mean is the mean of the rest (NaN when every element is NaN)."""
+        if not isinstance(activations, torch.Tensor) or activations.dim() not in (2, 4):
+            raise ValueError(f"{self._where()}: activations must be a [B, C, H, W] or [B, C] tensor")
+        if activations.shape[1] != self.num_units:
+            raise ValueError(f"{self._where()}: activations have {activations.shape[1]} channels, "
+                             f"the state tracks {self.num_units} units")
+        vmax, argmax, vmean = spatial_reduce(activations, backend=self.backend)
+        if self.nan == "ignore":
+            vmax, argmax, vmean = _drop_nan_elements(activations, vmax, argmax, vmean)
+        self.update(vmax, ids, argmax)
+        return vmean
+
+    # ------------------------------------------------------------------ results and state
+    def result(self):
+        """(values [C, K] float32, ids [C, K] int64, positions [C, K] int64), best first (copies)."""
+        return self.values.clone(), self.ids.clone(), self.positions.clone()
+
+    def merge(self, other: "TopK") -> "TopK":
+        """Fold in the state of a disjoint set of images (another shard); returns self."""
+        if not isinstance(other, TopK):
+            raise TypeError(f"TopK.merge expects a TopK, got {type(other).__name__}")
+        if (other.num_units, other.k) != (self.num_units, self.k):
+            raise ValueError(f"TopK.merge: shapes differ (num_units, k) = {(self.num_units, self.k)} vs "
+                             f"{(other.num_units, other.k)}")
+        merged = topk_merge_rows(
+            torch.cat([self.values, other.values.to(self.device)], dim=1),
+            torch.cat([self.ids, other.ids.to(self.device)], dim=1),
+            torch.cat([self.positions, other.positions.to(self.device)], dim=1),
+            self.k,
+        )
+        self.values, self.ids, self.positions = (t.contiguous() for t in merged)
+        self.count += other.count
+        return self
+
+    def state_dict(self) -> dict:
+        """Plain tensors and ints (CPU): saveable with torch.save or safetensors (ints as 0-d tensors)."""
+        return {
+            "format": STATE_FORMAT,
+            "num_units": self.num_units,
+            "k": self.k,
+            "count": self.count,
+            "nan": self.nan,
+            "values": self.values.cpu(),
+            "ids": self.ids.cpu(),
+            "positions": self.positions.cpu(),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device=None, backend: str | None = "auto") -> "TopK":
+        """Rebuild a TopK from ``state_dict()``; rejects a foreign or inconsistent state clearly."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not a TopK state (format {found!r}, expected {STATE_FORMAT!r})")
+        missing = [key for key in ("num_units", "k", "count", "values", "ids", "positions") if key not in state]
+        if missing:
+            raise ValueError(f"TopK state is missing {missing}")
+        num_units, k = int(state["num_units"]), int(state["k"])
+        top = cls(num_units, k, device=device, nan=state.get("nan", "raise"), backend=backend)
+        for key, dtype in (("values", torch.float32), ("ids", torch.int64), ("positions", torch.int64)):
+            tensor = state[key]
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != (num_units, k) or tensor.dtype != dtype:
+                raise ValueError(f"TopK state: {key!r} must be a [{num_units}, {k}] {dtype} tensor, got "
+                                 f"{getattr(tensor, 'shape', None)} {getattr(tensor, 'dtype', None)}")
+        count = int(state["count"])
+        if count < 0:
+            raise ValueError(f"TopK state: count must be >= 0, got {count}")
+        values, ids, positions = (state[key].to(top.device).contiguous() for key in ("values", "ids", "positions"))
+        if torch.isnan(values).any():
+            raise ValueError("TopK state: NaN values (corrupt state)")
+        resorted = topk_merge_rows(values, ids, positions, k)
+        if not (torch.equal(resorted[1], ids) and torch.equal(resorted[0], values)):
+            raise ValueError("TopK state: rows are not in top-K order (corrupt state)")
+        top.values, top.ids, top.positions, top.count = values, ids, positions, count
+        return top
+
+
+def _drop_nan_elements(activations, vmax, argmax, vmean):
+    """Recompute, with NaN elements dropped, only the maps whose reduction met a NaN (rare)."""
+    hit = torch.isnan(vmax)
+    if not bool(hit.any()):
+        return vmax, argmax, vmean
+    x = activations if activations.dim() == 4 else activations[:, :, None, None]
+    rows, units = hit.nonzero(as_tuple=True)
+    maps = x[rows, units].reshape(rows.numel(), -1).float()
+    nan = torch.isnan(maps)
+    filled = maps.masked_fill(nan, float("-inf"))
+    m, a = filled.max(dim=1)
+    kept = (~nan).sum(dim=1)
+    mean = maps.masked_fill(nan, 0.0).sum(dim=1) / kept
+    vmax, argmax, vmean = vmax.clone(), argmax.clone(), vmean.clone()
+    vmax[rows, units], argmax[rows, units], vmean[rows, units] = m, a, mean
+    return vmax, argmax, vmean

@@ -1,0 +1,116 @@
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from neuroidx_fast import ops
+from oracles import spatial_reduce_oracle
+from conftest import cpu_backends
+
+BACKENDS = cpu_backends()
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def check(x, backend):
+    vmax, argmax, vmean = ops.spatial_reduce(x, backend=backend)
+    e_max, e_arg, e_mean = spatial_reduce_oracle(x)
+    assert vmax.dtype == torch.float32 and argmax.dtype == torch.int64 and vmean.dtype == torch.float32
+    assert torch.equal(argmax, e_arg), f"argmax {argmax} != {e_arg}"
+    assert torch.equal(vmax.isnan(), e_max.isnan())
+    assert torch.equal(torch.nan_to_num(vmax), torch.nan_to_num(e_max))
+    finite = e_mean.isfinite()
+    n = x[0, 0].numel() if x.dim() == 4 else 1
+    tol = 1e-6 * (n ** 0.5) * e_mean.abs().clamp(min=1.0)
+    assert ((vmean.double() - e_mean).abs()[finite] <= tol[finite]).all()
+    assert torch.equal(vmean.isnan(), e_mean.isnan())
+
+
+def layouts(x):
+    yield "contiguous", x
+    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+    b, c, h, w = x.shape
+    big = torch.full((b, 2 * c, h + 1, 3 * w), 7.0, dtype=x.dtype)
+    view = big[:, ::2, 1:, ::3]  # strides in every dimension, nothing contiguous
+    view.copy_(x)
+    yield "sliced", view
+    yield "broadcast", x[:, :, :1, :].expand(b, c, h, w) if h > 1 else x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 1, 1, 1), (1, 5, 1, 9), (4, 6, 4, 1), (2, 17, 3, 3)])
+def test_layouts_and_dtypes(backend, dtype, shape):
+    torch.manual_seed(hash(shape) % 1000)
+    x = torch.randint(-3, 4, shape).to(dtype)  # quantised: many ties inside each map
+    for name, xl in layouts(x):
+        if name != "broadcast":
+            assert torch.equal(xl.float(), x.float()), name
+        check(xl, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_dimensional_input(backend):
+    x = torch.randn(5, 7)
+    vmax, argmax, vmean = ops.spatial_reduce(x, backend=backend)
+    assert torch.equal(vmax, x) and torch.equal(vmean, x) and torch.equal(argmax, torch.zeros(5, 7, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_infinities_nan_and_signed_zero(backend, dtype):
+    inf, nan = float("inf"), float("nan")
+    maps = [
+        [[-inf, -inf], [-inf, -inf]],  # all -inf: max -inf at 0
+        [[1.0, inf], [inf, -inf]],  # +inf twice: the first
+        [[2.0, nan], [nan, 5.0]],  # NaN: first NaN, whatever the larger values
+        [[nan, nan], [nan, nan]],
+        [[-inf, nan], [3.0, 3.0]],
+        [[-0.0, 0.0], [-1.0, -0.0]],
+        [[inf, -inf], [0.0, 1.0]],  # mean is NaN without any NaN element
+    ]
+    x = torch.tensor(maps).to(dtype)[None]  # [1, 7, 2, 2]
+    for _, xl in layouts(x):
+        check(xl, backend)
+    vmax, argmax, _ = ops.spatial_reduce(x, backend=backend)
+    assert argmax.tolist() == [[0, 1, 1, 0, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    b=st.integers(1, 4), c=st.integers(1, 9), h=st.integers(1, 6), w=st.integers(1, 6),
+    levels=st.integers(1, 5), dtype=st.sampled_from(DTYPES), channels_last=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random(backend, b, c, h, w, levels, dtype, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randint(0, levels, (b, c, h, w), generator=g).float() - levels / 2).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    check(x, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    vmax, argmax, vmean = ops.spatial_reduce(torch.empty(0, 4, 3, 3), backend=backend)
+    assert vmax.shape == argmax.shape == vmean.shape == (0, 4)
+
+
+def test_float64_goes_through_the_reference():
+    x = torch.tensor([[[[1.0, 1.0 + 1e-12]]]], dtype=torch.float64)  # equal once rounded to float32
+    vmax, argmax, _ = ops.spatial_reduce(x)
+    assert argmax.item() == 1 and vmax.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "x, error, words",
+    [
+        (torch.zeros(2, 3, 4), ValueError, "[B, C, H, W]"),
+        (torch.zeros(2, 3, 4, 4, dtype=torch.int32), TypeError, "x.float()"),
+        (torch.zeros(2, 3, 0, 4), ValueError, "empty activation map"),
+        ([1.0, 2.0], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input(x, error, words):
+    with pytest.raises(error, match=None) as info:
+        ops.spatial_reduce(x)
+    assert words in str(info.value)

@@ -8,5 +8,7 @@ from ._version import __version__
 from .topk import TopK
 from . import ops
 from .ops import spatial_reduce
+from .neuron_index import LayerIndex, NeuronIndex
+from .indexing import index_dataset
 
-__all__ = ["__version__", "TopK", "ops", "spatial_reduce"]
+__all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset"]

@@ -1,0 +1,85 @@
+"""Capture the outputs of named layers during a forward and stop the forward after the last of them."""
+
+from __future__ import annotations
+
+import difflib
+
+import torch
+from torch import nn
+
+__all__ = ["resolve_layers", "LayerCapture"]
+
+
+def resolve_layers(model: nn.Module, layers) -> dict[str, nn.Module]:
+    """Map layer names (from ``model.named_modules()``) to modules; unknown names list the closest ones."""
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("no layers given: name at least one module of model.named_modules()")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers named twice: {sorted({n for n in layers if layers.count(n) > 1})}")
+    modules = dict(model.named_modules())
+    found = {}
+    for name in layers:
+        if not isinstance(name, str) or name not in modules or name == "":
+            close = difflib.get_close_matches(str(name), [n for n in modules if n], n=5, cutoff=0.4)
+            hint = f"; closest names: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown layer {name!r}: not a name of model.named_modules(){hint}")
+        found[name] = modules[name]
+    return found
+
+
+class _StopForward(Exception):
+    """Raised by the last hook: nothing after the deepest requested layer is computed."""
+
+
+class LayerCapture:
+    """Context manager: ``with LayerCapture(model, names) as cap: outputs = cap.run(x)``.
+
+    ``run`` returns ``{name: output tensor}`` for every requested layer and interrupts the forward as
+    soon as all of them have produced their output. A layer that the forward does not reach is an error.
+    """
+
+    def __init__(self, model: nn.Module, layers, stop_early: bool = True):
+        self.model = model
+        self.modules = resolve_layers(model, layers)
+        self.stop_early = stop_early
+        self._outputs: dict[str, torch.Tensor] = {}
+        self._handles = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return False
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor; index a "
+                                "module whose output is a [B, C, H, W] or [B, C] tensor")
+            self._outputs[name] = output
+            if self.stop_early and len(self._outputs) == len(self.modules):
+                raise _StopForward
+
+        return hook
+
+    def run(self, *inputs, **kwargs) -> dict[str, torch.Tensor]:
+        self._outputs = {}
+        try:
+            self.model(*inputs, **kwargs)
+        except _StopForward:
+            pass
+        missing = [name for name in self.modules if name not in self._outputs]
+        if missing:
+            raise RuntimeError(f"the forward never reached layer(s) {missing}: they are not used by model.forward")
+        outputs, self._outputs = self._outputs, {}
+        return outputs

@@ -1,0 +1,295 @@
+"""``index_dataset``: one streaming pass of a dataset through a model records, for every unit of the
+chosen layers, its top-K images and the class-conditional sums of its spatial means (SPEC.md 1, 5.2).
+
+Resumable (atomic checkpoints every few batches, exact continuation) and distributed (under an
+initialised torch.distributed, each rank indexes a contiguous shard; rank 0 merges and returns).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .hooks import LayerCapture, resolve_layers
+from .neuron_index import LayerIndex, NeuronIndex
+from .storage import BundleError, read_bundle, write_bundle
+from .topk import TopK
+
+__all__ = ["index_dataset", "model_fingerprint"]
+
+CHECKPOINT_FORMAT = "neuroidx_fast.IndexCheckpoint"
+CHECKPOINT_VERSION = 1
+
+
+class _LayerStats:
+    """Running state of one layer: a TopK, the sum of spatial means, and per-class sums and counts."""
+
+    def __init__(self, name, num_units, k, map_size, device, nan, backend):
+        self.name, self.map_size = name, tuple(map_size)
+        self.top = TopK(num_units, k, device=device, nan=nan, backend=backend, name=name)
+        self.mean_sum = torch.zeros(num_units, dtype=torch.float64, device=device)
+        self.class_sum = None
+        self.class_count = None
+
+    def update(self, activations, ids, labels):
+        size = tuple(activations.shape[2:]) if activations.dim() == 4 else (1, 1)
+        if size != self.map_size:
+            raise ValueError(f"layer {self.name!r}: activation map size changed from {self.map_size} to {size}; "
+                             "every image must have the same size")
+        means = self.top.observe(activations, ids).double()
+        self.mean_sum += means.sum(dim=0)
+        if labels is not None:
+            self._add_classes(means, labels)
+
+    def _add_classes(self, means, labels):
+        needed = int(labels.max()) + 1
+        if self.class_sum is None:
+            self.class_sum = torch.zeros(0, means.shape[1], dtype=torch.float64, device=means.device)
+            self.class_count = torch.zeros(0, dtype=torch.int64, device=means.device)
+        if needed > self.class_sum.shape[0]:
+            self.class_sum = _grow(self.class_sum, needed)
+            self.class_count = _grow(self.class_count, needed)
+        self.class_sum.index_add_(0, labels, means)
+        self.class_count.index_add_(0, labels, torch.ones_like(labels))
+
+    def to_layer_index(self) -> LayerIndex:
+        values, ids, positions = (t.cpu() for t in self.top.result())
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return LayerIndex(self.name, values, ids, positions, self.map_size, self.top.count, self.mean_sum.cpu(),
+                          cpu(self.class_sum), cpu(self.class_count))
+
+    @classmethod
+    def from_layer_index(cls, layer: LayerIndex, device, nan, backend):
+        stats = cls(layer.name, layer.num_units, layer.k, layer.map_size, device, nan, backend)
+        stats.top = TopK.from_state_dict({"format": "neuroidx_fast.TopK/1", "num_units": layer.num_units,
+                                          "k": layer.k, "count": layer.images_seen, "nan": nan,
+                                          "values": layer.values, "ids": layer.ids, "positions": layer.positions},
+                                         device=device, backend=backend)
+        stats.top.name = layer.name
+        stats.mean_sum = layer.mean_sum.to(device)
+        if layer.class_sum is not None:
+            stats.class_sum, stats.class_count = layer.class_sum.to(device), layer.class_count.to(device)
+        return stats
+
+
+def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
+    grown = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+    grown[: t.shape[0]] = t
+    return grown
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the model's state dict (names, shapes, dtypes and every byte of every tensor)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _split_batch(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
+        labels = batch[1]
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+            raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
+                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}")
+        return batch[0], labels.to(torch.int64)
+    raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
+                     f"a batch of {type(batch).__name__}")
+
+
+def _check_images(images: torch.Tensor, first: bool) -> None:
+    if not images.is_floating_point() or images.dim() != 4:
+        raise ValueError(f"images must be float tensors [3, H, W] in pixel space [0, 1]; got a batch "
+                         f"{tuple(images.shape)} {images.dtype}: convert them (e.g. to_tensor) and put "
+                         "normalisation in preprocess=")
+    if first and images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
+        warnings.warn("images are outside [0, 1]: index_dataset expects pixel-space images and applies "
+                      "normalisation through preprocess= (crops are cut from these images later)", stacklevel=3)
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist, dist.get_rank(), dist.get_world_size()
+    return None, 0, 1
+
+
+def _load_checkpoint(path, fingerprint, device, nan, backend):
+    try:
+        manifest, tensors = read_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    except BundleError as exc:
+        raise BundleError(f"cannot resume from checkpoint {path}: {exc}. Delete it to start over") from None
+    saved = manifest.get("fingerprint", {})
+    differ = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
+    if differ:
+        details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
+                            for key in differ if key != "model")
+        if "model" in differ:
+            details = "the model's weights or structure differ" + (f"; {details}" if details else "")
+        raise ValueError(f"checkpoint {path} was made with other arguments ({details}). Use the original "
+                         "arguments, or delete the checkpoint to start over")
+    index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
+    stats = {name: _LayerStats.from_layer_index(layer, device, nan, backend) for name, layer in index.layers.items()}
+    return stats, int(manifest["batches_done"]), index.input_size, index.class_names
+
+
+def _save_checkpoint(path, stats, fingerprint, batches_done, meta):
+    index = _build_index(stats, meta)
+    manifest, tensors = index.to_bundle()
+    manifest.update(fingerprint=fingerprint, batches_done=batches_done)
+    write_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, manifest, tensors)
+
+
+def _build_index(stats, meta) -> NeuronIndex:
+    layers = {name: s.to_layer_index() for name, s in stats.items()}
+    return NeuronIndex(layers, meta["k"], meta["dataset_length"], meta["input_size"], meta["class_names"],
+                       {"model": meta["model"], "layer_order": list(layers)})
+
+
+def _merge_ranks(dist, stats, meta):
+    """Gather every rank's layer indexes on every rank; rank 0 folds them in rank order."""
+    local = {name: s.to_layer_index() for name, s in stats.items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (local, meta["input_size"]))
+    if dist.get_rank() != 0:
+        return None
+    merged = {}
+    for name in local:
+        parts = [g[0][name] for g in gathered]
+        tops = [TopK.from_state_dict({"format": "neuroidx_fast.TopK/1", "num_units": p.num_units, "k": p.k,
+                                      "count": p.images_seen, "values": p.values, "ids": p.ids,
+                                      "positions": p.positions}, backend="torch") for p in parts]
+        total = tops[0]
+        for other in tops[1:]:
+            total.merge(other)
+        classes = max((p.class_sum.shape[0] for p in parts if p.class_sum is not None), default=None)
+        class_sum = class_count = None
+        if classes is not None:
+            class_sum = sum(_grow(p.class_sum, classes) for p in parts if p.class_sum is not None)
+            class_count = sum(_grow(p.class_count, classes) for p in parts if p.class_count is not None)
+        merged[name] = LayerIndex(name, total.values, total.ids, total.positions, parts[0].map_size, total.count,
+                                  sum(p.mean_sum for p in parts), class_sum, class_count)
+    input_size = next((g[1] for g in gathered if g[1] is not None), None)
+    return NeuronIndex(merged, meta["k"], meta["dataset_length"], input_size, meta["class_names"],
+                       {"model": meta["model"], "layer_order": list(merged)})
+
+
+def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=None, batch_size: int = 64,
+                  num_workers: int = 0, device=None, autocast_dtype=None, checkpoint=None, checkpoint_every: int = 50,
+                  progress: bool = True, backend: str | None = "auto", nan: str = "raise") -> NeuronIndex | None:
+    """Stream ``dataset`` through ``model`` once and index every unit of ``layers``.
+
+    ``dataset``: a map-style dataset of pixel-space images [3, H, W] in [0, 1], or (image, label)
+    pairs; image ids are dataset positions. ``preprocess`` (e.g. normalisation) runs on the device
+    before the model. The forward stops after the last requested layer. ``checkpoint``: a directory
+    saved atomically every ``checkpoint_every`` batches; a run started again with the same arguments
+    continues from it and gives exactly the uninterrupted result. Under torch.distributed, each rank
+    indexes its shard; rank 0 returns the merged index, the other ranks return None.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    names = list(resolve_layers(model, layers))
+    for label, value in (("k", k), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    try:
+        length = len(dataset)
+    except TypeError:
+        raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__") from None
+    if length == 0:
+        raise ValueError("the dataset is empty: nothing to index")
+    if k > length:
+        raise ValueError(f"k={k} is larger than the dataset ({length} images); choose k <= {length}")
+
+    dist, rank, world = _distributed()
+    # Shards are whole batches of the single-process run, so that every image meets the same batch
+    # composition (a convolution's rounding can depend on it) and the merged index equals it exactly.
+    all_batches = math.ceil(length / batch_size)
+    if world > all_batches:
+        raise ValueError(f"{all_batches} batches of {batch_size} cannot feed {world} processes; "
+                         "use a smaller batch_size or fewer processes")
+    shard = range(min(length, rank * all_batches // world * batch_size),
+                  min(length, (rank + 1) * all_batches // world * batch_size))
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)
+    else:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    model.eval()
+    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    fingerprint = {"model": model_fingerprint(model), "layers": names, "k": k, "dataset_length": length,
+                   "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan}
+    class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
+    meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
+            "model": type(model).__name__}
+    if checkpoint is not None and world > 1:
+        checkpoint = f"{os.fspath(checkpoint)}.rank{rank}"
+
+    stats, batches_done = None, 0
+    if checkpoint is not None and os.path.exists(checkpoint):
+        stats, batches_done, meta["input_size"], saved_names = _load_checkpoint(checkpoint, fingerprint, device, nan,
+                                                                                backend)
+        meta["class_names"] = saved_names if saved_names is not None else class_names
+    total_batches = math.ceil(len(shard) / batch_size)
+    start = shard.start + batches_done * batch_size
+    loader = DataLoader(Subset(dataset, range(start, shard.stop)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_batches, initial=batches_done, unit="batch", desc="indexing")
+    try:
+        with torch.no_grad(), LayerCapture(model, names) as capture:
+            for step, batch in enumerate(loader, start=batches_done):
+                images, labels = _split_batch(batch)
+                _check_images(images, first=step == 0)
+                if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
+                    raise ValueError("some dataset items have labels and others do not")
+                if labels is not None and labels.numel() and int(labels.min()) < 0:
+                    raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
+                first_id = shard.start + step * batch_size
+                ids = torch.arange(first_id, first_id + images.shape[0], device=device)
+                x = images.to(device, non_blocking=True)
+                if preprocess is not None:
+                    x = preprocess(x)
+                with autocast:
+                    outputs = capture.run(x.to(param_dtype))
+                if stats is None:
+                    meta["input_size"] = tuple(images.shape[-2:])
+                    stats = {}
+                    for name in names:
+                        out = outputs[name]
+                        if out.dim() not in (2, 4):
+                            raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}: index a layer "
+                                             "whose output is [B, C, H, W] or [B, C]")
+                        size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
+                        stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
+                label_dev = labels.to(device) if labels is not None else None
+                for name in names:
+                    stats[name].update(outputs[name], ids, label_dev)
+                batches_done = step + 1
+                if bar is not None:
+                    bar.update(1)
+                if checkpoint is not None and (batches_done % checkpoint_every == 0 or batches_done == total_batches):
+                    _save_checkpoint(checkpoint, stats, fingerprint, batches_done, meta)
+    finally:
+        if bar is not None:
+            bar.close()
+    if dist is not None and world > 1:
+        return _merge_ranks(dist, stats, meta)
+    return _build_index(stats, meta)

@@ -1,0 +1,163 @@
+"""``NeuronIndex``: what one streaming pass recorded for every unit of every indexed layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ._version import __version__
+from .storage import BundleError, read_bundle, write_bundle
+
+__all__ = ["LayerIndex", "NeuronIndex", "INDEX_FORMAT", "INDEX_VERSION"]
+
+INDEX_FORMAT = "neuroidx_fast.NeuronIndex"
+INDEX_VERSION = 1
+
+
+@dataclass
+class LayerIndex:
+    """One layer: top-K per unit (SPEC.md section 1) and the statistics of its spatial means (5.2).
+
+    ``values`` [C, K] float32, ``ids`` [C, K] int64 (dataset positions), ``positions`` [C, K] int64
+    (flat ``y * W + x`` in the activation map; -1 in unused slots), ``map_size`` (H, W),
+    ``images_seen``, ``mean_sum`` [C] float64 (sum over images of each unit's spatial mean),
+    ``class_sum`` [num_classes, C] float64 and ``class_count`` [num_classes] int64 (None without labels).
+    """
+
+    name: str
+    values: torch.Tensor
+    ids: torch.Tensor
+    positions: torch.Tensor
+    map_size: tuple[int, int]
+    images_seen: int
+    mean_sum: torch.Tensor
+    class_sum: torch.Tensor | None = None
+    class_count: torch.Tensor | None = None
+
+    @property
+    def num_units(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[1]
+
+    def mean_activation(self) -> torch.Tensor:
+        """[C] float64: each unit's mean over images of its spatial mean (NaN if no image was seen)."""
+        return self.mean_sum / self.images_seen if self.images_seen else torch.full_like(self.mean_sum, float("nan"))
+
+    def class_means(self) -> torch.Tensor:
+        """[num_classes, C] float64: mu_k of SPEC.md 5.2 (NaN for classes without images)."""
+        if self.class_sum is None:
+            raise ValueError(f"layer {self.name!r} was indexed without labels: class statistics need a dataset "
+                             "yielding (image, label)")
+        counts = self.class_count.to(torch.float64)[:, None]
+        return torch.where(counts > 0, self.class_sum / counts.clamp(min=1), torch.full_like(self.class_sum, float("nan")))
+
+    def dead(self) -> torch.Tensor:
+        """[C] bool: units whose best activation is <= 0 or that saw no image (SPEC.md section 3)."""
+        return (self.ids[:, 0] < 0) | ~(self.values[:, 0] > 0)
+
+    def yx(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row and column of each top-K maximum in the activation map ([C, K] each; -1 when unused)."""
+        width = self.map_size[1]
+        used = self.positions >= 0
+        y = torch.where(used, self.positions // width, torch.full_like(self.positions, -1))
+        x = torch.where(used, self.positions % width, torch.full_like(self.positions, -1))
+        return y, x
+
+    def top(self, unit: int) -> list[tuple[float, int, int, int]]:
+        """The top images of one unit as (value, image id, y, x), best first, unused slots left out."""
+        if not 0 <= unit < self.num_units:
+            raise IndexError(f"unit {unit} out of range: layer {self.name!r} has {self.num_units} units")
+        y, x = self.yx()
+        return [(float(self.values[unit, j]), int(self.ids[unit, j]), int(y[unit, j]), int(x[unit, j]))
+                for j in range(self.k) if self.ids[unit, j] >= 0]
+
+
+@dataclass
+class NeuronIndex:
+    """Every indexed layer of one model over one dataset; ``index[name]`` is its ``LayerIndex``."""
+
+    layers: dict[str, LayerIndex]
+    k: int
+    dataset_length: int
+    input_size: tuple[int, int] | None = None
+    class_names: list[str] | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> LayerIndex:
+        if name not in self.layers:
+            raise KeyError(f"layer {name!r} is not in this index; indexed layers: {list(self.layers)}")
+        return self.layers[name]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(layer.class_sum is not None for layer in self.layers.values())
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}: {l.num_units} units {l.map_size[0]}x{l.map_size[1]}" for n, l in self.layers.items())
+        return f"NeuronIndex(k={self.k}, images={self.dataset_length}, layers=[{parts}])"
+
+    # ------------------------------------------------------------------ storage
+    def to_bundle(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        tensors, layers = {}, []
+        for i, (name, layer) in enumerate(self.layers.items()):
+            for key in ("values", "ids", "positions", "mean_sum", "class_sum", "class_count"):
+                value = getattr(layer, key)
+                if value is not None:
+                    tensors[f"{i}.{key}"] = value
+            layers.append({"name": name, "map_size": list(layer.map_size), "images_seen": layer.images_seen,
+                           "num_units": layer.num_units, "labels": layer.class_sum is not None})
+        manifest = {
+            "package_version": __version__, "k": self.k, "dataset_length": self.dataset_length,
+            "input_size": list(self.input_size) if self.input_size else None, "class_names": self.class_names,
+            "layers": layers, "meta": self.meta,
+        }
+        return manifest, tensors
+
+    @classmethod
+    def from_bundle(cls, manifest: dict, tensors: dict[str, torch.Tensor], where: str = "index") -> "NeuronIndex":
+        try:
+            k = int(manifest["k"])
+            layers = {}
+            for i, entry in enumerate(manifest["layers"]):
+                name, num_units = entry["name"], int(entry["num_units"])
+                get = {key: tensors.get(f"{i}.{key}") for key in
+                       ("values", "ids", "positions", "mean_sum", "class_sum", "class_count")}
+                for key, dtype, shape in (("values", torch.float32, (num_units, k)), ("ids", torch.int64, (num_units, k)),
+                                          ("positions", torch.int64, (num_units, k)),
+                                          ("mean_sum", torch.float64, (num_units,))):
+                    t = get[key]
+                    if t is None or t.dtype != dtype or tuple(t.shape) != shape:
+                        raise BundleError(f"{where}: tensor {name}.{key} missing or of the wrong shape/dtype")
+                if entry.get("labels") and (get["class_sum"] is None or get["class_count"] is None):
+                    raise BundleError(f"{where}: class statistics of {name} are missing")
+                layers[name] = LayerIndex(name, get["values"], get["ids"], get["positions"],
+                                          tuple(entry["map_size"]), int(entry["images_seen"]), get["mean_sum"],
+                                          get["class_sum"], get["class_count"])
+            input_size = tuple(manifest["input_size"]) if manifest.get("input_size") else None
+            return cls(layers, k, int(manifest["dataset_length"]), input_size, manifest.get("class_names"),
+                       manifest.get("meta") or {})
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, BundleError):
+                raise
+            raise BundleError(f"{where}: manifest is inconsistent ({type(exc).__name__}: {exc})") from None
+
+    def save(self, path) -> None:
+        """Write a directory: tensors.safetensors + manifest.json (atomic: old or new, never half)."""
+        manifest, tensors = self.to_bundle()
+        write_bundle(path, INDEX_FORMAT, INDEX_VERSION, manifest, tensors)
+
+    @classmethod
+    def load(cls, path) -> "NeuronIndex":
+        """Read an index written by ``save``; corrupt, truncated or foreign files raise BundleError."""
+        manifest, tensors = read_bundle(path, INDEX_FORMAT, INDEX_VERSION)
+        return cls.from_bundle(manifest, tensors, where=str(path))

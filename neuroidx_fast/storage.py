@@ -1,0 +1,107 @@
+"""Atomic, checksummed directories of safetensors tensors plus a JSON manifest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["write_bundle", "read_bundle", "BundleError"]
+
+MANIFEST = "manifest.json"
+TENSORS = "tensors.safetensors"
+
+
+class BundleError(ValueError):
+    """A directory that is not a readable bundle of the expected kind (missing, corrupt, foreign)."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``path`` (a directory) atomically: readers see the old bundle or the new one, never a mix."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        tensor_path = os.path.join(tmp, TENSORS)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tensor_path)
+        with open(tensor_path, "rb+") as f:
+            os.fsync(f.fileno())
+        full = {"format": kind, "format_version": version, **manifest, "tensors_sha256": _sha256(tensor_path)}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(full, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(path):
+            if not os.path.isdir(path) or (os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST))):
+                raise BundleError(f"refusing to overwrite {path}: it exists and is not a neuroidx_fast bundle")
+            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(parent)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_bundle(path: str, kind: str, max_version: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a bundle written by ``write_bundle``; a clear BundleError for anything wrong."""
+    path = os.fspath(path)
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise BundleError(f"{path} is not a directory written by neuroidx_fast ({kind})")
+    if not os.path.exists(manifest_path):
+        raise BundleError(f"{path} has no {MANIFEST}: not a neuroidx_fast {kind}, or an interrupted write")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path} is corrupt: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != kind:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{path} holds {found!r}, not a {kind}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > max_version:
+        raise BundleError(f"{path} has format version {version!r}; this neuroidx_fast reads up to {max_version}: "
+                          "upgrade the package")
+    tensor_path = os.path.join(path, TENSORS)
+    if not os.path.exists(tensor_path):
+        raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete")
+    if _sha256(tensor_path) != manifest.get("tensors_sha256"):
+        raise BundleError(f"{tensor_path} does not match its checksum: the file is corrupt or truncated")
+    try:
+        tensors = load_file(tensor_path)
+    except Exception as exc:  # safetensors raises its own error type for a malformed header
+        raise BundleError(f"{tensor_path} is unreadable: {exc}") from None
+    return manifest, tensors

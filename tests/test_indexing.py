@@ -1,0 +1,220 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import neuroidx_fast as nx
+from neuroidx_fast.storage import BundleError
+from models import ImageSet, make_model
+from oracles import assert_same_topk, spatial_reduce_oracle, topk_oracle
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def brute_force(model, dataset, layers, k, preprocess=None, batch_size=5):
+    """Every activation of every image kept (full forwards, no early stop), then full sorts. Batched as the
+    index is, since a convolution's float rounding may depend on the batch size."""
+    outputs = {name: [] for name in layers}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: outputs[n].append(o)) for n in layers]
+    with torch.no_grad():
+        items = [dataset[i] for i in range(len(dataset))]
+        images = torch.stack([item[0] if isinstance(item, tuple) else item for item in items])
+        for x in images.split(batch_size):
+            model(preprocess(x) if preprocess else x)
+    for h in handles:
+        h.remove()
+    result = {}
+    labels = torch.tensor([dataset[i][1] for i in range(len(dataset))]) if isinstance(dataset[0], tuple) else None
+    for name in layers:
+        acts = torch.cat(outputs[name])
+        vmax, arg, vmean = spatial_reduce_oracle(acts)
+        top = topk_oracle(vmax, torch.arange(len(dataset)), arg, k)
+        class_means = None
+        if labels is not None:
+            class_means = torch.stack([vmean[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+        result[name] = (top, vmean.mean(0), class_means)
+    return result
+
+
+def check_index(index, expected, k):
+    for name, (top, mean, class_means) in expected.items():
+        layer = index[name]
+        assert_same_topk((layer.values, layer.ids, layer.positions), top)
+        assert torch.allclose(layer.mean_activation(), mean, rtol=1e-5, atol=1e-6)
+        if class_means is not None:
+            assert torch.allclose(layer.class_means()[: class_means.shape[0]], class_means, rtol=1e-5, atol=1e-6)
+        assert layer.k == k
+
+
+@pytest.mark.parametrize("model_name, layers", [
+    ("vgg", ["features.2", "features.5", "features.8", "classifier.2"]),
+    ("resnet", ["stem", "layer1", "layer2.conv1", "layer2"]),
+])
+def test_equals_brute_force(model_name, layers):
+    model, data = make_model(model_name), ImageSet(n=23)
+    index = nx.index_dataset(model, data, layers, k=6, batch_size=5, progress=False)
+    check_index(index, brute_force(model, data, layers, 6), 6)
+    assert index.class_names == data.classes and index.input_size == (16, 16) and index.dataset_length == 23
+    assert index["features.2" if model_name == "vgg" else "stem"].images_seen == 23
+
+
+def test_linear_layer_ties_plain_tensors_and_preprocess():
+    model, data = make_model("vgg"), ImageSet(n=17, labels=False, quantise=True)
+    preprocess = lambda x: (x - 0.5) / 0.25  # noqa: E731
+    index = nx.index_dataset(model, data, ["classifier.1", "features.0"], k=17, batch_size=4,
+                             preprocess=preprocess, progress=False)
+    check_index(index, brute_force(model, data, ["classifier.1", "features.0"], 17, preprocess, 4), 17)
+    assert not index.has_labels and index["classifier.1"].map_size == (1, 1)
+    with pytest.raises(ValueError, match="without labels"):
+        index["features.0"].class_means()
+
+
+def test_forward_stops_after_the_deepest_layer():
+    model = make_model("vgg")
+
+    def boom(*args):
+        raise AssertionError("computed past the deepest requested layer")
+
+    model.classifier.register_forward_pre_hook(boom)
+    index = nx.index_dataset(model, ImageSet(n=6), ["features.5", "features.2"], k=2, batch_size=4, progress=False)
+    assert set(index.layers) == {"features.5", "features.2"}
+
+
+def test_bfloat16_model_and_autocast():
+    data = ImageSet(n=9)
+    model = make_model("vgg").to(torch.bfloat16)
+    index = nx.index_dataset(model, data, ["features.5"], k=3, batch_size=4, progress=False)
+    assert index["features.5"].values.dtype == torch.float32 and index["features.5"].images_seen == 9
+    auto = nx.index_dataset(make_model("vgg"), data, ["features.5"], k=3, batch_size=4, progress=False,
+                            autocast_dtype=torch.bfloat16)
+    assert (auto["features.5"].ids >= 0).all()
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"layers": ["features.9"]}, ValueError, "closest names: features"),
+    ({"layers": ["clasifier.1"]}, ValueError, "classifier.1"),
+    ({"k": 100}, ValueError, "larger than the dataset"),
+    ({"dataset": ImageSet(n=0)}, ValueError, "empty"),
+    ({"batch_size": 0}, ValueError, "batch_size"),
+])
+def test_bad_arguments(kwargs, error, words):
+    args = {"model": make_model("vgg"), "dataset": ImageSet(n=5), "layers": ["features.2"], "k": 2,
+            "progress": False, **kwargs}
+    with pytest.raises(error, match=words):
+        nx.index_dataset(**args)
+
+
+def test_uint8_images_are_rejected():
+    data = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 3
+    with pytest.raises(ValueError, match="pixel space"):
+        nx.index_dataset(make_model("vgg"), data, ["features.0"], k=1, progress=False)
+
+
+def test_nan_activation_names_layer_and_ids():
+    model = make_model("vgg")
+    with torch.no_grad():
+        model.features[0].bias[3] = float("nan")
+    with pytest.raises(ValueError, match=r"features.0.*unit\(s\) 3"):
+        nx.index_dataset(model, ImageSet(n=4), ["features.0"], k=1, progress=False)
+
+
+def test_save_load_round_trip_and_corruption(tmp_path):
+    index = nx.index_dataset(make_model("resnet"), ImageSet(n=11), ["layer1", "layer2"], k=4, batch_size=3,
+                             progress=False)
+    path = tmp_path / "idx"
+    index.save(path)
+    index.save(path)  # overwrite atomically
+    loaded = nx.NeuronIndex.load(path)
+    assert loaded.class_names == index.class_names and loaded.k == 4 and loaded.input_size == (16, 16)
+    for name in index:
+        a, b = index[name], loaded[name]
+        for key in ("values", "ids", "positions", "mean_sum", "class_sum", "class_count"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert a.map_size == b.map_size and a.images_seen == b.images_seen
+    data = (path / "tensors.safetensors").read_bytes()
+    (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="corrupt or truncated"):
+        nx.NeuronIndex.load(path)
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text('{"format": "something.else"}')
+    with pytest.raises(BundleError, match="not a neuroidx_fast.NeuronIndex"):
+        nx.NeuronIndex.load(tmp_path / "foreign")
+    (tmp_path / "foreign" / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="corrupt"):
+        nx.NeuronIndex.load(tmp_path / "foreign")
+    with pytest.raises(BundleError, match="not a directory"):
+        nx.NeuronIndex.load(tmp_path / "missing")
+
+
+RESUME_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import neuroidx_fast as nx
+from models import ImageSet, make_model
+nx.index_dataset(make_model("resnet"), ImageSet(n=40, delay={delay}), ["layer1", "layer2"], k=5, batch_size=3,
+                 checkpoint={ckpt!r}, checkpoint_every=1, progress=False).save({out!r})
+"""
+
+
+def test_kill_and_resume_gives_the_uninterrupted_index(tmp_path):
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "out")
+    script = RESUME_SCRIPT.format(here=HERE, delay=0.03, ckpt=ckpt, out=out)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(ckpt, "manifest.json")) and time.time() < deadline:
+        assert proc.poll() is None, "the indexing subprocess ended before its first checkpoint"
+        time.sleep(0.05)
+    time.sleep(0.4)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(out)
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT.format(here=HERE, delay=0.0, ckpt=ckpt, out=out)], check=True)
+    resumed = nx.NeuronIndex.load(out)
+    whole = nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
+                             progress=False)
+    for name in whole:
+        for key in ("values", "ids", "positions", "mean_sum", "class_sum", "class_count"):
+            assert torch.equal(getattr(whole[name], key), getattr(resumed[name], key)), key
+    with pytest.raises(ValueError, match=r"other arguments \(k: checkpoint 5 vs now 6"):
+        nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=6, batch_size=3,
+                         checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="weights or structure differ"):
+        nx.index_dataset(make_model("resnet", seed=1), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
+                         checkpoint=ckpt, progress=False)
+
+
+def _distributed_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        index = nx.index_dataset(make_model("vgg"), ImageSet(n=29), ["features.5", "classifier.1"], k=7,
+                                 batch_size=4, progress=False)
+        if rank == 0:
+            index.save(out)
+        else:
+            assert index is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    out = str(tmp_path / "dist")
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    merged = nx.NeuronIndex.load(out)
+    single = nx.index_dataset(make_model("vgg"), ImageSet(n=29), ["features.5", "classifier.1"], k=7, batch_size=4,
+                              progress=False)
+    for name in single:
+        a, b = single[name], merged[name]
+        for key in ("values", "ids", "positions", "class_count"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+        assert a.images_seen == b.images_seen == 29
+        # Sums of float64 means, added in another order: equal to float64 rounding.
+        assert torch.allclose(a.mean_sum, b.mean_sum, rtol=1e-12) and torch.allclose(a.class_sum, b.class_sum, rtol=1e-12)

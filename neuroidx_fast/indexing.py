@@ -38,26 +38,27 @@ class _LayerStats:
         self.class_sum = None
         self.class_count = None
 
-    def update(self, activations, ids, labels):
+    def update(self, activations, ids, labels, num_classes):
         size = tuple(activations.shape[2:]) if activations.dim() == 4 else (1, 1)
         if size != self.map_size:
             raise ValueError(f"layer {self.name!r}: activation map size changed from {self.map_size} to {size}; "
                              "every image must have the same size")
-        means = self.top.observe(activations, ids).double()
+        means = self.top.observe(activations, ids, check_ids=False).double()
         self.mean_sum += means.sum(dim=0)
         if labels is not None:
-            self._add_classes(means, labels)
+            self._add_classes(means, labels, num_classes)
 
-    def _add_classes(self, means, labels):
-        needed = int(labels.max()) + 1
+    def _add_classes(self, means, labels, needed):
         if self.class_sum is None:
             self.class_sum = torch.zeros(0, means.shape[1], dtype=torch.float64, device=means.device)
             self.class_count = torch.zeros(0, dtype=torch.int64, device=means.device)
         if needed > self.class_sum.shape[0]:
             self.class_sum = _grow(self.class_sum, needed)
             self.class_count = _grow(self.class_count, needed)
-        self.class_sum.index_add_(0, labels, means)
-        self.class_count.index_add_(0, labels, torch.ones_like(labels))
+        # index_put_ with accumulate adds rows in batch order (deterministic; index_add_ on float64 CPU
+        # tensors is also ~1000x slower).
+        self.class_sum.index_put_((labels,), means, accumulate=True)
+        self.class_count.index_put_((labels,), torch.ones_like(labels), accumulate=True)
 
     def to_layer_index(self) -> LayerIndex:
         values, ids, positions = (t.cpu() for t in self.top.result())
@@ -280,8 +281,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                         size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
                         stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
                 label_dev = labels.to(device) if labels is not None else None
+                num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
+                num_classes = max(num_classes, len(meta["class_names"] or []))  # every named class gets a row
                 for name in names:
-                    stats[name].update(outputs[name], ids, label_dev)
+                    stats[name].update(outputs[name], ids, label_dev, num_classes)
                 batches_done = step + 1
                 if bar is not None:
                     bar.update(1)

@@ -59,7 +59,7 @@ class TopK:
     def _where(self) -> str:
         return f"layer {self.name!r}" if self.name else "TopK"
 
-    def _check_batch(self, values, ids, positions):
+    def _check_batch(self, values, ids, positions, check_ids=True):
         if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != self.num_units:
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(f"{self._where()}: values must be a [B, {self.num_units}] tensor, got {shape}")
@@ -85,7 +85,7 @@ class TopK:
             if positions.dtype.is_floating_point or positions.dtype == torch.bool:
                 raise TypeError(f"{self._where()}: positions must be integers (int64), got {positions.dtype}")
             positions = positions.to(torch.int64).contiguous()
-        if ids.numel():
+        if check_ids and ids.numel():  # (each check is a device sync on a GPU)
             if int(ids.min()) < 0:
                 raise ValueError(f"{self._where()}: image ids must be >= 0 (their dataset positions), "
                                  f"got {int(ids.min())}")
@@ -110,10 +110,11 @@ class TopK:
             f"{' ...' if ids.numel() > 32 else ''}). Check the model and inputs, or pass nan='ignore' "
             "to treat NaN as -inf")
 
-    def update(self, values: torch.Tensor, ids, positions=None) -> "TopK":
+    def update(self, values: torch.Tensor, ids, positions=None, check_ids: bool = True) -> "TopK":
         """Add a batch: ``values`` [B, C] (each image's per-unit activation), ``ids`` [B] int64 image ids,
-        ``positions`` [B, C] int64 flat positions of the maxima (zeros if None)."""
-        values, ids, positions = self._check_batch(values, ids, positions)
+        ``positions`` [B, C] int64 flat positions of the maxima (zeros if None). ``check_ids=False``
+        skips checking that the ids are distinct and >= 0 (for callers that generate them)."""
+        values, ids, positions = self._check_batch(values, ids, positions, check_ids)
         if values.shape[0] == 0:
             return self
         values = self._handle_nan(values, ids)
@@ -121,7 +122,7 @@ class TopK:
         self.count += int(values.shape[0])
         return self
 
-    def observe(self, activations: torch.Tensor, ids):
+    def observe(self, activations: torch.Tensor, ids, check_ids: bool = True):
         """Reduce a layer output [B, C, H, W] (or [B, C]) with ``spatial_reduce`` and add it.
 
         Returns the per-(image, unit) spatial means [B, C] (for class-conditional statistics). Under
@@ -135,7 +136,7 @@ class TopK:
         vmax, argmax, vmean = spatial_reduce(activations, backend=self.backend)
         if self.nan == "ignore":
             vmax, argmax, vmean = _drop_nan_elements(activations, vmax, argmax, vmean)
-        self.update(vmax, ids, argmax)
+        self.update(vmax, ids, argmax, check_ids=check_ids)
         return vmean
 
     # ------------------------------------------------------------------ results and state

@@ -1,0 +1,135 @@
+"""Benchmark of index_dataset: images/s against a bare forward of the same model over the same batches,
+stopped at the same (deepest indexed) layer, measured in one run.
+
+Run:  python -m bench.bench_index [--quick] [--device cuda]
+CPU: a small VGG-style CNN at 64x64, every conv layer indexed. GPU: a ResNet-50-shaped model (random
+init) at batch 256 with bf16 autocast and all 16 bottleneck outputs indexed. JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import time
+
+import torch
+from torch import nn
+
+import neuroidx_fast as nx
+from neuroidx_fast.hooks import LayerCapture
+from bench.bench_topk import device_name, slug, sync
+
+
+def small_cnn():
+    layers, cin = [], 3
+    for cout, pool in ((32, False), (32, True), (64, False), (64, True), (128, False), (128, True)):
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()] + ([nn.MaxPool2d(2)] if pool else [])
+        cin = cout
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10))
+    return model, [str(i) for i, m in enumerate(model) if isinstance(m, nn.Conv2d)]
+
+
+def resnet50_shaped():
+    class Bottleneck(nn.Module):
+        def __init__(self, cin, width, stride):
+            super().__init__()
+            cout = width * 4
+            self.body = nn.Sequential(
+                nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, cout, 1, bias=False), nn.BatchNorm2d(cout))
+            self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.body(x) + self.down(x))
+
+    blocks, cin, names = [], 64, []
+    for stage, (width, count, stride) in enumerate(((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))):
+        for i in range(count):
+            blocks.append(Bottleneck(cin, width, stride if i == 0 else 1))
+            cin = width * 4
+    model = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000))
+    names = [str(4 + i) for i in range(len(blocks))]
+    return model, names
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, images, classes):
+        self.images, self.classes = images, classes
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], i % self.classes
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        (model, layers), size, batch, batches, amp = resnet50_shaped(), 224, 256, 8, torch.bfloat16
+        model = model.to(device).to(memory_format=torch.channels_last)
+    else:
+        (model, layers), size, batch, batches, amp = small_cnn(), 64, 64, 12, None
+    if args.quick:
+        batch, batches = 8, 3
+    model.eval()
+    images = torch.rand(batch * batches, 3, size, size)
+    dataset = Images(images, 10)
+    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+
+    def bare():
+        with torch.no_grad(), LayerCapture(model, layers) as capture, autocast:
+            for x in images.split(batch):
+                capture.run(x.to(device, non_blocking=True))
+        sync(device)
+
+    def indexed():
+        nx.index_dataset(model, dataset, layers, k=100 if len(dataset) >= 100 else len(dataset), batch_size=batch,
+                         device=device, autocast_dtype=amp, progress=False)
+        sync(device)
+
+    times = {"bare": [], "index": []}
+    bare(), indexed()  # warm-up (allocator, kernels, libraries)
+    for _ in range(2 if args.quick else 5):  # interleaved, so that machine noise hits both alike
+        for name, fn in (("bare", bare), ("index", indexed)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    best = {name: min(t) for name, t in times.items()}
+    n = len(dataset)
+    result = {
+        "benchmark": "index_dataset", "device": device_name(device), "date": dt.date.today().isoformat(),
+        "model": "resnet50-shaped" if device.type == "cuda" else "small-vgg-cnn", "layers": layers,
+        "batch_size": batch, "images": n, "input_size": size, "autocast": str(amp),
+        "bare_images_per_s": n / best["bare"], "index_images_per_s": n / best["index"],
+        "overhead": best["index"] / best["bare"] - 1, "times_s": times,
+        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+    print(f"device: {result['device']}; {result['model']}, {len(layers)} layers indexed, batch {batch}, {n} images")
+    print(f"bare forward {result['bare_images_per_s']:.1f} img/s, indexing {result['index_images_per_s']:.1f} img/s, "
+          f"overhead {100 * result['overhead']:.1f}%")
+    if not args.quick:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"index-{slug(result['device'])}-{result['date']}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()

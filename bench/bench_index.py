@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import time
@@ -21,7 +20,7 @@ from torch import nn
 
 import neuroidx_fast as nx
 from neuroidx_fast.hooks import LayerCapture
-from bench.bench_topk import device_name, slug, sync
+from bench.bench_topk import device_name, save_result, sync
 
 
 def small_cnn():
@@ -123,12 +122,7 @@ def main(argv=None):
     print(f"bare forward {result['bare_images_per_s']:.1f} img/s, indexing {result['index_images_per_s']:.1f} img/s, "
           f"overhead {100 * result['overhead']:.1f}%")
     if not args.quick:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"index-{slug(result['device'])}-{result['date']}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"saved {path}")
+        save_result(result, args.out, "index")
 
 
 if __name__ == "__main__":

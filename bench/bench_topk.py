@@ -152,13 +152,19 @@ def main(argv=None):
         "rows": rows,
     }
     if not args.quick:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"topk-{slug(device_name(device))}-{result['date']}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
-        print(f"saved {path}")
+        save_result(result, args.out, "topk")
     return result
+
+
+def save_result(result: dict, out_dir: str, prefix: str) -> str:
+    """Write bench/results/<prefix>-<device>-<date>.json atomically."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{prefix}-{slug(result['device'])}-{result['date']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"saved {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 import neuroidx_fast as nx
 from neuroidx_fast.storage import BundleError

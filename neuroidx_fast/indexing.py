@@ -69,10 +69,7 @@ class _LayerStats:
     @classmethod
     def from_layer_index(cls, layer: LayerIndex, device, nan, backend):
         stats = cls(layer.name, layer.num_units, layer.k, layer.map_size, device, nan, backend)
-        stats.top = TopK.from_state_dict({"format": "neuroidx_fast.TopK/1", "num_units": layer.num_units,
-                                          "k": layer.k, "count": layer.images_seen, "nan": nan,
-                                          "values": layer.values, "ids": layer.ids, "positions": layer.positions},
-                                         device=device, backend=backend)
+        stats.top = TopK.from_state_dict(dict(layer.topk_state(), nan=nan), device=device, backend=backend)
         stats.top.name = layer.name
         stats.mean_sum = layer.mean_sum.to(device)
         if layer.class_sum is not None:
@@ -168,9 +165,7 @@ def _merge_ranks(dist, stats, meta):
     merged = {}
     for name in local:
         parts = [g[0][name] for g in gathered]
-        tops = [TopK.from_state_dict({"format": "neuroidx_fast.TopK/1", "num_units": p.num_units, "k": p.k,
-                                      "count": p.images_seen, "values": p.values, "ids": p.ids,
-                                      "positions": p.positions}, backend="torch") for p in parts]
+        tops = [TopK.from_state_dict(p.topk_state(), backend="torch") for p in parts]
         total = tops[0]
         for other in tops[1:]:
             total.merge(other)

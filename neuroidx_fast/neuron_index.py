@@ -67,6 +67,13 @@ class LayerIndex:
         x = torch.where(used, self.positions % width, torch.full_like(self.positions, -1))
         return y, x
 
+    def topk_state(self) -> dict:
+        """The layer's top-K as a ``TopK.state_dict()`` (to resume or merge with ``TopK.from_state_dict``)."""
+        from .topk import STATE_FORMAT
+
+        return {"format": STATE_FORMAT, "num_units": self.num_units, "k": self.k, "count": self.images_seen,
+                "values": self.values, "ids": self.ids, "positions": self.positions}
+
     def top(self, unit: int) -> list[tuple[float, int, int, int]]:
         """The top images of one unit as (value, image id, y, x), best first, unused slots left out."""
         if not 0 <= unit < self.num_units:

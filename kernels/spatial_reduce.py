@@ -31,6 +31,16 @@ _TILE = 2048  # elements per loaded tile
 
 
 @triton.jit
+def _position_offset(p, W, stride_h, stride_w, OFF64: tl.constexpr, FLAT_HW: tl.constexpr):
+    """Element offset, inside one map, of flat positions p = y * W + x."""
+    if OFF64:
+        p = p.to(tl.int64)
+    if FLAT_HW:
+        return p * stride_w
+    return (p // W) * stride_h + (p % W) * stride_w
+
+
+@triton.jit
 def _spatial_reduce_kernel(
     x_ptr, max_ptr, arg_ptr, mean_ptr,
     C, W, HW, n_cblocks,
@@ -59,14 +69,7 @@ def _spatial_reduce_kernel(
     for p0 in range(0, HW, BLOCK_HW):
         ps = p0 + ps0
         pmask = ps < HW
-        if OFF64:
-            pq = ps.to(tl.int64)
-        else:
-            pq = ps
-        if FLAT_HW:
-            poff = pq * stride_w
-        else:
-            poff = (pq // W) * stride_h + (pq % W) * stride_w
+        poff = _position_offset(ps, W, stride_h, stride_w, OFF64, FLAT_HW)
         m = cmask[:, None] & pmask[None, :]
         v = tl.load(row_ptr + poff[None, :], mask=m, other=0.0).to(tl.float32)
         acc += v
@@ -84,14 +87,7 @@ def _spatial_reduce_kernel(
     valid = cmask & (arg < _BIG_C)
     arg = tl.where(valid, arg, 0)
 
-    if OFF64:
-        aq = arg.to(tl.int64)
-    else:
-        aq = arg
-    if FLAT_HW:
-        aoff = aq * stride_w
-    else:
-        aoff = (aq // W) * stride_h + (aq % W) * stride_w
+    aoff = _position_offset(arg, W, stride_h, stride_w, OFF64, FLAT_HW)
     vmax = tl.load(img_ptr + coff + aoff, mask=valid, other=float("nan")).to(tl.float32)
     vmean = tl.sum(acc, axis=1) / HW
 

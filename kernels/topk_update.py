@@ -41,6 +41,14 @@ def _better(va, ia, vb, ib):
 
 
 @triton.jit
+def _unit_candidates(v_ptr, id_ptr, bs, bmask, c, C, th_v, th_id):
+    """Values and ids of candidates ``bs`` of unit c, and which of them beat the threshold (th_v, th_id)."""
+    cv = tl.load(v_ptr + bs.to(tl.int64) * C + c, mask=bmask, other=float("-inf"))
+    cid = tl.load(id_ptr + bs, mask=bmask, other=-1)
+    return cv, cid, bmask & _better(cv, cid, th_v, th_id)
+
+
+@triton.jit
 def _merge_unit(
     sv_ptr, sid_ptr, spos_ptr, v_ptr, id_ptr, pos_ptr,
     c, B, C, K,
@@ -66,9 +74,7 @@ def _merge_unit(
     for b0 in range(0, B, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
         bmask = bs < B
-        cv = tl.load(v_ptr + bs.to(tl.int64) * C + c, mask=bmask, other=float("-inf"))
-        cid = tl.load(id_ptr + bs, mask=bmask, other=-1)
-        adm = bmask & _better(cv, cid, th_vb, th_ib)
+        cv, cid, adm = _unit_candidates(v_ptr, id_ptr, bs, bmask, c, C, th_vb, th_ib)
         if tl.sum(adm.to(tl.int32), axis=0) > 0:
             # beat[i, j]: candidate i beats state entry j (strictly: the old entry wins exact ties).
             beat = _better(cv[:, None], cid[:, None], s_v[None, :], s_id[None, :])
@@ -77,9 +83,7 @@ def _merge_unit(
             for m0 in range(0, B, BLOCK_M):
                 ms = m0 + tl.arange(0, BLOCK_M)
                 mmask = ms < B
-                ov = tl.load(v_ptr + ms.to(tl.int64) * C + c, mask=mmask, other=float("-inf"))
-                oid = tl.load(id_ptr + ms, mask=mmask, other=-1)
-                oadm = mmask & _better(ov, oid, th_vm, th_im)
+                ov, oid, oadm = _unit_candidates(v_ptr, id_ptr, ms, mmask, c, C, th_vm, th_im)
                 # before[i, m]: admitted candidate m comes before candidate i in the merged order.
                 before = _better(ov[None, :], oid[None, :], cv[:, None], cid[:, None]) | (
                     (ov[None, :] == cv[:, None]) & (oid[None, :] == cid[:, None]) & (ms[None, :] < bs[:, None]))

@@ -8,6 +8,7 @@ import torch
 
 from ._version import __version__
 from .storage import BundleError, read_bundle, write_bundle
+from .topk import STATE_FORMAT
 
 __all__ = ["LayerIndex", "NeuronIndex", "INDEX_FORMAT", "INDEX_VERSION"]
 
@@ -69,8 +70,6 @@ class LayerIndex:
 
     def topk_state(self) -> dict:
         """The layer's top-K as a ``TopK.state_dict()`` (to resume or merge with ``TopK.from_state_dict``)."""
-        from .topk import STATE_FORMAT
-
         return {"format": STATE_FORMAT, "num_units": self.num_units, "k": self.k, "count": self.images_seen,
                 "values": self.values, "ids": self.ids, "positions": self.positions}
 

@@ -22,6 +22,16 @@
 // all -inf keeps the "no index" marker, turned into argmax 0 with max -inf.
 #include "common.cuh"
 
+// First element of map `map` = b * C + c (threads past the last map keep x and read nothing).
+template <class T>
+__device__ __forceinline__ const T* nx_map_base(const T* x, long long map, bool valid, long long C, long long sB,
+                                                long long sC) {
+  if (!valid) return x;
+  const long long b = map / C;
+  return x + b * sB + (map - b * C) * sC;
+}
+
+
 #define NX_SR_THREADS 256  // block size of every kernel in this file (the launcher uses the same)
 #define NX_SR_WARPS (NX_SR_THREADS / 32)
 #define NX_SR_CHUNK 64  // per-thread kernels sum runs of this many elements separately (accuracy)
@@ -87,12 +97,7 @@ __device__ __forceinline__ void nx_sr_groups(const typename L::T* __restrict__ x
     // Threads past the last map own no element but still take part in the shuffles and barriers.
     const int n = valid ? hw : 0;
 
-    const typename L::T* base = x;
-    if (valid) {
-        const long long b = map / C;
-        const long long c = map - b * C;
-        base = x + b * sB + c * sC;
-    }
+    const typename L::T* base = nx_map_base(x, map, valid, C, sB, sC);
 
     float best = nx_neg_inf();
     int idx = NX_NO_INDEX;
@@ -219,12 +224,7 @@ __device__ __forceinline__ void nx_sr_threads(const typename L::T* __restrict__ 
     const long long map = (long long)blockIdx.x * maps_per_block + local;
     const bool valid = map < num_maps;
     const int hw = H * W;
-    const typename L::T* base = x;
-    if (valid) {
-        const long long b = map / C;
-        const long long c = map - b * C;
-        base = x + b * sB + c * sC;
-    }
+    const typename L::T* base = nx_map_base(x, map, valid, C, sB, sC);
 
     float best = nx_neg_inf();
     int idx = NX_NO_INDEX;

@@ -21,13 +21,29 @@ contract:
     the caller feeds an image twice, keep the old entry first, then candidates in batch order.
     The K-th slot of each row is the unit's admission threshold: a candidate that does not beat it is
     skipped without touching the row, so once the state is warm almost nothing is merged.
+
+``gather_crops(images, slots, tops, size, pad_value) -> crops``
+    ``images`` [N, Ch, H, W] float32 contiguous; ``slots`` [M] int64 (an image row, or -1: empty);
+    ``tops`` [M, 2] int64 contiguous, the (y0, x0) input pixel of each crop's top-left corner, which
+    may lie outside the image; ``size`` (rh, rw); ``pad_value`` [Ch] float32 (pixels outside the image
+    take it) or None (edge mode: they take the nearest image pixel). Returns ``crops`` [M, Ch, rh, rw]
+    float32 with ``crops[m, :, i, j] = images[slots[m], :, y0 + i, x0 + j]``; an empty slot gives zeros.
+    A pure copy: every backend is bit-identical to this one.
+
+``accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None``
+    In place. ``sums`` [U, Ch, rh, rw] float64 contiguous; ``slots`` [U, J] int64, ``tops`` [U, J, 2]
+    int64, ``weights`` [U, J] float32, all contiguous. For every unit u and j = 0, 1, ..., J-1 in that
+    order, where ``slots[u, j] >= 0``: ``sums[u] += float64(weights[u, j]) * float64(crop(u, j))``,
+    with crops cut as in ``gather_crops``. The product of two float32 numbers is exact in float64, so a
+    fused multiply-add gives the same bits as a multiply then an add: every backend that adds in j order
+    is bit-identical to this one.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["spatial_reduce", "topk_update", "topk_merge_rows", "better"]
+__all__ = ["spatial_reduce", "topk_update", "topk_merge_rows", "better", "gather_crops", "accumulate_crops"]
 
 # Sort key for empty slots: larger than any real id, so that empties sort after real -inf entries.
 _EMPTY_ID_KEY = torch.iinfo(torch.int64).max
@@ -82,6 +98,37 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
         k,
     )
     state_values[active], state_ids[active], state_positions[active] = merged
+
+
+def _crop_pixels(images, slots, tops, size, pad_value):
+    """[M, Ch, rh, rw] crops and [M] empty-slot mask (the crops of empty slots are unspecified here)."""
+    rh, rw = size
+    n, ch, h, w = images.shape
+    ys = tops[:, :1] + torch.arange(rh, device=images.device)  # [M, rh]
+    xs = tops[:, 1:] + torch.arange(rw, device=images.device)  # [M, rw]
+    empty = slots < 0
+    rows = slots.clamp(min=0)
+    picked = images[rows[:, None, None], :, ys.clamp(0, h - 1)[:, :, None], xs.clamp(0, w - 1)[:, None, :]]
+    crops = picked.permute(0, 3, 1, 2)  # [M, rh, rw, Ch] -> [M, Ch, rh, rw]
+    if pad_value is not None:
+        inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]  # [M, rh, rw]
+        crops = torch.where(inside[:, None], crops, pad_value.to(crops.dtype)[None, :, None, None])
+    return crops, empty
+
+
+def gather_crops(images, slots, tops, size, pad_value):
+    crops, empty = _crop_pixels(images, slots, tops, size, pad_value)
+    return torch.where(empty[:, None, None, None], torch.zeros((), dtype=crops.dtype, device=crops.device),
+                       crops).contiguous()
+
+
+def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
+    size = tuple(sums.shape[2:])
+    for j in range(slots.shape[1]):  # j order fixes the float64 rounding every backend reproduces
+        crops, empty = _crop_pixels(images, slots[:, j], tops[:, j], size, pad_value)
+        terms = weights[:, j].double()[:, None, None, None] * crops.double()
+        added = sums + terms
+        sums.copy_(torch.where(empty[:, None, None, None], sums, added))
 
 
 def check_device(device_type: str) -> None:

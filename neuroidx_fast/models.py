@@ -1,0 +1,85 @@
+"""Built-in model definitions: the VGG-M architecture indexed by Rafegas et al. (Chatfield et al. 2014)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch.nn as nn
+
+__all__ = ["VGGM", "vgg_m", "VGG_M_CONV_LAYERS"]
+
+VGG_M_CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+
+
+def _pool_out(size: int) -> int:
+    # MaxPool2d(3, 2, ceil_mode=True) as in the Caffe model: a last window may start inside the map only.
+    out = -(-(size - 3) // 2) + 1
+    if (out - 1) * 2 >= size:
+        out -= 1
+    return out
+
+
+def _conv5_pool_size(input_size: int) -> int | None:
+    """fc6's spatial input side for a square input, or None when a pooling window would not fit."""
+    size = (input_size - 7) // 2 + 1          # conv1 7x7 / 2
+    for stage in range(3):                    # pool1, (conv2 5x5 / 2 pad 1), pool2, (conv3-5 keep), pool5
+        if size < 3:
+            return None
+        size = _pool_out(size)
+        if stage == 0:
+            size = (size + 2 - 5) // 2 + 1
+    return size
+
+
+class VGGM(nn.Sequential):
+    """VGG-M with flat layer names: conv1 .. conv5, pool5, fc6, fc7, fc8 (and relu/norm/drop between).
+
+    ``width`` scales every channel count (1.0: 96-256-512-512-512 and 4096-wide fc6/fc7, ``fc_width``
+    overrides the latter); ``input_size`` sets fc6's input for square images of that side (224 gives the
+    original 6x6x512; small inputs such as 64 give 1x1). ``lrn=False`` drops the two LocalResponseNorms.
+    """
+
+    def __init__(self, num_classes: int = 1000, input_size: int = 224, width: float = 1.0,
+                 fc_width: int | None = None, lrn: bool = True, dropout: float = 0.5):
+        pooled = _conv5_pool_size(input_size)
+        if pooled is None:
+            smallest = next(n for n in range(7, 512) if _conv5_pool_size(n))
+            raise ValueError(f"VGG-M needs inputs of at least {smallest}x{smallest} pixels, got input_size={input_size}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        c = [max(1, round(n * width)) for n in (96, 256, 512, 512, 512)]
+        fc = fc_width if fc_width is not None else max(1, round(4096 * width))
+        layers = OrderedDict()
+        layers["conv1"] = nn.Conv2d(3, c[0], 7, stride=2)
+        layers["relu1"] = nn.ReLU(inplace=True)
+        if lrn:
+            layers["norm1"] = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+        layers["pool1"] = nn.MaxPool2d(3, 2, ceil_mode=True)
+        layers["conv2"] = nn.Conv2d(c[0], c[1], 5, stride=2, padding=1)
+        layers["relu2"] = nn.ReLU(inplace=True)
+        if lrn:
+            layers["norm2"] = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+        layers["pool2"] = nn.MaxPool2d(3, 2, ceil_mode=True)
+        layers["conv3"] = nn.Conv2d(c[1], c[2], 3, padding=1)
+        layers["relu3"] = nn.ReLU(inplace=True)
+        layers["conv4"] = nn.Conv2d(c[2], c[3], 3, padding=1)
+        layers["relu4"] = nn.ReLU(inplace=True)
+        layers["conv5"] = nn.Conv2d(c[3], c[4], 3, padding=1)
+        layers["relu5"] = nn.ReLU(inplace=True)
+        layers["pool5"] = nn.MaxPool2d(3, 2, ceil_mode=True)
+        layers["flatten"] = nn.Flatten()
+        layers["fc6"] = nn.Linear(c[4] * pooled * pooled, fc)
+        layers["relu6"] = nn.ReLU(inplace=True)
+        layers["drop6"] = nn.Dropout(dropout)
+        layers["fc7"] = nn.Linear(fc, fc)
+        layers["relu7"] = nn.ReLU(inplace=True)
+        layers["drop7"] = nn.Dropout(dropout)
+        layers["fc8"] = nn.Linear(fc, num_classes)
+        super().__init__(layers)
+        self.input_size = input_size
+
+
+def vgg_m(num_classes: int = 1000, input_size: int = 224, width: float = 1.0, fc_width: int | None = None,
+          lrn: bool = True, dropout: float = 0.5) -> VGGM:
+    """The VGG-M network (untrained); see ``VGGM`` for the arguments."""
+    return VGGM(num_classes, input_size, width, fc_width, lrn, dropout)

@@ -10,5 +10,8 @@ from . import ops
 from .ops import spatial_reduce
 from .neuron_index import LayerIndex, NeuronIndex
 from .indexing import index_dataset
+from .receptive_fields import ReceptiveField, receptive_field
+from . import models
 
-__all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset"]
+__all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset",
+           "ReceptiveField", "receptive_field", "models"]

@@ -1,0 +1,578 @@
+"""Receptive fields (SPEC.md section 2): an analytic walk of the model's graph, and the gradient probe.
+
+The walk traces the model with torch.fx and runs it once on a blank input of the given size (to know
+every tensor's shape), carrying per axis a jump ``j``, a size ``r`` and an offset ``o`` through each
+node: conv / pool layers compose them, element-wise layers keep them, merges (add, cat) take the union
+of their inputs' boxes, and layers that mix all positions (global pooling, flatten, linear) give the
+whole image. The gradient probe measures the same thing empirically: it is the oracle of the tests and
+the fallback for graphs the walk does not know.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import operator
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .hooks import LayerCapture, resolve_layers
+
+__all__ = ["ReceptiveField", "receptive_field", "probe_gradient", "probe_receptive_field"]
+
+
+@dataclass(frozen=True)
+class ReceptiveField:
+    """The receptive field of one layer's units for one input size.
+
+    Unit position (y, x) sees input pixels ``offset + p * stride`` to ``offset + p * stride + size - 1``
+    per axis (inclusive; outside the image where the network pads). ``whole_image``: the layer mixes all
+    positions (after global pooling or flatten); then every unit sees the whole image (stride 0).
+    ``method``: "analytic" (graph walk) or "probe" (gradient probe fallback).
+    """
+
+    size: tuple[int, int]
+    stride: tuple[int, int]
+    offset: tuple[int, int]
+    input_size: tuple[int, int]
+    map_size: tuple[int, int] | None = None
+    whole_image: bool = False
+    method: str = "analytic"
+
+    def box(self, y: int, x: int) -> tuple[int, int, int, int]:
+        """``(y0, x0, y1, x1)``: the inclusive input box of the unit at map position (y, x)."""
+        y0 = self.offset[0] + int(y) * self.stride[0]
+        x0 = self.offset[1] + int(x) * self.stride[1]
+        return y0, x0, y0 + self.size[0] - 1, x0 + self.size[1] - 1
+
+    def tops(self, positions: torch.Tensor, map_width: int | None = None) -> torch.Tensor:
+        """Top-left input pixels ``[..., 2]`` (y0, x0) of flat map positions ``y * W + x`` (int64)."""
+        width = map_width if map_width is not None else (self.map_size[1] if self.map_size else None)
+        if width is None:
+            raise ValueError("tops() needs the map width: pass map_width or build the RF with a map size")
+        positions = positions.to(torch.int64)
+        y, x = positions // width, positions % width
+        return torch.stack([self.offset[0] + y * self.stride[0], self.offset[1] + x * self.stride[1]], dim=-1)
+
+    def __str__(self) -> str:
+        if self.whole_image:
+            return f"RF whole image {self.size[0]}x{self.size[1]}"
+        return (f"RF {self.size[0]}x{self.size[1]}, stride {self.stride[0]}x{self.stride[1]}, "
+                f"offset ({self.offset[0]}, {self.offset[1]}) [{self.method}]")
+
+
+# --------------------------------------------------------------------------------------------- walk
+@dataclass(frozen=True)
+class _Box:
+    """Per axis (y, x): jump, size, offset of a tensor's positions in input pixels."""
+
+    jump: tuple[int, int]
+    size: tuple[int, int]
+    offset: tuple[int, int]
+
+
+WHOLE = "whole image"
+_START = _Box((1, 1), (1, 1), (0, 0))
+
+
+class _Unsupported(Exception):
+    """A node the walk does not know; ``receptive_field`` falls back to the probe."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason  # fx appends graph context to args; users get this line only
+
+
+class _Reached(Exception):
+    def __init__(self, state, output):
+        super().__init__()
+        self.state, self.output = state, output
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else _raise(f"expected 1 or 2 values, got {v!r}")
+    return int(v), int(v)
+
+
+def _raise(message):
+    raise _Unsupported(message)
+
+
+def _window(state, kernel, stride, padding, dilation=1):
+    """Compose a sliding window (SPEC.md 2): r' = r + (k_eff - 1) j, o' = o - q j, j' = j s."""
+    if state is WHOLE:
+        return WHOLE
+    k, s, q, d = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
+    size = tuple(state.size[a] + d[a] * (k[a] - 1) * state.jump[a] for a in range(2))
+    offset = tuple(state.offset[a] - q[a] * state.jump[a] for a in range(2))
+    jump = tuple(state.jump[a] * s[a] for a in range(2))
+    return _Box(jump, size, offset)
+
+
+def _conv_padding(padding, kernel, dilation):
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":  # torch pads (total // 2) before and the rest after
+        k, d = _pair(kernel), _pair(dilation)
+        return tuple(d[a] * (k[a] - 1) // 2 for a in range(2))
+    return _pair(padding)
+
+
+def _union(states):
+    states = [s for s in states if s is not None]
+    if not states:
+        return None
+    if any(s is WHOLE for s in states):
+        return WHOLE
+    jumps = {s.jump for s in states}
+    if len(jumps) > 1:
+        raise ValueError(f"cannot merge branches with different strides {sorted(jumps)}: their positions do not "
+                         "correspond to the same input pixels (a receptive field needs one stride per layer)")
+    start = tuple(min(s.offset[a] for s in states) for a in range(2))
+    end = tuple(max(s.offset[a] + s.size[a] for s in states) for a in range(2))
+    return _Box(states[0].jump, tuple(end[a] - start[a] for a in range(2)), start)
+
+
+def _spatial(t):
+    return tuple(t.shape[-2:]) if isinstance(t, torch.Tensor) and t.dim() >= 3 else None
+
+
+def _adaptive(state, in_size, out_size):
+    if state is WHOLE or in_size is None:
+        return WHOLE
+    out = tuple(in_size[a] if o is None else int(o) for a, o in enumerate(_pair_or_none(out_size)))
+    if out == (1, 1):
+        return WHOLE  # global pooling mixes every position (SPEC.md 2)
+    if any(in_size[a] % out[a] for a in range(2)):
+        raise _Unsupported(f"adaptive pooling from {in_size} to {out} has windows of unequal sizes")
+    k = tuple(in_size[a] // out[a] for a in range(2))
+    return _window(state, k, k, 0)
+
+
+def _pair_or_none(v):
+    if isinstance(v, (tuple, list)):
+        return (v[0], v[-1])
+    return v, v
+
+
+_POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.AlphaDropout, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LocalResponseNorm, nn.Softmax2d,
+    nn.ChannelShuffle,
+)
+# Normalisations whose statistics are taken over all positions of an image mix the whole map.
+_MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.Flatten, nn.Linear, nn.Bilinear)
+
+_POINTWISE_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+    torch.clamp, torch.maximum, torch.minimum, torch.exp, torch.abs, torch.where, torch.cat, torch.concat,
+    torch.stack, torch.square, torch.sqrt, torch.pow, operator.pow,
+    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardtanh, F.hardswish,
+    F.hardsigmoid, F.softplus, torch.sigmoid, F.dropout, F.dropout2d, F.batch_norm, F.local_response_norm,
+    F.channel_shuffle, torch.channel_shuffle, torch.clone,
+}
+_POINTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
+    "clamp", "clamp_", "clamp_min", "clamp_min_", "contiguous", "clone", "float", "half", "bfloat16", "double", "to",
+    "type_as", "detach", "exp", "abs", "neg", "pow", "sqrt", "square",
+}
+_MIXING_FUNCTIONS = {torch.flatten, F.linear, F.layer_norm, F.group_norm, F.instance_norm}
+
+
+def _conv2d_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Argument names of F.conv2d (a builtin without an inspectable signature)."""
+
+
+def _avg_pool2d_signature(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+                          divisor_override=None):
+    """Argument names of F.avg_pool2d (a builtin without an inspectable signature)."""
+
+
+def _cat_signature(tensors, dim=0):
+    """Argument names of torch.cat / torch.concat (builtins)."""
+
+
+# Functions whose Python signature is hidden (builtins, boolean-dispatch wrappers): where to read it.
+_SIGNATURES = {
+    F.conv2d: _conv2d_signature, F.avg_pool2d: _avg_pool2d_signature, F.max_pool2d: F._max_pool2d,
+    torch.max_pool2d: F._max_pool2d, F.max_pool2d_with_indices: F._max_pool2d,
+    F.adaptive_max_pool2d: F.adaptive_max_pool2d_with_indices, torch.cat: _cat_signature,
+    torch.concat: _cat_signature,
+}
+
+
+def _bind(fn, args, kwargs):
+    try:
+        return inspect.signature(_SIGNATURES.get(fn, fn)).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        raise _Unsupported(f"cannot read the arguments of {getattr(fn, '__name__', fn)}") from None
+
+
+def _module_state(module: nn.Module, state, x, out):
+    if isinstance(module, nn.Conv2d):
+        return _window(state, module.kernel_size, module.stride,
+                       _conv_padding(module.padding, module.kernel_size, module.dilation), module.dilation)
+    if isinstance(module, nn.MaxPool2d):
+        return _window(state, module.kernel_size, module.stride or module.kernel_size, module.padding,
+                       module.dilation)
+    if isinstance(module, nn.AvgPool2d):
+        return _window(state, module.kernel_size, module.stride or module.kernel_size, module.padding)
+    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+        return _adaptive(state, _spatial(x), module.output_size)
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
+        left, _, top, _ = module.padding if len(module.padding) == 4 else (module.padding[0],) * 4
+        return _window(state, 1, 1, (top, left))
+    if isinstance(module, _POINTWISE_MODULES):
+        return state
+    if isinstance(module, _MIXING_MODULES):
+        return WHOLE
+    raise _Unsupported(f"module type {type(module).__name__}")
+
+
+def _function_state(fn, args, kwargs, states, out):
+    name = getattr(fn, "__name__", str(fn))
+    if fn in _POINTWISE_FUNCTIONS:
+        merged = _union(states)
+        if merged is not None and merged is not WHOLE and isinstance(out, torch.Tensor):
+            shapes = {_spatial(a) for a in _tensor_args(args, kwargs) if _spatial(a) is not None}
+            if len(shapes) > 1 and fn not in (torch.cat, torch.concat, torch.stack):
+                raise _Unsupported(f"{name} broadcasts maps of different sizes {sorted(shapes)}")
+            if fn in (torch.cat, torch.concat):
+                dim = _bind(fn, args, kwargs).get("dim", 0)
+                if out.dim() == 4 and dim in (2, 3, -1, -2):
+                    raise _Unsupported("concatenation along a spatial axis")
+        return merged
+    if fn in _MIXING_FUNCTIONS:
+        return WHOLE if _union(states) is not None else None
+    state = states[0] if states else None
+    if fn in (F.conv2d,):
+        a = _bind(fn, args, kwargs)
+        k = tuple(a["weight"].shape[-2:]) if isinstance(a["weight"], torch.Tensor) else _raise("conv2d weight")
+        d = a.get("dilation", 1)
+        return _window(state, k, a.get("stride", 1), _conv_padding(a.get("padding", 0), k, d), d)
+    if fn in (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d):
+        a = _bind(fn, args, kwargs)
+        return _window(state, a["kernel_size"], a.get("stride") or a["kernel_size"], a.get("padding", 0),
+                       a.get("dilation", 1))
+    if fn in (F.avg_pool2d,):
+        a = _bind(fn, args, kwargs)
+        return _window(state, a["kernel_size"], a.get("stride") or a["kernel_size"], a.get("padding", 0))
+    if fn in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d):
+        a = _bind(fn, args, kwargs)
+        return _adaptive(state, _spatial(a["input"]), a["output_size"])
+    if fn is operator.getitem:
+        return _getitem_state(args, state, out)
+    if state is None and not any(s is not None for s in states):
+        return None  # arithmetic on sizes and other non-image values
+    raise _Unsupported(f"function {name}")
+
+
+def _method_state(method, args, kwargs, states, out):
+    self_arg = args[0]
+    merged = _union(states)
+    if merged is None:
+        return None
+    if method in _POINTWISE_METHODS:
+        return merged
+    if method in ("size", "dim", "numel", "shape"):
+        return None
+    if method in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "mean", "sum",
+                  "amax", "max", "view_as", "reshape_as"):
+        if isinstance(out, torch.Tensor) and isinstance(self_arg, torch.Tensor) and out.dim() == self_arg.dim() \
+                and _spatial(out) == _spatial(self_arg) and method in ("view", "reshape", "view_as", "reshape_as"):
+            return merged  # a reshape that keeps the layout of the positions
+        if merged is WHOLE or not isinstance(out, torch.Tensor) or _spatial(out) != _spatial(self_arg) \
+                or out.dim() < 3:
+            return WHOLE  # positions mixed or flattened together
+    raise _Unsupported(f"method .{method}()")
+
+
+def _getitem_state(args, state, out):
+    container, index = args
+    if isinstance(container, (tuple, list)):
+        return state
+    if isinstance(container, torch.Tensor) and container.dim() >= 3:
+        parts = index if isinstance(index, tuple) else (index,)
+        spatial = parts[2:] if len(parts) > 2 else ()
+        if all(isinstance(p, slice) and p == slice(None) for p in spatial) and Ellipsis not in parts:
+            return state  # channel or batch selection
+        raise _Unsupported("indexing that slices spatial positions")
+    return state
+
+
+def _tensor_args(args, kwargs):
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (tuple, list)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves=()):
+        super().__init__()
+        self.leaves = {id(m) for m in leaves}
+
+    def is_leaf_module(self, m, qualname):
+        return id(m) in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:
+    tracer = _Tracer(leaves)
+    try:
+        graph = tracer.trace(module)
+    except Exception as exc:  # fx raises many types for untraceable Python
+        raise _Unsupported(f"torch.fx cannot trace {type(module).__name__} ({type(exc).__name__}: {exc})") from None
+    return fx.GraphModule(tracer.root, graph)
+
+
+class _Walk(fx.Interpreter):
+    """Runs a traced graph on real tensors (for shapes) and carries each value's receptive field."""
+
+    def __init__(self, gm: fx.GraphModule, input_states, target: str | None):
+        super().__init__(gm)
+        self.input_states = list(input_states)
+        self.target = target
+        self.states: dict[fx.Node, object] = {}
+
+    def _states_of(self, n: fx.Node):
+        found = []
+        for a in n.all_input_nodes:
+            found.append(self.states.get(a))
+        return found
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.op == "placeholder":
+            state = self.input_states.pop(0) if self.input_states else None
+        elif n.op in ("get_attr",):
+            state = None
+        elif n.op == "output":
+            raise _Reached(self._states_of(n)[0] if n.all_input_nodes else None, out)
+        else:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            states = self._states_of(n)
+            if n.op == "call_module":
+                module = self.fetch_attr(n.target)
+                x = args[0] if args else None
+                if n.target == self.target and type(module).__module__.split(".")[0] != "torch":
+                    state = _module_walk(module, _union(states), x)
+                elif n.target == self.target and isinstance(module, (nn.Sequential, nn.ModuleList)):
+                    state = _module_walk(module, _union(states), x)
+                else:
+                    state = _module_state(module, _union(states), x, out)
+            elif n.op == "call_function":
+                state = _function_state(n.target, args, kwargs, states, out)
+            else:
+                state = _method_state(n.target, args, kwargs, states, out)
+        self.states[n] = state
+        if self.target is not None and n.op == "call_module" and n.target == self.target:
+            raise _Reached(state, out)
+        return out
+
+
+def _module_walk(module: nn.Module, state, x):
+    """The state after a (non-leaf) module, walked through its own graph."""
+    gm = _trace(module)
+    try:
+        with torch.no_grad():
+            _Walk(gm, [state], None).run(x)
+    except _Reached as reached:
+        return reached.state
+    raise _Unsupported(f"{type(module).__name__} has no output")
+
+
+def _as_size(input_size) -> tuple[int, int]:
+    if isinstance(input_size, int) and not isinstance(input_size, bool):
+        input_size = (input_size, input_size)
+    try:
+        h, w = (int(v) for v in input_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"input_size must be an int or (height, width), got {input_size!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size must be positive, got {(h, w)}")
+    return h, w
+
+
+def _blank_input(model: nn.Module, size, channels: int):
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    dtype = first.dtype if first is not None else torch.float32
+    return torch.zeros((1, channels) + tuple(size), device=device, dtype=dtype)
+
+
+def _to_rf(state, size, out, method) -> ReceptiveField:
+    map_size = _spatial(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else (1, 1)
+    if state is WHOLE or state is None:
+        return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, method)
+    return ReceptiveField(state.size, state.jump, state.offset, size, map_size, False, method)
+
+
+def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int) -> ReceptiveField:
+    gm = _trace(model, leaves=[module])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _Walk(gm, [_START], layer).run(_blank_input(model, size, channels))
+    except _Reached as reached:
+        return _to_rf(reached.state, size, reached.output, "analytic")
+    except (_Unsupported, ValueError):
+        raise
+    except Exception as exc:
+        raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {exc})") from None
+    finally:
+        model.train(was_training)
+    raise _Unsupported(f"layer {layer!r} is not called as a module in the traced graph")
+
+
+def receptive_field(model: nn.Module, layer: str, input_size, method: str = "auto",
+                    channels: int = 3) -> ReceptiveField:
+    """The receptive field of ``layer``'s units for inputs of ``input_size`` (int or (H, W)).
+
+    ``method="auto"`` walks the graph and falls back, with a warning, to the gradient probe when the
+    graph holds an operation the walk does not know; "analytic" raises instead; "probe" always probes.
+    Branches whose strides disagree raise ValueError.
+    """
+    module = resolve_layers(model, [layer])[layer]
+    size = _as_size(input_size)
+    if method not in ("auto", "analytic", "probe"):
+        raise ValueError(f"method must be 'auto', 'analytic' or 'probe', got {method!r}")
+    if method != "probe":
+        try:
+            return _analytic(model, layer, module, size, channels)
+        except _Unsupported as exc:
+            if method == "analytic":
+                raise ValueError(f"the analytic receptive field of {layer!r} is unknown: {exc.reason}") from None
+            warnings.warn(f"receptive field of {layer!r}: the graph walk does not know {exc.reason}; measuring it with "
+                          "the gradient probe instead", stacklevel=2)
+    return probe_receptive_field(model, layer, size, channels=channels)
+
+
+# -------------------------------------------------------------------------------------------- probe
+class _MaxToAvgPool(torch.overrides.TorchFunctionMode):
+    """Inside the probe, max pooling becomes average pooling of the same geometry (SPEC.md 2)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d, F._max_pool2d):
+            a = inspect.signature(F._max_pool2d).bind(*args, **kwargs).arguments
+            if _pair(a.get("dilation", 1)) != (1, 1):
+                raise ValueError("the gradient probe cannot model dilated max pooling")
+            out = F.avg_pool2d(a["input"], a["kernel_size"], a.get("stride") or a["kernel_size"],
+                               a.get("padding", 0), a.get("ceil_mode", False), count_include_pad=True)
+            return (out, None) if a.get("return_indices", False) or func is F.max_pool2d_with_indices else out
+        if func in (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices):
+            a = inspect.signature(F.adaptive_max_pool2d_with_indices).bind(*args, **kwargs).arguments
+            out = F.adaptive_avg_pool2d(a["input"], a["output_size"])
+            return (out, None) if func is not F.adaptive_max_pool2d or a.get("return_indices") else out
+        return func(*args, **kwargs)
+
+
+def _positive_copy(model: nn.Module) -> nn.Module:
+    probe = copy.deepcopy(model).to(torch.float64).eval()
+    with torch.no_grad():
+        for module in probe.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+            if isinstance(weight, torch.Tensor):
+                fan_in = weight[0].numel() if weight.dim() > 1 else 1
+                weight.fill_(1.0 / fan_in)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
+        for p in probe.parameters():
+            p.requires_grad_(False)
+    return probe
+
+
+def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels: int = 3) -> torch.Tensor:
+    """SPEC.md 2's probe: for each (y, x) of ``positions``, the mask [H, W] of input pixels where
+    d F_0(0, y, x) / d input is nonzero, on a copy of the model with positive weights and average
+    pooling in place of max pooling, in eval mode, on a positive input. Returns [P, H, W] bool."""
+    size = _as_size(input_size)
+    probe = _positive_copy(model)
+    positions = [(int(y), int(x)) for y, x in positions]
+    first = next(probe.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    # One image per position, all in one batch: in eval mode the images do not interact, so the
+    # gradient of the sum of the chosen outputs holds each position's gradient in its own image.
+    images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
+    with _MaxToAvgPool(), LayerCapture(probe, [layer]) as capture:
+        out = capture.run(images)[layer]
+        maps = out[:, 0] if out.dim() == 4 else out[:, 0].reshape(-1, 1, 1)
+        for y, x in positions:
+            if not (0 <= y < maps.shape[1] and 0 <= x < maps.shape[2]):
+                raise ValueError(f"position {(y, x)} is outside the {tuple(maps.shape[1:])} map of {layer!r}")
+        ys = torch.tensor([p[0] for p in positions], device=device)
+        xs = torch.tensor([p[1] for p in positions], device=device)
+        (grad,) = torch.autograd.grad(maps[torch.arange(len(positions), device=device), ys, xs].sum(), images)
+    return (grad != 0).any(dim=1).cpu()
+
+
+def _bounds(mask: torch.Tensor):
+    ys = torch.nonzero(mask.any(dim=1)).flatten()
+    xs = torch.nonzero(mask.any(dim=0)).flatten()
+    if ys.numel() == 0:
+        return None
+    return int(ys[0]), int(xs[0]), int(ys[-1]), int(xs[-1])
+
+
+def _layer_output(model, layer, size, channels):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), LayerCapture(model, [layer]) as capture:
+            return capture.run(_blank_input(model, size, channels))[layer]
+    finally:
+        model.train(was_training)
+
+
+def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
+    """Size, stride and offset measured by the gradient probe at two neighbouring positions near the
+    centre of the map, on inputs enlarged until the field of view no longer touches the image border."""
+    size = _as_size(input_size)
+    out = _layer_output(model, layer, size, channels)
+    map_size = _spatial(out) if out.dim() == 4 else (1, 1)
+    if out.dim() != 4:
+        return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")  # positions flattened away
+    best = None
+    for scale in (1, 2, 4):
+        probe_size = (size[0] * scale, size[1] * scale)
+        try:
+            probe_map = out if scale == 1 else _layer_output(model, layer, probe_size, channels)
+        except Exception:
+            break  # the model accepts no larger input
+        h, w = _spatial(probe_map) if probe_map.dim() == 4 else (1, 1)
+        cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
+        points = [(cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))]
+        boxes = [_bounds(m) for m in probe_gradient(model, layer, probe_size, points, channels)]
+        if boxes[0] is None:
+            raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
+        best = (probe_size, (h, w), points, boxes)
+        whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and boxes[1] == boxes[0]
+        clipped = any(b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1 for b in boxes)
+        if whole and (h, w) == (1, 1) or not clipped:
+            break
+    probe_size, (h, w), points, boxes = best
+    if boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1):
+        return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
+    (y, x), (y1, x1) = points
+    b0, b1 = boxes
+    stride = ((b1[0] - b0[0]) // (y1 - y) if y1 != y else 1, (b1[1] - b0[1]) // (x1 - x) if x1 != x else 1)
+    rf_size = (b0[2] - b0[0] + 1, b0[3] - b0[1] + 1)
+    offset = (b0[0] - y * stride[0], b0[1] - x * stride[1])
+    if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
+        warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
+                      "lower bound", stacklevel=3)
+    return ReceptiveField(rf_size, stride, offset, size, map_size, False, "probe")

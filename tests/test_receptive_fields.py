@@ -1,0 +1,223 @@
+"""Receptive fields: the analytic graph walk against the gradient probe (SPEC.md section 2)."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroidx_fast import receptive_field
+from neuroidx_fast.models import vgg_m
+from neuroidx_fast.receptive_fields import _Box, _union, probe_gradient, probe_receptive_field
+from tests.models import make_model
+
+
+class AlexNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 4, 11, 4, 2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(4, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(6 * 36, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def forward(self, x):
+        x = self.avgpool(self.features(x))
+        return self.classifier(torch.flatten(x, 1))
+
+
+class Dilated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=2, dilation=2)
+        self.conv3 = nn.Conv2d(4, 4, 3, stride=2, padding=4, dilation=4)
+        self.conv4 = nn.Conv2d(4, 4, (3, 5), padding="same", dilation=(1, 2))
+
+    def forward(self, x):
+        return self.conv4(F.relu(self.conv3(F.relu(self.conv2(F.relu(self.conv1(x)))))))
+
+
+class CeilAndFunctional(nn.Module):
+    """ceil_mode pooling, functional pooling, an inception-like concatenation and asymmetric kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, stride=2)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.branch_a = nn.Conv2d(4, 3, 1)
+        self.branch_b = nn.Conv2d(4, 3, 5, padding=2)
+        self.branch_c = nn.Conv2d(4, 3, (1, 7), padding=(0, 3))
+        self.conv2 = nn.Conv2d(9, 4, 3, padding=1)
+        self.pool2 = nn.AvgPool2d(2, ceil_mode=True)
+
+    def forward(self, x):
+        x = self.pool1(F.relu(self.conv1(x)))
+        x = torch.cat([self.branch_a(x), self.branch_b(x), self.branch_c(F.max_pool2d(x, 3, 1, 1))], dim=1)
+        x = self.pool2(F.relu(self.conv2(x)))
+        return x.mean(dim=(2, 3))
+
+
+CASES = [
+    # (model factory, layers, input size, has dilation)
+    (lambda: vgg_m(5, 99, width=0.05, fc_width=4), ["conv1", "pool1", "conv2", "norm2", "conv3", "conv5", "pool5"],
+     99, False),
+    (lambda: make_model("vgg"), ["features.0", "features.2", "features.4", "features.8"], 20, False),
+    (AlexNetLike, ["features.0", "features.3", "features.5", "features.10", "avgpool"], 224, False),
+    (lambda: make_model("resnet"), ["stem", "layer1", "layer2.conv1", "layer2.down", "layer2"], (17, 14), False),
+    (Dilated, ["conv2", "conv3", "conv4"], 31, True),
+    (CeilAndFunctional, ["pool1", "branch_c", "conv2", "pool2"], (29, 26), False),
+]
+
+
+def _clip(box, size):
+    y0, x0, y1, x1 = box
+    return max(y0, 0), max(x0, 0), min(y1, size[0] - 1), min(x1, size[1] - 1)
+
+
+def _bounds(mask):
+    ys, xs = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
+    return int(ys[0]), int(xs[0]), int(ys[-1]), int(xs[-1])
+
+
+def _sample_positions(h, w):
+    if h * w <= 30:
+        return [(y, x) for y in range(h) for x in range(w)]
+    ys, xs = sorted({0, 1, h // 2, h - 2, h - 1}), sorted({0, 1, w // 2, w - 2, w - 1})
+    return [(y, x) for y in ys for x in xs]
+
+
+@pytest.mark.parametrize("factory,layers,input_size,dilated", CASES)
+def test_analytic_box_agrees_with_gradient_probe(factory, layers, input_size, dilated):
+    torch.manual_seed(0)
+    model = factory().eval()
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
+    for layer in layers:
+        rf = receptive_field(model, layer, input_size, method="analytic")
+        assert rf.method == "analytic" and not rf.whole_image
+        h, w = rf.map_size
+        positions = _sample_positions(h, w)
+        masks = probe_gradient(model, layer, input_size, positions)
+        interior = 0
+        for (y, x), mask in zip(positions, masks):
+            y0, x0, y1, x1 = _clip(rf.box(y, x), size)
+            inside = torch.zeros(size, dtype=torch.bool)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            assert not (mask & ~inside).any(), f"{layer} at {(y, x)}: gradient outside the analytic box {rf}"
+            box = rf.box(y, x)
+            if box[0] >= 0 and box[1] >= 0 and box[2] < size[0] and box[3] < size[1]:
+                interior += 1
+                # away from the border the probe sees the full box (with dilation, its corners at least)
+                assert _bounds(mask) == box, f"{layer} at {(y, x)}: box {rf} larger than the probe's"
+        if rf.size[0] < size[0] // 2 and rf.size[1] < size[1] // 2:
+            assert interior > 0, f"{layer}: no interior position was checked"
+
+
+@pytest.mark.parametrize("factory,layers,input_size,dilated", CASES)
+def test_probe_fallback_measures_the_same_field(factory, layers, input_size, dilated):
+    torch.manual_seed(0)
+    model = factory().eval()
+    for layer in layers[-2:]:
+        analytic = receptive_field(model, layer, input_size, method="analytic")
+        probed = probe_receptive_field(model, layer, input_size)
+        assert (probed.size, probed.stride, probed.offset) == (analytic.size, analytic.stride, analytic.offset)
+        assert probed.map_size == analytic.map_size and probed.method == "probe"
+
+
+def test_vgg_m_conv5_at_224_worked_by_hand():
+    # conv1 7x7/2 pad 0:  r = 7,               j = 2,  o = 0
+    # pool1 3x3/2:        r = 7 + 2*2 = 11,     j = 4,  o = 0
+    # conv2 5x5/2 pad 1:  r = 11 + 4*4 = 27,    j = 8,  o = 0 - 1*4 = -4
+    # pool2 3x3/2:        r = 27 + 2*8 = 43,    j = 16, o = -4
+    # conv3 3x3/1 pad 1:  r = 43 + 2*16 = 75,   j = 16, o = -4 - 16 = -20
+    # conv4 3x3/1 pad 1:  r = 75 + 32 = 107,    o = -36
+    # conv5 3x3/1 pad 1:  r = 107 + 32 = 139,   o = -52;  map 13x13
+    model = vgg_m(1000, 224, width=0.05, fc_width=8)
+    rf = receptive_field(model, "conv5", 224)
+    assert (rf.size, rf.stride, rf.offset, rf.map_size) == ((139, 139), (16, 16), (-52, -52), (13, 13))
+    assert rf.box(0, 0) == (-52, -52, 86, 86)
+    assert rf.box(12, 6) == (-52 + 192, -52 + 96, 86 + 192, 86 + 96)
+    tops = rf.tops(torch.tensor([0, 13 * 12 + 6]))
+    assert tops.tolist() == [[-52, -52], [140, 44]]
+
+
+def test_layers_that_mix_all_positions_see_the_whole_image():
+    model = AlexNetLike().eval()
+    for layer in ("classifier.1", "classifier.3"):
+        rf = receptive_field(model, layer, 224)
+        assert rf.whole_image and rf.size == (224, 224) and rf.box(0, 0) == (0, 0, 223, 223)
+    resnet = make_model("resnet")
+    assert receptive_field(resnet, "head.0", (17, 14)).whole_image  # global average pooling
+    assert probe_receptive_field(resnet, "head.2", (17, 14)).whole_image
+
+
+def test_unknown_operation_falls_back_to_the_probe_with_a_warning():
+    class Shifted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3)
+            self.out = nn.Conv2d(2, 2, 3, stride=2)
+
+        def forward(self, x):
+            return self.out(torch.roll(self.conv(x), 1, dims=1))  # roll over channels keeps the box
+
+    model = Shifted().eval()
+    with pytest.raises(ValueError, match="roll"):
+        receptive_field(model, "out", 20, method="analytic")
+    with pytest.warns(UserWarning, match="gradient probe"):
+        rf = receptive_field(model, "out", 20)
+    assert (rf.size, rf.stride, rf.offset, rf.method) == ((5, 5), (2, 2), (0, 0), "probe")
+
+
+def test_adaptive_pooling_with_unequal_windows_is_probed():
+    model = AlexNetLike().eval()  # at 99 px the features are 2x2 and avgpool stretches them to 6x6
+    with pytest.raises(ValueError, match="unequal sizes"):
+        receptive_field(model, "avgpool", 99, method="analytic")
+    with pytest.warns(UserWarning, match="gradient probe"):
+        assert receptive_field(model, "avgpool", 99).method == "probe"
+
+
+def test_untraceable_model_falls_back_to_the_probe():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 5, stride=2, padding=1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # fx cannot trace a branch on data
+                x = x * 2
+            return self.conv(x)
+
+    with pytest.warns(UserWarning, match="fx cannot trace"):
+        rf = receptive_field(DataDependent(), "conv", 21)
+    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (-1, -1))
+
+
+def test_merging_branches_with_different_strides_is_an_error():
+    with pytest.raises(ValueError, match="different strides"):
+        _union([_Box((2, 2), (3, 3), (0, 0)), _Box((4, 4), (7, 7), (-1, -1))])
+    merged = _union([_Box((2, 2), (3, 3), (0, 0)), _Box((2, 2), (7, 5), (-2, -1))])
+    assert merged == _Box((2, 2), (7, 5), (-2, -1))
+
+
+def test_bad_arguments():
+    model = make_model("vgg")
+    with pytest.raises(ValueError, match="closest names: features.0"):
+        receptive_field(model, "feature.0", 16)
+    with pytest.raises(ValueError, match="input_size"):
+        receptive_field(model, "features.0", "big")
+    with pytest.raises(ValueError, match="method"):
+        receptive_field(model, "features.0", 16, method="exact")
+
+
+def test_walk_leaves_the_model_as_it_was():
+    model = make_model("resnet").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    receptive_field(model, "layer2", 16)
+    probe_receptive_field(model, "layer2", 16)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -12,6 +12,9 @@ from .neuron_index import LayerIndex, NeuronIndex
 from .indexing import index_dataset
 from .receptive_fields import ReceptiveField, receptive_field
 from . import models
+from .features import NeuronFeatures, neuron_features, save_grid, save_unit
+from .color import color_selectivity
 
 __all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset",
-           "ReceptiveField", "receptive_field", "models"]
+           "ReceptiveField", "receptive_field", "models", "NeuronFeatures", "neuron_features", "save_grid",
+           "save_unit", "color_selectivity"]

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .hooks import LayerCapture, resolve_layers
+from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
 from .storage import BundleError, read_bundle, write_bundle
 from .topk import TopK
@@ -139,27 +140,58 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
                          "arguments, or delete the checkpoint to start over")
     index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
     stats = {name: _LayerStats.from_layer_index(layer, device, nan, backend) for name, layer in index.layers.items()}
-    return stats, int(manifest["batches_done"]), index.input_size, index.class_names
+    pixel_sum = index.meta.get("pixel_sum")
+    pixels = torch.tensor(pixel_sum, dtype=torch.float64, device=device) if pixel_sum is not None else None
+    return stats, int(manifest["batches_done"]), index.input_size, index.class_names, pixels
 
 
-def _save_checkpoint(path, stats, fingerprint, batches_done, meta):
-    index = _build_index(stats, meta)
+def _save_checkpoint(path, stats, fingerprint, batches_done, meta, pixel_sum):
+    index = _build_index(stats, meta, pixel_sum)
     manifest, tensors = index.to_bundle()
     manifest.update(fingerprint=fingerprint, batches_done=batches_done)
     write_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, manifest, tensors)
 
 
-def _build_index(stats, meta) -> NeuronIndex:
+def _index_meta(meta, layer_names, pixel_sum, pixel_count) -> dict:
+    """What an index records besides its tensors: the model's name, layer order, receptive fields, and
+    the per-channel pixel sum and mean of the images seen (the "mean" pad of Neuron Features)."""
+    out = {"model": meta["model"], "layer_order": list(layer_names)}
+    if pixel_sum is not None:
+        sums = [float(v) for v in pixel_sum.cpu()]
+        out.update(pixel_sum=sums, pixel_count=int(pixel_count),
+                   pixel_mean=[v / pixel_count for v in sums] if pixel_count else None)
+    if meta.get("receptive_fields"):
+        out["receptive_fields"] = meta["receptive_fields"]
+    return out
+
+
+def _build_index(stats, meta, pixel_sum=None) -> NeuronIndex:
     layers = {name: s.to_layer_index() for name, s in stats.items()}
+    count = next(iter(layers.values())).images_seen * math.prod(meta["input_size"] or (0,)) if layers else 0
     return NeuronIndex(layers, meta["k"], meta["dataset_length"], meta["input_size"], meta["class_names"],
-                       {"model": meta["model"], "layer_order": list(layers)})
+                       _index_meta(meta, layers, pixel_sum, count))
 
 
-def _merge_ranks(dist, stats, meta):
+def _receptive_fields(model, names, input_size) -> dict:
+    """Each layer's receptive field at the indexed input size, as plain numbers for the manifest."""
+    found = {}
+    for name in names:
+        try:
+            rf = receptive_field(model, name, input_size)
+        except (ValueError, RuntimeError) as exc:
+            warnings.warn(f"no receptive field recorded for {name!r} ({exc}); pass rf= to neuron_features",
+                          stacklevel=3)
+            continue
+        found[name] = {"size": list(rf.size), "stride": list(rf.stride), "offset": list(rf.offset),
+                       "whole_image": rf.whole_image, "method": rf.method}
+    return found
+
+
+def _merge_ranks(dist, stats, meta, pixel_sum):
     """Gather every rank's layer indexes on every rank; rank 0 folds them in rank order."""
     local = {name: s.to_layer_index() for name, s in stats.items()}
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (local, meta["input_size"]))
+    dist.all_gather_object(gathered, (local, meta["input_size"], pixel_sum.cpu()))
     if dist.get_rank() != 0:
         return None
     merged = {}
@@ -177,8 +209,10 @@ def _merge_ranks(dist, stats, meta):
         merged[name] = LayerIndex(name, total.values, total.ids, total.positions, parts[0].map_size, total.count,
                                   sum(p.mean_sum for p in parts), class_sum, class_count)
     input_size = next((g[1] for g in gathered if g[1] is not None), None)
+    pixels = sum(g[2] for g in gathered)
+    count = next(iter(merged.values())).images_seen * math.prod(input_size) if merged else 0
     return NeuronIndex(merged, meta["k"], meta["dataset_length"], input_size, meta["class_names"],
-                       {"model": meta["model"], "layer_order": list(merged)})
+                       _index_meta(meta, merged, pixels, count))
 
 
 def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=None, batch_size: int = 64,
@@ -233,10 +267,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     if checkpoint is not None and world > 1:
         checkpoint = f"{os.fspath(checkpoint)}.rank{rank}"
 
-    stats, batches_done = None, 0
+    stats, batches_done, pixel_sum = None, 0, None
     if checkpoint is not None and os.path.exists(checkpoint):
-        stats, batches_done, meta["input_size"], saved_names = _load_checkpoint(checkpoint, fingerprint, device, nan,
-                                                                                backend)
+        stats, batches_done, meta["input_size"], saved_names, pixel_sum = _load_checkpoint(
+            checkpoint, fingerprint, device, nan, backend)
         meta["class_names"] = saved_names if saved_names is not None else class_names
     total_batches = math.ceil(len(shard) / batch_size)
     start = shard.start + batches_done * batch_size
@@ -261,6 +295,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 first_id = shard.start + step * batch_size
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
                 x = images.to(device, non_blocking=True)
+                pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
+                pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
                 if preprocess is not None:
                     x = preprocess(x)
                 with autocast:
@@ -284,10 +320,15 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 if bar is not None:
                     bar.update(1)
                 if checkpoint is not None and (batches_done % checkpoint_every == 0 or batches_done == total_batches):
-                    _save_checkpoint(checkpoint, stats, fingerprint, batches_done, meta)
+                    _save_checkpoint(checkpoint, stats, fingerprint, batches_done, meta, pixel_sum)
     finally:
         if bar is not None:
             bar.close()
+    meta["receptive_fields"] = _receptive_fields(model, names, meta["input_size"]) if rank == 0 else {}
     if dist is not None and world > 1:
-        return _merge_ranks(dist, stats, meta)
-    return _build_index(stats, meta)
+        index = _merge_ranks(dist, stats, meta, pixel_sum)
+    else:
+        index = _build_index(stats, meta, pixel_sum)
+    if index is not None:
+        index.dataset = dataset  # neuron_features and color_selectivity reload top images from it
+    return index

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._version import __version__
+from .receptive_fields import ReceptiveField
 from .storage import BundleError, read_bundle, write_bundle
 from .topk import STATE_FORMAT
 
@@ -92,6 +93,8 @@ class NeuronIndex:
     input_size: tuple[int, int] | None = None
     class_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    # The dataset it was built from, while in memory (not saved): the default source of top images.
+    dataset: object = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, name: str) -> LayerIndex:
         if name not in self.layers:
@@ -111,6 +114,16 @@ class NeuronIndex:
     def __repr__(self) -> str:
         parts = ", ".join(f"{n}: {l.num_units} units {l.map_size[0]}x{l.map_size[1]}" for n, l in self.layers.items())
         return f"NeuronIndex(k={self.k}, images={self.dataset_length}, layers=[{parts}])"
+
+    def receptive_field(self, name: str):
+        """The receptive field of layer ``name`` recorded at index time (None if none was recorded)."""
+        layer = self[name]
+        entry = (self.meta.get("receptive_fields") or {}).get(name)
+        if entry is None or self.input_size is None:
+            return None
+        return ReceptiveField(tuple(entry["size"]), tuple(entry["stride"]), tuple(entry["offset"]),
+                              tuple(self.input_size), tuple(layer.map_size), bool(entry["whole_image"]),
+                              entry.get("method", "analytic"))
 
     # ------------------------------------------------------------------ storage
     def to_bundle(self) -> tuple[dict, dict[str, torch.Tensor]]:

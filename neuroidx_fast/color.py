@@ -1,0 +1,177 @@
+"""Color selectivity index (SPEC.md section 4, Rafegas et al.): how much a unit's top activations drop
+when its top images lose their color. alpha_c = 1 - sum_j a'_j / sum_j a_j, where a'_j is the unit's
+activation at the same position pos_j on a gray version of top image j."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .features import batch_slots, load_top_images
+from .hooks import LayerCapture, resolve_layers
+from .neuron_index import NeuronIndex
+from .receptive_fields import ReceptiveField
+
+__all__ = ["color_selectivity", "luminance", "pca_gray_crops", "GRAY_MODES"]
+
+GRAY_MODES = ("luminance", "pca")
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luminance(images: torch.Tensor) -> torch.Tensor:
+    """0.299 R + 0.587 G + 0.114 B of [B, 3, H, W] images, replicated to 3 channels."""
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
+    return torch.einsum("bchw,c->bhw", images, weights)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def pca_gray_crops(images: torch.Tensor, tops: torch.Tensor, size) -> torch.Tensor:
+    """The authors' gray variant, one image per row: inside each row's RF box (top-left ``tops`` [P, 2],
+    ``size`` (rh, rw), clipped to the image) the pixel colors are projected on their first principal
+    component, min-max rescaled to [0, 1] and replicated to 3 channels; outside the box the image is
+    unchanged. The component's sign is the one that correlates positively with luminance, so that
+    bright stays bright; a box of one uniform color (no principal direction) takes its luminance."""
+    P, _, H, W = images.shape
+    rh, rw = size
+    ys = torch.arange(H, device=images.device)
+    xs = torch.arange(W, device=images.device)
+    inside_y = (ys[None] >= tops[:, :1]) & (ys[None] < tops[:, :1] + rh)  # [P, H]
+    inside_x = (xs[None] >= tops[:, 1:]) & (xs[None] < tops[:, 1:] + rw)  # [P, W]
+    mask = (inside_y[:, :, None] & inside_x[:, None, :]).to(images.dtype)  # [P, H, W]
+    count = mask.sum(dim=(1, 2)).clamp_min(1)[:, None]
+    pixels = images.double()
+    m = mask.double()[:, None]
+    mean = (pixels * m).sum(dim=(2, 3)) / count  # [P, 3]
+    centred = (pixels - mean[:, :, None, None]) * m
+    cov = torch.einsum("pchw,pdhw->pcd", centred, centred) / count[:, :, None]
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    axis = eigvecs[:, :, -1]  # [P, 3]
+    luma = torch.tensor(LUMA, dtype=axis.dtype, device=axis.device)
+    axis = torch.where((axis @ luma < 0)[:, None], -axis, axis)
+    projected = torch.einsum("pchw,pc->phw", pixels - mean[:, :, None, None], axis)
+    inf = torch.tensor(float("inf"), dtype=projected.dtype, device=projected.device)
+    low = torch.where(mask.bool(), projected, inf).amin(dim=(1, 2))
+    high = torch.where(mask.bool(), projected, -inf).amax(dim=(1, 2))
+    span = high - low
+    flat = span <= 1e-12
+    scaled = (projected - low[:, None, None]) / torch.where(flat, torch.ones_like(span), span)[:, None, None]
+    gray_luma = torch.einsum("pchw,c->phw", pixels, luma)
+    gray = torch.where(flat[:, None, None], gray_luma, scaled).to(images.dtype)
+    return torch.where(mask.bool()[:, None], gray[:, None].expand(-1, 3, -1, -1), images)
+
+
+def _forward(capture, model_dtype, images, preprocess, autocast):
+    x = images
+    if preprocess is not None:
+        x = preprocess(x)
+    with autocast:
+        return capture.run(x.to(model_dtype))
+
+
+def _gather(output: torch.Tensor, slots: torch.Tensor, units: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """a'[c, j] = output[slots[c, j], c, positions[c, j]] for every hit (slot >= 0), in one indexing op."""
+    flat = output.reshape(output.shape[0], output.shape[1], -1).float()
+    hit = slots >= 0
+    return flat[slots[hit], units.expand_as(slots)[hit], positions[hit]], hit
+
+
+def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None, gray: str = "luminance",
+                      batch_size: int = 64, preprocess=None, num_workers: int = 0, device=None,
+                      autocast_dtype=None, progress: bool = False):
+    """Color selectivity alpha_c of every unit of ``layer`` (a name: returns a [C] float32 tensor; a
+    list of names: returns {name: tensor}, the gray forwards shared by all of them).
+
+    ``gray="luminance"``: each unique top image is made gray once (0.299 R + 0.587 G + 0.114 B) and run
+    once, the forward stopped after the deepest layer; the activations at every (unit, image, position)
+    of the top-K are gathered from it. ``gray="pca"``: per (unit, top image) pair, the RF box alone is
+    made gray by ``pca_gray_crops``; the pairs are run in batches. ``preprocess`` and ``autocast_dtype``
+    should be those the index was built with. The model runs in eval mode (its mode is restored after).
+    Dead units (SPEC.md 3) give NaN. The index is not clamped: a gray image may excite a unit more.
+    """
+    names = [layer] if isinstance(layer, str) else list(layer)
+    resolve_layers(model, names)
+    if gray not in GRAY_MODES:
+        raise ValueError(f"gray must be one of {GRAY_MODES}, got {gray!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    layers = {name: index[name] for name in names}
+    dataset = dataset if dataset is not None else index.dataset
+    if dataset is None:
+        raise ValueError("no dataset: this index was loaded from disk, so pass the dataset it was built from "
+                         "(dataset=...)")
+    if len(dataset) < index.dataset_length:
+        raise ValueError(f"the dataset has {len(dataset)} images but the index was built on {index.dataset_length}: "
+                         "pass the dataset the index was built from")
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if device is None:
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    model.to(device)
+    model_dtype = first.dtype if first is not None else torch.float32
+    autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+
+    state = {}
+    for name, L in layers.items():
+        dead = L.dead()
+        valid = (L.ids >= 0) & ~dead[:, None]
+        state[name] = {"ids": torch.where(valid, L.ids, torch.full_like(L.ids, -1)).to(device),
+                       "positions": L.positions.clamp(min=0).to(device), "valid": valid, "dead": dead,
+                       "gray": torch.zeros(L.values.shape, dtype=torch.float64),
+                       "units": torch.arange(L.num_units, device=device)[:, None]}
+    all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), LayerCapture(model, names) as capture:
+            for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
+                                                     f"color ({gray})"):
+                images = images.to(device)
+                if gray == "luminance":
+                    outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
+                    for name, s in state.items():
+                        slots = batch_slots(batch_ids, s["ids"])
+                        values, hit = _gather(outputs[name], slots, s["units"], s["positions"])
+                        s["gray"][hit.cpu()] = values.double().cpu()
+                else:
+                    for name, s in state.items():
+                        _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast,
+                                   batch_size)
+    finally:
+        model.train(was_training)
+
+    result = {}
+    for name, L in layers.items():
+        s = state[name]
+        top = torch.where(s["valid"], L.values.double(), torch.zeros((), dtype=torch.float64)).sum(dim=1)
+        gray_sum = torch.where(s["valid"], s["gray"], torch.zeros((), dtype=torch.float64)).sum(dim=1)
+        alpha = (1 - gray_sum / top).float()
+        alpha[s["dead"]] = float("nan")
+        result[name] = alpha
+    return result[names[0]] if isinstance(layer, str) else result
+
+
+def _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast, batch_size):
+    rf: ReceptiveField | None = index.receptive_field(name)
+    if rf is None:
+        raise ValueError(f"gray='pca' needs the receptive field of {name!r}, which the index does not record")
+    slots = batch_slots(batch_ids, s["ids"])
+    hit = torch.nonzero(slots >= 0)  # [P, 2] (unit, j) pairs whose image is in this batch
+    if hit.numel() == 0:
+        return
+    L = index[name]
+    positions = s["positions"][hit[:, 0], hit[:, 1]]
+    if rf.whole_image:
+        tops = torch.zeros((hit.shape[0], 2), dtype=torch.int64, device=images.device)
+    else:
+        tops = rf.tops(positions, L.map_size[1]).to(images.device)
+    for start in range(0, hit.shape[0], batch_size):
+        part = slice(start, start + batch_size)
+        pairs = hit[part]
+        grayed = pca_gray_crops(images[slots[pairs[:, 0], pairs[:, 1]]], tops[part], rf.size)
+        out = _forward(capture, model_dtype, grayed, preprocess, autocast)[name]
+        flat = out.reshape(out.shape[0], out.shape[1], -1).float()
+        rows = torch.arange(pairs.shape[0], device=flat.device)
+        s["gray"][pairs[:, 0].cpu(), pairs[:, 1].cpu()] = flat[rows, pairs[:, 0], positions[part]].double().cpu()

@@ -1,0 +1,205 @@
+"""Neuron Features (SPEC.md section 3, Rafegas et al.): the activation-weighted average of the
+receptive-field crops of each unit's top-K images, made in one second pass over the unique top images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import ops
+from .neuron_index import NeuronIndex
+from .png import image_grid, save_png
+from .receptive_fields import ReceptiveField, receptive_field
+
+__all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
+
+NORMS = ("sum", "k")
+
+
+@dataclass
+class NeuronFeatures:
+    """The Neuron Features of one layer.
+
+    ``nf`` [C, 3, rh, rw] float32 in [0, 1], NaN for dead units; ``crops`` [C, keep, 3, rh, rw] uint8:
+    the crops of each unit's best ``keep`` top images (zeros where there is none); ``crop_ids`` and
+    ``crop_values`` [C, keep]: their dataset ids (-1: none) and activations; ``dead`` [C] bool;
+    ``weight_sum`` [C]: sum of the weights a_j / a_1; ``units`` [C]: which units of the layer these are.
+    """
+
+    layer: str
+    nf: torch.Tensor
+    crops: torch.Tensor
+    crop_ids: torch.Tensor
+    crop_values: torch.Tensor
+    dead: torch.Tensor
+    weight_sum: torch.Tensor
+    units: torch.Tensor
+    rf: ReceptiveField
+    pad: object = "gray"
+    norm: str = "sum"
+
+    def save_grid(self, path, **kwargs) -> str:
+        return save_grid(self, path, **kwargs)
+
+    def save_unit(self, unit: int, path, **kwargs) -> str:
+        return save_unit(self, unit, path, **kwargs)
+
+
+def _split_images(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ValueError(f"the dataset must yield image tensors [3, H, W] or (image, label) pairs, got {type(batch).__name__}")
+
+
+def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: int = 0, progress: bool = False,
+                    desc: str = "top images"):
+    """Yield ``(batch_ids, images)`` for the sorted unique ``ids``, in id order and batches: each image
+    is loaded once whatever number of units rank it."""
+    ids = torch.unique(ids[ids >= 0].cpu())
+    loader = DataLoader(Subset(dataset, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(loader), unit="batch", desc=desc)
+    try:
+        start = 0
+        for batch in loader:
+            images = _split_images(batch)
+            if not images.is_floating_point() or images.dim() != 4:
+                raise ValueError(f"top images must be float tensors [3, H, W] in [0, 1], got {images.dtype} "
+                                 f"{tuple(images.shape[1:])}")
+            yield ids[start:start + images.shape[0]], images
+            start += images.shape[0]
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def batch_slots(batch_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of ``batch_ids`` (sorted) holding each entry of ``ids``; -1 where the image is elsewhere."""
+    batch_ids = batch_ids.to(ids.device)
+    where = torch.searchsorted(batch_ids, ids).clamp(max=batch_ids.numel() - 1)
+    hit = (ids >= 0) & (batch_ids[where] == ids)
+    return torch.where(hit, where, torch.full_like(where, -1))
+
+
+def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
+    if rf is None and model is not None:
+        rf = receptive_field(model, layer, index.input_size)
+    if rf is None:
+        rf = index.receptive_field(layer)
+    if rf is None:
+        raise ValueError(f"the index records no receptive field for {layer!r}: pass model= (to compute it) or rf=")
+    if not isinstance(rf, ReceptiveField):
+        raise TypeError(f"rf must be a ReceptiveField, got {type(rf).__name__}")
+    return rf
+
+
+def _resolve_pad(pad, index: NeuronIndex):
+    if isinstance(pad, str) and pad == "mean":
+        mean = index.meta.get("pixel_mean")
+        if mean is None:
+            raise ValueError("pad='mean' needs the dataset's pixel mean, which this index does not record; pass "
+                             "pad=(r, g, b) with the mean yourself")
+        return tuple(float(v) for v in mean)
+    return pad
+
+
+def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", norm: str = "sum",
+                    keep_crops: int = 9, batch_size: int = 64, num_workers: int = 0, units=None, rf=None,
+                    model=None, device=None, backend: str | None = "auto", progress: bool = False) -> NeuronFeatures:
+    """Neuron Features of every unit of ``layer`` (or of ``units``).
+
+    The top images are reloaded from ``dataset`` (default: the dataset the index was built from, while
+    in memory), each unique image once, in id order, in batches; every unit's crops are cut from those
+    batches at once. ``pad``: "gray" (0.5), "zero", "mean" (the dataset's pixel mean, recorded by
+    ``index_dataset``), "edge", or numbers. ``norm``: "sum" (NF = sum_j w_j I_j / sum_j w_j) or "k"
+    (the paper's (1/K) sum_j w_j I_j, K = the unit's top images). The receptive field comes from
+    ``rf``, else from ``model``, else from the index. NF values are clamped to [0, 1]; this only matters
+    where some top activations are negative (pre-activation layers), which gives negative weights.
+    """
+    L = index[layer]
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if isinstance(keep_crops, bool) or not isinstance(keep_crops, int) or keep_crops < 0:
+        raise ValueError(f"keep_crops must be an int >= 0, got {keep_crops!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dataset = dataset if dataset is not None else index.dataset
+    if dataset is None:
+        raise ValueError("no dataset: this index was loaded from disk, so pass the dataset it was built from "
+                         "(dataset=...)")
+    if len(dataset) < index.dataset_length:
+        raise ValueError(f"the dataset has {len(dataset)} images but the index was built on {index.dataset_length}: "
+                         "pass the dataset the index was built from")
+    rf = _resolve_rf(index, layer, rf, model)
+    pad = _resolve_pad(pad, index)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    units = torch.arange(L.num_units) if units is None else torch.as_tensor(units, dtype=torch.int64).reshape(-1)
+    if units.numel() and (int(units.min()) < 0 or int(units.max()) >= L.num_units):
+        raise IndexError(f"units must lie in [0, {L.num_units}) for layer {layer!r}")
+
+    values, ids, positions = L.values[units], L.ids[units], L.positions[units]
+    dead = L.dead()[units]
+    valid = (ids >= 0) & ~dead[:, None]
+    ids = torch.where(valid, ids, torch.full_like(ids, -1))
+    weights = torch.where(valid, values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny),
+                          torch.zeros_like(values)).to(torch.float32)
+    if rf.whole_image:
+        tops = torch.zeros(ids.shape + (2,), dtype=torch.int64)
+    else:
+        tops = rf.tops(positions.clamp(min=0), L.map_size[1])
+    rh, rw = rf.size
+    C, K = ids.shape
+    keep = min(keep_crops, K)
+    sums = torch.zeros((C, 3, rh, rw), dtype=torch.float64, device=device)
+    crops = torch.zeros((C, keep, 3, rh, rw), dtype=torch.uint8)
+    ids_dev, tops_dev, weights_dev = ids.to(device), tops.to(device), weights.to(device)
+    for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
+        if tuple(images.shape[-2:]) != tuple(rf.input_size) or images.shape[1] != 3:
+            raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on 3 x "
+                             f"{tuple(rf.input_size)} images: pass the dataset the index was built from")
+        images = images.to(device=device, dtype=torch.float32)
+        slots = batch_slots(batch_ids, ids_dev)
+        ops.accumulate_crops(sums, images, slots, tops_dev, weights_dev, pad, backend)
+        if keep:
+            kept = slots[:, :keep]
+            hit = kept >= 0
+            if bool(hit.any()):
+                cut = ops.gather_crops(images, kept[hit], tops_dev[:, :keep][hit], (rh, rw), pad, backend)
+                crops[hit.cpu()] = (cut * 255).round_().clamp_(0, 255).to(torch.uint8).cpu()
+    weight_sum = weights.double().sum(dim=1)
+    denominator = weight_sum if norm == "sum" else valid.sum(dim=1).double()
+    nf = (sums.cpu() / denominator.clamp_min(1e-300)[:, None, None, None]).to(torch.float32).clamp_(0, 1)
+    nf[dead] = float("nan")
+    return NeuronFeatures(layer, nf, crops, ids[:, :keep].clone(), torch.where(valid, values,
+                          torch.full_like(values, float("-inf")))[:, :keep].clone(), dead, weight_sum.float(),
+                          units, rf, pad, norm)
+
+
+def _scale_for(size, target: int = 64) -> int:
+    return max(1, target // max(size))
+
+
+def save_grid(features: NeuronFeatures, path, units=None, ncols: int | None = None, scale: int | None = None) -> str:
+    """A PNG grid of the layer's NFs in unit order (dead units drawn dark gray)."""
+    nf = features.nf if units is None else features.nf[torch.as_tensor(units, dtype=torch.int64)]
+    scale = scale or _scale_for(nf.shape[-2:])
+    return save_png(image_grid(nf, ncols=ncols, scale=scale), path)
+
+
+def save_unit(features: NeuronFeatures, unit: int, path, scale: int | None = None) -> str:
+    """A PNG strip for one unit (its position in ``features.units``): its NF, then its top crops."""
+    row = int(unit)
+    if not 0 <= row < features.nf.shape[0]:
+        raise IndexError(f"unit {unit} is not among the {features.nf.shape[0]} units of these features")
+    tiles = [features.nf[row]] + [c for c, i in zip(features.crops[row], features.crop_ids[row]) if int(i) >= 0]
+    scale = scale or _scale_for(features.nf.shape[-2:])
+    return save_png(image_grid(tiles, ncols=len(tiles), scale=scale), path)

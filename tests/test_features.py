@@ -1,0 +1,182 @@
+"""Neuron Features (SPEC.md section 3) against a brute-force loop that cuts each crop by plain slicing."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import neuroidx_fast as nx
+from neuroidx_fast.features import neuron_features, save_grid, save_unit
+from neuroidx_fast.neuron_index import NeuronIndex
+from tests.conftest import cpu_backends
+from tests.models import ImageSet, make_model
+
+LAYERS = ["features.0", "features.4", "features.8", "classifier.1"]
+
+
+@pytest.fixture(scope="module")
+def indexed():
+    model = make_model("vgg")
+    with torch.no_grad():
+        model.features[0].bias[3] = -100.0  # unit 3 of the first conv never fires: dead after the ReLU
+    dataset = ImageSet(n=21, size=18)
+    index = nx.index_dataset(model, dataset, ["features.1"] + LAYERS, k=6, batch_size=8, progress=False)
+    return model, dataset, index
+
+
+def _cut(image, y0, x0, rh, rw, pad):
+    """One crop by plain slicing of an image padded generously on every side."""
+    margin = max(rh, rw) + abs(y0) + abs(x0)
+    if pad == "edge":
+        big = F.pad(image[None], (margin,) * 4, mode="replicate")[0]
+    else:
+        values = {"gray": (0.5,) * 3, "zero": (0.0,) * 3}.get(pad, pad)
+        big = torch.stack([F.pad(image[c], (margin,) * 4, value=float(values[c])) for c in range(3)])
+    return big[:, y0 + margin:y0 + margin + rh, x0 + margin:x0 + margin + rw]
+
+
+def _brute_force(index, layer, dataset, pad, norm="sum"):
+    L, rf = index[layer], index.receptive_field(layer)
+    rh, rw = rf.size
+    nfs, crops = [], []
+    for c in range(L.num_units):
+        if L.ids[c, 0] < 0 or not L.values[c, 0] > 0:
+            nfs.append(torch.full((3, rh, rw), float("nan")))
+            crops.append([])
+            continue
+        total, weight_sum, count, unit_crops = torch.zeros(3, rh, rw, dtype=torch.float64), 0.0, 0, []
+        for j in range(L.k):
+            image_id = int(L.ids[c, j])
+            if image_id < 0:
+                continue
+            image = dataset[image_id][0]
+            y, x = divmod(int(L.positions[c, j]), L.map_size[1])
+            y0, x0, _, _ = rf.box(y, x)
+            crop = _cut(image, y0, x0, rh, rw, pad)
+            weight = float(L.values[c, j] / L.values[c, 0])
+            total += weight * crop.double()
+            weight_sum += weight
+            count += 1
+            unit_crops.append(crop)
+        nfs.append((total / (weight_sum if norm == "sum" else count)).float().clamp(0, 1))
+        crops.append(unit_crops)
+    return torch.stack(nfs), crops
+
+
+def _to_uint8(crop):
+    return (crop * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("pad", ["gray", "edge"])
+def test_nf_equals_brute_force_on_every_backend(indexed, layer, pad):
+    _, dataset, index = indexed
+    expected, expected_crops = _brute_force(index, layer, dataset, pad)
+    reference = None
+    for backend in cpu_backends():
+        feats = neuron_features(index, layer, pad=pad, keep_crops=4, batch_size=5, backend=backend)
+        torch.testing.assert_close(feats.nf, expected, atol=1e-6, rtol=0, equal_nan=True)
+        for c, unit_crops in enumerate(expected_crops):
+            for j, crop in enumerate(unit_crops[:4]):
+                assert torch.equal(feats.crops[c, j], _to_uint8(crop)), f"{backend}: crop {j} of unit {c}"
+            assert (feats.crops[c, len(unit_crops[:4]):] == 0).all()
+        if reference is None:
+            reference = feats
+        else:  # same batches, same float64 accumulation order: every backend gives the same bits
+            assert torch.equal(feats.nf.nan_to_num(-1), reference.nf.nan_to_num(-1)), backend
+            assert torch.equal(feats.crops, reference.crops), backend
+
+
+def test_dead_units_have_nan_features_and_are_flagged(indexed):
+    _, _, index = indexed
+    feats = neuron_features(index, "features.0", backend="torch")
+    assert feats.dead[3] and feats.dead.sum() == 1
+    assert torch.isnan(feats.nf[3]).all() and not torch.isnan(feats.nf[~feats.dead]).any()
+    assert (feats.crop_ids[3] == -1).all() and (feats.crops[3] == 0).all()
+    assert ((feats.nf[~feats.dead] >= 0) & (feats.nf[~feats.dead] <= 1)).all()
+
+
+@pytest.mark.parametrize("pad", ["zero", "mean", (0.1, 0.7, 0.3)])
+def test_pad_modes_and_paper_norm(indexed, pad):
+    _, dataset, index = indexed
+    expected_pad = tuple(index.meta["pixel_mean"]) if pad == "mean" else pad
+    mean = torch.stack([dataset[i][0] for i in range(len(dataset))]).double().mean(dim=(0, 2, 3))
+    assert torch.allclose(torch.tensor(index.meta["pixel_mean"], dtype=torch.float64), mean, atol=1e-12)
+    for norm in ("sum", "k"):
+        expected, _ = _brute_force(index, "features.8", dataset, expected_pad, norm)
+        feats = neuron_features(index, "features.8", pad=pad, norm=norm, backend="torch")
+        torch.testing.assert_close(feats.nf, expected, atol=1e-6, rtol=0, equal_nan=True)
+
+
+def test_k_larger_than_images_seen(indexed):
+    _, dataset, index = indexed
+    L = index["features.4"]
+    partial = nx.LayerIndex(L.name, L.values.clone(), L.ids.clone(), L.positions.clone(), L.map_size, 3,
+                            L.mean_sum)
+    partial.values[:, 3:], partial.ids[:, 3:], partial.positions[:, 3:] = float("-inf"), -1, -1
+    small = NeuronIndex({"features.4": partial}, index.k, index.dataset_length, index.input_size,
+                        meta=index.meta)
+    expected, crops = _brute_force(small, "features.4", dataset, "gray")
+    assert all(len(c) <= 3 for c in crops)
+    for backend in cpu_backends():
+        feats = neuron_features(small, "features.4", dataset, keep_crops=5, backend=backend)
+        torch.testing.assert_close(feats.nf, expected, atol=1e-6, rtol=0, equal_nan=True)
+        assert (feats.crop_ids[:, 3:] == -1).all() and (feats.crops[:, 3:] == 0).all()
+
+
+def test_batch_size_and_unit_subsets_do_not_change_the_result(indexed):
+    _, _, index = indexed
+    whole = neuron_features(index, "features.8", batch_size=64, backend="torch")
+    split = neuron_features(index, "features.8", batch_size=1, units=[5, 2, 11], backend="torch")
+    torch.testing.assert_close(split.nf, whole.nf[[5, 2, 11]], atol=1e-12, rtol=0, equal_nan=True)
+    assert torch.equal(split.crops, whole.crops[[5, 2, 11]]) and split.units.tolist() == [5, 2, 11]
+
+
+def test_loaded_index_needs_the_dataset_and_keeps_receptive_fields(indexed, tmp_path):
+    model, dataset, index = indexed
+    index.save(tmp_path / "idx")
+    loaded = NeuronIndex.load(tmp_path / "idx")
+    assert loaded.receptive_field("features.8") == index.receptive_field("features.8")
+    with pytest.raises(ValueError, match="pass the dataset"):
+        neuron_features(loaded, "features.8")
+    again = neuron_features(loaded, "features.8", dataset, backend="torch")
+    first = neuron_features(index, "features.8", backend="torch")
+    assert torch.equal(again.nf.nan_to_num(-1), first.nf.nan_to_num(-1))
+    with pytest.raises(ValueError, match="was built on 21"):
+        neuron_features(loaded, "features.8", ImageSet(n=5, size=18))
+    with pytest.raises(ValueError, match="built on 3 x"):
+        neuron_features(loaded, "features.8", ImageSet(n=21, size=20))
+    loaded.meta.pop("receptive_fields")
+    with pytest.raises(ValueError, match="no receptive field"):
+        neuron_features(loaded, "features.8", dataset)
+    assert neuron_features(loaded, "features.8", dataset, model=model).rf == index.receptive_field("features.8")
+
+
+def test_bad_arguments(indexed):
+    _, _, index = indexed
+    with pytest.raises(KeyError, match="indexed layers"):
+        neuron_features(index, "features.7")
+    with pytest.raises(ValueError, match="norm"):
+        neuron_features(index, "features.8", norm="mean")
+    with pytest.raises(ValueError, match="pad mode"):
+        neuron_features(index, "features.8", pad="blue")
+    with pytest.raises(IndexError, match="units"):
+        neuron_features(index, "features.8", units=[16])
+    with pytest.raises(ValueError, match="keep_crops"):
+        neuron_features(index, "features.8", keep_crops=-1)
+
+
+def test_png_outputs(indexed, tmp_path):
+    _, _, index = indexed
+    feats = neuron_features(index, "features.8", keep_crops=3, backend="torch")
+    grid = Image.open(save_grid(feats, tmp_path / "grid.png", ncols=4, scale=2))
+    assert grid.size == (4 * 36 + 3 * 2, 4 * 36 + 3 * 2)  # 16 units, 18 px NFs at scale 2, 2 px gaps
+    alive = int(torch.nonzero(~feats.dead)[0])
+    strip = Image.open(feats.save_unit(alive, tmp_path / "unit.png", scale=1))
+    shown = 1 + int((feats.crop_ids[alive] >= 0).sum())
+    assert strip.size == (shown * 18 + (shown - 1) * 2, 18)
+    pixels = torch.from_numpy(np.asarray(strip.convert("RGB")).copy())
+    assert torch.equal(pixels[:, 20:38].permute(2, 0, 1), feats.crops[alive, 0])  # the first top crop
+    with pytest.raises(IndexError):
+        save_unit(feats, 99, tmp_path / "x.png")

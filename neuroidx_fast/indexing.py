@@ -140,13 +140,14 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
                          "arguments, or delete the checkpoint to start over")
     index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
     stats = {name: _LayerStats.from_layer_index(layer, device, nan, backend) for name, layer in index.layers.items()}
+    labels = index.labels.to(device) if index.labels is not None else None
     pixel_sum = index.meta.get("pixel_sum")
     pixels = torch.tensor(pixel_sum, dtype=torch.float64, device=device) if pixel_sum is not None else None
-    return stats, int(manifest["batches_done"]), index.input_size, index.class_names, pixels
+    return stats, int(manifest["batches_done"]), index.input_size, index.class_names, pixels, labels
 
 
-def _save_checkpoint(path, stats, fingerprint, batches_done, meta, pixel_sum):
-    index = _build_index(stats, meta, pixel_sum)
+def _save_checkpoint(path, stats, fingerprint, batches_done, meta, pixel_sum, labels):
+    index = _build_index(stats, meta, pixel_sum, labels)
     manifest, tensors = index.to_bundle()
     manifest.update(fingerprint=fingerprint, batches_done=batches_done)
     write_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, manifest, tensors)
@@ -165,11 +166,11 @@ def _index_meta(meta, layer_names, pixel_sum, pixel_count) -> dict:
     return out
 
 
-def _build_index(stats, meta, pixel_sum=None) -> NeuronIndex:
+def _build_index(stats, meta, pixel_sum=None, labels=None) -> NeuronIndex:
     layers = {name: s.to_layer_index() for name, s in stats.items()}
     count = next(iter(layers.values())).images_seen * math.prod(meta["input_size"] or (0,)) if layers else 0
     return NeuronIndex(layers, meta["k"], meta["dataset_length"], meta["input_size"], meta["class_names"],
-                       _index_meta(meta, layers, pixel_sum, count))
+                       _index_meta(meta, layers, pixel_sum, count), labels.cpu() if labels is not None else None)
 
 
 def _receptive_fields(model, names, input_size) -> dict:
@@ -187,11 +188,12 @@ def _receptive_fields(model, names, input_size) -> dict:
     return found
 
 
-def _merge_ranks(dist, stats, meta, pixel_sum):
+def _merge_ranks(dist, stats, meta, pixel_sum, labels):
     """Gather every rank's layer indexes on every rank; rank 0 folds them in rank order."""
     local = {name: s.to_layer_index() for name, s in stats.items()}
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (local, meta["input_size"], pixel_sum.cpu()))
+    dist.all_gather_object(gathered, (local, meta["input_size"], pixel_sum.cpu(),
+                                      labels.cpu() if labels is not None else None))
     if dist.get_rank() != 0:
         return None
     merged = {}
@@ -211,8 +213,10 @@ def _merge_ranks(dist, stats, meta, pixel_sum):
     input_size = next((g[1] for g in gathered if g[1] is not None), None)
     pixels = sum(g[2] for g in gathered)
     count = next(iter(merged.values())).images_seen * math.prod(input_size) if merged else 0
+    parts = [g[3] for g in gathered if g[3] is not None]
+    all_labels = torch.stack(parts).amax(dim=0) if parts else None  # each rank filled only its shard
     return NeuronIndex(merged, meta["k"], meta["dataset_length"], input_size, meta["class_names"],
-                       _index_meta(meta, merged, pixels, count))
+                       _index_meta(meta, merged, pixels, count), all_labels)
 
 
 def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=None, batch_size: int = 64,
@@ -267,9 +271,9 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     if checkpoint is not None and world > 1:
         checkpoint = f"{os.fspath(checkpoint)}.rank{rank}"
 
-    stats, batches_done, pixel_sum = None, 0, None
+    stats, batches_done, pixel_sum, all_labels = None, 0, None, None
     if checkpoint is not None and os.path.exists(checkpoint):
-        stats, batches_done, meta["input_size"], saved_names, pixel_sum = _load_checkpoint(
+        stats, batches_done, meta["input_size"], saved_names, pixel_sum, all_labels = _load_checkpoint(
             checkpoint, fingerprint, device, nan, backend)
         meta["class_names"] = saved_names if saved_names is not None else class_names
     total_batches = math.ceil(len(shard) / batch_size)
@@ -312,6 +316,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                         size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
                         stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
                 label_dev = labels.to(device) if labels is not None else None
+                if labels is not None:
+                    if all_labels is None:
+                        all_labels = torch.full((length,), -1, dtype=torch.int64, device=device)
+                    all_labels[ids] = label_dev
                 num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
                 num_classes = max(num_classes, len(meta["class_names"] or []))  # every named class gets a row
                 for name in names:
@@ -320,15 +328,15 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 if bar is not None:
                     bar.update(1)
                 if checkpoint is not None and (batches_done % checkpoint_every == 0 or batches_done == total_batches):
-                    _save_checkpoint(checkpoint, stats, fingerprint, batches_done, meta, pixel_sum)
+                    _save_checkpoint(checkpoint, stats, fingerprint, batches_done, meta, pixel_sum, all_labels)
     finally:
         if bar is not None:
             bar.close()
     meta["receptive_fields"] = _receptive_fields(model, names, meta["input_size"]) if rank == 0 else {}
     if dist is not None and world > 1:
-        index = _merge_ranks(dist, stats, meta, pixel_sum)
+        index = _merge_ranks(dist, stats, meta, pixel_sum, all_labels)
     else:
-        index = _build_index(stats, meta, pixel_sum)
+        index = _build_index(stats, meta, pixel_sum, all_labels)
     if index is not None:
         index.dataset = dataset  # neuron_features and color_selectivity reload top images from it
     return index

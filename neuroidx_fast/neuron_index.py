@@ -93,6 +93,8 @@ class NeuronIndex:
     input_size: tuple[int, int] | None = None
     class_names: list[str] | None = None
     meta: dict = field(default_factory=dict)
+    # [dataset_length] int64: every image's label (-1 where none was seen); None without labels.
+    labels: torch.Tensor | None = field(default=None, repr=False)
     # The dataset it was built from, while in memory (not saved): the default source of top images.
     dataset: object = field(default=None, repr=False, compare=False)
 
@@ -135,6 +137,8 @@ class NeuronIndex:
                     tensors[f"{i}.{key}"] = value
             layers.append({"name": name, "map_size": list(layer.map_size), "images_seen": layer.images_seen,
                            "num_units": layer.num_units, "labels": layer.class_sum is not None})
+        if self.labels is not None:
+            tensors["labels"] = self.labels
         manifest = {
             "package_version": __version__, "k": self.k, "dataset_length": self.dataset_length,
             "input_size": list(self.input_size) if self.input_size else None, "class_names": self.class_names,
@@ -163,8 +167,12 @@ class NeuronIndex:
                                           tuple(entry["map_size"]), int(entry["images_seen"]), get["mean_sum"],
                                           get["class_sum"], get["class_count"])
             input_size = tuple(manifest["input_size"]) if manifest.get("input_size") else None
-            return cls(layers, k, int(manifest["dataset_length"]), input_size, manifest.get("class_names"),
-                       manifest.get("meta") or {})
+            length = int(manifest["dataset_length"])
+            labels = tensors.get("labels")
+            if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != (length,)):
+                raise BundleError(f"{where}: tensor labels has the wrong shape/dtype")
+            return cls(layers, k, length, input_size, manifest.get("class_names"), manifest.get("meta") or {},
+                       labels)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, BundleError):
                 raise

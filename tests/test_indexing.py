@@ -137,6 +137,9 @@ def test_save_load_round_trip_and_corruption(tmp_path):
         for key in ("values", "ids", "positions", "mean_sum", "class_sum", "class_count"):
             assert torch.equal(getattr(a, key), getattr(b, key)), key
         assert a.map_size == b.map_size and a.images_seen == b.images_seen
+        assert loaded.receptive_field(name) == index.receptive_field(name) is not None
+    assert torch.equal(loaded.labels, ImageSet(n=11).labels) and torch.equal(index.labels, loaded.labels)
+    assert loaded.meta["pixel_mean"] == index.meta["pixel_mean"]
     data = (path / "tensors.safetensors").read_bytes()
     (path / "tensors.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(BundleError, match="corrupt or truncated"):
@@ -181,6 +184,7 @@ def test_kill_and_resume_gives_the_uninterrupted_index(tmp_path):
     for name in whole:
         for key in ("values", "ids", "positions", "mean_sum", "class_sum", "class_count"):
             assert torch.equal(getattr(whole[name], key), getattr(resumed[name], key)), key
+    assert torch.equal(resumed.labels, whole.labels) and resumed.meta["pixel_sum"] == whole.meta["pixel_sum"]
     with pytest.raises(ValueError, match=r"other arguments \(k: checkpoint 5 vs now 6"):
         nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=6, batch_size=3,
                          checkpoint=ckpt, progress=False)
@@ -217,3 +221,5 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert a.images_seen == b.images_seen == 29
         # Sums of float64 means, added in another order: equal to float64 rounding.
         assert torch.allclose(a.mean_sum, b.mean_sum, rtol=1e-12) and torch.allclose(a.class_sum, b.class_sum, rtol=1e-12)
+    assert torch.equal(merged.labels, single.labels) and (single.labels >= 0).all()
+    assert torch.allclose(torch.tensor(merged.meta["pixel_mean"]), torch.tensor(single.meta["pixel_mean"]), rtol=1e-12)

@@ -1,0 +1,66 @@
+"""Saving and loading what the pipeline makes, in the layout of ``neuroidx_fast.outdir``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from safetensors.torch import load_file, save_file
+
+from .features import NeuronFeatures
+from .outdir import OutDir, read_json, write_json
+from .png import save_png, to_pil
+from .receptive_fields import ReceptiveField
+
+__all__ = ["save_features", "load_features"]
+
+_TENSORS = ("nf", "crops", "crop_ids", "crop_values", "dead", "units", "weight_sum")
+
+
+def _save_tensors(path, tensors: dict) -> None:
+    folder = os.path.dirname(os.fspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_features(features: NeuronFeatures, out: OutDir, pngs: bool = True, scale: int | None = None) -> None:
+    """Write a layer's NFs: tensors, receptive field, the grid PNG, and per unit its NF and crop PNGs."""
+    layer = features.layer
+    _save_tensors(out.features_file(layer), {k: getattr(features, k) for k in _TENSORS})
+    rf = features.rf
+    write_json(out.rf_json(layer), {"size": list(rf.size), "stride": list(rf.stride), "offset": list(rf.offset),
+                                    "input_size": list(rf.input_size), "map_size": list(rf.map_size or (1, 1)),
+                                    "whole_image": rf.whole_image, "method": rf.method, "pad": str(features.pad),
+                                    "norm": features.norm})
+    if not pngs:
+        return
+    size = max(features.nf.shape[-2:])
+    scale = scale or max(1, 48 // size)
+    features.save_grid(out.grid_png(layer), scale=scale)
+    for row, unit in enumerate(features.units.tolist()):
+        save_png(to_pil(features.nf[row], scale), out.nf_png(layer, unit))
+        for j, image_id in enumerate(features.crop_ids[row].tolist()):
+            if image_id >= 0:
+                save_png(to_pil(features.crops[row, j], scale), out.crop_png(layer, unit, j))
+
+
+def load_features(out: OutDir, layer: str) -> NeuronFeatures:
+    """Read back what ``save_features`` wrote."""
+    path = out.features_file(layer)
+    if not path.exists():
+        raise FileNotFoundError(f"no Neuron Features for layer {layer!r} in {out.root}: run `neuroidx features` first")
+    tensors = load_file(os.fspath(path))
+    info = read_json(out.rf_json(layer))
+    rf = ReceptiveField(tuple(info["size"]), tuple(info["stride"]), tuple(info["offset"]), tuple(info["input_size"]),
+                        tuple(info["map_size"]), bool(info["whole_image"]), info["method"])
+    return NeuronFeatures(layer, tensors["nf"], tensors["crops"], tensors["crop_ids"], tensors["crop_values"],
+                          tensors["dead"].bool(), tensors["weight_sum"], tensors["units"], rf, info["pad"],
+                          info["norm"])

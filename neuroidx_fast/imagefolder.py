@@ -1,0 +1,83 @@
+"""An image folder as a dataset (one subfolder per class, JPEG/PNG), read with Pillow, in pixel space."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["ImageFolder", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class ImageFolder(Dataset):
+    """``root/<class>/<image>``: items are (image [3, size, size] float32 in [0, 1], label).
+
+    Images are resized so that their shorter side is ``resize`` (default: ``size``) and center-cropped
+    to ``size`` x ``size`` (``crop=False``: resized to ``size`` x ``size`` directly, aspect not kept).
+    Classes are the subfolder names, sorted; images are sorted by path, so ids are stable. A folder
+    with images and no subfolders is one unlabelled set: items are images only.
+    """
+
+    def __init__(self, root, size: int = 224, resize: int | None = None, crop: bool = True):
+        root = os.fspath(root)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder {root!r} does not exist (or is not a directory)")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        self.root, self.size, self.resize, self.crop = root, size, resize or size, crop
+        if self.resize < size and crop:
+            raise ValueError(f"resize ({self.resize}) must be at least size ({size}) to crop from it")
+        subfolders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
+                            and not d.startswith("."))
+        self.samples: list[tuple[str, int]] = []
+        if subfolders:
+            self.classes: list[str] | None = subfolders
+            for label, name in enumerate(subfolders):
+                for path in self._images(os.path.join(root, name)):
+                    self.samples.append((path, label))
+        else:
+            self.classes = None
+            self.samples = [(path, -1) for path in self._images(root)]
+        if not self.samples:
+            raise ValueError(f"no JPEG or PNG images in {root!r}: put images in one subfolder per class "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
+        self.targets = [label for _, label in self.samples] if self.classes else None
+
+    @staticmethod
+    def _images(folder: str) -> list[str]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            found += [os.path.join(dirpath, f) for f in filenames
+                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        return sorted(found)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.samples[i][0]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                if self.crop:
+                    scale = self.resize / min(image.size)
+                    w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))
+                    image = image.resize((w, h), Image.BILINEAR)
+                    left, top = (w - self.size) // 2, (h - self.size) // 2
+                    image = image.crop((left, top, left + self.size, top + self.size))
+                else:
+                    image = image.resize((self.size, self.size), Image.BILINEAR)
+                data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise ValueError(f"cannot read image {path!r}: {exc}") from None
+        return data.reshape(self.size, self.size, 3).permute(2, 0, 1).float().div_(255)
+
+    def __getitem__(self, i: int):
+        image = self.load(i)
+        return (image, self.samples[i][1]) if self.classes else image

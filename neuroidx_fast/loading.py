@@ -1,0 +1,132 @@
+"""Models, weights and input normalisation named on the command line."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import torch
+from torch import nn
+
+__all__ = ["load_model", "load_weights", "Normalize", "parse_normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, on the device: the ``preprocess`` of the pipeline (picklable)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+
+
+def parse_normalize(spec: str | None):
+    """``imagenet``, ``none``, ``mean,std`` (one value each) or six values ``m1,m2,m3,s1,s2,s3``."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "imagenet":
+        return Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    try:
+        values = [float(v) for v in spec.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        return Normalize((values[0],) * 3, (values[1],) * 3)
+    if len(values) == 6:
+        return Normalize(values[:3], values[3:])
+    raise ValueError(f"--normalize {spec!r} not understood: use imagenet, none, 'mean,std' or six numbers "
+                     "'m1,m2,m3,s1,s2,s3'")
+
+
+def _from_factory(spec: str, kwargs: dict) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a factory in the user's working directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import {module_name!r} for --model {spec!r}: {exc}") from None
+    factory = module
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"{module_name!r} has no {attr!r} (from --model {spec!r})")
+        factory = getattr(factory, part)
+    model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_model(spec: str, kwargs: dict | None = None) -> nn.Module:
+    """A model from ``package.module:factory`` (called with ``kwargs``), ``vgg_m`` (built in), or a
+    torchvision / timm model name when those libraries are installed (untrained: weights come from
+    ``--weights``)."""
+    kwargs = dict(kwargs or {})
+    if not isinstance(spec, str) or not spec:
+        raise ValueError("--model is required: package.module:factory, vgg_m, or a torchvision / timm name")
+    if ":" in spec:
+        return _from_factory(spec, kwargs)
+    if spec in ("vgg_m", "vgg-m"):
+        from .models import vgg_m
+
+        return vgg_m(**kwargs)
+    tried = []
+    try:
+        import torchvision
+
+        if spec in torchvision.models.list_models():
+            return torchvision.models.get_model(spec, weights=None, **kwargs)
+        tried.append("torchvision")
+    except ImportError:
+        tried.append("torchvision (not installed)")
+    try:
+        import timm
+
+        if spec in timm.list_models():
+            return timm.create_model(spec, pretrained=False, **kwargs)
+        tried.append("timm")
+    except ImportError:
+        tried.append("timm (not installed)")
+    raise ValueError(f"unknown model {spec!r}: not package.module:factory, not vgg_m, not a model of "
+                     f"{', '.join(tried)}")
+
+
+def load_weights(model: nn.Module, path) -> nn.Module:
+    """Load a state dict (safetensors, or a torch file read with weights_only=True) into ``model``,
+    strictly: missing, unexpected or mis-shaped tensors are a one-line error naming a few of them."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read weights {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights {path!r} hold no state dict of tensors")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
+        raise ValueError(f"weights {path!r} do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(state)
+    return model

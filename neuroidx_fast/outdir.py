@@ -1,0 +1,120 @@
+"""Where the command-line pipeline keeps what it makes: one directory per run, laid out here only.
+
+    run.json                          the run's settings (model, weights, data, layers, k, ...) and class names
+    index/                            the NeuronIndex (NeuronIndex.load)
+    index.checkpoint/                 the resumable checkpoint while indexing runs
+    features/<layer>/features.safetensors   nf, crops, crop_ids, crop_values, dead, units, weight_sum
+    features/<layer>/rf.json          the layer's receptive field
+    features/<layer>/grid.png         all NFs of the layer
+    features/<layer>/nf/<unit>.png    one NF
+    features/<layer>/crops/<unit>_<j>.png   the unit's j-th top crop (j = 0 is the best)
+    neurons.csv                       the neuron table (one row per (layer, unit); selectivity, ablation)
+    plots/<name>.png                  per-layer summary plots
+    ablation/<layer>.csv              per unit: overall_drop, max_class_drop, max_drop_class, max_drop_class_name
+    ablation/<layer>_per_class.csv    per unit (rows) and class (columns): accuracy drop
+    visualize/<layer>/<unit>.png      the unit's activation-maximisation image
+    report/index.html                 the HTML report (report/layers/<layer>.html, report/units/<layer>/<unit>.html)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+__all__ = ["OutDir", "safe_name", "write_json", "read_json"]
+
+
+def safe_name(layer: str) -> str:
+    """A file-system name for a layer: dots and anything unusual become '_' (plus a hash if that collides)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", layer) or "_"
+
+
+def write_json(path, data) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+class OutDir:
+    """Paths inside one run directory (see the module docstring)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "index.checkpoint"
+
+    def features_dir(self, layer: str) -> Path:
+        return self.root / "features" / safe_name(layer)
+
+    def features_file(self, layer: str) -> Path:
+        return self.features_dir(layer) / "features.safetensors"
+
+    def rf_json(self, layer: str) -> Path:
+        return self.features_dir(layer) / "rf.json"
+
+    def grid_png(self, layer: str) -> Path:
+        return self.features_dir(layer) / "grid.png"
+
+    def nf_png(self, layer: str, unit: int) -> Path:
+        return self.features_dir(layer) / "nf" / f"{int(unit)}.png"
+
+    def crop_png(self, layer: str, unit: int, j: int) -> Path:
+        return self.features_dir(layer) / "crops" / f"{int(unit)}_{int(j)}.png"
+
+    @property
+    def table_csv(self) -> Path:
+        return self.root / "neurons.csv"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    def ablation_csv(self, layer: str) -> Path:
+        return self.root / "ablation" / f"{safe_name(layer)}.csv"
+
+    def ablation_classes_csv(self, layer: str) -> Path:
+        return self.root / "ablation" / f"{safe_name(layer)}_per_class.csv"
+
+    def maximized_png(self, layer: str, unit: int) -> Path:
+        return self.root / "visualize" / safe_name(layer) / f"{int(unit)}.png"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_index(self) -> Path:
+        return self.report_dir / "index.html"
+
+    def run_settings(self) -> dict:
+        if not self.run_json.exists():
+            raise FileNotFoundError(f"{self.root} holds no run (no run.json): run `neuroidx index --out {self.root}` "
+                                    "first")
+        return read_json(self.run_json)

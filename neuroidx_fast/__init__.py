@@ -14,7 +14,14 @@ from .receptive_fields import ReceptiveField, receptive_field
 from . import models
 from .features import NeuronFeatures, neuron_features, save_grid, save_unit
 from .color import color_selectivity
+from .data import Shapes, Digits
+from .selectivity import class_selectivity, class_selectivity_morcos, top_image_labels
+from .table import neuron_table, save_table, load_table
+from .train import train_classifier, evaluate_classifier
+from . import plots
 
 __all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset",
            "ReceptiveField", "receptive_field", "models", "NeuronFeatures", "neuron_features", "save_grid",
-           "save_unit", "color_selectivity"]
+           "save_unit", "color_selectivity", "Shapes", "Digits", "class_selectivity", "class_selectivity_morcos",
+           "top_image_labels", "neuron_table", "save_table", "load_table", "train_classifier", "evaluate_classifier",
+           "plots"]

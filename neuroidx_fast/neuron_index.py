@@ -127,6 +127,12 @@ class NeuronIndex:
                               tuple(self.input_size), tuple(layer.map_size), bool(entry["whole_image"]),
                               entry.get("method", "analytic"))
 
+    def table(self, **kwargs):
+        """The neuron table (pandas): one row per (layer, unit); see ``neuroidx_fast.table.neuron_table``."""
+        from .table import neuron_table
+
+        return neuron_table(self, **kwargs)
+
     # ------------------------------------------------------------------ storage
     def to_bundle(self) -> tuple[dict, dict[str, torch.Tensor]]:
         tensors, layers = {}, []

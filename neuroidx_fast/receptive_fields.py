@@ -165,7 +165,7 @@ _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
     nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
     nn.AlphaDropout, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LocalResponseNorm, nn.Softmax2d,
-    nn.ChannelShuffle,
+    nn.ChannelShuffle, nn.Softmax, nn.LogSoftmax,  # (over channels; a [B, C] input is already the whole image)
 )
 # Normalisations whose statistics are taken over all positions of an image mix the whole map.
 _MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.Flatten, nn.Linear, nn.Bilinear)
@@ -177,7 +177,7 @@ _POINTWISE_FUNCTIONS = {
     torch.stack, torch.square, torch.sqrt, torch.pow, operator.pow,
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardtanh, F.hardswish,
     F.hardsigmoid, F.softplus, torch.sigmoid, F.dropout, F.dropout2d, F.batch_norm, F.local_response_norm,
-    F.channel_shuffle, torch.channel_shuffle, torch.clone,
+    F.channel_shuffle, torch.channel_shuffle, torch.clone, torch.softmax, F.softmax, F.log_softmax,
 }
 _POINTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",

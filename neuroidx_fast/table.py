@@ -1,0 +1,176 @@
+"""The neuron table: one row per (layer, unit) with every index, as a pandas DataFrame.
+
+Queries are plain ``DataFrame.query`` strings, e.g.::
+
+    df = neuron_table(index, color=alphas, labels=dataset)
+    df.query("layer == 'conv4' and color_selectivity > 0.5")
+    df.query("not dead and class_selectivity > 0.8 and top_class_name == 'red disk'")
+    df.sort_values("class_selectivity_morcos", ascending=False).groupby("layer").head(5)
+
+``save_table`` / ``load_table`` write and read Parquet (``.parquet``, needs pyarrow) or CSV (``.csv``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from .neuron_index import NeuronIndex
+from .selectivity import class_selectivity, class_selectivity_morcos
+
+__all__ = ["neuron_table", "save_table", "load_table", "TABLE_COLUMNS"]
+
+TABLE_COLUMNS = ("layer", "unit", "top_activation", "dead", "mean_activation", "color_selectivity",
+                 "class_selectivity", "class_selectivity_morcos", "top_class", "top_class_name")
+
+
+def _pandas():
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ImportError("the neuron table needs pandas (pip install pandas)") from None
+    return pd
+
+
+def _per_unit(values, name: str, layer: str, units: int) -> np.ndarray:
+    t = torch.as_tensor(values).detach().cpu()
+    if t.dim() != 1 or t.shape[0] != units:
+        raise ValueError(f"{name}[{layer!r}] must be a [C] vector with C = {units} units, got shape {tuple(t.shape)}")
+    return t.to(torch.float64).numpy()
+
+
+def neuron_table(index: NeuronIndex, layers=None, color=None, labels=None, tau: float = 1.0, extra=None):
+    """One row per (layer, unit) of ``index``, in layer then unit order. Columns:
+
+    - ``layer`` (str), ``unit`` (int64), ``top_activation`` (a_1, NaN when no image was seen), ``dead``
+      (bool, SPEC.md section 3), ``mean_activation`` (mean of the spatial means over the dataset);
+    - ``color_selectivity``: from ``color``, a dict {layer: [C] tensor} (e.g. computed by the color
+      selectivity module); NaN for layers it does not cover;
+    - ``class_selectivity``: Rafegas gamma at ``tau`` (``selectivity.class_selectivity``); needs
+      ``labels`` (a [N] int tensor or the dataset) unless the index recorded its images' labels
+      (``NeuronIndex.labels``); NaN when neither gives them;
+    - ``class_selectivity_morcos``, ``top_class`` (int64, -1 when undefined), ``top_class_name`` (the
+      index's class name, or the class number as text without names; missing when undefined): from the
+      index's class means; NaN / -1 / missing for an index built without labels (or with images of fewer
+      than two classes);
+    - ``extra``: a DataFrame, or a list of them, with columns ``layer`` and ``unit`` and one row per
+      (layer, unit) at most, left-joined (e.g. ablation drops); their other column names must be new.
+
+    Dead units have NaN in every index column (never a silent 0).
+    """
+    pd = _pandas()
+    if not isinstance(index, NeuronIndex):
+        raise TypeError(f"index must be a NeuronIndex, got {type(index).__name__}")
+    names = list(index.layers) if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+    if not names:
+        raise ValueError(f"no layers given; indexed layers: {list(index.layers)}")
+    for name in names:
+        index[name]  # raises a KeyError naming the indexed layers
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+        raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
+    color = dict(color or {})
+    unknown = [k for k in color if k not in index.layers]
+    if unknown:
+        raise ValueError(f"color has layers that are not in the index: {unknown}; indexed layers: {list(index.layers)}")
+    has_labels = labels is not None or getattr(index, "labels", None) is not None
+    frames = []
+    for name in names:
+        lay = index[name]
+        c = lay.num_units
+        dead = lay.dead()
+        top = lay.values[:, 0].to(torch.float64)
+        top = torch.where(lay.ids[:, 0] >= 0, top, torch.full_like(top, float("nan")))
+        nan = np.full(c, np.nan)
+        alpha = _per_unit(color[name], "color", name, c) if name in color else nan.copy()
+        alpha = np.where(dead.numpy(), np.nan, alpha)
+        gamma = class_selectivity(index, name, tau=tau, labels=labels).numpy() if has_labels else nan.copy()
+        if lay.class_sum is not None and int((lay.class_count > 0).sum()) >= 2:
+            si, top_class = class_selectivity_morcos(index, name)
+            si, top_class = si.numpy(), top_class.numpy()
+        else:
+            si, top_class = nan.copy(), np.full(c, -1, dtype=np.int64)
+        class_names = index.class_names
+        top_name = [None if k < 0 else (class_names[k] if class_names and k < len(class_names) else str(k))
+                    for k in top_class.tolist()]
+        frames.append(pd.DataFrame({
+            "layer": [name] * c,
+            "unit": np.arange(c, dtype=np.int64),
+            "top_activation": top.numpy(),
+            "dead": dead.numpy().astype(bool),
+            "mean_activation": lay.mean_activation().to(torch.float64).numpy(),
+            "color_selectivity": alpha.astype(np.float64),
+            "class_selectivity": gamma.astype(np.float64),
+            "class_selectivity_morcos": si.astype(np.float64),
+            "top_class": top_class.astype(np.int64),
+            "top_class_name": top_name,
+        }))
+    df = pd.concat(frames, ignore_index=True)
+    for other in ([] if extra is None else [extra] if isinstance(extra, pd.DataFrame) else list(extra)):
+        df = _join(df, other, pd)
+    return df
+
+
+def _join(df, other, pd):
+    if not isinstance(other, pd.DataFrame):
+        raise TypeError(f"extra must be DataFrames, got {type(other).__name__}")
+    missing = [k for k in ("layer", "unit") if k not in other.columns]
+    if missing:
+        raise ValueError(f"an extra table lacks the key column(s) {missing}: it must have 'layer' and 'unit'")
+    clash = sorted(set(other.columns) & set(df.columns) - {"layer", "unit"})
+    if clash:
+        raise ValueError(f"an extra table repeats the column(s) {clash}: rename them before joining")
+    if other.duplicated(["layer", "unit"]).any():
+        raise ValueError("an extra table has several rows for one (layer, unit)")
+    other = other.assign(layer=other["layer"].astype(str), unit=other["unit"].astype(np.int64))
+    return df.merge(other, on=["layer", "unit"], how="left", validate="one_to_one")
+
+
+def _atomic_write(path: str, write) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _format(path: str) -> str:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".parquet", ".csv"):
+        raise ValueError(f"unknown table format {ext or '(no extension)'!r} in {path!r}: use .parquet or .csv")
+    if ext == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ImportError("Parquet tables need pyarrow (pip install pyarrow), or use a .csv path")
+    return ext
+
+
+def save_table(df, path) -> str:
+    """Write ``df`` to ``path`` (.parquet or .csv) atomically (a temporary file, then a rename); returns it."""
+    pd = _pandas()
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"save_table needs a DataFrame, got {type(df).__name__}")
+    path = os.fspath(path)
+    if _format(path) == ".parquet":
+        return _atomic_write(path, lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
+    return _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def load_table(path):
+    """Read a table written by ``save_table``. From CSV, ``layer`` and ``top_class_name`` stay text
+    (layer names such as "3" are not read as numbers, class names such as "NA" not as missing)."""
+    pd = _pandas()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no table at {path!r}")
+    if _format(path) == ".parquet":
+        return pd.read_parquet(path, engine="pyarrow").reset_index(drop=True)
+    return pd.read_csv(path, dtype={"layer": str, "top_class_name": str}, keep_default_na=False, na_values=[""])

@@ -1,0 +1,178 @@
+"""A small, deterministic classifier training loop (for known-answer tests and the demo checkpoint).
+
+Not a training framework: Adam, cross-entropy, a fixed seed for shuffling and dropout, optional
+preprocessing on the device (the same ``preprocess`` that ``index_dataset`` takes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+__all__ = ["train_classifier", "evaluate_classifier"]
+
+
+def _labelled(item, i):
+    if not isinstance(item, (tuple, list)) or len(item) < 2 or not isinstance(item[0], torch.Tensor):
+        raise ValueError(f"dataset item {i} is not an (image, label) pair: training a classifier needs labels")
+    label = item[1]
+    if isinstance(label, torch.Tensor) and label.numel() == 1:
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        raise ValueError(f"dataset item {i} has label {label!r}: labels must be int class indices >= 0")
+    return item[0], label
+
+
+def _materialise(dataset):
+    images, labels = [], []
+    for i in range(len(dataset)):
+        image, label = _labelled(dataset[i], i)
+        images.append(image)
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
+    """Yield (images, labels) batches: from in-memory tensors when ``cached`` is given, else a DataLoader."""
+    if cached is not None:
+        images, labels = cached
+        order = torch.randperm(len(labels), generator=generator) if shuffle else torch.arange(len(labels))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            yield images[chosen], labels[chosen]
+        return
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                        num_workers=num_workers)
+    for batch in loader:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError("the dataset must yield (image, label) pairs to train a classifier")
+        yield batch[0], batch[1].to(torch.int64)
+
+
+def _device(model, device):
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e-3, batch_size: int = 64,
+                     seed: int = 0, device=None, progress: bool = False, preprocess=None, weight_decay: float = 0.0,
+                     cache: bool | None = None, num_workers: int = 0, eval_dataset=None,
+                     schedule: str | None = "cosine") -> dict:
+    """Train ``model`` in place on a dataset of (image, label) pairs with Adam and cross-entropy.
+
+    The run is a function of (model's initial weights, dataset, arguments, ``seed``): ``seed`` fixes the
+    shuffling and the dropout masks without touching the caller's global random state (on CUDA, cuDNN is
+    made deterministic for the call). ``cache`` loads the whole dataset into memory once (default: when it
+    holds at most 20,000 items), which matters for datasets generated per item such as ``Shapes``;
+    otherwise a DataLoader with ``num_workers`` feeds it. ``preprocess`` runs on the device before the
+    model. ``schedule``: "cosine" (the learning rate decays from ``lr`` to 0 over the run, step by step)
+    or None (constant). ``eval_dataset``: measured after each epoch. The model is left in eval mode.
+
+    Returns the history: {"loss": mean training loss per epoch, "accuracy": training accuracy per
+    epoch (on the batches as trained), "eval_accuracy": per epoch (only with ``eval_dataset``)}.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if schedule not in ("cosine", None):
+        raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: nothing to train on")
+    device = _device(model, device)
+    model.to(device)
+    if cache is None:
+        cache = len(dataset) <= 20_000
+    cached = _materialise(dataset) if cache else None
+    history = {"loss": [], "accuracy": []}
+    if eval_dataset is not None:
+        history["eval_accuracy"] = []
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(dataset) / batch_size)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+                 if schedule == "cosine" else None)
+    loss_fn = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    devices = [device] if device.type == "cuda" else []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, unit="epoch", desc="training")
+    try:
+        with torch.random.fork_rng(devices=devices), _deterministic_cudnn():
+            torch.manual_seed(seed)  # dropout masks; fork_rng restores the caller's state afterwards
+            for _ in range(epochs):
+                model.train()
+                total, correct, loss_sum = 0, 0, 0.0
+                for images, labels in _batches(dataset, batch_size, True, generator, cached, num_workers):
+                    x, y = images.to(device), labels.to(device)
+                    if preprocess is not None:
+                        x = preprocess(x)
+                    logits = model(x)
+                    if logits.dim() != 2:
+                        raise ValueError(f"the model must output logits [B, classes], got {tuple(logits.shape)}")
+                    if int(y.max()) >= logits.shape[1]:
+                        raise ValueError(f"label {int(y.max())} but the model has {logits.shape[1]} outputs")
+                    loss = loss_fn(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if scheduler is not None:
+                        scheduler.step()
+                    loss_sum += float(loss.detach()) * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
+                    total += len(y)
+                history["loss"].append(loss_sum / total)
+                history["accuracy"].append(correct / total)
+                if eval_dataset is not None:
+                    history["eval_accuracy"].append(evaluate_classifier(model, eval_dataset, batch_size, device,
+                                                                        preprocess))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", acc=f"{history['accuracy'][-1]:.3f}")
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        model.eval()
+    return history
+
+
+def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 256, device=None, preprocess=None) -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) on a dataset of (image, label) pairs."""
+    device = _device(model, device)
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        with torch.no_grad():
+            for images, labels in _batches(dataset, batch_size, False, None, None, 0):
+                x = images.to(device)
+                if preprocess is not None:
+                    x = preprocess(x)
+                correct += int((model(x).argmax(1) == labels.to(device)).sum())
+                total += len(labels)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("the evaluation dataset is empty")
+    return correct / total

@@ -1,0 +1,117 @@
+"""Built-in datasets: Shapes (procedural, per-item deterministic) and Digits (scikit-learn)."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from neuroidx_fast.data import SHAPES_COLORS, SHAPES_DEFAULT_CLASSES, Digits, Shapes
+
+
+def test_shapes_items_types_and_range():
+    data = Shapes(30, size=40, seed=1)
+    assert len(data) == 30 and data.classes == list(SHAPES_DEFAULT_CLASSES)
+    for i in range(len(data)):
+        image, label = data[i]
+        assert image.dtype == torch.float32 and image.shape == (3, 40, 40)
+        assert float(image.min()) >= 0 and float(image.max()) <= 1
+        assert isinstance(label, int) and label == int(data.targets[i])
+    assert data.targets.dtype == torch.int64 and data.targets.shape == (30,)
+    assert torch.bincount(data.targets, minlength=10).tolist() == [3] * 10  # balanced
+    assert torch.equal(data[-1][0], data[29][0])
+
+
+def test_shapes_deterministic_and_order_independent():
+    a, b = Shapes(25, size=32, seed=7), Shapes(25, size=32, seed=7)
+    forward = [a[i][0] for i in range(25)]
+    backward = [b[i][0] for i in reversed(range(25))][::-1]
+    for x, y in zip(forward, backward):
+        assert torch.equal(x, y)
+    assert torch.equal(Shapes(1000, size=32, seed=7)[24][0], forward[24])  # independent of n
+    other = Shapes(25, size=32, seed=8)
+    assert not any(torch.equal(forward[i], other[i][0]) for i in range(25))
+    assert len({tuple(x.flatten()[:50].tolist()) for x in forward}) == 25  # items differ
+    loader = DataLoader(a, batch_size=5, num_workers=2, shuffle=False)
+    images = torch.cat([batch[0] for batch in loader])
+    assert torch.equal(images, torch.stack(forward))
+
+
+def _near_color(image, rgb, tol=0.2):
+    """Share of pixels within ``tol`` (max over channels) of a color."""
+    return float(((image - torch.tensor(rgb)[:, None, None]).abs().amax(0) < tol).float().mean())
+
+
+def test_shapes_planted_color_and_shape():
+    data = Shapes(100, size=64, seed=3)
+    red, green = SHAPES_COLORS["red"], SHAPES_COLORS["green"]
+    shares = {name: [] for name in data.classes}
+    for i in range(len(data)):
+        image, label = data[i]
+        shares[data.classes[label]].append((_near_color(image, red), _near_color(image, green)))
+    for name, values in shares.items():
+        red_share = sum(v[0] for v in values) / len(values)
+        green_share = sum(v[1] for v in values) / len(values)
+        # a class's own color covers a good part of its images; the muted backgrounds never reach it
+        assert (red_share > 0.04) if name.startswith("red ") else (red_share < 0.005), (name, red_share)
+        assert (green_share > 0.04) if name.startswith("green ") else (green_share < 0.005), (name, green_share)
+    # same color, different shape: the square covers more of its box than the stripes do, on average
+    mean = lambda name: sum(v[0] for v in shares[name]) / len(shares[name])  # noqa: E731
+    assert mean("red stripes") < mean("red square")
+
+
+def test_shapes_options_and_errors():
+    data = Shapes(12, size=17, seed=0, classes=["cyan cross", "orange disk", "black ring"], backgrounds="gradient",
+                  noise=0.0)
+    assert data.classes == ["cyan cross", "orange disk", "black ring"]
+    assert data[4][1] == 1 and data[4][0].shape == (3, 17, 17)
+    assert Shapes(3, size=128)[0][0].shape == (3, 128, 128)
+    assert len(Shapes(0)) == 0
+    for kwargs, match in [({"classes": ["purple disk"]}, "purple disk"), ({"classes": ["red hexagon"]}, "hexagon"),
+                          ({"classes": []}, "empty"), ({"classes": ["red disk", "red disk"]}, "twice"),
+                          ({"backgrounds": ["plaid"]}, "backgrounds"), ({"scale": (0.5, 0.2)}, "scale"),
+                          ({"size": 4}, "size"), ({"noise": -1.0}, "noise")]:
+        with pytest.raises(ValueError, match=match):
+            Shapes(5, **kwargs)
+    with pytest.raises(ValueError, match="n must be"):
+        Shapes(-1)
+    with pytest.raises(IndexError, match="out of range"):
+        Shapes(5)[5]
+    with pytest.raises(TypeError, match="ints"):
+        Shapes(5)[1.5]
+
+
+def test_digits_gray():
+    data = Digits(size=24)
+    assert len(data) == 1797 and data.classes == [str(d) for d in range(10)]
+    assert data.targets.dtype == torch.int64 and set(data.targets.tolist()) == set(range(10))
+    image, label = data[10]
+    assert image.shape == (3, 24, 24) and image.dtype == torch.float32 and label == int(data.targets[10])
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    assert float(image.min()) >= 0 and float(image.max()) <= 1 and float(image.max()) > 0.5
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    native = Digits(size=8)  # bilinear resize to the same size is the identity
+    assert torch.allclose(native[5][0][0], torch.as_tensor(raw.images[5], dtype=torch.float32) / 16)
+    assert native[5][1] == int(raw.target[5])
+
+
+def test_digits_split_and_color():
+    train, test = Digits(split="train", seed=1), Digits(split="test", seed=1)
+    assert len(train) + len(test) == 1797 and len(test) == round(1797 * 0.25)
+    assert not set(train.source_index.tolist()) & set(test.source_index.tolist())
+    assert torch.equal(Digits(split="test", seed=1).source_index, test.source_index)
+    assert not torch.equal(Digits(split="test", seed=2).source_index, test.source_index)
+    color = Digits(size=16, colorize=True, seed=1, split="test")
+    image, label = color[3]
+    assert image.shape == (3, 16, 16) and label == int(test.targets[3])
+    assert float(image.min()) >= 0 and float(image.max()) <= 1
+    assert not torch.equal(image[0], image[1]) or not torch.equal(image[1], image[2])  # tinted
+    assert torch.equal(Digits(size=16, colorize=True, seed=1, split="test")[3][0], image)  # deterministic
+    assert torch.equal(color[3][0], image)
+    # the tint follows the digit, not its position in the split
+    full = Digits(size=16, colorize=True, seed=1)
+    assert torch.equal(full[int(color.source_index[3])][0], image)
+    with pytest.raises(ValueError, match="split"):
+        Digits(split="validation")
+    with pytest.raises(ValueError, match="test_fraction"):
+        Digits(split="train", test_fraction=1.0)

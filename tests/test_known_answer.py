@@ -1,0 +1,99 @@
+"""Known answer: a CNN trained on Shapes has class-selective units, an untrained one much less so.
+
+Shapes' classes are planted (color x shape), so after training: each class-probability unit ranks the
+images of its own class first, some hidden units have top images from one class only, and both class
+selectivity indexes are clearly higher than in the same network before training. Seconds on one CPU thread.
+"""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import neuroidx_fast as nx
+from neuroidx_fast.data import Shapes
+from neuroidx_fast.selectivity import class_selectivity, class_selectivity_morcos, top_image_labels
+from neuroidx_fast.train import evaluate_classifier, train_classifier
+
+LAYERS = ["net.relu3", "net.relu4", "softmax"]
+K = 20
+
+
+def small_cnn(classes=10, seed=0):
+    torch.manual_seed(seed)
+    layers = [("conv1", nn.Conv2d(3, 16, 5, 2, 2)), ("relu1", nn.ReLU()),
+              ("conv2", nn.Conv2d(16, 32, 3, 2, 1)), ("relu2", nn.ReLU()),
+              ("conv3", nn.Conv2d(32, 48, 3, 2, 1)), ("relu3", nn.ReLU()),
+              ("conv4", nn.Conv2d(48, 48, 3, 1, 1)), ("relu4", nn.ReLU()),
+              ("pool", nn.AdaptiveMaxPool2d(1)), ("flatten", nn.Flatten()), ("fc", nn.Linear(48, classes))]
+    return nn.Sequential(OrderedDict(layers))
+
+
+@pytest.fixture
+def one_thread():
+    # Two OpenMP threads on cores shared with other jobs can be ten times slower than one.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_training_is_deterministic_and_keeps_global_rng(one_thread):
+    data = Shapes(96, size=32, seed=5)
+    runs = []
+    for _ in range(2):
+        model = small_cnn(seed=3)
+        state = torch.random.get_rng_state()
+        history = train_classifier(model, data, epochs=2, lr=1e-3, batch_size=16, seed=11)
+        assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random state is untouched
+        assert not model.training and len(history["loss"]) == 2 and len(history["accuracy"]) == 2
+        runs.append(model.state_dict())
+    assert all(torch.equal(runs[0][key], runs[1][key]) for key in runs[0])
+    other = small_cnn(seed=3)
+    train_classifier(other, data, epochs=2, lr=1e-3, batch_size=16, seed=12, cache=False)  # another shuffle
+    assert not all(torch.equal(runs[0][key], other.state_dict()[key]) for key in runs[0])
+    with pytest.raises(ValueError, match="label"):
+        train_classifier(small_cnn(), [torch.rand(3, 32, 32)], epochs=1)
+    with pytest.raises(ValueError, match="epochs"):
+        train_classifier(small_cnn(), data, epochs=0)
+
+
+# The softmax is not a layer the receptive-field walk knows; its RF (the whole image) is not used here.
+@pytest.mark.filterwarnings("ignore:receptive field of 'softmax'")
+def test_trained_net_is_class_selective(one_thread):
+    train, test = Shapes(1000, size=48, seed=1), Shapes(400, size=48, seed=2)
+    model = small_cnn(len(train.classes), seed=0)
+    untrained = copy.deepcopy(model)
+    history = train_classifier(model, train, epochs=8, lr=3e-3, batch_size=32, seed=0, eval_dataset=test)
+    accuracy = evaluate_classifier(model, test)
+    assert accuracy == history["eval_accuracy"][-1]
+    assert accuracy > 0.6, f"training failed: test accuracy {accuracy:.3f} (chance 0.1)"
+
+    index, gamma, morcos, own_class = {}, {}, {}, {}
+    for name, net in (("trained", model), ("untrained", untrained)):
+        # Class probabilities, not logits: a logit's scale differs across images, a probability's does not.
+        probe = nn.Sequential(OrderedDict(net=net, softmax=nn.Softmax(dim=1)))
+        index[name] = nx.index_dataset(probe, test, LAYERS, k=K, batch_size=100, progress=False)
+        gamma[name] = {layer: class_selectivity(index[name], layer, labels=test) for layer in LAYERS}
+        morcos[name] = {layer: class_selectivity_morcos(index[name], layer) for layer in LAYERS}
+        # how many of the 10 class-probability units rank (nearly) only their own class's images on top
+        labels = top_image_labels(index[name], "softmax", test)
+        own_class[name] = sum(int((labels[k] == k).sum()) >= K - 2 for k in range(len(test.classes)))
+
+    # Known answer: the probability of class k ranks images of class k first, once trained.
+    assert own_class["trained"] >= 5 and own_class["untrained"] <= 1, own_class
+    assert (morcos["trained"]["softmax"][1] == torch.arange(10)).sum() >= 8  # mu_max is the unit's own class
+
+    # Hidden units whose top images all come from one class, with gamma exactly 1.
+    labels = top_image_labels(index["trained"], "net.relu4", test)
+    pure = (labels == labels[:, :1]).all(dim=1) & ~index["trained"]["net.relu4"].dead()
+    assert pure.sum() >= 3
+    assert (gamma["trained"]["net.relu4"][pure] == 1).all()
+
+    # Training makes units clearly more class selective than the same net before training.
+    for layer in ("net.relu4", "softmax"):
+        assert gamma["trained"][layer].nanmean() > gamma["untrained"][layer].nanmean() + 0.05, layer
+    for layer in LAYERS:
+        assert morcos["trained"][layer][0].nanmean() > morcos["untrained"][layer][0].nanmean() + 0.15, layer

@@ -55,7 +55,8 @@ ext_modules = [
 setup(
     packages=["neuroidx_fast", "neuroidx_fast.ops", "neuroidx_fast.kernels", "neuroidx_fast.cuda_src"],
     package_dir={"neuroidx_fast.kernels": "kernels", "neuroidx_fast.cuda_src": "csrc/cuda"},
-    package_data={"neuroidx_fast.cuda_src": ["*.cu", "*.cuh"]},
+    package_data={"neuroidx_fast": ["templates/*.html", "templates/*.css", "templates/*.js", "assets/*.safetensors"],
+                  "neuroidx_fast.cuda_src": ["*.cu", "*.cuh"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildWithOpenMP},
     zip_safe=False,

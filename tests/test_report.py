@@ -1,0 +1,465 @@
+"""The static HTML report: built from a real run directory (index, Neuron Features, neuron table, ablation,
+maximisation image), checked for resolving relative links, no external URL, escaping, the values it
+shows, graceful degradation, rebuilds; and, when Chromium is found, rendered by a headless browser."""
+
+import math
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import neuroidx_fast as nx
+from neuroidx_fast.artifacts import save_features
+from neuroidx_fast.outdir import OutDir, read_json, write_json
+from neuroidx_fast.png import save_png
+from neuroidx_fast.report import DASH, build_report
+from models import ImageSet, make_model
+
+LAYERS = ["features.2", "features.8", "classifier.2"]  # the last one gets no Neuron Features
+FEATURE_LAYERS = ["features.2", "features.8"]
+EVIL = "<script>alert(1)</script>"
+CLASSES = [EVIL, "cat", "dog", "ship", "truck", "frog"]
+VISUALIZED = ("features.8", 3)
+
+
+# ------------------------------------------------------------------------------------------- HTML tree
+class Node:
+    def __init__(self, tag, attrs, parent=None):
+        self.tag, self.attrs, self.parent, self.children = tag, dict(attrs), parent, []
+
+    def text(self):
+        return "".join(c if isinstance(c, str) else c.text() for c in self.children)
+
+    def iter(self):
+        for c in self.children:
+            if isinstance(c, Node):
+                yield c
+                yield from c.iter()
+
+    def find_all(self, tag=None, cls=None, **attrs):
+        return [n for n in self.iter() if (tag is None or n.tag == tag)
+                and (cls is None or cls in n.attrs.get("class", "").split())
+                and all(n.attrs.get(k.replace("_", "-")) == v for k, v in attrs.items())]
+
+    def find(self, *args, **kwargs):
+        found = self.find_all(*args, **kwargs)
+        return found[0] if found else None
+
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+
+class TreeBuilder(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#root", {})
+        self.node = self.root
+
+    def handle_starttag(self, tag, attrs):
+        node = Node(tag, attrs, self.node)
+        self.node.children.append(node)
+        if tag not in VOID:
+            self.node = node
+
+    def handle_startendtag(self, tag, attrs):
+        self.node.children.append(Node(tag, attrs, self.node))
+
+    def handle_endtag(self, tag):
+        node = self.node
+        while node is not self.root and node.tag != tag:
+            node = node.parent
+        if node is not self.root:
+            self.node = node.parent
+
+    def handle_data(self, data):
+        self.node.children.append(data)
+
+
+def parse(path) -> Node:
+    builder = TreeBuilder()
+    builder.feed(Path(path).read_text(encoding="utf-8"))
+    builder.close()
+    return builder.root
+
+
+def pages(report: Path):
+    return sorted(report.rglob("*.html"))
+
+
+def local_target(page: Path, url: str) -> Path:
+    parts = urlsplit(url)
+    assert not parts.scheme and not parts.netloc, f"{page}: non-relative URL {url!r}"
+    assert not url.startswith("/"), f"{page}: absolute path {url!r}"
+    return (page.parent / unquote(parts.path)).resolve()
+
+
+def links(page: Path):
+    """Every (tag, attribute, URL) of a page that points somewhere (same-page anchors left out)."""
+    found = []
+    for node in parse(page).iter():
+        for attr in ("href", "src"):
+            url = node.attrs.get(attr)
+            if url is not None and not url.startswith("#"):
+                found.append((node.tag, attr, url))
+    return found
+
+
+# ------------------------------------------------------------------------------------------- the run
+def _make_run(root: Path):
+    model, data = make_model("vgg"), ImageSet(n=23, classes=len(CLASSES), seed=3)
+    out = OutDir(root)
+    index = nx.index_dataset(model, data, LAYERS, k=5, batch_size=8, progress=False)
+    index.save(out.index)
+    features = {}
+    for layer in FEATURE_LAYERS:
+        features[layer] = nx.neuron_features(index, layer, keep_crops=4, batch_size=8, backend="torch")
+        save_features(features[layer], out)
+
+    g = np.random.default_rng(0)
+    frames = []
+    for layer in FEATURE_LAYERS:
+        L = index[layer]
+        dead = L.dead().numpy()
+        n = L.num_units
+        color = g.uniform(-0.2, 1.0, n)
+        color[1] = np.nan  # a value the table lacks
+        top_class = g.integers(0, len(CLASSES), n)
+        top_class[0] = 0  # the class whose name needs escaping
+        frames.append(pd.DataFrame({
+            "layer": layer, "unit": np.arange(n), "top_activation": L.values[:, 0].double().numpy(), "dead": dead,
+            "mean_activation": L.mean_activation().numpy(), "color_selectivity": np.where(dead, np.nan, color),
+            "class_selectivity": g.uniform(0, 1, n), "class_selectivity_morcos": g.uniform(0, 1, n),
+            "top_class": top_class, "top_class_name": [CLASSES[k] for k in top_class],
+            "overall_drop": g.uniform(0, 0.2, n)}))
+    table = pd.concat(frames, ignore_index=True)
+    table.to_csv(out.table_csv, index=False)
+
+    n8 = index["features.8"].num_units
+    drops = pd.DataFrame(g.uniform(-0.05, 0.5, (n8, len(CLASSES))), columns=CLASSES)
+    drops.insert(0, "unit", np.arange(n8))
+    out.ablation_classes_csv("features.8").parent.mkdir(parents=True, exist_ok=True)
+    drops.to_csv(out.ablation_classes_csv("features.8"), index=False)
+    matrix = drops[CLASSES].to_numpy()
+    pd.DataFrame({"unit": np.arange(n8), "overall_drop": matrix.mean(1), "max_class_drop": matrix.max(1),
+                  "max_drop_class": matrix.argmax(1), "max_drop_class_name": [CLASSES[i] for i in matrix.argmax(1)]}
+                 ).to_csv(out.ablation_csv("features.8"), index=False)
+
+    save_png(torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1)), out.maximized_png(*VISUALIZED))
+    save_png(Image.new("RGB", (40, 30), (200, 30, 30)), out.plots_dir / "layer_summary.png")
+    write_json(out.run_json, {"model": "vgg-test", "data": "builtin:shapes", "layers": LAYERS, "k": 5,
+                              "class_names": CLASSES, "labels": data.labels.tolist(), "num_images": len(data),
+                              "created": "2024-01-02T03:04:05", "batch_size": 8, "pad": "gray"})
+    return {"out": out, "data": data, "index": index, "features": features, "table": table, "drops": drops}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return _make_run(tmp_path_factory.mktemp("run") / "run")
+
+
+@pytest.fixture(scope="module")
+def built(run):
+    return build_report(run["out"].root)
+
+
+def fresh_copy(run, tmp_path) -> OutDir:
+    root = tmp_path / "run"
+    shutil.copytree(run["out"].root, root, ignore=shutil.ignore_patterns("report"))
+    return OutDir(root)
+
+
+def page_of(out: OutDir, layer: str, unit=None) -> Path:
+    name = out.features_dir(layer).name
+    if unit is None:
+        return out.report_dir / "layers" / f"{name}.html"
+    return out.report_dir / "units" / name / f"{unit}.html"
+
+
+def assert_links_resolve(report: Path):
+    checked = 0
+    for page in pages(report):
+        for tag, attr, url in links(page):
+            target = local_target(page, url)
+            assert target.is_file(), f"{page.relative_to(report)}: <{tag} {attr}={url!r}> points to nothing"
+            checked += 1
+    return checked
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_pages_exist_and_every_link_resolves(run, built):
+    out, index = run["out"], run["index"]
+    assert built == out.report_index and built.is_file()
+    assert (out.report_dir / "static" / "report.css").is_file() and (out.report_dir / "static" / "report.js").is_file()
+    for layer in LAYERS:
+        assert page_of(out, layer).is_file()
+        for unit in range(index[layer].num_units):
+            assert page_of(out, layer, unit).is_file(), (layer, unit)
+    expected_pages = 1 + len(LAYERS) + sum(index[name].num_units for name in LAYERS)
+    assert len(pages(out.report_dir)) == expected_pages
+    assert assert_links_resolve(out.report_dir) > expected_pages * 3
+    # the PNGs are referenced where they lie, not copied
+    assert not list(out.report_dir.rglob("*.png"))
+    nf_srcs = [n.attrs["src"] for n in parse(page_of(out, "features.8")).find_all("img", cls="nf")]
+    assert [local_target(page_of(out, "features.8"), s) for s in nf_srcs] == \
+        [out.nf_png("features.8", u).resolve() for u in range(16)]
+
+
+def test_no_external_urls(built):
+    report = built.parent
+    files = [p for p in report.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".js" for p in files) and any(p.suffix == ".css" for p in files)
+    for path in files:
+        text = path.read_text(encoding="utf-8").lower()
+        for bad in ("http://", "https://", "//cdn", "src=\"//", "href=\"//"):
+            assert bad not in text, f"{path}: contains {bad!r}"
+
+
+def test_text_is_escaped(run, tmp_path):
+    out = fresh_copy(run, tmp_path)
+    build_report(out.root, title="<b>bold</b> & co")
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    for page in pages(out.report_dir):
+        text = page.read_text(encoding="utf-8")
+        assert EVIL not in text and "<b>bold</b>" not in text, page
+        assert "&lt;b&gt;bold&lt;/b&gt; &amp; co" in text, page
+    # the class name shows (escaped) in the summary's table, the layer's neuron table and its cards
+    layer_page = page_of(out, "features.8").read_text(encoding="utf-8")
+    assert layer_page.count(escaped) >= 2
+    # and parsed back it is the original text
+    cells = [td.text() for td in parse(page_of(out, "features.8")).find("table", id="neurons").find_all("td")]
+    assert EVIL in cells
+
+
+def _crops(page: Path):
+    found = []
+    for fig in parse(page).find_all("figure", cls="crop"):
+        name = fig.find("span", cls="class-name")
+        found.append({"j": int(fig.attrs["data-j"]), "src": fig.find("img").attrs["src"],
+                      "value": fig.find("span", cls="value").text(), "id": fig.find("span", cls="image-id").text(),
+                      "class": None if name is None else name.text()})
+    return found
+
+
+def test_unit_page_crops_values_and_classes(run, built):
+    out, data, feats = run["out"], run["data"], run["features"]["features.8"]
+    live = [u for u in range(feats.units.numel()) if not bool(feats.dead[u])]
+    assert live, "the test model has no live unit in features.8"
+    labels = data.labels.tolist()
+    for unit in live[:4]:
+        page = page_of(out, "features.8", unit)
+        crops = _crops(page)
+        ids, values = feats.crop_ids[unit].tolist(), feats.crop_values[unit].tolist()
+        expected = [j for j, i in enumerate(ids) if i >= 0]
+        assert [c["j"] for c in crops] == expected and len(expected) == 4
+        for crop in crops:
+            j = crop["j"]
+            assert math.isclose(float(crop["value"]), values[j], rel_tol=1e-3, abs_tol=1e-6), (unit, j)
+            assert crop["id"] == f"#{ids[j]}"
+            assert crop["class"] == CLASSES[labels[ids[j]]]
+            assert local_target(page, crop["src"]) == out.crop_png("features.8", unit, j).resolve()
+        # values are shown best first
+        shown = [float(c["value"]) for c in crops]
+        assert shown == sorted(shown, reverse=True)
+
+
+def test_unit_page_visualize_ablation_and_navigation(run, built):
+    out, drops = run["out"], run["drops"]
+    layer, unit = VISUALIZED
+    page = page_of(out, layer, unit)
+    tree = parse(page)
+    srcs = [local_target(page, img.attrs["src"]) for img in tree.find_all("img", cls="big")]
+    assert out.maximized_png(layer, unit).resolve() in srcs and out.nf_png(layer, unit).resolve() in srcs
+    rows = [[td.text() for td in tr.find_all("td")] for tr in tree.find("table", cls="drops").find_all("tr")][1:]
+    row = drops[drops["unit"] == unit].iloc[0][CLASSES].astype(float)
+    best = row.sort_values(ascending=False).index.tolist()[:5]
+    assert [r[0] for r in rows] == best and len(rows) == 5
+    assert all(math.isclose(float(r[1]), row[name], rel_tol=1e-3) for r, name in zip(rows, best))
+    assert tree.find("a", rel="prev").attrs["href"] == f"{unit - 1}.html"
+    assert tree.find("a", rel="next").attrs["href"] == f"{unit + 1}.html"
+    assert tree.find("nav", cls="pager").find_all("a")[1].attrs["href"].endswith("layers/features_8.html")
+    # another unit of the layer has no maximisation image: the page says which subcommand makes one
+    other = page_of(out, layer, unit + 1).read_text(encoding="utf-8")
+    assert "neuroidx visualize" in other
+    assert "neuroidx visualize" not in page.read_text(encoding="utf-8")
+    first, last = parse(page_of(out, layer, 0)), parse(page_of(out, layer, 15))
+    assert first.find("a", rel="prev") is None and last.find("a", rel="next") is None
+
+
+def test_layer_page_cards_and_table(run, built):
+    out, index, table = run["out"], run["index"], run["table"]
+    layer = "features.8"
+    tree = parse(page_of(out, layer))
+    cards = tree.find_all("a", cls="card")
+    dead = index[layer].dead().tolist()
+    assert len(cards) == 16 and [int(c.attrs["data-card-unit"]) for c in cards] == list(range(16))
+    assert ["dead" in c.attrs["class"].split() for c in cards] == dead
+    assert [c.attrs["href"] for c in cards] == [f"../units/features_8/{u}.html" for u in range(16)]
+    # unit 1 lacks a color value: shown as a dash, not as 0 or nan
+    assert f"color {DASH}" in cards[1].text() and "nan" not in cards[1].text().lower()
+    neurons = tree.find("table", id="neurons")
+    headers = [th.text() for th in neurons.find("thead").find_all("th")]
+    assert headers == [c for c in table.columns if c != "layer"]  # ablation columns included
+    kinds = {th.attrs["data-name"]: th.attrs["data-type"] for th in neurons.find("thead").find_all("th")}
+    assert kinds["color_selectivity"] == "num" and kinds["top_class_name"] == "text"
+    rows = neurons.find("tbody").find_all("tr")
+    assert [int(r.attrs["data-unit"]) for r in rows] == list(range(16))
+    assert [r.attrs.get("data-dead") == "1" for r in rows] == dead
+    col = headers.index("color_selectivity")
+    expected = table[table["layer"] == layer]["color_selectivity"].tolist()
+    for r, value in zip(rows, expected):
+        cell = r.find_all("td")[col]
+        key = cell.attrs.get("data-sort", cell.text())  # what the JS sorts and filters by
+        assert (key == DASH) if math.isnan(value) else math.isclose(float(key), value, rel_tol=1e-8)
+    names = [i.attrs["data-name"] for i in tree.find_all("input", cls="f-min")]
+    assert "color_selectivity" in names and "overall_drop" in names
+    assert tree.find("input", cls="f-text") is not None and tree.find("input", cls="f-live") is not None
+
+
+def test_index_page_summary(run, built):
+    tree = parse(built)
+    rows = {tr.find("th").text(): tr.find("td").text() for tr in tree.find("table", cls="summary").find_all("tr")}
+    assert rows["model"] == "vgg-test" and rows["data"] == "builtin:shapes" and rows["k"] == "5"
+    assert rows["num_images"] == "23" and rows["layers"] == ", ".join(LAYERS) and rows["classes"] == "6"
+    assert rows["batch_size"] == "8" and rows["pad"] == "gray"  # other settings, as key / value
+    hrefs = [a.attrs["href"] for a in tree.find("table", cls="layers").find_all("a")]
+    assert hrefs == ["layers/features_2.html", "layers/features_8.html", "layers/classifier_2.html"]
+    plot = tree.find("div", cls="plots").find("img")
+    assert local_target(built, plot.attrs["src"]) == (run["out"].plots_dir / "layer_summary.png").resolve()
+
+
+def test_layer_without_features_says_so(run, built):
+    out = run["out"]
+    text = page_of(out, "classifier.2").read_text(encoding="utf-8")
+    assert "neuroidx features" in text and "neuroidx selectivity" in text  # no NFs, no table rows
+    tree = parse(page_of(out, "classifier.2"))
+    assert len(tree.find_all("a", cls="card")) == 10 and not tree.find_all("img")
+    # its unit pages still list the index's top images (no crops)
+    unit_page = parse(page_of(out, "classifier.2", 0))
+    top = run["index"]["classifier.2"].top(0)
+    rows = unit_page.find("table", cls="topk").find("tbody").find_all("tr")
+    assert len(rows) == len(top) and not unit_page.find_all("figure", cls="crop")
+    assert [r.find_all("td")[2].text() for r in rows] == [f"#{i}" for _, i, _, _ in top]
+    assert "neuroidx features" in page_of(out, "classifier.2", 0).read_text(encoding="utf-8")
+
+
+def test_missing_parts_degrade_with_hints(run, tmp_path):
+    out = fresh_copy(run, tmp_path)
+    out.table_csv.unlink()
+    shutil.rmtree(out.root / "ablation")
+    shutil.rmtree(out.root / "visualize")
+    shutil.rmtree(out.plots_dir)
+    shutil.rmtree(out.features_dir("features.2"))
+    settings = read_json(out.run_json)
+    del settings["labels"]
+    write_json(out.run_json, settings)
+    build_report(out.root)
+    assert_links_resolve(out.report_dir)
+    index_text = out.report_index.read_text(encoding="utf-8")
+    assert "neuroidx selectivity" in index_text  # neither table nor plots
+    assert "neuroidx features" in page_of(out, "features.2").read_text(encoding="utf-8")
+    layer8 = page_of(out, "features.8").read_text(encoding="utf-8")
+    assert "neuroidx selectivity" in layer8 and "neuroidx features" not in layer8.split("<h2>Neuron Features")[1] \
+        .split("<h2>")[0]
+    assert parse(page_of(out, "features.8")).find("table", id="neurons") is None
+    unit = next(u for u in range(16) if not bool(run["features"]["features.8"].dead[u]))
+    text = page_of(out, "features.8", unit).read_text(encoding="utf-8")
+    for command in ("neuroidx ablate", "neuroidx visualize", "neuroidx selectivity"):
+        assert command in text, command
+    assert DASH in parse(page_of(out, "features.8", unit)).find("dl", cls="values").text()
+    crops = _crops(page_of(out, "features.8", unit))
+    assert crops and all(c["class"] is None for c in crops)  # without labels: the image id only
+    # a unit of the layer whose features are gone: no crops, the hint instead
+    text2 = page_of(out, "features.2", 0).read_text(encoding="utf-8")
+    assert "neuroidx features" in text2 and not _crops(page_of(out, "features.2", 0))
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neuroidx index"):
+        build_report(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run.json"):
+        build_report(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        build_report(tmp_path / "broken")
+    (tmp_path / "nolayers").mkdir()
+    write_json(tmp_path / "nolayers" / "run.json", {"model": "m"})
+    with pytest.raises(ValueError, match="names no layers"):
+        build_report(tmp_path / "nolayers")
+
+
+def test_rebuild_over_an_old_report(run, tmp_path):
+    out = fresh_copy(run, tmp_path)
+    build_report(out.root)
+    stale_layer = out.report_dir / "layers" / "gone.html"
+    stale_unit = out.report_dir / "units" / "gone" / "1.html"
+    stale_layer.write_text("old")
+    stale_unit.parent.mkdir()
+    stale_unit.write_text("old")
+    (out.report_dir / "layers" / "features_8.html").write_text("half a page")
+    (out.report_dir / "units" / "features_8" / "99.html").write_text("a unit that no longer exists")
+    build_report(out.root)
+    assert not stale_layer.exists() and not stale_unit.parent.exists()
+    assert not (out.report_dir / "units" / "features_8" / "99.html").exists()
+    assert "half a page" not in (out.report_dir / "layers" / "features_8.html").read_text(encoding="utf-8")
+    assert not [p for p in out.report_dir.rglob(".tmp-*")]
+    assert_links_resolve(out.report_dir)
+
+
+# -------------------------------------------------------------------------------------------- browser
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _browser(binary, tmp_path, *args, timeout=60):
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+           "--no-first-run", "--disable-extensions", f"--user-data-dir={tmp_path / 'profile'}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.browser
+def test_layer_page_in_headless_chromium(run, built, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium found on PATH (chromium, chromium-browser, google-chrome)")
+    out, table = run["out"], run["table"]
+    page = page_of(out, "features.8").resolve()
+    url = page.as_uri() + "#sort=color_selectivity&desc=1&hidedead=1"
+    done = _browser(binary, tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = TreeBuilder()
+    dom.feed(done.stdout)
+    body = dom.root.find("body")
+    assert body is not None, done.stdout[:500]
+    assert body.attrs.get("data-images-total") == "16", body.attrs
+    assert body.attrs.get("data-images-loaded") == "16", body.attrs
+    # the JS sorted the table by color selectivity (descending, missing last) and hid the dead units
+    rows = dom.root.find("table", id="neurons").find("tbody").find_all("tr")
+    rows8 = table[table["layer"] == "features.8"]
+    color = rows8["color_selectivity"].tolist()
+    expected = sorted(range(16), key=lambda u: (math.isnan(color[u]), -color[u] if not math.isnan(color[u]) else 0, u))
+    assert [int(r.attrs["data-unit"]) for r in rows] == expected
+    dead = set(rows8[rows8["dead"]]["unit"].tolist())
+    assert {int(r.attrs["data-unit"]) for r in rows if "hidden" in r.attrs} == dead
+    assert {int(c.attrs["data-card-unit"]) for c in dom.root.find_all("a", cls="card") if "hidden" in c.attrs} == dead
+    count = dom.root.find("span", cls="f-count").text()
+    assert count == f"{16 - len(dead)} of 16 units shown"
+
+    shot = tmp_path / "shot.png"
+    done = _browser(binary, tmp_path, f"--screenshot={shot}", "--window-size=1200,900", page.as_uri())
+    assert done.returncode == 0 and shot.is_file(), done.stderr[-2000:]
+    with Image.open(shot) as image:
+        assert image.size == (1200, 900)
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 10

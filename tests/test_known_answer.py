@@ -61,7 +61,6 @@ def test_training_is_deterministic_and_keeps_global_rng(one_thread):
 
 
 # The softmax is not a layer the receptive-field walk knows; its RF (the whole image) is not used here.
-@pytest.mark.filterwarnings("ignore:receptive field of 'softmax'")
 def test_trained_net_is_class_selective(one_thread):
     train, test = Shapes(1000, size=48, seed=1), Shapes(400, size=48, seed=2)
     model = small_cnn(len(train.classes), seed=0)

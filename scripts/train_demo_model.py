@@ -39,6 +39,7 @@ def main(argv=None):
     fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=folder)
     os.close(fd)
     save_file(state, tmp, metadata={"test_accuracy": f"{accuracy:.4f}", "epochs": str(args.epochs)})
+    os.chmod(tmp, 0o644)
     os.replace(tmp, args.out)
     with open(args.out, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()

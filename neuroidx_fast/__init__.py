@@ -19,9 +19,13 @@ from .selectivity import class_selectivity, class_selectivity_morcos, top_image_
 from .table import neuron_table, save_table, load_table
 from .train import train_classifier, evaluate_classifier
 from . import plots
+from .maximize import maximize, maximize_towards, unit_activations, save_maximized, TowardsResult
+from .clustering import cluster_units, cluster_categories, Clusters
+from .contributions import contributions, Contributions
 
 __all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset",
            "ReceptiveField", "receptive_field", "models", "NeuronFeatures", "neuron_features", "save_grid",
            "save_unit", "color_selectivity", "Shapes", "Digits", "class_selectivity", "class_selectivity_morcos",
            "top_image_labels", "neuron_table", "save_table", "load_table", "train_classifier", "evaluate_classifier",
-           "plots"]
+           "plots", "maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult",
+           "cluster_units", "cluster_categories", "Clusters", "contributions", "Contributions"]

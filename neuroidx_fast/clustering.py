@@ -1,0 +1,199 @@
+"""Clustering of units and of image categories (SPEC.md section 7, Dai 2020), with scikit-learn k-means.
+
+Units are clustered by their class-conditional mean profiles (SPEC.md 5.2) or by their Neuron Features;
+image categories by their mean activation vectors over the layer's units. Items that cannot be placed
+(dead units, NaN Neuron Features, classes without images, constant profiles) get the label -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["cluster_units", "cluster_categories", "Clusters", "purity"]
+
+UNIT_FEATURES = ("class_profile", "nf")
+
+
+@dataclass
+class Clusters:
+    """``labels`` [n] int64: the cluster of each item (unit or category), -1 where it was left out;
+    ``silhouette``: mean silhouette of the clustered items (None unless 2 <= clusters < items);
+    ``purity``: share of items in their cluster's majority ``reference`` group (None without reference);
+    ``reference`` [n] int64 (-1: unknown); ``names``: one name per item; ``sizes``: items per cluster."""
+
+    kind: str
+    layer: str
+    features: str
+    n_clusters: int
+    labels: torch.Tensor
+    silhouette: float | None
+    purity: float | None
+    reference: torch.Tensor | None
+    names: list[str]
+    sizes: list[int] = field(default_factory=list)
+
+    def members(self, cluster: int) -> list[int]:
+        if not 0 <= cluster < self.n_clusters:
+            raise ValueError(f"cluster {cluster} out of range: there are {self.n_clusters} clusters")
+        return (self.labels == cluster).nonzero().reshape(-1).tolist()
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "layer": self.layer, "features": self.features, "n_clusters": self.n_clusters,
+                "items": int(self.labels.numel()), "clustered": int((self.labels >= 0).sum()),
+                "silhouette": self.silhouette, "purity": self.purity, "sizes": list(self.sizes)}
+
+    def to_frame(self):
+        """A pandas DataFrame: one row per item (name, cluster, reference group)."""
+        import pandas as pd
+
+        frame = pd.DataFrame({self.kind: self.names, "cluster": self.labels.tolist()})
+        if self.reference is not None:
+            frame["reference"] = self.reference.tolist()
+        return frame
+
+
+def purity(labels, reference) -> float:
+    """Sum over clusters of the size of the cluster's largest reference group, over the items counted
+    (items with label -1 or reference -1 are left out)."""
+    labels, reference = torch.as_tensor(labels).reshape(-1), torch.as_tensor(reference).reshape(-1)
+    if labels.numel() != reference.numel():
+        raise ValueError(f"{labels.numel()} labels for {reference.numel()} reference entries")
+    keep = (labels >= 0) & (reference >= 0)
+    labels, reference = labels[keep], reference[keep]
+    if labels.numel() == 0:
+        raise ValueError("no item has both a cluster and a reference group")
+    total = sum(int(torch.bincount(reference[labels == k]).max()) for k in labels.unique())
+    return total / labels.numel()
+
+
+def _layer(index, layer):
+    if isinstance(layer, str) and hasattr(index, "layers"):
+        return index[layer]
+    raise TypeError(f"expected a NeuronIndex and a layer name, got {type(index).__name__} and {layer!r}")
+
+
+def _check_k(n_clusters, available, what):
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+        raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    if n_clusters > available:
+        raise ValueError(f"n_clusters={n_clusters} is more than the {available} {what} that can be clustered")
+
+
+def _class_means(index, layer_index, caller):
+    if layer_index.class_sum is None:
+        raise ValueError(f"{caller} needs class statistics, but layer {layer_index.name!r} was indexed without "
+                         "labels: index a dataset that yields (image, label) pairs")
+    return layer_index.class_means()
+
+
+def _zscore_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows centred and scaled to unit std; the mask of rows that are finite and not constant."""
+    mean = x.mean(1, keepdim=True)
+    std = x.std(1, keepdim=True, unbiased=False)
+    ok = torch.isfinite(x).all(1) & (std[:, 0] > 1e-12 * (1 + mean[:, 0].abs()))
+    return (x - mean) / std.clamp(min=1e-300), ok
+
+
+def _kmeans(points: torch.Tensor, n_clusters: int, seed: int, n_init: int):
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    data = points.double().numpy()
+    km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(data)
+    labels = torch.as_tensor(km.labels_, dtype=torch.int64)
+    distinct = len(torch.unique(points, dim=0))
+    score = (float(silhouette_score(data, km.labels_))
+             if 2 <= n_clusters < points.shape[0] and distinct > 1 and len(labels.unique()) > 1 else None)
+    return labels, score
+
+
+def _finish(kind, layer, features, n_clusters, ok, sub_labels, score, reference, names):
+    labels = torch.full((ok.numel(),), -1, dtype=torch.int64)
+    labels[ok] = sub_labels
+    pur = None
+    if reference is not None:
+        reference = torch.as_tensor(reference, dtype=torch.int64).reshape(-1)
+        if reference.numel() != labels.numel():
+            raise ValueError(f"reference has {reference.numel()} entries for {labels.numel()} {kind}s")
+        if ((labels >= 0) & (reference >= 0)).any():
+            pur = purity(labels, reference)
+    sizes = torch.bincount(sub_labels, minlength=n_clusters).tolist()
+    return Clusters(kind, layer, features, n_clusters, labels, score, pur, reference, names, sizes)
+
+
+def cluster_units(index, layer: str, n_clusters: int, features: str = "class_profile", nf=None,
+                  reference=None, normalize: bool | None = None, seed: int = 0, n_init: int = 10) -> Clusters:
+    """k-means clusters of the units of ``layer`` (Dai 2020).
+
+    ``features="class_profile"``: each unit's class-conditional means mu_k (SPEC.md 5.2; the index needs
+    labels), z-scored per unit by default (``normalize``) so that the shape of the profile counts, not
+    its scale; units with a constant profile (e.g. never active) get -1. ``features="nf"``: the units'
+    Neuron Features, from ``nf=`` (a ``neuron_features`` result with ``.nf``, or a tensor [C, 3, r, r]);
+    units whose NF is NaN (dead) get -1; not normalised by default.
+    ``reference`` [C] (group per unit, -1 unknown) gives the purity; by default, for class profiles, each
+    unit's preferred class (argmax of mu_k).
+    """
+    layer_index = _layer(index, layer)
+    if features not in UNIT_FEATURES:
+        raise ValueError(f"features must be one of {UNIT_FEATURES}, got {features!r}")
+    num_units = layer_index.num_units
+    if features == "class_profile":
+        means = _class_means(index, layer_index, "cluster_units(features='class_profile')")
+        means = means[torch.isfinite(means).all(1)]          # classes without images carry no information
+        if means.shape[0] < 2:
+            raise ValueError(f"class profiles need at least 2 classes with images, layer {layer!r} has "
+                             f"{means.shape[0]}")
+        points = means.T.contiguous()                          # [C, classes]
+        z, ok = _zscore_rows(points)
+        if normalize is None or normalize:
+            points = z
+        if reference is None:
+            reference = torch.where(ok, points.nan_to_num(-torch.inf).argmax(1), torch.full((num_units,), -1))
+    else:
+        if nf is None:
+            raise ValueError("features='nf' needs the Neuron Features: pass nf= (the result of "
+                             "neuroidx_fast.neuron_features(...) or a tensor [C, 3, r, r])")
+        tensor = getattr(nf, "nf", nf)
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() < 2:
+            raise ValueError(f"nf must have a tensor .nf [C, 3, r, r] or be one, got {type(tensor).__name__}")
+        if tensor.shape[0] != num_units:
+            raise ValueError(f"nf has {tensor.shape[0]} units but layer {layer!r} has {num_units}")
+        points = tensor.detach().double().cpu().reshape(num_units, -1)
+        ok = torch.isfinite(points).all(1)
+        if normalize:
+            z, finite = _zscore_rows(points)
+            points, ok = z, ok & finite
+    available = int(ok.sum())
+    _check_k(n_clusters, available, "units (with a usable feature)")
+    sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init)
+    names = [f"unit {c}" for c in range(num_units)]
+    return _finish("unit", layer, features, n_clusters, ok, sub_labels, score, reference, names)
+
+
+def cluster_categories(index, layer: str, n_clusters: int, groups=None, normalize: bool = True, seed: int = 0,
+                       n_init: int = 10) -> Clusters:
+    """k-means clusters of the image categories (classes) of the index by their mean activation vectors
+    over the units of ``layer`` (rows of class_means, [classes, C]; Dai 2020). ``normalize``: each unit is
+    z-scored across classes first (so that a few large units do not decide alone; constant units are
+    dropped). Classes without images get -1. ``groups`` [classes] (e.g. super-categories) gives the
+    purity. Needs an index built with labels.
+    """
+    layer_index = _layer(index, layer)
+    means = _class_means(index, layer_index, "cluster_categories")      # [classes, C]
+    ok = torch.isfinite(means).all(1)
+    points = means.clone()
+    if normalize:
+        kept = means[ok]
+        z, usable = _zscore_rows(kept.T.contiguous())                  # per unit across classes
+        if not usable.any():
+            raise ValueError(f"every unit of layer {layer!r} has the same mean on every class: nothing to cluster")
+        points = torch.zeros(means.shape[0], int(usable.sum()), dtype=torch.float64)
+        points[ok] = z[usable].T
+    _check_k(n_clusters, int(ok.sum()), "classes with images")
+    sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init)
+    count = means.shape[0]
+    names = list(index.class_names) if index.class_names and len(index.class_names) == count else \
+        [f"class {k}" for k in range(count)]
+    return _finish("category", layer, "class_means", n_clusters, ok, sub_labels, score, groups, names)

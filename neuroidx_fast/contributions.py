@@ -1,0 +1,122 @@
+"""Per-unit contributions to one image's prediction (SPEC.md section 7, Dai 2020):
+contribution_c = sum over positions of F_c * d logit / d F_c, and how much of the total positive
+contribution the top units hold ("domination")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hooks import resolve_layers
+from .maximize import frozen_eval, model_device
+
+__all__ = ["contributions", "Contributions"]
+
+
+@dataclass
+class Contributions:
+    """``values`` [C] float64: each unit's contribution (activation x gradient, summed over positions) to
+    the ``target`` logit; ``logit`` its value and ``logits`` [classes] all of them; ``order`` [C] units by
+    contribution, largest first; ``top``: the number of units ``domination`` counts."""
+
+    layer: str
+    target: int
+    logit: float
+    logits: torch.Tensor
+    values: torch.Tensor
+    order: torch.Tensor
+    top: int
+
+    @property
+    def total(self) -> float:
+        """Sum of all contributions (equals logit(F) - logit(0) when the logit is linear, or positively
+        homogeneous of degree 1, in the layer's output F)."""
+        return float(self.values.sum())
+
+    def domination_curve(self) -> torch.Tensor:
+        """[C] float64: entry n-1 is the share of the total positive contribution held by the n units with
+        the largest contributions (NaN when no unit contributes positively)."""
+        positive = self.values.clamp(min=0)
+        total = positive.sum()
+        if total <= 0:
+            return torch.full_like(positive, float("nan"))
+        return positive[self.order].cumsum(0) / total
+
+    def domination(self, top: int | None = None) -> float:
+        """Share of the total positive contribution held by the ``top`` (default ``self.top``) first units."""
+        top = self.top if top is None else top
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.values.numel():
+            raise ValueError(f"top must be an int in 1..{self.values.numel()}, got {top!r}")
+        return float(self.domination_curve()[top - 1])
+
+    def top_units(self, n: int | None = None) -> list[tuple[int, float]]:
+        """(unit, contribution) of the ``n`` (default ``self.top``) largest contributors."""
+        n = self.top if n is None else n
+        return [(int(u), float(self.values[u])) for u in self.order[:n]]
+
+
+def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int | None = None,
+                  preprocess=None, top: int = 10, device=None) -> Contributions:
+    """Contribution of every unit of ``layer`` to the ``target`` logit (default: the predicted class) for one
+    pixel-space image [3, H, W] (or [1, 3, H, W]); ``preprocess`` runs before the model. The model runs in
+    eval mode (restored afterwards); the model's output must be logits [1, classes]."""
+    modules = resolve_layers(model, [layer]) if isinstance(layer, str) else None
+    if modules is None:
+        raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
+    module = modules[layer]
+    if not isinstance(image, torch.Tensor) or not image.is_floating_point():
+        raise ValueError(f"image must be a float tensor [3, H, W] in pixel space, got {type(image).__name__}")
+    if image.dim() == 3:
+        image = image[None]
+    if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"image must be one image [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}")
+    device = model_device(model, device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    captured = {}
+
+    def hook(mod, inputs, output):
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"layer {layer!r} returned {type(output).__name__}, not a tensor")
+        leaf = output.detach().requires_grad_(True)
+        captured["F"] = leaf
+        # The rest of the forward runs on a copy, so that an in-place op after the layer (ReLU(inplace))
+        # cannot overwrite the activations the contributions multiply.
+        return leaf.clone()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with frozen_eval(model, device):
+            x = image.detach().to(device)
+            if preprocess is not None:
+                x = preprocess(x)
+            logits = model(x.to(dtype))
+            if "F" not in captured:
+                raise RuntimeError(f"the forward never reached layer {layer!r}: it is not used by model.forward")
+            if not isinstance(logits, torch.Tensor) or logits.dim() not in (1, 2) or (logits.dim() == 2
+                                                                                        and logits.shape[0] != 1):
+                raise ValueError(f"the model must return logits [1, classes], got "
+                                 f"{tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
+            logits = logits.reshape(-1)
+            if target is None:
+                target = int(logits.argmax())
+            elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < logits.numel():
+                raise ValueError(f"target must be a class index in 0..{logits.numel() - 1}, got {target!r}")
+            F = captured["F"]
+            (grad,) = torch.autograd.grad(logits[target], F, allow_unused=True)
+            if grad is None:
+                raise ValueError(f"the logits do not depend on layer {layer!r}")
+    finally:
+        handle.remove()
+    if F.dim() not in (2, 4):
+        raise ValueError(f"layer {layer!r} outputs shape {tuple(F.shape)}: expected [1, C, H, W] or [1, C]")
+    prod = (F.detach().double() * grad.double())[0]
+    values = prod.flatten(1).sum(1) if prod.dim() == 3 else prod
+    values = values.cpu()
+    order = torch.sort(values, descending=True, stable=True).indices
+    logits = logits.detach().float().cpu()
+    return Contributions(layer, target, float(logits[target]), logits, values, order,
+                         min(top, values.numel()))

@@ -1,0 +1,498 @@
+"""Activation maximisation (SPEC.md section 7): many units optimised in one batch, one image per unit,
+and the dual objective of Stergiou's "The Mind's Eye" (features of an image set as targets).
+
+The forward runs only up to the layer (``LayerCapture`` stops it there). During the optimisation the
+model is in eval mode with its parameters' ``requires_grad`` off (only the image needs a gradient, and
+no weight gradient is computed); both are restored afterwards and the weights are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .hooks import LayerCapture, resolve_layers
+from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
+
+__all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
+
+OBJECTIVES = ("mean", "center")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def frozen_eval(model: nn.Module, device: torch.device):
+    """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored."""
+    training = {m: m.training for m in model.modules()}
+    requires = {p: p.requires_grad for p in model.parameters()}
+    cudnn = torch.backends.cudnn
+    saved_cudnn = (cudnn.deterministic, cudnn.benchmark)
+    try:
+        model.eval()
+        for p in requires:
+            p.requires_grad_(False)
+        if device.type == "cuda":  # cuDNN may pick non-deterministic (atomic) backward algorithms otherwise
+            cudnn.deterministic, cudnn.benchmark = True, False
+        with torch.enable_grad():
+            yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved_cudnn
+        for m, flag in training.items():
+            m.training = flag
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+
+
+def model_device(model: nn.Module, device) -> torch.device:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)
+        return device
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _param_dtype(model):
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _one_layer(model, layer) -> str:
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
+    return next(iter(resolve_layers(model, [layer])))
+
+
+def _size(size) -> tuple[int, int]:
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+        raise ValueError(f"size must be a positive int or a pair (h, w) of them, got {size!r}")
+    return int(size[0]), int(size[1])
+
+
+def _positive(name, value, integer=False, zero_ok=False):
+    bad = isinstance(value, bool) or (integer and not isinstance(value, int)) or not isinstance(value, (int, float))
+    if bad or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        kind = "int" if integer else "number"
+        raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} {kind}, got {value!r}")
+
+
+def _units(units) -> list[int]:
+    if isinstance(units, torch.Tensor):
+        if units.dtype.is_floating_point or units.dim() > 1:
+            raise ValueError(f"units must be integer channel indices, got a {units.dtype} tensor of shape "
+                             f"{tuple(units.shape)}")
+        units = units.reshape(-1).tolist()
+    elif isinstance(units, int) and not isinstance(units, bool):
+        units = [units]
+    units = list(units)
+    if not units:
+        raise ValueError("no units given: name at least one channel of the layer")
+    if any(isinstance(u, bool) or not isinstance(u, int) for u in units):
+        raise ValueError(f"units must be ints (channel indices), got {units!r}")
+    return units
+
+
+def _layer_width(capture, name, size, dtype, device) -> int:
+    """Channels of the layer's output for an image of ``size`` (one gray probe image, no gradient)."""
+    try:
+        with torch.no_grad():
+            out = capture.run(torch.full((1, 3) + size, 0.5, device=device, dtype=dtype))[name]
+    except RuntimeError as exc:
+        if "never reached" in str(exc):
+            raise
+        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} images up to layer {name!r} "
+                         f"({type(exc).__name__}: {exc}); choose another size") from exc
+    if out.dim() not in (2, 4):
+        raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}: choose a layer whose output is "
+                         "[B, C, H, W] or [B, C]")
+    return out.shape[1]
+
+
+def _check_units(units, width, name):
+    bad = [u for u in units if not 0 <= u < width]
+    if bad:
+        raise ValueError(f"unit(s) {bad[:5]} out of range: layer {name!r} has {width} units (0..{width - 1})")
+
+
+def _objective(out: torch.Tensor, units: torch.Tensor, objective: str) -> torch.Tensor:
+    """[U]: the activation of unit units[u] on image u; mean over positions or at the map's centre."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    maps = out[rows, units]
+    if maps.dim() == 1:
+        return maps.float()
+    if objective == "mean":
+        return maps.flatten(1).float().mean(1)
+    return maps[:, maps.shape[1] // 2, maps.shape[2] // 2].float()
+
+
+def _gap(out: torch.Tensor) -> torch.Tensor:
+    return out.float() if out.dim() == 2 else out.float().mean(dim=(2, 3))
+
+
+def _chunks(n, size):
+    size = n if size is None else size
+    return [range(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _model_input(images, transforms, step, preprocess, dtype):
+    x = transforms(images, step) if transforms is not None else images
+    if preprocess is not None:
+        x = preprocess(x)
+    return x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- maximize
+def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr: float = 0.05,
+             param: str = "fourier", transforms: str | None = "standard", l2: float = 0.0, tv: float = 0.0,
+             blur_every: int = 0, blur_sigma: float = 0.5, objective: str = "mean", seed: int = 0,
+             batch_size: int | None = None, device=None, preprocess=None, decorrelate: bool = True) -> torch.Tensor:
+    """Images [U, 3, h, w] in [0, 1] (float32, CPU) that maximise each unit of ``units`` (channels of
+    ``layer``), one image per unit, all optimised together (``batch_size`` units at a time; None: all).
+
+    Image u maximises ``objective`` (``mean`` over positions, or the ``center`` position, of channel
+    units[u]) minus ``l2`` * mean((x - 0.5)^2) minus ``tv`` * total variation, with Adam (``lr``) for
+    ``steps`` steps. ``param``: ``fourier`` (1/f-scaled spectrum) or ``pixel``; both through a sigmoid,
+    with a fixed colour decorrelation matrix when ``decorrelate``. ``transforms="standard"``: a random
+    rotation, scale and jitter of each image at each step, on a mid-gray surround (None: the model sees
+    the image as is). ``blur_every`` > 0 blurs the image (std ``blur_sigma`` px) every that many steps.
+    ``preprocess`` (e.g. normalisation) is applied to the [0, 1] image before the model.
+
+    Image u depends only on (seed, units[u], the arguments), not on the other units of the batch (up to
+    the float rounding of batched convolutions), and is bit-identical from run to run on one device. On
+    CUDA that holds when the modules up to ``layer`` have deterministic backwards (convolutions under
+    the deterministic cuDNN set here, max-pooling, BatchNorm, ReLU do; AdaptiveAvgPool2d and bilinear
+    interpolate do not). ``steps=0`` returns the starting images (near-uniform gray).
+    """
+    name = _one_layer(model, layer)
+    units = _units(units)
+    size = _size(size)
+    _positive("steps", steps, integer=True, zero_ok=True)
+    _positive("lr", lr)
+    for label, value in (("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)):
+        _positive(label, value, zero_ok=True)
+    _positive("blur_every", blur_every, integer=True, zero_ok=True)
+    if batch_size is not None:
+        _positive("batch_size", batch_size, integer=True)
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    if transforms not in ("standard", None):
+        raise ValueError(f"transforms must be 'standard' or None, got {transforms!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    device = model_device(model, device)
+    dtype = _param_dtype(model)
+    results = []
+    with frozen_eval(model, device), LayerCapture(model, [name]) as capture:
+        _check_units(units, _layer_width(capture, name, size, dtype, device), name)
+        for chunk in _chunks(len(units), batch_size):
+            ids = [units[i] for i in chunk]
+            image = ImageParam.random(param, ids, size, decorrelate=decorrelate, device=device, seed=seed)
+            warp = (RandomTransforms(ids, steps, size, seed=seed, device=device)
+                    if transforms == "standard" else None)
+            target = torch.tensor(ids, device=device)
+            optimiser = torch.optim.Adam([image.params], lr=lr)
+            for step in range(steps):
+                optimiser.zero_grad(set_to_none=True)
+                x = image.image()
+                out = capture.run(_model_input(x, warp, step, preprocess, dtype))[name]
+                loss = -_objective(out, target, objective).sum()
+                if l2:
+                    loss = loss + l2 * (x - 0.5).square().flatten(1).mean(1).sum()
+                if tv:
+                    loss = loss + tv * total_variation(x).sum()
+                loss.backward()
+                optimiser.step()
+                if blur_every and (step + 1) % blur_every == 0:
+                    image.blur_(blur_sigma)
+            with torch.no_grad():
+                results.append(image.image().float().cpu())
+    return torch.cat(results)
+
+
+def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, objective: str = "mean",
+                     preprocess=None, batch_size: int = 64, device=None) -> torch.Tensor:
+    """[N] float32: the ``objective`` activation of unit units[n] on image n (pixel-space [N, 3, H, W]);
+    one int ``units`` means that unit on every image. No transforms: what the image itself drives."""
+    name = _one_layer(model, layer)
+    images = _image_batch(images)
+    units = _units(units)
+    if len(units) == 1:
+        units = units * images.shape[0]
+    if len(units) != images.shape[0]:
+        raise ValueError(f"{len(units)} units for {images.shape[0]} images: give one unit per image or one unit")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    _positive("batch_size", batch_size, integer=True)
+    device = model_device(model, device)
+    dtype = _param_dtype(model)
+    values = []
+    with frozen_eval(model, device), torch.no_grad(), LayerCapture(model, [name]) as capture:
+        _check_units(units, _layer_width(capture, name, tuple(images.shape[-2:]), dtype, device), name)
+        target = torch.tensor(units, device=device)
+        for chunk in _chunks(images.shape[0], batch_size):
+            x = _model_input(images[chunk.start:chunk.stop].to(device), None, 0, preprocess, dtype)
+            values.append(_objective(capture.run(x)[name], target[chunk.start:chunk.stop], objective).cpu())
+    return torch.cat(values)
+
+
+# ---------------------------------------------------------------------------------------------- dual objective
+@dataclass
+class TowardsResult:
+    """What ``maximize_towards(..., return_targets=True)`` used and reached, per cluster k.
+
+    ``images`` [K, 3, h, w]; ``labels`` [N] (cluster of each input image); ``weights`` [N] (each image's
+    weight inside its cluster, summing to 1 per cluster); ``targets`` [K, C] (weighted mean pooled
+    features T); ``top_channels`` [K, top] (channels of T ranked by value); ``start`` [K, 3, h, w] (the
+    weighted mean images); ``distance_start`` / ``distance_end`` [K] (Charbonnier distance between
+    GAP(layer(x)) and T at the start image and the result); ``activation_start`` / ``activation_end`` [K]
+    (the activation term: sum over top channels of o * T / sum of T^2, 1 when o equals T there).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    targets: torch.Tensor
+    top_channels: torch.Tensor
+    start: torch.Tensor
+    distance_start: torch.Tensor
+    distance_end: torch.Tensor
+    activation_start: torch.Tensor
+    activation_end: torch.Tensor
+
+
+def _image_batch(images, ids=None) -> torch.Tensor:
+    """A pixel-space batch [N, 3, H, W] (CPU float32) from a tensor, a list of images or a map-style
+    dataset yielding images or (image, label) pairs; ``ids`` picks items."""
+    if isinstance(images, torch.Tensor):
+        batch = images if ids is None else images[torch.as_tensor(ids, dtype=torch.int64)]
+        if batch.dim() == 3:
+            batch = batch[None]
+    else:
+        try:
+            length = len(images)
+        except TypeError:
+            raise TypeError("images must be a tensor [N, 3, H, W], a list of [3, H, W] tensors or a map-style "
+                            f"dataset, got {type(images).__name__}") from None
+        picks = range(length) if ids is None else [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        items = []
+        for i in picks:
+            if not -length <= i < length:
+                raise IndexError(f"image id {i} out of range: the image set has {length} items")
+            item = images[i]
+            items.append(item[0] if isinstance(item, (tuple, list)) else item)
+        if not items:
+            raise ValueError("the image set is empty: give at least one image")
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in items):
+            raise ValueError("every image must be a tensor [3, H, W] in pixel space [0, 1]")
+        if len({tuple(t.shape) for t in items}) != 1:
+            raise ValueError(f"images of several sizes: {sorted({tuple(t.shape) for t in items})[:4]}; resize them "
+                             "to one size")
+        batch = torch.stack(items)
+    if batch.dim() != 4 or batch.shape[1] != 3 or not batch.is_floating_point():
+        raise ValueError(f"expected float images [N, 3, H, W] in pixel space [0, 1], got {tuple(batch.shape)} "
+                         f"{batch.dtype}")
+    if batch.shape[0] == 0:
+        raise ValueError("the image set is empty: give at least one image")
+    return batch.detach().float().cpu()
+
+
+def _check_pixel_range(batch: torch.Tensor) -> None:
+    low, high = float(batch.min()), float(batch.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"images must be in pixel space [0, 1], got values in [{low:.3g}, {high:.3g}]: pass the "
+                         "images before normalisation and put the normalisation in preprocess=")
+
+
+def _charbonnier(o: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """[K]: mean over channels of sqrt(r^2 + eps^2) - eps, r the difference scaled by the RMS of the target
+    (a robust distance: quadratic near 0, linear for outliers; scale-free across layers)."""
+    scale = target.square().mean(1, keepdim=True).sqrt().clamp(min=1e-12)
+    r = (o - target) / scale
+    return (torch.sqrt(r * r + eps * eps) - eps).mean(1)
+
+
+def _activation_term(o: torch.Tensor, target: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    t_top = target.gather(1, top)
+    return (o.gather(1, top) * t_top).sum(1) / t_top.square().sum(1).clamp(min=1e-12)
+
+
+def _cluster_images(features: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means labels [N] on the L2-normalised pooled features, and each image's weight in its cluster:
+    exp(-d^2 / (2 mean d^2)) with d its distance to the centre (typical images count more than outliers),
+    normalised to sum 1 per cluster."""
+    unit = features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    n = features.shape[0]
+    if clusters == 1:
+        labels = torch.zeros(n, dtype=torch.int64)
+    else:
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(unit.double().numpy())
+        labels = torch.as_tensor(km.labels_, dtype=torch.int64)
+    weights = torch.zeros(n, dtype=torch.float64)
+    for k in range(clusters):
+        members = (labels == k).nonzero().reshape(-1)
+        if members.numel() == 0:
+            raise ValueError(f"k-means left cluster {k} empty ({n} images for {clusters} clusters, some of them "
+                             "identical): use fewer clusters")
+        pts = unit[members].double()
+        d2 = (pts - pts.mean(0)).square().sum(1)
+        w = torch.exp(-d2 / (2 * d2.mean())) if float(d2.mean()) > 0 else torch.ones_like(d2)
+        weights[members] = w / w.sum()
+    return labels, weights
+
+
+def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, top_channels: int = 50,
+                     steps: int = 200, lr: float = 0.05, activation_weight: float = 0.5,
+                     distance_weight: float = 1.0, l1: float = 0.01, tv: float = 0.01, blur_every: int = 10,
+                     blur_sigma: float = 0.5, lr_decay: float = 0.1, charbonnier_eps: float = 1e-3,
+                     param: str = "fourier", transforms: str | None = None, weights=None, ids=None,
+                     preprocess=None, seed: int = 0, batch_size: int = 64, device=None, decorrelate: bool = True,
+                     return_targets: bool = False):
+    """The dual objective of Stergiou's "The Mind's Eye" (SPEC.md 7): images [clusters, 3, h, w] in [0, 1]
+    showing the class-agnostic features that ``layer`` sees in a set of images.
+
+    ``images``: a tensor [N, 3, h, w], a list of images or a map-style dataset (``ids`` picks items, e.g.
+    a unit's top images from the index). Their global-average-pooled features are clustered with
+    k-means (``clusters`` targets); each cluster's target T is the weighted mean of its images' features
+    (``weights`` per image, or the default: typical images weigh more than outliers). Image k starts from
+    the weighted mean of its images and minimises, with Adam and a step decaying exponentially from ``lr``
+    to ``lr * lr_decay``:
+        - activation_weight * sum_{top channels of T} o_ch T_ch / sum T_ch^2      (o = GAP(layer(x)))
+        + distance_weight * Charbonnier(o - T)  (scaled by the RMS of T)
+        + l1 * mean |x - 0.5| + tv * total variation(x)
+    and is blurred every ``blur_every`` steps. ``return_targets=True`` also returns a ``TowardsResult``.
+    """
+    name = _one_layer(model, layer)
+    batch = _image_batch(images, ids)
+    _check_pixel_range(batch)
+    n = batch.shape[0]
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
+        raise ValueError(f"clusters must be a positive int, got {clusters!r}")
+    if clusters > n:
+        raise ValueError(f"clusters={clusters} is more than the {n} images given: choose clusters <= {n}")
+    _positive("top_channels", top_channels, integer=True)
+    _positive("steps", steps, integer=True, zero_ok=True)
+    _positive("lr", lr)
+    _positive("batch_size", batch_size, integer=True)
+    _positive("blur_every", blur_every, integer=True, zero_ok=True)
+    _positive("charbonnier_eps", charbonnier_eps)
+    for label, value in (("activation_weight", activation_weight), ("distance_weight", distance_weight),
+                         ("l1", l1), ("tv", tv), ("blur_sigma", blur_sigma)):
+        _positive(label, value, zero_ok=True)
+    if not 0 < lr_decay <= 1:
+        raise ValueError(f"lr_decay (final step / first step) must be in (0, 1], got {lr_decay!r}")
+    if param not in PARAMS:
+        raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
+    if transforms not in ("standard", None):
+        raise ValueError(f"transforms must be 'standard' or None, got {transforms!r}")
+    device = model_device(model, device)
+    dtype = _param_dtype(model)
+    size = tuple(batch.shape[-2:])
+
+    with frozen_eval(model, device), LayerCapture(model, [name]) as capture:
+        _layer_width(capture, name, size, dtype, device)
+        with torch.no_grad():
+            features = torch.cat([
+                _gap(capture.run(_model_input(batch[c.start:c.stop].to(device), None, 0, preprocess, dtype))[name])
+                for c in _chunks(n, batch_size)]).cpu()
+        labels, default_weights = _cluster_images(features, clusters, seed)
+        if weights is None:
+            w = default_weights
+        else:
+            w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            if w.numel() != n or not torch.isfinite(w).all() or (w < 0).any():
+                raise ValueError(f"weights must be {n} finite non-negative numbers, one per image")
+            sums = torch.zeros(clusters, dtype=torch.float64).index_add_(0, labels, w)
+            if (sums <= 0).any():
+                raise ValueError(f"the weights of cluster(s) {(sums <= 0).nonzero().reshape(-1).tolist()} sum to 0")
+            w = w / sums[labels]
+        onehot = torch.zeros(clusters, n, dtype=torch.float64)
+        onehot[labels, torch.arange(n)] = w
+        targets = (onehot @ features.double()).float()                                   # [K, C]
+        start = torch.einsum("kn,nchw->kchw", onehot, batch.double()).float().clamp(0, 1)
+        top = min(top_channels, targets.shape[1])
+        top_idx = targets.topk(top, dim=1).indices
+
+        out_images, d0, d1, a0, a1 = [], [], [], [], []
+        for chunk in _chunks(clusters, batch_size):
+            t = targets[chunk.start:chunk.stop].to(device)
+            idx = top_idx[chunk.start:chunk.stop].to(device)
+            image = ImageParam.from_images(param, start[chunk.start:chunk.stop].to(device), decorrelate=decorrelate)
+            warp = (RandomTransforms(list(chunk), steps, size, seed=seed, device=device)
+                    if transforms == "standard" else None)
+            optimiser = torch.optim.Adam([image.params], lr=lr)
+
+            def terms(x, step=0, warped=None):
+                o = _gap(capture.run(_model_input(x, warped, step, preprocess, dtype))[name])
+                return _activation_term(o, t, idx), _charbonnier(o, t, charbonnier_eps)
+
+            with torch.no_grad():
+                act, dist = terms(image.image())
+                a0.append(act.cpu()), d0.append(dist.cpu())
+            for step in range(steps):
+                for group in optimiser.param_groups:
+                    group["lr"] = lr * lr_decay ** (step / max(1, steps - 1))
+                optimiser.zero_grad(set_to_none=True)
+                x = image.image()
+                act, dist = terms(x, step, warp)
+                loss = (-activation_weight * act + distance_weight * dist).sum()
+                if l1:
+                    loss = loss + l1 * (x - 0.5).abs().flatten(1).mean(1).sum()
+                if tv:
+                    loss = loss + tv * total_variation(x).sum()
+                loss.backward()
+                optimiser.step()
+                if blur_every and (step + 1) % blur_every == 0:
+                    image.blur_(blur_sigma)
+            with torch.no_grad():
+                x = image.image()
+                act, dist = terms(x)
+                a1.append(act.cpu()), d1.append(dist.cpu())
+                out_images.append(x.float().cpu())
+    result = torch.cat(out_images)
+    if not return_targets:
+        return result
+    return result, TowardsResult(result, labels, w.float(), targets, top_idx, start, torch.cat(d0), torch.cat(d1),
+                                 torch.cat(a0), torch.cat(a1))
+
+
+# ---------------------------------------------------------------------------------------------- PNG
+def save_maximized(images: torch.Tensor, path, titles=None, ncols: int | None = None, scale: int = 1,
+                   gap: int = 2) -> str:
+    """Write the images [N, 3, h, w] (e.g. from ``maximize``) as one PNG grid, with an optional title
+    under each (e.g. ``[f"unit {u}" for u in units]``); returns the path."""
+    from .png import image_grid, save_png, to_pil
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise ValueError(f"expected images [N, 3, h, w] with N >= 1, got {getattr(images, 'shape', images)!r}")
+    if titles is None:
+        return save_png(image_grid(images, ncols=ncols, gap=gap, scale=scale), path)
+    titles = [str(t) for t in titles]
+    if len(titles) != images.shape[0]:
+        raise ValueError(f"{len(titles)} titles for {images.shape[0]} images")
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    tiles = [to_pil(im, scale) for im in images]
+    w, h = tiles[0].size
+    line = max(font.getbbox(t or " ")[3] for t in titles) + 4
+    text_w = max(font.getbbox(t or " ")[2] for t in titles)
+    cell_w = max(w, text_w + 2)
+    ncols = ncols or math.ceil(math.sqrt(len(tiles)))
+    nrows = math.ceil(len(tiles) / ncols)
+    grid = Image.new("RGB", (ncols * cell_w + (ncols - 1) * gap, nrows * (h + line) + (nrows - 1) * gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (tile, title) in enumerate(zip(tiles, titles)):
+        x0, y0 = (i % ncols) * (cell_w + gap), (i // ncols) * (h + line + gap)
+        grid.paste(tile, (x0 + (cell_w - w) // 2, y0))
+        draw.text((x0 + (cell_w - font.getbbox(title or " ")[2]) // 2, y0 + h + 2), title, fill="black", font=font)
+    return save_png(grid, path)

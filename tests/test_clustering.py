@@ -1,0 +1,196 @@
+"""Clustering of units and image categories, and per-unit contributions to a prediction (Dai 2020;
+SPEC.md section 7)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+from torch import nn
+
+import neuroidx_fast as nx
+from neuroidx_fast.clustering import cluster_categories, cluster_units, purity
+from neuroidx_fast.contributions import contributions
+
+GROUPS, COPIES, DEAD = 3, 4, 2
+TINTS = torch.tensor([[1.0, 0.15, 0.15], [0.15, 1.0, 0.15], [0.15, 0.15, 1.0]])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a shared, loaded machine an OpenMP barrier per op costs more than the
+    op (20x slower here with 2 threads than with 1). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def planted_model(seed=0):
+    """One conv layer whose units are noisy copies of 3 colour detectors (R, G, B: units 4g..4g+3), plus
+    2 units that never fire (a large negative bias), then ReLU."""
+    g = torch.Generator().manual_seed(seed)
+    conv = nn.Conv2d(3, GROUPS * COPIES + DEAD, 3, padding=1)
+    with torch.no_grad():
+        for group in range(GROUPS):
+            base = torch.full((3, 3, 3), -0.5 / 9)
+            base[group] = 1.0 / 9
+            for c in range(COPIES):
+                unit = group * COPIES + c
+                conv.weight[unit] = base + 0.03 * torch.randn(3, 3, 3, generator=g)
+                conv.bias[unit] = 0.05 * torch.randn((), generator=g)
+        conv.weight[GROUPS * COPIES:] = -0.1
+        conv.bias[GROUPS * COPIES:] = -5.0
+    return nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(conv.out_channels, 6)).eval()
+
+
+class TintedImages(torch.utils.data.Dataset):
+    """6 classes: tint (R, G, B) x brightness (bright, dim); class = 2 * tint + dim. Textured noise."""
+
+    def __init__(self, per_class=6, size=12, labels=True):
+        g = torch.Generator().manual_seed(1)
+        images, targets = [], []
+        for cls in range(6):
+            tint, dim = divmod(cls, 2)
+            brightness = 0.55 if dim else 0.95
+            for _ in range(per_class):
+                noise = 0.6 + 0.4 * torch.rand(3, size, size, generator=g)
+                images.append((noise * TINTS[tint][:, None, None] * brightness).clamp(0, 1))
+                targets.append(cls)
+        self.images, self.targets, self.labels = torch.stack(images), targets, labels
+        self.classes = [f"{c}-{b}" for c in "RGB" for b in ("bright", "dim")]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return (self.images[i], self.targets[i]) if self.labels else self.images[i]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return planted_model()
+
+
+@pytest.fixture(scope="module")
+def index(model):
+    return nx.index_dataset(model, TintedImages(), ["1"], k=4, batch_size=16, progress=False)
+
+
+def planted_groups():
+    return torch.arange(GROUPS * COPIES) // COPIES
+
+
+# ---------------------------------------------------------------------------------------------- units
+def test_units_cluster_by_class_profile_into_the_planted_groups(index):
+    result = cluster_units(index, "1", 3)
+    live = GROUPS * COPIES
+    assert (result.labels[live:] == -1).all()  # never active: constant profile, left out
+    assert adjusted_rand_score(planted_groups(), result.labels[:live]) == 1.0
+    # the preferred class of a red unit is a red class, etc.: clusters are pure
+    assert result.purity == 1.0
+    assert result.silhouette is not None and result.silhouette > 0.5
+    assert sorted(result.sizes) == [COPIES] * GROUPS
+    frame = result.to_frame()
+    assert list(frame.columns) == ["unit", "cluster", "reference"] and len(frame) == live + DEAD
+    assert result.members(int(result.labels[0])) == list(range(COPIES))
+    # Too many clusters for the usable units
+    with pytest.raises(ValueError, match="n_clusters=13 is more than the 12 units"):
+        cluster_units(index, "1", 13)
+
+
+def test_units_cluster_by_neuron_features_dead_ones_left_out(index):
+    g = torch.Generator().manual_seed(2)
+    bases = torch.rand(GROUPS, 3, 5, 5, generator=g)
+    nf = torch.cat([bases[planted_groups()] + 0.03 * torch.randn(GROUPS * COPIES, 3, 5, 5, generator=g),
+                    torch.full((DEAD, 3, 5, 5), float("nan"))])
+    for given in (nf, SimpleNamespace(nf=nf)):  # a tensor or a neuron_features result
+        result = cluster_units(index, "1", 3, features="nf", nf=given)
+        assert (result.labels[GROUPS * COPIES:] == -1).all()
+        assert adjusted_rand_score(planted_groups(), result.labels[:GROUPS * COPIES]) == 1.0
+        assert result.purity is None and result.silhouette > 0.5
+    reference = torch.cat([planted_groups(), torch.full((DEAD,), -1)])
+    assert cluster_units(index, "1", 3, features="nf", nf=nf, reference=reference).purity == 1.0
+    # 2 clusters of 3 planted groups: impure, and purity says so
+    assert cluster_units(index, "1", 2, features="nf", nf=nf, reference=reference).purity < 1.0
+    with pytest.raises(ValueError, match="needs the Neuron Features"):
+        cluster_units(index, "1", 3, features="nf")
+    with pytest.raises(ValueError, match="nf has 5 units but layer '1' has 14"):
+        cluster_units(index, "1", 3, features="nf", nf=nf[:5])
+    with pytest.raises(ValueError, match="features must be one of"):
+        cluster_units(index, "1", 3, features="weights")
+
+
+def test_categories_cluster_by_tint(index):
+    result = cluster_categories(index, "1", 3, groups=[0, 0, 1, 1, 2, 2])
+    assert adjusted_rand_score([0, 0, 1, 1, 2, 2], result.labels) == 1.0
+    assert result.purity == 1.0 and result.silhouette > 0.3
+    assert result.names == index.class_names
+    assert cluster_categories(index, "1", 2, groups=[0, 0, 1, 1, 2, 2]).purity < 1.0
+    with pytest.raises(ValueError, match="n_clusters=7 is more than the 6 classes"):
+        cluster_categories(index, "1", 7)
+
+
+def test_clear_errors_without_labels_or_layer(model):
+    unlabelled = nx.index_dataset(model, TintedImages(labels=False), ["1"], k=4, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="indexed without labels"):
+        cluster_categories(unlabelled, "1", 2)
+    with pytest.raises(ValueError, match="indexed without labels"):
+        cluster_units(unlabelled, "1", 2)
+    with pytest.raises(KeyError, match="not in this index"):
+        cluster_units(unlabelled, "0", 2)
+
+
+def test_purity():
+    assert purity([0, 0, 1, 1], [5, 5, 6, 7]) == 0.75
+    assert purity([0, -1, 1, 1], [5, 6, 6, -1]) == 1.0
+    with pytest.raises(ValueError, match="3 labels for 2"):
+        purity([0, 0, 1], [0, 1])
+
+
+# ---------------------------------------------------------------------------------------------- contributions
+def linear_head_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(6, 3)).eval()
+
+
+@pytest.mark.parametrize("layer", ["0", "1"])
+def test_contributions_sum_to_the_logit_change_against_zero(layer):
+    # The logit is positively homogeneous in the conv output F (ReLU, mean, linear): logit(F) - logit(0)
+    # equals sum of F * dlogit/dF exactly; unit c contributes w[target, c] * mean(relu(F_c)).
+    model = linear_head_model()
+    image = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(4))
+    result = contributions(model, image, layer, top=2)
+    with torch.no_grad():
+        logits = model(image[None])[0]
+        pooled = torch.relu(model[0](image[None]))[0].mean(dim=(1, 2))
+    assert result.target == int(logits.argmax())
+    head = model[4]
+    with torch.no_grad():
+        baseline = float(head(torch.zeros(1, 6))[0, result.target])  # the logit with F = 0
+    assert result.logit == pytest.approx(float(logits[result.target]), abs=1e-6)
+    assert result.total == pytest.approx(result.logit - baseline, abs=1e-5)
+    assert torch.allclose(result.values, (head.weight[result.target] * pooled).double(), atol=1e-6)
+    curve = result.domination_curve()
+    positive = result.values.clamp(min=0)
+    assert curve[-1] == pytest.approx(1.0) and (curve[1:] >= curve[:-1]).all()
+    assert result.domination() == pytest.approx(float(positive.sort(descending=True).values[:2].sum() / positive.sum()))
+    assert result.top_units()[0][0] == int(result.values.argmax())
+    other = contributions(model, image, layer, target=(result.target + 1) % 3)
+    assert other.total == pytest.approx(float(logits[other.target]) - float(head.bias[other.target].detach()), abs=1e-5)
+
+
+def test_contributions_errors_and_state():
+    model = planted_model().train()
+    image = torch.rand(3, 12, 12)
+    with pytest.raises(ValueError, match="target must be a class index in 0..5"):
+        contributions(model, image, "0", target=6)
+    with pytest.raises(ValueError, match="unknown layer"):
+        contributions(model, image, "conv")
+    with pytest.raises(ValueError, match="one image"):
+        contributions(model, torch.rand(2, 3, 12, 12), "0")
+    result = contributions(model, image, "0")
+    assert model.training and model[0].training  # restored
+    assert result.values.shape == (GROUPS * COPIES + DEAD,)
+    assert 0 < result.domination(3) <= 1

@@ -1,0 +1,278 @@
+"""Activation maximisation (batched) and the dual objective of "The Mind's Eye" (SPEC.md section 7)."""
+
+import pytest
+import torch
+from torch import nn
+
+import neuroidx_fast.maximize as mx
+from neuroidx_fast.image_param import ImageParam, RandomTransforms, color_matrix, total_variation
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tensors are tiny: on a shared, loaded machine an OpenMP barrier per op costs more than the
+    op (20x slower here with 2 threads than with 1). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_net(seed=0, batchnorm=False):
+    """conv1 (8 units; unit 0 a planted red detector: +R, -G, -B on every tap) -> ReLU -> pool -> conv2
+    (16 units) -> ReLU -> GAP -> fc (4 logits). conv1's biases are positive so that no unit of conv2 starts
+    dead on a gray image."""
+    torch.manual_seed(seed)
+    m = nn.Sequential()
+    m.add_module("conv1", nn.Conv2d(3, 8, 3, padding=1))
+    if batchnorm:
+        m.add_module("bn1", nn.BatchNorm2d(8))
+    m.add_module("relu1", nn.ReLU())
+    m.add_module("pool1", nn.MaxPool2d(2))
+    m.add_module("conv2", nn.Conv2d(8, 16, 3, padding=1))
+    m.add_module("relu2", nn.ReLU())
+    m.add_module("gap", nn.AdaptiveAvgPool2d(1))
+    m.add_module("flat", nn.Flatten())
+    m.add_module("fc", nn.Linear(16, 4))
+    with torch.no_grad():
+        m.conv1.bias.uniform_(0.1, 0.3)
+        m.conv1.weight[0] = 0
+        m.conv1.weight[0, 0] = 1 / 9
+        m.conv1.weight[0, 1:] = -0.5 / 9
+        m.conv1.bias[0] = 0
+        if batchnorm:
+            m.bn1.running_mean.uniform_(-0.1, 0.1)
+            m.bn1.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def net():
+    return tiny_net()
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return torch.rand(48, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+def dataset_stats(model, layer, images, units, objective):
+    acts = torch.stack([mx.unit_activations(model, layer, images, u, objective=objective) for u in units])
+    return acts.mean(1), acts.amax(1)
+
+
+# ---------------------------------------------------------------------------------------------- maximize
+def test_linear_units_approach_their_optimum_and_red_detector_goes_red(net, noise):
+    units = list(range(8))
+    start = mx.maximize(net, "conv1", units, size=SIZE, steps=0)
+    images = mx.maximize(net, "conv1", units, size=SIZE, steps=40)
+    assert images.shape == (8, 3, SIZE, SIZE) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    a0 = mx.unit_activations(net, "conv1", start, units)
+    a1 = mx.unit_activations(net, "conv1", images, units)
+    # A conv1 unit is linear in the image: its mean is best for the image whose channel c is 1 where the
+    # filter's channel c sums positive, 0 elsewhere.
+    best_image = (net.conv1.weight.sum(dim=(2, 3)) > 0).float()[:, :, None, None].expand(-1, -1, SIZE, SIZE)
+    best = mx.unit_activations(net, "conv1", best_image, units)
+    data_mean, _ = dataset_stats(net, "conv1", noise, units, "mean")
+    assert ((best - a0) > 0.05).all()
+    assert ((a1 - a0) >= 0.4 * (best - a0)).all(), (a0, a1, best)
+    assert ((a1 - data_mean) >= 0.4 * (best - data_mean)).all(), (data_mean, a1, best)
+    r, g, b = images[0].mean(dim=(1, 2))
+    assert r > g + 0.3 and r > b + 0.3, (r, g, b)
+    assert start[0].mean(dim=(1, 2)).std() < 0.02  # it started gray
+
+
+@pytest.mark.parametrize("param", ["fourier", "pixel"])
+def test_deep_units_driven_above_start_and_dataset(net, noise, param):
+    units = list(range(16))
+    start = mx.maximize(net, "conv2", units, size=SIZE, steps=0, param=param, objective="center")
+    images = mx.maximize(net, "conv2", units, size=SIZE, steps=60, param=param, objective="center")
+    a0 = mx.unit_activations(net, "conv2", start, units, objective="center")
+    a1 = mx.unit_activations(net, "conv2", images, units, objective="center")
+    data_mean, data_max = dataset_stats(net, "conv2", noise, units, "center")
+    assert (a1 > a0 + 0.03).all(), (a0, a1)
+    assert (a1 > data_mean + 0.08).all(), (data_mean, a1)
+    assert (a1 > data_max).float().mean() >= 0.75, (data_max, a1)
+
+
+def test_mean_objective_and_two_dimensional_layer(net):
+    a0 = mx.unit_activations(net, "fc", mx.maximize(net, "fc", [0, 1, 2, 3], size=SIZE, steps=0), [0, 1, 2, 3])
+    images = mx.maximize(net, "fc", [0, 1, 2, 3], size=SIZE, steps=40, transforms=None)
+    a1 = mx.unit_activations(net, "fc", images, [0, 1, 2, 3])
+    assert (a1 > a0 + 0.02).all(), (a0, a1)
+
+
+def test_regularisers_do_their_job(net):
+    kw = dict(size=SIZE, steps=30, param="pixel", transforms=None)
+    free = mx.maximize(net, "conv2", [1, 3], **kw)
+    smooth = mx.maximize(net, "conv2", [1, 3], tv=5.0, **kw)
+    gray = mx.maximize(net, "conv2", [1, 3], l2=50.0, **kw)
+    blurred = mx.maximize(net, "conv2", [1, 3], blur_every=2, blur_sigma=1.0, **kw)
+    assert (total_variation(smooth) < 0.7 * total_variation(free)).all()
+    assert (total_variation(blurred) < 0.7 * total_variation(free)).all()
+    dev = lambda x: (x - 0.5).abs().flatten(1).mean(1)  # noqa: E731
+    assert (dev(gray) < 0.7 * dev(free)).all()
+
+
+def test_deterministic_and_independent_of_the_batch(net):
+    kw = dict(size=SIZE, steps=25, objective="center")
+    a = mx.maximize(net, "conv2", [0, 2, 5, 7], **kw)
+    b = mx.maximize(net, "conv2", [0, 2, 5, 7], **kw)
+    assert torch.equal(a, b)
+    other = mx.maximize(net, "conv2", [0, 2, 5, 7], seed=1, **kw)
+    assert (a - other).abs().max() > 1e-2
+    # An image depends on its own unit and seed only; other units in the batch change the float rounding
+    # of the convolutions at most (a few pixels may drift where a ReLU or max-pool switches over).
+    alone = mx.maximize(net, "conv2", [5], **kw)
+    assert (alone[0] - a[2]).abs().mean() < 1e-3
+    chunked = mx.maximize(net, "conv2", [0, 2, 5, 7], batch_size=3, **kw)
+    assert ((chunked - a).abs().flatten(1).mean(1) < 1e-3).all()
+    assert (alone[0] - a[0]).abs().mean() > 1e-2  # while another unit's image is far away
+
+
+def test_preprocess_is_applied_before_the_model(net):
+    swap = lambda x: x[:, [2, 1, 0]]  # noqa: E731  the model sees BGR: the red detector wants blue
+    images = mx.maximize(net, "conv1", [0], size=SIZE, steps=40, preprocess=swap)
+    r, g, b = images[0].mean(dim=(1, 2))
+    assert b > r + 0.3 and b > g + 0.3, (r, g, b)
+
+
+def test_model_state_restored_and_eval_mode_used():
+    model = tiny_net(batchnorm=True)
+    reference = mx.maximize(model, "conv2", [1, 4], size=SIZE, steps=10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    model.conv1.weight.requires_grad_(False)
+    model.fc.training = False
+    trained = mx.maximize(model, "conv2", [1, 4], size=SIZE, steps=10)
+    assert torch.equal(trained, reference)  # BatchNorm used its running statistics (eval mode)
+    assert model.training and model.bn1.training and not model.fc.training
+    assert not model.conv1.weight.requires_grad and model.conv2.weight.requires_grad
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_errors(net):
+    with pytest.raises(ValueError, match="unknown layer 'conv3'.*conv"):
+        mx.maximize(net, "conv3", [0], size=SIZE, steps=1)
+    with pytest.raises(ValueError, match=r"out of range: layer 'conv1' has 8 units"):
+        mx.maximize(net, "conv1", [3, 8], size=SIZE, steps=1)
+    with pytest.raises(ValueError, match="no units"):
+        mx.maximize(net, "conv1", [], size=SIZE, steps=1)
+    with pytest.raises(ValueError, match="param"):
+        mx.maximize(net, "conv1", [0], size=SIZE, steps=1, param="wavelet")
+    with pytest.raises(ValueError, match="objective"):
+        mx.maximize(net, "conv1", [0], size=SIZE, steps=1, objective="max")
+    with pytest.raises(ValueError, match="size"):
+        mx.maximize(net, "conv1", [0], size=0, steps=1)
+    with pytest.raises(ValueError, match="cannot run on 2x2"):
+        mx.maximize(nn.Sequential(nn.Conv2d(3, 4, 5)), "0", [0], size=2, steps=1)
+
+
+def test_parametrisations_round_trip_and_colour_matrix():
+    m = color_matrix()
+    assert torch.allclose(m, m.T) and torch.allclose(m.norm(dim=0), torch.ones(3), atol=1e-6)
+    images = torch.rand(2, 3, 20, 24, generator=torch.Generator().manual_seed(3)) * 0.9 + 0.05
+    for kind in ("fourier", "pixel"):
+        assert torch.allclose(ImageParam.from_images(kind, images).image(), images, atol=1e-5)
+    for method in ("sample", "fft"):  # identity draws give the image back
+        warp = RandomTransforms([0, 1], steps=3, size=(20, 24), degrees=0.0, scale=0.0, jitter=0, method=method)
+        assert torch.allclose(warp(images, 0), images, atol=1e-5)
+
+
+def test_the_two_warps_agree():
+    # The CPU warp (grid_sample) and the deterministic CUDA one (FFT shears + resampling matrices) are the
+    # same geometric transform: on a smooth image they differ far less than the warp changes the image.
+    n = 40
+    y, x = torch.meshgrid(torch.arange(n) - 19.5, torch.arange(n) - 19.5, indexing="ij")
+    blob = lambda cy, cx, s: torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / s)  # noqa: E731
+    image = torch.stack([0.5 + 0.4 * blob(5, 8, 30), 0.5 + 0.4 * blob(-6, 2, 40), 0.5 - 0.3 * blob(1, -9, 30)])
+    images = image[None].repeat(4, 1, 1, 1)
+    sample = RandomTransforms([0, 1, 2, 3], 4, (n, n), method="sample")
+    fft = RandomTransforms([0, 1, 2, 3], 4, (n, n), method="fft")
+    for step in range(4):
+        a, b = sample(images, step), fft(images, step)
+        moved = (a - images).abs().flatten(1).mean(1)
+        assert (moved > 1e-3).all()
+        assert ((a - b).abs().flatten(1).mean(1) < 0.15 * moved).all()
+
+
+def test_save_maximized(tmp_path, net):
+    from PIL import Image
+
+    images = mx.maximize(net, "conv1", [0, 1, 2], size=16, steps=2)
+    plain = mx.save_maximized(images, tmp_path / "grid.png", ncols=3)
+    assert Image.open(plain).size == (3 * 16 + 2 * 2, 16)
+    titled = mx.save_maximized(images, tmp_path / "titled.png", titles=["unit 0", "unit 1", "unit 2"], scale=2)
+    width, height = Image.open(titled).size
+    assert height > 32 and width >= 2 * 32
+    with pytest.raises(ValueError, match="2 titles for 3 images"):
+        mx.save_maximized(images, tmp_path / "bad.png", titles=["a", "b"])
+
+
+# ---------------------------------------------------------------------------------------------- dual objective
+@pytest.fixture(scope="module")
+def two_groups():
+    g = torch.Generator().manual_seed(0)
+    red = torch.rand(8, 3, SIZE, SIZE, generator=g) * torch.tensor([1.0, 0.3, 0.3])[:, None, None]
+    green = torch.rand(8, 3, SIZE, SIZE, generator=g) * torch.tensor([0.3, 1.0, 0.3])[:, None, None]
+    return torch.cat([red, green])
+
+
+def test_towards_reduces_the_distance_to_each_cluster_target(net, two_groups):
+    images, info = mx.maximize_towards(net, "conv2", two_groups, clusters=2, top_channels=8, steps=40,
+                                       return_targets=True)
+    assert images.shape == (2, 3, SIZE, SIZE) and images.min() >= 0 and images.max() <= 1
+    labels = info.labels
+    assert len(set(labels[:8].tolist())) == 1 and len(set(labels[8:].tolist())) == 1 and labels[0] != labels[8]
+    sums = torch.zeros(2).index_add_(0, labels, info.weights)
+    assert torch.allclose(sums, torch.ones(2), atol=1e-5)
+    assert (info.distance_end < 0.5 * info.distance_start).all(), (info.distance_start, info.distance_end)
+    assert (info.activation_end > info.activation_start).all()
+    red = int(labels[0])
+    for k, (strong, weak) in ((red, (0, 1)), (1 - red, (1, 0))):
+        for im in (info.start[k], images[k]):
+            means = im.mean(dim=(1, 2))
+            assert means[strong] > means[weak] + 0.2  # each result keeps the colour of its cluster
+    assert info.top_channels.shape == (2, 8)
+    assert torch.equal(info.top_channels[:, 0], info.targets.argmax(1))
+
+
+def test_towards_start_image_weights_and_ids(net, two_groups):
+    dataset = [(im, i % 2) for i, im in enumerate(two_groups)]
+    weights = torch.zeros(4)
+    weights[2] = 1.0
+    images = mx.maximize_towards(net, "conv2", dataset, ids=[1, 3, 9, 12], weights=weights, steps=0)
+    assert torch.allclose(images[0], two_groups[9].clamp(1e-3, 1 - 1e-3), atol=1e-4)
+
+
+def test_towards_errors(net, two_groups):
+    with pytest.raises(ValueError, match="clusters=5 is more than the 4 images"):
+        mx.maximize_towards(net, "conv2", two_groups[:4], clusters=5, steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        mx.maximize_towards(net, "conv2", two_groups[:0], steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        mx.maximize_towards(net, "conv2", [], steps=1)
+    with pytest.raises(ValueError, match="weights"):
+        mx.maximize_towards(net, "conv2", two_groups[:4], weights=[1, -1, 0, 0], steps=1)
+    with pytest.raises(ValueError, match="unknown layer"):
+        mx.maximize_towards(net, "conv9", two_groups[:4], steps=1)
+    with pytest.raises(ValueError, match=r"pixel space \[0, 1\].*preprocess="):
+        mx.maximize_towards(net, "conv2", (two_groups[:4] - 0.5) / 0.25, steps=1)
+
+
+@pytest.mark.gpu
+def test_deterministic_on_gpu():
+    model = tiny_net(batchnorm=True).cuda()
+    kw = dict(size=SIZE, steps=30, objective="center", device="cuda")
+    units = list(range(16))
+    a = mx.maximize(model, "conv2", units, **kw)
+    b = mx.maximize(model, "conv2", units, **kw)
+    assert torch.equal(a, b)
+    start = mx.maximize(model, "conv2", units, **dict(kw, steps=0))
+    gain = (mx.unit_activations(model, "conv2", a, units, objective="center", device="cuda")
+            - mx.unit_activations(model, "conv2", start, units, objective="center", device="cuda"))
+    assert (gain > 0).all()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import neuroidx_fast as nx
-from neuroidx_fast.maximize import maximize
+from neuroidx_fast.maximization import maximize
 from neuroidx_fast.models import vgg_m
 from bench.bench_index import resnet50_shaped
 from bench.bench_topk import device_name, save_result, sync

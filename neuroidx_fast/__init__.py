@@ -19,7 +19,7 @@ from .selectivity import class_selectivity, class_selectivity_morcos, top_image_
 from .table import neuron_table, save_table, load_table
 from .train import train_classifier, evaluate_classifier
 from . import plots
-from .maximize import maximize, maximize_towards, unit_activations, save_maximized, TowardsResult
+from .maximization import maximize, maximize_towards, unit_activations, save_maximized, TowardsResult
 from .clustering import cluster_units, cluster_categories, Clusters
 from .contributions import contributions, Contributions
 

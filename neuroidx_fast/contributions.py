@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .hooks import resolve_layers
-from .maximize import frozen_eval, model_device
+from .maximization import frozen_eval, model_device
 
 __all__ = ["contributions", "Contributions"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import neuroidx_fast.maximize as mx
+import neuroidx_fast.maximization as mx
 from neuroidx_fast.image_param import ImageParam, RandomTransforms, color_matrix, total_variation
 
 SIZE = 32

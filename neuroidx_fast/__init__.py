@@ -22,10 +22,12 @@ from . import plots
 from .maximization import maximize, maximize_towards, unit_activations, save_maximized, TowardsResult
 from .clustering import cluster_units, cluster_categories, Clusters
 from .contributions import contributions, Contributions
+from .ablation import AblationResult, ablation_drops, ablation_correlations, naive_ablation_counts
 
 __all__ = ["__version__", "TopK", "ops", "spatial_reduce", "LayerIndex", "NeuronIndex", "index_dataset",
            "ReceptiveField", "receptive_field", "models", "NeuronFeatures", "neuron_features", "save_grid",
            "save_unit", "color_selectivity", "Shapes", "Digits", "class_selectivity", "class_selectivity_morcos",
            "top_image_labels", "neuron_table", "save_table", "load_table", "train_classifier", "evaluate_classifier",
            "plots", "maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult",
-           "cluster_units", "cluster_categories", "Clusters", "contributions", "Contributions"]
+           "cluster_units", "cluster_categories", "Clusters", "contributions", "Contributions",
+           "AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts"]

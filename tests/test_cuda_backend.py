@@ -25,7 +25,7 @@ from neuroidx_fast.ops import reference
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA_SRC = REPO / "csrc" / "cuda"
-KERNEL_FILES = ("spatial_reduce.cu", "topk_update.cu")
+KERNEL_FILES = ("spatial_reduce.cu", "topk_update.cu", "crops.cu")
 NVCC = shutil.which("nvcc")
 
 needs_nvcc = pytest.mark.skipif(

@@ -30,6 +30,43 @@ void topk_update(std::uintptr_t state_values, std::uintptr_t state_ids, std::uin
                         as_ptr<const int64_t>(positions), B, num_threads);
 }
 
+// pad == 0 (a null pointer) selects edge mode.
+void gather_crops(std::uintptr_t images, int64_t N, int64_t Ch, int64_t H, int64_t W, std::uintptr_t slots,
+                  std::uintptr_t tops, int64_t M, int64_t rh, int64_t rw, std::uintptr_t pad, std::uintptr_t out,
+                  int num_threads) {
+  if (rh < 1 || rw < 1) throw py::value_error("gather_crops: crop size must be positive");
+  neuroidx::gather_crops(as_ptr<const float>(images), N, Ch, H, W, as_ptr<const int64_t>(slots),
+                         as_ptr<const int64_t>(tops), M, rh, rw, as_ptr<const float>(pad), as_ptr<float>(out),
+                         num_threads);
+}
+
+void accumulate_crops(std::uintptr_t sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, std::uintptr_t images,
+                      int64_t N, int64_t H, int64_t W, std::uintptr_t slots, std::uintptr_t tops,
+                      std::uintptr_t weights, int64_t J, std::uintptr_t pad, int num_threads) {
+  if (rh < 1 || rw < 1) throw py::value_error("accumulate_crops: crop size must be positive");
+  neuroidx::accumulate_crops(as_ptr<double>(sums), U, Ch, rh, rw, as_ptr<const float>(images), N, H, W,
+                             as_ptr<const int64_t>(slots), as_ptr<const int64_t>(tops), as_ptr<const float>(weights),
+                             J, as_ptr<const float>(pad), num_threads);
+}
+
+void mask_replicas(std::uintptr_t x, int64_t elem_size, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sb,
+                   int64_t sc, int64_t sh, int64_t sw, std::uintptr_t masks, int64_t M, std::uintptr_t fill,
+                   std::uintptr_t out, bool channels_last, int num_threads) {
+  if (elem_size != 2 && elem_size != 4 && elem_size != 8)
+    throw py::value_error("mask_replicas: element size must be 2, 4 or 8 bytes");
+  neuroidx::mask_replicas(as_ptr<const void>(x), elem_size, B, C, H, W, sb, sc, sh, sw, as_ptr<const uint8_t>(masks),
+                          M, as_ptr<const void>(fill), as_ptr<void>(out), channels_last, num_threads);
+}
+
+void readout_ablation_argmax(std::uintptr_t logits, std::uintptr_t features, std::uintptr_t weight_t,
+                             std::uintptr_t ablated, std::uintptr_t units, int64_t U, std::uintptr_t scale,
+                             double err_rel, int64_t B, int64_t C, int64_t K, std::uintptr_t pred, int num_threads) {
+  neuroidx::readout_ablation_argmax(as_ptr<const double>(logits), as_ptr<const double>(features),
+                                    as_ptr<const double>(weight_t), as_ptr<const double>(ablated),
+                                    as_ptr<const int64_t>(units), U, as_ptr<const double>(scale), err_rel, B, C, K,
+                                    as_ptr<int64_t>(pred), num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -38,6 +75,14 @@ PYBIND11_MODULE(_C, m) {
         "Per (b, c) max, first argmax and mean of a [B, C, H, W] map given by pointer, dtype code and strides.");
   m.def("topk_update", &topk_update, py::call_guard<py::gil_scoped_release>(),
         "In-place streaming top-K update of [C, K] sorted state rows with [B, C] candidates.");
+  m.def("gather_crops", &gather_crops, py::call_guard<py::gil_scoped_release>(),
+        "Copy [M, Ch, rh, rw] crops out of [N, Ch, H, W] float32 images (pad pointer 0: edge mode).");
+  m.def("accumulate_crops", &accumulate_crops, py::call_guard<py::gil_scoped_release>(),
+        "In-place float64 sums[u] += weights[u, j] * crop(u, j), j in order (pad pointer 0: edge mode).");
+  m.def("mask_replicas", &mask_replicas, py::call_guard<py::gil_scoped_release>(),
+        "M masked replicas [M*B, C, H, W] of a strided [B, C, H, W] map (bit copy of 2/4/8-byte elements).");
+  m.def("readout_ablation_argmax", &readout_ablation_argmax, py::call_guard<py::gil_scoped_release>(),
+        "Certified argmax of linear read-out logits with one input unit ablated, per (unit, image); -1 if uncertain.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -17,4 +17,30 @@ void spatial_reduce(const void* x, DType dtype, int64_t B, int64_t C, int64_t H,
 void topk_update(float* state_values, int64_t* state_ids, int64_t* state_positions, int64_t C, int64_t K,
                  const float* values, const int64_t* ids, const int64_t* positions, int64_t B, int num_threads);
 
+// out [M, Ch, rh, rw] = crops of images [N, Ch, H, W] (all contiguous) from image rows slots [M] (-1:
+// zeros) with top-left corners tops [M, 2] = (y0, x0); pixels outside an image take pad [Ch], or the
+// nearest image pixel when pad is nullptr (edge mode). Needs H, W > 0 unless every slot is -1.
+void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
+                  const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
+                  int num_threads);
+
+// In place: sums[u] += double(weights[u, j]) * crop(slots[u, j], tops[u, j]) for j = 0 .. J-1 in order,
+// skipping slots < 0; sums [U, Ch, rh, rw] float64, slots / weights [U, J], tops [U, J, 2], crops as above.
+void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images, int64_t N,
+                      int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
+                      int64_t J, const float* pad, int num_threads);
+
+// out [M * B, C, H, W] (dense: NCHW, or NHWC when channels_last) = M masked copies of x (strides in
+// elements): out[m * B + b, c] = masks[m * C + c] ? fill[c] : x[b, c]. A bit copy of elem_size-byte elements
+// (2, 4 or 8); x is read only for kept channels.
+void mask_replicas(const void* x, int64_t elem_size, int64_t B, int64_t C, int64_t H, int64_t W, int64_t stride_b,
+                   int64_t stride_c, int64_t stride_h, int64_t stride_w, const uint8_t* masks, int64_t M,
+                   const void* fill, void* out, bool channels_last, int num_threads);
+
+// pred [U, B]: for unit c = units[u] and image b, the certified argmax over k of
+// logits[b, k] + weight_t[c, k] * (ablated[c] - features[b, c]), else -1 (float64; weight_t is [C, K]).
+void readout_ablation_argmax(const double* logits, const double* features, const double* weight_t,
+                             const double* ablated, const int64_t* units, int64_t U, const double* scale,
+                             double err_rel, int64_t B, int64_t C, int64_t K, int64_t* pred, int num_threads);
+
 }  // namespace neuroidx

@@ -7,7 +7,8 @@ import torch
 
 from .. import backends
 
-__all__ = ["spatial_reduce", "gather_crops", "accumulate_crops", "pad_value", "SUPPORTED_DTYPES"]
+__all__ = ["spatial_reduce", "gather_crops", "accumulate_crops", "pad_value", "SUPPORTED_DTYPES",
+           "mask_replicas", "readout_ablation_argmax"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -143,3 +144,118 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
                                                        tops.contiguous(), weights.to(images.device).contiguous(),
                                                        fill)
     return sums
+
+
+REPLICA_DTYPES = SUPPORTED_DTYPES + (torch.float64,)
+
+
+def mask_replicas(x: torch.Tensor, masks: torch.Tensor, fill=None, backend: str | None = "auto") -> torch.Tensor:
+    """M masked replicas of a layer output in one write: the input of a batched ablation.
+
+    ``x``: [B, C, H, W] or [B, C] (float16 / bfloat16 / float32 / float64, any strides); ``masks``: [M, C]
+    bool (True: ablate that unit in that replica); ``fill``: None (zeros), a number, or one value per
+    unit (cast to ``x.dtype``). Returns [M * B, C, H, W] (or [M * B, C]) with row ``m * B + b`` = image b
+    under mask m: ``fill[c]`` where ``masks[m, c]``, else ``x[b, c]``. The output is channels_last when
+    ``x`` is (so the layers after it run the same kernels as on ``x``), else contiguous. A bit copy:
+    identical on every backend.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"mask_replicas expects a torch.Tensor, got {type(x).__name__}")
+    flat = x.dim() == 2
+    if flat:
+        x = x[:, :, None, None]
+    if x.dim() != 4:
+        raise ValueError(f"mask_replicas expects a [B, C, H, W] or [B, C] tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in REPLICA_DTYPES:
+        raise TypeError(f"mask_replicas expects float16, bfloat16, float32 or float64 activations, got {x.dtype}")
+    c = x.shape[1]
+    if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+        raise TypeError(f"mask_replicas: masks must be a bool tensor [M, {c}], got "
+                        f"{getattr(masks, 'dtype', type(masks).__name__)}")
+    if masks.dim() == 1:
+        masks = masks[None]
+    if masks.dim() != 2 or masks.shape[1] != c:
+        raise ValueError(f"mask_replicas: masks must have shape [M, {c}] (one column per unit), got "
+                         f"{tuple(masks.shape)}")
+    if masks.device != x.device:
+        raise ValueError(f"mask_replicas: masks are on {masks.device} but x is on {x.device}")
+    if fill is None:
+        fill_t = torch.zeros(c, dtype=x.dtype, device=x.device)
+    else:
+        if isinstance(fill, bool):
+            raise TypeError("mask_replicas: fill must be None, a number or one number per unit, not a bool")
+        fill_t = torch.as_tensor(fill).to(device=x.device, dtype=x.dtype).reshape(-1)
+        if fill_t.numel() == 1:
+            fill_t = fill_t.expand(c)
+        if fill_t.numel() != c:
+            raise ValueError(f"mask_replicas: fill has {fill_t.numel()} values for {c} units; give one or {c}")
+    name = backends.resolve_name(backend, x.device)
+    m = masks.shape[0]
+    if m * x.numel() == 0:
+        from .reference import empty_replicas
+
+        out = empty_replicas(x, m)
+    else:
+        out = backends.get(name, x.device).mask_replicas(x, masks.contiguous(), fill_t.contiguous())
+    return out.reshape(out.shape[0], c) if flat else out
+
+
+def readout_ablation_argmax(logits: torch.Tensor, features: torch.Tensor, weight: torch.Tensor, ablated=None,
+                            units=None, scale=None, err_rel: float = 0.0, backend: str | None = "auto") -> torch.Tensor:
+    """The predicted class of every image with each unit of a linear read-out's input ablated alone.
+
+    ``features`` [B, C] is the input of a linear layer ``weight`` [K, C] (+ bias) whose output
+    ``logits`` [B, K] are the class scores; ablating unit c sets feature c to ``ablated[c]`` (default 0).
+    For each unit u of ``units`` (default: all C) and image b, the ablated logits are
+    ``logits[b] + weight[:, c] * (ablated[c] - features[b, c])``, computed in float64 on the fly (no
+    [U, B, K] tensor). Returns ``pred`` [U, B] int64: their argmax where it is certified, else -1.
+    Certified means the best class stays best for every logit vector within ``+-err_rel * s`` of the
+    float64 values, with ``s`` the ablated row of ``scale`` [B, K] (``|features| @ |weight|.T + |bias|``):
+    pass the relative error bound of the computation you want to reproduce (e.g. a float32 matmul) and
+    recompute the -1 entries exactly. ``err_rel=0`` certifies every finite row without a tie.
+    All tensors float64 (``units`` int64) on one device.
+    """
+    tensors = {"logits": logits, "features": features, "weight": weight}
+    for label, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float64 or t.dim() != 2:
+            raise TypeError(f"readout_ablation_argmax: {label} must be a 2-D float64 tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}; the "
+                            "certification needs float64 (cast with .double())")
+    b, k = logits.shape
+    c = features.shape[1]
+    device = logits.device
+    if features.shape[0] != b or tuple(weight.shape) != (k, c):
+        raise ValueError(f"readout_ablation_argmax: expected logits [B, K], features [B, C] and weight [K, C]; got "
+                         f"{tuple(logits.shape)}, {tuple(features.shape)} and {tuple(weight.shape)}")
+    if ablated is None:
+        ablated = torch.zeros(c, dtype=torch.float64, device=device)
+    if not isinstance(ablated, torch.Tensor) or ablated.dtype != torch.float64 or tuple(ablated.shape) != (c,):
+        raise ValueError(f"readout_ablation_argmax: ablated must be a float64 tensor [{c}], got "
+                         f"{getattr(ablated, 'dtype', type(ablated).__name__)} {tuple(getattr(ablated, 'shape', ()))}")
+    if units is None:
+        units = torch.arange(c, device=device)
+    if not isinstance(units, torch.Tensor) or units.dtype != torch.int64 or units.dim() != 1:
+        raise TypeError("readout_ablation_argmax: units must be a 1-D int64 tensor of unit indices")
+    if units.numel() and (int(units.min()) < 0 or int(units.max()) >= c):
+        raise IndexError(f"readout_ablation_argmax: units must lie in [0, {c}), got values in "
+                         f"[{int(units.min())}, {int(units.max())}]")
+    err_rel = float(err_rel)
+    if not err_rel >= 0 or err_rel == float("inf"):
+        raise ValueError(f"readout_ablation_argmax: err_rel must be a finite number >= 0, got {err_rel}")
+    if scale is None:
+        if err_rel > 0:
+            raise ValueError("readout_ablation_argmax: err_rel > 0 needs scale = |features| @ |weight|.T + |bias|")
+        scale = torch.zeros_like(logits)
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float64 or tuple(scale.shape) != (b, k):
+        raise ValueError(f"readout_ablation_argmax: scale must be a float64 tensor [{b}, {k}]")
+    for label, t in dict(tensors, ablated=ablated, units=units, scale=scale).items():
+        if t.device != device:
+            raise ValueError(f"readout_ablation_argmax: {label} is on {t.device} but logits are on {device}")
+    name = backends.resolve_name(backend, device)
+    if units.numel() == 0 or b == 0:
+        return torch.empty((units.numel(), b), dtype=torch.int64, device=device)
+    if k == 0:
+        return torch.full((units.numel(), b), -1, dtype=torch.int64, device=device)
+    return backends.get(name, device).readout_ablation_argmax(
+        logits.contiguous(), features.contiguous(), weight.contiguous(), ablated.contiguous(), units.contiguous(),
+        scale.contiguous(), err_rel)

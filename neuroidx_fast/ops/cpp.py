@@ -31,3 +31,66 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
     _C.topk_update(state_values.data_ptr(), state_ids.data_ptr(), state_positions.data_ptr(), num_units, k,
                    values.data_ptr(), ids.data_ptr(), positions.data_ptr(), values.shape[0],
                    torch.get_num_threads())
+
+
+def _crop_operands(images, slots, tops, pad_value, what: str):
+    """Contiguous CPU operands of the crop kernels (the public wrappers have validated values and shapes)."""
+    if images.dtype != torch.float32 or slots.dtype != torch.int64 or tops.dtype != torch.int64:
+        raise TypeError(f"{what}: expects float32 images and int64 slots / tops, got {images.dtype}, {slots.dtype}, "
+                        f"{tops.dtype}")
+    if images.shape[2] * images.shape[3] == 0 and bool((slots >= 0).any()):
+        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
+    pad = None if pad_value is None else pad_value.to(torch.float32).contiguous()
+    if pad is not None and pad.numel() != images.shape[1]:
+        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {images.shape[1]} channels")
+    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+
+
+def gather_crops(images, slots, tops, size, pad_value):
+    rh, rw = size
+    n, ch, h, w = images.shape
+    images, slots, tops, pad = _crop_operands(images, slots, tops, pad_value, "gather_crops")
+    m = slots.shape[0]
+    crops = torch.empty((m, ch, rh, rw), dtype=torch.float32)
+    if crops.numel():
+        _C.gather_crops(images.data_ptr(), n, ch, h, w, slots.data_ptr(), tops.data_ptr(), m, rh, rw,
+                        0 if pad is None else pad.data_ptr(), crops.data_ptr(), torch.get_num_threads())
+    return crops
+
+
+def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
+    u, ch, rh, rw = sums.shape
+    if sums.dtype != torch.float64 or not sums.is_contiguous() or weights.dtype != torch.float32:
+        raise TypeError("accumulate_crops: sums must be contiguous float64 and weights float32")
+    images, slots, tops, pad = _crop_operands(images, slots, tops, pad_value, "accumulate_crops")
+    weights = weights.contiguous()
+    if sums.numel() == 0 or slots.numel() == 0:
+        return
+    _C.accumulate_crops(sums.data_ptr(), u, ch, rh, rw, images.data_ptr(), images.shape[0], images.shape[2],
+                        images.shape[3], slots.data_ptr(), tops.data_ptr(), weights.data_ptr(), slots.shape[1],
+                        0 if pad is None else pad.data_ptr(), torch.get_num_threads())
+
+
+def mask_replicas(x, masks, fill):
+    from .reference import empty_replicas
+
+    b, c, h, w = x.shape
+    m = masks.shape[0]
+    out = empty_replicas(x, m)
+    channels_last = not out.is_contiguous()
+    _C.mask_replicas(x.data_ptr(), x.element_size(), b, c, h, w, *x.stride(), masks.contiguous().data_ptr(), m,
+                     fill.to(x.dtype).contiguous().data_ptr(), out.data_ptr(), channels_last, torch.get_num_threads())
+    return out
+
+
+def readout_ablation_argmax(logits, features, weight, ablated, units, scale, err_rel):
+    b, k = logits.shape
+    c = features.shape[1]
+    pred = torch.empty((units.shape[0], b), dtype=torch.int64)
+    weight_t = weight.t().contiguous()  # [C, K]: one unit's column is a contiguous row
+    _C.readout_ablation_argmax(logits.contiguous().data_ptr(), features.contiguous().data_ptr(), weight_t.data_ptr(),
+                               ablated.contiguous().data_ptr(), units.contiguous().data_ptr(), units.shape[0],
+                               scale.contiguous().data_ptr(), float(err_rel), b, c, k, pred.data_ptr(),
+                               torch.get_num_threads())
+    return pred
+

@@ -24,11 +24,14 @@ import cupy  # an ImportError here marks the backend unavailable (reported by ne
 
 from neuroidx_fast.ops import reference
 
-__all__ = ["check_device", "spatial_reduce", "topk_update", "kernel_source", "KERNELS"]
+__all__ = ["check_device", "spatial_reduce", "topk_update", "gather_crops", "accumulate_crops", "kernel_source",
+           "KERNELS", "mask_replicas", "readout_ablation_argmax"]
 
 # Must match NX_SR_THREADS / NX_TOPK_THREADS in the .cu files.
 _SR_THREADS = 256
 _TOPK_THREADS = 256
+_CROP_THREADS = 256  # NX_CROP_THREADS in crops.cu
+_CROP_CHUNK = 256 * 4  # output pixels per block: NX_CROP_THREADS * NX_CROP_PIXELS
 
 _DTYPE_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 _SR_VARIANTS = ("groups_contig", "groups_strided", "threads_flat", "threads_rows")
@@ -37,6 +40,9 @@ _SR_VARIANTS = ("groups_contig", "groups_strided", "threads_flat", "threads_rows
 KERNELS = {
     "spatial_reduce.cu": tuple(f"nx_sr_{v}_{s}" for v in _SR_VARIANTS for s in _DTYPE_SUFFIX.values()),
     "topk_update.cu": ("nx_topk_update",),
+    "crops.cu": tuple(f"nx_{op}_crops_{mode}" for op in ("gather", "accumulate") for mode in ("pad", "edge")),
+    "ablation.cu": ("nx_mask_replicas_u16", "nx_mask_replicas_u32", "nx_mask_replicas_u64",
+                    "nx_readout_ablation_argmax"),
 }
 
 _NVRTC_OPTIONS = ("--std=c++17",)
@@ -251,3 +257,152 @@ def _allow_shared(kernel, name: str, device: int, nbytes: int) -> None:
             with cupy.cuda.Device(device):
                 kernel.max_dynamic_shared_size_bytes = allowed
             _opted_in[key] = allowed
+
+
+# --- gather_crops / accumulate_crops ----------------------------------------------------------------
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def _crop_operands(images, slots, tops, pad_value, size, what: str):
+    """Contiguous operands of the crop kernels; raises where the int indexing of crops.cu would not hold."""
+    if images.dim() != 4 or images.dtype != torch.float32:
+        raise ValueError(f"{what}: images must be float32 [N, Ch, H, W], got {images.dtype} {tuple(images.shape)}")
+    if slots.dtype != torch.int64 or tops.dtype != torch.int64:
+        raise TypeError(f"{what}: slots and tops must be int64, got {slots.dtype} and {tops.dtype}")
+    if slots.device != images.device or tops.device != images.device:
+        raise ValueError(f"{what}: slots and tops must be on {images.device}")
+    _, ch, h, w = images.shape
+    rh, rw = size
+    if h * w == 0 and bool((slots >= 0).any()):
+        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
+    if h * w > _INT32_LIMIT or rh * rw > _INT32_LIMIT - _CROP_CHUNK or h + rh > _INT32_LIMIT // 2 \
+            or w + rw > _INT32_LIMIT // 2 or ch > _INT32_LIMIT or slots.shape[-1] > _INT32_LIMIT:
+        raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the 2**31 index range of crops.cu")
+    if -(-(rh * rw) // _CROP_CHUNK) > 65535:  # gridDim.y
+        raise ValueError(f"{what}: crops of {rh * rw} pixels per channel are too large for crops.cu")
+    pad = None if pad_value is None else pad_value.to(device=images.device, dtype=torch.float32).contiguous()
+    if pad is not None and pad.numel() != ch:
+        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {ch} channels")
+    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+
+
+def _require_cuda(images, what: str) -> None:
+    if images.device.type != "cuda":
+        raise ValueError(f"{what}: the cuda backend got images on {images.device}")
+
+
+def gather_launch(images, slots, tops, pad, crops):
+    """(kernel name, grid, args) of the crops.cu launch that fills ``crops`` [M, Ch, rh, rw] (operands as
+    ``_crop_operands`` returns them; ``pad`` None is edge mode). The tests run it through a host build of
+    crops.cu as well."""
+    m, ch, rh, rw = crops.shape
+    name = "nx_gather_crops_edge" if pad is None else "nx_gather_crops_pad"
+    args = (
+        _ptr(images), _ptr(slots), _ptr(tops), _ptr(images if pad is None else pad), _ptr(crops),
+        numpy.int32(ch), numpy.int32(images.shape[2]), numpy.int32(images.shape[3]), numpy.int32(rh), numpy.int32(rw),
+    )
+    return name, (m * ch, -(-(rh * rw) // _CROP_CHUNK)), args
+
+
+def accumulate_launch(sums, images, slots, tops, weights, pad):
+    """(kernel name, grid, args) of the crops.cu launch that adds into ``sums`` [U, Ch, rh, rw]."""
+    u, ch, rh, rw = sums.shape
+    name = "nx_accumulate_crops_edge" if pad is None else "nx_accumulate_crops_pad"
+    args = (
+        _ptr(sums), _ptr(images), _ptr(slots), _ptr(tops), _ptr(weights), _ptr(images if pad is None else pad),
+        numpy.int32(slots.shape[1]), numpy.int32(ch), numpy.int32(images.shape[2]), numpy.int32(images.shape[3]),
+        numpy.int32(rh), numpy.int32(rw),
+    )
+    return name, (u * ch, -(-(rh * rw) // _CROP_CHUNK)), args
+
+
+def _launch_crops(plan, tensor_device: torch.device) -> None:
+    name, grid, args = plan
+    device = tensor_device.index
+    kernel = _kernel("crops.cu", name, device)
+    with cupy.cuda.Device(device), _stream(device, tensor_device):
+        kernel(grid, (_CROP_THREADS,), args)
+
+
+def gather_crops(images, slots, tops, size, pad_value):
+    _require_cuda(images, "gather_crops")
+    rh, rw = size
+    images, slots, tops, pad = _crop_operands(images, slots, tops, pad_value, size, "gather_crops")
+    crops = torch.empty((slots.shape[0], images.shape[1], rh, rw), dtype=torch.float32, device=images.device)
+    if crops.numel():
+        _launch_crops(gather_launch(images, slots, tops, pad, crops), images.device)
+    return crops
+
+
+def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
+    _require_cuda(images, "accumulate_crops")
+    if sums.dtype != torch.float64 or not sums.is_contiguous() or sums.device != images.device:
+        raise ValueError("accumulate_crops: sums must be a contiguous float64 tensor on the images' device")
+    if weights.dtype != torch.float32 or weights.shape != slots.shape:
+        raise ValueError(f"accumulate_crops: weights must be float32 of shape {tuple(slots.shape)}")
+    images, slots, tops, pad = _crop_operands(images, slots, tops, pad_value, tuple(sums.shape[2:]),
+                                              "accumulate_crops")
+    weights = weights.to(images.device).contiguous()
+    if sums.numel() and slots.numel():
+        _launch_crops(accumulate_launch(sums, images, slots, tops, weights, pad), images.device)
+
+
+# --- mask_replicas / readout_ablation_argmax ----------------------------------------------------------
+
+_MR_THREADS = 256  # NX_MR_THREADS in ablation.cu
+_RO_THREADS = 128  # NX_RO_THREADS in ablation.cu
+_MAX_GRID_Y = 65535
+_REPLICA_SUFFIX = {2: "u16", 4: "u32", 8: "u64"}
+
+
+def mask_replicas(x, masks, fill):
+    b, c, h, w = x.shape
+    m = masks.shape[0]
+    suffix = _REPLICA_SUFFIX.get(x.element_size())
+    row_len, rows = c * h * w, m * b
+    if x.device.type != "cuda" or suffix is None or row_len >= 2**31 - 1 or rows >= 2**31 - 1 \
+            or masks.device != x.device:
+        return reference.mask_replicas(x, masks, fill)
+    out = reference.empty_replicas(x, m)
+    if out.numel() == 0:
+        return out
+    masks = masks.contiguous().view(torch.uint8)
+    fill = fill.to(device=x.device, dtype=x.dtype).contiguous()
+    kernel = _kernel("ablation.cu", f"nx_mask_replicas_{suffix}", x.device.index)
+    grid_x = -(-row_len // _MR_THREADS)
+    grid_y = min(rows, _MAX_GRID_Y, max(1, (_info(x.device.index)[0] * 64) // grid_x))
+    args = (
+        _ptr(x), _ptr(masks), _ptr(fill), _ptr(out),
+        numpy.int32(b), numpy.int32(c), numpy.int32(w), numpy.int32(h * w),
+        *(numpy.int64(s) for s in x.stride()),
+        numpy.int32(rows), numpy.int32(0 if out.is_contiguous() else 1),
+    )
+    device = x.device.index
+    with cupy.cuda.Device(device), _stream(device, x.device):
+        kernel((grid_x, grid_y), (_MR_THREADS,), args)
+    return out
+
+
+def readout_ablation_argmax(logits, features, weight, ablated, units, scale, err_rel):
+    b, k = logits.shape
+    c = features.shape[1]
+    u = units.shape[0]
+    tensors = (logits, features, weight, ablated, units, scale)
+    if logits.device.type != "cuda" or any(t.device != logits.device for t in tensors) \
+            or max(b, c, k, u) >= 2**31 - 1:
+        return reference.readout_ablation_argmax(logits, features, weight, ablated, units, scale, err_rel)
+    pred = torch.empty((u, b), dtype=torch.int64, device=logits.device)
+    if u * b == 0:
+        return pred
+    logits, features, weight, ablated, units, scale = (t.contiguous() for t in tensors)
+    kernel = _kernel("ablation.cu", "nx_readout_ablation_argmax", logits.device.index)
+    args = (
+        _ptr(logits), _ptr(features), _ptr(weight), _ptr(ablated), _ptr(units), _ptr(scale), _ptr(pred),
+        numpy.float64(err_rel), numpy.int32(b), numpy.int32(c), numpy.int32(k), numpy.int32(u),
+    )
+    device = logits.device.index
+    with cupy.cuda.Device(device), _stream(device, logits.device):
+        kernel((-(-u // _RO_THREADS), min(b, _MAX_GRID_Y)), (_RO_THREADS,), args)
+    return pred
+

@@ -37,13 +37,36 @@ contract:
     with crops cut as in ``gather_crops``. The product of two float32 numbers is exact in float64, so a
     fused multiply-add gives the same bits as a multiply then an add: every backend that adds in j order
     is bit-identical to this one.
+
+``mask_replicas(x, masks, fill) -> out``
+    ``x`` [B, C, H, W] of any float dtype and any strides; ``masks`` [M, C] bool contiguous; ``fill`` [C]
+    contiguous, in ``x.dtype``. Returns ``out`` [M * B, C, H, W] with ``out[m * B + b, c] = fill[c]`` where
+    ``masks[m, c]``, else ``x[b, c]``: M masked replicas, mask-major. ``out`` is channels_last when ``x``
+    is channels_last and not contiguous (``replica_memory_format``), else contiguous. A pure bit copy
+    (every backend is bit-identical to this one); the fast backends write each element once and read
+    ``x`` only for the channels a mask keeps.
+
+``readout_ablation_argmax(logits, features, weight, ablated, units, scale, err_rel) -> pred``
+    All float64 and contiguous: ``logits`` [B, K] (intact logits of a linear read-out), ``features``
+    [B, C] (its input), ``weight`` [K, C], ``ablated`` [C] (the value feature c takes when unit c is
+    ablated), ``scale`` [B, K] (sum over j of ``|weight[k, j] * features[b, j]|`` plus ``|bias[k]|``);
+    ``units`` [U] int64 in [0, C); ``err_rel`` >= 0 a Python float. For u, b, k with c = units[u], in
+    this order of float64 operations (no fused multiply-add):
+    ``z = logits[b, k] + weight[k, c] * (ablated[c] - features[b, c])``,
+    ``e = err_rel * clamp(scale[b, k] + |weight[k, c]| * (|ablated[c]| - |features[b, c]|), min=0)``.
+    ``pred[u, b]`` (int64 [U, B]) is the first k maximising z when that class is certified: every z and
+    e of the row finite and ``z - e`` of the best class strictly above ``z + e`` of every other class;
+    else -1. So a certified class is the argmax of every logit vector within +-e of z, whatever the
+    rounding of the computation that produced it. Every backend gives the same integers (same float64
+    operations in the same order).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["spatial_reduce", "topk_update", "topk_merge_rows", "better", "gather_crops", "accumulate_crops"]
+__all__ = ["spatial_reduce", "topk_update", "topk_merge_rows", "better", "gather_crops", "accumulate_crops",
+           "mask_replicas", "replica_memory_format", "empty_replicas", "readout_ablation_argmax"]
 
 # Sort key for empty slots: larger than any real id, so that empties sort after real -inf entries.
 _EMPTY_ID_KEY = torch.iinfo(torch.int64).max
@@ -117,6 +140,8 @@ def _crop_pixels(images, slots, tops, size, pad_value):
 
 
 def gather_crops(images, slots, tops, size, pad_value):
+    if not bool((slots >= 0).any()):  # nothing to cut (also when there are no images or no pixels)
+        return images.new_zeros((slots.shape[0], images.shape[1]) + tuple(size))
     crops, empty = _crop_pixels(images, slots, tops, size, pad_value)
     return torch.where(empty[:, None, None, None], torch.zeros((), dtype=crops.dtype, device=crops.device),
                        crops).contiguous()
@@ -124,6 +149,8 @@ def gather_crops(images, slots, tops, size, pad_value):
 
 def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
     size = tuple(sums.shape[2:])
+    if not bool((slots >= 0).any()):
+        return
     for j in range(slots.shape[1]):  # j order fixes the float64 rounding every backend reproduces
         crops, empty = _crop_pixels(images, slots[:, j], tops[:, j], size, pad_value)
         terms = weights[:, j].double()[:, None, None, None] * crops.double()
@@ -133,3 +160,48 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
 
 def check_device(device_type: str) -> None:
     """The reference runs wherever torch runs."""
+
+
+def replica_memory_format(x: torch.Tensor):
+    """channels_last for a 4-D channels_last tensor that is not also contiguous, else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def empty_replicas(x: torch.Tensor, m: int) -> torch.Tensor:
+    """The uninitialised [m * B, C, H, W] output of ``mask_replicas`` (dtype, device, memory format)."""
+    b, c, h, w = x.shape
+    return torch.empty((m * b, c, h, w), dtype=x.dtype, device=x.device, memory_format=replica_memory_format(x))
+
+
+def mask_replicas(x, masks, fill):
+    m = masks.shape[0]
+    out = empty_replicas(x, m)
+    picked = torch.where(masks[:, None, :, None, None], fill[None, None, :, None, None], x[None])
+    out.view(m, *x.shape).copy_(picked)
+    return out
+
+
+def readout_ablation_argmax(logits, features, weight, ablated, units, scale, err_rel):
+    b, k = logits.shape
+    u = units.shape[0]
+    pred = torch.empty((u, b), dtype=torch.int64, device=logits.device)
+    classes = torch.arange(k, device=logits.device)
+    step = max(1, (1 << 21) // max(1, b * k))  # units per chunk: never a full [U, B, K] tensor
+    for s0 in range(0, u, step):
+        cs = units[s0:s0 + step]
+        w = weight[:, cs].t()[:, None, :]  # [U', 1, K]
+        f = features[:, cs].t()[:, :, None]  # [U', B, 1]
+        a = ablated[cs][:, None, None]  # [U', 1, 1]
+        z = logits[None] + w * (a - f)
+        e = err_rel * (scale[None] + w.abs() * (a.abs() - f.abs())).clamp(min=0)
+        finite = (torch.isfinite(z) & torch.isfinite(e)).all(dim=2)
+        zs = torch.where(torch.isfinite(z), z, torch.full_like(z, float("-inf")))
+        best = zs.argmax(dim=2, keepdim=True)  # the first maximum
+        lower = zs.gather(2, best) - e.gather(2, best)
+        upper = torch.where(classes == best, torch.full_like(z, float("-inf")), z + e)
+        other = upper.max(dim=2, keepdim=True).values
+        certified = finite & (lower > other).squeeze(2)
+        pred[s0:s0 + step] = torch.where(certified, best.squeeze(2), torch.full_like(best.squeeze(2), -1))
+    return pred

@@ -11,10 +11,13 @@ import os
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
+from neuroidx_fast.kernels.crops import accumulate_crops, gather_crops
 from neuroidx_fast.kernels.spatial_reduce import spatial_reduce
 from neuroidx_fast.kernels.topk_update import topk_update
+from neuroidx_fast.kernels.ablation import mask_replicas, readout_ablation_argmax
 
-__all__ = ["check_device", "spatial_reduce", "topk_update"]
+__all__ = ["check_device", "spatial_reduce", "topk_update", "gather_crops", "accumulate_crops",
+           "mask_replicas", "readout_ablation_argmax"]
 
 
 def check_device(device_type: str) -> None:

@@ -1,0 +1,202 @@
+"""Benchmark of crop gathering + accumulation for all units of a layer (the Neuron Feature numerators).
+
+Run:  python -m bench.bench_crops [--quick] [--device cpu|cuda] [--out bench/results]
+A realistic layer: 256 units, each with its top K = 100 images drawn among the unique top images held
+in memory as one float32 tensor (512 of 224 x 224 on CPU, 2000 on CUDA), receptive-field boxes of
+100 x 100 pixels on a conv grid of stride 16 and offset -42 (so many boxes reach past the image: gray
+padding), weights a_j / a_1. Every backend that runs natively on the device is timed against a plain
+Python loop that slices, pads (torch.nn.functional.pad), weights and adds one crop at a time, in the
+same run; the loop adds float64(w) * float64(crop) in j order, so it also checks that every backend is
+bit-identical to it. Bandwidth = bytes moved (in-image crop pixels read, float64 sums read and written)
+/ time, against a device copy of a tensor of as many bytes (up to 1 GiB). gather_crops is timed the same way
+on the crops of a few units. Results go to bench/results/crops-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+
+import torch
+import torch.nn.functional as F
+
+import neuroidx_fast as nx
+from neuroidx_fast import backends, ops
+from bench.bench_topk import device_name, save_result, timed
+
+GRAY = 0.5
+# Three conv layers' receptive-field geometry (box r, stride, offset of the first box): a deep one (the
+# headline: ~100 px boxes, e.g. VGG conv4) and a middle one (44 px boxes, where the per-crop overhead
+# of a Python loop weighs more) and a shallow one (11 px boxes, where it dominates).
+LAYERS = {
+    "deep": dict(r=100, stride=16, offset=-42),
+    "mid": dict(r=44, stride=8, offset=-18),
+    "shallow": dict(r=11, stride=4, offset=0),  # VGG-M pool1
+}
+
+
+def make_layer(units, k, n_images, image_size, geometry, device, seed=0):
+    """images [N, 3, S, S], slots [U, K] (K distinct images per unit), tops [U, K, 2], weights [U, K]."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n_images, 3, image_size, image_size, generator=g)
+    slots = torch.rand(units, n_images, generator=g).argsort(dim=1)[:, :k]
+    grid = -(-image_size // geometry["stride"])
+    tops = geometry["offset"] + geometry["stride"] * torch.randint(0, grid, (units, k, 2), generator=g)
+    activations = torch.rand(units, k, generator=g).sort(dim=1, descending=True).values + 0.1
+    weights = activations / activations[:, :1]
+    return tuple(t.to(device) for t in (images, slots, tops, weights))
+
+
+def python_loop_accumulate(sums, images, slots, tops, weights, r):
+    """The baseline: one crop at a time, sliced, padded with the gray value, weighted and added."""
+    h, w = images.shape[2:]
+    slots, tops, weights = slots.tolist(), tops.tolist(), weights.tolist()
+    for u in range(len(slots)):
+        acc = sums[u]
+        for j, slot in enumerate(slots[u]):
+            if slot < 0:
+                continue
+            y0, x0 = tops[u][j]
+            ya, yb, xa, xb = max(y0, 0), min(y0 + r, h), max(x0, 0), min(x0 + r, w)
+            if ya < yb and xa < xb:
+                crop = images[slot, :, ya:yb, xa:xb]
+                crop = F.pad(crop, (xa - x0, x0 + r - xb, ya - y0, y0 + r - yb), value=GRAY)
+            else:  # the box misses the image
+                crop = images.new_full((images.shape[1], r, r), GRAY)
+            acc += weights[u][j] * crop.double()  # a Python float is a float64: w is exact
+    return sums
+
+
+def python_loop_gather(images, slots, tops, r):
+    h, w = images.shape[2:]
+    crops = []
+    for slot, (y0, x0) in zip(slots.tolist(), tops.tolist()):
+        ya, yb, xa, xb = max(y0, 0), min(y0 + r, h), max(x0, 0), min(x0 + r, w)
+        if ya < yb and xa < xb:
+            crops.append(F.pad(images[slot, :, ya:yb, xa:xb], (xa - x0, x0 + r - xb, ya - y0, y0 + r - yb),
+                               value=GRAY))
+        else:
+            crops.append(images.new_full((images.shape[1], r, r), GRAY))
+    return torch.stack(crops)
+
+
+def bytes_moved(sums, images, slots, tops, r):
+    """In-image crop pixels read (float32) + the float64 sums read and written once."""
+    h, w = images.shape[2:]
+    real = slots >= 0
+    rows = ((tops[..., 0] + r).clamp(max=h) - tops[..., 0].clamp(min=0)).clamp(min=0)
+    cols = ((tops[..., 1] + r).clamp(max=w) - tops[..., 1].clamp(min=0)).clamp(min=0)
+    pixels = int((rows * cols * real).sum()) * images.shape[1]
+    return 4 * pixels + 2 * sums.numel() * sums.element_size()
+
+
+def copy_gbps(nbytes, device, repeat):
+    """Bandwidth of a device copy of ``nbytes`` (at most 1 GiB: beyond the caches the figure no longer
+    depends on the size, and two buffers of several GB only cost time and memory)."""
+    nbytes = min(nbytes, 1 << 30)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages once
+    seconds = timed(lambda: dst.copy_(src), device, repeat)
+    return 2 * nbytes / seconds / 1e9  # a copy reads and writes every byte
+
+
+def bench_layer(name, geometry, units, k, images, gather_units, names, device, repeat):
+    _, slots, tops, weights = make_layer(units, k, images.shape[0], images.shape[2], geometry, device, seed=1)
+    r = geometry["r"]
+    # The baseline is a long loop, so its time is stable: fewer repeats.
+    loop_repeat = 1 if device.type == "cuda" else min(repeat, 2)
+    loop_sums = torch.zeros(units, 3, r, r, dtype=torch.float64, device=device)
+    loop_s = timed(lambda: python_loop_accumulate(loop_sums.zero_(), images, slots, tops, weights, r), device,
+                   loop_repeat)
+    nbytes = bytes_moved(loop_sums, images, slots, tops, r)
+    copy = copy_gbps(nbytes, device, repeat)
+    g_slots, g_tops = slots[:gather_units].reshape(-1), tops[:gather_units].reshape(-1, 2)
+    loop_gather_s = timed(lambda: python_loop_gather(images, g_slots, g_tops, r), device, repeat)
+    loop_crops = python_loop_gather(images, g_slots, g_tops, r)
+    gather_bytes = 2 * loop_crops.numel() * 4  # crops written, (at most) as many pixels read
+    print(f"{name} layer: {units} units x K={k}, {r}x{r} boxes (stride {geometry['stride']}, offset "
+          f"{geometry['offset']}); python loop: accumulate {loop_s:.3f} s, gather of {g_slots.numel()} crops "
+          f"{loop_gather_s * 1e3:.1f} ms; {nbytes / 1e9:.2f} GB moved; copy {copy:.1f} GB/s")
+    print(f"  {'backend':<8}{'pad':<6}{'accumulate ms':>14}{'x loop':>8}{'GB/s':>8}{'% copy':>8}{'gather ms':>11}"
+          f"{'x loop':>8}{'exact':>7}")
+    rows = []
+    for backend in names:
+        for pad in ("gray", "edge"):
+            sums = torch.zeros_like(loop_sums)
+            ops.accumulate_crops(sums, images, slots, tops, weights, pad=pad, backend=backend)  # warm-up
+            exact = bool(torch.equal(sums, loop_sums)) if pad == "gray" else None
+            seconds = timed(lambda: ops.accumulate_crops(sums.zero_(), images, slots, tops, weights, pad=pad,
+                                                         backend=backend), device, repeat)
+            crops = ops.gather_crops(images, g_slots, g_tops, r, pad=pad, backend=backend)
+            if pad == "gray":
+                exact = exact and bool(torch.equal(crops, loop_crops))
+            del crops
+            gather_s = timed(lambda: ops.gather_crops(images, g_slots, g_tops, r, pad=pad, backend=backend), device,
+                             repeat)
+            row = {
+                "layer": name, "box": [r, r], "backend": backend, "pad": pad,
+                "accumulate_s": seconds, "accumulate_vs_loop": loop_s / seconds,
+                "accumulate_gbps": nbytes / seconds / 1e9, "fraction_of_copy_bandwidth": nbytes / seconds / 1e9 / copy,
+                "gather_s": gather_s, "gather_vs_loop": loop_gather_s / gather_s,
+                "gather_gbps": gather_bytes / gather_s / 1e9, "exact_vs_loop": exact,
+            }
+            rows.append(row)
+            print(f"  {backend:<8}{pad:<6}{seconds * 1e3:>14.1f}{row['accumulate_vs_loop']:>8.1f}"
+                  f"{row['accumulate_gbps']:>8.1f}{100 * row['fraction_of_copy_bandwidth']:>7.0f}%"
+                  f"{gather_s * 1e3:>11.1f}{row['gather_vs_loop']:>8.1f}{'-' if exact is None else str(exact):>7}")
+    summary = {
+        "layer": name, "units": units, "k": k, "box": [r, r], "rf_stride": geometry["stride"],
+        "rf_offset": geometry["offset"], "gather_crops": g_slots.numel(), "loop_repeat": loop_repeat,
+        "loop_accumulate_s": loop_s, "loop_gather_s": loop_gather_s, "bytes_moved": nbytes, "copy_gbps": copy,
+    }
+    return summary, rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="a small layer, few repeats (a smoke run)")
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    names = [n for n in backends.available(device.type)
+             if n != "torch" and not (n == "triton" and device.type == "cpu")]  # the interpreter is no backend to time
+    if args.quick:
+        units, k, n_images, size, gather_units = 16, 20, 40, 96, 4
+        layers = {"quick": dict(r=48, stride=8, offset=-18)}
+    else:
+        units, k, size, gather_units, layers = 256, 100, 224, 8, LAYERS
+        n_images = 2000 if device.type == "cuda" else 512
+    repeat = args.repeat or (3 if args.quick else (20 if device.type == "cuda" else 5))
+    images = make_layer(1, 1, n_images, size, LAYERS["deep"], device)[0]
+    print(f"device: {device_name(device)}; backends: {names}; {n_images} images of {size}x{size} in one tensor; "
+          f"median of {repeat}")
+    summaries, rows = [], []
+    for name, geometry in layers.items():
+        summary, layer_rows = bench_layer(name, geometry, units, k, images, gather_units, names, device, repeat)
+        summaries.append(summary)
+        rows += layer_rows
+    for summary in summaries:
+        best = max((row for row in rows if row["pad"] == "gray" and row["layer"] == summary["layer"]),
+                   key=lambda row: row["accumulate_vs_loop"], default=None)
+        if best is not None:
+            print(f"{summary['layer']} layer, best: {best['backend']} accumulates {best['accumulate_vs_loop']:.1f}x "
+                  f"faster than the Python loop ({100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth)")
+    result = {
+        "benchmark": "crops", "device": device_name(device), "date": dt.date.today().isoformat(), "quick": args.quick,
+        "repeat": repeat, "images": n_images, "image_size": [size, size], "layers": summaries,
+        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "rows": rows,
+    }
+    if not args.quick:
+        save_result(result, args.out, "crops")
+    return result
+
+
+if __name__ == "__main__":
+    main()

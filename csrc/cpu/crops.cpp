@@ -1,0 +1,224 @@
+// gather_crops and accumulate_crops on CPU: cut receptive-field crops out of images (pixels outside an
+// image take a per-channel pad value, or the nearest image pixel in edge mode), either copied out or
+// added, weighted, into float64 per-unit sums (the Neuron Feature numerators).
+//
+// A row of a crop is three runs: columns left of the image, the in-image span (one contiguous run of
+// the image row: a memcpy, or a vectorised multiply-add), and columns right of it. The two outer runs
+// hold one value each (the pad value, or the row's first / last pixel in edge mode).
+//
+// Exactness (reference.py): gather is a copy. accumulate adds float64(w) * float64(pixel) to the sum
+// of each output element for j = 0, 1, ... in order; a float32 x float32 product is exact in float64,
+// so whether the compiler fuses the multiply-add or not, every addition rounds exactly as the
+// reference's `sums + terms` does. Only the order of the additions into one element matters, so the
+// work is split freely over units, channels and row blocks, each of which runs its j loop in order.
+#include <algorithm>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.h"
+
+// The accumulation loop is the hot one: build it for AVX-512 and AVX2 as well and let the loader pick
+// the widest the CPU has (GCC / Clang function multi-versioning on x86-64 Linux); elsewhere the
+// baseline build is used.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(NEUROIDX_NO_TARGET_CLONES)
+#define NX_WIDE_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NX_WIDE_SIMD
+#endif
+
+// Each crop row is a short run (r pixels) in a random image, which the hardware prefetchers do not
+// foresee: left alone, every row waits on memory (measured: 3x slower). So while the kernels work on
+// row i of one crop, they prefetch row i of the crop kNext places ahead, into L2 (L1 keeps the sums
+// and the current rows). GCC deems a function that only prefetches pure and drops the calls to it
+// unless it is inlined first, hence the forced inline.
+#if defined(__GNUC__) || defined(__clang__)
+#define NX_PREFETCH(address) __builtin_prefetch((address), 0, 2)
+#define NX_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define NX_PREFETCH(address) ((void)(address))
+#define NX_ALWAYS_INLINE inline
+#endif
+
+namespace neuroidx {
+namespace {
+
+constexpr int64_t kNext = 2;         // prefetch distance, in crops
+constexpr int64_t kLineFloats = 16;  // floats per 64-byte cache line
+// Below this many pixels (gather) or pixel additions (accumulate) one thread does the work: starting
+// the team would cost more than it saves.
+constexpr int64_t kParallelWork = int64_t{1} << 18;
+
+// Where a crop's columns (or rows) [x0, x0 + n) fall relative to an image axis [0, extent), extent > 0:
+// `before` positions precede it, then `inside` positions start at image coordinate `first`, and the
+// rest follow it. Coordinates far outside are clamped first, which changes no pixel (every position
+// beyond a border reads the same pad or edge value) and keeps the arithmetic clear of overflow.
+struct AxisSplit {
+  int64_t before, first, inside, after;
+};
+
+inline AxisSplit split_axis(int64_t x0, int64_t n, int64_t extent) {
+  x0 = std::min(std::max(x0, -n), extent);
+  AxisSplit s;
+  s.before = x0 < 0 ? std::min(-x0, n) : 0;
+  s.first = std::max<int64_t>(x0, 0);
+  const int64_t end = std::min(x0 + n, extent);
+  s.inside = end > s.first ? end - s.first : 0;
+  s.after = n - s.before - s.inside;
+  return s;
+}
+
+// Image row of crop row y (y already clamped to [-rh, H]); nullptr when it lies outside the image in
+// constant-pad mode. Edge mode takes the nearest row.
+inline const float* source_row(const float* plane, int64_t y, int64_t H, int64_t W, bool edge) {
+  if (y < 0 || y >= H) {
+    if (!edge) return nullptr;
+    y = y < 0 ? 0 : H - 1;
+  }
+  return plane + y * W;
+}
+
+// One crop channel: its image plane (nullptr for an empty slot), first row and column split.
+struct CropRef {
+  const float* plane;
+  int64_t y0;
+  AxisSplit cols;
+};
+
+inline CropRef crop_ref(const float* images, int64_t slot, const int64_t* top, int64_t c, int64_t Ch, int64_t H,
+                        int64_t W, int64_t rh, int64_t rw) {
+  if (slot < 0) return CropRef{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+  return CropRef{images + (slot * Ch + c) * H * W, std::min(std::max(top[0], -rh), H), split_axis(top[1], rw, W)};
+}
+
+// Prefetch the in-image span of crop row i (rows outside the image hold no pixel, or, in edge mode,
+// the first or last image row, which the crop's other rows keep in cache).
+NX_ALWAYS_INLINE void prefetch_row(const CropRef& crop, int64_t i, int64_t H, int64_t W) {
+  const int64_t y = crop.y0 + i;
+  if (crop.plane == nullptr || crop.cols.inside == 0 || y < 0 || y >= H) return;
+  const float* begin = crop.plane + y * W + crop.cols.first;
+  for (int64_t k = 0; k < crop.cols.inside; k += kLineFloats) NX_PREFETCH(begin + k);
+  NX_PREFETCH(begin + crop.cols.inside - 1);
+}
+
+inline void copy_row(float* dst, const float* row, const AxisSplit& cols, bool edge, float pad) {
+  if (row == nullptr) {
+    std::fill_n(dst, cols.before + cols.inside + cols.after, pad);
+    return;
+  }
+  const float left = edge ? row[0] : pad;
+  // Edge mode with the crop entirely beside the image: `first` is W, the row's last pixel is first - 1.
+  const float right = edge ? row[std::max<int64_t>(cols.first + cols.inside, 1) - 1] : pad;
+  std::fill_n(dst, cols.before, left);
+  if (cols.inside > 0) std::memcpy(dst + cols.before, row + cols.first, sizeof(float) * cols.inside);
+  std::fill_n(dst + cols.before + cols.inside, cols.after, right);
+}
+
+inline void add_constant(double* dst, int64_t n, double term) {
+  for (int64_t k = 0; k < n; ++k) dst[k] += term;
+}
+
+inline void add_scaled(double* __restrict dst, const float* __restrict src, int64_t n, double w) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] += w * static_cast<double>(src[k]);
+}
+
+// Crop planes t = m * Ch + c for t in [t0, t1) of the gathered output (an empty slot gives zeros).
+void gather_planes(float* out, const float* images, const int64_t* slots, const int64_t* tops, int64_t t0,
+                   int64_t t1, int64_t Ch, int64_t H, int64_t W, int64_t rh, int64_t rw, const float* pad) {
+  const bool edge = pad == nullptr;
+  auto ref = [&](int64_t t) {
+    const int64_t m = t / Ch;
+    return crop_ref(images, slots[m], tops + 2 * m, t % Ch, Ch, H, W, rh, rw);
+  };
+  for (int64_t t = t0; t < t1; ++t) {
+    float* dst = out + t * rh * rw;
+    const CropRef crop = ref(t);
+    if (crop.plane == nullptr) {
+      std::fill_n(dst, rh * rw, 0.0f);
+      continue;
+    }
+    const CropRef next = t + kNext < t1 ? ref(t + kNext) : CropRef{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+    const float fill = edge ? 0.0f : pad[t % Ch];
+    for (int64_t i = 0; i < rh; ++i) {
+      prefetch_row(next, i, H, W);
+      copy_row(dst + i * rw, source_row(crop.plane, crop.y0 + i, H, W, edge), crop.cols, edge, fill);
+    }
+  }
+}
+
+// Rows [i0, i1) of sums[u, c] += w_j * crop_j for j = 0 .. J-1 in order (empty slots skipped).
+NX_WIDE_SIMD
+void accumulate_block(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
+                      const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
+                      int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  const bool edge = pad == nullptr;
+  for (int64_t j = 0; j < J; ++j) {
+    const CropRef crop = crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw);
+    if (crop.plane == nullptr) continue;
+    const CropRef next = j + kNext < J ? crop_ref(images, slots[j + kNext], tops + 2 * (j + kNext), c, Ch, H, W, rh, rw)
+                                       : CropRef{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+    const AxisSplit& cols = crop.cols;
+    const double w = static_cast<double>(weights[j]);
+    const double pad_term = edge ? 0.0 : w * static_cast<double>(pad[c]);
+    for (int64_t i = i0; i < i1; ++i) {
+      prefetch_row(next, i, H, W);
+      double* dst = sums + i * rw;
+      const float* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
+      if (row == nullptr) {
+        add_constant(dst, rw, pad_term);
+        continue;
+      }
+      // Edge mode: columns beside the image take the row's first / last pixel (cols.first is W when
+      // the crop lies entirely right of the image).
+      const double left = edge ? w * static_cast<double>(row[0]) : pad_term;
+      const double right =
+          edge ? w * static_cast<double>(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1]) : pad_term;
+      add_constant(dst, cols.before, left);
+      add_scaled(dst + cols.before, row + cols.first, cols.inside, w);
+      add_constant(dst + cols.before + cols.inside, cols.after, right);
+    }
+  }
+}
+
+}  // namespace
+
+void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
+                  const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
+                  int num_threads) {
+  (void)N;
+  if (num_threads < 1) num_threads = 1;
+  // Chunks of consecutive planes, so that the prefetch of the next crop serves this thread.
+  constexpr int64_t kChunk = 16;
+  const int64_t planes = M * Ch;
+  const int64_t chunks = (planes + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (planes * rh * rw >= kParallelWork)
+  for (int64_t b = 0; b < chunks; ++b) {
+    gather_planes(out, images, slots, tops, b * kChunk, std::min(planes, (b + 1) * kChunk), Ch, H, W, rh, rw, pad);
+  }
+}
+
+void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images, int64_t N,
+                      int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
+                      int64_t J, const float* pad, int num_threads) {
+  (void)N;
+  if (num_threads < 1) num_threads = 1;
+  // Row blocks of about 16 KiB of sums stay in L1 while the J crops stream through them, and give
+  // the threads work to share when there are few units.
+  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(rh, 2048 / std::max<int64_t>(rw, 1)));
+  const int64_t blocks = (rh + block_rows - 1) / block_rows;
+  const int64_t tasks = U * Ch * blocks;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (U * Ch * rh * rw * J >= kParallelWork)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t plane = t / blocks, b = t % blocks;
+    const int64_t u = plane / Ch, c = plane % Ch;
+    const int64_t i0 = b * block_rows, i1 = std::min(rh, i0 + block_rows);
+    accumulate_block(sums + plane * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J, J, c, Ch, H,
+                     W, rh, rw, i0, i1, pad);
+  }
+}
+
+}  // namespace neuroidx

@@ -1,0 +1,188 @@
+"""Triton kernels for ``gather_crops`` and ``accumulate_crops``: receptive-field crops of images, copied
+out or added (weighted, in float64) into per-unit sums.
+
+Contract: ``neuroidx_fast.ops.reference`` (module docstring). A program owns one channel of one crop
+(gather) or of one unit's sum (accumulate) and a run of BLOCK consecutive output pixels of it, taken
+in flat order p = i * rw + k, so the lanes of a program read whole rows of the image, coalesced.
+Pixels outside the image take the channel's pad value (masked load) or, in edge mode, the nearest
+image pixel (clamped coordinates).
+
+Exactness: gather is a copy. accumulate keeps each pixel's float64 sum in a register and, for
+j = 0, 1, ... in order, adds float64(w_j) * float64(pixel) unless slot j is empty; the product of two
+float32 numbers is exact in float64, so a fused multiply-add rounds exactly as the reference's
+multiply-then-add does, and the sums are bit-identical to it.
+
+Corner coordinates are clamped to [-r, extent] first (no pixel changes: every position beyond a border
+reads the same pad or edge value), which keeps the in-image arithmetic in int32; the launchers check
+that H * W and the crop sizes fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gather_crops", "accumulate_crops", "pick_block"]
+
+_INT32_LIMIT = 2**31 - 1
+_MAX_BLOCK = 1024
+
+
+@triton.jit
+def _crop_pixels(images_ptr, slot, y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad,
+                 EDGE: tl.constexpr):
+    """Pixels (ii, kk) of the crop of image row ``slot`` (>= 0 where ``live``) with corner (y0, x0)."""
+    y0 = tl.minimum(tl.maximum(y0, -rh), H).to(tl.int32)
+    x0 = tl.minimum(tl.maximum(x0, -rw), W).to(tl.int32)
+    ys = y0 + ii
+    xs = x0 + kk
+    plane = images_ptr + (slot * Ch + c) * H * W  # int64: slot is loaded as int64
+    if EDGE:
+        yc = tl.minimum(tl.maximum(ys, 0), H - 1)
+        xc = tl.minimum(tl.maximum(xs, 0), W - 1)
+        v = tl.load(plane + (yc * W + xc), mask=live, other=0.0)
+    else:
+        inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+        v = tl.load(plane + (ys * W + xs), mask=live & inside, other=0.0)
+        v = tl.where(inside, v, pad)
+    return v
+
+
+@triton.jit
+def _gather_crops_kernel(
+    images_ptr, slots_ptr, tops_ptr, pad_ptr, out_ptr,
+    Ch, H, W, rh, rw,
+    EDGE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    mc = tl.program_id(0)  # crop m, channel c
+    m = mc // Ch
+    c = mc % Ch
+    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    plane_size = rh * rw
+    pmask = ps < plane_size
+    ii = ps // rw
+    kk = ps % rw
+    slot = tl.load(slots_ptr + m)
+    y0 = tl.load(tops_ptr + 2 * m)
+    x0 = tl.load(tops_ptr + 2 * m + 1)
+    if EDGE:
+        pad = 0.0
+    else:
+        pad = tl.load(pad_ptr + c)
+    # Scalars broadcast once to tensors (the interpreter mis-types scalar & tensor boolean ops).
+    filled = tl.broadcast_to(slot, [BLOCK]) >= 0
+    live = pmask & filled
+    v = _crop_pixels(images_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad, EDGE)
+    v = tl.where(filled, v, 0.0)
+    tl.store(out_ptr + mc.to(tl.int64) * plane_size + ps, v, mask=pmask)
+
+
+@triton.jit
+def _accumulate_crops_kernel(
+    sums_ptr, images_ptr, slots_ptr, tops_ptr, weights_ptr, pad_ptr,
+    J, Ch, H, W, rh, rw,
+    EDGE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    uc = tl.program_id(0)  # unit u, channel c
+    u = uc // Ch
+    c = uc % Ch
+    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    plane_size = rh * rw
+    pmask = ps < plane_size
+    ii = ps // rw
+    kk = ps % rw
+    out = sums_ptr + uc.to(tl.int64) * plane_size + ps
+    acc = tl.load(out, mask=pmask, other=0.0)
+    if EDGE:
+        pad = 0.0
+    else:
+        pad = tl.load(pad_ptr + c)
+    row = u.to(tl.int64) * J
+    for j in range(0, J):
+        slot = tl.load(slots_ptr + row + j)
+        y0 = tl.load(tops_ptr + 2 * (row + j))
+        x0 = tl.load(tops_ptr + 2 * (row + j) + 1)
+        w = tl.load(weights_ptr + row + j).to(tl.float64)
+        filled = tl.broadcast_to(slot, [BLOCK]) >= 0
+        v = _crop_pixels(images_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk, pmask & filled,
+                         pad, EDGE)
+        acc = tl.where(filled, acc + w * v.to(tl.float64), acc)
+    tl.store(out, acc, mask=pmask)
+
+
+def pick_block(plane_size: int):
+    """(BLOCK, num_warps) for crops of ``plane_size`` = rh * rw pixels per channel."""
+    block = min(_MAX_BLOCK, triton.next_power_of_2(plane_size))
+    return block, max(1, min(4, block // 128))
+
+
+def _operands(images, slots, tops, pad_value, size, what: str):
+    if images.dim() != 4 or images.dtype != torch.float32:
+        raise ValueError(f"{what}: images must be float32 [N, Ch, H, W], got {images.dtype} {tuple(images.shape)}")
+    if slots.dtype != torch.int64 or tops.dtype != torch.int64:
+        raise TypeError(f"{what}: slots and tops must be int64, got {slots.dtype} and {tops.dtype}")
+    n, ch, h, w = images.shape
+    rh, rw = size
+    if h * w == 0 and bool((slots >= 0).any()):
+        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
+    # Pixel coordinates in int32 (clamped corners: at most extent + r); the image offset is int64.
+    if h * w > _INT32_LIMIT or rh * rw > _INT32_LIMIT or h + rh > _INT32_LIMIT // 2 or w + rw > _INT32_LIMIT // 2:
+        raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the kernels' 2**31 index range")
+    pad = None if pad_value is None else pad_value.to(device=images.device, dtype=torch.float32).contiguous()
+    if pad is not None and pad.numel() != ch:
+        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {ch} channels")
+    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+
+
+def _plane_blocks(plane_size: int, block: int) -> int:
+    blocks = triton.cdiv(plane_size, block)
+    if blocks > 65535:  # the second grid axis of a CUDA launch
+        raise ValueError(f"crops of {plane_size} pixels per channel are too large for the Triton crop kernels")
+    return blocks
+
+
+def _device_context(t: torch.Tensor):
+    # Launch on the tensor's GPU, not on whichever one is current.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, size, pad_value):
+    """[M, Ch, rh, rw] crops of ``images`` (see the reference contract)."""
+    rh, rw = size
+    images, slots, tops, pad = _operands(images, slots, tops, pad_value, size, "gather_crops")
+    m, ch = slots.shape[0], images.shape[1]
+    crops = torch.empty((m, ch, rh, rw), dtype=torch.float32, device=images.device)
+    if crops.numel() == 0:
+        return crops
+    block, num_warps = pick_block(rh * rw)
+    grid = (m * ch, _plane_blocks(rh * rw, block))
+    with _device_context(images):
+        _gather_crops_kernel[grid](
+            images, slots, tops, images if pad is None else pad, crops,
+            ch, images.shape[2], images.shape[3], rh, rw,
+            EDGE=pad is None, BLOCK=block, num_warps=num_warps,
+        )
+    return crops
+
+
+def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor,
+                     weights: torch.Tensor, pad_value) -> None:
+    """In place: sums[u] += float64(weights[u, j]) * crop(u, j), j in order (see the reference contract)."""
+    if sums.dtype != torch.float64 or not sums.is_contiguous() or weights.dtype != torch.float32:
+        raise TypeError("accumulate_crops: sums must be contiguous float64 and weights float32")
+    u, ch, rh, rw = sums.shape
+    images, slots, tops, pad = _operands(images, slots, tops, pad_value, (rh, rw), "accumulate_crops")
+    weights = weights.contiguous()
+    if sums.numel() == 0 or slots.numel() == 0:
+        return
+    block, num_warps = pick_block(rh * rw)
+    grid = (u * ch, _plane_blocks(rh * rw, block))
+    with _device_context(images):
+        _accumulate_crops_kernel[grid](
+            sums, images, slots, tops, weights, images if pad is None else pad,
+            slots.shape[1], ch, images.shape[2], images.shape[3], rh, rw,
+            EDGE=pad is None, BLOCK=block, num_warps=num_warps,
+        )

@@ -1,0 +1,678 @@
+"""Masked batched ablation (SPEC.md section 6, Zhou et al.): what each unit of a layer is worth to each class.
+
+``ablation_drops`` measures, for every ablated set S of units of one layer (one unit at a time by
+default), the per-class top-1 accuracy of the model with F_c = 0 (``mode="zero"``) or F_c = m_c, the
+unit's dataset mean (``mode="mean"``), for c in S at every position, against the intact model.
+
+The engine, per batch of B images:
+  1. runs the model up to the layer ONCE (``graph_split``: the forward traced with torch.fx and cut
+     after the layer; values the rest of the forward needs from before the layer, such as a residual
+     branch, cross the cut);
+  2. general path: for M masks at a time, writes the M masked replicas of the layer output [M*B, ...]
+     in one pass (``ops.mask_replicas``), replicates the values that cross the cut and runs only the
+     rest of the forward on them;
+  3. read-out path (chosen automatically when the layer feeds a linear read-out through per-channel
+     ops only, e.g. global average pooling then a linear layer, and each mask is one unit): computes
+     the intact read-out input p [B, C] once and, for every unit c and image at once, the argmax of
+     the logits with feature c replaced (``ops.readout_ablation_argmax``: float64, fused, certified
+     against a rounding-error bound of the model's own matmul); the rare (unit, batch) with an
+     uncertified image is recomputed through the general path at the naive shape.
+
+Exactness (what "the same counts as the naive loop" rests on). The naive loop is one full forward of
+each batch per ablated set, with a forward hook replacing the layer output by a copy whose ablated
+channels hold the fill (``naive_ablation_counts``). The engine reproduces it as follows:
+  * the prefix and the suffix execute the traced graph, i.e. the same calls as ``model.forward``: a
+    suffix run on B images computes bit for bit what the naive forward computes (deterministic kernels);
+  * the masked replicas are bit copies of the layer output, the fill being the same value cast to the
+    activation dtype; replicas keep the layer output's memory format, so the same kernels run;
+  * the general path batches M masks, i.e. M*B rows instead of B. Where the rest of the forward is
+    batch-size invariant (as torch's CPU convolutions, pooling and norms are on the test models; a
+    CPU ``Linear`` on 1 to 3 rows is not) the counts are exact by construction. Otherwise rows can
+    round differently, which can only flip an argmax whose top-2 logit gap is at rounding level; so
+    every replica whose gap is within ``verify`` (relative to its largest logit; default 1e-4 for
+    float32, 1e-10 for float64, off for float16/bfloat16) is recomputed at the naive shape, and its
+    mask's predictions for that batch are the naive loop's own. Counts are exact unless batch-size
+    dependent rounding moves a logit gap by more than that margin;
+  * the read-out path is exact whenever the bound holds: a certified class is the argmax of every
+    logit vector within the error bound of a float32 (or the dtype's) matmul of any summation order,
+    with products rounded once (float32 ``highest`` precision; TF32 / bf16 matmul modes and half
+    dtypes widen the bound, assuming float32 accumulation); every other (unit, batch) is recomputed
+    at the naive shape.
+Predicted class = ``argmax`` of the logits, the lowest index on ties (as ``torch.argmax``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import ops
+from .graph_split import SplitModel, incoming_weight_l1, split_model
+from .hooks import resolve_layers
+from .ops.reference import replica_memory_format
+
+__all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
+           "CORRELATION_ATTRIBUTES"]
+
+# Attribute columns of the neuron table correlated with the drops (SPEC.md section 6), when present.
+CORRELATION_ATTRIBUTES = ("class_selectivity", "class_selectivity_morcos", "color_selectivity", "mean_activation")
+_VERIFY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+# ------------------------------------------------------------------------------------------ result
+
+@dataclass
+class AblationResult:
+    """Counts of one ablation run; every rate is derived from them.
+
+    ``masks`` [S, C] bool (the ablated sets), ``units`` [S] int64 (the unit of a one-unit set, else -1),
+    ``correct`` [S, K] int64 (images of class k still classified correctly under set s),
+    ``intact_correct`` [K] int64, ``class_counts`` [K] int64 (images per class), ``class_names``
+    (from ``dataset.classes``), ``fill`` [C] float64 (the values of ``mode="mean"``; None for zero),
+    ``weight_l1`` [C] float64 (L1 norm of each unit's incoming weights; NaN where no single conv or
+    linear layer produces the unit), ``stats`` (path, masks per batch, recomputations).
+    """
+
+    layer: str
+    mode: str
+    masks: torch.Tensor
+    units: torch.Tensor
+    correct: torch.Tensor
+    intact_correct: torch.Tensor
+    class_counts: torch.Tensor
+    class_names: list[str] | None = None
+    fill: torch.Tensor | None = None
+    weight_l1: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.class_counts.sum())
+
+    @property
+    def num_units(self) -> int:
+        return self.masks.shape[1]
+
+    def _rate(self, counts: torch.Tensor) -> torch.Tensor:
+        n = self.class_counts.double()
+        return torch.where(n > 0, counts.double() / n.clamp(min=1), torch.full_like(n, float("nan")))
+
+    @property
+    def intact_accuracy(self) -> torch.Tensor:
+        """[K] float64: top-1 recall per class, intact (NaN for classes without images)."""
+        return self._rate(self.intact_correct)
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        """[S, K] float64: top-1 recall per class under each ablated set."""
+        return self._rate(self.correct)
+
+    @property
+    def drop(self) -> torch.Tensor:
+        """[S, K] float64: d_k = acc_k(intact) - acc_k(ablated)."""
+        return self.intact_accuracy[None, :] - self.accuracy
+
+    @property
+    def overall_intact_accuracy(self) -> float:
+        return float(self.intact_correct.sum()) / max(1, self.num_images)
+
+    @property
+    def overall_accuracy(self) -> torch.Tensor:
+        """[S] float64: top-1 accuracy over all images under each ablated set."""
+        return self.correct.sum(dim=1).double() / max(1, self.num_images)
+
+    @property
+    def overall_drop(self) -> torch.Tensor:
+        """[S] float64: overall accuracy drop."""
+        return self.overall_intact_accuracy - self.overall_accuracy
+
+    @property
+    def max_drop_class(self) -> torch.Tensor:
+        """[S] int64: the class of the largest per-class drop (lowest index on ties; -1 if no class has images)."""
+        d = self.drop
+        filled = torch.where(torch.isnan(d), torch.full_like(d, float("-inf")), d)
+        best = filled.argmax(dim=1)
+        return torch.where(torch.isnan(d).all(dim=1), torch.full_like(best, -1), best)
+
+    @property
+    def max_drop(self) -> torch.Tensor:
+        """[S] float64: max_k d_k over the classes with images."""
+        cls = self.max_drop_class
+        d = self.drop.gather(1, cls.clamp(min=0)[:, None]).squeeze(1)
+        return torch.where(cls >= 0, d, torch.full_like(d, float("nan")))
+
+    def class_name(self, k: int) -> str:
+        if k < 0:
+            return ""
+        return self.class_names[k] if self.class_names is not None else str(k)
+
+    def to_frame(self, per_class: bool = False):
+        """pandas DataFrame, one row per ablated set: layer, unit (-1 for a group), units, overall_drop,
+        max_class_drop, max_drop_class, max_drop_class_name, accuracy, intact_accuracy, weight_l1
+        (one-unit sets); ``per_class=True`` adds one ``drop[<class>]`` column per class. Join it with the
+        neuron table on (layer, unit)."""
+        import pandas as pd
+
+        units = self.units.tolist()
+        cls = self.max_drop_class.tolist()
+        l1 = self.weight_l1 if self.weight_l1 is not None else torch.full((self.num_units,), float("nan"))
+        data = {
+            "layer": [self.layer] * len(units),
+            "unit": units,
+            "units": [",".join(str(int(c)) for c in row.nonzero().flatten()) for row in self.masks],
+            "overall_drop": self.overall_drop.tolist(),
+            "max_class_drop": self.max_drop.tolist(),
+            "max_drop_class": cls,
+            "max_drop_class_name": [self.class_name(k) for k in cls],
+            "accuracy": self.overall_accuracy.tolist(),
+            "intact_accuracy": [self.overall_intact_accuracy] * len(units),
+            "weight_l1": [float(l1[u]) if u >= 0 else float("nan") for u in units],
+        }
+        if per_class:
+            drop = self.drop
+            for k in range(drop.shape[1]):
+                data[f"drop[{self.class_name(k)}]"] = drop[:, k].tolist()
+        return pd.DataFrame(data)
+
+    def __repr__(self) -> str:
+        return (f"AblationResult(layer={self.layer!r}, mode={self.mode!r}, sets={self.masks.shape[0]}, "
+                f"units={self.num_units}, classes={self.class_counts.numel()}, images={self.num_images}, "
+                f"path={self.stats.get('path')!r})")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _images_labels(batch, need_labels: bool = True):
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
+        labels = batch[1]
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+            raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
+                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}")
+        return batch[0], labels.to(torch.int64)
+    if isinstance(batch, torch.Tensor):
+        if need_labels:
+            raise ValueError("ablation needs labels: the dataset must yield (image, label) pairs, since the drops "
+                             "are per-class accuracies; it yields images only")
+        return batch, None
+    raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
+                     f"{type(batch).__name__}")
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    elif isinstance(out, dict) and "logits" in out:
+        out = out["logits"]
+    elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
+        out = out.logits
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise TypeError(f"the model must return class scores [B, K] (a tensor, or a tuple / dict / object whose "
+                        f"first element / 'logits' is one); got {type(out).__name__} "
+                        f"{tuple(getattr(out, 'shape', ()))}")
+    return out
+
+
+def _fresh(value):
+    """A private copy for one suffix run (the suffix may write in place: ReLU(inplace=True), +=)."""
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _replicate(t: torch.Tensor, m: int) -> torch.Tensor:
+    """[m * B, ...]: t repeated m times along the batch, mask-major, in t's memory format."""
+    fmt = replica_memory_format(t)
+    out = torch.empty((m * t.shape[0],) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=fmt)
+    out.view((m,) + tuple(t.shape)).copy_(t.unsqueeze(0).expand((m,) + tuple(t.shape)))
+    return out
+
+
+def _near_tie(logits: torch.Tensor, rtol: float) -> torch.Tensor:
+    """[N] bool: rows whose top-2 gap is within rtol of their largest |logit| (or not finite)."""
+    if logits.shape[1] < 2:
+        return ~torch.isfinite(logits).all(dim=1)
+    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    top = z.topk(2, dim=1).values
+    gap = top[:, 0] - top[:, 1]
+    scale = z.abs().amax(dim=1)
+    return ~torch.isfinite(z).all(dim=1) | (gap <= rtol * scale)
+
+
+def _gamma(n: int, u: float) -> float:
+    return n * u / (1 - n * u) if n * u < 0.5 else float("inf")
+
+
+def readout_error_bound(dtype: torch.dtype, num_terms: int) -> float:
+    """Relative error bound (times sum |w_j x_j| + |b|) of a linear layer's output computed in ``dtype``
+    by any summation order, as the read-out path assumes it (see the module docstring)."""
+    u64 = 2.0 ** -53
+    n = num_terms + 2
+    if dtype == torch.float64:
+        acc = _gamma(n, u64)
+    elif dtype == torch.float32:
+        acc = _gamma(n, 2.0 ** -24)
+        modes = {torch.get_float32_matmul_precision()}
+        mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+        modes.add(str(getattr(mkldnn, "fp32_precision", "none")).lower())
+        if modes & {"medium", "bf16"}:
+            acc += 2 * 2.0 ** -8 + 2.0 ** -16  # operands rounded to bfloat16
+        elif modes & {"high", "tf32"}:
+            acc += 2 * 2.0 ** -11 + 2.0 ** -22  # operands rounded to TF32
+    else:
+        unit = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}.get(dtype)
+        if unit is None:
+            raise TypeError(f"no error bound for a linear read-out in {dtype}")
+        acc = _gamma(n, 2.0 ** -24) + 4 * unit  # float32 accumulation, a few roundings to the dtype
+    return acc + 8 * _gamma(n + 4, u64)  # the float64 evaluation itself
+
+
+def _layer_means(index, layer: str):
+    if hasattr(index, "layers") and hasattr(index, "__getitem__"):
+        try:
+            index = index[layer]
+        except KeyError:
+            raise ValueError(f"index= has no layer {layer!r}; indexed layers: {list(index.layers)}") from None
+    if not hasattr(index, "mean_activation"):
+        raise TypeError(f"index= must be a NeuronIndex or LayerIndex, got {type(index).__name__}")
+    return index.mean_activation()
+
+
+def _check_positive(label: str, value, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{label} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------ engine
+
+class _Engine:
+    """One ablation run: the split model, the data and the per-batch paths."""
+
+    def __init__(self, model, dataset, layer, preprocess, batch_size, device, backend, num_workers, progress):
+        self.model, self.dataset, self.layer = model, dataset, layer
+        self.preprocess, self.batch_size, self.backend = preprocess, batch_size, backend
+        self.num_workers, self.progress = num_workers, progress
+        if device is not None:
+            device = torch.device(device)
+            model.to(device)
+        else:
+            first = next(iter(model.parameters()), None)
+            device = first.device if first is not None else torch.device("cpu")
+        self.device = device
+        model.eval()
+        self.param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.split: SplitModel = split_model(model, layer)
+        self.stats = {"batches": 0, "verified_masks": 0, "readout_fallbacks": 0, "suffix_rows": 0}
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        if not images.is_floating_point() or images.dim() != 4:
+            raise ValueError(f"images must be float tensors [3, H, W] in pixel space [0, 1]; got a batch "
+                             f"{tuple(images.shape)} {images.dtype}: convert them and put normalisation in preprocess=")
+        x = images.to(self.device, non_blocking=True)
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        return x.to(self.param_dtype)
+
+    def batches(self, desc: str):
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                            pin_memory=self.device.type == "cuda")
+        if not self.progress:
+            yield from loader
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(loader), unit="batch", desc=desc) as bar:
+            for batch in loader:
+                yield batch
+                bar.update(1)
+
+    def probe(self):
+        """The layer output of the first image alone: its shape and dtype, before any pass."""
+        item = self.dataset[0]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"the dataset must yield image tensors [3, H, W] (or (image, label)); got "
+                             f"{type(image).__name__}")
+        with torch.no_grad():
+            cut, _ = self.split.run_prefix(self.inputs(image[None]))
+        if cut.dim() not in (2, 4):
+            raise ValueError(f"layer {self.layer!r} outputs shape {tuple(cut.shape)}: ablate a layer whose output "
+                             "is [B, C, H, W] or [B, C]")
+        return cut
+
+    def dataset_means(self) -> torch.Tensor:
+        """m_c: mean over images of each unit's spatial mean (float64), from a prefix-only pass."""
+        total, count = None, 0
+        with torch.no_grad():
+            for batch in self.batches("ablation: unit means"):
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                cut, _ = self.split.run_prefix(self.inputs(images))
+                means = cut.double().mean(dim=(2, 3)) if cut.dim() == 4 else cut.double()
+                total = means.sum(dim=0) if total is None else total + means.sum(dim=0)
+                count += cut.shape[0]
+        return (total / count).cpu()
+
+    # --- per batch -----------------------------------------------------------------------------------
+    def naive_shape(self, cut, live, mask_row, fill):
+        """Predictions of one mask on this batch, computed at the naive loop's shape [B]."""
+        replica = ops.mask_replicas(cut, mask_row[None], fill, backend=self.backend)
+        self.stats["suffix_rows"] += cut.shape[0]
+        return _logits(self.split.run_suffix(replica, [_fresh(v) for v in live])).argmax(dim=1)
+
+    def general(self, cut, live, masks, fill, per_call: int, rtol):
+        s, b = masks.shape[0], cut.shape[0]
+        pred = torch.empty((s, b), dtype=torch.int64, device=cut.device)
+        for s0 in range(0, s, per_call):
+            chunk = masks[s0:s0 + per_call]
+            m = chunk.shape[0]
+            replicas = ops.mask_replicas(cut, chunk, fill, backend=self.backend)
+            live_m = [_replicate(v, m) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
+            logits = _logits(self.split.run_suffix(replicas, live_m))
+            if logits.shape[0] != m * b:
+                raise RuntimeError(f"the forward after layer {self.layer!r} returned {logits.shape[0]} rows for "
+                                   f"{m * b} masked replicas: it mixes images of a batch, so it cannot be ablated "
+                                   "in batches (use masks_per_batch=1)")
+            self.stats["suffix_rows"] += m * b
+            p = logits.argmax(dim=1).view(m, b)
+            if rtol is not None and m > 1:
+                for j in _near_tie(logits, rtol).view(m, b).any(dim=1).nonzero().flatten().tolist():
+                    p[j] = self.naive_shape(cut, live, chunk[j], fill)
+                    self.stats["verified_masks"] += 1
+            pred[s0:s0 + m] = p
+        return pred
+
+    def readout(self, cut, live, masks, unit_ids, fill, plan_state):
+        plan = self.split.readout
+        weight64, bias64, ablated64, err_rel = plan_state
+        p = plan.pre(_fresh(cut))
+        if p.dim() != 2 or tuple(p.shape) != (cut.shape[0], cut.shape[1]):
+            raise RuntimeError(f"the read-out chain after layer {self.layer!r} ({plan.description}) gave shape "
+                               f"{tuple(p.shape)} instead of {(cut.shape[0], cut.shape[1])}; use path='general'")
+        f64 = p.double()
+        logits64 = f64 @ weight64.t() + bias64
+        scale64 = f64.abs() @ weight64.abs().t() + bias64.abs()
+        pred = ops.readout_ablation_argmax(logits64, f64, weight64, ablated64, unit_ids, scale64, err_rel,
+                                           backend=self.backend)
+        for j in (pred < 0).any(dim=1).nonzero().flatten().tolist():
+            pred[j] = self.naive_shape(cut, live, masks[j], fill)
+            self.stats["readout_fallbacks"] += 1
+        return pred
+
+
+def _build_masks(units, masks, channels: int, layer: str, device) -> torch.Tensor:
+    if units is not None and masks is not None:
+        raise ValueError("give units= (one unit per ablation) or masks= (sets of units), not both")
+    if masks is not None:
+        masks = torch.as_tensor(masks)
+        if masks.dtype != torch.bool:
+            raise TypeError(f"masks must be a bool tensor [S, {channels}] (True: ablate the unit), got {masks.dtype}")
+        if masks.dim() != 2 or masks.shape[1] != channels or masks.shape[0] == 0:
+            raise ValueError(f"masks must have shape [S, {channels}] with S >= 1 (layer {layer!r} has {channels} "
+                             f"units), got {tuple(masks.shape)}")
+        return masks.to(device)
+    if units is None:
+        return torch.eye(channels, dtype=torch.bool, device=device)
+    ids = torch.as_tensor(units).reshape(-1)
+    if ids.numel() == 0:
+        raise ValueError("units= is empty: give at least one unit index, or None for every unit")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise TypeError(f"units must be integer unit indices, got {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= channels)]
+    if bad.numel():
+        raise IndexError(f"unit {int(bad[0])} out of range: layer {layer!r} has {channels} units (0 .. {channels - 1})")
+    out = torch.zeros((ids.numel(), channels), dtype=torch.bool, device=device)
+    out[torch.arange(ids.numel(), device=device), ids.to(device)] = True
+    return out
+
+
+def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None, mode: str = "zero",
+                   preprocess=None, masks_per_batch: int | None = None, batch_size: int = 64, device=None,
+                   backend: str | None = "auto", progress: bool = True, *, means=None, index=None,
+                   path: str = "auto", verify="auto", num_workers: int = 0) -> AblationResult:
+    """Per-unit (or per-set), per-class accuracy drops of ``model`` when units of ``layer`` are ablated.
+
+    ``dataset``: map-style, yielding (pixel-space image [3, H, W], label) pairs; ``preprocess`` runs on
+    the device before the model. ``units``: unit indices, one ablation each (default: every unit of the
+    layer); or ``masks`` [S, C] bool: arbitrary sets. ``mode``: "zero" (F_c = 0) or "mean" (F_c = m_c,
+    the unit's dataset mean: from ``means`` [C], else ``index`` (a NeuronIndex / LayerIndex:
+    ``mean_activation``), else a prefix-only pass over ``dataset``). ``masks_per_batch``: masks per run
+    of the rest of the forward ([masks_per_batch * B] replicas; default: as many as fit a memory budget).
+    ``path``: "auto" (the read-out path where it applies), "general" or "readout". ``verify``: the
+    relative top-2 logit gap under which a batched replica is recomputed at the naive loop's shape
+    ("auto": by dtype, see the module docstring; None: never). ``backend`` picks the kernels.
+    The model is put in eval mode (and moved to ``device``). The counts equal those of
+    ``naive_ablation_counts`` (one full forward per set); see the module docstring for what that rests on.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a module name (str), got {type(layer).__name__}")
+    resolve_layers(model, layer)
+    if mode not in ("zero", "mean"):
+        raise ValueError(f"mode must be 'zero' or 'mean' (SPEC.md section 6), got {mode!r}")
+    if mode == "zero" and (means is not None or index is not None):
+        raise ValueError("means= and index= give the fill of mode='mean'; they do not apply to mode='zero'")
+    if path not in ("auto", "general", "readout"):
+        raise ValueError(f"path must be 'auto', 'general' or 'readout', got {path!r}")
+    _check_positive("batch_size", batch_size)
+    _check_positive("masks_per_batch", masks_per_batch, allow_none=True)
+    verify_off = verify is None or verify is False
+    if not (verify_off or (isinstance(verify, str) and verify == "auto")
+            or (isinstance(verify, (int, float)) and not isinstance(verify, bool) and verify >= 0)):
+        raise ValueError(f"verify must be 'auto', None or a relative gap >= 0, got {verify!r}")
+    try:
+        length = len(dataset)
+    except TypeError:
+        raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__") from None
+    if length == 0:
+        raise ValueError("the dataset is empty: nothing to measure")
+    first = dataset[0]
+    if not (isinstance(first, (tuple, list)) and len(first) >= 2):
+        raise ValueError("ablation needs labels: the dataset must yield (image, label) pairs, since the drops are "
+                         f"per-class accuracies; it yields {type(first).__name__}")
+
+    engine = _Engine(model, dataset, layer, preprocess, batch_size, device, backend, num_workers, progress)
+    probe = engine.probe()
+    channels, act_dtype = probe.shape[1], probe.dtype
+    masks = _build_masks(units, masks, channels, layer, engine.device)
+    sizes = masks.sum(dim=1)
+    unit_of = torch.where(sizes == 1, masks.to(torch.int64).argmax(dim=1), torch.full_like(sizes, -1))
+
+    fill64 = None
+    if mode == "mean":
+        if means is not None:
+            fill64 = torch.as_tensor(means, dtype=torch.float64).reshape(-1).cpu()
+        elif index is not None:
+            fill64 = torch.as_tensor(_layer_means(index, layer), dtype=torch.float64).reshape(-1).cpu()
+        else:
+            fill64 = engine.dataset_means()
+        if fill64.numel() != channels:
+            raise ValueError(f"mode='mean' needs one mean per unit: layer {layer!r} has {channels} units, got "
+                             f"{fill64.numel()} means")
+        used = masks.any(dim=0).cpu()
+        missing = (~torch.isfinite(fill64) & used).nonzero().flatten()
+        if missing.numel():
+            raise ValueError(f"units {missing[:10].tolist()} of layer {layer!r} have no finite mean (never seen?); "
+                             "mode='mean' cannot ablate them")
+    fill64_or_zero = fill64 if fill64 is not None else torch.zeros(channels, dtype=torch.float64)
+    fill = fill64_or_zero.to(act_dtype).to(engine.device)  # the value the naive hook writes, in the activation dtype
+
+    readout_ok = engine.split.readout is not None and bool((sizes == 1).all())
+    if path == "readout" and not readout_ok:
+        why = engine.split.readout_reason or "some masks ablate several units at once"
+        raise ValueError(f"path='readout' does not apply to layer {layer!r}: {why}; use path='auto' or 'general'")
+    use_readout = readout_ok and path != "general"
+    rtol = None if verify_off else (_VERIFY_RTOL.get(act_dtype) if isinstance(verify, str) else float(verify))
+
+    s = masks.shape[0]
+    per_call = masks_per_batch
+    if per_call is None:
+        budget = (1 << 30) if engine.device.type == "cuda" else (32 << 20)
+        per_replica_set = probe[0].numel() * probe.element_size() * batch_size
+        per_call = max(1, min(s, budget // max(1, per_replica_set)))
+    per_call = min(per_call, s)
+
+    plan_state = None
+    if use_readout:
+        plan = engine.split.readout
+        weight64 = plan.weight.to(engine.device).double()
+        bias64 = (plan.bias.to(engine.device).double() if plan.bias is not None
+                  else torch.zeros(weight64.shape[0], dtype=torch.float64, device=engine.device))
+        if weight64.shape[1] != channels:
+            use_readout = False
+        else:
+            with torch.no_grad():
+                fill_map = ops.mask_replicas(probe, torch.ones((1, channels), dtype=torch.bool, device=probe.device),
+                                             fill.to(probe.device), backend=backend)
+                ablated64 = plan.pre(fill_map).reshape(-1).double()
+            hw = probe[0, 0].numel()
+            err_rel = readout_error_bound(plan.weight.dtype, channels + 2 * hw)
+            plan_state = (weight64, bias64, ablated64.to(engine.device), err_rel)
+    unit_ids = unit_of.clamp(min=0)
+
+    correct = intact = counts = None
+    with torch.no_grad():
+        for batch in engine.batches(f"ablation {layer}"):
+            images, labels = _images_labels(batch)
+            labels = labels.to(engine.device)
+            cut, live = engine.split.run_prefix(engine.inputs(images))
+            logits = _logits(engine.split.run_suffix(_fresh(cut), [_fresh(v) for v in live]))
+            classes = logits.shape[1]
+            if correct is None:
+                correct = torch.zeros((s, classes), dtype=torch.int64, device=engine.device)
+                intact = torch.zeros(classes, dtype=torch.int64, device=engine.device)
+                counts = torch.zeros(classes, dtype=torch.int64, device=engine.device)
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+                raise ValueError(f"labels must be class indices in [0, {classes}) (the model has {classes} outputs); "
+                                 f"got labels in [{int(labels.min())}, {int(labels.max())}]")
+            counts.index_add_(0, labels, torch.ones_like(labels))
+            intact.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
+            if use_readout:
+                pred = engine.readout(cut, live, masks, unit_ids, fill, plan_state)
+            else:
+                pred = engine.general(cut, live, masks, fill, per_call, rtol)
+            correct.index_add_(1, labels, (pred == labels[None, :]).to(torch.int64))
+            engine.stats["batches"] += 1
+
+    names = getattr(dataset, "classes", None)
+    class_names = [str(c) for c in names] if isinstance(names, (list, tuple)) and len(names) == classes else None
+    stats = dict(engine.stats, path="readout" if use_readout else "general",
+                 masks_per_batch=None if use_readout else per_call, verify_rtol=None if use_readout else rtol,
+                 readout=engine.split.readout.description if use_readout else engine.split.readout_reason)
+    return AblationResult(
+        layer=layer, mode=mode, masks=masks.cpu(), units=unit_of.cpu(), correct=correct.cpu(),
+        intact_correct=intact.cpu(), class_counts=counts.cpu(), class_names=class_names, fill=fill64,
+        weight_l1=incoming_weight_l1(model, engine.split, channels), stats=stats)
+
+
+# ------------------------------------------------------------------------------------------ naive loop
+
+def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=None, preprocess=None,
+                          batch_size: int = 64, device=None, pass_times: list | None = None):
+    """The slow oracle: one full pass over ``dataset`` per ablated set, each forward with a hook that
+    replaces the layer output by a copy whose ablated channels hold ``fill`` ([C], cast to the output
+    dtype; zeros by default). Returns ``(intact_correct [K], correct [S, K], class_counts [K])`` int64.
+    ``pass_times``: a list that receives the seconds of each pass (the intact one first)."""
+    module = resolve_layers(model, layer)[layer]
+    masks = torch.as_tensor(masks, dtype=torch.bool)
+    if masks.dim() != 2 or masks.shape[0] == 0:
+        raise ValueError(f"masks must be a bool tensor [S, C] with S >= 1, got shape {tuple(masks.shape)}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
+    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    current: dict = {"mask": None}
+
+    def hook(_module, _inputs, output):
+        mask = current["mask"]
+        if mask is None:
+            return None
+        out = output.clone()
+        values = (torch.zeros(out.shape[1]) if fill is None else torch.as_tensor(fill)).to(out.device, torch.float64)
+        values = values.to(out.dtype)[mask]
+        out[:, mask] = values.view((1, -1) + (1,) * (out.dim() - 2))
+        return out
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    results = []
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for s in [None] + list(range(masks.shape[0])):
+                start = time.perf_counter()
+                current["mask"] = None if s is None else masks[s].to(device)
+                correct = counts = None
+                for batch in loader:
+                    images, labels = _images_labels(batch)
+                    labels = labels.to(device)
+                    x = images.to(device)
+                    if preprocess is not None:
+                        x = preprocess(x)
+                    logits = _logits(model(x.to(param_dtype)))
+                    if correct is None:
+                        correct = torch.zeros(logits.shape[1], dtype=torch.int64, device=device)
+                        counts = torch.zeros_like(correct)
+                    counts.index_add_(0, labels, torch.ones_like(labels))
+                    correct.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
+                results.append(correct.cpu())
+                if pass_times is not None:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    pass_times.append(time.perf_counter() - start)
+    finally:
+        handle.remove()
+    return results[0], torch.stack(results[1:]), counts.cpu()
+
+
+# ------------------------------------------------------------------------------------------ correlations
+
+def _spearman(x, y) -> float:
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = x.rank(method="average"), y.rank(method="average")
+    if rx.nunique() < 2 or ry.nunique() < 2:
+        return float("nan")
+    return float(rx.corr(ry))
+
+
+def ablation_correlations(result: AblationResult, table=None):
+    """Spearman correlations, across the units of ``result`` (one-unit ablations), of the largest
+    per-class drop and of the overall drop with each unit attribute (SPEC.md section 6).
+
+    Attributes: the columns of ``table`` (the neuron table: one row per (layer, unit)) among
+    class_selectivity, class_selectivity_morcos, color_selectivity and mean_activation, plus the L1
+    norm of the incoming weights from ``result``. Units with a NaN in the attribute are skipped (each
+    attribute separately). Returns a DataFrame indexed by attribute with columns ``max_class_drop``,
+    ``overall_drop`` (the correlations; NaN with fewer than 3 units or a constant column) and ``n``.
+    """
+    import pandas as pd
+
+    frame = result.to_frame()
+    frame = frame[frame["unit"] >= 0]
+    if frame.empty:
+        raise ValueError("ablation_correlations needs one-unit ablations (units=...); this result holds only "
+                         "sets of several units")
+    attributes = []
+    if table is not None:
+        if not isinstance(table, pd.DataFrame):
+            raise TypeError(f"table must be a pandas DataFrame (the neuron table), got {type(table).__name__}")
+        if "unit" not in table.columns:
+            raise ValueError("table needs a 'unit' column (the neuron table has one row per (layer, unit))")
+        rows = table[table["layer"] == result.layer] if "layer" in table.columns else table
+        if rows.empty:
+            raise ValueError(f"table has no rows for layer {result.layer!r}")
+        if rows["unit"].duplicated().any():
+            raise ValueError(f"table has several rows for some units of layer {result.layer!r}")
+        attributes = [a for a in CORRELATION_ATTRIBUTES if a in rows.columns]
+        frame = frame.merge(rows[["unit"] + attributes], on="unit", how="left")
+    attributes.append("weight_l1")
+    out = []
+    for attribute in attributes:
+        data = frame[[attribute, "max_class_drop", "overall_drop"]].apply(pd.to_numeric, errors="coerce").dropna()
+        out.append({"attribute": attribute,
+                    "max_class_drop": _spearman(data[attribute], data["max_class_drop"]),
+                    "overall_drop": _spearman(data[attribute], data["overall_drop"]),
+                    "n": len(data)})
+    return pd.DataFrame(out).set_index("attribute")

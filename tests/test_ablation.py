@@ -1,0 +1,625 @@
+"""Masked batched ablation (SPEC.md section 6): the ops on every backend against the torch reference,
+the engine against the naive loop (one full forward per ablated set, with a forward hook), the
+read-out path against the general path, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import neuroidx_fast.ablation as abl
+from neuroidx_fast import ops
+from neuroidx_fast.graph_split import split_model
+from neuroidx_fast.ops import reference
+from conftest import cpu_backends, gpu_backends
+from models import ImageSet, make_model
+
+BACKENDS = cpu_backends()
+FAST = [b for b in BACKENDS if b != "triton"]  # the Triton interpreter only gets tiny engine runs
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Hundreds of small forwards: with OpenMP threads on a shared 2-core machine, every parallel region
+    # waits for a busy core, and a test runs 10-100x slower. The kernels' threaded paths are covered by
+    # test_cpp_kernels_threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calibrated(name: str, n: int = 24, seed: int = 0, dtype=torch.float32):
+    """A test model whose predictions vary across images (its read-out bias is centred on the data) and
+    a dataset labelled mostly by those predictions, so that ablations visibly move per-class counts."""
+    model = make_model(name, seed=seed).to(dtype)
+    data = ImageSet(n=n, size=16, classes=4, seed=seed)
+    data.images = data.images.to(dtype)
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias -= model(data.images).mean(dim=0)
+        predicted = model(data.images).argmax(dim=1)
+    data.labels = torch.where(torch.arange(n) % 4 == 3, data.labels, predicted)
+    return model, data
+
+
+def assert_equal_to_naive(result, model, data, layer, batch_size, preprocess=None):
+    intact, correct, counts = abl.naive_ablation_counts(model, data, layer, result.masks, fill=result.fill,
+                                                        preprocess=preprocess, batch_size=batch_size)
+    assert torch.equal(result.class_counts, counts)
+    assert torch.equal(result.intact_correct, intact)
+    assert torch.equal(result.correct, correct), (result.correct - correct).abs().sum()
+    return correct
+
+
+def assert_not_vacuous(result):
+    # Some ablations must change some class's count, else the comparison proves little.
+    assert (result.correct != result.intact_correct[None, :]).any(dim=1).sum() >= 2
+
+
+# ------------------------------------------------------------------------------------------ mask_replicas
+
+def _layouts(x):
+    yield "contiguous", x
+    if x.dim() == 4:
+        yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+        b, c, h, w = x.shape
+        big = torch.zeros((b, 2 * c, h + 1, 3 * w), dtype=x.dtype)
+        view = big[:, ::2, 1:, ::3]
+        view.copy_(x)
+        yield "sliced", view
+        yield "transposed", x.transpose(2, 3).contiguous().transpose(2, 3)
+        yield "broadcast", x[:, :, :1].expand(b, c, h, w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (3, 1, 1, 1), (1, 5, 1, 9), (2, 17, 3, 3), (3, 6)])
+def test_mask_replicas_matches_reference_bit_for_bit(backend, dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g).to(dtype)
+    c = shape[1]
+    masks = torch.rand(4, c, generator=g) < 0.4
+    masks[0] = True
+    masks[1] = False
+    for fill in (None, 0.25, torch.randn(c, generator=g)):
+        for name, xl in _layouts(x):
+            got = ops.mask_replicas(xl, masks, fill, backend=backend)
+            want = ops.mask_replicas(xl, masks, fill, backend="torch")
+            assert got.shape == (4 * shape[0],) + tuple(shape[1:]) and got.stride() == want.stride(), name
+            assert torch.equal(got, want), (name, fill)
+            # The semantics, spelled out: row m * B + b is image b under mask m.
+            f = torch.zeros(c) if fill is None else torch.as_tensor(fill).expand(c)
+            for m in range(4):
+                for b in range(shape[0]):
+                    row = got[m * shape[0] + b]
+                    for u in range(c):
+                        expect = f[u].to(dtype).expand_as(row[u]) if masks[m, u] else xl[b, u]
+                        assert torch.equal(row[u], expect)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_replicas_is_a_bit_copy_and_keeps_channels_last(backend):
+    x = torch.tensor([-0.0, float("nan"), float("inf"), 1e-40]).view(1, 4, 1, 1).repeat(2, 1, 3, 2)
+    x = x.contiguous(memory_format=torch.channels_last)
+    masks = torch.tensor([[False, False, False, False], [True, False, True, False]])
+    fill = torch.tensor([-0.0, 2.0, float("-inf"), 3.0])
+    got = ops.mask_replicas(x, masks, fill, backend=backend)
+    assert not got.is_contiguous() and got.is_contiguous(memory_format=torch.channels_last)
+    want = ops.mask_replicas(x, masks, fill, backend="torch")
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert torch.equal(got[:2].view(torch.int32), x.view(torch.int32))
+    assert got[2, 0, 0, 0].item() == 0.0 and torch.signbit(got[2, 0, 0, 0])
+
+
+def test_mask_replicas_rejects_bad_input():
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError, match="bool"):
+        ops.mask_replicas(x, torch.ones(1, 3))
+    with pytest.raises(ValueError, match=r"\[M, 3\]"):
+        ops.mask_replicas(x, torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="fill has 2 values"):
+        ops.mask_replicas(x, torch.ones(1, 3, dtype=torch.bool), fill=[1.0, 2.0])
+    with pytest.raises(TypeError, match="float16, bfloat16"):
+        ops.mask_replicas(x.int(), torch.ones(1, 3, dtype=torch.bool))
+    assert ops.mask_replicas(x, torch.zeros(0, 3, dtype=torch.bool)).shape == (0, 3, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------ readout kernel
+
+def _readout_case(b, c, k, seed, ties=False):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(b, c, generator=g, dtype=torch.float64).relu()
+    w = torch.randn(k, c, generator=g, dtype=torch.float64)
+    bias = torch.randn(k, generator=g, dtype=torch.float64)
+    if ties and k > 2:
+        w[2], bias[2] = w[0], bias[0]  # classes 0 and 2 always tie
+    logits = f @ w.t() + bias
+    scale = f.abs() @ w.abs().t() + bias.abs()
+    return logits, f, w, bias, scale
+
+
+def _explicit_readout(logits, f, w, ablated, units, scale, err_rel):
+    """The contract evaluated with the [U, B, K] tensor materialised (float64, reference order)."""
+    preds = []
+    for c in units.tolist():
+        z = logits + w[:, c][None, :] * (ablated[c] - f[:, c])[:, None]
+        e = err_rel * (scale + w[:, c].abs()[None, :] * (ablated[c].abs() - f[:, c].abs())[:, None]).clamp(min=0)
+        row = []
+        for b in range(z.shape[0]):
+            if not (torch.isfinite(z[b]).all() and torch.isfinite(e[b]).all()):
+                row.append(-1)
+                continue
+            best = int(z[b].argmax())
+            others = torch.cat([(z[b] + e[b])[:best], (z[b] + e[b])[best + 1:]])
+            ok = others.numel() == 0 or bool(z[b, best] - e[b, best] > others.max())
+            row.append(best if ok else -1)
+        preds.append(row)
+    return torch.tensor(preds, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,c,k", [(5, 7, 4), (3, 1, 6), (4, 9, 1), (2, 33, 70), (1, 5, 2)])
+@pytest.mark.parametrize("err_rel", [0.0, 1e-3, 0.2])
+def test_readout_argmax_matches_reference(backend, b, c, k, err_rel):
+    logits, f, w, _, scale = _readout_case(b, c, k, seed=b * 100 + c * 10 + k, ties=True)
+    g = torch.Generator().manual_seed(1)
+    ablated = torch.randn(c, generator=g, dtype=torch.float64)
+    units = torch.tensor([c - 1, 0] + list(range(c)) + [0], dtype=torch.int64)  # a subset order, repeats
+    got = ops.readout_ablation_argmax(logits, f, w, ablated, units, scale, err_rel, backend=backend)
+    want = _explicit_readout(logits, f, w, ablated, units, scale, err_rel)
+    assert got.shape == (units.numel(), b) and got.dtype == torch.int64
+    assert torch.equal(got, want)
+    if k > 2:
+        assert not (got == 2).any()  # a tie with class 0 is never certified
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_readout_argmax_non_finite_rows_are_uncertified(backend):
+    logits, f, w, _, scale = _readout_case(3, 4, 5, seed=3)
+    logits[1, 2] = float("inf")
+    f[2, 1] = float("nan")
+    got = ops.readout_ablation_argmax(logits, f, w, None, None, scale, 1e-6, backend=backend)
+    assert (got[:, 1] == -1).all() and (got[1, 2] == -1) and (got[0, 2] >= 0)
+
+
+def test_readout_certificate_is_sound_for_float32_linear_layers():
+    # Near-tie classes (weight rows one float32 ulp apart): whatever a certified class is, every float32
+    # evaluation order of the ablated logits (batched matmul, one row, reversed sums) agrees with it.
+    torch.manual_seed(0)
+    b, c, k = 16, 64, 6
+    lin = nn.Linear(c, k)
+    with torch.no_grad():
+        lin.weight[1] = torch.nextafter(lin.weight[0], torch.tensor(1.0))
+        lin.bias[1] = lin.bias[0]
+        lin.weight[3] = lin.weight[2] * (1 + 2 ** -20)
+    f32 = torch.randn(b, c).relu()
+    f64, w64, b64 = f32.double(), lin.weight.detach().double(), lin.bias.detach().double()
+    err = abl.readout_error_bound(torch.float32, c)
+    pred = ops.readout_ablation_argmax(f64 @ w64.t() + b64, f64, w64, None, None,
+                                       f64.abs() @ w64.abs().t() + b64.abs(), err, backend="torch")
+    assert (pred >= 0).float().mean() > 0.5 and (pred < 0).any()
+    for u in range(c):
+        x = f32.clone()
+        x[:, u] = 0
+        orders = [lin(x), torch.cat([lin(x[i:i + 1]) for i in range(b)]),
+                  (x.flip(1)[:, None, :] * lin.weight.detach().flip(1)[None]).sum(-1) + lin.bias.detach()]
+        for logits in orders:
+            sure = pred[u] >= 0
+            assert torch.equal(logits.argmax(dim=1)[sure], pred[u][sure])
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the cpp backend is unavailable here")
+def test_cpp_kernels_threaded():
+    torch.set_num_threads(2)  # restored by the one_thread fixture
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 13, 6, 7, generator=g)
+    masks = torch.rand(7, 13, generator=g) < 0.5
+    fill = torch.randn(13, generator=g)
+    for xl in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, ::2]):
+        assert torch.equal(ops.mask_replicas(xl, masks, fill, backend="cpp"), reference.mask_replicas(xl, masks, fill))
+    logits, f, w, _, scale = _readout_case(9, 31, 17, seed=4, ties=True)
+    units = torch.arange(31)
+    for err in (0.0, 1e-3):
+        assert torch.equal(ops.readout_ablation_argmax(logits, f, w, None, units, scale, err, backend="cpp"),
+                           _explicit_readout(logits, f, w, torch.zeros(31, dtype=torch.float64), units, scale, err))
+
+
+# ------------------------------------------------------------------------------------------ engine = naive loop
+
+@pytest.mark.parametrize("backend", FAST)
+def test_vgg_mid_conv_layer_equals_naive_loop(backend):
+    model, data = calibrated("vgg")
+    result = abl.ablation_drops(model, data, "features.3", batch_size=8, masks_per_batch=5, backend=backend,
+                                progress=False)
+    assert result.stats["path"] == "general" and result.masks.shape == (12, 12)
+    assert torch.equal(result.units, torch.arange(12))
+    assert_equal_to_naive(result, model, data, "features.3", batch_size=8)
+    assert_not_vacuous(result)
+
+
+@pytest.mark.parametrize("layer", ["layer2.bn1", "layer1.conv1"])
+def test_resnet_inside_a_residual_block_equals_naive_loop(layer):
+    model, data = calibrated("resnet", seed=1)
+    split = split_model(model, layer)
+    assert split.live_names and all(split.batched)  # the skip branch crosses the cut
+    result = abl.ablation_drops(model, data, layer, batch_size=7, progress=False)  # last batch: 3 images
+    assert result.stats["path"] == "general"
+    assert_equal_to_naive(result, model, data, layer, batch_size=7)
+    assert_not_vacuous(result)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("name,layer", [("resnet", "layer2"), ("vgg", "classifier.2")])
+def test_readout_path_every_unit_equals_naive_and_general(backend, name, layer):
+    model, data = calibrated(name, seed=2)
+    fast = abl.ablation_drops(model, data, layer, batch_size=8, backend=backend, progress=False)
+    assert fast.stats["path"] == "readout" and fast.stats["suffix_rows"] == 8 * fast.stats["readout_fallbacks"]
+    general = abl.ablation_drops(model, data, layer, batch_size=8, backend=backend, path="general",
+                                 progress=False)
+    assert general.stats["path"] == "general"
+    assert torch.equal(fast.correct, general.correct) and torch.equal(fast.intact_correct, general.intact_correct)
+    assert_equal_to_naive(fast, model, data, layer, batch_size=8)
+    assert_not_vacuous(fast)
+
+
+class _Bottleneck(nn.Module):
+    """torchvision's Bottleneck: in-place ReLU, ``out += identity``, the shortcut computed late."""
+
+    def __init__(self, cin, width, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * width)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class _TinyResNet(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, 1, 1)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(_Bottleneck(8, 4, 1))
+        self.layer2 = nn.Sequential(_Bottleneck(16, 8, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.relu(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@pytest.mark.parametrize("layer,units", [("layer1.0.bn1", None), ("layer1.0.conv3", [0, 3, 7, 15]),
+                                         ("layer1", [1, 2, 5, 11]), ("layer2.0.bn2", None), ("layer2", None)])
+def test_torchvision_style_bottlenecks_with_inplace_ops(layer, units):
+    torch.manual_seed(14)
+    model = _TinyResNet()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.running_mean, -0.2, 0.2)
+            nn.init.uniform_(m.running_var, 0.5, 2.0)
+    model.eval()
+    data = ImageSet(n=20, size=12, classes=4, seed=14)
+    with torch.no_grad():
+        model.fc.bias -= model(data.images).mean(dim=0)
+        data.labels = torch.where(torch.arange(20) % 4 == 3, data.labels, model(data.images).argmax(dim=1))
+    result = abl.ablation_drops(model, data, layer, units=units, batch_size=6, progress=False)
+    assert result.stats["path"] == ("readout" if layer == "layer2" else "general")
+    assert_equal_to_naive(result, model, data, layer, batch_size=6)
+    with pytest.raises(ValueError, match="called 3 times"):
+        abl.ablation_drops(model, data, "layer1.0.relu", progress=False)
+
+
+def test_readout_path_falls_back_on_ties():
+    # Two classes with identical weights tie on every image: nothing about them can be certified, so
+    # those (unit, batch) pairs are recomputed, and the lower class wins as in torch.argmax.
+    model, data = calibrated("resnet", seed=3)
+    with torch.no_grad():
+        model.head[2].weight[3] = model.head[2].weight[1]
+        model.head[2].bias[3] = model.head[2].bias[1]
+    result = abl.ablation_drops(model, data, "layer2", batch_size=10, progress=False)
+    assert result.stats["path"] == "readout" and result.stats["readout_fallbacks"] > 0
+    assert_equal_to_naive(result, model, data, "layer2", batch_size=10)
+
+
+def test_group_masks_equal_naive_loop():
+    model, data = calibrated("vgg", seed=4)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(9, 16, generator=g) < 0.3
+    masks[0] = False  # the empty set: the intact model
+    masks[1] = True  # every unit
+    result = abl.ablation_drops(model, data, "features.8", masks=masks, batch_size=8, masks_per_batch=4,
+                                progress=False)
+    assert_equal_to_naive(result, model, data, "features.8", batch_size=8)
+    assert torch.equal(result.correct[0], result.intact_correct)
+    assert (result.units[2:] == torch.where(masks[2:].sum(1) == 1, masks[2:].long().argmax(1), -1)).all()
+    assert_not_vacuous(result)
+
+
+def test_readout_group_masks_use_general_path():
+    model, data = calibrated("resnet", seed=5)
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[0, :4] = True
+    masks[1, 5] = True
+    masks[2, 7:] = True
+    result = abl.ablation_drops(model, data, "layer2", masks=masks, batch_size=8, progress=False)
+    assert result.stats["path"] == "general"
+    assert_equal_to_naive(result, model, data, "layer2", batch_size=8)
+
+
+@pytest.mark.parametrize("name,layer", [("vgg", "features.4"), ("resnet", "layer2"), ("resnet", "layer2.bn1")])
+def test_mean_mode_equals_naive_loop(name, layer):
+    model, data = calibrated(name, seed=6)
+    result = abl.ablation_drops(model, data, layer, mode="mean", batch_size=8, progress=False)
+    # The fill is each unit's dataset mean of its spatial means (SPEC.md 1 and 6), in float64.
+    split = split_model(model, layer)
+    with torch.no_grad():
+        cut, _ = split.run_prefix(data.images)
+    expected = cut.double().mean(dim=(2, 3)).mean(dim=0) if cut.dim() == 4 else cut.double().mean(dim=0)
+    torch.testing.assert_close(result.fill, expected, rtol=1e-12, atol=1e-12)
+    assert_equal_to_naive(result, model, data, layer, batch_size=8)
+    assert_not_vacuous(result)
+    # Means passed in (or taken from an index) give the same run.
+    again = abl.ablation_drops(model, data, layer, mode="mean", means=result.fill, batch_size=8, progress=False)
+    assert torch.equal(again.correct, result.correct)
+
+
+def test_mean_mode_from_a_neuron_index():
+    import neuroidx_fast as nx
+
+    model, data = calibrated("vgg", seed=7)
+    index = nx.index_dataset(model, data, ["features.5"], k=3, batch_size=8, progress=False)
+    result = abl.ablation_drops(model, data, "features.5", units=[0, 3, 11], mode="mean", index=index,
+                                batch_size=8, progress=False)
+    assert torch.equal(result.fill, index["features.5"].mean_activation())
+    assert_equal_to_naive(result, model, data, "features.5", batch_size=8)
+
+
+def test_float64_channels_last_model_and_preprocess():
+    model, data = calibrated("resnet", seed=8, dtype=torch.float64)
+    model = model.to(memory_format=torch.channels_last)
+
+    def preprocess(x):  # normalisation on the device, then channels_last activations throughout
+        return ((x - 0.5) / 0.25).contiguous(memory_format=torch.channels_last)
+
+    for layer, units in (("layer2.bn1", [0, 5, 9, 15]), ("layer2", None)):
+        result = abl.ablation_drops(model, data, layer, units=units, batch_size=8, preprocess=preprocess,
+                                    progress=False)
+        assert_equal_to_naive(result, model, data, layer, batch_size=8, preprocess=preprocess)
+
+
+def test_verification_recomputes_at_the_naive_shape():
+    model, data = calibrated("vgg", seed=9)
+    base = abl.ablation_drops(model, data, "features.3", batch_size=8, masks_per_batch=6, verify=None,
+                              progress=False)
+    forced = abl.ablation_drops(model, data, "features.3", batch_size=8, masks_per_batch=6, verify=1e9,
+                                progress=False)
+    assert base.stats["verified_masks"] == 0
+    assert forced.stats["verified_masks"] == 12 * 3  # every mask of every batch (3 batches of 8)
+    assert torch.equal(base.correct, forced.correct)
+    assert_equal_to_naive(base, model, data, "features.3", batch_size=8)
+
+
+@pytest.mark.parametrize("path", ["general", "readout"])
+def test_triton_backend_tiny_engine_run(path):
+    if "triton" not in BACKENDS:
+        pytest.skip("the triton backend is unavailable here")
+    model, data = calibrated("resnet", n=10, seed=10)
+    result = abl.ablation_drops(model, data, "layer2", units=[1, 4, 9], batch_size=5, backend="triton",
+                                path=path, progress=False)
+    assert result.stats["path"] == path
+    assert_equal_to_naive(result, model, data, "layer2", batch_size=5)
+
+
+# ------------------------------------------------------------------------------------------ result
+
+def test_result_rates_and_frame():
+    counts = torch.tensor([4, 0, 5])
+    result = abl.AblationResult(
+        layer="l", mode="zero", masks=torch.tensor([[True, False], [False, True], [True, True]]),
+        units=torch.tensor([0, 1, -1]), correct=torch.tensor([[4, 0, 1], [2, 0, 5], [0, 0, 0]]),
+        intact_correct=torch.tensor([4, 0, 5]), class_counts=counts, class_names=["a", "b", "c"],
+        weight_l1=torch.tensor([1.5, 2.5], dtype=torch.float64))
+    assert torch.isnan(result.intact_accuracy[1])
+    torch.testing.assert_close(result.drop[0, [0, 2]], torch.tensor([0.0, 0.8], dtype=torch.float64))
+    assert result.max_drop_class.tolist() == [2, 0, 0]  # class b has no images; ties go to the lower class
+    torch.testing.assert_close(result.max_drop, torch.tensor([0.8, 0.5, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(result.overall_drop, torch.tensor([4 / 9, 2 / 9, 1.0], dtype=torch.float64))
+    frame = result.to_frame(per_class=True)
+    assert list(frame["unit"]) == [0, 1, -1] and list(frame["units"]) == ["0", "1", "0,1"]
+    assert list(frame["max_drop_class_name"]) == ["c", "a", "a"]
+    assert frame["weight_l1"].iloc[1] == 2.5 and pd.isna(frame["weight_l1"].iloc[2])
+    assert "drop[c]" in frame.columns
+
+
+def test_weight_l1_of_the_producing_conv():
+    model, data = calibrated("vgg", seed=11)
+    expected = model.features[3].weight.detach().double().abs().sum(dim=(1, 2, 3))
+    for layer in ("features.3", "features.4", "features.5", "features.6"):  # conv, BN, ReLU, MaxPool
+        result = abl.ablation_drops(model, data, layer, units=[0], batch_size=20, progress=False)
+        assert torch.equal(result.weight_l1, expected), layer
+    result = abl.ablation_drops(*calibrated("resnet", seed=11), "layer2", units=[0], batch_size=20, progress=False)
+    assert torch.isnan(result.weight_l1).all()  # a residual sum has no single incoming layer
+
+
+def test_ablation_correlations():
+    model, data = calibrated("vgg", seed=12)
+    result = abl.ablation_drops(model, data, "features.3", batch_size=8, progress=False)
+    frame = result.to_frame()
+    table = pd.DataFrame({
+        "layer": ["features.3"] * 12 + ["other"] * 2,
+        "unit": list(range(12)) + [0, 1],
+        "class_selectivity": list(frame["max_class_drop"] * 3 + 1) + [9.0, -9.0],  # monotone: rho = 1
+        "mean_activation": list(-frame["overall_drop"]) + [0.0, 0.0],  # decreasing: rho = -1
+        "color_selectivity": [float("nan")] * 4 + list(range(8)) + [0.0, 0.0],  # 4 NaN rows skipped
+        "dead": [False] * 14,
+    })
+    corr = abl.ablation_correlations(result, table)
+    assert list(corr.index) == ["class_selectivity", "color_selectivity", "mean_activation", "weight_l1"]
+    assert corr.loc["class_selectivity", "max_class_drop"] == pytest.approx(1.0)
+    assert corr.loc["mean_activation", "overall_drop"] == pytest.approx(-1.0)
+    assert corr.loc["color_selectivity", "n"] == 8 and corr.loc["weight_l1", "n"] == 12
+    ranks = frame[["weight_l1", "overall_drop"]].rank()
+    assert corr.loc["weight_l1", "overall_drop"] == pytest.approx(ranks.corr().iloc[0, 1])
+    with pytest.raises(ValueError, match="no rows for layer"):
+        abl.ablation_correlations(result, table.assign(layer="x"))
+
+
+def test_correlations_with_the_neuron_table():
+    table_module = pytest.importorskip("neuroidx_fast.table")
+    import neuroidx_fast as nx
+
+    model, data = calibrated("vgg", seed=3)
+    index = nx.index_dataset(model, data, ["features.3", "features.7"], k=5, batch_size=8, progress=False)
+    table = table_module.neuron_table(index, labels=data)
+    result = abl.ablation_drops(model, data, "features.3", mode="mean", index=index, batch_size=8, progress=False)
+    corr = abl.ablation_correlations(result, table)
+    assert {"class_selectivity", "class_selectivity_morcos", "mean_activation", "weight_l1"} <= set(corr.index)
+    assert corr.loc["mean_activation", "n"] == 12 and corr.loc["color_selectivity", "n"] == 0  # no color column data
+    assert corr.loc["mean_activation"].notna()["overall_drop"]
+    joined = table_module.neuron_table(index, extra=result.to_frame())
+    assert joined.loc[joined["layer"] == "features.3", "overall_drop"].notna().all()
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.mean() > 0:  # control flow that depends on the data: torch.fx cannot trace it
+            x = x * 2
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+class _SharedRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.relu(self.relu(self.conv(x)).mean(dim=(2, 3))))
+
+
+def test_bad_input_raises_clearly():
+    model, data = calibrated("vgg", n=12)
+    with pytest.raises(ValueError, match=r"unknown layer 'features\.33'.*closest names: features\.3"):
+        abl.ablation_drops(model, data, "features.33", progress=False)
+    with pytest.raises(IndexError, match=r"unit 12 out of range: layer 'features\.3' has 12 units"):
+        abl.ablation_drops(model, data, "features.3", units=[0, 12], progress=False)
+    with pytest.raises(IndexError, match="out of range"):
+        abl.ablation_drops(model, data, "features.3", units=[-1], progress=False)
+    unlabelled = ImageSet(n=12, size=16, labels=False)
+    with pytest.raises(ValueError, match="ablation needs labels"):
+        abl.ablation_drops(model, unlabelled, "features.3", progress=False)
+    with pytest.raises(ValueError, match=r"masks must have shape \[S, 12\]"):
+        abl.ablation_drops(model, data, "features.3", masks=torch.ones(2, 5, dtype=torch.bool), progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        abl.ablation_drops(model, data, "features.3", units=[1], masks=torch.ones(1, 12, dtype=torch.bool),
+                           progress=False)
+    with pytest.raises(ValueError, match="mode must be 'zero' or 'mean'"):
+        abl.ablation_drops(model, data, "features.3", mode="noise", progress=False)
+    with pytest.raises(ValueError, match="path='readout' does not apply"):
+        abl.ablation_drops(model, data, "features.3", path="readout", progress=False)
+    with pytest.raises(ValueError, match="12 units, got 3 means"):
+        abl.ablation_drops(model, data, "features.3", mode="mean", means=[0.0, 1.0, 2.0], progress=False)
+    bad_labels = ImageSet(n=12, size=16, classes=9)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\)"):
+        abl.ablation_drops(model, bad_labels, "features.3", batch_size=12, progress=False)
+    with pytest.raises(TypeError, match="torch.fx could not trace"):
+        abl.ablation_drops(_Untraceable(), data, "conv", progress=False)
+    with pytest.raises(ValueError, match="called 2 times"):
+        abl.ablation_drops(_SharedRelu(), data, "relu", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ CUDA
+
+NVCC = shutil.which("nvcc")
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_kernels_compile(tmp_path, arch):
+    out = tmp_path / f"ablation_{arch}.cubin"
+    cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-Werror", "all-warnings", "--cubin", "-Xptxas",
+           "-Werror,-warn-spills,-warn-lmem-usage", "-o", str(out), str(REPO / "csrc" / "cuda" / "ablation.cu")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+def test_cuda_launcher_names_every_kernel(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))
+    spec = importlib.util.spec_from_file_location("_ablation_cuda_probe", REPO / "neuroidx_fast" / "ops" / "cuda.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    source = tmp_path / "ablation.cu"
+    source.write_text(launcher.kernel_source("ablation.cu"))
+    ptx = tmp_path / "ablation.ptx"
+    subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "--ptx", "-o", str(ptx), str(source)], check=True)
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx.read_text()))
+    assert set(launcher.KERNELS["ablation.cu"]) <= entries
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in gpu_backends() if b != "torch"] or ["cuda", "triton"])
+def test_gpu_ops_match_reference(backend):
+    if backend not in gpu_backends():
+        pytest.skip(f"backend {backend} unavailable on cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32, torch.float16, torch.float64):
+        x = torch.randn(64, 96, 14, 14, device="cuda", generator=g).to(dtype)
+        masks = torch.rand(9, 96, device="cuda", generator=g) < 0.2
+        fill = torch.randn(96, device="cuda", generator=g)
+        for xl in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, 1:, ::2]):
+            got = ops.mask_replicas(xl, masks, fill, backend=backend)
+            assert torch.equal(got, reference.mask_replicas(xl, masks, fill.to(dtype)))
+    logits, f, w, _, scale = (t.cuda() for t in _readout_case(256, 512, 1000, seed=5, ties=True))
+    ablated = torch.randn(512, device="cuda", dtype=torch.float64, generator=g)
+    units = torch.arange(512, device="cuda")
+    for err in (0.0, 1e-4):
+        got = ops.readout_ablation_argmax(logits, f, w, ablated, units, scale, err, backend=backend)
+        assert torch.equal(got, reference.readout_ablation_argmax(logits, f, w, ablated, units, scale, err))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,layer", [("resnet", "layer2.bn1"), ("resnet", "layer2"), ("vgg", "features.3")])
+def test_gpu_engine_equals_naive_loop(name, layer):
+    model, data = calibrated(name, seed=13)
+    model = model.cuda()
+    result = abl.ablation_drops(model, data, layer, batch_size=8, device="cuda", progress=False)
+    assert_equal_to_naive(result, model, data, layer, batch_size=8)

@@ -1,0 +1,533 @@
+"""gather_crops and accumulate_crops (SPEC section 3, the crops of a Neuron Feature).
+
+The torch reference is checked against a brute-force oracle written here (one pixel at a time, in plain
+Python and numpy), and every backend against the reference, bit for bit (the contract in
+``neuroidx_fast.ops.reference`` makes both ops exact: gather is a copy, accumulate adds exact float64
+products in j order). CPU backends (the Triton interpreter among them) run tiny "weird" shapes; GPU
+backends (marker ``gpu``) run the same shapes and a realistic layer. Without a GPU, the CUDA kernels of
+csrc/cuda/crops.cu are also built for the host behind a small shim and run, block by block, on the
+launches the cuda launcher plans; their nvcc compile checks live with the other kernels' in
+tests/test_cuda_backend.py (KERNEL_FILES).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from neuroidx_fast import backends, ops
+from neuroidx_fast.ops import reference
+from tests.conftest import cpu_backends
+from tests.test_cuda_backend import _launcher_without_cupy
+
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def _seed(*key) -> int:
+    return zlib.crc32(repr(key).encode()) % 100_000
+
+
+# Each case: n images of ch x h x w, crops of `size`, u units x j crops each; corners drawn in
+# `corner_range` (half-open) for y and x, plus the listed `extra_corners` spliced in.
+CASES = {
+    "basic": dict(n=3, ch=3, h=9, w=9, size=(5, 5), u=4, j=5, corner_range=(-3, 8)),
+    "rectangular": dict(n=2, ch=3, h=6, w=11, size=(4, 7), u=3, j=4, corner_range=(-5, 10)),
+    "larger_than_image": dict(n=2, ch=3, h=5, w=6, size=(13, 15), u=3, j=3, corner_range=(-14, 6)),
+    "far_outside": dict(n=2, ch=3, h=7, w=8, size=(3, 4), u=3, j=6, corner_range=(-4, 8),
+                        extra_corners=[(-1000, 3), (2, 900), (-(2**40), -(2**40)), (2**40, -5), (7, 8), (-3, -4)]),
+    "one_channel": dict(n=3, ch=1, h=8, w=5, size=(6, 3), u=4, j=4, corner_range=(-6, 6)),
+    "one_image_many_crops": dict(n=1, ch=3, h=6, w=7, size=(3, 5), u=2, j=9, corner_range=(-3, 7)),
+    "single_crop": dict(n=2, ch=3, h=10, w=6, size=(7, 3), u=5, j=1, corner_range=(-4, 9)),
+    "pixel_images": dict(n=2, ch=3, h=1, w=1, size=(3, 2), u=2, j=3, corner_range=(-3, 2)),
+    "odd_sizes": dict(n=4, ch=3, h=13, w=5, size=(9, 11), u=3, j=5, corner_range=(-10, 12)),
+}
+PADS = ("constant", "edge")
+
+
+def _pad_value(kind: str, ch: int):
+    # Distinct per-channel values, one of them negative, so a wrong channel shows.
+    return None if kind == "edge" else torch.tensor([0.25, -1.5, 3.0625])[:ch].contiguous()
+
+
+def _inputs(name: str, device="cpu"):
+    """images [n, ch, h, w], slots [u, j], tops [u, j, 2], weights [u, j], sums [u, ch, rh, rw] (float64)."""
+    c = CASES[name]
+    g = torch.Generator().manual_seed(_seed(name))
+    n, ch, h, w, (rh, rw), u, j = c["n"], c["ch"], c["h"], c["w"], c["size"], c["u"], c["j"]
+    images = torch.rand(n, ch, h, w, generator=g)
+    images[0, 0, 0, 0] = 0.0  # an exact zero pixel
+    slots = torch.randint(0, n, (u, j), generator=g)
+    slots[torch.rand(u, j, generator=g) < 0.25] = -1  # empty slots
+    if u >= 3:
+        slots[1] = -1  # a unit with no crop at all
+    lo, hi = c["corner_range"]
+    tops = torch.randint(lo, hi, (u, j, 2), generator=g)
+    extra = torch.tensor(c.get("extra_corners", []), dtype=torch.int64).reshape(-1, 2)
+    tops.view(-1, 2)[:len(extra)] = extra
+    weights = torch.randn(u, j, generator=g)  # negative weights among them
+    weights[torch.rand(u, j, generator=g) < 0.2] = 0.0
+    # Sums with some size, so that every addition rounds and the j order matters.
+    sums = torch.randn(u, ch, rh, rw, generator=g, dtype=torch.float64) * 100
+    sums[-1] = 0.0
+    return tuple(t.to(device) for t in (images, slots, tops, weights, sums))
+
+
+# --- the brute-force oracle ----------------------------------------------------------------------
+
+def _oracle_crop(image: np.ndarray, y0: int, x0: int, rh: int, rw: int, pad) -> np.ndarray:
+    """One [Ch, rh, rw] crop, pixel by pixel."""
+    ch, h, w = image.shape
+    out = np.empty((ch, rh, rw), dtype=np.float32)
+    for c in range(ch):
+        for i in range(rh):
+            for k in range(rw):
+                y, x = y0 + i, x0 + k
+                if 0 <= y < h and 0 <= x < w:
+                    out[c, i, k] = image[c, y, x]
+                elif pad is None:  # edge: the nearest image pixel
+                    out[c, i, k] = image[c, min(max(y, 0), h - 1), min(max(x, 0), w - 1)]
+                else:
+                    out[c, i, k] = pad[c]
+    return out
+
+
+def _oracle_gather(images, slots, tops, size, pad):
+    imgs = images.cpu().numpy()
+    pad_np = None if pad is None else pad.cpu().numpy()
+    rh, rw = size
+    crops = []
+    for slot, (y0, x0) in zip(slots.tolist(), tops.tolist()):
+        if slot < 0:
+            crops.append(np.zeros((imgs.shape[1], rh, rw), dtype=np.float32))
+        else:
+            crops.append(_oracle_crop(imgs[slot], y0, x0, rh, rw, pad_np))
+    return torch.from_numpy(np.stack(crops))
+
+
+def _oracle_accumulate(sums, images, slots, tops, weights, pad):
+    out = sums.cpu().numpy().copy()
+    imgs = images.cpu().numpy()
+    pad_np = None if pad is None else pad.cpu().numpy()
+    rh, rw = out.shape[2:]
+    for u in range(out.shape[0]):
+        for j in range(slots.shape[1]):
+            slot = int(slots[u, j])
+            if slot >= 0:
+                crop = _oracle_crop(imgs[slot], int(tops[u, j, 0]), int(tops[u, j, 1]), rh, rw, pad_np)
+                out[u] = out[u] + np.float64(weights[u, j].item()) * crop.astype(np.float64)
+    return torch.from_numpy(out)
+
+
+def _assert_bits_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    view = torch.int64 if want.dtype == torch.float64 else torch.int32
+    got, want = got.cpu().contiguous(), want.cpu().contiguous()
+    if not torch.equal(got.view(view), want.view(view)):
+        bad = (got.view(view) != want.view(view)).nonzero()
+        first = tuple(bad[0].tolist())
+        raise AssertionError(f"{len(bad)} of {want.numel()} elements differ; first at {first}: got "
+                             f"{got[first].item()!r}, want {want[first].item()!r}")
+
+
+# --- the reference against the oracle --------------------------------------------------------------
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_oracle(case, pad):
+    images, slots, tops, weights, sums = _inputs(case)
+    fill = _pad_value(pad, images.shape[1])
+    size = tuple(sums.shape[2:])
+    crops = reference.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), size, fill)
+    _assert_bits_equal(crops, _oracle_gather(images, slots.reshape(-1), tops.reshape(-1, 2), size, fill))
+    want = _oracle_accumulate(sums, images, slots, tops, weights, fill)
+    reference.accumulate_crops(sums, images, slots, tops, weights, fill)
+    _assert_bits_equal(sums, want)
+
+
+def test_the_j_order_changes_the_bits():
+    # The equality tests below have teeth: adding the same crops in another order rounds differently.
+    images, slots, tops, weights, sums = _inputs("one_image_many_crops")
+    slots = torch.zeros_like(slots)  # every crop real
+    forward, backward = sums.clone(), sums.clone()
+    reference.accumulate_crops(forward, images, slots, tops, weights, None)
+    reference.accumulate_crops(backward, images, slots.flip(1), tops.flip(1), weights.flip(1), None)
+    assert torch.allclose(forward, backward, rtol=1e-12, atol=1e-9)
+    assert not torch.equal(forward, backward)
+
+
+def test_reference_pad_modes_by_hand():
+    # A 2 x 2 image, a 3 x 4 crop starting one pixel up and left: the layout written out.
+    image = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])  # [1, 1, 2, 2]
+    slots, tops = torch.tensor([0, -1]), torch.tensor([[-1, -1], [0, 0]])
+    g = 9.0
+    want_pad = torch.tensor([[g, g, g, g], [g, 1, 2, g], [g, 3, 4, g]])
+    want_edge = torch.tensor([[1.0, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4]])
+    for backend in cpu_backends():
+        got = ops.gather_crops(image, slots, tops, (3, 4), pad=g, backend=backend)
+        assert torch.equal(got[0, 0], want_pad) and torch.equal(got[1], torch.zeros(1, 3, 4)), backend
+        got = ops.gather_crops(image, slots, tops, (3, 4), pad="edge", backend=backend)
+        assert torch.equal(got[0, 0], want_edge), backend
+
+
+# --- every CPU backend against the reference ---------------------------------------------------------
+
+def _check_backend(module, case, pad, device="cpu"):
+    images, slots, tops, weights, sums = _inputs(case, device)
+    fill = _pad_value(pad, images.shape[1])
+    fill = None if fill is None else fill.to(device)
+    size = tuple(sums.shape[2:])
+    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
+    want = reference.gather_crops(images, flat_slots, flat_tops, size, fill)
+    _assert_bits_equal(module.gather_crops(images, flat_slots, flat_tops, size, fill), want)
+    want_sums = sums.clone()
+    reference.accumulate_crops(want_sums, images, slots, tops, weights, fill)
+    module.accumulate_crops(sums, images, slots, tops, weights, fill)
+    _assert_bits_equal(sums, want_sums)
+
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_backend_matches_reference(backend, case, pad):
+    _check_backend(backends.get(backend, "cpu"), case, pad)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_public_ops_every_pad_spelling(backend):
+    images, slots, tops, weights, sums = _inputs("basic")
+    size = tuple(sums.shape[2:])
+    for pad in ("gray", "zero", "edge", -0.75, [0.1, 0.2, 0.3], torch.tensor([0.5, 0.0, 1.0])):
+        fill = ops.pad_value(pad, images.shape[1], "cpu")
+        got = ops.gather_crops(images, slots, tops, size, pad=pad, backend=backend)
+        want = reference.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), size, fill)
+        _assert_bits_equal(got, want.reshape(got.shape))
+        got_sums, want_sums = sums.clone(), sums.clone()
+        assert ops.accumulate_crops(got_sums, images, slots, tops, weights, pad=pad, backend=backend) is got_sums
+        reference.accumulate_crops(want_sums, images, slots, tops, weights, fill)
+        _assert_bits_equal(got_sums, want_sums)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_public_ops_take_any_layout(backend):
+    # Sliced images, transposed corner pairs, non-contiguous slots and weights: the op copies as needed.
+    images, slots, tops, weights, sums = _inputs("rectangular")
+    wide = torch.rand(images.shape[0], images.shape[1] + 1, images.shape[2], images.shape[3] + 2)
+    wide[:, :-1, :, 1:-1] = images
+    view = wide[:, :-1, :, 1:-1]
+    tops_t = tops.permute(2, 0, 1).contiguous().permute(1, 2, 0)
+    slots_t, weights_t = slots.t().contiguous().t(), weights.t().contiguous().t()
+    got = ops.gather_crops(view, slots_t, tops_t, sums.shape[2:], pad="gray", backend=backend)
+    want = ops.gather_crops(images, slots, tops, sums.shape[2:], pad="gray", backend="torch")
+    assert got.shape == (slots.numel(), images.shape[1]) + tuple(sums.shape[2:])
+    _assert_bits_equal(got, want)
+    got_sums, want_sums = sums.clone(), sums.clone()
+    ops.accumulate_crops(got_sums, view, slots_t, tops_t, weights_t, pad="edge", backend=backend)
+    ops.accumulate_crops(want_sums, images, slots, tops, weights, pad="edge", backend="torch")
+    _assert_bits_equal(got_sums, want_sums)
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="the cpp backend did not load")
+def test_cpp_moderate_shape_and_thread_counts():
+    # Larger than the weird cases (many row blocks per plane, several threads), and the same bits
+    # whatever the thread count.
+    from neuroidx_fast.ops import cpp
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.rand(12, 3, 40, 52, generator=g)
+    slots = torch.randint(-1, 12, (24, 30), generator=g)
+    tops = torch.randint(-30, 45, (24, 30, 2), generator=g)
+    weights = torch.randn(24, 30, generator=g)
+    sums = torch.randn(24, 3, 37, 61, generator=g, dtype=torch.float64)
+    for fill in (torch.tensor([0.5, 0.25, -2.0]), None):
+        want = sums.clone()
+        reference.accumulate_crops(want, images, slots, tops, weights, fill)
+        want_crops = reference.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (37, 61), fill)
+        threads = torch.get_num_threads()
+        try:
+            for n in sorted({1, 2, 3, threads}):
+                torch.set_num_threads(n)
+                got = sums.clone()
+                cpp.accumulate_crops(got, images, slots, tops, weights, fill)
+                _assert_bits_equal(got, want)
+                _assert_bits_equal(cpp.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (37, 61), fill),
+                                   want_crops)
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_empty_inputs(backend):
+    images = torch.rand(2, 3, 5, 5)
+    none = torch.empty(0, dtype=torch.int64)
+    crops = ops.gather_crops(images, none, none.reshape(0, 2), (4, 3), backend=backend)
+    assert crops.shape == (0, 3, 4, 3) and crops.dtype == torch.float32
+    sums = torch.randn(3, 3, 4, 3, dtype=torch.float64)
+    before = sums.clone()
+    ops.accumulate_crops(sums, images, none.reshape(3, 0), none.reshape(3, 0, 2), torch.empty(3, 0), backend=backend)
+    assert torch.equal(sums, before)
+    # Only empty slots: nothing is added, and gather gives zeros even from images with no pixels.
+    slots = torch.full((3, 2), -1)
+    tops = torch.zeros(3, 2, 2, dtype=torch.int64)
+    ops.accumulate_crops(sums, images, slots, tops, torch.ones(3, 2), backend=backend)
+    assert torch.equal(sums, before)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4), (0, 3, 5, 5)], ids=["no-pixels", "no-images"])
+def test_only_empty_slots_need_no_pixels(backend, shape):
+    # The public ops accept images without pixels (or no images) as long as every slot is empty.
+    slots = torch.full((3, 2), -1)
+    tops = torch.zeros(3, 2, 2, dtype=torch.int64)
+    flat = ops.gather_crops(torch.rand(shape), slots.reshape(-1), tops.reshape(-1, 2), 2, backend=backend)
+    assert torch.equal(flat, torch.zeros(6, 3, 2, 2))
+    sums = torch.randn(3, 3, 2, 2, dtype=torch.float64)
+    before = sums.clone()
+    ops.accumulate_crops(sums, torch.rand(shape), slots, tops, torch.ones(3, 2), backend=backend)
+    assert torch.equal(sums, before)
+
+
+# --- the CUDA kernels' logic, run on the host ----------------------------------------------------------
+# Without a GPU, csrc/cuda/crops.cu (as the launcher assembles it for NVRTC) is built with the host C++
+# compiler behind a thin shim (block / thread indices as globals, __ldg as a plain load) and every
+# block and thread of the launch the launcher plans is run in turn. The kernels use no shared memory
+# and no warp operations, so this checks their indexing, padding and accumulation order exactly.
+
+_HOST_SHIM = r"""
+#include <cstring>
+struct NxDim3 { unsigned x, y, z; };
+static NxDim3 blockIdx, threadIdx;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+template <class T> static inline T __ldg(const T* p) { return *p; }
+static inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+static inline float __uint_as_float(unsigned v) { float f; std::memcpy(&f, &v, 4); return f; }
+static inline unsigned __float_as_uint(float v) { unsigned u; std::memcpy(&u, &v, 4); return u; }
+"""
+
+_HOST_GRID = r"""
+#define NX_HOST_GRID(call) \
+  for (unsigned bx = 0; bx < gx; ++bx) for (unsigned by = 0; by < gy; ++by) \
+    for (unsigned t = 0; t < NX_CROP_THREADS; ++t) { blockIdx = {bx, by, 0}; threadIdx = {t, 0, 0}; call; }
+#define NX_HOST_GATHER(name) extern "C" void host_##name(unsigned gx, unsigned gy, const float* images, \
+    const long long* slots, const long long* tops, const float* pad, float* out, int Ch, int H, int W, int rh, \
+    int rw) { NX_HOST_GRID(name(images, slots, tops, pad, out, Ch, H, W, rh, rw)) }
+#define NX_HOST_ACCUMULATE(name) extern "C" void host_##name(unsigned gx, unsigned gy, double* sums, \
+    const float* images, const long long* slots, const long long* tops, const float* weights, const float* pad, \
+    int J, int Ch, int H, int W, int rh, int rw) { \
+    NX_HOST_GRID(name(sums, images, slots, tops, weights, pad, J, Ch, H, W, rh, rw)) }
+NX_HOST_GATHER(nx_gather_crops_pad)
+NX_HOST_GATHER(nx_gather_crops_edge)
+NX_HOST_ACCUMULATE(nx_accumulate_crops_pad)
+NX_HOST_ACCUMULATE(nx_accumulate_crops_edge)
+"""
+
+
+@pytest.fixture(scope="module")
+def host_crops_cu(tmp_path_factory):
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler to build crops.cu for the host")
+    with pytest.MonkeyPatch.context() as mp:
+        launcher = _launcher_without_cupy(mp)
+    tmp = tmp_path_factory.mktemp("host_crops")
+    source = tmp / "crops_host.cpp"
+    source.write_text(_HOST_SHIM + launcher.kernel_source("crops.cu") + _HOST_GRID)
+    library = tmp / "crops_host.so"
+    # (#pragma unroll is for nvcc.)
+    cmd = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+           "-o", str(library), str(source)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr}"
+    lib = ctypes.CDLL(str(library))
+
+    def run(plan):
+        name, grid, args = plan
+        assert set(launcher.KERNELS["crops.cu"]) >= {name}
+        converted = [ctypes.c_void_p(int(a)) if isinstance(a, np.uint64) else ctypes.c_int(int(a)) for a in args]
+        assert all(isinstance(a, (np.uint64, np.int32)) for a in args)
+        getattr(lib, f"host_{name}")(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), *converted)
+
+    return launcher, run
+
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_kernels_on_the_host(host_crops_cu, case, pad):
+    launcher, run = host_crops_cu
+    images, slots, tops, weights, sums = _inputs(case)
+    fill = _pad_value(pad, images.shape[1])
+    size = tuple(sums.shape[2:])
+    flat = launcher._crop_operands(images, slots.reshape(-1), tops.reshape(-1, 2), fill, size, "gather_crops")
+    crops = torch.full((slots.numel(), images.shape[1]) + size, float("nan"))
+    run(launcher.gather_launch(*flat, crops))
+    _assert_bits_equal(crops, reference.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), size, fill))
+    want = sums.clone()
+    reference.accumulate_crops(want, images, slots, tops, weights, fill)
+    im, sl, tp, pd = launcher._crop_operands(images, slots, tops, fill, size, "accumulate_crops")
+    run(launcher.accumulate_launch(sums, im, sl, tp, weights.contiguous(), pd))
+    _assert_bits_equal(sums, want)
+
+
+def test_cuda_launcher_refuses_cpu_tensors_and_huge_crops(host_crops_cu):
+    launcher, _ = host_crops_cu
+    images, slots, tops, weights, sums = _inputs("basic")
+    with pytest.raises(ValueError, match="cuda backend got images on cpu"):
+        launcher.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (3, 3), None)
+    with pytest.raises(ValueError, match="cuda backend got images on cpu"):
+        launcher.accumulate_crops(sums, images, slots, tops, weights, None)
+    with pytest.raises(ValueError, match="too large for crops.cu"):
+        launcher._crop_operands(images, slots, tops, None, (2**14, 2**13), "gather_crops")
+
+
+# --- validation of the public ops -------------------------------------------------------------------
+
+def _valid_args():
+    images, slots, tops, weights, sums = _inputs("basic")
+    return dict(images=images, slots=slots, tops=tops, weights=weights, sums=sums)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (dict(images=lambda a: (a["images"] * 255).to(torch.uint8)), ValueError, "float32"),
+    (dict(images=lambda a: a["images"][0]), ValueError, r"\[N, Ch, H, W\]"),
+    (dict(slots=lambda a: a["slots"].int()), TypeError, "slots must be an int64"),
+    (dict(tops=lambda a: a["tops"].float()), TypeError, "tops must be an int64"),
+    (dict(slots=lambda a: a["slots"].clamp(min=0) + 1), IndexError, r"slots must be image rows in \[0, 3\)"),
+    (dict(slots=lambda a: a["slots"] - 1), IndexError, "or -1"),
+    (dict(tops=lambda a: a["tops"][..., :1]), ValueError, "tops must have shape"),
+    (dict(tops=lambda a: a["tops"][:2]), ValueError, "tops must have shape"),
+])
+def test_validation_both_ops(change, error, match):
+    args = _valid_args()
+    for key, make in change.items():
+        args[key] = make(args)
+    with pytest.raises(error, match=match):
+        ops.gather_crops(args["images"], args["slots"], args["tops"], 3)
+    with pytest.raises(error, match=match):
+        ops.accumulate_crops(args["sums"], args["images"], args["slots"], args["tops"], args["weights"])
+
+
+@pytest.mark.parametrize("pad,error,match", [
+    ("blue", ValueError, "unknown pad mode"),
+    ([0.5, 0.5], ValueError, "pad has 2 values for 3-channel images"),
+    (float("nan"), ValueError, "finite"),
+    ([0.5, float("inf"), 0.5], ValueError, "finite"),
+    (True, TypeError, "not a bool"),
+])
+def test_validation_bad_pad(pad, error, match):
+    a = _valid_args()
+    with pytest.raises(error, match=match):
+        ops.gather_crops(a["images"], a["slots"], a["tops"], 3, pad=pad)
+    with pytest.raises(error, match=match):
+        ops.accumulate_crops(a["sums"], a["images"], a["slots"], a["tops"], a["weights"], pad=pad)
+
+
+@pytest.mark.parametrize("size", [0, (3, 0), (-1, 4), (True, 3)])
+def test_validation_bad_size(size):
+    a = _valid_args()
+    with pytest.raises(ValueError, match="crop size must be positive"):
+        ops.gather_crops(a["images"], a["slots"], a["tops"], size)
+
+
+def test_validation_accumulate_only():
+    a = _valid_args()
+
+    def call(**changed):
+        args = dict(sums=a["sums"], images=a["images"], slots=a["slots"], tops=a["tops"], weights=a["weights"])
+        return ops.accumulate_crops(**{**args, **changed})
+
+    with pytest.raises(ValueError, match="contiguous float64"):
+        call(sums=a["sums"].float())
+    with pytest.raises(ValueError, match="contiguous float64"):
+        call(sums=a["sums"].transpose(2, 3))
+    with pytest.raises(ValueError, match=r"must be \[U, J\] with U = 3"):
+        call(sums=a["sums"][:3])
+    with pytest.raises(ValueError, match="must have 3 channels"):
+        call(sums=a["sums"][:, :1].contiguous())
+    with pytest.raises(ValueError, match="weights must be float32 of shape"):
+        call(weights=a["weights"].double())
+    with pytest.raises(ValueError, match="weights must be float32 of shape"):
+        call(weights=a["weights"][:, :2])
+    with pytest.raises(ValueError, match="cannot crop from empty images"):
+        call(images=torch.rand(3, 3, 0, 5))
+
+
+def test_unknown_backend_is_reported():
+    a = _valid_args()
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.gather_crops(a["images"], a["slots"], a["tops"], 3, backend="fortran")
+
+
+# --- GPU backends --------------------------------------------------------------------------------------
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reason = backends.unavailable_reason(request.param, "cuda")
+    if reason is not None:
+        pytest.skip(f"backend {request.param} is unavailable on cuda: {reason}")
+    return backends.get(request.param, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_backend_matches_reference(gpu_backend, case, pad):
+    _check_backend(gpu_backend, case, pad, device="cuda")
+
+
+def _layer(units: int, k: int, n_images: int, size: int, seed: int):
+    """A realistic layer: corners on a conv layer's RF grid (stride 16, offset -42, so that boxes of
+    about 100 pixels reach past the image), top images drawn among n_images, descending positive weights with a
+    few empty slots."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    images = torch.rand(n_images, 3, size, size, generator=g, device="cuda")
+    slots = torch.randint(0, n_images, (units, k), generator=g, device="cuda")
+    slots[:, -3:] = -1
+    grid = torch.randint(0, (size + 15) // 16, (units, k, 2), generator=g, device="cuda")
+    tops = -42 + 16 * grid
+    weights = torch.rand(units, k, generator=g, device="cuda").sort(dim=1, descending=True).values
+    return images, slots, tops, weights
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad", PADS)
+def test_gpu_realistic_layer(gpu_backend, pad):
+    images, slots, tops, weights = _layer(512, 100, 256, 224, seed=_seed("layer", pad))
+    fill = None if pad == "edge" else torch.full((3,), 0.5, device="cuda")
+    want = torch.zeros(512, 3, 100, 100, dtype=torch.float64, device="cuda")
+    reference.accumulate_crops(want, images, slots, tops, weights, fill)
+    got = torch.zeros_like(want)
+    gpu_backend.accumulate_crops(got, images, slots, tops, weights, fill)
+    _assert_bits_equal(got, want)
+    sub_slots, sub_tops = slots[:64].reshape(-1), tops[:64].reshape(-1, 2)
+    _assert_bits_equal(gpu_backend.gather_crops(images, sub_slots, sub_tops, (100, 100), fill),
+                       reference.gather_crops(images, sub_slots, sub_tops, (100, 100), fill))
+    del images, want, got
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_gpu_rectangular_crops_and_current_stream(gpu_backend):
+    images, slots, tops, weights = _layer(96, 37, 50, 67, seed=3)
+    tops = tops + torch.tensor([5, -7], device="cuda")
+    fill = torch.tensor([0.1, 0.2, 0.3], device="cuda")
+    want = torch.randn(96, 3, 45, 29, dtype=torch.float64, device="cuda")
+    got = want.clone()
+    reference.accumulate_crops(want, images, slots, tops, weights, fill)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        gpu_backend.accumulate_crops(got, images, slots, tops, weights, fill)
+        crops = gpu_backend.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (45, 29), None)
+    torch.cuda.current_stream().wait_stream(stream)
+    _assert_bits_equal(got, want)
+    _assert_bits_equal(crops, reference.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (45, 29), None))

@@ -1,21 +1,153 @@
-"""The ``neuroidx`` command. Subcommands: ``info``."""
+"""The ``neuroidx`` command: index a model over an image folder, then make Neuron Features, selectivity
+indexes, ablation drops, maximisation images and an HTML report in one run directory.
+
+    neuroidx demo [--out DIR]                       everything, on the built-in model and data
+    neuroidx index --model M --data D --layers L --out DIR [--weights W] [--k K] ...
+    neuroidx features | selectivity | ablate | visualize | report  --out DIR
+    neuroidx info
+
+Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+__all__ = ["main", "build_parser"]
 
-def main(argv: list[str] | None = None) -> int:
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _layers(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one layer name (comma-separated)")
+    return names
+
+
+def _units(text: str) -> list[int]:
+    try:
+        return [int(u) for u in text.split(",") if u.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"units must be comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroidx", description="Index what the units of a trained CNN respond to.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="print versions, devices and the backends that loaded")
-    args = parser.parse_args(argv)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="the run directory (made by `index`, read by the others)")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
+    common.add_argument("--batch-size", type=_positive_int, default=64)
+    common.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--layers", type=_layers, default=None,
+                        help="comma-separated layer names (default for later steps: the run's layers)")
+
+    source = argparse.ArgumentParser(add_help=False)
+    source.add_argument("--model", required=True,
+                        help="package.module:factory, vgg_m, demo, or a torchvision / timm model name")
+    source.add_argument("--model-args", default="{}", help="JSON keyword arguments for the model factory")
+    source.add_argument("--weights", default=None, help="a state dict: .safetensors, or a torch file (weights_only)")
+    source.add_argument("--data", required=True, help="an image folder (one subfolder per class), or builtin:shapes")
+    source.add_argument("--size", type=_positive_int, default=224, help="images are cropped to SIZE x SIZE")
+    source.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the crop (default SIZE)")
+    source.add_argument("--no-crop", action="store_true", help="resize to SIZE x SIZE without keeping the aspect")
+    source.add_argument("--normalize", default="imagenet", help="imagenet | none | mean,std | m1,m2,m3,s1,s2,s3")
+    source.add_argument("--k", type=_positive_int, default=100, help="top images kept per unit")
+    source.add_argument("--images", type=_positive_int, default=None, help="index only the first N images")
+
+    index = sub.add_parser("index", parents=[common, source], help="stream the images once; resumable")
+    index.add_argument("--checkpoint-every", type=_positive_int, default=50, help="batches between checkpoints")
+    index.add_argument("--force", action="store_true", help="index again even if DIR holds a finished index")
+
+    features = sub.add_parser("features", parents=[common], help="Neuron Features and top crops (PNG)")
+    features.add_argument("--pad", default="gray", help="gray | zero | mean | edge")
+    features.add_argument("--keep", type=int, default=9, help="top crops kept per unit")
+
+    selectivity = sub.add_parser("selectivity", parents=[common], help="color and class selectivity, table, plots")
+    selectivity.add_argument("--gray", default="luminance", choices=["luminance", "pca"])
+    selectivity.add_argument("--tau", type=float, default=1.0)
+    selectivity.add_argument("--color-threshold", type=float, default=0.25)
+    selectivity.add_argument("--class-threshold", type=float, default=0.5)
+
+    ablate = sub.add_parser("ablate", parents=[common], help="per-unit, per-class accuracy drops")
+    ablate.add_argument("--mode", default="zero", choices=["zero", "mean"])
+    ablate.add_argument("--units", type=_units, default=None, help="comma-separated units (default: every unit)")
+
+    visualize = sub.add_parser("visualize", parents=[common], help="activation-maximisation images")
+    visualize.add_argument("--units", type=_units, default=None, help="comma-separated units")
+    visualize.add_argument("--max-units", type=_positive_int, default=16, help="per layer, without --units")
+    visualize.add_argument("--steps", type=_positive_int, default=128)
+    visualize.add_argument("--image-size", type=_positive_int, default=None, help="default: the indexed size")
+
+    report = sub.add_parser("report", help="write the static HTML report of a run directory")
+    report.add_argument("out", help="the run directory")
+    report.add_argument("--debug", action="store_true")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on the built-in model and data, then the report")
+    demo.add_argument("--out", default="neuroidx-demo")
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--images", type=_positive_int, default=None, help="how many images (default 600)")
+    demo.add_argument("--quick", action="store_true", help="a reduced setting (for tests)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--debug", action="store_true")
+
+    info = sub.add_parser("info", help="print versions, devices and the backends that loaded")
+    info.add_argument("--debug", action="store_true")
+    return parser
+
+
+def _run(args) -> int:
     if args.command == "info":
         from .info import info_text
 
         print(info_text())
+        return 0
+    from . import pipeline
+
+    if args.command == "report":
+        path = pipeline.step_report(args.out)
+        print(f"report: {path}")
+        return 0
+    if args.command == "demo":
+        path = pipeline.run_demo(args.out, device=args.device, images=args.images, quick=args.quick,
+                                 progress=not args.no_progress)
+        print(f"demo finished; open {path}")
+        return 0
+    step = {"index": pipeline.step_index, "features": pipeline.step_features,
+            "selectivity": pipeline.step_selectivity, "ablate": pipeline.step_ablate,
+            "visualize": pipeline.step_visualize}[args.command]
+    step(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("neuroidx: interrupted (`neuroidx index` resumes where it stopped when run again)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # every failure is one line for a person; --debug shows the traceback
+        if getattr(args, "debug", False):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError) and message.startswith(("'", '"')):
+            message = message[1:-1]
+        print(f"neuroidx: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,305 @@
+"""The steps behind the ``neuroidx`` subcommands, each reading and writing one run directory
+(``neuroidx_fast.outdir``). ``run.json`` remembers how to rebuild the model and the dataset, so later
+steps need only ``--out``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from ._version import __version__
+from .outdir import OutDir, write_json
+
+__all__ = ["Run", "open_run", "step_index", "step_features", "step_selectivity", "step_ablate", "step_visualize",
+           "step_report", "run_demo"]
+
+ABLATION_COLUMNS = ("overall_drop", "max_class_drop", "max_drop_class", "max_drop_class_name")
+BUILTIN_SHAPES = "builtin:shapes"
+
+
+@dataclass
+class Run:
+    out: OutDir
+    settings: dict
+    model: torch.nn.Module
+    dataset: object
+    preprocess: object
+    device: torch.device
+
+
+def _device(name) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1 ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} asked for, but torch sees no CUDA device here")
+    return device
+
+
+def _dataset(settings: dict):
+    from torch.utils.data import Subset
+
+    data = settings["data"]
+    if data == BUILTIN_SHAPES:
+        from .data import Shapes
+
+        dataset = Shapes(settings.get("images") or 600, size=settings["size"], seed=settings.get("data_seed", 1))
+    else:
+        from .imagefolder import ImageFolder
+
+        dataset = ImageFolder(data, size=settings["size"], resize=settings.get("resize"),
+                              crop=not settings.get("no_crop", False))
+    limit = settings.get("images")
+    if limit is not None and limit < len(dataset):
+        classes = getattr(dataset, "classes", None)
+        dataset = Subset(dataset, range(limit))
+        dataset.classes = classes
+    return dataset
+
+
+def _model(settings: dict):
+    from .loading import load_model, load_weights
+
+    if settings["model"] == "demo":
+        from .demo_model import demo_model
+
+        model = demo_model()
+    else:
+        model = load_model(settings["model"], settings.get("model_args") or {})
+    if settings.get("weights"):
+        load_weights(model, settings["weights"])
+    return model.eval()
+
+
+def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object]:
+    """The run's model, dataset and preprocessing rebuilt from run.json, and its index."""
+    from .loading import parse_normalize
+    from .neuron_index import NeuronIndex
+
+    out = OutDir(out_dir)
+    settings = out.run_settings()
+    run = Run(out, settings, _model(settings), _dataset(settings), parse_normalize(settings.get("normalize")),
+              _device(device))
+    run.model.to(run.device)
+    index = None
+    if need_index:
+        if not (out.index / "manifest.json").exists():
+            raise FileNotFoundError(f"{out.root} holds no finished index: run `neuroidx index --out {out.root}` "
+                                    "(it resumes if it was interrupted)")
+        index = NeuronIndex.load(out.index)
+        index.dataset = run.dataset
+    return run, index
+
+
+def _layers(args, index) -> list[str]:
+    layers = args.layers or list(index.layers)
+    unknown = [name for name in layers if name not in index.layers]
+    if unknown:
+        raise ValueError(f"layer(s) {unknown} were not indexed in this run; indexed: {list(index.layers)}")
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------- index
+def _settings_from(args) -> dict:
+    try:
+        model_args = json.loads(args.model_args) if isinstance(args.model_args, str) else (args.model_args or {})
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model-args is not JSON: {exc}") from None
+    if not args.layers:
+        raise ValueError("--layers is required for `index`: comma-separated module names of the model")
+    return {"model": args.model, "model_args": model_args, "weights": args.weights, "data": args.data,
+            "size": args.size, "resize": args.resize, "no_crop": bool(args.no_crop), "normalize": args.normalize,
+            "layers": list(args.layers), "k": args.k, "images": args.images,
+            "data_seed": getattr(args, "data_seed", 1)}
+
+
+_RECIPE = ("model", "model_args", "weights", "data", "size", "resize", "no_crop", "normalize", "layers", "k",
+           "images", "data_seed")
+
+
+def step_index(args) -> object:
+    """Index the run's layers (resuming from DIR/index.checkpoint) and save DIR/index."""
+    from .hooks import resolve_layers
+    from .indexing import index_dataset
+    from .loading import parse_normalize
+
+    out = OutDir(args.out)
+    settings = _settings_from(args)
+    started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
+    if out.run_json.exists() and started:  # a run that never wrote anything is simply replaced
+        old = out.run_settings()
+        differ = [key for key in _RECIPE if old.get(key) != settings.get(key)]
+        finished = (out.index / "manifest.json").exists()
+        if differ and not args.force:
+            raise ValueError(f"{out.root} holds a run made with other settings ({', '.join(differ)}): use another "
+                             "--out, or --force to replace it")
+        if finished and not args.force:
+            print(f"{out.root}: the index is already complete (use --force to index again)")
+            return None
+    if args.force:
+        for path in (out.index, out.checkpoint):
+            shutil.rmtree(path, ignore_errors=True)
+    model = _model(settings)
+    resolve_layers(model, settings["layers"])
+    dataset = _dataset(settings)
+    preprocess = parse_normalize(settings["normalize"])
+    device = _device(args.device)
+    classes = getattr(dataset, "classes", None)
+    record = dict(settings, class_names=list(classes) if classes else None, num_images=len(dataset),
+                  created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__)
+    write_json(out.run_json, record)
+    if preprocess is not None:
+        preprocess = preprocess.to(device)
+    index = index_dataset(model, dataset, settings["layers"], k=settings["k"], preprocess=preprocess,
+                          batch_size=args.batch_size, num_workers=args.workers, device=device,
+                          checkpoint=str(out.checkpoint), checkpoint_every=args.checkpoint_every,
+                          progress=not args.no_progress)
+    index.save(out.index)
+    if index.labels is not None:
+        record["labels"] = index.labels.tolist()
+        write_json(out.run_json, record)
+    shutil.rmtree(out.checkpoint, ignore_errors=True)
+    print(f"indexed {len(dataset)} images, {len(index)} layers -> {out.index}")
+    return index
+
+
+# -------------------------------------------------------------------------------------------- features
+def step_features(args) -> None:
+    from .artifacts import save_features
+    from .features import neuron_features
+
+    run, index = open_run(args.out, args.device)
+    pad = args.pad
+    for layer in _layers(args, index):
+        features = neuron_features(index, layer, run.dataset, pad=pad, keep_crops=args.keep,
+                                   batch_size=args.batch_size, num_workers=args.workers, device=run.device,
+                                   progress=not args.no_progress)
+        save_features(features, run.out)
+        print(f"{layer}: {features.nf.shape[0]} NFs ({int(features.dead.sum())} dead units), RF "
+              f"{features.rf.size[0]}x{features.rf.size[1]} -> {run.out.features_dir(layer)}")
+
+
+# ----------------------------------------------------------------------------------------- selectivity
+def _ablation_frames(out: OutDir, layers):
+    import pandas as pd
+
+    frames = []
+    for layer in layers:
+        path = out.ablation_csv(layer)
+        if path.exists():
+            frame = pd.read_csv(path)
+            frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
+    return frames
+
+
+def step_selectivity(args) -> None:
+    from .color import color_selectivity
+    from .plots import plot_all
+    from .table import save_table, neuron_table
+
+    run, index = open_run(args.out, args.device)
+    layers = _layers(args, index)
+    preprocess = run.preprocess.to(run.device) if run.preprocess is not None else None
+    color = color_selectivity(run.model, index, layers, run.dataset, gray=args.gray, batch_size=args.batch_size,
+                              preprocess=preprocess, num_workers=args.workers, device=run.device,
+                              progress=not args.no_progress)
+    table = neuron_table(index, layers, color=color, tau=args.tau, extra=_ablation_frames(run.out, layers) or None)
+    save_table(table, run.out.table_csv)
+    plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
+    for layer in layers:
+        rows = table[table["layer"] == layer]
+        print(f"{layer}: {int((rows['color_selectivity'] > args.color_threshold).sum())} of {len(rows)} units "
+              f"color selective (> {args.color_threshold}), "
+              f"{int((rows['class_selectivity'] > args.class_threshold).sum())} class selective "
+              f"(gamma > {args.class_threshold})")
+    print(f"table -> {run.out.table_csv}; plots -> {run.out.plots_dir}")
+
+
+# ---------------------------------------------------------------------------------------------- ablate
+def step_ablate(args) -> None:
+    import pandas as pd
+
+    from .ablation import ablation_drops
+    from .table import load_table, save_table
+
+    run, index = open_run(args.out, args.device)
+    if index.labels is None:
+        raise ValueError("ablation needs labelled images: this run's data has no classes (use one subfolder per "
+                         "class)")
+    layers = _layers(args, index)
+    preprocess = run.preprocess.to(run.device) if run.preprocess is not None else None
+    for layer in layers:
+        result = ablation_drops(run.model, run.dataset, layer, units=args.units, mode=args.mode,
+                                preprocess=preprocess, batch_size=args.batch_size, device=run.device,
+                                progress=not args.no_progress, index=index if args.mode == "mean" else None)
+        frame = result.to_frame()
+        save_table(frame, run.out.ablation_csv(layer))
+        names = [result.class_name(k) for k in range(result.drop.shape[1])]
+        per_class = pd.DataFrame(result.drop.numpy(), columns=names)
+        per_class.insert(0, "unit", frame["unit"].to_numpy())
+        save_table(per_class, run.out.ablation_classes_csv(layer))
+        worst = frame.sort_values("max_class_drop", ascending=False).head(1)
+        print(f"{layer}: intact accuracy {float(result.overall_intact_accuracy):.3f}; largest class drop "
+              f"{float(worst['max_class_drop'].iloc[0]):.3f} (unit {int(worst['unit'].iloc[0])}, class "
+              f"{worst['max_drop_class_name'].iloc[0]}) -> {run.out.ablation_csv(layer)}")
+    if run.out.table_csv.exists():  # refresh the neuron table's ablation columns
+        table = load_table(run.out.table_csv)
+        table = table.drop(columns=[c for c in ABLATION_COLUMNS if c in table])
+        frames = _ablation_frames(run.out, list(index.layers))
+        if frames:
+            table = table.merge(pd.concat(frames), on=["layer", "unit"], how="left")
+        save_table(table, run.out.table_csv)
+
+
+# ------------------------------------------------------------------------------------------- visualize
+def step_visualize(args) -> None:
+    from .maximization import maximize
+    from .png import save_png
+
+    run, index = open_run(args.out, args.device)
+    preprocess = run.preprocess.to(run.device) if run.preprocess is not None else None
+    size = args.image_size or run.settings["size"]
+    for layer in _layers(args, index):
+        units = args.units if args.units is not None else list(range(min(args.max_units, index[layer].num_units)))
+        images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=preprocess,
+                          batch_size=args.batch_size, device=run.device)
+        for unit, image in zip(units, images):
+            save_png(image, run.out.maximized_png(layer, unit))
+        print(f"{layer}: {len(units)} maximisation images -> {run.out.maximized_png(layer, units[0]).parent}")
+
+
+# ---------------------------------------------------------------------------------------------- report
+def step_report(out_dir):
+    from .report import build_report
+
+    OutDir(out_dir).run_settings()  # a clear error when DIR is not a run
+    return build_report(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def run_demo(out_dir="neuroidx-demo", device=None, images=None, quick: bool = False, progress: bool = True):
+    """Index, NFs, selectivity, ablation, maximisation and the report, on the built-in model and data."""
+    from .demo_model import DEMO_DATA, DEMO_LAYERS
+
+    n = images or (120 if quick else 600)
+    common = dict(out=out_dir, device=device, workers=0, no_progress=not progress, debug=False)
+    step_index(SimpleNamespace(**common, model="demo", model_args={}, weights=None, data=BUILTIN_SHAPES,
+                               size=DEMO_DATA["size"], resize=None, no_crop=False, normalize="none",
+                               layers=DEMO_LAYERS, k=8 if quick else 20, images=n, data_seed=DEMO_DATA["test"]["seed"],
+                               batch_size=64, checkpoint_every=50, force=True))
+    step_features(SimpleNamespace(**common, layers=None, pad="gray", keep=6, batch_size=64))
+    step_selectivity(SimpleNamespace(**common, layers=None, gray="luminance", tau=1.0, color_threshold=0.25,
+                                     class_threshold=0.5, batch_size=64))
+    step_ablate(SimpleNamespace(**common, layers=["conv4"] if quick else ["conv4", "conv5"], mode="zero",
+                                units=None, batch_size=64))
+    step_visualize(SimpleNamespace(**common, layers=["conv3", "conv5"], units=None, max_units=4 if quick else 12,
+                                   steps=16 if quick else 96, image_size=None, batch_size=64))
+    return step_report(out_dir)

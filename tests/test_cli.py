@@ -1,0 +1,152 @@
+"""The neuroidx command end to end on a tiny image folder made here, and its one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from neuroidx_fast import NeuronIndex
+from neuroidx_fast.cli import main
+from neuroidx_fast.outdir import OutDir
+from tests.models import make_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "tests.models:make_model"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cat", "dog", "<i>fish&"]):
+        os.makedirs(root / name)
+        for i in range(5):
+            pixels = (rng.random((20 + i, 18, 3)) * 255).astype(np.uint8)
+            pixels[..., c] = 255 - i * 20  # each class leans to one color channel
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def _cli(*argv):
+    return main([str(a) for a in argv])
+
+
+def _index_args(folder, out, *extra):
+    return ["index", "--model", MODEL, "--data", folder, "--size", 16, "--normalize", "0.5,0.25",
+            "--layers", "features.4,features.8", "--k", 4, "--batch-size", 4, "--out", out, "--no-progress", *extra]
+
+
+def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(*_index_args(folder, out)) == 0
+    run = OutDir(out)
+    settings = json.loads(run.run_json.read_text())
+    assert settings["class_names"] == ["<i>fish&", "cat", "dog"] and settings["num_images"] == 15
+    assert settings["labels"] == [0] * 5 + [1] * 5 + [2] * 5
+    index = NeuronIndex.load(run.index)
+    assert index.k == 4 and list(index.layers) == ["features.4", "features.8"] and index.input_size == (16, 16)
+    assert not run.checkpoint.exists()
+    assert _cli(*_index_args(folder, out)) == 0  # finished: nothing to redo
+    assert "already complete" in capsys.readouterr().out
+
+    assert _cli("features", "--out", out, "--keep", 3, "--no-progress") == 0
+    assert run.grid_png("features.8").exists() and run.nf_png("features.4", 0).exists()
+    assert _cli("selectivity", "--out", out, "--no-progress", "--batch-size", 5) == 0
+    table = pd.read_csv(run.table_csv)
+    assert len(table) == 12 + 16 and table["color_selectivity"].notna().any()
+    assert list(run.plots_dir.glob("*.png"))
+    assert _cli("ablate", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    drops = pd.read_csv(run.ablation_csv("features.8"))
+    assert len(drops) == 16 and {"overall_drop", "max_class_drop"} <= set(drops.columns)
+    assert "max_class_drop" in pd.read_csv(run.table_csv).columns
+    assert _cli("visualize", "--out", out, "--layers", "features.8", "--units", "0,3", "--steps", 4) == 0
+    assert run.maximized_png("features.8", 3).exists()
+    assert _cli("report", out) == 0
+    html = (run.report_dir / "index.html").read_text()
+    assert "features.8" in html and "<i>fish&" not in html
+
+
+def test_index_resumes_after_an_interruption(folder, tmp_path):
+    out = tmp_path / "resume"
+    code = ("import sys, time, torch; sys.path.insert(0, {repo!r});"
+            "from tests import models;"
+            "orig = models.make_model\n"
+            "def slow(*a, **k):\n"
+            "    m = orig(*a, **k)\n"
+            "    m.features[0].register_forward_hook(lambda *_: time.sleep(0.4))\n"
+            "    return m\n"
+            "models.make_model = slow\n"
+            "from neuroidx_fast.cli import main; sys.exit(main({argv!r}))")
+    argv = [str(a) for a in _index_args(folder, out, "--checkpoint-every", 1)]
+    proc = subprocess.Popen([sys.executable, "-c", code.format(repo=REPO, argv=argv)], cwd=REPO)
+    manifest = OutDir(out).checkpoint / "manifest.json"
+    for _ in range(600):
+        if manifest.exists() or proc.poll() is not None:
+            break
+        import time
+
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert manifest.exists(), "no checkpoint was written before the kill"
+    assert not (OutDir(out).index / "manifest.json").exists()
+    assert _cli(*_index_args(folder, out)) == 0
+    resumed = NeuronIndex.load(OutDir(out).index)
+    fresh_out = tmp_path / "fresh"
+    assert _cli(*_index_args(folder, fresh_out)) == 0
+    fresh = NeuronIndex.load(OutDir(fresh_out).index)
+    for name in fresh:
+        assert torch.equal(resumed[name].values, fresh[name].values)
+        assert torch.equal(resumed[name].ids, fresh[name].ids)
+
+
+def _error(capsys, *argv):
+    code = _cli(*argv)
+    err = capsys.readouterr().err
+    assert code != 0 and err.startswith("neuroidx: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(folder, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert "does not exist" in _error(capsys, *_index_args(tmp_path / "nowhere", out))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    assert "no JPEG or PNG images" in _error(capsys, *_index_args(tmp_path / "empty", out))
+    err = _error(capsys, "index", "--model", "tests.models:nothing_here", "--data", folder, "--layers", "x",
+                 "--out", out)
+    assert "has no 'nothing_here'" in err
+    assert "unknown model 'resnet999'" in _error(capsys, "index", "--model", "resnet999", "--data", folder,
+                                                 "--layers", "x", "--out", out)
+    assert "closest names: features.4" in _error(capsys, "index", "--model", MODEL, "--data", folder, "--layers",
+                                                 "feature.4", "--size", 16, "--out", out, "--no-progress")
+    weights = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in make_model("resnet").state_dict().items()}, str(weights))
+    assert "do not fit the model" in _error(capsys, *_index_args(folder, out, "--weights", weights))
+    assert "holds no run" in _error(capsys, "features", "--out", tmp_path / "nothing")
+    assert "holds no run" in _error(capsys, "report", tmp_path / "nothing")
+    assert "--normalize" in _error(capsys, *_index_args(folder, tmp_path / "norm")[:-1], "--normalize", "bogus")
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    broken = tmp_path / "broken"
+    (broken / "a").mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (8, 8)).save(broken / "a" / f"ok{i}.png")
+    (broken / "a" / "zz.jpg").write_bytes(b"not a jpeg at all")
+    err = _error(capsys, *_index_args(broken, tmp_path / "out"))
+    assert "cannot read image" in err and "zz.jpg" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "neuroidx_fast", "features", "--out", str(tmp_path / "none")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "holds no run" in proc.stderr
+    info = subprocess.run([sys.executable, "-m", "neuroidx_fast", "info"], capture_output=True, text=True, cwd=REPO)
+    assert info.returncode == 0 and "backends" in info.stdout.lower()

@@ -150,3 +150,14 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "holds no run" in proc.stderr
     info = subprocess.run([sys.executable, "-m", "neuroidx_fast", "info"], capture_output=True, text=True, cwd=REPO)
     assert info.returncode == 0 and "backends" in info.stdout.lower()
+
+
+def test_demo_reduced_setting(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert _cli("demo", "--quick", "--images", 60, "--out", out, "--no-progress") == 0
+    run = OutDir(out)
+    assert run.report_index.exists() and run.grid_png("conv5").exists()
+    assert run.ablation_csv("conv4").exists() and run.maximized_png("conv5", 0).exists()
+    table = pd.read_csv(run.table_csv)
+    assert set(table["layer"]) == {"conv1", "conv2", "conv3", "conv4", "conv5"}
+    assert "demo finished" in capsys.readouterr().out

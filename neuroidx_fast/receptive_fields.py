@@ -452,7 +452,7 @@ def receptive_field(model: nn.Module, layer: str, input_size, method: str = "aut
         except _Unsupported as exc:
             if method == "analytic":
                 raise ValueError(f"the analytic receptive field of {layer!r} is unknown: {exc.reason}") from None
-            warnings.warn(f"receptive field of {layer!r}: the graph walk does not know {exc.reason}; measuring it with "
+            warnings.warn(f"receptive field of {layer!r}: the graph walk stopped at {exc.reason}; measuring it with "
                           "the gradient probe instead", stacklevel=2)
     return probe_receptive_field(model, layer, size, channels=channels)
 

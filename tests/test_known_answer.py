@@ -1,4 +1,5 @@
-"""Known answer: a CNN trained on Shapes has class-selective units, an untrained one much less so.
+"""Known answer: a CNN trained on Shapes has class-selective units, an untrained one much less so, and
+color-selective units whose Neuron Features show the planted colors.
 
 Shapes' classes are planted (color x shape), so after training: each class-probability unit ranks the
 images of its own class first, some hidden units have top images from one class only, and both class
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 import neuroidx_fast as nx
-from neuroidx_fast.data import Shapes
+from neuroidx_fast.data import SHAPES_COLORS, Shapes
 from neuroidx_fast.selectivity import class_selectivity, class_selectivity_morcos, top_image_labels
 from neuroidx_fast.train import evaluate_classifier, train_classifier
 
@@ -70,10 +71,10 @@ def test_trained_net_is_class_selective(one_thread):
     assert accuracy == history["eval_accuracy"][-1]
     assert accuracy > 0.6, f"training failed: test accuracy {accuracy:.3f} (chance 0.1)"
 
-    index, gamma, morcos, own_class = {}, {}, {}, {}
+    index, gamma, morcos, own_class, probes = {}, {}, {}, {}, {}
     for name, net in (("trained", model), ("untrained", untrained)):
         # Class probabilities, not logits: a logit's scale differs across images, a probability's does not.
-        probe = nn.Sequential(OrderedDict(net=net, softmax=nn.Softmax(dim=1)))
+        probe = probes[name] = nn.Sequential(OrderedDict(net=net, softmax=nn.Softmax(dim=1)))
         index[name] = nx.index_dataset(probe, test, LAYERS, k=K, batch_size=100, progress=False)
         gamma[name] = {layer: class_selectivity(index[name], layer, labels=test) for layer in LAYERS}
         morcos[name] = {layer: class_selectivity_morcos(index[name], layer) for layer in LAYERS}
@@ -96,3 +97,26 @@ def test_trained_net_is_class_selective(one_thread):
         assert gamma["trained"][layer].nanmean() > gamma["untrained"][layer].nanmean() + 0.05, layer
     for layer in LAYERS:
         assert morcos["trained"][layer][0].nanmean() > morcos["untrained"][layer][0].nanmean() + 0.15, layer
+
+    # Color: some units of the trained net lose most of their response on gray images, and their Neuron
+    # Features show the planted color of the classes their top images come from.
+    layer = "net.relu3"
+    alpha = nx.color_selectivity(probes["trained"], index["trained"], layer, test)
+    features = nx.neuron_features(index["trained"], layer, test)
+    assert int((alpha > 0.5).sum()) >= 3, alpha
+    planted = {c.split()[0] for c in test.classes} - {"white"}
+    names = sorted(planted)
+    palette = torch.tensor([SHAPES_COLORS[c] for c in names])
+    labels = top_image_labels(index["trained"], layer, test)
+    checked = 0
+    for unit in alpha.nan_to_num(-1).argsort(descending=True)[:5].tolist():
+        nf = features.nf[unit]
+        r = nf.shape[-1] // 2
+        centre = nf[:, r - 2:r + 3, r - 2:r + 3].mean(dim=(1, 2))
+        if float(centre.max() - centre.min()) < 0.08:
+            continue  # a color-selective unit may still average to a washed-out NF; skip those
+        nearest = names[int(((palette - centre) ** 2).sum(dim=1).argmin())]
+        top_colors = [test.classes[int(k)].split()[0] for k in labels[unit] if k >= 0]
+        assert max(set(top_colors), key=top_colors.count) == nearest, (unit, nearest, top_colors)
+        checked += 1
+    assert checked >= 2, "fewer than two color-selective units have a colored NF"

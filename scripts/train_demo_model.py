@@ -23,7 +23,7 @@ from neuroidx_fast.train import evaluate_classifier, train_classifier
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", default=demo_weights_path())
     args = parser.parse_args(argv)
     torch.manual_seed(0)

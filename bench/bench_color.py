@@ -9,9 +9,7 @@ Run: ``python -m bench.bench_color [--quick] [--device cpu|cuda]``.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import os
 import platform
 import time
 
@@ -24,7 +22,7 @@ from neuroidx_fast.hooks import LayerCapture
 from neuroidx_fast.models import vgg_m
 
 from .bench_index import Images
-from .bench_topk import device_name, save_result, sync
+from .bench_topk import common_args, device_name, save_result, sync
 
 
 def authors_loop(model, index, layer, dataset, device):
@@ -45,11 +43,7 @@ def authors_loop(model, index, layer, dataset, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
+    args = common_args(__doc__, argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     size, n, k, batch, layer = (96, 400, 40, 64, "conv4") if not args.quick else (64, 60, 10, 16, "conv3")

@@ -10,6 +10,13 @@ same run; the loop adds float64(w) * float64(crop) in j order, so it also checks
 bit-identical to it. Bandwidth = bytes moved (in-image crop pixels read, float64 sums read and written)
 / time, against a device copy of a tensor of as many bytes (up to 1 GiB). gather_crops is timed the same way
 on the crops of a few units. Results go to bench/results/crops-<device>-<date>.json.
+
+The images are 8-bit-sourced, as a real dataset gives them (``randint(0, 256) / 255``: what to_tensor
+makes of 8-bit files), so every backend is timed twice on the same pixels against the same loop: from
+the float32 tensor (``pixels: float32``) and from its uint8 pixel codes (``pixels: uint8``; the codes
+are found once by ``ops.as_pixel_codes``, whose time is reported, and also added to the accumulation
+in ``accumulate_with_codes_vs_loop``, as ``neuron_features`` pays it once per batch of images). Both
+paths must be bit-identical to the loop.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ LAYERS = {
 def make_layer(units, k, n_images, image_size, geometry, device, seed=0):
     """images [N, 3, S, S], slots [U, K] (K distinct images per unit), tops [U, K, 2], weights [U, K]."""
     g = torch.Generator().manual_seed(seed)
-    images = torch.rand(n_images, 3, image_size, image_size, generator=g)
+    # 8-bit-sourced pixels (k / 255), as to_tensor gives them from image files.
+    images = torch.randint(0, 256, (n_images, 3, image_size, image_size), generator=g, dtype=torch.uint8).float() / 255
     slots = torch.rand(units, n_images, generator=g).argsort(dim=1)[:, :k]
     grid = -(-image_size // geometry["stride"])
     tops = geometry["offset"] + geometry["stride"] * torch.randint(0, grid, (units, k, 2), generator=g)
@@ -82,14 +90,14 @@ def python_loop_gather(images, slots, tops, r):
     return torch.stack(crops)
 
 
-def bytes_moved(sums, images, slots, tops, r):
-    """In-image crop pixels read (float32) + the float64 sums read and written once."""
+def bytes_moved(sums, images, slots, tops, r, pixel_bytes=4):
+    """In-image crop pixels read (float32, or 1-byte codes) + the float64 sums read and written once."""
     h, w = images.shape[2:]
     real = slots >= 0
     rows = ((tops[..., 0] + r).clamp(max=h) - tops[..., 0].clamp(min=0)).clamp(min=0)
     cols = ((tops[..., 1] + r).clamp(max=w) - tops[..., 1].clamp(min=0)).clamp(min=0)
     pixels = int((rows * cols * real).sum()) * images.shape[1]
-    return 4 * pixels + 2 * sums.numel() * sums.element_size()
+    return pixel_bytes * pixels + 2 * sums.numel() * sums.element_size()
 
 
 def copy_gbps(nbytes, device, repeat):
@@ -114,44 +122,53 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
                    loop_repeat)
     nbytes = bytes_moved(loop_sums, images, slots, tops, r)
     copy = copy_gbps(nbytes, device, repeat)
+    codes = ops.as_pixel_codes(images)
+    assert codes is not None, "the benchmark images are 8-bit-sourced"
+    codes_s = timed(lambda: ops.as_pixel_codes(images), device, repeat)
     g_slots, g_tops = slots[:gather_units].reshape(-1), tops[:gather_units].reshape(-1, 2)
     loop_gather_s = timed(lambda: python_loop_gather(images, g_slots, g_tops, r), device, repeat)
     loop_crops = python_loop_gather(images, g_slots, g_tops, r)
     gather_bytes = 2 * loop_crops.numel() * 4  # crops written, (at most) as many pixels read
+    pixel_inputs = {"float32": (images, nbytes, gather_bytes),
+                    "uint8": (codes, bytes_moved(loop_sums, images, slots, tops, r, 1), 5 * loop_crops.numel())}
     print(f"{name} layer: {units} units x K={k}, {r}x{r} boxes (stride {geometry['stride']}, offset "
           f"{geometry['offset']}); python loop: accumulate {loop_s:.3f} s, gather of {g_slots.numel()} crops "
-          f"{loop_gather_s * 1e3:.1f} ms; {nbytes / 1e9:.2f} GB moved; copy {copy:.1f} GB/s")
-    print(f"  {'backend':<8}{'pad':<6}{'accumulate ms':>14}{'x loop':>8}{'GB/s':>8}{'% copy':>8}{'gather ms':>11}"
-          f"{'x loop':>8}{'exact':>7}")
+          f"{loop_gather_s * 1e3:.1f} ms; {nbytes / 1e9:.2f} GB moved; copy {copy:.1f} GB/s; as_pixel_codes of "
+          f"the images {codes_s * 1e3:.1f} ms")
+    print(f"  {'backend':<8}{'pixels':<8}{'pad':<6}{'accumulate ms':>14}{'x loop':>8}{'GB/s':>8}{'% copy':>8}"
+          f"{'gather ms':>11}{'x loop':>8}{'exact':>7}")
     rows = []
     for backend in names:
-        for pad in ("gray", "edge"):
-            sums = torch.zeros_like(loop_sums)
-            ops.accumulate_crops(sums, images, slots, tops, weights, pad=pad, backend=backend)  # warm-up
-            exact = bool(torch.equal(sums, loop_sums)) if pad == "gray" else None
-            seconds = timed(lambda: ops.accumulate_crops(sums.zero_(), images, slots, tops, weights, pad=pad,
-                                                         backend=backend), device, repeat)
-            crops = ops.gather_crops(images, g_slots, g_tops, r, pad=pad, backend=backend)
-            if pad == "gray":
-                exact = exact and bool(torch.equal(crops, loop_crops))
-            del crops
-            gather_s = timed(lambda: ops.gather_crops(images, g_slots, g_tops, r, pad=pad, backend=backend), device,
-                             repeat)
-            row = {
-                "layer": name, "box": [r, r], "backend": backend, "pad": pad,
-                "accumulate_s": seconds, "accumulate_vs_loop": loop_s / seconds,
-                "accumulate_gbps": nbytes / seconds / 1e9, "fraction_of_copy_bandwidth": nbytes / seconds / 1e9 / copy,
-                "gather_s": gather_s, "gather_vs_loop": loop_gather_s / gather_s,
-                "gather_gbps": gather_bytes / gather_s / 1e9, "exact_vs_loop": exact,
-            }
-            rows.append(row)
-            print(f"  {backend:<8}{pad:<6}{seconds * 1e3:>14.1f}{row['accumulate_vs_loop']:>8.1f}"
-                  f"{row['accumulate_gbps']:>8.1f}{100 * row['fraction_of_copy_bandwidth']:>7.0f}%"
-                  f"{gather_s * 1e3:>11.1f}{row['gather_vs_loop']:>8.1f}{'-' if exact is None else str(exact):>7}")
+        for pixels, (source, moved, gathered) in pixel_inputs.items():
+            for pad in ("gray", "edge"):
+                sums = torch.zeros_like(loop_sums)
+                ops.accumulate_crops(sums, source, slots, tops, weights, pad=pad, backend=backend)  # warm-up
+                exact = bool(torch.equal(sums, loop_sums)) if pad == "gray" else None
+                seconds = timed(lambda: ops.accumulate_crops(sums.zero_(), source, slots, tops, weights, pad=pad,
+                                                             backend=backend), device, repeat)
+                crops = ops.gather_crops(source, g_slots, g_tops, r, pad=pad, backend=backend)
+                if pad == "gray":
+                    exact = exact and bool(torch.equal(crops, loop_crops))
+                del crops
+                gather_s = timed(lambda: ops.gather_crops(source, g_slots, g_tops, r, pad=pad, backend=backend),
+                                 device, repeat)
+                row = {
+                    "layer": name, "box": [r, r], "backend": backend, "pixels": pixels, "pad": pad,
+                    "accumulate_s": seconds, "accumulate_vs_loop": loop_s / seconds,
+                    "accumulate_with_codes_vs_loop": loop_s / (seconds + (codes_s if pixels == "uint8" else 0.0)),
+                    "accumulate_gbps": moved / seconds / 1e9, "fraction_of_copy_bandwidth": moved / seconds / 1e9 / copy,
+                    "gather_s": gather_s, "gather_vs_loop": loop_gather_s / gather_s,
+                    "gather_gbps": gathered / gather_s / 1e9, "exact_vs_loop": exact,
+                }
+                rows.append(row)
+                print(f"  {backend:<8}{pixels:<8}{pad:<6}{seconds * 1e3:>14.1f}{row['accumulate_vs_loop']:>8.1f}"
+                      f"{row['accumulate_gbps']:>8.1f}{100 * row['fraction_of_copy_bandwidth']:>7.0f}%"
+                      f"{gather_s * 1e3:>11.1f}{row['gather_vs_loop']:>8.1f}{'-' if exact is None else str(exact):>7}")
     summary = {
         "layer": name, "units": units, "k": k, "box": [r, r], "rf_stride": geometry["stride"],
         "rf_offset": geometry["offset"], "gather_crops": g_slots.numel(), "loop_repeat": loop_repeat,
-        "loop_accumulate_s": loop_s, "loop_gather_s": loop_gather_s, "bytes_moved": nbytes, "copy_gbps": copy,
+        "loop_accumulate_s": loop_s, "loop_gather_s": loop_gather_s, "bytes_moved": pixel_inputs["float32"][1],
+        "bytes_moved_codes": pixel_inputs["uint8"][1], "pixel_codes_s": codes_s, "copy_gbps": copy,
     }
     return summary, rows
 
@@ -182,11 +199,15 @@ def main(argv=None):
         summaries.append(summary)
         rows += layer_rows
     for summary in summaries:
-        best = max((row for row in rows if row["pad"] == "gray" and row["layer"] == summary["layer"]),
-                   key=lambda row: row["accumulate_vs_loop"], default=None)
-        if best is not None:
-            print(f"{summary['layer']} layer, best: {best['backend']} accumulates {best['accumulate_vs_loop']:.1f}x "
-                  f"faster than the Python loop ({100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth)")
+        for pixels in ("float32", "uint8"):
+            best = max((row for row in rows if row["pad"] == "gray" and row["layer"] == summary["layer"]
+                        and row["pixels"] == pixels), key=lambda row: row["accumulate_vs_loop"], default=None)
+            if best is not None:
+                codes = (f"; {best['accumulate_with_codes_vs_loop']:.1f}x counting as_pixel_codes"
+                         if pixels == "uint8" else "")
+                print(f"{summary['layer']} layer, best from {pixels} pixels: {best['backend']} accumulates "
+                      f"{best['accumulate_vs_loop']:.1f}x faster than the Python loop "
+                      f"({100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth{codes})")
     result = {
         "benchmark": "crops", "device": device_name(device), "date": dt.date.today().isoformat(), "quick": args.quick,
         "repeat": repeat, "images": n_images, "image_size": [size, size], "layers": summaries,

@@ -8,10 +8,8 @@ init) at batch 256 with bf16 autocast and all 16 bottleneck outputs indexed. JSO
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
-import os
 import platform
 import time
 
@@ -20,7 +18,7 @@ from torch import nn
 
 import neuroidx_fast as nx
 from neuroidx_fast.hooks import LayerCapture
-from bench.bench_topk import device_name, save_result, sync
+from bench.bench_topk import common_args, device_name, save_result, sync
 
 
 def small_cnn():
@@ -71,11 +69,7 @@ class Images(torch.utils.data.Dataset):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
+    args = common_args(__doc__, argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":

@@ -116,6 +116,16 @@ def bench_shape(shape, dtype, channels_last, device, repeat, names):
     return rows
 
 
+def common_args(doc: str, argv=None) -> argparse.Namespace:
+    """The options of a benchmark that takes no others: --device (CUDA when there is one), --quick and
+    --out (default bench/results); the help's description is the first line of ``doc``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -54,6 +54,7 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, split_model
 from .hooks import resolve_layers
 from .ops.reference import replica_memory_format
+from .prepare import dataset_length, eval_on_device, split_batch
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -187,19 +188,11 @@ class AblationResult:
 # ------------------------------------------------------------------------------------------ helpers
 
 def _images_labels(batch, need_labels: bool = True):
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
-        labels = batch[1]
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
-            raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
-                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}")
-        return batch[0], labels.to(torch.int64)
-    if isinstance(batch, torch.Tensor):
-        if need_labels:
-            raise ValueError("ablation needs labels: the dataset must yield (image, label) pairs, since the drops "
-                             "are per-class accuracies; it yields images only")
-        return batch, None
-    raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
-                     f"{type(batch).__name__}")
+    images, labels = split_batch(batch)
+    if labels is None and need_labels:
+        raise ValueError("ablation needs labels: the dataset must yield (image, label) pairs, since the drops "
+                         "are per-class accuracies; it yields images only")
+    return images, labels
 
 
 def _logits(out) -> torch.Tensor:
@@ -295,15 +288,7 @@ class _Engine:
         self.model, self.dataset, self.layer = model, dataset, layer
         self.preprocess, self.batch_size, self.backend = preprocess, batch_size, backend
         self.num_workers, self.progress = num_workers, progress
-        if device is not None:
-            device = torch.device(device)
-            model.to(device)
-        else:
-            first = next(iter(model.parameters()), None)
-            device = first.device if first is not None else torch.device("cpu")
-        self.device = device
-        model.eval()
-        self.param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        self.device, self.param_dtype = eval_on_device(model, device)
         self.split: SplitModel = split_model(model, layer)
         self.stats = {"batches": 0, "verified_masks": 0, "readout_fallbacks": 0, "suffix_rows": 0}
 
@@ -463,12 +448,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     if not (verify_off or (isinstance(verify, str) and verify == "auto")
             or (isinstance(verify, (int, float)) and not isinstance(verify, bool) and verify >= 0)):
         raise ValueError(f"verify must be 'auto', None or a relative gap >= 0, got {verify!r}")
-    try:
-        length = len(dataset)
-    except TypeError:
-        raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__") from None
-    if length == 0:
-        raise ValueError("the dataset is empty: nothing to measure")
+    dataset_length(dataset, "measure")
     first = dataset[0]
     if not (isinstance(first, (tuple, list)) and len(first) >= 2):
         raise ValueError("ablation needs labels: the dataset must yield (image, label) pairs, since the drops are "

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_atomic
 from .features import NeuronFeatures
 from .outdir import OutDir, read_json, write_json
 from .png import save_png, to_pil
@@ -18,17 +18,8 @@ _TENSORS = ("nf", "crops", "crop_ids", "crop_values", "dead", "units", "weight_s
 
 
 def _save_tensors(path, tensors: dict) -> None:
-    folder = os.path.dirname(os.fspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp),
+                 suffix=".safetensors")
 
 
 def save_features(features: NeuronFeatures, out: OutDir, pngs: bool = True, scale: int | None = None) -> None:

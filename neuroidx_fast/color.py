@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .features import batch_slots, load_top_images
+from .features import batch_slots, load_top_images, resolve_dataset
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
 from .receptive_fields import ReceptiveField
@@ -96,13 +96,7 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     layers = {name: index[name] for name in names}
-    dataset = dataset if dataset is not None else index.dataset
-    if dataset is None:
-        raise ValueError("no dataset: this index was loaded from disk, so pass the dataset it was built from "
-                         "(dataset=...)")
-    if len(dataset) < index.dataset_length:
-        raise ValueError(f"the dataset has {len(dataset)} images but the index was built on {index.dataset_length}: "
-                         "pass the dataset the index was built from")
+    dataset = resolve_dataset(index, dataset)
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     if device is None:
         device = first.device if first is not None else torch.device("cpu")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import ops
+from . import backends, ops
 from .neuron_index import NeuronIndex
 from .png import image_grid, save_png
 from .receptive_fields import ReceptiveField, receptive_field
@@ -102,6 +102,19 @@ def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
     return rf
 
 
+def resolve_dataset(index: NeuronIndex, dataset):
+    """The dataset a second pass over an index's top images reads: ``dataset``, else the one the index
+    was built from (kept while in memory); it must hold at least the images the index was built on."""
+    dataset = dataset if dataset is not None else index.dataset
+    if dataset is None:
+        raise ValueError("no dataset: this index was loaded from disk, so pass the dataset it was built from "
+                         "(dataset=...)")
+    if len(dataset) < index.dataset_length:
+        raise ValueError(f"the dataset has {len(dataset)} images but the index was built on {index.dataset_length}: "
+                         "pass the dataset the index was built from")
+    return dataset
+
+
 def _resolve_pad(pad, index: NeuronIndex):
     if isinstance(pad, str) and pad == "mean":
         mean = index.meta.get("pixel_mean")
@@ -132,13 +145,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
         raise ValueError(f"keep_crops must be an int >= 0, got {keep_crops!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    dataset = dataset if dataset is not None else index.dataset
-    if dataset is None:
-        raise ValueError("no dataset: this index was loaded from disk, so pass the dataset it was built from "
-                         "(dataset=...)")
-    if len(dataset) < index.dataset_length:
-        raise ValueError(f"the dataset has {len(dataset)} images but the index was built on {index.dataset_length}: "
-                         "pass the dataset the index was built from")
+    dataset = resolve_dataset(index, dataset)
     rf = _resolve_rf(index, layer, rf, model)
     pad = _resolve_pad(pad, index)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -162,12 +169,20 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     sums = torch.zeros((C, 3, rh, rw), dtype=torch.float64, device=device)
     crops = torch.zeros((C, keep, 3, rh, rw), dtype=torch.uint8)
     ids_dev, tops_dev, weights_dev = ids.to(device), tops.to(device), weights.to(device)
+    try_codes = device.type == "cpu" and backends.resolve_name(backend, device) == "cpp"
     for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
         if tuple(images.shape[-2:]) != tuple(rf.input_size) or images.shape[1] != 3:
             raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on 3 x "
                              f"{tuple(rf.input_size)} images: pass the dataset the index was built from")
         images = images.to(device=device, dtype=torch.float32)
         slots = batch_slots(batch_ids, ids_dev)
+        # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
+        # for the cpp kernels to read; worth the one pass over the batch that finds them where the crops read
+        # at least twice the pixels it holds. Once a batch is not 8-bit, the later ones are not tried.
+        if try_codes and 3 * rh * rw * int((slots >= 0).sum()) >= 2 * images.numel():
+            codes = ops.as_pixel_codes(images, backend)
+            try_codes = codes is not None
+            images = images if codes is None else codes
         ops.accumulate_crops(sums, images, slots, tops_dev, weights_dev, pad, backend)
         if keep:
             kept = slots[:, :keep]

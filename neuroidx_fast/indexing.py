@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
+from .prepare import dataset_length, eval_on_device, split_batch
 from .storage import BundleError, read_bundle, write_bundle
 from .topk import TopK
 
@@ -91,19 +92,6 @@ def model_fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _split_batch(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
-        labels = batch[1]
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
-            raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
-                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}")
-        return batch[0], labels.to(torch.int64)
-    raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
-                     f"a batch of {type(batch).__name__}")
 
 
 def _check_images(images: torch.Tensor, first: bool) -> None:
@@ -237,12 +225,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     for label, value in (("k", k), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
-    try:
-        length = len(dataset)
-    except TypeError:
-        raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__") from None
-    if length == 0:
-        raise ValueError("the dataset is empty: nothing to index")
+    length = dataset_length(dataset, "index")
     if k > length:
         raise ValueError(f"k={k} is larger than the dataset ({length} images); choose k <= {length}")
 
@@ -255,14 +238,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                          "use a smaller batch_size or fewer processes")
     shard = range(min(length, rank * all_batches // world * batch_size),
                   min(length, (rank + 1) * all_batches // world * batch_size))
-    if device is not None:
-        device = torch.device(device)
-        model.to(device)
-    else:
-        first = next(iter(model.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    model.eval()
-    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device, param_dtype = eval_on_device(model, device)
     fingerprint = {"model": model_fingerprint(model), "layers": names, "k": k, "dataset_length": length,
                    "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan}
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
@@ -290,7 +266,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     try:
         with torch.no_grad(), LayerCapture(model, names) as capture:
             for step, batch in enumerate(loader, start=batches_done):
-                images, labels = _split_batch(batch)
+                images, labels = split_batch(batch)
                 _check_images(images, first=step == 0)
                 if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
                     raise ValueError("some dataset items have labels and others do not")

@@ -17,6 +17,7 @@ from torch import nn
 
 from .hooks import LayerCapture, resolve_layers
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
+from .prepare import model_device as _model_device, param_dtype
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
 
@@ -50,16 +51,7 @@ def frozen_eval(model: nn.Module, device: torch.device):
 def model_device(model: nn.Module, device) -> torch.device:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if device is not None:
-        device = torch.device(device)
-        model.to(device)
-        return device
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def _param_dtype(model):
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return _model_device(model, device)
 
 
 def _one_layer(model, layer) -> str:
@@ -149,6 +141,17 @@ def _model_input(images, transforms, step, preprocess, dtype):
     return x.to(dtype)
 
 
+def _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma):
+    """One optimisation step on ``loss`` plus ``tv`` * the total variation of ``x``; then every
+    ``blur_every`` steps (0: never) the image is blurred (std ``blur_sigma``)."""
+    if tv:
+        loss = loss + tv * total_variation(x).sum()
+    loss.backward()
+    optimiser.step()
+    if blur_every and (step + 1) % blur_every == 0:
+        image.blur_(blur_sigma)
+
+
 # ---------------------------------------------------------------------------------------------- maximize
 def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr: float = 0.05,
              param: str = "fourier", transforms: str | None = "standard", l2: float = 0.0, tv: float = 0.0,
@@ -188,7 +191,7 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     device = model_device(model, device)
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     results = []
     with frozen_eval(model, device), LayerCapture(model, [name]) as capture:
         _check_units(units, _layer_width(capture, name, size, dtype, device), name)
@@ -206,12 +209,7 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
                 loss = -_objective(out, target, objective).sum()
                 if l2:
                     loss = loss + l2 * (x - 0.5).square().flatten(1).mean(1).sum()
-                if tv:
-                    loss = loss + tv * total_variation(x).sum()
-                loss.backward()
-                optimiser.step()
-                if blur_every and (step + 1) % blur_every == 0:
-                    image.blur_(blur_sigma)
+                _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
             with torch.no_grad():
                 results.append(image.image().float().cpu())
     return torch.cat(results)
@@ -232,7 +230,7 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     _positive("batch_size", batch_size, integer=True)
     device = model_device(model, device)
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     values = []
     with frozen_eval(model, device), torch.no_grad(), LayerCapture(model, [name]) as capture:
         _check_units(units, _layer_width(capture, name, tuple(images.shape[-2:]), dtype, device), name)
@@ -395,7 +393,7 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     if transforms not in ("standard", None):
         raise ValueError(f"transforms must be 'standard' or None, got {transforms!r}")
     device = model_device(model, device)
-    dtype = _param_dtype(model)
+    dtype = param_dtype(model)
     size = tuple(batch.shape[-2:])
 
     with frozen_eval(model, device), LayerCapture(model, [name]) as capture:
@@ -447,12 +445,7 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
                 loss = (-activation_weight * act + distance_weight * dist).sum()
                 if l1:
                     loss = loss + l1 * (x - 0.5).abs().flatten(1).mean(1).sum()
-                if tv:
-                    loss = loss + tv * total_variation(x).sum()
-                loss.backward()
-                optimiser.step()
-                if blur_every and (step + 1) % blur_every == 0:
-                    image.blur_(blur_sigma)
+                _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
             with torch.no_grad():
                 x = image.image()
                 act, dist = terms(x)

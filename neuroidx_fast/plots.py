@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 
 import numpy as np
+
+from .atomic import write_atomic
 
 __all__ = ["plot_index_distributions", "plot_selective_share", "plot_layer_summary", "plot_all", "INDEX_LABELS"]
 
@@ -45,18 +46,12 @@ def _save(fig, path) -> str:
         raise ValueError(f"plots are written as PNG: give a path ending in .png, got {path!r}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             f.write(buffer.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return write_atomic(path, write, suffix=".png")
 
 
 def _check_table(table, needed) -> None:

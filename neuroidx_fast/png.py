@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import torch
+
+from .atomic import write_atomic
 
 __all__ = ["to_pil", "image_grid", "save_png", "DEAD_GRAY"]
 
@@ -61,16 +61,9 @@ def save_png(image, path) -> str:
     """Write a PIL image (or a [3, h, w] tensor) to ``path`` as PNG atomically; returns the path."""
     if isinstance(image, torch.Tensor):
         image = to_pil(image)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
             image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return write_atomic(path, write, suffix=".png")

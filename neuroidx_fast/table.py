@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 
 import numpy as np
 import torch
+
+from .atomic import write_atomic
 
 from .neuron_index import NeuronIndex
 from .selectivity import class_selectivity, class_selectivity_morcos
@@ -129,21 +130,6 @@ def _join(df, other, pd):
     return df.merge(other, on=["layer", "unit"], how="left", validate="one_to_one")
 
 
-def _atomic_write(path: str, write) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in (".parquet", ".csv"):
@@ -160,8 +146,8 @@ def save_table(df, path) -> str:
         raise TypeError(f"save_table needs a DataFrame, got {type(df).__name__}")
     path = os.fspath(path)
     if _format(path) == ".parquet":
-        return _atomic_write(path, lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
-    return _atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+        return write_atomic(path, lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
+    return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
 def load_table(path):

@@ -13,6 +13,17 @@ import pytest  # noqa: E402
 from neuroidx_fast import backends  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny tensors (``pytestmark = pytest.mark.usefixtures(...)``): on a
+    shared, loaded machine an OpenMP barrier per op costs more than the op (20x slower with 2 threads
+    than with 1). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cpu_backends():
     return backends.available("cpu")
 

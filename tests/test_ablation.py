@@ -18,6 +18,7 @@ import neuroidx_fast.ablation as abl
 from neuroidx_fast import ops
 from neuroidx_fast.graph_split import split_model
 from neuroidx_fast.ops import reference
+from bench.bench_ablation import Bottleneck
 from conftest import cpu_backends, gpu_backends
 from models import ImageSet, make_model
 
@@ -273,29 +274,13 @@ def test_readout_path_every_unit_equals_naive_and_general(backend, name, layer):
     assert_not_vacuous(fast)
 
 
-class _Bottleneck(nn.Module):
-    """torchvision's Bottleneck: in-place ReLU, ``out += identity``, the shortcut computed late."""
+class _Bottleneck(Bottleneck):
+    """torchvision's Bottleneck (in-place ReLU, ``out += identity``, the shortcut computed late) with a
+    projection shortcut, made after the block's own layers."""
 
     def __init__(self, cin, width, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, 4 * width, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(4 * width)
-        self.relu = nn.ReLU(inplace=True)
+        super().__init__(cin, width, stride)
         self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * width, 1, stride, bias=False), nn.BatchNorm2d(4 * width))
-
-    def forward(self, x):
-        identity = x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        return self.relu(out)
 
 
 class _TinyResNet(nn.Module):

@@ -292,6 +292,123 @@ def test_only_empty_slots_need_no_pixels(backend, shape):
     assert torch.equal(sums, before)
 
 
+# --- uint8 pixel codes ----------------------------------------------------------------------------------
+# Code k stands for the float32 k / 255 (reference.py): every backend must give, from the codes, the bits
+# it gives from the float32 image they stand for.
+
+def _codes_and_pixels(images: torch.Tensor):
+    codes = (images * 255).round().to(torch.uint8)
+    return codes, codes.float() / 255  # what to_tensor makes of an 8-bit file (on CPU)
+
+
+def test_pixel_code_values_are_torch_division():
+    k = torch.arange(256)
+    want = (k.to(torch.uint8).float() / 255).view(torch.int32)  # to_tensor: img.float().div(255)
+    assert torch.equal(reference.pixel_code_values().view(torch.int32), want)
+    assert torch.equal(reference.decode_pixels(k.to(torch.uint8)).view(torch.int32), want)
+    # The IEEE division float32(k) / float32(255), independently of torch.
+    ieee = np.arange(256, dtype=np.float32) / np.float32(255)
+    assert np.array_equal(ieee.view(np.int32), want.numpy())
+    if "cpp" in cpu_backends():  # what the C++ kernels decode each code to
+        from neuroidx_fast.ops import cpp
+
+        assert torch.equal(cpp.pixel_code_values().view(torch.int32), want)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_as_pixel_codes(backend):
+    g = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 256, (4, 3, 20, 33), dtype=torch.uint8, generator=g)
+    codes.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)  # every code
+    images = codes.float() / 255
+    assert torch.equal(ops.as_pixel_codes(images, backend), codes)
+    view = images[:, :, 2:-3, 1:]  # any layout
+    assert torch.equal(ops.as_pixel_codes(view, backend), codes[:, :, 2:-3, 1:])
+    assert ops.as_pixel_codes(codes, backend) is codes
+    assert ops.as_pixel_codes(images.double(), backend) is None
+    assert ops.as_pixel_codes(torch.rand(2, 3, 5, 5, generator=g), backend) is None
+    assert ops.as_pixel_codes(images[:0], backend).shape == (0, 3, 20, 33)
+    pixel = images.view(-1)[77]  # code 77
+    up, down = (float(torch.nextafter(pixel, torch.tensor(t))) for t in (2.0, -2.0))  # one ulp off
+    for bad in (up, down, -0.0, float("nan"), float("inf"), -1 / 255, 1.5,
+                0.5, 256 / 255):
+        perturbed = images.clone()
+        perturbed[3, 2, 19, 32] = bad  # the last pixel
+        assert ops.as_pixel_codes(perturbed, backend) is None, bad
+        perturbed = images.clone()
+        perturbed.view(-1)[77] = bad
+        assert ops.as_pixel_codes(perturbed, backend) is None, bad
+
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_codes_match_float_pixels(backend, case, pad):
+    images, slots, tops, weights, sums = _inputs(case)
+    codes, pixels = _codes_and_pixels(images)
+    fill = _pad_value(pad, images.shape[1])
+    size = tuple(sums.shape[2:])
+    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
+    want = reference.gather_crops(pixels, flat_slots, flat_tops, size, fill)
+    module = backends.get(backend, "cpu")
+    _assert_bits_equal(module.gather_crops(codes, flat_slots, flat_tops, size, fill), want)
+    want_sums = sums.clone()
+    reference.accumulate_crops(want_sums, pixels, slots, tops, weights, fill)
+    module.accumulate_crops(sums, codes, slots, tops, weights, fill)
+    _assert_bits_equal(sums, want_sums)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_public_ops_take_pixel_codes(backend):
+    images, slots, tops, weights, sums = _inputs("rectangular")
+    codes, pixels = _codes_and_pixels(images)
+    size = tuple(sums.shape[2:])
+    for pad in ("gray", "edge"):
+        got = ops.gather_crops(codes[:, :, :, 1:], slots, tops, size, pad=pad, backend=backend)
+        assert got.dtype == torch.float32
+        _assert_bits_equal(got, ops.gather_crops(pixels[:, :, :, 1:], slots, tops, size, pad=pad, backend="torch"))
+        got_sums, want_sums = sums.clone(), sums.clone()
+        ops.accumulate_crops(got_sums, codes, slots, tops, weights, pad=pad, backend=backend)
+        ops.accumulate_crops(want_sums, pixels, slots, tops, weights, pad=pad, backend="torch")
+        _assert_bits_equal(got_sums, want_sums)
+    none = torch.empty(0, dtype=torch.int64)
+    assert ops.gather_crops(codes, none, none.reshape(0, 2), 3, backend=backend).dtype == torch.float32
+
+
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="the cpp backend did not load")
+def test_cpp_codes_wide_rows_and_thread_counts():
+    # Rows long enough for the vector loops (with a tail), every code in the crops, several threads: the
+    # cpp kernels' code path against their float32 path and the reference.
+    from neuroidx_fast.ops import cpp
+
+    g = torch.Generator().manual_seed(17)
+    codes = torch.randint(0, 256, (5, 3, 31, 150), dtype=torch.uint8, generator=g)
+    codes[:, :, 3, 3:109] = torch.arange(106, dtype=torch.uint8)  # every code, in rows 3 and 4
+    codes[:, :, 4] = torch.arange(106, 256, dtype=torch.uint8)
+    pixels = codes.float() / 255
+    slots = torch.randint(-1, 5, (7, 12), generator=g)
+    tops = torch.stack([torch.randint(-10, 25, (7, 12), generator=g), torch.randint(-40, 30, (7, 12), generator=g)],
+                       dim=2)
+    weights = torch.randn(7, 12, generator=g)
+    sums = torch.randn(7, 3, 22, 141, generator=g, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        for fill in (torch.tensor([0.5, 0.25, -2.0]), None):
+            want = sums.clone()
+            reference.accumulate_crops(want, pixels, slots, tops, weights, fill)
+            want_crops = reference.gather_crops(pixels, slots.reshape(-1), tops.reshape(-1, 2), (22, 141), fill)
+            for n in sorted({1, 2, threads}):
+                torch.set_num_threads(n)
+                for images in (codes, pixels):
+                    got = sums.clone()
+                    cpp.accumulate_crops(got, images, slots, tops, weights, fill)
+                    _assert_bits_equal(got, want)
+                    _assert_bits_equal(cpp.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (22, 141),
+                                                        fill), want_crops)
+    finally:
+        torch.set_num_threads(threads)
+
+
 # --- the CUDA kernels' logic, run on the host ----------------------------------------------------------
 # Without a GPU, csrc/cuda/crops.cu (as the launcher assembles it for NVRTC) is built with the host C++
 # compiler behind a thin shim (block / thread indices as globals, __ldg as a plain load) and every
@@ -395,7 +512,8 @@ def _valid_args():
 
 
 @pytest.mark.parametrize("change,error,match", [
-    (dict(images=lambda a: (a["images"] * 255).to(torch.uint8)), ValueError, "float32"),
+    (dict(images=lambda a: a["images"].double()), ValueError, "float32"),
+    (dict(images=lambda a: (a["images"] * 255).to(torch.int16)), ValueError, "uint8 pixel codes"),
     (dict(images=lambda a: a["images"][0]), ValueError, r"\[N, Ch, H, W\]"),
     (dict(slots=lambda a: a["slots"].int()), TypeError, "slots must be an int64"),
     (dict(tops=lambda a: a["tops"].float()), TypeError, "tops must be an int64"),

@@ -88,6 +88,38 @@ def test_nf_equals_brute_force_on_every_backend(indexed, layer, pad):
             assert torch.equal(feats.crops, reference.crops), backend
 
 
+def test_8bit_images_pass_as_pixel_codes_with_the_same_bits(indexed, monkeypatch):
+    # A dataset from 8-bit files (pixels k / 255): the cpp backend gets uint8 codes, the torch one float32
+    # pixels, and both give the same bits (and the brute force's NFs).
+    model, _, _ = indexed
+    dataset = ImageSet(n=21, size=18, seed=3)
+    dataset.images = (dataset.images * 255).round() / 255
+    index = nx.index_dataset(model, dataset, LAYERS, k=6, batch_size=8, progress=False)
+    seen, used = [], set()
+    accumulate = nx.ops.accumulate_crops
+
+    def spy(sums, images, *args, **kwargs):
+        seen.append(images.dtype)
+        return accumulate(sums, images, *args, **kwargs)
+
+    monkeypatch.setattr(nx.ops, "accumulate_crops", spy)
+    for layer in LAYERS:
+        for pad in ("gray", "edge"):
+            seen.clear()
+            want = neuron_features(index, layer, pad=pad, keep_crops=4, batch_size=5, backend="torch")
+            assert set(seen) == {torch.float32}
+            if "cpp" in cpu_backends():
+                seen.clear()
+                got = neuron_features(index, layer, pad=pad, keep_crops=4, batch_size=5, backend="cpp")
+                used.update(seen)
+                assert torch.equal(got.nf.nan_to_num(-1), want.nf.nan_to_num(-1)), (layer, pad)
+                assert torch.equal(got.crops, want.crops), (layer, pad)
+    if "cpp" in cpu_backends():
+        assert torch.uint8 in used  # the codes path ran
+    expected, _ = _brute_force(index, "features.8", dataset, "gray")
+    torch.testing.assert_close(neuron_features(index, "features.8").nf, expected, atol=1e-6, rtol=0, equal_nan=True)
+
+
 def test_dead_units_have_nan_features_and_are_flagged(indexed):
     _, _, index = indexed
     feats = neuron_features(index, "features.0", backend="torch")

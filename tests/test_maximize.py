@@ -9,15 +9,7 @@ from neuroidx_fast.image_param import ImageParam, RandomTransforms, color_matrix
 
 SIZE = 32
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: on a shared, loaded machine an OpenMP barrier per op costs more than the
-    op (20x slower here with 2 threads than with 1). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_net(seed=0, batchnorm=False):

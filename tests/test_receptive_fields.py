@@ -1,6 +1,5 @@
 """Receptive fields: the analytic graph walk against the gradient probe (SPEC.md section 2)."""
 
-import warnings
 
 import pytest
 import torch

@@ -30,23 +30,43 @@ void topk_update(std::uintptr_t state_values, std::uintptr_t state_ids, std::uin
                         as_ptr<const int64_t>(positions), B, num_threads);
 }
 
-// pad == 0 (a null pointer) selects edge mode.
+// pad == 0 (a null pointer) selects edge mode; codes: the images are uint8 pixel codes, not float32.
 void gather_crops(std::uintptr_t images, int64_t N, int64_t Ch, int64_t H, int64_t W, std::uintptr_t slots,
                   std::uintptr_t tops, int64_t M, int64_t rh, int64_t rw, std::uintptr_t pad, std::uintptr_t out,
-                  int num_threads) {
+                  int num_threads, bool codes) {
   if (rh < 1 || rw < 1) throw py::value_error("gather_crops: crop size must be positive");
-  neuroidx::gather_crops(as_ptr<const float>(images), N, Ch, H, W, as_ptr<const int64_t>(slots),
-                         as_ptr<const int64_t>(tops), M, rh, rw, as_ptr<const float>(pad), as_ptr<float>(out),
-                         num_threads);
+  if (codes)
+    neuroidx::gather_crops(as_ptr<const uint8_t>(images), N, Ch, H, W, as_ptr<const int64_t>(slots),
+                           as_ptr<const int64_t>(tops), M, rh, rw, as_ptr<const float>(pad), as_ptr<float>(out),
+                           num_threads);
+  else
+    neuroidx::gather_crops(as_ptr<const float>(images), N, Ch, H, W, as_ptr<const int64_t>(slots),
+                           as_ptr<const int64_t>(tops), M, rh, rw, as_ptr<const float>(pad), as_ptr<float>(out),
+                           num_threads);
 }
 
 void accumulate_crops(std::uintptr_t sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, std::uintptr_t images,
                       int64_t N, int64_t H, int64_t W, std::uintptr_t slots, std::uintptr_t tops,
-                      std::uintptr_t weights, int64_t J, std::uintptr_t pad, int num_threads) {
+                      std::uintptr_t weights, int64_t J, std::uintptr_t pad, int num_threads, bool codes) {
   if (rh < 1 || rw < 1) throw py::value_error("accumulate_crops: crop size must be positive");
-  neuroidx::accumulate_crops(as_ptr<double>(sums), U, Ch, rh, rw, as_ptr<const float>(images), N, H, W,
-                             as_ptr<const int64_t>(slots), as_ptr<const int64_t>(tops), as_ptr<const float>(weights),
-                             J, as_ptr<const float>(pad), num_threads);
+  if (codes)
+    neuroidx::accumulate_crops(as_ptr<double>(sums), U, Ch, rh, rw, as_ptr<const uint8_t>(images), N, H, W,
+                               as_ptr<const int64_t>(slots), as_ptr<const int64_t>(tops),
+                               as_ptr<const float>(weights), J, as_ptr<const float>(pad), num_threads);
+  else
+    neuroidx::accumulate_crops(as_ptr<double>(sums), U, Ch, rh, rw, as_ptr<const float>(images), N, H, W,
+                               as_ptr<const int64_t>(slots), as_ptr<const int64_t>(tops),
+                               as_ptr<const float>(weights), J, as_ptr<const float>(pad), num_threads);
+}
+
+bool pixel_codes(std::uintptr_t images, int64_t n, std::uintptr_t codes, int num_threads) {
+  return neuroidx::pixel_codes(as_ptr<const float>(images), n, as_ptr<uint8_t>(codes), num_threads);
+}
+
+py::list pixel_code_values() {
+  py::list values;
+  for (int k = 0; k < 256; ++k) values.append(neuroidx::pixel_code_value(static_cast<uint8_t>(k)));
+  return values;
 }
 
 void mask_replicas(std::uintptr_t x, int64_t elem_size, int64_t B, int64_t C, int64_t H, int64_t W, int64_t sb,
@@ -76,9 +96,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("topk_update", &topk_update, py::call_guard<py::gil_scoped_release>(),
         "In-place streaming top-K update of [C, K] sorted state rows with [B, C] candidates.");
   m.def("gather_crops", &gather_crops, py::call_guard<py::gil_scoped_release>(),
-        "Copy [M, Ch, rh, rw] crops out of [N, Ch, H, W] float32 images (pad pointer 0: edge mode).");
+        "Copy [M, Ch, rh, rw] float32 crops out of [N, Ch, H, W] float32 images or uint8 pixel codes (codes=True) "
+        "(pad pointer 0: edge mode).");
   m.def("accumulate_crops", &accumulate_crops, py::call_guard<py::gil_scoped_release>(),
-        "In-place float64 sums[u] += weights[u, j] * crop(u, j), j in order (pad pointer 0: edge mode).");
+        "In-place float64 sums[u] += weights[u, j] * crop(u, j), j in order, from float32 images or uint8 pixel "
+        "codes (codes=True) (pad pointer 0: edge mode).");
+  m.def("pixel_codes", &pixel_codes, py::call_guard<py::gil_scoped_release>(),
+        "Fill n uint8 pixel codes from n contiguous float32 pixels; False unless every pixel is its code's value.");
+  m.def("pixel_code_values", &pixel_code_values,
+        "The float32 value (as a Python float) the crop kernels give each uint8 pixel code 0..255.");
   m.def("mask_replicas", &mask_replicas, py::call_guard<py::gil_scoped_release>(),
         "M masked replicas [M*B, C, H, W] of a strided [B, C, H, W] map (bit copy of 2/4/8-byte elements).");
   m.def("readout_ablation_argmax", &readout_ablation_argmax, py::call_guard<py::gil_scoped_release>(),

@@ -6,12 +6,18 @@
 // the image row: a memcpy, or a vectorised multiply-add), and columns right of it. The two outer runs
 // hold one value each (the pad value, or the row's first / last pixel in edge mode).
 //
+// Images come as float32 pixels or as uint8 pixel codes (reference.py): code k stands for the float32
+// nearest k / 255, what torchvision's to_tensor makes of an 8-bit file. Reading codes moves a quarter of
+// the bytes (large crops from float32 images wait on memory), and decode() turns each into exactly that
+// float32, so the products and sums below are the same bits as from the float32 image.
+//
 // Exactness (reference.py): gather is a copy. accumulate adds float64(w) * float64(pixel) to the sum
 // of each output element for j = 0, 1, ... in order; a float32 x float32 product is exact in float64,
 // so whether the compiler fuses the multiply-add or not, every addition rounds exactly as the
 // reference's `sums + terms` does. Only the order of the additions into one element matters, so the
 // work is split freely over units, channels and row blocks, each of which runs its j loop in order.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #ifdef _OPENMP
@@ -47,10 +53,18 @@ namespace neuroidx {
 namespace {
 
 constexpr int64_t kNext = 2;         // prefetch distance, in crops
-constexpr int64_t kLineFloats = 16;  // floats per 64-byte cache line
+constexpr int64_t kLineBytes = 64;   // cache line
 // Below this many pixels (gather) or pixel additions (accumulate) one thread does the work: starting
 // the team would cost more than it saves.
 constexpr int64_t kParallelWork = int64_t{1} << 18;
+
+// The float32 value of a pixel. A code k stands for k / 255 rounded to float32: the IEEE division
+// float32(k) / 255 (what torch computes for images.float() / 255 on CPU), computed here as such: one
+// vector division per 8 or 16 codes, which the divider runs beside the conversions and multiply-adds
+// (a table lookup would be a gather, slower). Checked for all 256 codes against torch
+// (tests/test_crops.py, via pixel_code_values()).
+inline float decode(float x) { return x; }
+inline float decode(uint8_t k) { return static_cast<float>(k) / 255.0f; }
 
 // Where a crop's columns (or rows) [x0, x0 + n) fall relative to an image axis [0, extent), extent > 0:
 // `before` positions precede it, then `inside` positions start at image coordinate `first`, and the
@@ -73,7 +87,8 @@ inline AxisSplit split_axis(int64_t x0, int64_t n, int64_t extent) {
 
 // Image row of crop row y (y already clamped to [-rh, H]); nullptr when it lies outside the image in
 // constant-pad mode. Edge mode takes the nearest row.
-inline const float* source_row(const float* plane, int64_t y, int64_t H, int64_t W, bool edge) {
+template <class T>
+inline const T* source_row(const T* plane, int64_t y, int64_t H, int64_t W, bool edge) {
   if (y < 0 || y >= H) {
     if (!edge) return nullptr;
     y = y < 0 ? 0 : H - 1;
@@ -82,38 +97,51 @@ inline const float* source_row(const float* plane, int64_t y, int64_t H, int64_t
 }
 
 // One crop channel: its image plane (nullptr for an empty slot), first row and column split.
+template <class T>
 struct CropRef {
-  const float* plane;
+  const T* plane;
   int64_t y0;
   AxisSplit cols;
 };
 
-inline CropRef crop_ref(const float* images, int64_t slot, const int64_t* top, int64_t c, int64_t Ch, int64_t H,
-                        int64_t W, int64_t rh, int64_t rw) {
-  if (slot < 0) return CropRef{nullptr, 0, AxisSplit{0, 0, 0, 0}};
-  return CropRef{images + (slot * Ch + c) * H * W, std::min(std::max(top[0], -rh), H), split_axis(top[1], rw, W)};
+template <class T>
+inline CropRef<T> crop_ref(const T* images, int64_t slot, const int64_t* top, int64_t c, int64_t Ch, int64_t H,
+                           int64_t W, int64_t rh, int64_t rw) {
+  if (slot < 0) return CropRef<T>{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+  return CropRef<T>{images + (slot * Ch + c) * H * W, std::min(std::max(top[0], -rh), H), split_axis(top[1], rw, W)};
 }
 
 // Prefetch the in-image span of crop row i (rows outside the image hold no pixel, or, in edge mode,
 // the first or last image row, which the crop's other rows keep in cache).
-NX_ALWAYS_INLINE void prefetch_row(const CropRef& crop, int64_t i, int64_t H, int64_t W) {
+template <class T>
+NX_ALWAYS_INLINE void prefetch_row(const CropRef<T>& crop, int64_t i, int64_t H, int64_t W) {
   const int64_t y = crop.y0 + i;
   if (crop.plane == nullptr || crop.cols.inside == 0 || y < 0 || y >= H) return;
-  const float* begin = crop.plane + y * W + crop.cols.first;
-  for (int64_t k = 0; k < crop.cols.inside; k += kLineFloats) NX_PREFETCH(begin + k);
+  const T* begin = crop.plane + y * W + crop.cols.first;
+  for (int64_t k = 0; k < crop.cols.inside; k += kLineBytes / int64_t{sizeof(T)}) NX_PREFETCH(begin + k);
   NX_PREFETCH(begin + crop.cols.inside - 1);
 }
 
-inline void copy_row(float* dst, const float* row, const AxisSplit& cols, bool edge, float pad) {
+inline void copy_span(float* __restrict dst, const float* __restrict src, int64_t n) {
+  if (n > 0) std::memcpy(dst, src, sizeof(float) * n);
+}
+
+inline void copy_span(float* __restrict dst, const uint8_t* __restrict src, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) dst[k] = decode(src[k]);
+}
+
+template <class T>
+inline void copy_row(float* dst, const T* row, const AxisSplit& cols, bool edge, float pad) {
   if (row == nullptr) {
     std::fill_n(dst, cols.before + cols.inside + cols.after, pad);
     return;
   }
-  const float left = edge ? row[0] : pad;
+  const float left = edge ? decode(row[0]) : pad;
   // Edge mode with the crop entirely beside the image: `first` is W, the row's last pixel is first - 1.
-  const float right = edge ? row[std::max<int64_t>(cols.first + cols.inside, 1) - 1] : pad;
+  const float right = edge ? decode(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1]) : pad;
   std::fill_n(dst, cols.before, left);
-  if (cols.inside > 0) std::memcpy(dst + cols.before, row + cols.first, sizeof(float) * cols.inside);
+  copy_span(dst + cols.before, row + cols.first, cols.inside);
   std::fill_n(dst + cols.before + cols.inside, cols.after, right);
 }
 
@@ -121,13 +149,15 @@ inline void add_constant(double* dst, int64_t n, double term) {
   for (int64_t k = 0; k < n; ++k) dst[k] += term;
 }
 
-inline void add_scaled(double* __restrict dst, const float* __restrict src, int64_t n, double w) {
+template <class T>
+NX_ALWAYS_INLINE void add_scaled(double* __restrict dst, const T* __restrict src, int64_t n, double w) {
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) dst[k] += w * static_cast<double>(src[k]);
+  for (int64_t k = 0; k < n; ++k) dst[k] += w * static_cast<double>(decode(src[k]));
 }
 
 // Crop planes t = m * Ch + c for t in [t0, t1) of the gathered output (an empty slot gives zeros).
-void gather_planes(float* out, const float* images, const int64_t* slots, const int64_t* tops, int64_t t0,
+template <class T>
+void gather_planes(float* out, const T* images, const int64_t* slots, const int64_t* tops, int64_t t0,
                    int64_t t1, int64_t Ch, int64_t H, int64_t W, int64_t rh, int64_t rw, const float* pad) {
   const bool edge = pad == nullptr;
   auto ref = [&](int64_t t) {
@@ -136,12 +166,12 @@ void gather_planes(float* out, const float* images, const int64_t* slots, const 
   };
   for (int64_t t = t0; t < t1; ++t) {
     float* dst = out + t * rh * rw;
-    const CropRef crop = ref(t);
+    const CropRef<T> crop = ref(t);
     if (crop.plane == nullptr) {
       std::fill_n(dst, rh * rw, 0.0f);
       continue;
     }
-    const CropRef next = t + kNext < t1 ? ref(t + kNext) : CropRef{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+    const CropRef<T> next = t + kNext < t1 ? ref(t + kNext) : CropRef<T>{nullptr, 0, AxisSplit{0, 0, 0, 0}};
     const float fill = edge ? 0.0f : pad[t % Ch];
     for (int64_t i = 0; i < rh; ++i) {
       prefetch_row(next, i, H, W);
@@ -151,32 +181,33 @@ void gather_planes(float* out, const float* images, const int64_t* slots, const 
 }
 
 // Rows [i0, i1) of sums[u, c] += w_j * crop_j for j = 0 .. J-1 in order (empty slots skipped).
-NX_WIDE_SIMD
-void accumulate_block(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
-                      const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
-                      int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+template <class T>
+NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int64_t* slots, const int64_t* tops,
+                                       const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
+                                       int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
   const bool edge = pad == nullptr;
   for (int64_t j = 0; j < J; ++j) {
-    const CropRef crop = crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw);
+    const CropRef<T> crop = crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw);
     if (crop.plane == nullptr) continue;
-    const CropRef next = j + kNext < J ? crop_ref(images, slots[j + kNext], tops + 2 * (j + kNext), c, Ch, H, W, rh, rw)
-                                       : CropRef{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+    const CropRef<T> next = j + kNext < J
+                                ? crop_ref(images, slots[j + kNext], tops + 2 * (j + kNext), c, Ch, H, W, rh, rw)
+                                : CropRef<T>{nullptr, 0, AxisSplit{0, 0, 0, 0}};
     const AxisSplit& cols = crop.cols;
     const double w = static_cast<double>(weights[j]);
     const double pad_term = edge ? 0.0 : w * static_cast<double>(pad[c]);
     for (int64_t i = i0; i < i1; ++i) {
       prefetch_row(next, i, H, W);
       double* dst = sums + i * rw;
-      const float* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
+      const T* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
       if (row == nullptr) {
         add_constant(dst, rw, pad_term);
         continue;
       }
       // Edge mode: columns beside the image take the row's first / last pixel (cols.first is W when
       // the crop lies entirely right of the image).
-      const double left = edge ? w * static_cast<double>(row[0]) : pad_term;
+      const double left = edge ? w * static_cast<double>(decode(row[0])) : pad_term;
       const double right =
-          edge ? w * static_cast<double>(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1]) : pad_term;
+          edge ? w * static_cast<double>(decode(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1])) : pad_term;
       add_constant(dst, cols.before, left);
       add_scaled(dst + cols.before, row + cols.first, cols.inside, w);
       add_constant(dst + cols.before + cols.inside, cols.after, right);
@@ -184,12 +215,36 @@ void accumulate_block(double* sums, const float* images, const int64_t* slots, c
   }
 }
 
-}  // namespace
+// The multi-versioned entry points, one per pixel type (the template is inlined into each clone).
+NX_WIDE_SIMD
+void accumulate_block_f32(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
+                          const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
+                          int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  accumulate_block(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+}
 
-void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
-                  const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
-                  int num_threads) {
-  (void)N;
+NX_WIDE_SIMD
+void accumulate_block_u8(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
+                         const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
+                         int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  accumulate_block(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+}
+
+inline void accumulate_block_any(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
+                                 const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
+                                 int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  accumulate_block_f32(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+}
+
+inline void accumulate_block_any(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
+                                 const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
+                                 int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  accumulate_block_u8(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+}
+
+template <class T>
+void gather_crops_impl(const T* images, int64_t Ch, int64_t H, int64_t W, const int64_t* slots, const int64_t* tops,
+                       int64_t M, int64_t rh, int64_t rw, const float* pad, float* out, int num_threads) {
   if (num_threads < 1) num_threads = 1;
   // Chunks of consecutive planes, so that the prefetch of the next crop serves this thread.
   constexpr int64_t kChunk = 16;
@@ -201,10 +256,10 @@ void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t
   }
 }
 
-void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images, int64_t N,
-                      int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
-                      int64_t J, const float* pad, int num_threads) {
-  (void)N;
+template <class T>
+void accumulate_crops_impl(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const T* images, int64_t H,
+                           int64_t W, const int64_t* slots, const int64_t* tops, const float* weights, int64_t J,
+                           const float* pad, int num_threads) {
   if (num_threads < 1) num_threads = 1;
   // Row blocks of about 16 KiB of sums stay in L1 while the J crops stream through them, and give
   // the threads work to share when there are few units.
@@ -216,9 +271,75 @@ void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t r
     const int64_t plane = t / blocks, b = t % blocks;
     const int64_t u = plane / Ch, c = plane % Ch;
     const int64_t i0 = b * block_rows, i1 = std::min(rh, i0 + block_rows);
-    accumulate_block(sums + plane * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J, J, c, Ch, H,
-                     W, rh, rw, i0, i1, pad);
+    accumulate_block_any(sums + plane * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J, J, c, Ch,
+                         H, W, rh, rw, i0, i1, pad);
   }
+}
+
+// codes[k] = the code of images[k]; true when every pixel is exactly its code's value, bit for bit.
+// Branch-free so that it vectorises: adding 1.5 * 2^23 rounds x * 255 to an integer held in the low
+// mantissa bits (for x in range; any other pixel gets some code and fails the check that follows).
+NX_WIDE_SIMD
+bool encode_span(const float* __restrict images, int64_t n, uint8_t* __restrict codes) {
+  uint32_t ok = 1;
+#pragma omp simd reduction(& : ok)
+  for (int64_t k = 0; k < n; ++k) {
+    const float x = images[k];
+    const float shifted = x * 255.0f + 12582912.0f;
+    uint32_t bits, x_bits;
+    std::memcpy(&bits, &shifted, sizeof bits);
+    std::memcpy(&x_bits, &x, sizeof x_bits);
+    const uint8_t code = static_cast<uint8_t>(bits & 0xFFu);
+    codes[k] = code;
+    // Bit equality with the code's pixel: equal values, and no -0.0 (those pixels are >= +0.0, never NaN).
+    ok &= static_cast<uint32_t>(decode(code) == x) & ((x_bits >> 31) ^ 1u);
+  }
+  return ok != 0;
+}
+
+}  // namespace
+
+float pixel_code_value(uint8_t code) { return decode(code); }
+
+bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  int exact = 1;
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= kParallelWork) reduction(&& : exact)
+  for (int64_t b = 0; b < chunks; ++b) {
+    const int64_t k0 = b * kChunk;
+    exact = encode_span(images + k0, std::min(n, k0 + kChunk) - k0, codes + k0) && exact;
+  }
+  return exact != 0;
+}
+
+void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
+                  const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
+                  int num_threads) {
+  (void)N;
+  gather_crops_impl(images, Ch, H, W, slots, tops, M, rh, rw, pad, out, num_threads);
+}
+
+void gather_crops(const uint8_t* codes, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
+                  const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
+                  int num_threads) {
+  (void)N;
+  gather_crops_impl(codes, Ch, H, W, slots, tops, M, rh, rw, pad, out, num_threads);
+}
+
+void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images, int64_t N,
+                      int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
+                      int64_t J, const float* pad, int num_threads) {
+  (void)N;
+  accumulate_crops_impl(sums, U, Ch, rh, rw, images, H, W, slots, tops, weights, J, pad, num_threads);
+}
+
+void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const uint8_t* codes, int64_t N,
+                      int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
+                      int64_t J, const float* pad, int num_threads) {
+  (void)N;
+  accumulate_crops_impl(sums, U, Ch, rh, rw, codes, H, W, slots, tops, weights, J, pad, num_threads);
 }
 
 }  // namespace neuroidx

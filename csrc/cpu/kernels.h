@@ -24,9 +24,23 @@ void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t
                   const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
                   int num_threads);
 
+// The same from uint8 pixel codes: code k is the float32 pixel pixel_code_value(k) = k / 255 rounded to
+// float32 (what float(k) / 255 gives on CPU), and the crops are those of the decoded float32 image.
+void gather_crops(const uint8_t* codes, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
+                  const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
+                  int num_threads);
+float pixel_code_value(uint8_t code);
+// codes [n] = the pixel code of each of images [n]; true when every pixel is exactly its code's value
+// (bit for bit), false otherwise (codes then unspecified).
+bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads);
+
 // In place: sums[u] += double(weights[u, j]) * crop(slots[u, j], tops[u, j]) for j = 0 .. J-1 in order,
 // skipping slots < 0; sums [U, Ch, rh, rw] float64, slots / weights [U, J], tops [U, J, 2], crops as above.
 void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images, int64_t N,
+                      int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
+                      int64_t J, const float* pad, int num_threads);
+// The same from uint8 pixel codes (as gather_crops): bit-identical to the float32 path on the decoded image.
+void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const uint8_t* codes, int64_t N,
                       int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
                       int64_t J, const float* pad, int num_threads);
 

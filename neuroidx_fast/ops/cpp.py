@@ -34,10 +34,11 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
 
 
 def _crop_operands(images, slots, tops, pad_value, what: str):
-    """Contiguous CPU operands of the crop kernels (the public wrappers have validated values and shapes)."""
-    if images.dtype != torch.float32 or slots.dtype != torch.int64 or tops.dtype != torch.int64:
-        raise TypeError(f"{what}: expects float32 images and int64 slots / tops, got {images.dtype}, {slots.dtype}, "
-                        f"{tops.dtype}")
+    """Contiguous CPU operands of the crop kernels (the public wrappers have validated values and shapes).
+    uint8 images are pixel codes (reference.py), which the kernels read as such."""
+    if images.dtype not in (torch.float32, torch.uint8) or slots.dtype != torch.int64 or tops.dtype != torch.int64:
+        raise TypeError(f"{what}: expects float32 images (or uint8 pixel codes) and int64 slots / tops, got "
+                        f"{images.dtype}, {slots.dtype}, {tops.dtype}")
     if images.shape[2] * images.shape[3] == 0 and bool((slots >= 0).any()):
         raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
     pad = None if pad_value is None else pad_value.to(torch.float32).contiguous()
@@ -54,7 +55,8 @@ def gather_crops(images, slots, tops, size, pad_value):
     crops = torch.empty((m, ch, rh, rw), dtype=torch.float32)
     if crops.numel():
         _C.gather_crops(images.data_ptr(), n, ch, h, w, slots.data_ptr(), tops.data_ptr(), m, rh, rw,
-                        0 if pad is None else pad.data_ptr(), crops.data_ptr(), torch.get_num_threads())
+                        0 if pad is None else pad.data_ptr(), crops.data_ptr(), torch.get_num_threads(),
+                        images.dtype == torch.uint8)
     return crops
 
 
@@ -68,7 +70,22 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
         return
     _C.accumulate_crops(sums.data_ptr(), u, ch, rh, rw, images.data_ptr(), images.shape[0], images.shape[2],
                         images.shape[3], slots.data_ptr(), tops.data_ptr(), weights.data_ptr(), slots.shape[1],
-                        0 if pad is None else pad.data_ptr(), torch.get_num_threads())
+                        0 if pad is None else pad.data_ptr(), torch.get_num_threads(), images.dtype == torch.uint8)
+
+
+def pixel_codes(images: torch.Tensor):
+    """uint8 pixel codes of a float32 CPU image, or None when some pixel is not exactly one (one pass)."""
+    images = images.contiguous()
+    codes = torch.empty(images.shape, dtype=torch.uint8)
+    if images.numel() and not _C.pixel_codes(images.data_ptr(), images.numel(), codes.data_ptr(),
+                                             torch.get_num_threads()):
+        return None
+    return codes
+
+
+def pixel_code_values() -> torch.Tensor:
+    """[256] float32: the pixel the kernels make of each uint8 code (the tests compare it with torch's)."""
+    return torch.tensor(_C.pixel_code_values(), dtype=torch.float32)
 
 
 def mask_replicas(x, masks, fill):

@@ -327,6 +327,7 @@ def _launch_crops(plan, tensor_device: torch.device) -> None:
 
 def gather_crops(images, slots, tops, size, pad_value):
     _require_cuda(images, "gather_crops")
+    images = reference.decode_pixels(images)  # uint8 pixel codes: decoded on the device, then the float32 kernels
     rh, rw = size
     images, slots, tops, pad = _crop_operands(images, slots, tops, pad_value, size, "gather_crops")
     crops = torch.empty((slots.shape[0], images.shape[1], rh, rw), dtype=torch.float32, device=images.device)
@@ -337,6 +338,7 @@ def gather_crops(images, slots, tops, size, pad_value):
 
 def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
     _require_cuda(images, "accumulate_crops")
+    images = reference.decode_pixels(images)
     if sums.dtype != torch.float64 or not sums.is_contiguous() or sums.device != images.device:
         raise ValueError("accumulate_crops: sums must be a contiguous float64 tensor on the images' device")
     if weights.dtype != torch.float32 or weights.shape != slots.shape:

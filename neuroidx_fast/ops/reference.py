@@ -22,21 +22,30 @@ contract:
     The K-th slot of each row is the unit's admission threshold: a candidate that does not beat it is
     skipped without touching the row, so once the state is warm almost nothing is merged.
 
+Pixel codes. ``gather_crops`` and ``accumulate_crops`` take ``images`` either as float32 pixels or as
+uint8 pixel codes: code k stands for the float32 pixel ``k / 255`` rounded to float32 (the IEEE division
+``float32(k) / 255``, which is what ``images.float() / 255`` gives on CPU and torchvision's ``to_tensor``
+makes of an 8-bit file; ``pixel_code_values()`` lists the 256 values). Every op behaves exactly as on the
+decoded float32 image (``decode_pixels``), bit for bit, on every backend; the codes only move a quarter of
+the bytes. ``neuroidx_fast.ops.as_pixel_codes(images)`` finds the codes of a float32 image whose every
+pixel is such a value (else None).
+
 ``gather_crops(images, slots, tops, size, pad_value) -> crops``
-    ``images`` [N, Ch, H, W] float32 contiguous; ``slots`` [M] int64 (an image row, or -1: empty);
-    ``tops`` [M, 2] int64 contiguous, the (y0, x0) input pixel of each crop's top-left corner, which
-    may lie outside the image; ``size`` (rh, rw); ``pad_value`` [Ch] float32 (pixels outside the image
-    take it) or None (edge mode: they take the nearest image pixel). Returns ``crops`` [M, Ch, rh, rw]
-    float32 with ``crops[m, :, i, j] = images[slots[m], :, y0 + i, x0 + j]``; an empty slot gives zeros.
-    A pure copy: every backend is bit-identical to this one.
+    ``images`` [N, Ch, H, W] float32, or uint8 pixel codes, contiguous; ``slots`` [M] int64 (an image
+    row, or -1: empty); ``tops`` [M, 2] int64 contiguous, the (y0, x0) input pixel of each crop's
+    top-left corner, which may lie outside the image; ``size`` (rh, rw); ``pad_value`` [Ch] float32
+    (pixels outside the image take it) or None (edge mode: they take the nearest image pixel). Returns
+    ``crops`` [M, Ch, rh, rw] float32 with ``crops[m, :, i, j] = images[slots[m], :, y0 + i, x0 + j]``
+    (decoded, for codes); an empty slot gives zeros. A pure copy: every backend is bit-identical to this
+    one.
 
 ``accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None``
-    In place. ``sums`` [U, Ch, rh, rw] float64 contiguous; ``slots`` [U, J] int64, ``tops`` [U, J, 2]
-    int64, ``weights`` [U, J] float32, all contiguous. For every unit u and j = 0, 1, ..., J-1 in that
-    order, where ``slots[u, j] >= 0``: ``sums[u] += float64(weights[u, j]) * float64(crop(u, j))``,
-    with crops cut as in ``gather_crops``. The product of two float32 numbers is exact in float64, so a
-    fused multiply-add gives the same bits as a multiply then an add: every backend that adds in j order
-    is bit-identical to this one.
+    In place. ``sums`` [U, Ch, rh, rw] float64 contiguous; ``images`` as in ``gather_crops``; ``slots``
+    [U, J] int64, ``tops`` [U, J, 2] int64, ``weights`` [U, J] float32, all contiguous. For every unit u
+    and j = 0, 1, ..., J-1 in that order, where ``slots[u, j] >= 0``:
+    ``sums[u] += float64(weights[u, j]) * float64(crop(u, j))``, with crops cut as in ``gather_crops``.
+    The product of two float32 numbers is exact in float64, so a fused multiply-add gives the same bits
+    as a multiply then an add: every backend that adds in j order is bit-identical to this one.
 
 ``mask_replicas(x, masks, fill) -> out``
     ``x`` [B, C, H, W] of any float dtype and any strides; ``masks`` [M, C] bool contiguous; ``fill`` [C]
@@ -66,6 +75,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["spatial_reduce", "topk_update", "topk_merge_rows", "better", "gather_crops", "accumulate_crops",
+           "pixel_code_values", "decode_pixels", "pixel_codes",
            "mask_replicas", "replica_memory_format", "empty_replicas", "readout_ablation_argmax"]
 
 # Sort key for empty slots: larger than any real id, so that empties sort after real -inf entries.
@@ -123,6 +133,36 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
     state_values[active], state_ids[active], state_positions[active] = merged
 
 
+_PIXEL_CODE_VALUES = {}
+
+
+def pixel_code_values(device="cpu") -> torch.Tensor:
+    """[256] float32: the pixel that uint8 code k stands for, k / 255 rounded to float32 (the IEEE division
+    float32(k) / 255, done on CPU: on CUDA, tensor / scalar may multiply by the reciprocal instead, which
+    differs for about half the codes)."""
+    device = torch.device(device)
+    values = _PIXEL_CODE_VALUES.get(device)
+    if values is None:
+        values = (torch.arange(256, dtype=torch.float32) / 255).to(device)
+        _PIXEL_CODE_VALUES[device] = values
+    return values
+
+
+def decode_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The float32 image of uint8 pixel codes (float32 images are returned as they are)."""
+    if images.dtype != torch.uint8:
+        return images
+    return pixel_code_values(images.device)[images.to(torch.int32)]
+
+
+def pixel_codes(images: torch.Tensor):
+    """uint8 pixel codes of a float32 image, or None when some pixel is not exactly one."""
+    codes = (images * 255).round_().clamp_(0, 255).to(torch.uint8)
+    if not torch.equal(decode_pixels(codes).view(torch.int32), images.view(torch.int32)):
+        return None
+    return codes
+
+
 def _crop_pixels(images, slots, tops, size, pad_value):
     """[M, Ch, rh, rw] crops and [M] empty-slot mask (the crops of empty slots are unspecified here)."""
     rh, rw = size
@@ -140,6 +180,7 @@ def _crop_pixels(images, slots, tops, size, pad_value):
 
 
 def gather_crops(images, slots, tops, size, pad_value):
+    images = decode_pixels(images)
     if not bool((slots >= 0).any()):  # nothing to cut (also when there are no images or no pixels)
         return images.new_zeros((slots.shape[0], images.shape[1]) + tuple(size))
     crops, empty = _crop_pixels(images, slots, tops, size, pad_value)
@@ -151,6 +192,7 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
     size = tuple(sums.shape[2:])
     if not bool((slots >= 0).any()):
         return
+    images = decode_pixels(images)
     for j in range(slots.shape[1]):  # j order fixes the float64 rounding every backend reproduces
         crops, empty = _crop_pixels(images, slots[:, j], tops[:, j], size, pad_value)
         terms = weights[:, j].double()[:, None, None, None] * crops.double()

@@ -1,0 +1,57 @@
+"""What a pass of a model over a dataset starts with (the device, the model's input dtype, the dataset's
+length), and how it reads the dataset's batches."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["model_device", "param_dtype", "eval_on_device", "dataset_length", "split_batch"]
+
+
+def model_device(model: nn.Module, device) -> torch.device:
+    """``device``, the model moved there; without one, where the model's parameters are (CPU if it has none)."""
+    if device is not None:
+        device = torch.device(device)
+        model.to(device)
+        return device
+    first = next(iter(model.parameters()), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype inputs are cast to: the model's first floating-point parameter's (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def eval_on_device(model: nn.Module, device) -> tuple[torch.device, torch.dtype]:
+    """Put the model on ``device`` (see ``model_device``) in eval mode; returns the device and ``param_dtype``."""
+    device = model_device(model, device)
+    model.eval()
+    return device, param_dtype(model)
+
+
+def dataset_length(dataset, purpose: str) -> int:
+    """The length of a non-empty map-style dataset; the error for an empty one says 'nothing to <purpose>'."""
+    try:
+        length = len(dataset)
+    except TypeError:
+        raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__") from None
+    if length == 0:
+        raise ValueError(f"the dataset is empty: nothing to {purpose}")
+    return length
+
+
+def split_batch(batch):
+    """A DataLoader batch as (images, labels): images alone give labels None; (image, label) pairs give
+    the labels as int64 [B] (they must be integer class indices)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
+        labels = batch[1]
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+            raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
+                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}")
+        return batch[0], labels.to(torch.int64)
+    raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
+                     f"a batch of {type(batch).__name__}")

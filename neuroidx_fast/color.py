@@ -12,6 +12,7 @@ from torch import nn
 from .features import batch_slots, load_top_images, resolve_dataset
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
+from .prepare import evaluating, model_device, param_dtype
 from .receptive_fields import ReceptiveField
 
 __all__ = ["color_selectivity", "luminance", "pca_gray_crops", "GRAY_MODES"]
@@ -97,44 +98,33 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     layers = {name: index[name] for name in names}
     dataset = resolve_dataset(index, dataset)
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if device is None:
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    model.to(device)
-    model_dtype = first.dtype if first is not None else torch.float32
+    device, model_dtype = model_device(model, device), param_dtype(model)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
 
     state = {}
     for name, L in layers.items():
-        dead = L.dead()
-        valid = (L.ids >= 0) & ~dead[:, None]
+        dead, valid = L.dead(), L.live_slots()
         state[name] = {"ids": torch.where(valid, L.ids, torch.full_like(L.ids, -1)).to(device),
                        "positions": L.positions.clamp(min=0).to(device), "valid": valid, "dead": dead,
                        "gray": torch.zeros(L.values.shape, dtype=torch.float64),
                        "units": torch.arange(L.num_units, device=device)[:, None]}
     all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), LayerCapture(model, names) as capture:
-            for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
-                                                     f"color ({gray})"):
-                images = images.to(device)
-                if gray == "luminance":
-                    outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
-                    for name, s in state.items():
-                        slots = batch_slots(batch_ids, s["ids"])
-                        values, hit = _gather(outputs[name], slots, s["units"], s["positions"])
-                        s["gray"][hit.cpu()] = values.double().cpu()
-                else:
-                    for name, s in state.items():
-                        _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast,
-                                   batch_size)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
+        for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
+                                                 f"color ({gray})"):
+            images = images.to(device)
+            if gray == "luminance":
+                outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
+                for name, s in state.items():
+                    slots = batch_slots(batch_ids, s["ids"])
+                    values, hit = _gather(outputs[name], slots, s["units"], s["positions"])
+                    s["gray"][hit.cpu()] = values.double().cpu()
+            else:
+                for name, s in state.items():
+                    _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast,
+                               batch_size)
 
     result = {}
     for name, L in layers.items():

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, Subset
 
 from . import backends, ops
 from .neuron_index import NeuronIndex
-from .png import image_grid, save_png
+from .png import image_grid, save_png, to_uint8
+from .prepare import split_batch
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -47,14 +48,6 @@ class NeuronFeatures:
         return save_unit(self, unit, path, **kwargs)
 
 
-def _split_images(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise ValueError(f"the dataset must yield image tensors [3, H, W] or (image, label) pairs, got {type(batch).__name__}")
-
-
 def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: int = 0, progress: bool = False,
                     desc: str = "top images"):
     """Yield ``(batch_ids, images)`` for the sorted unique ``ids``, in id order and batches: each image
@@ -69,7 +62,7 @@ def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: in
     try:
         start = 0
         for batch in loader:
-            images = _split_images(batch)
+            images = split_batch(batch)[0]
             if not images.is_floating_point() or images.dim() != 4:
                 raise ValueError(f"top images must be float tensors [3, H, W] in [0, 1], got {images.dtype} "
                                  f"{tuple(images.shape[1:])}")
@@ -155,7 +148,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
 
     values, ids, positions = L.values[units], L.ids[units], L.positions[units]
     dead = L.dead()[units]
-    valid = (ids >= 0) & ~dead[:, None]
+    valid = L.live_slots()[units]
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
     weights = torch.where(valid, values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny),
                           torch.zeros_like(values)).to(torch.float32)
@@ -189,7 +182,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
             hit = kept >= 0
             if bool(hit.any()):
                 cut = ops.gather_crops(images, kept[hit], tops_dev[:, :keep][hit], (rh, rw), pad, backend)
-                crops[hit.cpu()] = (cut * 255).round_().clamp_(0, 255).to(torch.uint8).cpu()
+                crops[hit.cpu()] = to_uint8(cut).cpu()
     weight_sum = weights.double().sum(dim=1)
     denominator = weight_sum if norm == "sum" else valid.sum(dim=1).double()
     nf = (sums.cpu() / denominator.clamp_min(1e-300)[:, None, None, None]).to(torch.float32).clamp_(0, 1)

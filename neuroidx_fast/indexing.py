@@ -141,11 +141,13 @@ def _save_checkpoint(path, stats, fingerprint, batches_done, meta, pixel_sum, la
     write_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, manifest, tensors)
 
 
-def _index_meta(meta, layer_names, pixel_sum, pixel_count) -> dict:
+def _index_meta(meta, layers: dict, input_size, pixel_sum) -> dict:
     """What an index records besides its tensors: the model's name, layer order, receptive fields, and
     the per-channel pixel sum and mean of the images seen (the "mean" pad of Neuron Features)."""
-    out = {"model": meta["model"], "layer_order": list(layer_names)}
+    out = {"model": meta["model"], "layer_order": list(layers)}
     if pixel_sum is not None:
+        images = next(iter(layers.values())).images_seen if layers else 0
+        pixel_count = images * math.prod(input_size or (0,))
         sums = [float(v) for v in pixel_sum.cpu()]
         out.update(pixel_sum=sums, pixel_count=int(pixel_count),
                    pixel_mean=[v / pixel_count for v in sums] if pixel_count else None)
@@ -156,9 +158,9 @@ def _index_meta(meta, layer_names, pixel_sum, pixel_count) -> dict:
 
 def _build_index(stats, meta, pixel_sum=None, labels=None) -> NeuronIndex:
     layers = {name: s.to_layer_index() for name, s in stats.items()}
-    count = next(iter(layers.values())).images_seen * math.prod(meta["input_size"] or (0,)) if layers else 0
     return NeuronIndex(layers, meta["k"], meta["dataset_length"], meta["input_size"], meta["class_names"],
-                       _index_meta(meta, layers, pixel_sum, count), labels.cpu() if labels is not None else None)
+                       _index_meta(meta, layers, meta["input_size"], pixel_sum),
+                       labels.cpu() if labels is not None else None)
 
 
 def _receptive_fields(model, names, input_size) -> dict:
@@ -200,11 +202,10 @@ def _merge_ranks(dist, stats, meta, pixel_sum, labels):
                                   sum(p.mean_sum for p in parts), class_sum, class_count)
     input_size = next((g[1] for g in gathered if g[1] is not None), None)
     pixels = sum(g[2] for g in gathered)
-    count = next(iter(merged.values())).images_seen * math.prod(input_size) if merged else 0
     parts = [g[3] for g in gathered if g[3] is not None]
     all_labels = torch.stack(parts).amax(dim=0) if parts else None  # each rank filled only its shard
     return NeuronIndex(merged, meta["k"], meta["dataset_length"], input_size, meta["class_names"],
-                       _index_meta(meta, merged, pixels, count), all_labels)
+                       _index_meta(meta, merged, input_size, pixels), all_labels)
 
 
 def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=None, batch_size: int = 64,

@@ -61,6 +61,11 @@ class LayerIndex:
         """[C] bool: units whose best activation is <= 0 or that saw no image (SPEC.md section 3)."""
         return (self.ids[:, 0] < 0) | ~(self.values[:, 0] > 0)
 
+    def live_slots(self) -> torch.Tensor:
+        """[C, K] bool: the top-K slots that hold an image of a unit that is not dead (what NFs and
+        color selectivity read)."""
+        return (self.ids >= 0) & ~self.dead()[:, None]
+
     def yx(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column of each top-K maximum in the activation map ([C, K] each; -1 when unused)."""
         width = self.map_size[1]

@@ -8,10 +8,17 @@ import torch
 
 from .atomic import write_atomic
 
-__all__ = ["to_pil", "image_grid", "save_png", "DEAD_GRAY"]
+__all__ = ["to_uint8", "to_pil", "image_grid", "save_png", "DEAD_GRAY"]
 
 # What an undefined (NaN) image, e.g. a dead unit's NF, looks like: dark gray, never a silent black.
 DEAD_GRAY = 0.15
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 1] (clamped) as uint8 0..255, rounded to nearest; NaN is drawn ``DEAD_GRAY``."""
+    images = images.float()
+    images = torch.where(torch.isnan(images), torch.full_like(images, DEAD_GRAY), images)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _as_uint8_hwc(image: torch.Tensor) -> torch.Tensor:
@@ -19,9 +26,7 @@ def _as_uint8_hwc(image: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected an image tensor [3, h, w] or [1, h, w], got {getattr(image, 'shape', image)!r}")
     image = image.detach().cpu()
     if image.dtype != torch.uint8:
-        image = image.float()
-        image = torch.where(torch.isnan(image), torch.full_like(image, DEAD_GRAY), image)
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+        image = to_uint8(image)
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return image.permute(1, 2, 0).contiguous()

@@ -3,10 +3,23 @@ length), and how it reads the dataset's batches."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-__all__ = ["model_device", "param_dtype", "eval_on_device", "dataset_length", "split_batch"]
+__all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "dataset_length", "split_batch"]
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """The model in eval mode inside the block; its own mode (train or eval) again after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def model_device(model: nn.Module, device) -> torch.device:

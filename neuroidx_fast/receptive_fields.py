@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .hooks import LayerCapture, resolve_layers
+from .prepare import evaluating, model_device, param_dtype
 
 __all__ = ["ReceptiveField", "receptive_field", "probe_gradient", "probe_receptive_field"]
 
@@ -403,10 +404,7 @@ def _as_size(input_size) -> tuple[int, int]:
 
 
 def _blank_input(model: nn.Module, size, channels: int):
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None else torch.float32
-    return torch.zeros((1, channels) + tuple(size), device=device, dtype=dtype)
+    return torch.zeros((1, channels) + tuple(size), device=model_device(model, None), dtype=param_dtype(model))
 
 
 def _to_rf(state, size, out, method) -> ReceptiveField:
@@ -418,10 +416,8 @@ def _to_rf(state, size, out, method) -> ReceptiveField:
 
 def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int) -> ReceptiveField:
     gm = _trace(model, leaves=[module])
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             _Walk(gm, [_START], layer).run(_blank_input(model, size, channels))
     except _Reached as reached:
         return _to_rf(reached.state, size, reached.output, "analytic")
@@ -429,8 +425,6 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
         raise
     except Exception as exc:
         raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {exc})") from None
-    finally:
-        model.train(was_training)
     raise _Unsupported(f"layer {layer!r} is not called as a module in the traced graph")
 
 
@@ -529,13 +523,8 @@ def _bounds(mask: torch.Tensor):
 
 
 def _layer_output(model, layer, size, channels):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), LayerCapture(model, [layer]) as capture:
-            return capture.run(_blank_input(model, size, channels))[layer]
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), LayerCapture(model, [layer]) as capture:
+        return capture.run(_blank_input(model, size, channels))[layer]
 
 
 def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .prepare import evaluating
+
 __all__ = ["train_classifier", "evaluate_classifier"]
 
 
@@ -160,19 +162,14 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 256, device=None, preprocess=None) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on a dataset of (image, label) pairs."""
     device = _device(model, device)
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
-        with torch.no_grad():
-            for images, labels in _batches(dataset, batch_size, False, None, None, 0):
-                x = images.to(device)
-                if preprocess is not None:
-                    x = preprocess(x)
-                correct += int((model(x).argmax(1) == labels.to(device)).sum())
-                total += len(labels)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for images, labels in _batches(dataset, batch_size, False, None, None, 0):
+            x = images.to(device)
+            if preprocess is not None:
+                x = preprocess(x)
+            correct += int((model(x).argmax(1) == labels.to(device)).sum())
+            total += len(labels)
     if total == 0:
         raise ValueError("the evaluation dataset is empty")
     return correct / total

@@ -86,9 +86,10 @@ def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object
 
     out = OutDir(out_dir)
     settings = out.run_settings()
-    run = Run(out, settings, _model(settings), _dataset(settings), parse_normalize(settings.get("normalize")),
-              _device(device))
-    run.model.to(run.device)
+    device = _device(device)
+    preprocess = parse_normalize(settings.get("normalize"))
+    run = Run(out, settings, _model(settings).to(device), _dataset(settings),
+              preprocess.to(device) if preprocess is not None else None, device)
     index = None
     if need_index:
         if not (out.index / "manifest.json").exists():
@@ -207,9 +208,8 @@ def step_selectivity(args) -> None:
 
     run, index = open_run(args.out, args.device)
     layers = _layers(args, index)
-    preprocess = run.preprocess.to(run.device) if run.preprocess is not None else None
     color = color_selectivity(run.model, index, layers, run.dataset, gray=args.gray, batch_size=args.batch_size,
-                              preprocess=preprocess, num_workers=args.workers, device=run.device,
+                              preprocess=run.preprocess, num_workers=args.workers, device=run.device,
                               progress=not args.no_progress)
     table = neuron_table(index, layers, color=color, tau=args.tau, extra=_ablation_frames(run.out, layers) or None)
     save_table(table, run.out.table_csv)
@@ -235,10 +235,9 @@ def step_ablate(args) -> None:
         raise ValueError("ablation needs labelled images: this run's data has no classes (use one subfolder per "
                          "class)")
     layers = _layers(args, index)
-    preprocess = run.preprocess.to(run.device) if run.preprocess is not None else None
     for layer in layers:
         result = ablation_drops(run.model, run.dataset, layer, units=args.units, mode=args.mode,
-                                preprocess=preprocess, batch_size=args.batch_size, device=run.device,
+                                preprocess=run.preprocess, batch_size=args.batch_size, device=run.device,
                                 progress=not args.no_progress, index=index if args.mode == "mean" else None)
         frame = result.to_frame()
         save_table(frame, run.out.ablation_csv(layer))
@@ -265,11 +264,10 @@ def step_visualize(args) -> None:
     from .png import save_png
 
     run, index = open_run(args.out, args.device)
-    preprocess = run.preprocess.to(run.device) if run.preprocess is not None else None
     size = args.image_size or run.settings["size"]
     for layer in _layers(args, index):
         units = args.units if args.units is not None else list(range(min(args.max_units, index[layer].num_units)))
-        images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=preprocess,
+        images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=run.preprocess,
                           batch_size=args.batch_size, device=run.device)
         for unit, image in zip(units, images):
             save_png(image, run.out.maximized_png(layer, unit))

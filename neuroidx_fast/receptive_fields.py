@@ -364,10 +364,9 @@ class _Walk(fx.Interpreter):
             if n.op == "call_module":
                 module = self.fetch_attr(n.target)
                 x = args[0] if args else None
-                if n.target == self.target and type(module).__module__.split(".")[0] != "torch":
-                    state = _module_walk(module, _union(states), x)
-                elif n.target == self.target and isinstance(module, (nn.Sequential, nn.ModuleList)):
-                    state = _module_walk(module, _union(states), x)
+                user_module = type(module).__module__.split(".")[0] != "torch"
+                if n.target == self.target and (user_module or isinstance(module, (nn.Sequential, nn.ModuleList))):
+                    state = _module_walk(module, _union(states), x)  # a block: walk through its own graph
                 else:
                     state = _module_state(module, _union(states), x, out)
             elif n.op == "call_function":
@@ -542,19 +541,19 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
             probe_map = out if scale == 1 else _layer_output(model, layer, probe_size, channels)
         except Exception:
             break  # the model accepts no larger input
-        h, w = _spatial(probe_map) if probe_map.dim() == 4 else (1, 1)
+        h, w = _spatial(probe_map)
         cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
         points = [(cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))]
         boxes = [_bounds(m) for m in probe_gradient(model, layer, probe_size, points, channels)]
         if boxes[0] is None:
             raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
-        best = (probe_size, (h, w), points, boxes)
-        whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and boxes[1] == boxes[0]
+        whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1)
+        best = (probe_size, points, boxes, whole)
         clipped = any(b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1 for b in boxes)
-        if whole and (h, w) == (1, 1) or not clipped:
+        if whole or not clipped:
             break
-    probe_size, (h, w), points, boxes = best
-    if boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1):
+    probe_size, points, boxes, whole = best
+    if whole:
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
     (y, x), (y1, x1) = points
     b0, b1 = boxes

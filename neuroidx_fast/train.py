@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import evaluating
+from .prepare import evaluating, model_device
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -55,13 +55,6 @@ def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
         yield batch[0], batch[1].to(torch.int64)
 
 
-def _device(model, device):
-    if device is not None:
-        return torch.device(device)
-    first = next(iter(model.parameters()), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
 @contextlib.contextmanager
 def _deterministic_cudnn():
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
@@ -100,8 +93,7 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
         raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: nothing to train on")
-    device = _device(model, device)
-    model.to(device)
+    device = model_device(model, device)
     if cache is None:
         cache = len(dataset) <= 20_000
     cached = _materialise(dataset) if cache else None
@@ -161,7 +153,7 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
 
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 256, device=None, preprocess=None) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on a dataset of (image, label) pairs."""
-    device = _device(model, device)
+    device = model_device(model, device)
     correct = total = 0
     with evaluating(model), torch.no_grad():
         for images, labels in _batches(dataset, batch_size, False, None, None, 0):

@@ -135,23 +135,25 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
           f"{geometry['offset']}); python loop: accumulate {loop_s:.3f} s, gather of {g_slots.numel()} crops "
           f"{loop_gather_s * 1e3:.1f} ms; {nbytes / 1e9:.2f} GB moved; copy {copy:.1f} GB/s; as_pixel_codes of "
           f"the images {codes_s * 1e3:.1f} ms")
-    print(f"  {'backend':<8}{'pixels':<8}{'pad':<6}{'accumulate ms':>14}{'x loop':>8}{'GB/s':>8}{'% copy':>8}"
-          f"{'gather ms':>11}{'x loop':>8}{'exact':>7}")
-    rows = []
+    print(f"  {'backend':<8}{'pixels':<8}{'pad':<6}{'accumulate ms':>14}{'x loop':>8}{'x torch':>8}{'GB/s':>8}"
+          f"{'% copy':>8}{'gather ms':>11}{'x loop':>8}{'x torch':>8}{'exact':>7}")
+    rows, reference = [], {}
     for backend in names:
+        runs = loop_repeat if backend == "torch" else repeat  # the reference is slow too: fewer repeats
         for pixels, (source, moved, gathered) in pixel_inputs.items():
             for pad in ("gray", "edge"):
                 sums = torch.zeros_like(loop_sums)
                 ops.accumulate_crops(sums, source, slots, tops, weights, pad=pad, backend=backend)  # warm-up
                 exact = bool(torch.equal(sums, loop_sums)) if pad == "gray" else None
                 seconds = timed(lambda: ops.accumulate_crops(sums.zero_(), source, slots, tops, weights, pad=pad,
-                                                             backend=backend), device, repeat)
+                                                             backend=backend), device, runs)
                 crops = ops.gather_crops(source, g_slots, g_tops, r, pad=pad, backend=backend)
                 if pad == "gray":
                     exact = exact and bool(torch.equal(crops, loop_crops))
                 del crops
                 gather_s = timed(lambda: ops.gather_crops(source, g_slots, g_tops, r, pad=pad, backend=backend),
-                                 device, repeat)
+                                 device, runs)
+                ref_accumulate, ref_gather = reference.setdefault((pixels, pad), (seconds, gather_s))
                 row = {
                     "layer": name, "box": [r, r], "backend": backend, "pixels": pixels, "pad": pad,
                     "accumulate_s": seconds, "accumulate_vs_loop": loop_s / seconds,
@@ -159,11 +161,14 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
                     "accumulate_gbps": moved / seconds / 1e9, "fraction_of_copy_bandwidth": moved / seconds / 1e9 / copy,
                     "gather_s": gather_s, "gather_vs_loop": loop_gather_s / gather_s,
                     "gather_gbps": gathered / gather_s / 1e9, "exact_vs_loop": exact,
+                    "accumulate_vs_torch": ref_accumulate / seconds, "gather_vs_torch": ref_gather / gather_s,
                 }
                 rows.append(row)
                 print(f"  {backend:<8}{pixels:<8}{pad:<6}{seconds * 1e3:>14.1f}{row['accumulate_vs_loop']:>8.1f}"
-                      f"{row['accumulate_gbps']:>8.1f}{100 * row['fraction_of_copy_bandwidth']:>7.0f}%"
-                      f"{gather_s * 1e3:>11.1f}{row['gather_vs_loop']:>8.1f}{'-' if exact is None else str(exact):>7}")
+                      f"{row['accumulate_vs_torch']:>8.1f}{row['accumulate_gbps']:>8.1f}"
+                      f"{100 * row['fraction_of_copy_bandwidth']:>7.0f}%{gather_s * 1e3:>11.1f}"
+                      f"{row['gather_vs_loop']:>8.1f}{row['gather_vs_torch']:>8.1f}"
+                      f"{'-' if exact is None else str(exact):>7}")
     summary = {
         "layer": name, "units": units, "k": k, "box": [r, r], "rf_stride": geometry["stride"],
         "rf_offset": geometry["offset"], "gather_crops": g_slots.numel(), "loop_repeat": loop_repeat,
@@ -181,8 +186,9 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    names = [n for n in backends.available(device.type)
-             if n != "torch" and not (n == "triton" and device.type == "cpu")]  # the interpreter is no backend to time
+    # The torch reference first (the ratios' denominator); the interpreter is no backend to time.
+    names = [n for n in backends.available(device.type) if not (n == "triton" and device.type == "cpu")]
+    names.sort(key=lambda n: n != "torch")
     if args.quick:
         units, k, n_images, size, gather_units = 16, 20, 40, 96, 4
         layers = {"quick": dict(r=48, stride=8, offset=-18)}

@@ -1,4 +1,5 @@
-"""Capture the outputs of named layers during a forward and stop the forward after the last of them."""
+"""Capture the outputs of named layers during a forward and stop the forward after the last of them
+(``LayerCapture``), or the input of one layer, stopping before it runs (``InputCapture``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import difflib
 import torch
 from torch import nn
 
-__all__ = ["resolve_layers", "LayerCapture"]
+__all__ = ["resolve_layers", "LayerCapture", "InputCapture"]
 
 
 def resolve_layers(model: nn.Module, layers) -> dict[str, nn.Module]:
@@ -83,3 +84,40 @@ class LayerCapture:
             raise RuntimeError(f"the forward never reached layer(s) {missing}: they are not used by model.forward")
         outputs, self._outputs = self._outputs, {}
         return outputs
+
+
+class InputCapture:
+    """Context manager: ``with InputCapture(model, name) as cap: a = cap.run(x)``: the first positional
+    input of layer ``name`` (its first call), the forward interrupted before the layer runs."""
+
+    def __init__(self, model: nn.Module, name: str):
+        self.model = model
+        self.name, self.module = next(iter(resolve_layers(model, [name]).items()))
+        self._input = None
+        self._handle = None
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        self._handle = None
+        return False
+
+    def _hook(self, module, inputs):
+        if not inputs or not isinstance(inputs[0], torch.Tensor):
+            raise TypeError(f"layer {self.name!r} was called without a tensor as its first input")
+        self._input = inputs[0]
+        raise _StopForward
+
+    def run(self, *inputs, **kwargs) -> torch.Tensor:
+        self._input = None
+        try:
+            self.model(*inputs, **kwargs)
+        except _StopForward:
+            pass
+        if self._input is None:
+            raise RuntimeError(f"the forward never reached layer(s) {[self.name]}: they are not used by model.forward")
+        captured, self._input = self._input, None
+        return captured

@@ -1,0 +1,139 @@
+"""The quantity activation maximisation raises: for a batch of model inputs, the activation of unit
+units[u] (a channel of one layer) on image u, averaged over positions (``mean``) or at the map's centre
+(``center``).
+
+Two ways to the same numbers (``UnitObjective`` picks one):
+
+- through the layer: the forward runs up to the layer (``LayerCapture``), and the unit's map is read
+  from the layer's output;
+- affine shortcut: when the layer is a plain ``nn.Conv2d`` or ``nn.Linear``, the objective is an affine
+  function of the layer's input ``a``: ``obj_u(a) = c_u + <G_u, a>`` (a convolution or matrix product,
+  then a mean over positions or the pick of one position, are all linear; the bias is the constant).
+  ``G_u`` and ``c_u`` are computed once per batch of units, by one forward and backward of the layer on
+  zero inputs; each step then stops the forward before the layer (``InputCapture``) and takes one dot
+  product per image. The layer never runs during the optimisation: its forward and its input-gradient
+  backward over all C channels, for every image at every step, become one multiply-add over its input.
+  That is where a batch of units gains most over one unit at a time (for a single image most of a step
+  is per-op overhead, for a batch it is the arithmetic, and the target layer is often the biggest).
+
+The shortcut's terms are computed in float32 (float64 for a float64 model) from the layer's weights;
+the results equal the direct path up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import InputCapture, LayerCapture, resolve_layers
+
+__all__ = ["UnitObjective", "unit_maps_objective", "affine_layer", "OBJECTIVES"]
+
+OBJECTIVES = ("mean", "center")
+
+
+def unit_maps_objective(out: torch.Tensor, units: torch.Tensor, objective: str,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[U] in ``dtype``: ``objective`` of channel units[u] of ``out`` [U, C, H, W] or [U, C] on row u."""
+    rows = torch.arange(out.shape[0], device=out.device)
+    maps = out[rows, units]
+    if maps.dim() == 1:
+        return maps.to(dtype)
+    if objective == "mean":
+        return maps.flatten(1).to(dtype).mean(1)
+    return maps[:, maps.shape[1] // 2, maps.shape[2] // 2].to(dtype)
+
+
+def affine_layer(module: nn.Module) -> bool:
+    """True for a plain ``nn.Conv2d`` or ``nn.Linear`` (not a subclass, which may change ``forward``)
+    without hooks of its own (which could change what it returns)."""
+    return type(module) in (nn.Conv2d, nn.Linear) and not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _affine_forward(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The layer's output for input ``a``, computed in ``a``'s dtype (weights cast to it)."""
+    weight = module.weight.to(a.dtype)
+    bias = None if module.bias is None else module.bias.to(a.dtype)
+    if isinstance(module, nn.Conv2d):
+        return module._conv_forward(a, weight, bias)
+    return F.linear(a, weight, bias)
+
+
+class UnitObjective:
+    """Context manager: ``with UnitObjective(model, name, objective) as obj: f = obj.for_units(units);
+    values = f(x)``, ``values`` [U] float32 with gradients to ``x``.
+
+    On entering, one gray image of ``size`` runs to the layer: ``width`` is then its number of channels.
+    ``affine=False`` (or a layer that is not plainly affine) reads the layer's output every step.
+    """
+
+    def __init__(self, model: nn.Module, name: str, objective: str, size, dtype, device, affine: bool = True):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        self.name, self.module = next(iter(resolve_layers(model, [name]).items()))
+        self.objective, self.size, self.dtype, self.device = objective, tuple(size), dtype, device
+        self.affine = affine and affine_layer(self.module)
+        self.capture = InputCapture(model, name) if self.affine else LayerCapture(model, [name])
+        self.width = None
+        self.input_shape = None
+
+    def __enter__(self):
+        self.capture.__enter__()
+        try:
+            self.width = self._probe()
+        except BaseException:
+            self.capture.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        return self.capture.__exit__(*exc)
+
+    def _run(self, x):
+        return self.capture.run(x) if self.affine else self.capture.run(x)[self.name]
+
+    def layer_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output [B, C, ...] for the model input ``x``."""
+        out = self._run(x)
+        return _affine_forward(self.module, out) if self.affine else out
+
+    def _probe(self) -> int:
+        gray = torch.full((1, 3) + self.size, 0.5, device=self.device, dtype=self.dtype)
+        try:
+            with torch.no_grad():
+                if self.affine:
+                    self.input_shape = tuple(self._run(gray).shape[1:])
+                out = self.layer_output(gray)
+        except RuntimeError as exc:
+            if "never reached" in str(exc):
+                raise
+            raise ValueError(f"the model cannot run on {self.size[0]}x{self.size[1]} images up to layer "
+                             f"{self.name!r} ({type(exc).__name__}: {exc}); choose another size") from exc
+        if out.dim() not in (2, 4):
+            raise ValueError(f"layer {self.name!r} outputs shape {tuple(out.shape)}: choose a layer whose output "
+                             "is [B, C, H, W] or [B, C]")
+        return out.shape[1]
+
+    def for_units(self, units: torch.Tensor):
+        """The objective of units[u] on row u of a model input batch: a function [U, ...] -> [U]."""
+        if not self.affine:
+            return lambda x: unit_maps_objective(self._run(x), units, self.objective)
+        gradient, constant = self._affine_terms(units)
+
+        def objective(x):
+            a = self._run(x)
+            return (a.to(gradient.dtype).flatten(1) * gradient).sum(1).float() + constant
+
+        return objective
+
+    def _affine_terms(self, units: torch.Tensor):
+        """G [U, n] (the objective's gradient with respect to the flattened layer input) and c [U]
+        (its value at a zero input)."""
+        dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        zero = torch.zeros((units.numel(),) + self.input_shape, dtype=dtype, device=self.device, requires_grad=True)
+        with torch.enable_grad():
+            value = unit_maps_objective(_affine_forward(self.module, zero), units, self.objective, dtype)
+            (gradient,) = torch.autograd.grad(value.sum(), zero)
+        return gradient.flatten(1), value.detach().float()
+

@@ -1,0 +1,139 @@
+"""The objective maximize raises: the affine shortcut (stop before a plain Conv2d / Linear, dot product
+with its input) equals reading the layer's output, in value and in gradient."""
+
+import pytest
+import torch
+from torch import nn
+
+import neuroidx_fast.maximization as mx
+import neuroidx_fast.unit_objective as uo
+from neuroidx_fast.models import BandLocalResponseNorm, vgg_m
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def net_with(layer: nn.Module, dtype=torch.float32):
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("stem", nn.Conv2d(3, 6, 3, padding=1))
+    m.add_module("act", nn.Tanh())
+    m.add_module("target", layer)
+    return m.to(dtype).eval()
+
+
+LAYERS = {
+    "conv": lambda: nn.Conv2d(6, 10, 3, padding=1),
+    "conv-strided-dilated-reflect": lambda: nn.Conv2d(6, 10, 3, stride=2, padding=2, dilation=2,
+                                                      padding_mode="reflect"),
+    "conv-grouped-no-bias-even-map": lambda: nn.Conv2d(6, 10, 4, groups=2, bias=False),
+    "conv-same": lambda: nn.Conv2d(6, 10, 5, padding="same", padding_mode="circular"),
+}
+
+
+def both_paths(model, units, objective, size, x):
+    """(values, input gradients) through the layer and through the shortcut."""
+    dtype = next(model.parameters()).dtype
+    results = []
+    for affine in (False, True):
+        with mx.frozen_eval(model, torch.device("cpu")), \
+                uo.UnitObjective(model, "target", objective, size, dtype, torch.device("cpu"), affine) as readout:
+            assert readout.affine is affine
+            xg = x.clone().requires_grad_(True)
+            values = readout.for_units(torch.tensor(units))(xg)
+            (grad,) = torch.autograd.grad(values.sum(), xg)
+            results.append((values.detach(), grad))
+    return results
+
+
+@pytest.mark.parametrize("objective", ["mean", "center"])
+@pytest.mark.parametrize("kind", sorted(LAYERS))
+def test_affine_shortcut_equals_the_layer_output(kind, objective):
+    model = net_with(LAYERS[kind]())
+    units = [3, 0, 9, 3, 7]
+    x = torch.rand(len(units), 3, 13, 11, generator=torch.Generator().manual_seed(2))
+    (v_layer, g_layer), (v_affine, g_affine) = both_paths(model, units, objective, (13, 11), x)
+    torch.testing.assert_close(v_affine, v_layer, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_affine, g_layer, rtol=1e-5, atol=1e-6)
+    assert g_layer.abs().max() > 0
+
+
+def test_affine_shortcut_on_linear_and_in_float64():
+    model = nn.Sequential()
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc1", nn.Linear(75, 12))
+    model.add_module("relu", nn.ReLU())
+    model.add_module("target", nn.Linear(12, 7))
+    model = model.double().eval()
+    x = torch.rand(4, 3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (v_layer, g_layer), (v_affine, g_affine) = both_paths(model, [6, 1, 1, 0], "mean", (5, 5), x)
+    torch.testing.assert_close(v_affine, v_layer)
+    torch.testing.assert_close(g_affine, g_layer, rtol=1e-12, atol=1e-12)
+
+
+def test_shortcut_only_for_plain_layers():
+    class Scaled(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x).square()
+
+    assert uo.affine_layer(nn.Conv2d(2, 2, 1)) and uo.affine_layer(nn.Linear(2, 2))
+    assert not uo.affine_layer(Scaled(2, 2, 1))
+    assert not uo.affine_layer(nn.ReLU()) and not uo.affine_layer(nn.BatchNorm2d(2))
+    hooked = nn.Conv2d(2, 2, 1)
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    assert not uo.affine_layer(hooked)
+    # a subclass that squares its output is read through its output, not through the shortcut
+    model = net_with(Scaled(6, 4, 3, padding=1))
+    with uo.UnitObjective(model, "target", "mean", (8, 8), torch.float32, torch.device("cpu")) as readout:
+        assert not readout.affine and readout.width == 4
+
+
+def test_maximize_same_images_with_and_without_the_shortcut(monkeypatch):
+    model = net_with(nn.Conv2d(6, 10, 3, padding=1))
+    kw = dict(size=16, steps=6, lr=0.1, seed=4)
+    fast = mx.maximize(model, "target", [1, 5, 8], **kw)
+    monkeypatch.setattr(uo, "affine_layer", lambda module: False)
+    slow = mx.maximize(model, "target", [1, 5, 8], **kw)
+    torch.testing.assert_close(fast, slow, rtol=0, atol=2e-4)
+    assert (fast - 0.5).abs().max() > 1e-2  # the images did move away from the gray start
+
+
+def test_layer_output_and_width_on_both_paths():
+    model = net_with(nn.Conv2d(6, 10, 3, stride=2))
+    x = torch.rand(2, 3, 9, 9)
+    with torch.no_grad(), uo.UnitObjective(model, "target", "mean", (9, 9), torch.float32, "cpu") as fast:
+        out_fast = fast.layer_output(x)
+    with torch.no_grad(), uo.UnitObjective(model, "target", "mean", (9, 9), torch.float32, "cpu", affine=False) as ref:
+        out_ref = ref.layer_output(x)
+    assert fast.width == ref.width == 10 and fast.input_shape == (6, 9, 9)
+    torch.testing.assert_close(out_fast, out_ref)
+    torch.testing.assert_close(out_ref, model(x))
+
+
+# ---------------------------------------------------------------------------------------------- band LRN
+@pytest.mark.parametrize("size", [1, 2, 4, 5])
+@pytest.mark.parametrize("channels", [1, 3, 24])
+def test_band_lrn_equals_torch_lrn(size, channels):
+    ours = BandLocalResponseNorm(channels, size, alpha=5e-3, beta=0.75, k=2.0)
+    torchs = nn.LocalResponseNorm(size, alpha=5e-3, beta=0.75, k=2.0)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = (torch.randn(3, channels, 6, 5, generator=torch.Generator().manual_seed(size)) * 20)
+        x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+        y_ours, y_torch = ours(x), torchs(x)
+        torch.testing.assert_close(y_ours, y_torch, rtol=2e-6, atol=1e-6)
+        g_ours, = torch.autograd.grad((y_ours * y_ours.detach()).sum(), x)
+        g_torch, = torch.autograd.grad((y_torch * y_torch.detach()).sum(), x)
+        torch.testing.assert_close(g_ours, g_torch, rtol=2e-5, atol=1e-6)
+
+
+def test_vgg_m_uses_band_lrn_and_loads_weights_saved_without_it():
+    net = vgg_m(num_classes=5, input_size=64, width=0.125)
+    assert isinstance(net.norm1, BandLocalResponseNorm) and isinstance(net.norm1, nn.LocalResponseNorm)
+    assert not any("band" in key for key in net.state_dict())
+    other = vgg_m(num_classes=5, input_size=64, width=0.125)
+    other.load_state_dict(net.state_dict(), strict=True)
+    x = torch.rand(2, 3, 64, 64)
+    plain = vgg_m(num_classes=5, input_size=64, width=0.125)
+    plain.norm1 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    plain.norm2 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    plain.load_state_dict(net.state_dict(), strict=True)
+    torch.testing.assert_close(net.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)

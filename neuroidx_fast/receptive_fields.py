@@ -323,7 +323,8 @@ class _Tracer(fx.Tracer):
         self.leaves = {id(m) for m in leaves}
 
     def is_leaf_module(self, m, qualname):
-        return id(m) in self.leaves or super().is_leaf_module(m, qualname)
+        # a subclass of a known pointwise module (e.g. models.BandLocalResponseNorm) is still pointwise
+        return id(m) in self.leaves or isinstance(m, _POINTWISE_MODULES) or super().is_leaf_module(m, qualname)
 
 
 def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:
@@ -364,7 +365,8 @@ class _Walk(fx.Interpreter):
             if n.op == "call_module":
                 module = self.fetch_attr(n.target)
                 x = args[0] if args else None
-                user_module = type(module).__module__.split(".")[0] != "torch"
+                user_module = (type(module).__module__.split(".")[0] != "torch"
+                               and not isinstance(module, _POINTWISE_MODULES))
                 if n.target == self.target and (user_module or isinstance(module, (nn.Sequential, nn.ModuleList))):
                     state = _module_walk(module, _union(states), x)  # a block: walk through its own graph
                 else:

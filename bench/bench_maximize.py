@@ -2,7 +2,8 @@
 that optimises one unit at a time (the same ``maximize`` with one unit per call, same steps), in one run.
 
 Run:  python -m bench.bench_maximize [--quick] [--device cuda] [--threads N] [--out bench/results]
-CPU: 64 units of two small models (a two-conv CNN at 32x32; VGG-M at quarter width, conv2, at 64x64).
+CPU: 64 units of two small models (a two-conv CNN at 32x32; VGG-M at quarter width, conv2, conv3, conv5
+and fc7, at 64x64).
 GPU: 512 units of a ResNet-50-shaped layer (random init, stage-2 output, 224x224); there the loop over
 every unit would take too long: it runs on the first few units and its time per unit is scaled to all
 units (every unit costs the same: same shapes, same steps). On the CPU, batched and loop runs are
@@ -52,8 +53,10 @@ def cpu_cases(quick):
     return [
         {"model": "tiny-cnn", "net": tiny, "layer": "3", "units": units, "size": 32,
          "steps": 4 if quick else 16, "loop_units": 4 if quick else units},
-        {"model": "vgg_m(width=0.25)", "net": vgg, "layer": "conv2", "units": units, "size": 64,
-         "steps": 2 if quick else 8, "loop_units": 4 if quick else units},
+    ] + [
+        {"model": "vgg_m(width=0.25)", "net": vgg, "layer": layer, "units": units, "size": 64,
+         "steps": 2 if quick else 8, "loop_units": 4 if quick else units}
+        for layer in ("conv2", "conv3", "conv5", "fc7")
     ]
 
 

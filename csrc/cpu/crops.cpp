@@ -4,7 +4,8 @@
 //
 // A row of a crop is three runs: columns left of the image, the in-image span (one contiguous run of
 // the image row: a memcpy, or a vectorised multiply-add), and columns right of it. The two outer runs
-// hold one value each (the pad value, or the row's first / last pixel in edge mode).
+// hold one value each (the pad value, or the row's first / last pixel in edge mode). accumulate adds
+// two crops per pass over a sums row (their runs merged), halving the loads and stores of the sums.
 //
 // Images come as float32 pixels or as uint8 pixel codes (reference.py): code k stands for the float32
 // nearest k / 255, what torchvision's to_tensor makes of an 8-bit file. Reading codes moves a quarter of
@@ -180,37 +181,116 @@ void gather_planes(float* out, const T* images, const int64_t* slots, const int6
   }
 }
 
-// Rows [i0, i1) of sums[u, c] += w_j * crop_j for j = 0 .. J-1 in order (empty slots skipped).
+// One crop row as the sums row sees it, weighted: columns [0, before) add `left`, the next `inside`
+// columns add w * span[k], the rest add `right` (span is nullptr when the row lies outside the image in
+// constant-pad mode: the whole row adds `left`).
+template <class T>
+struct RowTerms {
+  const T* span;
+  int64_t before, inside;
+  double w, left, right;
+};
+
+template <class T>
+NX_ALWAYS_INLINE RowTerms<T> row_terms(const CropRef<T>& crop, int64_t i, int64_t H, int64_t W, int64_t rw,
+                                       double w, double pad_term, bool edge) {
+  const T* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
+  if (row == nullptr) return RowTerms<T>{nullptr, rw, 0, w, pad_term, pad_term};
+  const AxisSplit& cols = crop.cols;
+  // Edge mode: columns beside the image take the row's first / last pixel (cols.first is W when the
+  // crop lies entirely right of the image).
+  const double left = edge ? w * static_cast<double>(decode(row[0])) : pad_term;
+  const double right =
+      edge ? w * static_cast<double>(decode(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1])) : pad_term;
+  return RowTerms<T>{row + cols.first, cols.before, cols.inside, w, left, right};
+}
+
+template <class T>
+NX_ALWAYS_INLINE void add_row(double* dst, const RowTerms<T>& a, int64_t rw) {
+  add_constant(dst, a.before, a.left);
+  add_scaled(dst + a.before, a.span, a.inside, a.w);
+  add_constant(dst + a.before + a.inside, rw - a.before - a.inside, a.right);
+}
+
+// dst[k] = (dst[k] + term_a(k)) + term_b(k) for k < n, where each term is a constant (span nullptr)
+// or w * pixel: two crops' additions in their order, with one load and store of the sums between them.
+template <class T>
+NX_ALWAYS_INLINE void add_pair_run(double* __restrict dst, int64_t n, const T* __restrict sa, double wa, double ca,
+                                   const T* __restrict sb, double wb, double cb) {
+  if (sa != nullptr && sb != nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k)
+      dst[k] = (dst[k] + wa * static_cast<double>(decode(sa[k]))) + wb * static_cast<double>(decode(sb[k]));
+  } else if (sa != nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = (dst[k] + wa * static_cast<double>(decode(sa[k]))) + cb;
+  } else if (sb != nullptr) {
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) dst[k] = (dst[k] + ca) + wb * static_cast<double>(decode(sb[k]));
+  } else {
+    for (int64_t k = 0; k < n; ++k) dst[k] = (dst[k] + ca) + cb;
+  }
+}
+
+// The run of columns of `t` that contains column k0: returns its end; *span points at the pixel of
+// column k0 (nullptr for a constant run, whose value goes to *constant).
+template <class T>
+NX_ALWAYS_INLINE int64_t run_at(const RowTerms<T>& t, int64_t k0, int64_t rw, const T** span, double* constant) {
+  *span = nullptr;
+  if (t.span == nullptr || k0 < t.before) {
+    *constant = t.left;
+    return t.span == nullptr ? rw : t.before;
+  }
+  if (k0 < t.before + t.inside) {
+    *span = t.span + (k0 - t.before), *constant = 0.0;
+    return t.before + t.inside;
+  }
+  *constant = t.right;
+  return rw;
+}
+
+template <class T>
+NX_ALWAYS_INLINE void add_row_pair(double* dst, const RowTerms<T>& a, const RowTerms<T>& b, int64_t rw) {
+  int64_t k0 = 0;
+  while (k0 < rw) {
+    const T *sa, *sb;
+    double ca, cb;
+    const int64_t k1 = std::min(run_at(a, k0, rw, &sa, &ca), run_at(b, k0, rw, &sb, &cb));
+    add_pair_run(dst + k0, k1 - k0, sa, a.w, ca, sb, b.w, cb);
+    k0 = k1;
+  }
+}
+
+// Rows [i0, i1) of sums[u, c] += w_j * crop_j for j = 0 .. J-1 in order (empty slots skipped). Two
+// crops at a time share one pass over the sums rows (half the sums loads and stores), each still
+// added in its turn.
 template <class T>
 NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int64_t* slots, const int64_t* tops,
                                        const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
                                        int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
   const bool edge = pad == nullptr;
-  for (int64_t j = 0; j < J; ++j) {
-    const CropRef<T> crop = crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw);
-    if (crop.plane == nullptr) continue;
-    const CropRef<T> next = j + kNext < J
-                                ? crop_ref(images, slots[j + kNext], tops + 2 * (j + kNext), c, Ch, H, W, rh, rw)
-                                : CropRef<T>{nullptr, 0, AxisSplit{0, 0, 0, 0}};
-    const AxisSplit& cols = crop.cols;
-    const double w = static_cast<double>(weights[j]);
-    const double pad_term = edge ? 0.0 : w * static_cast<double>(pad[c]);
+  const CropRef<T> none{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+  auto ref = [&](int64_t j) {
+    return j < J ? crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw) : none;
+  };
+  for (int64_t j = 0; j < J; j += 2) {
+    const CropRef<T> a = ref(j), b = ref(j + 1);
+    const CropRef<T> next_a = ref(j + 2), next_b = ref(j + 3);
+    const double wa = static_cast<double>(weights[j]);
+    const double wb = j + 1 < J ? static_cast<double>(weights[j + 1]) : 0.0;
+    const double pad_a = edge ? 0.0 : wa * static_cast<double>(pad[c]);
+    const double pad_b = edge ? 0.0 : wb * static_cast<double>(pad[c]);
     for (int64_t i = i0; i < i1; ++i) {
-      prefetch_row(next, i, H, W);
+      prefetch_row(next_a, i, H, W);
+      prefetch_row(next_b, i, H, W);
       double* dst = sums + i * rw;
-      const T* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
-      if (row == nullptr) {
-        add_constant(dst, rw, pad_term);
-        continue;
+      if (a.plane != nullptr && b.plane != nullptr) {
+        add_row_pair(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
+      } else if (a.plane != nullptr) {
+        add_row(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), rw);
+      } else if (b.plane != nullptr) {
+        add_row(dst, row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
       }
-      // Edge mode: columns beside the image take the row's first / last pixel (cols.first is W when
-      // the crop lies entirely right of the image).
-      const double left = edge ? w * static_cast<double>(decode(row[0])) : pad_term;
-      const double right =
-          edge ? w * static_cast<double>(decode(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1])) : pad_term;
-      add_constant(dst, cols.before, left);
-      add_scaled(dst + cols.before, row + cols.first, cols.inside, w);
-      add_constant(dst + cols.before + cols.inside, cols.after, right);
     }
   }
 }
@@ -266,10 +346,13 @@ void accumulate_crops_impl(double* sums, int64_t U, int64_t Ch, int64_t rh, int6
   const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(rh, 2048 / std::max<int64_t>(rw, 1)));
   const int64_t blocks = (rh + block_rows - 1) / block_rows;
   const int64_t tasks = U * Ch * blocks;
+  // Channel-major order: while every unit's crops of channel c are added, the images' channel-c planes
+  // are all that is read (a third of the bytes), which the last-level cache can hold where all the
+  // images do not (e.g. 512 images of 224 x 224 as uint8 codes: 26 MB a channel).
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (U * Ch * rh * rw * J >= kParallelWork)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t plane = t / blocks, b = t % blocks;
-    const int64_t u = plane / Ch, c = plane % Ch;
+    const int64_t c = t / (U * blocks), u = t / blocks % U, b = t % blocks;
+    const int64_t plane = u * Ch + c;
     const int64_t i0 = b * block_rows, i1 = std::min(rh, i0 + block_rows);
     accumulate_block_any(sums + plane * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J, J, c, Ch,
                          H, W, rh, rw, i0, i1, pad);

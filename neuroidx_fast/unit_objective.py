@@ -120,20 +120,33 @@ class UnitObjective:
         if not self.affine:
             return lambda x: unit_maps_objective(self._run(x), units, self.objective)
         gradient, constant = self._affine_terms(units)
+        layouts = {}
 
         def objective(x):
             a = self._run(x)
-            return (a.to(gradient.dtype).flatten(1) * gradient).sum(1).float() + constant
+            # G in the memory layout of the layer's input, so that the gradient that flows back down the
+            # network has the layout of its activations (a channels-last batch mixed with contiguous
+            # gradients makes every element-wise backward op several times slower)
+            layout = _layout(a)
+            if layout not in layouts:
+                layouts[layout] = gradient.contiguous(memory_format=layout)
+            return (a.to(gradient.dtype) * layouts[layout]).sum(dim=tuple(range(1, a.dim()))).float() + constant
 
         return objective
 
     def _affine_terms(self, units: torch.Tensor):
-        """G [U, n] (the objective's gradient with respect to the flattened layer input) and c [U]
+        """G [U, *input_shape] (the objective's gradient with respect to the layer's input) and c [U]
         (its value at a zero input)."""
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         zero = torch.zeros((units.numel(),) + self.input_shape, dtype=dtype, device=self.device, requires_grad=True)
         with torch.enable_grad():
             value = unit_maps_objective(_affine_forward(self.module, zero), units, self.objective, dtype)
             (gradient,) = torch.autograd.grad(value.sum(), zero)
-        return gradient.flatten(1), value.detach().float()
+        return gradient, value.detach().float()
+
+
+def _layout(a: torch.Tensor) -> torch.memory_format:
+    if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 

@@ -137,3 +137,17 @@ def test_vgg_m_uses_band_lrn_and_loads_weights_saved_without_it():
     plain.norm2 = nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
     plain.load_state_dict(net.state_dict(), strict=True)
     torch.testing.assert_close(net.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_shortcut_gradient_keeps_the_channels_last_layout():
+    model = net_with(nn.Conv2d(6, 10, 3, padding=1))
+    x = torch.rand(3, 3, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with mx.frozen_eval(model, torch.device("cpu")), \
+            uo.UnitObjective(model, "target", "mean", (8, 8), torch.float32, "cpu") as readout:
+        stem_out = []
+        handle = model.stem.register_forward_hook(lambda m, i, o: stem_out.append(o))
+        values = readout.for_units(torch.tensor([0, 4, 9]))(x)
+        handle.remove()
+        (grad,) = torch.autograd.grad(values.sum(), stem_out[0])
+    # the gradient reaching the channels-last activations is channels-last too
+    assert not grad.is_contiguous() and grad.is_contiguous(memory_format=torch.channels_last)

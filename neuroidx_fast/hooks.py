@@ -35,6 +35,18 @@ class _StopForward(Exception):
     """Raised by the last hook: nothing after the deepest requested layer is computed."""
 
 
+def _forward_until_stopped(model: nn.Module, inputs, kwargs) -> None:
+    """Run the forward until a capture hook raises _StopForward (or to its end)."""
+    try:
+        model(*inputs, **kwargs)
+    except _StopForward:
+        pass
+
+
+def _never_reached(names) -> RuntimeError:
+    return RuntimeError(f"the forward never reached layer(s) {list(names)}: they are not used by model.forward")
+
+
 class LayerCapture:
     """Context manager: ``with LayerCapture(model, names) as cap: outputs = cap.run(x)``.
 
@@ -75,13 +87,10 @@ class LayerCapture:
 
     def run(self, *inputs, **kwargs) -> dict[str, torch.Tensor]:
         self._outputs = {}
-        try:
-            self.model(*inputs, **kwargs)
-        except _StopForward:
-            pass
+        _forward_until_stopped(self.model, inputs, kwargs)
         missing = [name for name in self.modules if name not in self._outputs]
         if missing:
-            raise RuntimeError(f"the forward never reached layer(s) {missing}: they are not used by model.forward")
+            raise _never_reached(missing)
         outputs, self._outputs = self._outputs, {}
         return outputs
 
@@ -113,11 +122,8 @@ class InputCapture:
 
     def run(self, *inputs, **kwargs) -> torch.Tensor:
         self._input = None
-        try:
-            self.model(*inputs, **kwargs)
-        except _StopForward:
-            pass
+        _forward_until_stopped(self.model, inputs, kwargs)
         if self._input is None:
-            raise RuntimeError(f"the forward never reached layer(s) {[self.name]}: they are not used by model.forward")
+            raise _never_reached([self.name])
         captured, self._input = self._input, None
         return captured

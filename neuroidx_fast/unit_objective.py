@@ -102,9 +102,10 @@ class UnitObjective:
         gray = torch.full((1, 3) + self.size, 0.5, device=self.device, dtype=self.dtype)
         try:
             with torch.no_grad():
+                out = self._run(gray)  # one forward: in affine mode, the layer's input
                 if self.affine:
-                    self.input_shape = tuple(self._run(gray).shape[1:])
-                out = self.layer_output(gray)
+                    self.input_shape = tuple(out.shape[1:])
+                    out = _affine_forward(self.module, out)
         except RuntimeError as exc:
             if "never reached" in str(exc):
                 raise

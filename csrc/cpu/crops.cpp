@@ -86,6 +86,12 @@ inline AxisSplit split_axis(int64_t x0, int64_t n, int64_t extent) {
   return s;
 }
 
+// Edge mode: the image column whose pixel fills the columns right of the image, the row's last pixel
+// in the crop (cols.first is W when the crop lies entirely right of the image).
+inline int64_t right_edge_column(const AxisSplit& cols) {
+  return std::max<int64_t>(cols.first + cols.inside, 1) - 1;
+}
+
 // Image row of crop row y (y already clamped to [-rh, H]); nullptr when it lies outside the image in
 // constant-pad mode. Edge mode takes the nearest row.
 template <class T>
@@ -139,8 +145,7 @@ inline void copy_row(float* dst, const T* row, const AxisSplit& cols, bool edge,
     return;
   }
   const float left = edge ? decode(row[0]) : pad;
-  // Edge mode with the crop entirely beside the image: `first` is W, the row's last pixel is first - 1.
-  const float right = edge ? decode(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1]) : pad;
+  const float right = edge ? decode(row[right_edge_column(cols)]) : pad;
   std::fill_n(dst, cols.before, left);
   copy_span(dst + cols.before, row + cols.first, cols.inside);
   std::fill_n(dst + cols.before + cols.inside, cols.after, right);
@@ -197,11 +202,9 @@ NX_ALWAYS_INLINE RowTerms<T> row_terms(const CropRef<T>& crop, int64_t i, int64_
   const T* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
   if (row == nullptr) return RowTerms<T>{nullptr, rw, 0, w, pad_term, pad_term};
   const AxisSplit& cols = crop.cols;
-  // Edge mode: columns beside the image take the row's first / last pixel (cols.first is W when the
-  // crop lies entirely right of the image).
+  // Edge mode: columns beside the image take the row's first / last pixel.
   const double left = edge ? w * static_cast<double>(decode(row[0])) : pad_term;
-  const double right =
-      edge ? w * static_cast<double>(decode(row[std::max<int64_t>(cols.first + cols.inside, 1) - 1])) : pad_term;
+  const double right = edge ? w * static_cast<double>(decode(row[right_edge_column(cols)])) : pad_term;
   return RowTerms<T>{row + cols.first, cols.before, cols.inside, w, left, right};
 }
 
@@ -275,7 +278,7 @@ NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int6
   };
   for (int64_t j = 0; j < J; j += 2) {
     const CropRef<T> a = ref(j), b = ref(j + 1);
-    const CropRef<T> next_a = ref(j + 2), next_b = ref(j + 3);
+    const CropRef<T> next_a = ref(j + kNext), next_b = ref(j + kNext + 1);
     const double wa = static_cast<double>(weights[j]);
     const double wb = j + 1 < J ? static_cast<double>(weights[j + 1]) : 0.0;
     const double pad_a = edge ? 0.0 : wa * static_cast<double>(pad[c]);

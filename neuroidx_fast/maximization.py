@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
 from .prepare import model_device as _model_device, param_dtype
@@ -27,7 +28,9 @@ __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized",
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module, device: torch.device):
-    """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored."""
+    """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored.
+    On the CPU, freed memory is kept for reuse meanwhile (heap.py: the steps of an optimisation
+    allocate and free the same large temporaries, which glibc would otherwise fault in anew each step)."""
     training = {m: m.training for m in model.modules()}
     requires = {p: p.requires_grad for p in model.parameters()}
     cudnn = torch.backends.cudnn
@@ -38,7 +41,7 @@ def frozen_eval(model: nn.Module, device: torch.device):
             p.requires_grad_(False)
         if device.type == "cuda":  # cuDNN may pick non-deterministic (atomic) backward algorithms otherwise
             cudnn.deterministic, cudnn.benchmark = True, False
-        with torch.enable_grad():
+        with torch.enable_grad(), reuse_freed_memory(enabled=device.type == "cpu"):
             yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved_cudnn

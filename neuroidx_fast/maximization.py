@@ -19,6 +19,7 @@ from torch import nn
 
 from .heap import reuse_freed_memory
 from .hooks import resolve_layers
+from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
 from .prepare import model_device as _model_device, param_dtype
 from .unit_objective import OBJECTIVES, UnitObjective
@@ -29,8 +30,10 @@ __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized",
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module, device: torch.device):
     """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored.
-    On the CPU, freed memory is kept for reuse meanwhile (heap.py: the steps of an optimisation
-    allocate and free the same large temporaries, which glibc would otherwise fault in anew each step)."""
+    Meanwhile, convolutions that read the image compute their pixel gradient by phases
+    (image_conv_grad.py), and on the CPU freed memory is kept for reuse (heap.py: the steps of an
+    optimisation allocate and free the same large temporaries, which glibc would otherwise fault in
+    anew each step)."""
     training = {m: m.training for m in model.modules()}
     requires = {p: p.requires_grad for p in model.parameters()}
     cudnn = torch.backends.cudnn
@@ -41,7 +44,7 @@ def frozen_eval(model: nn.Module, device: torch.device):
             p.requires_grad_(False)
         if device.type == "cuda":  # cuDNN may pick non-deterministic (atomic) backward algorithms otherwise
             cudnn.deterministic, cudnn.benchmark = True, False
-        with torch.enable_grad(), reuse_freed_memory(enabled=device.type == "cpu"):
+        with torch.enable_grad(), reuse_freed_memory(enabled=device.type == "cpu"), image_conv_gradients(model):
             yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved_cudnn

@@ -1,14 +1,15 @@
 """The pixel gradient of a strided convolution that reads the image, as one stride-1 convolution.
 
 Optimising an image means, every step, the gradient of the first convolution with respect to its
-input: a transposed convolution from C output channels back to 3 pixel channels. oneDNN runs that
-with few output channels at about a quarter of its usual rate. Split by output phase instead, it is an
-ordinary convolution: pixel (s p + ry, s q + rx) of the (padded) input gradient is the correlation of
-the output gradient with the sub-kernel W[:, :, ry::s, rx::s], flipped. All s^2 phases together are one
-stride-1 convolution with 3 s^2 output channels (``phase_kernel``), and ``pixel_shuffle`` interleaves
-them: measured 2x faster on the CPU for VGG-M's conv1 and a ResNet stem at batch 4-64 (equal at batch
-1), the same up to float rounding. With more input channels oneDNN's own backward is faster, so only
-convolutions with at most ``MAX_IMAGE_CHANNELS`` input channels take this path.
+input: a transposed convolution from C output channels back to 3 pixel channels, which oneDNN runs
+slowly (few output channels). Split by output phase instead, it is an ordinary convolution: pixel
+(s p + ry, s q + rx) of the (padded) input gradient is the correlation of the output gradient with
+the sub-kernel W[:, :, ry::s, rx::s], flipped. All s^2 phases together are one stride-1 convolution
+with 3 s^2 output channels (``phase_kernel``), and one copy interleaves them. Measured on the CPU
+(2 threads): 2-2.5x faster than oneDNN's backward for VGG-M's conv1 at batch 64, an AlexNet conv1 and
+a ResNet stem at batch 4-8, equal at batch 1; the same up to float rounding. With more input
+channels oneDNN's own backward is faster (VGG-M's conv2: 2x slower by phases), so only convolutions
+with at most ``MAX_IMAGE_CHANNELS`` input channels take this path.
 
 ``image_conv_gradients(model)`` swaps the forward of each such ``nn.Conv2d`` (exact type, square
 stride > 1, no groups or dilation, zero padding, frozen weights) for one whose backward is this,
@@ -45,13 +46,16 @@ def strided_input_gradient(grad_out: torch.Tensor, kernel: torch.Tensor, stride:
                            input_size: tuple[int, int]) -> torch.Tensor:
     """The gradient [B, Cin, H, W] of conv2d(x, W, stride, padding) w.r.t. x, given the output gradient
     and ``phase_kernel(W, stride)``."""
-    (h, w), (ph, pw) = input_size, padding
+    (h, w), (ph, pw), s = input_size, padding, stride
     a, b = kernel.shape[2:]
-    ho, wo = grad_out.shape[2:]
-    rows, cols = -(-(h + 2 * ph) // stride), -(-(w + 2 * pw) // stride)  # phase grid over the padded input
-    padded = F.pad(grad_out, (b - 1, cols - wo, a - 1, rows - ho))
-    full = F.pixel_shuffle(F.conv2d(padded, kernel.to(grad_out.dtype)), stride)
-    return full[:, :, ph:ph + h, pw:pw + w]
+    phases = F.conv2d(grad_out, kernel.to(grad_out.dtype), padding=(a - 1, b - 1))  # [B, Cin s^2, R, C]
+    n, channels, rows, cols = phases.shape
+    # interleave the phases (pixel_shuffle, as one copy from the channels-last layout oneDNN returns)
+    full = (phases.permute(0, 2, 3, 1).reshape(n, rows, cols, channels // (s * s), s, s)
+            .permute(0, 3, 1, 4, 2, 5).reshape(n, channels // (s * s), rows * s, cols * s))
+    # rows / columns of the padded input: drop the padding, add zeros for any the phases do not reach
+    # (input pixels past the forward's last window get no gradient)
+    return F.pad(full, (-pw, pw + w - cols * s, -ph, ph + h - rows * s))
 
 
 class _ImageConv(torch.autograd.Function):

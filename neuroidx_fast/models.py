@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import backends
+
 __all__ = ["VGGM", "vgg_m", "VGG_M_CONV_LAYERS", "BandLocalResponseNorm"]
 
 VGG_M_CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -49,31 +51,49 @@ def _lrn_divisor(x: torch.Tensor, band: torch.Tensor, k: float) -> torch.Tensor:
     return F.conv2d(x * x, band, torch.full((band.shape[0],), k, dtype=x.dtype, device=x.device))
 
 
+def _fused_kernels(x: torch.Tensor):
+    """The cpp backend's one-pass LRN kernels when they serve x (float32, 4-d, on the CPU), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
+        return None
+    name = backends.resolve_name("auto", x.device)  # NEUROIDX_BACKEND=torch selects the torch form
+    return backends.get(name, x.device) if name == "cpp" else None
+
+
 class _BandLRN(torch.autograd.Function):
-    """y = x * d^-beta, d = k + band * x^2, with a hand-written backward: 6 passes over the tensor
-    instead of autograd's ~10, most of them in place.
+    """y = x * d^-beta, d = k + band * x^2, with a hand-written backward:
 
     dL/dx_j = g_j p_j - 2 beta x_j sum_c band[c, j] g_c x_c p_c / d_c, with p = d^-beta.
+
+    On the CPU in float32 the cpp backend's kernels do each direction in one pass over memory
+    (csrc/cpu/lrn.cpp); elsewhere 6 torch ops each way (autograd's own backward takes ~10).
     """
 
     @staticmethod
-    def forward(ctx, x, band, k, beta):
+    def forward(ctx, x, band, params, kernels):
+        size, alpha, beta, k = params
+        ctx.params, ctx.kernels = params, kernels
+        if kernels is not None:
+            ctx.save_for_backward(x, band)
+            return kernels.lrn_forward(x, size, alpha, beta, k)
         div = _lrn_divisor(x, band, k)
         power = _lrn_power(div, beta)
-        ctx.save_for_backward(x, div, power, band)
-        ctx.beta, ctx.k = beta, k
+        ctx.save_for_backward(x, band, div, power)
         return x * power
 
     @staticmethod
     def backward(ctx, grad):
-        x, div, power, band = ctx.saved_tensors
-        spread_band = band.transpose(0, 1) * (-2.0 * ctx.beta)  # sums over the channels c whose window holds j
+        x, band = ctx.saved_tensors[:2]
+        size, alpha, beta, k = ctx.params
+        spread_band = band.transpose(0, 1) * (-2.0 * beta)  # sums over the channels c whose window holds j
         if torch.is_grad_enabled():
             # create_graph (a second derivative): the same formula out of place, with d and p recomputed
             # from x so that they carry its graph
-            div = _lrn_divisor(x, band, ctx.k)
-            power = div.pow(-ctx.beta)
+            div = _lrn_divisor(x, band, k)
+            power = div.pow(-beta)
             return grad * power + x * F.conv2d(grad * x * power / div, spread_band), None, None, None
+        if ctx.kernels is not None:
+            return ctx.kernels.lrn_backward(x, grad, size, alpha, beta, k), None, None, None
+        div, power = ctx.saved_tensors[2:]
         inner = grad * x
         inner.mul_(power).div_(div)
         grad_x = grad * power
@@ -84,13 +104,14 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
     """``nn.LocalResponseNorm(size, alpha, beta, k)`` for inputs [B, channels, H, W], the same function
     (up to float rounding), with the sum of squares over the window of channels computed as one 1x1
     convolution with a banded [C, C] matrix instead of torch's average pooling over a padded 5-d view,
-    and a fused backward (``_BandLRN``).
+    and a hand-written backward (``_BandLRN``); float32 on the CPU runs the cpp backend's one-pass
+    kernels instead (csrc/cpu/lrn.cpp).
 
-    Forward and backward together are 2-5x faster than torch's on the CPU (VGG-M's norm1, oneDNN; most
-    at batch 64 with a channels-last batch, where fewer passes over memory matter most) and run as one
-    GEMM-like kernel on a GPU. It has no parameters or saved state: weights saved with
-    ``nn.LocalResponseNorm`` load unchanged. Channel c is normalised by channels c - size // 2 ..
-    c + (size - 1) // 2 (zero outside), as in torch.
+    On the CPU, forward and backward together are 2-5x faster than torch's LRN in the torch form and
+    faster again in the fused one (VGG-M's norm1 at batch 64, most with a channels-last batch, where
+    passes over memory cost most); on a GPU the band convolution is one GEMM-like kernel. It has no
+    parameters or saved state: weights saved with ``nn.LocalResponseNorm`` load unchanged. Channel c
+    is normalised by channels c - size // 2 .. c + (size - 1) // 2 (zero outside), as in torch.
     """
 
     def __init__(self, channels: int, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
@@ -101,9 +122,16 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         band = self.band.to(x.dtype)
+        if x.dim() != 4 or x.shape[1] != band.shape[0]:
+            raise ValueError(f"{type(self).__name__} for {band.shape[0]} channels expects [B, {band.shape[0]}, H, W], "
+                             f"got shape {tuple(x.shape)}")
+        params = (int(self.size), float(self.alpha), float(self.beta), float(self.k))
+        kernels = _fused_kernels(x)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _BandLRN.apply(x, band, float(self.k), float(self.beta))
-        return x * _lrn_power(_lrn_divisor(x, band, float(self.k)), float(self.beta))
+            return _BandLRN.apply(x, band, params, kernels)
+        if kernels is not None:
+            return kernels.lrn_forward(x, *params)
+        return x * _lrn_power(_lrn_divisor(x, band, params[3]), params[2])
 
     def extra_repr(self) -> str:
         return f"{self.band.shape[0]}, " + super().extra_repr()

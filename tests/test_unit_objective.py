@@ -113,18 +113,46 @@ def test_layer_output_and_width_on_both_paths():
 @pytest.mark.parametrize("size", [1, 2, 4, 5])
 @pytest.mark.parametrize("channels", [1, 3, 24])
 @pytest.mark.parametrize("beta", [0.75, 0.6])
-def test_band_lrn_equals_torch_lrn(size, channels, beta):
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_band_lrn_equals_torch_lrn(size, channels, beta, backend, monkeypatch):
+    monkeypatch.setenv("NEUROIDX_BACKEND", backend)
+    from neuroidx_fast.ops import cpp
+    calls = []
+    for fn in ("lrn_forward", "lrn_backward"):
+        monkeypatch.setattr(cpp, fn, lambda *a, _f=getattr(cpp, fn), _n=fn: calls.append(_n) or _f(*a))
     ours = BandLocalResponseNorm(channels, size, alpha=5e-3, beta=beta, k=2.0)
     torchs = nn.LocalResponseNorm(size, alpha=5e-3, beta=beta, k=2.0)
+    # 6 x 5 = 30 pixels: the fused kernels' second tile of 16 is partly empty
     for memory_format in (torch.contiguous_format, torch.channels_last):
         x = (torch.randn(3, channels, 6, 5, generator=torch.Generator().manual_seed(size)) * 20)
         x = x.contiguous(memory_format=memory_format).requires_grad_(True)
         y_ours, y_torch = ours(x), torchs(x)
+        assert y_ours.is_contiguous(memory_format=memory_format)
         torch.testing.assert_close(y_ours, y_torch, rtol=2e-6, atol=1e-6)
+        with torch.no_grad():  # the inference path (nothing saved)
+            torch.testing.assert_close(ours(x), y_ours.detach(), rtol=0, atol=0)
         g_ours, = torch.autograd.grad((y_ours * y_ours.detach()).sum(), x)
         g_torch, = torch.autograd.grad((y_torch * y_torch.detach()).sum(), x)
+        assert g_ours.is_contiguous(memory_format=memory_format)
         # where the two terms of the gradient nearly cancel, rounding shows against the result's scale
         torch.testing.assert_close(g_ours, g_torch, rtol=2e-5, atol=1e-6 * float(g_torch.abs().max()))
+    # cpp: forward, inference forward and backward, in each layout, through the fused kernels
+    assert calls == (["lrn_forward", "lrn_forward", "lrn_backward"] * 2 if backend == "cpp" else [])
+
+
+def test_fused_lrn_kernels_follow_the_layout_and_reject_a_wrong_width():
+    from neuroidx_fast.ops import cpp
+    x = torch.randn(2, 7, 3, 19, generator=torch.Generator().manual_seed(3))
+    strided = x.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # neither NCHW nor NHWC: copied
+    grad = torch.randn(2, 7, 3, 19, generator=torch.Generator().manual_seed(4))
+    want = nn.LocalResponseNorm(3, 0.1, 0.75, 1.0)(x)
+    for t in (x, x.contiguous(memory_format=torch.channels_last), strided):
+        torch.testing.assert_close(cpp.lrn_forward(t, 3, 0.1, 0.75, 1.0), want, rtol=2e-6, atol=1e-6)
+        base = cpp.lrn_backward(x, grad, 3, 0.1, 0.75, 1.0)
+        torch.testing.assert_close(cpp.lrn_backward(t, grad.contiguous(memory_format=torch.channels_last), 3, 0.1,
+                                                    0.75, 1.0), base, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"for 7 channels expects \[B, 7, H, W\]"):
+        BandLocalResponseNorm(7, 3)(torch.zeros(1, 6, 2, 2))
 
 
 @pytest.mark.parametrize("size", [2, 5])  # an even window is lopsided: the backward's transposed band matters

@@ -87,6 +87,20 @@ void readout_ablation_argmax(std::uintptr_t logits, std::uintptr_t features, std
                                     as_ptr<int64_t>(pred), num_threads);
 }
 
+void lrn_forward(std::uintptr_t x, std::uintptr_t y, int64_t B, int64_t C, int64_t HW, bool channels_last,
+                 int64_t size, float alpha, float beta, float k, int num_threads) {
+  if (size < 1) throw py::value_error("lrn_forward: size must be positive");
+  neuroidx::lrn_forward(as_ptr<const float>(x), as_ptr<float>(y), B, C, HW, channels_last, size, alpha, beta, k,
+                        num_threads);
+}
+
+void lrn_backward(std::uintptr_t x, std::uintptr_t grad, std::uintptr_t grad_x, int64_t B, int64_t C, int64_t HW,
+                  bool channels_last, int64_t size, float alpha, float beta, float k, int num_threads) {
+  if (size < 1) throw py::value_error("lrn_backward: size must be positive");
+  neuroidx::lrn_backward(as_ptr<const float>(x), as_ptr<const float>(grad), as_ptr<float>(grad_x), B, C, HW,
+                         channels_last, size, alpha, beta, k, num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -109,6 +123,10 @@ PYBIND11_MODULE(_C, m) {
         "M masked replicas [M*B, C, H, W] of a strided [B, C, H, W] map (bit copy of 2/4/8-byte elements).");
   m.def("readout_ablation_argmax", &readout_ablation_argmax, py::call_guard<py::gil_scoped_release>(),
         "Certified argmax of linear read-out logits with one input unit ablated, per (unit, image); -1 if uncertain.");
+  m.def("lrn_forward", &lrn_forward, py::call_guard<py::gil_scoped_release>(),
+        "Cross-channel local response normalisation of a dense float32 NCHW / NHWC map, one pass.");
+  m.def("lrn_backward", &lrn_backward, py::call_guard<py::gil_scoped_release>(),
+        "Input gradient of lrn_forward from x and the output gradient, one pass (recomputes the divisor).");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

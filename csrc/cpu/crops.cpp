@@ -26,16 +26,7 @@
 #endif
 
 #include "kernels.h"
-
-// The accumulation loop is the hot one: build it for AVX-512 and AVX2 as well and let the loader pick
-// the widest the CPU has (GCC / Clang function multi-versioning on x86-64 Linux); elsewhere the
-// baseline build is used.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(NEUROIDX_NO_TARGET_CLONES)
-#define NX_WIDE_SIMD __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define NX_WIDE_SIMD
-#endif
+#include "simd.h"  // the accumulation loop is the hot one: built for AVX-512 and AVX2 as well
 
 // Each crop row is a short run (r pixels) in a random image, which the hardware prefetchers do not
 // foresee: left alone, every row waits on memory (measured: 3x slower). So while the kernels work on

@@ -57,4 +57,13 @@ void readout_ablation_argmax(const double* logits, const double* features, const
                              const double* ablated, const int64_t* units, int64_t U, const double* scale,
                              double err_rel, int64_t B, int64_t C, int64_t K, int64_t* pred, int num_threads);
 
+// Local response normalisation across channels of a dense float32 [B, C, H, W] map (NCHW, or NHWC when
+// channels_last; HW = H * W): y = x * d^-beta, d_c = k + alpha / size * sum of x_j^2 over channels
+// j = c - size / 2 .. c + (size - 1) / 2 (as torch.nn.LocalResponseNorm). lrn_backward gives the input
+// gradient from x and the output gradient (grad_x may not alias either).
+void lrn_forward(const float* x, float* y, int64_t B, int64_t C, int64_t HW, bool channels_last, int64_t size,
+                 float alpha, float beta, float k, int num_threads);
+void lrn_backward(const float* x, const float* grad, float* grad_x, int64_t B, int64_t C, int64_t HW,
+                  bool channels_last, int64_t size, float alpha, float beta, float k, int num_threads);
+
 }  // namespace neuroidx

@@ -111,3 +111,33 @@ def readout_ablation_argmax(logits, features, weight, ablated, units, scale, err
                                torch.get_num_threads())
     return pred
 
+
+
+def _dense_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as a dense NCHW or NHWC tensor (a copy only when it is neither) and whether it is NHWC."""
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def lrn_forward(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """Cross-channel local response normalisation of a float32 CPU [B, C, H, W] map, in its layout."""
+    x, channels_last = _dense_layout(x)
+    b, c, h, w = x.shape
+    y = torch.empty_like(x)
+    _C.lrn_forward(x.data_ptr(), y.data_ptr(), b, c, h * w, channels_last, size, alpha, beta, k,
+                   torch.get_num_threads())
+    return y
+
+
+def lrn_backward(x: torch.Tensor, grad: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    """The input gradient of ``lrn_forward`` at x for the output gradient ``grad``."""
+    x, channels_last = _dense_layout(x)
+    grad = grad.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    b, c, h, w = x.shape
+    grad_x = torch.empty_like(x)
+    _C.lrn_backward(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), b, c, h * w, channels_last, size, alpha, beta,
+                    k, torch.get_num_threads())
+    return grad_x

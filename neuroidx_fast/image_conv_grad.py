@@ -59,11 +59,12 @@ def strided_input_gradient(grad_out: torch.Tensor, kernel: torch.Tensor, stride:
 
 
 class _ImageConv(torch.autograd.Function):
-    """conv2d(x, weight, bias) whose backward gives the input gradient only (weights frozen)."""
+    """conv2d(x, weight, bias) whose backward gives the input gradient only (weights frozen), from the
+    phase kernel of the weights."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding):
-        ctx.save_for_backward(phase_kernel(weight, stride))
+    def forward(ctx, x, weight, bias, kernel, stride, padding):
+        ctx.save_for_backward(kernel)
         ctx.stride, ctx.padding, ctx.input_size = stride, padding, tuple(x.shape[-2:])
         return F.conv2d(x, weight, bias, stride, padding)
 
@@ -71,7 +72,7 @@ class _ImageConv(torch.autograd.Function):
     def backward(ctx, grad):
         kernel, = ctx.saved_tensors
         grad_x = strided_input_gradient(grad, kernel, ctx.stride, ctx.padding, ctx.input_size)
-        return grad_x, None, None, None, None
+        return grad_x, None, None, None, None, None
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -86,11 +87,16 @@ def _eligible(module: nn.Module) -> bool:
 
 def _fast_forward(module: nn.Conv2d):
     stride, padding = module.stride[0], tuple(module.padding)
+    cached = {}  # the phase kernel, rebuilt only if the weights change (they are frozen: normally once)
 
     def forward(x):
-        if torch.is_grad_enabled() and x.requires_grad and x.dim() == 4:
-            return _ImageConv.apply(x, module.weight, module.bias, stride, padding)
-        return nn.Conv2d.forward(module, x)
+        if not (torch.is_grad_enabled() and x.requires_grad and x.dim() == 4):
+            return nn.Conv2d.forward(module, x)
+        weight = module.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if cached.get("key") != key:
+            cached["key"], cached["kernel"] = key, phase_kernel(weight.detach(), stride)
+        return _ImageConv.apply(x, weight, module.bias, cached["kernel"], stride, padding)
     return forward
 
 

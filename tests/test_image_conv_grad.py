@@ -48,6 +48,13 @@ def test_context_patches_only_frozen_image_facing_strided_convs_and_restores_the
         fast, = torch.autograd.grad((out * out).sum(), x)
         with torch.no_grad():
             plain_out = body(x)
+        with torch.no_grad():  # a change of the weights inside the block rebuilds the phase kernel
+            net[0].weight.mul_(2)
+        doubled, = torch.autograd.grad(net[0](x).sum(), x)
+        with torch.no_grad():
+            net[0].weight.div_(2)
+        halved, = torch.autograd.grad(net[0](x).sum(), x)
+        torch.testing.assert_close(doubled, 2 * halved)
     assert not any("forward" in m.__dict__ for m in net.modules())
     slow_out = body(x)
     slow, = torch.autograd.grad((slow_out * slow_out).sum(), x)

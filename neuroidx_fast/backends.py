@@ -137,3 +137,12 @@ def get(backend: str | None, device) -> ModuleType:
     module = _import(resolve_name(backend, device))
     assert not isinstance(module, BaseException)
     return module
+
+
+def cpu_kernels(x: torch.Tensor) -> ModuleType | None:
+    """The cpp backend module when it serves x (a float32 CPU tensor) and the backend choice (the
+    ``NEUROIDX_BACKEND`` variable, else auto) picks it, else None: for model-side kernels that have a
+    torch form beside them (models.BandLocalResponseNorm)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
+        return None
+    return get("cpp", x.device) if resolve_name("auto", x.device) == "cpp" else None

@@ -51,14 +51,6 @@ def _lrn_divisor(x: torch.Tensor, band: torch.Tensor, k: float) -> torch.Tensor:
     return F.conv2d(x * x, band, torch.full((band.shape[0],), k, dtype=x.dtype, device=x.device))
 
 
-def _fused_kernels(x: torch.Tensor):
-    """The cpp backend's one-pass LRN kernels when they serve x (float32, 4-d, on the CPU), else None."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4 or x.numel() == 0:
-        return None
-    name = backends.resolve_name("auto", x.device)  # NEUROIDX_BACKEND=torch selects the torch form
-    return backends.get(name, x.device) if name == "cpp" else None
-
-
 class _BandLRN(torch.autograd.Function):
     """y = x * d^-beta, d = k + band * x^2, with a hand-written backward:
 
@@ -126,7 +118,7 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
             raise ValueError(f"{type(self).__name__} for {band.shape[0]} channels expects [B, {band.shape[0]}, H, W], "
                              f"got shape {tuple(x.shape)}")
         params = (int(self.size), float(self.alpha), float(self.beta), float(self.k))
-        kernels = _fused_kernels(x)
+        kernels = backends.cpu_kernels(x)  # NEUROIDX_BACKEND=torch selects the torch form
         if torch.is_grad_enabled() and x.requires_grad:
             return _BandLRN.apply(x, band, params, kernels)
         if kernels is not None:

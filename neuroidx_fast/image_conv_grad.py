@@ -30,16 +30,16 @@ MAX_IMAGE_CHANNELS = 4
 
 
 def phase_kernel(weight: torch.Tensor, stride: int) -> torch.Tensor:
-    """[Cin * s * s, Cout, A, B] (A = ceil(kh / s), B = ceil(kw / s)): output channel ci * s^2 + ry * s
-    + rx holds the flipped sub-kernel W[:, ci, ry::s, rx::s], aligned to the bottom-right corner."""
+    """[s * s * Cin, Cout, A, B] (A = ceil(kh / s), B = ceil(kw / s)): output channel (ry * s + rx) * Cin
+    + ci holds the flipped sub-kernel W[:, ci, ry::s, rx::s], aligned to the bottom-right corner."""
     cout, cin, kh, kw = weight.shape
     a, b = -(-kh // stride), -(-kw // stride)
-    kernel = weight.new_zeros(cin, stride, stride, cout, a, b)
+    kernel = weight.new_zeros(stride, stride, cin, cout, a, b)
     for ry in range(min(stride, kh)):
         for rx in range(min(stride, kw)):
             sub = weight[:, :, ry::stride, rx::stride]  # tap ky = ry + s * i
-            kernel[:, ry, rx, :, a - sub.shape[2]:, b - sub.shape[3]:] = sub.permute(1, 0, 2, 3).flip(2, 3)
-    return kernel.reshape(cin * stride * stride, cout, a, b)
+            kernel[ry, rx, :, :, a - sub.shape[2]:, b - sub.shape[3]:] = sub.permute(1, 0, 2, 3).flip(2, 3)
+    return kernel.reshape(stride * stride * cin, cout, a, b)
 
 
 def strided_input_gradient(grad_out: torch.Tensor, kernel: torch.Tensor, stride: int, padding: tuple[int, int],
@@ -48,13 +48,18 @@ def strided_input_gradient(grad_out: torch.Tensor, kernel: torch.Tensor, stride:
     and ``phase_kernel(W, stride)``."""
     (h, w), (ph, pw), s = input_size, padding, stride
     a, b = kernel.shape[2:]
-    phases = F.conv2d(grad_out, kernel.to(grad_out.dtype), padding=(a - 1, b - 1))  # [B, Cin s^2, R, C]
+    phases = F.conv2d(grad_out, kernel.to(grad_out.dtype), padding=(a - 1, b - 1))  # [B, s^2 Cin, R, C]
     n, channels, rows, cols = phases.shape
-    # interleave the phases (pixel_shuffle, as one copy from the channels-last layout oneDNN returns)
-    full = (phases.permute(0, 2, 3, 1).reshape(n, rows, cols, channels // (s * s), s, s)
-            .permute(0, 3, 1, 4, 2, 5).reshape(n, channels // (s * s), rows * s, cols * s))
-    # rows / columns of the padded input: drop the padding, add zeros for any the phases do not reach
-    # (input pixels past the forward's last window get no gradient)
+    cin = channels // (s * s)
+    # interleave the phases into a channels-last image: [B, R, C, ry, rx, ci] -> [B, R, ry, C, rx, ci], one
+    # copy of (rx, ci) runs (from the channels-last layout oneDNN returns, this permute is a view)
+    full = torch.empty((n, cin, rows * s, cols * s), dtype=phases.dtype, device=phases.device,
+                       memory_format=torch.channels_last)
+    full.permute(0, 2, 3, 1).view(n, rows, s, cols, s, cin).copy_(
+        phases.permute(0, 2, 3, 1).reshape(n, rows, cols, s, s, cin).permute(0, 1, 3, 2, 4, 5))
+    if rows * s >= ph + h and cols * s >= pw + w:
+        return full[:, :, ph:ph + h, pw:pw + w]  # the padded input's rows and columns, less the padding
+    # the phases miss the last pixels (past the forward's last window: no gradient there): zeros
     return F.pad(full, (-pw, pw + w - cols * s, -ph, ph + h - rows * s))
 
 

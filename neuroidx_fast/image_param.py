@@ -117,8 +117,8 @@ class ImageParam:
             z = torch.fft.irfft2(torch.view_as_complex(self.params) * self.scale, s=self.size, norm="ortho")
         else:
             z = self.params
-        if self.matrix is not None:
-            z = torch.einsum("ij,ujhw->uihw", self.matrix, z)
+        if self.matrix is not None:  # one [3, 3] x [3, h w] product per image: no permuted copies
+            z = torch.matmul(self.matrix, z.flatten(2)).view(z.shape)
         return z
 
     def image(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from neuroidx_fast.image_conv_grad import image_conv_gradients, phase_kernel, st
     (3, 4, 11, 4, 2, (23, 23)),    # AlexNet conv1 (trailing rows the forward never reads)
     (2, 3, 3, 3, 1, (10, 7)),      # kernel as large as the stride
     (1, 2, 2, 3, 0, (9, 11)),      # kernel smaller than the stride: some pixels get no gradient
+    (1, 2, 2, 3, 0, (10, 11)),     # ... and the last row lies past every window (zeros appended)
     (4, 6, (5, 3), 2, (2, 1), (12, 9)),  # non-square kernel and padding
 ])
 def test_strided_input_gradient_equals_autograd(cin, cout, kernel, stride, padding, size):

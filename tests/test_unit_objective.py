@@ -140,6 +140,16 @@ def test_band_lrn_equals_torch_lrn(size, channels, beta, backend, monkeypatch):
     assert calls == (["lrn_forward", "lrn_forward", "lrn_backward"] * 2 if backend == "cpp" else [])
 
 
+def test_fused_lrn_second_derivative_matches_torch():
+    # create_graph through the cpp path (float32) takes the differentiable torch formula
+    x = torch.randn(2, 6, 3, 4, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    seconds = []
+    for lrn in (BandLocalResponseNorm(6, 3, alpha=0.3, beta=0.75, k=1.0), nn.LocalResponseNorm(3, 0.3, 0.75, 1.0)):
+        grad, = torch.autograd.grad(lrn(x).square().sum(), x, create_graph=True)
+        seconds.append(torch.autograd.grad(grad.sum(), x)[0])
+    torch.testing.assert_close(seconds[0], seconds[1], rtol=1e-4, atol=1e-5)
+
+
 def test_fused_lrn_kernels_follow_the_layout_and_reject_a_wrong_width():
     from neuroidx_fast.ops import cpp
     x = torch.randn(2, 7, 3, 19, generator=torch.Generator().manual_seed(3))

@@ -13,7 +13,8 @@ with at most ``MAX_IMAGE_CHANNELS`` input channels take this path.
 
 ``image_conv_gradients(model)`` swaps the forward of each such ``nn.Conv2d`` (exact type, square
 stride > 1, no groups or dilation, zero padding, frozen weights) for one whose backward is this,
-inside a ``with`` block; the outputs are those of the module's own forward, bit for bit.
+inside a ``with`` block; the outputs are those of the module's own forward, bit for bit. The
+optimisation loops use it on the CPU only: against cuDNN it is unmeasured.
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def _fast_forward(module: nn.Conv2d):
 
 
 @contextlib.contextmanager
-def image_conv_gradients(model: nn.Module):
+def image_conv_gradients(model: nn.Module, enabled: bool = True):
     """Within the block, the eligible convolutions of ``model`` (see the module docstring) compute
-    their input gradient by phases. Their forward is restored afterwards."""
-    patched = [m for m in model.modules() if _eligible(m) and "forward" not in m.__dict__]
+    their input gradient by phases. Their forward is restored afterwards. Yields how many there are."""
+    patched = [m for m in model.modules() if enabled and _eligible(m) and "forward" not in m.__dict__]
     try:
         for m in patched:
             m.forward = _fast_forward(m)

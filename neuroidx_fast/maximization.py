@@ -30,10 +30,9 @@ __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized",
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module, device: torch.device):
     """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored.
-    Meanwhile, convolutions that read the image compute their pixel gradient by phases
-    (image_conv_grad.py), and on the CPU freed memory is kept for reuse (heap.py: the steps of an
-    optimisation allocate and free the same large temporaries, which glibc would otherwise fault in
-    anew each step)."""
+    Meanwhile, on the CPU, convolutions that read the image compute their pixel gradient by phases
+    (image_conv_grad.py) and freed memory is kept for reuse (heap.py: the steps of an optimisation
+    allocate and free the same large temporaries, which glibc would otherwise fault in anew each step)."""
     training = {m: m.training for m in model.modules()}
     requires = {p: p.requires_grad for p in model.parameters()}
     cudnn = torch.backends.cudnn
@@ -44,7 +43,8 @@ def frozen_eval(model: nn.Module, device: torch.device):
             p.requires_grad_(False)
         if device.type == "cuda":  # cuDNN may pick non-deterministic (atomic) backward algorithms otherwise
             cudnn.deterministic, cudnn.benchmark = True, False
-        with torch.enable_grad(), reuse_freed_memory(enabled=device.type == "cpu"), image_conv_gradients(model):
+        cpu = device.type == "cpu"
+        with torch.enable_grad(), reuse_freed_memory(enabled=cpu), image_conv_gradients(model, enabled=cpu):
             yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved_cudnn

@@ -71,3 +71,7 @@ def test_trainable_weights_and_subclasses_keep_their_forward():
     net[1].bias.requires_grad_(False)
     with image_conv_gradients(net) as patched:  # net[0]'s weights train: its weight gradient is needed
         assert patched == 0
+    net[0].weight.requires_grad_(False)
+    net[0].bias.requires_grad_(False)
+    with image_conv_gradients(net, enabled=False) as patched:
+        assert patched == 0 and "forward" not in net[0].__dict__

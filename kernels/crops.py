@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from neuroidx_fast.ops.crop_operands import check_index_range, crop_operands
+
 __all__ = ["gather_crops", "accumulate_crops", "pick_block"]
 
-_INT32_LIMIT = 2**31 - 1
 _MAX_BLOCK = 1024
 
 
@@ -52,6 +53,23 @@ def _crop_pixels(images_ptr, slot, y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pa
 
 
 @triton.jit
+def _tile_positions(rh, rw, BLOCK: tl.constexpr):
+    """This program's BLOCK positions of a crop plane (grid axis 1): flat index, in-plane mask, row, column."""
+    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    return ps, ps < rh * rw, ps // rw, ps % rw
+
+
+@triton.jit
+def _channel_pad(pad_ptr, c, EDGE: tl.constexpr):
+    """The fill of channel c outside the image (unused in edge mode)."""
+    if EDGE:
+        pad = 0.0
+    else:
+        pad = tl.load(pad_ptr + c)
+    return pad
+
+
+@triton.jit
 def _gather_crops_kernel(
     images_ptr, slots_ptr, tops_ptr, pad_ptr, out_ptr,
     Ch, H, W, rh, rw,
@@ -60,24 +78,17 @@ def _gather_crops_kernel(
     mc = tl.program_id(0)  # crop m, channel c
     m = mc // Ch
     c = mc % Ch
-    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    plane_size = rh * rw
-    pmask = ps < plane_size
-    ii = ps // rw
-    kk = ps % rw
+    ps, pmask, ii, kk = _tile_positions(rh, rw, BLOCK)
     slot = tl.load(slots_ptr + m)
     y0 = tl.load(tops_ptr + 2 * m)
     x0 = tl.load(tops_ptr + 2 * m + 1)
-    if EDGE:
-        pad = 0.0
-    else:
-        pad = tl.load(pad_ptr + c)
+    pad = _channel_pad(pad_ptr, c, EDGE)
     # Scalars broadcast once to tensors (the interpreter mis-types scalar & tensor boolean ops).
     filled = tl.broadcast_to(slot, [BLOCK]) >= 0
     live = pmask & filled
     v = _crop_pixels(images_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad, EDGE)
     v = tl.where(filled, v, 0.0)
-    tl.store(out_ptr + mc.to(tl.int64) * plane_size + ps, v, mask=pmask)
+    tl.store(out_ptr + mc.to(tl.int64) * (rh * rw) + ps, v, mask=pmask)
 
 
 @triton.jit
@@ -89,17 +100,10 @@ def _accumulate_crops_kernel(
     uc = tl.program_id(0)  # unit u, channel c
     u = uc // Ch
     c = uc % Ch
-    ps = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    plane_size = rh * rw
-    pmask = ps < plane_size
-    ii = ps // rw
-    kk = ps % rw
-    out = sums_ptr + uc.to(tl.int64) * plane_size + ps
+    ps, pmask, ii, kk = _tile_positions(rh, rw, BLOCK)
+    out = sums_ptr + uc.to(tl.int64) * (rh * rw) + ps
     acc = tl.load(out, mask=pmask, other=0.0)
-    if EDGE:
-        pad = 0.0
-    else:
-        pad = tl.load(pad_ptr + c)
+    pad = _channel_pad(pad_ptr, c, EDGE)
     row = u.to(tl.int64) * J
     for j in range(0, J):
         slot = tl.load(slots_ptr + row + j)
@@ -120,21 +124,9 @@ def pick_block(plane_size: int):
 
 
 def _operands(images, slots, tops, pad_value, size, what: str):
-    if images.dim() != 4 or images.dtype != torch.float32:
-        raise ValueError(f"{what}: images must be float32 [N, Ch, H, W], got {images.dtype} {tuple(images.shape)}")
-    if slots.dtype != torch.int64 or tops.dtype != torch.int64:
-        raise TypeError(f"{what}: slots and tops must be int64, got {slots.dtype} and {tops.dtype}")
-    n, ch, h, w = images.shape
-    rh, rw = size
-    if h * w == 0 and bool((slots >= 0).any()):
-        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
-    # Pixel coordinates in int32 (clamped corners: at most extent + r); the image offset is int64.
-    if h * w > _INT32_LIMIT or rh * rw > _INT32_LIMIT or h + rh > _INT32_LIMIT // 2 or w + rw > _INT32_LIMIT // 2:
-        raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the kernels' 2**31 index range")
-    pad = None if pad_value is None else pad_value.to(device=images.device, dtype=torch.float32).contiguous()
-    if pad is not None and pad.numel() != ch:
-        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {ch} channels")
-    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+    operands = crop_operands(images, slots, tops, pad_value, what)
+    check_index_range(images, size, what, "the Triton crop kernels")
+    return operands
 
 
 def _plane_blocks(plane_size: int, block: int) -> int:

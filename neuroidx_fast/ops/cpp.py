@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C
+from .crop_operands import crop_operands
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -34,17 +35,9 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
 
 
 def _crop_operands(images, slots, tops, pad_value, what: str):
-    """Contiguous CPU operands of the crop kernels (the public wrappers have validated values and shapes).
-    uint8 images are pixel codes (reference.py), which the kernels read as such."""
-    if images.dtype not in (torch.float32, torch.uint8) or slots.dtype != torch.int64 or tops.dtype != torch.int64:
-        raise TypeError(f"{what}: expects float32 images (or uint8 pixel codes) and int64 slots / tops, got "
-                        f"{images.dtype}, {slots.dtype}, {tops.dtype}")
-    if images.shape[2] * images.shape[3] == 0 and bool((slots >= 0).any()):
-        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
-    pad = None if pad_value is None else pad_value.to(torch.float32).contiguous()
-    if pad is not None and pad.numel() != images.shape[1]:
-        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {images.shape[1]} channels")
-    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+    """Contiguous CPU operands of the crop kernels; uint8 images are pixel codes (reference.py), which the
+    kernels read as such."""
+    return crop_operands(images, slots, tops, pad_value, what, pixel_types=(torch.float32, torch.uint8))
 
 
 def gather_crops(images, slots, tops, size, pad_value):

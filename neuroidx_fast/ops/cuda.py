@@ -23,6 +23,7 @@ import torch
 import cupy  # an ImportError here marks the backend unavailable (reported by neuroidx_fast.backends)
 
 from neuroidx_fast.ops import reference
+from neuroidx_fast.ops.crop_operands import INT32_LIMIT, check_index_range, crop_operands
 
 __all__ = ["check_device", "spatial_reduce", "topk_update", "gather_crops", "accumulate_crops", "kernel_source",
            "KERNELS", "mask_replicas", "readout_ablation_argmax"]
@@ -261,30 +262,19 @@ def _allow_shared(kernel, name: str, device: int, nbytes: int) -> None:
 
 # --- gather_crops / accumulate_crops ----------------------------------------------------------------
 
-_INT32_LIMIT = 2**31 - 1
-
-
 def _crop_operands(images, slots, tops, pad_value, size, what: str):
     """Contiguous operands of the crop kernels; raises where the int indexing of crops.cu would not hold."""
-    if images.dim() != 4 or images.dtype != torch.float32:
-        raise ValueError(f"{what}: images must be float32 [N, Ch, H, W], got {images.dtype} {tuple(images.shape)}")
-    if slots.dtype != torch.int64 or tops.dtype != torch.int64:
-        raise TypeError(f"{what}: slots and tops must be int64, got {slots.dtype} and {tops.dtype}")
+    operands = crop_operands(images, slots, tops, pad_value, what)
     if slots.device != images.device or tops.device != images.device:
         raise ValueError(f"{what}: slots and tops must be on {images.device}")
-    _, ch, h, w = images.shape
     rh, rw = size
-    if h * w == 0 and bool((slots >= 0).any()):
-        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
-    if h * w > _INT32_LIMIT or rh * rw > _INT32_LIMIT - _CROP_CHUNK or h + rh > _INT32_LIMIT // 2 \
-            or w + rw > _INT32_LIMIT // 2 or ch > _INT32_LIMIT or slots.shape[-1] > _INT32_LIMIT:
-        raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the 2**31 index range of crops.cu")
+    check_index_range(images, size, what, "crops.cu", crop_limit=INT32_LIMIT - _CROP_CHUNK)
+    if images.shape[1] > INT32_LIMIT or slots.shape[-1] > INT32_LIMIT:
+        raise ValueError(f"{what}: {images.shape[1]} channels or {slots.shape[-1]} slots per unit exceed the 2**31 "
+                         "index range of crops.cu")
     if -(-(rh * rw) // _CROP_CHUNK) > 65535:  # gridDim.y
         raise ValueError(f"{what}: crops of {rh * rw} pixels per channel are too large for crops.cu")
-    pad = None if pad_value is None else pad_value.to(device=images.device, dtype=torch.float32).contiguous()
-    if pad is not None and pad.numel() != ch:
-        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {ch} channels")
-    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+    return operands
 
 
 def _require_cuda(images, what: str) -> None:

@@ -1,0 +1,38 @@
+"""The operand checks the crop kernels of every backend share (cpp, triton, cuda): each backend calls
+``crop_operands`` and, where its kernels index pixels with 32-bit integers, ``check_index_range``.
+The public ops (ops/__init__.py) have validated the values already; these checks guard the raw
+memory the kernels read when a backend is called directly."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["INT32_LIMIT", "crop_operands", "check_index_range"]
+
+INT32_LIMIT = 2**31 - 1
+
+
+def crop_operands(images, slots, tops, pad_value, what: str, pixel_types=(torch.float32,)):
+    """Contiguous (images, slots, tops, pad): ``pad`` float32 on the images' device, or None (edge mode).
+    ``pixel_types``: the image dtypes the backend reads (uint8 means pixel codes, reference.py)."""
+    if images.dim() != 4 or images.dtype not in pixel_types:
+        names = " or ".join(str(t).replace("torch.", "") for t in pixel_types)
+        raise ValueError(f"{what}: images must be {names} [N, Ch, H, W], got {images.dtype} {tuple(images.shape)}")
+    if slots.dtype != torch.int64 or tops.dtype != torch.int64:
+        raise TypeError(f"{what}: slots and tops must be int64, got {slots.dtype} and {tops.dtype}")
+    _, ch, h, w = images.shape
+    if h * w == 0 and bool((slots >= 0).any()):
+        raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
+    pad = None if pad_value is None else pad_value.to(device=images.device, dtype=torch.float32).contiguous()
+    if pad is not None and pad.numel() != ch:
+        raise ValueError(f"{what}: pad_value has {pad.numel()} values for {ch} channels")
+    return images.contiguous(), slots.contiguous(), tops.contiguous(), pad
+
+
+def check_index_range(images, size, what: str, kernels: str, crop_limit: int = INT32_LIMIT) -> None:
+    """Raises where pixel coordinates (clamped corners: at most extent + r) or a crop's pixel count
+    (at most ``crop_limit``) would overflow the kernels' int32 indexing; the image offset is int64."""
+    h, w = images.shape[2:]
+    rh, rw = size
+    if h * w > INT32_LIMIT or rh * rw > crop_limit or h + rh > INT32_LIMIT // 2 or w + rw > INT32_LIMIT // 2:
+        raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the 2**31 index range of {kernels}")

@@ -17,19 +17,16 @@ Results go to bench/results/ablation-<device>-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import statistics
 import time
 
 import torch
 from torch import nn
 
-import neuroidx_fast as nx
 from neuroidx_fast import ablation as abl
 from neuroidx_fast import backends
-from bench.bench_topk import device_name, save_result, sync
+from bench.bench_topk import device_name, result_header, save_result, sync
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -263,12 +260,7 @@ def main(argv=None):
         print(f"{r['case']:<18}{r['path']:<9}{r['units']:>6}{r['engine_s']:>10.2f}{r['naive_s']:>10.2f}"
               f"{r['speedup']:>9.1f}{r['speedup_measured_total']:>9.1f}{str(r['exact']):>7}"
               f"{100 * r['suffix_flops_fraction']:>8.1f}%")
-    result = {
-        "benchmark": "ablation", "device": device_name(device), "date": dt.date.today().isoformat(),
-        "quick": args.quick, "threads": torch.get_num_threads(),
-        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "rows": rows,
-    }
+    result = result_header("ablation", device, quick=args.quick, threads=torch.get_num_threads(), rows=rows)
     if not args.quick:
         save_result(result, args.out or os.path.join(os.path.dirname(__file__), "results"), "ablation")
     return result

@@ -9,8 +9,6 @@ Run: ``python -m bench.bench_color [--quick] [--device cpu|cuda]``.
 
 from __future__ import annotations
 
-import datetime as dt
-import platform
 import time
 
 import torch
@@ -22,7 +20,7 @@ from neuroidx_fast.hooks import LayerCapture
 from neuroidx_fast.models import vgg_m
 
 from .bench_index import Images
-from .bench_topk import common_args, device_name, save_result, sync
+from .bench_topk import common_args, result_header, save_result, sync
 
 
 def authors_loop(model, index, layer, dataset, device):
@@ -79,14 +77,13 @@ def main(argv=None):
             times[name].append(time.perf_counter() - start)
     best = {name: min(t) for name, t in times.items()}
     L = index[layer]
-    result = {
-        "benchmark": "color_selectivity", "device": device_name(device), "date": dt.date.today().isoformat(),
-        "model": f"vgg_m(width={0.25 if device.type == 'cpu' else 1.0})", "layer": layer, "units": L.num_units,
-        "k": k, "images": n, "unique_top_images": int(unique.numel()), "input_size": size, "batch_size": batch,
-        "speedup_vs_authors_loop": best["authors_loop"] / best["color_selectivity"],
-        "cost_vs_bare_forward": best["color_selectivity"] / best["bare_forward"], "times_s": times,
-        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
+    result = result_header(
+        "color_selectivity", device,
+        model=f"vgg_m(width={0.25 if device.type == 'cpu' else 1.0})", layer=layer, units=L.num_units,
+        k=k, images=n, unique_top_images=int(unique.numel()), input_size=size, batch_size=batch,
+        speedup_vs_authors_loop=best["authors_loop"] / best["color_selectivity"],
+        cost_vs_bare_forward=best["color_selectivity"] / best["bare_forward"], times_s=times,
+    )
     print(f"device: {result['device']}; {layer}: {L.num_units} units, K={k}, {result['unique_top_images']} unique "
           f"top images of {n}")
     print(f"color_selectivity {best['color_selectivity']:.3f}s, authors' loop {best['authors_loop']:.3f}s "

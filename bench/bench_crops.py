@@ -22,16 +22,13 @@ paths must be bit-identical to the loop.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 
 import torch
 import torch.nn.functional as F
 
-import neuroidx_fast as nx
 from neuroidx_fast import backends, ops
-from bench.bench_topk import device_name, save_result, timed
+from bench.bench_topk import device_name, result_header, save_result, timed
 
 GRAY = 0.5
 # Three conv layers' receptive-field geometry (box r, stride, offset of the first box): a deep one (the
@@ -214,12 +211,8 @@ def main(argv=None):
                 print(f"{summary['layer']} layer, best from {pixels} pixels: {best['backend']} accumulates "
                       f"{best['accumulate_vs_loop']:.1f}x faster than the Python loop "
                       f"({100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth{codes})")
-    result = {
-        "benchmark": "crops", "device": device_name(device), "date": dt.date.today().isoformat(), "quick": args.quick,
-        "repeat": repeat, "images": n_images, "image_size": [size, size], "layers": summaries,
-        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "rows": rows,
-    }
+    result = result_header("crops", device, quick=args.quick, repeat=repeat, images=n_images,
+                           image_size=[size, size], layers=summaries, rows=rows)
     if not args.quick:
         save_result(result, args.out, "crops")
     return result

@@ -9,8 +9,6 @@ init) at batch 256 with bf16 autocast and all 16 bottleneck outputs indexed. JSO
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import platform
 import time
 
 import torch
@@ -18,7 +16,7 @@ from torch import nn
 
 import neuroidx_fast as nx
 from neuroidx_fast.hooks import LayerCapture
-from bench.bench_topk import common_args, device_name, save_result, sync
+from bench.bench_topk import common_args, result_header, save_result, sync
 
 
 def small_cnn():
@@ -104,14 +102,13 @@ def main(argv=None):
             times[name].append(time.perf_counter() - start)
     best = {name: min(t) for name, t in times.items()}
     n = len(dataset)
-    result = {
-        "benchmark": "index_dataset", "device": device_name(device), "date": dt.date.today().isoformat(),
-        "model": "resnet50-shaped" if device.type == "cuda" else "small-vgg-cnn", "layers": layers,
-        "batch_size": batch, "images": n, "input_size": size, "autocast": str(amp),
-        "bare_images_per_s": n / best["bare"], "index_images_per_s": n / best["index"],
-        "overhead": best["index"] / best["bare"] - 1, "times_s": times,
-        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
-    }
+    result = result_header(
+        "index_dataset", device,
+        model="resnet50-shaped" if device.type == "cuda" else "small-vgg-cnn", layers=layers,
+        batch_size=batch, images=n, input_size=size, autocast=str(amp),
+        bare_images_per_s=n / best["bare"], index_images_per_s=n / best["index"],
+        overhead=best["index"] / best["bare"] - 1, times_s=times,
+    )
     print(f"device: {result['device']}; {result['model']}, {len(layers)} layers indexed, batch {batch}, {n} images")
     print(f"bare forward {result['bare_images_per_s']:.1f} img/s, indexing {result['index_images_per_s']:.1f} img/s, "
           f"overhead {100 * result['overhead']:.1f}%")

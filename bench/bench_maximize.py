@@ -15,20 +15,17 @@ Results go to bench/results/maximize-<device>-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import statistics
 import time
 
 import torch
 from torch import nn
 
-import neuroidx_fast as nx
 from neuroidx_fast.maximization import maximize
 from neuroidx_fast.models import vgg_m
 from bench.bench_index import resnet50_shaped
-from bench.bench_topk import device_name, save_result, sync
+from bench.bench_topk import device_name, result_header, save_result, sync
 
 
 def timed(fn, device):
@@ -118,15 +115,12 @@ def main(argv=None):
     print(f"{'model':<20}{'layer':<8}{'units':>6}{'size':>6}{'steps':>6}{'batched s':>11}{'units/s':>10}"
           f"{'loop u/s':>11}{'speedup':>10}")
     rows = [run_case(case, device, repeat) for case in cases]
-    result = {
-        "benchmark": "maximize", "device": device_name(device), "date": dt.date.today().isoformat(),
-        "quick": args.quick, "threads": torch.get_num_threads(),
+    result = result_header(
+        "maximize", device, quick=args.quick, threads=torch.get_num_threads(),
         # other processes on the machine: a loaded CPU slows batch-1 ops (thread barriers) the most
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "param": "fourier", "transforms": "standard", "objective": "mean",
-        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "rows": rows,
-    }
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        param="fourier", transforms="standard", objective="mean", rows=rows,
+    )
     if not args.quick:
         save_result(result, args.out, "maximize")
     return result

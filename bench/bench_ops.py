@@ -11,15 +11,12 @@ Every backend's output is checked equal to the reference's. Results: bench/resul
 
 from __future__ import annotations
 
-import datetime as dt
-import platform
 
 import torch
 
-import neuroidx_fast as nx
 from neuroidx_fast import backends, ops
 
-from .bench_topk import common_args, device_name, save_result, timed
+from .bench_topk import common_args, device_name, result_header, save_result, timed
 
 
 def cases(device, quick: bool):
@@ -62,10 +59,7 @@ def main(argv=None):
             rows.append({"op": op, "backend": backend, "seconds": seconds, "vs_torch": reference_s / seconds,
                          "equal_to_reference": equal})
             print(f"  {op:<26}{backend:<9}{seconds * 1e3:>10.2f}{reference_s / seconds:>9.1f}{str(equal):>7}")
-    result = {"benchmark": "ops", "device": device_name(device), "date": dt.date.today().isoformat(),
-              "quick": args.quick, "repeat": repeat, "rows": rows,
-              "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__,
-                           "python": platform.python_version()}}
+    result = result_header("ops", device, quick=args.quick, repeat=repeat, rows=rows)
     if not args.quick:
         save_result(result, args.out, "ops")
     return result

@@ -155,15 +155,19 @@ def main(argv=None):
             print(f"{str(tuple(row['shape'])):<22}{row['dtype']:<10}{row['layout']:<14}{row['backend']:<8}"
                   f"{row['update_s'] * 1e3:>10.2f}{row['update_vs_torch']:>9.2f}{row['update_vs_netdissect']:>9.2f}"
                   f"{row['spatial_reduce_gbps']:>12.1f}{100 * row['fraction_of_copy_bandwidth']:>7.0f}%")
-    result = {
-        "benchmark": "topk_update", "k": K, "repeat": repeat, "device": device_name(device),
-        "date": dt.date.today().isoformat(), "quick": args.quick,
-        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "rows": rows,
-    }
+    result = result_header("topk_update", device, k=K, repeat=repeat, quick=args.quick, rows=rows)
     if not args.quick:
         save_result(result, args.out, "topk")
     return result
+
+
+def result_header(benchmark: str, device, **fields) -> dict:
+    """A benchmark's result: its name, the device, the date and the package versions, then ``fields``."""
+    return {
+        "benchmark": benchmark, "device": device_name(device), "date": dt.date.today().isoformat(),
+        "versions": {"neuroidx_fast": nx.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        **fields,
+    }
 
 
 def save_result(result: dict, out_dir: str, prefix: str) -> str:

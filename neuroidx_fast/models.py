@@ -76,6 +76,8 @@ class _BandLRN(torch.autograd.Function):
     def backward(ctx, grad):
         x, band = ctx.saved_tensors[:2]
         size, alpha, beta, k = ctx.params
+        if ctx.kernels is not None and not torch.is_grad_enabled():
+            return ctx.kernels.lrn_backward(x, grad, size, alpha, beta, k), None, None, None
         spread_band = band.transpose(0, 1) * (-2.0 * beta)  # sums over the channels c whose window holds j
         if torch.is_grad_enabled():
             # create_graph (a second derivative): the same formula out of place, with d and p recomputed
@@ -83,8 +85,6 @@ class _BandLRN(torch.autograd.Function):
             div = _lrn_divisor(x, band, k)
             power = div.pow(-beta)
             return grad * power + x * F.conv2d(grad * x * power / div, spread_band), None, None, None
-        if ctx.kernels is not None:
-            return ctx.kernels.lrn_backward(x, grad, size, alpha, beta, k), None, None, None
         div, power = ctx.saved_tensors[2:]
         inner = grad * x
         inner.mul_(power).div_(div)

@@ -60,7 +60,7 @@ inline void store_tile(const LrnShape& s, const float* __restrict buf, float* __
   }
 }
 
-// p[c] = d[c]^-beta for one row of kTile pixels, d[c] = k + alpha_n * window sum of squares.
+// d = k + alpha_n * the sum of x_j^2 over channel c's window, for the tile's kTile pixels.
 inline void divisor_row(const LrnShape& s, const float* xs, int64_t c, float* d) {
   float acc[kTile] = {};
   const int64_t j0 = std::max<int64_t>(0, c - s.lo), j1 = std::min<int64_t>(s.C - 1, c + s.hi);
@@ -73,6 +73,7 @@ inline void divisor_row(const LrnShape& s, const float* xs, int64_t c, float* d)
   for (int64_t t = 0; t < kTile; ++t) d[t] = s.k + s.alpha_n * acc[t];
 }
 
+// p = d^-beta: beta = 0.75 as rsqrt(d) * sqrt(rsqrt(d)) (vector ops), any other beta through exp and log.
 inline void power_row(const LrnShape& s, const float* d, float* p) {
   if (s.beta == 0.75f) {
 #pragma omp simd

@@ -105,7 +105,6 @@ def readout_ablation_argmax(logits, features, weight, ablated, units, scale, err
     return pred
 
 
-
 def _dense_layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x as a dense NCHW or NHWC tensor (a copy only when it is neither) and whether it is NHWC."""
     if x.is_contiguous():

@@ -16,8 +16,6 @@ Results go to bench/results/ablation-<device>-<date>.json.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 
@@ -26,7 +24,7 @@ from torch import nn
 
 from neuroidx_fast import ablation as abl
 from neuroidx_fast import backends
-from bench.bench_topk import device_name, result_header, save_result, sync
+from bench.bench_topk import bench_parser, device_name, result_header, save_result, sync
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -221,11 +219,8 @@ def run_case(name, model, data, layer, device, batch_size, backend, paths, naive
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run, not saved)")
+    parser = bench_parser(__doc__, "small shapes (a smoke run, not saved)")
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (torch.set_num_threads); 1 is steadier on a shared machine")
     args = parser.parse_args(argv)
@@ -262,7 +257,7 @@ def main(argv=None):
               f"{100 * r['suffix_flops_fraction']:>8.1f}%")
     result = result_header("ablation", device, quick=args.quick, threads=torch.get_num_threads(), rows=rows)
     if not args.quick:
-        save_result(result, args.out or os.path.join(os.path.dirname(__file__), "results"), "ablation")
+        save_result(result, args.out, "ablation")
     return result
 
 

@@ -21,14 +21,11 @@ paths must be bit-identical to the loop.
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 import torch.nn.functional as F
 
-from neuroidx_fast import backends, ops
-from bench.bench_topk import device_name, result_header, save_result, timed
+from neuroidx_fast import ops
+from bench.bench_topk import bench_parser, device_name, result_header, save_result, timed, timed_backends
 
 GRAY = 0.5
 # Three conv layers' receptive-field geometry (box r, stride, offset of the first box): a deep one (the
@@ -176,16 +173,11 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="a small layer, few repeats (a smoke run)")
+    parser = bench_parser(__doc__, "a small layer, few repeats (a smoke run)")
     parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    # The torch reference first (the ratios' denominator); the interpreter is no backend to time.
-    names = [n for n in backends.available(device.type) if not (n == "triton" and device.type == "cpu")]
-    names.sort(key=lambda n: n != "torch")
+    names = timed_backends(device.type)  # the torch reference first: the ratios' denominator
     if args.quick:
         units, k, n_images, size, gather_units = 16, 20, 40, 96, 4
         layers = {"quick": dict(r=48, stride=8, offset=-18)}

@@ -14,7 +14,6 @@ Results go to bench/results/maximize-<device>-<date>.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -25,7 +24,7 @@ from torch import nn
 from neuroidx_fast.maximization import maximize
 from neuroidx_fast.models import vgg_m
 from bench.bench_index import resnet50_shaped
-from bench.bench_topk import device_name, result_header, save_result, sync
+from bench.bench_topk import bench_parser, device_name, result_header, save_result, sync
 
 
 def timed(fn, device):
@@ -97,14 +96,11 @@ def run_case(case, device, repeat):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="few units and steps (a smoke run, not saved)")
+    parser = bench_parser(__doc__, "few units and steps (a smoke run, not saved)")
     parser.add_argument("--batch-size", type=int, default=256,
                         help="GPU: units per optimisation batch (memory: ~100 MB per unit at 224x224)")
     parser.add_argument("--repeat", type=int, default=None, help="timed runs of each (best; CPU default 3)")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:

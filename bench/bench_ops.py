@@ -24,7 +24,7 @@ from neuroidx_fast import backends, ops
 from neuroidx_fast.image_conv_grad import phase_kernel, strided_input_gradient
 from neuroidx_fast.models import BandLocalResponseNorm, _BandLRN
 
-from .bench_topk import common_args, device_name, result_header, save_result, timed
+from .bench_topk import common_args, device_name, result_header, save_result, timed, timed_backends
 
 
 def cases(device, quick: bool, names):
@@ -81,8 +81,7 @@ def cases(device, quick: bool, names):
 def main(argv=None):
     args = common_args(__doc__, argv)
     device = torch.device(args.device)
-    names = [n for n in backends.available(device.type) if not (n == "triton" and device.type == "cpu")]
-    names.sort(key=lambda n: n != "torch")  # the reference first: it is every ratio's denominator
+    names = timed_backends(device.type)  # the reference first: it is every ratio's denominator
     repeat = 3 if args.quick else 7
     print(f"device: {device_name(device)}; backends: {names}; median of {repeat}")
     print(f"  {'op':<26}{'backend':<9}{'ms':>10}{'x torch':>9}{'equal':>7}")

@@ -116,26 +116,33 @@ def bench_shape(shape, dtype, channels_last, device, repeat, names):
     return rows
 
 
-def common_args(doc: str, argv=None) -> argparse.Namespace:
-    """The options of a benchmark that takes no others: --device (CUDA when there is one), --quick and
-    --out (default bench/results); the help's description is the first line of ``doc``."""
+def bench_parser(doc: str, quick_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --device (CUDA when there is one), --quick and --out (default
+    bench/results); the help's description is the first line of ``doc``. A benchmark adds its own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    return parser.parse_args(argv)
+    return parser
+
+
+def common_args(doc: str, argv=None) -> argparse.Namespace:
+    """The options of a benchmark that takes no others (``bench_parser``), parsed."""
+    return bench_parser(doc).parse_args(argv)
+
+
+def timed_backends(device_type: str) -> list[str]:
+    """The backends to time on a device, the torch reference first (``backends.available`` order); the
+    Triton interpreter on the CPU is no backend to time."""
+    return [n for n in backends.available(device_type) if not (n == "triton" and device_type == "cpu")]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="one small shape, few repeats (a smoke run)")
+    parser = bench_parser(__doc__, "one small shape, few repeats (a smoke run)")
     parser.add_argument("--repeat", type=int, default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    names = [n for n in backends.available(device.type)
-             if not (n == "triton" and device.type == "cpu")]  # the Triton interpreter is not a backend to time
+    names = timed_backends(device.type)
     if device.type == "cuda":
         shapes = [(s, torch.bfloat16, False) for s in GPU_SHAPES] + [(GPU_SHAPES[2], torch.float32, False),
                                                                       (GPU_SHAPES[2], torch.bfloat16, True)]

@@ -5,14 +5,13 @@ import pytest
 import torch
 
 import neuroidx_fast as nx
-from neuroidx_fast import backends
-from bench.bench_topk import Stream, make_batches
+from bench.bench_topk import Stream, make_batches, timed_backends
 from bench.references import NetDissectStyleTopK
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPE = (256, 1024, 14, 14) if DEVICE.type == "cuda" else (64, 512, 28, 28)
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-NAMES = [n for n in backends.available(DEVICE.type) if not (n == "triton" and DEVICE.type == "cpu")]
+NAMES = timed_backends(DEVICE.type)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import difflib
 import torch
 from torch import nn
 
-__all__ = ["resolve_layers", "LayerCapture", "InputCapture"]
+__all__ = ["resolve_layers", "LayerCapture", "InputCapture", "SharedModuleError"]
 
 
 def resolve_layers(model: nn.Module, layers) -> dict[str, nn.Module]:
@@ -47,11 +47,23 @@ def _never_reached(names) -> RuntimeError:
     return RuntimeError(f"the forward never reached layer(s) {list(names)}: they are not used by model.forward")
 
 
+class SharedModuleError(ValueError):
+    """A requested module ran twice in one forward."""
+
+    def __init__(self, name: str):
+        super().__init__(f"layer {name!r} runs more than once in one forward (a module shared by several places of "
+                         "model.forward, e.g. torchvision's ReLU inside a residual block): its outputs are not one "
+                         "layer. Index a module that is called once, e.g. the block that holds it or the conv / "
+                         "norm before it")
+
+
 class LayerCapture:
     """Context manager: ``with LayerCapture(model, names) as cap: outputs = cap.run(x)``.
 
     ``run`` returns ``{name: output tensor}`` for every requested layer and interrupts the forward as
-    soon as all of them have produced their output. A layer that the forward does not reach is an error.
+    soon as all of them have produced their output. A layer that the forward does not reach is an error,
+    and so is a second call of a requested module within one forward (a shared module: which call would
+    be the layer?). ``run_whole`` lets the forward run to its end, so that every such call is seen.
     """
 
     def __init__(self, model: nn.Module, layers, stop_early: bool = True):
@@ -79,6 +91,8 @@ class LayerCapture:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"layer {name!r} returned {type(output).__name__}, not a tensor; index a "
                                 "module whose output is a [B, C, H, W] or [B, C] tensor")
+            if name in self._outputs:
+                raise SharedModuleError(name)
             self._outputs[name] = output
             if self.stop_early and len(self._outputs) == len(self.modules):
                 raise _StopForward
@@ -88,6 +102,27 @@ class LayerCapture:
     def run(self, *inputs, **kwargs) -> dict[str, torch.Tensor]:
         self._outputs = {}
         _forward_until_stopped(self.model, inputs, kwargs)
+        return self._collect()
+
+    def run_whole(self, *inputs, **kwargs) -> dict[str, torch.Tensor]:
+        """As ``run``, without interrupting the forward: a later call of a requested module raises
+        ``SharedModuleError`` here (``run`` stops at the last requested layer, before such a call). Once
+        every requested layer is captured, an error further on is not one (e.g. a head sized for other
+        inputs than the ones indexed): the forward just ends there."""
+        stop_early, self.stop_early = self.stop_early, False
+        self._outputs = {}
+        try:
+            _forward_until_stopped(self.model, inputs, kwargs)
+        except SharedModuleError:
+            raise
+        except Exception:
+            if len(self._outputs) < len(self.modules):
+                raise
+        finally:
+            self.stop_early = stop_early
+        return self._collect()
+
+    def _collect(self) -> dict[str, torch.Tensor]:
         missing = [name for name in self.modules if name not in self._outputs]
         if missing:
             raise _never_reached(missing)

@@ -266,6 +266,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         bar = tqdm(total=total_batches, initial=batches_done, unit="batch", desc="indexing")
     try:
         with torch.no_grad(), LayerCapture(model, names) as capture:
+            first_step = batches_done
             for step, batch in enumerate(loader, start=batches_done):
                 images, labels = split_batch(batch)
                 _check_images(images, first=step == 0)
@@ -281,7 +282,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 if preprocess is not None:
                     x = preprocess(x)
                 with autocast:
-                    outputs = capture.run(x.to(param_dtype))
+                    # the first batch runs the whole forward: a requested module that is called again
+                    # later (shared) is an error before anything is recorded
+                    run = capture.run_whole if step == first_step else capture.run
+                    outputs = run(x.to(param_dtype))
                 if stats is None:
                     meta["input_size"] = tuple(images.shape[-2:])
                     stats = {}

@@ -77,13 +77,49 @@ def test_linear_layer_ties_plain_tensors_and_preprocess():
 
 def test_forward_stops_after_the_deepest_layer():
     model = make_model("vgg")
-
-    def boom(*args):
-        raise AssertionError("computed past the deepest requested layer")
-
-    model.classifier.register_forward_pre_hook(boom)
-    index = nx.index_dataset(model, ImageSet(n=6), ["features.5", "features.2"], k=2, batch_size=4, progress=False)
+    calls = []
+    # (the receptive-field walk traces the model with torch.fx: proxies, not tensors, do not count)
+    model.classifier.register_forward_pre_hook(lambda m, inputs: calls.append(isinstance(inputs[0], torch.Tensor)))
+    index = nx.index_dataset(model, ImageSet(n=10), ["features.5", "features.2"], k=2, batch_size=4, progress=False)
     assert set(index.layers) == {"features.5", "features.2"}
+    # only the first batch runs past the deepest layer (the check for shared modules), not the two others
+    assert sum(calls) == 1
+
+
+def test_a_head_that_cannot_run_at_the_indexed_size_is_no_error():
+    model = make_model("vgg")
+
+    def wrong_size(module, inputs):
+        if isinstance(inputs[0], torch.Tensor):  # (not the receptive-field walk's torch.fx proxies)
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    model.classifier.register_forward_pre_hook(wrong_size)
+    data = ImageSet(n=23)
+    index = nx.index_dataset(model, data, ["features.2"], k=3, batch_size=4, progress=False)
+    check_index(index, brute_force(make_model("vgg"), data, ["features.2"], 3), 3)
+
+
+class _SharedReLU(torch.nn.Module):
+    """conv -> relu -> conv -> the same relu (as torchvision's residual blocks reuse theirs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = torch.nn.ReLU()
+        self.c2 = torch.nn.Conv2d(4, 4, 3, stride=2)
+
+    def forward(self, x):
+        return self.relu(self.c2(self.relu(self.c1(x))))
+
+
+@pytest.mark.parametrize("layers", [["relu"], ["relu", "c2"], ["c2", "relu"]])
+def test_a_shared_module_is_refused_whatever_else_is_indexed(layers):
+    # its first and second calls differ (16 x 16 and 7 x 7 maps): which one the index held would depend
+    # on the other layers requested, and its receptive field would be the first call's
+    with pytest.raises(ValueError, match="'relu' runs more than once in one forward"):
+        nx.index_dataset(_SharedReLU(), ImageSet(n=5), layers, k=2, batch_size=4, progress=False)
+    index = nx.index_dataset(_SharedReLU(), ImageSet(n=5), ["c1", "c2"], k=2, batch_size=4, progress=False)
+    assert index["c2"].map_size == (7, 7)
 
 
 def test_bfloat16_model_and_autocast():

@@ -3,6 +3,8 @@ receptive-field crops of each unit's top-K images, made in one second pass over 
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +94,26 @@ def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
         raise ValueError(f"the index records no receptive field for {layer!r}: pass model= (to compute it) or rf=")
     if not isinstance(rf, ReceptiveField):
         raise TypeError(f"rf must be a ReceptiveField, got {type(rf).__name__}")
+    map_size = tuple(index[layer].map_size)
+    if rf.map_size is not None and tuple(rf.map_size) != map_size:
+        raise ValueError(f"the receptive field is of a layer with {tuple(rf.map_size)} maps, but {layer!r} has "
+                         f"{map_size} maps in the index: pass the receptive field of this layer at the index's "
+                         f"input size (receptive_field(model, {layer!r}, {tuple(index.input_size)}))")
     return rf
+
+
+def _check_top_images(images: torch.Tensor, batch_ids: torch.Tensor, warned: list) -> None:
+    """Finite pixels (a NaN pixel would make a live unit's NF NaN: undefined is for dead units only), in
+    [0, 1] (else warn once: the NF is clamped to [0, 1], so normalised images give a washed-out NF)."""
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = batch_ids[~finite.cpu()][:5].tolist()
+        raise ValueError(f"top images {bad} hold NaN or infinite pixels: the dataset must give finite pixel-space "
+                         "images in [0, 1]")
+    if not warned and images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
+        warned.append(True)
+        warnings.warn("top images are outside [0, 1]: Neuron Features are averages of pixel-space crops, clamped "
+                      "to [0, 1]; pass the images before normalisation", stacklevel=3)
 
 
 def resolve_dataset(index: NeuronIndex, dataset):
@@ -142,7 +163,13 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     rf = _resolve_rf(index, layer, rf, model)
     pad = _resolve_pad(pad, index)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    units = torch.arange(L.num_units) if units is None else torch.as_tensor(units, dtype=torch.int64).reshape(-1)
+    if units is None:
+        units = torch.arange(L.num_units)
+    else:
+        units = torch.as_tensor(units).reshape(-1)
+        if units.is_floating_point() or units.is_complex() or units.dtype == torch.bool:
+            raise ValueError(f"units must be integer channel indices, got {units.dtype} values")
+        units = units.to(torch.int64)
     if units.numel() and (int(units.min()) < 0 or int(units.max()) >= L.num_units):
         raise IndexError(f"units must lie in [0, {L.num_units}) for layer {layer!r}")
 
@@ -163,10 +190,12 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     crops = torch.zeros((C, keep, 3, rh, rw), dtype=torch.uint8)
     ids_dev, tops_dev, weights_dev = ids.to(device), tops.to(device), weights.to(device)
     try_codes = device.type == "cpu" and backends.resolve_name(backend, device) == "cpp"
+    warned: list = []
     for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
         if tuple(images.shape[-2:]) != tuple(rf.input_size) or images.shape[1] != 3:
             raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on 3 x "
                              f"{tuple(rf.input_size)} images: pass the dataset the index was built from")
+        _check_top_images(images, batch_ids, warned)
         images = images.to(device=device, dtype=torch.float32)
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes

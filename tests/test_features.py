@@ -197,6 +197,24 @@ def test_bad_arguments(indexed):
         neuron_features(index, "features.8", units=[16])
     with pytest.raises(ValueError, match="keep_crops"):
         neuron_features(index, "features.8", keep_crops=-1)
+    with pytest.raises(ValueError, match="integer channel indices"):
+        neuron_features(index, "features.8", units=[1.5])
+    with pytest.raises(ValueError, match=r"\(9, 9\) maps, but 'features.8' has \(2, 2\) maps"):
+        neuron_features(index, "features.8", rf=index.receptive_field("features.4"))
+
+
+def test_bad_pixels_in_the_second_pass(indexed):
+    _, dataset, index = indexed
+    top = int(index["features.8"].ids[0, 0])
+    broken = ImageSet(n=21, size=18)
+    broken.images[top, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=rf"top images \[{top}\] hold NaN"):
+        neuron_features(index, "features.8", dataset=broken)
+    normalised = ImageSet(n=21, size=18)
+    normalised.images = (normalised.images - 0.5) / 0.25
+    with pytest.warns(UserWarning, match="outside \\[0, 1\\]"):
+        features = neuron_features(index, "features.8", dataset=normalised)
+    assert features.nf[~features.dead].min() >= 0 and features.nf[~features.dead].max() <= 1
 
 
 def test_png_outputs(indexed, tmp_path):

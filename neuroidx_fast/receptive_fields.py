@@ -166,8 +166,11 @@ _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
     nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
     nn.AlphaDropout, nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.LocalResponseNorm, nn.Softmax2d,
-    nn.ChannelShuffle, nn.Softmax, nn.LogSoftmax,  # (over channels; a [B, C] input is already the whole image)
+    nn.ChannelShuffle,
 )
+# Pointwise when taken over the channel axis (each position on its own), else mixing whole rows / columns.
+_SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
+_SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax}
 # Normalisations whose statistics are taken over all positions of an image mix the whole map.
 _MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.Flatten, nn.Linear, nn.Bilinear)
 
@@ -178,7 +181,7 @@ _POINTWISE_FUNCTIONS = {
     torch.stack, torch.square, torch.sqrt, torch.pow, operator.pow,
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardtanh, F.hardswish,
     F.hardsigmoid, F.softplus, torch.sigmoid, F.dropout, F.dropout2d, F.batch_norm, F.local_response_norm,
-    F.channel_shuffle, torch.channel_shuffle, torch.clone, torch.softmax, F.softmax, F.log_softmax,
+    F.channel_shuffle, torch.channel_shuffle, torch.clone,
 }
 _POINTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
@@ -201,12 +204,25 @@ def _cat_signature(tensors, dim=0):
     """Argument names of torch.cat / torch.concat (builtins)."""
 
 
+def _softmax_signature(input, dim=None, dtype=None):
+    """Argument names of torch.softmax / torch.log_softmax (builtins)."""
+
+
+def _softmax_state(state, x, dim):
+    """A softmax over ``dim`` of ``x``: pointwise over the channel axis of a map (dim None: torch's
+    implicit choice, the channels of a 4-d input), else every position mixes with its whole row, column
+    or map: the whole image."""
+    if state is None or state is WHOLE or not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return state if state is None or state is WHOLE else WHOLE
+    return state if dim is None or dim % 4 == 1 else WHOLE
+
+
 # Functions whose Python signature is hidden (builtins, boolean-dispatch wrappers): where to read it.
 _SIGNATURES = {
     F.conv2d: _conv2d_signature, F.avg_pool2d: _avg_pool2d_signature, F.max_pool2d: F._max_pool2d,
     torch.max_pool2d: F._max_pool2d, F.max_pool2d_with_indices: F._max_pool2d,
     F.adaptive_max_pool2d: F.adaptive_max_pool2d_with_indices, torch.cat: _cat_signature,
-    torch.concat: _cat_signature,
+    torch.concat: _cat_signature, torch.softmax: _softmax_signature, torch.log_softmax: _softmax_signature,
 }
 
 
@@ -231,6 +247,8 @@ def _module_state(module: nn.Module, state, x, out):
     if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
         left, _, top, _ = module.padding if len(module.padding) == 4 else (module.padding[0],) * 4
         return _window(state, 1, 1, (top, left))
+    if isinstance(module, _SOFTMAX_MODULES):
+        return _softmax_state(state, x, module.dim)
     if isinstance(module, _POINTWISE_MODULES):
         return state
     if isinstance(module, _MIXING_MODULES):
@@ -253,6 +271,9 @@ def _function_state(fn, args, kwargs, states, out):
         return merged
     if fn in _MIXING_FUNCTIONS:
         return WHOLE if _union(states) is not None else None
+    if fn in _SOFTMAX_FUNCTIONS:
+        a = _bind(fn, args, kwargs)
+        return _softmax_state(_union(states), a.get("input"), a.get("dim"))
     state = states[0] if states else None
     if fn in (F.conv2d,):
         a = _bind(fn, args, kwargs)
@@ -324,7 +345,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m, qualname):
         # a subclass of a known pointwise module (e.g. models.BandLocalResponseNorm) is still pointwise
-        return id(m) in self.leaves or isinstance(m, _POINTWISE_MODULES) or super().is_leaf_module(m, qualname)
+        return (id(m) in self.leaves or isinstance(m, _POINTWISE_MODULES + _SOFTMAX_MODULES)
+                or super().is_leaf_module(m, qualname))
 
 
 def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:
@@ -529,14 +551,17 @@ def _layer_output(model, layer, size, channels):
 
 
 def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
-    """Size, stride and offset measured by the gradient probe at two neighbouring positions near the
-    centre of the map, on inputs enlarged until the field of view no longer touches the image border."""
+    """Size, stride and offset measured by the gradient probe at three positions near the centre of
+    the map (the centre and its diagonal neighbours), on inputs enlarged until the field of view no
+    longer touches the image border. A field that spans the whole input along an axis of a map wider
+    than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
+    sizes or spacings (branches merged at different strides) are an error."""
     size = _as_size(input_size)
     out = _layer_output(model, layer, size, channels)
     map_size = _spatial(out) if out.dim() == 4 else (1, 1)
     if out.dim() != 4:
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")  # positions flattened away
-    best = None
+    best, previous_map = None, None
     for scale in (1, 2, 4):
         probe_size = (size[0] * scale, size[1] * scale)
         try:
@@ -544,23 +569,42 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         except Exception:
             break  # the model accepts no larger input
         h, w = _spatial(probe_map)
+        if previous_map is not None and (h, w) == previous_map:
+            break  # the map did not grow (adaptive pooling): the larger input has another geometry
+        previous_map = (h, w)
         cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
-        points = [(cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))]
+        points = sorted({(max(cy - 1, 0), max(cx - 1, 0)), (cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))})
         boxes = [_bounds(m) for m in probe_gradient(model, layer, probe_size, points, channels)]
-        if boxes[0] is None:
+        if any(b is None for b in boxes):
             raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
         whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1)
-        best = (probe_size, points, boxes, whole)
-        clipped = any(b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1 for b in boxes)
-        if whole or not clipped:
+        # a box from border to border on an axis along which the map has several positions, at the
+        # largest input tried: the unit mixes a whole row or column
+        spans = ((h > 1 and any(b[0] == 0 and b[2] == probe_size[0] - 1 for b in boxes))
+                 or (w > 1 and any(b[1] == 0 and b[3] == probe_size[1] - 1 for b in boxes)))
+        inside = [(p, b) for p, b in zip(points, boxes)
+                  if not (b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1)]
+        best = (probe_size, points, boxes, whole, spans, inside)
+        if whole or len(inside) == len(points) or (len(inside) >= 2 and scale == 1):
             break
-    probe_size, points, boxes, whole = best
-    if whole:
+    probe_size, points, boxes, whole, spans, inside = best
+    if whole or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
-    (y, x), (y1, x1) = points
-    b0, b1 = boxes
-    stride = ((b1[0] - b0[0]) // (y1 - y) if y1 != y else 1, (b1[1] - b0[1]) // (x1 - x) if x1 != x else 1)
-    rf_size = (b0[2] - b0[0] + 1, b0[3] - b0[1] + 1)
+    if len(inside) >= 2:  # the fields the image border does not cut
+        points, boxes = [p for p, _ in inside], [b for _, b in inside]
+    else:  # every field reaches the border at every size tried: its size is a lower bound (warned below)
+        points, boxes = points[:2], boxes[:2]
+    sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in boxes]
+    steps = [tuple((bq[a] - bp[a]) / (q[a] - p[a]) if q[a] != p[a] else None for a in (0, 1))
+             for (p, bp), (q, bq) in zip(zip(points, boxes), list(zip(points, boxes))[1:])]
+    rf_size = tuple(max(sz[a] for sz in sizes) for a in (0, 1))  # the largest: crops then hold every field
+    stride = tuple(max(1, round(steps[0][a])) if steps and steps[0][a] is not None else 1 for a in (0, 1))
+    if len(inside) >= 2 and (len(set(sizes)) > 1 or len(set(steps)) > 1):
+        warnings.warn(f"the gradient probe measured fields of {layer!r} that no single size and stride describe "
+                      f"(boxes {boxes} at map positions {points}: windows of unequal sizes, or branches merged at "
+                      f"different strides); using size {rf_size} and stride {stride}: an approximation, near the "
+                      "centre of the map at best", stacklevel=3)
+    (y, x), b0 = points[0], boxes[0]
     offset = (b0[0] - y * stride[0], b0[1] - x * stride[1])
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "

@@ -154,6 +154,34 @@ def test_layers_that_mix_all_positions_see_the_whole_image():
     assert probe_receptive_field(resnet, "head.2", (17, 14)).whole_image
 
 
+class _Softmaxed(nn.Module):
+    """conv -> a softmax (module or function form, over some axis) -> strided conv."""
+
+    def __init__(self, softmax):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3, stride=2)
+        self.softmax = softmax
+
+    def forward(self, x):
+        return self.out(self.softmax(self.conv(x)))
+
+
+@pytest.mark.parametrize("softmax, per_position", [
+    (nn.Softmax(dim=1), True), (nn.LogSoftmax(dim=-3), True), (nn.Softmax2d(), True),
+    (lambda x: F.softmax(x, dim=1), True), (lambda x: torch.softmax(x, -3), True),
+    (nn.Softmax(dim=-1), False), (nn.LogSoftmax(dim=2), False), (lambda x: F.log_softmax(x, dim=3), False),
+    (lambda x: torch.softmax(x, -1), False),
+])
+def test_softmax_keeps_the_box_over_channels_only(softmax, per_position):
+    model = _Softmaxed(softmax).eval()
+    rf = receptive_field(model, "out", 20, method="analytic")
+    if per_position:  # each position normalised on its own: the two 3x3 convs' field
+        # (the probe cannot check it: with positive weights the channels' softmax sum has no gradient)
+        assert (rf.size, rf.stride, rf.offset, rf.whole_image) == ((5, 5), (2, 2), (0, 0), False)
+    else:  # over a row or column of the map: every output reads a whole image row / column
+        assert rf.whole_image
+
+
 def test_unknown_operation_falls_back_to_the_probe_with_a_warning():
     class Shifted(nn.Module):
         def __init__(self):
@@ -201,6 +229,32 @@ def test_merging_branches_with_different_strides_is_an_error():
         _union([_Box((2, 2), (3, 3), (0, 0)), _Box((4, 4), (7, 7), (-1, -1))])
     merged = _union([_Box((2, 2), (3, 3), (0, 0)), _Box((2, 2), (7, 5), (-2, -1))])
     assert merged == _Box((2, 2), (7, 5), (-2, -1))
+
+
+class _TwoStrides(nn.Module):
+    """Two branches of 8 x 8 maps, one of stride 2 and one of stride 4, concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Conv2d(3, 2, 1, stride=4, padding=8)
+        self.out = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([self.a(x), self.b(x)], dim=1))
+
+
+def test_a_model_merging_different_strides_has_no_receptive_field():
+    model = _TwoStrides().eval()
+    with pytest.raises(ValueError, match="different strides"):
+        receptive_field(model, "out", 16)
+    with pytest.warns(UserWarning, match="no single size and stride describe"):
+        probe_receptive_field(model, "out", 16)
+
+
+def test_the_probe_sees_a_unit_that_mixes_a_whole_row_as_the_whole_image():
+    model = _Softmaxed(nn.Softmax(dim=-1)).eval()
+    assert probe_receptive_field(model, "out", 20).whole_image
+    assert receptive_field(model, "out", 20).whole_image
 
 
 def test_bad_arguments():

@@ -444,8 +444,10 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
             _Walk(gm, [_START], layer).run(_blank_input(model, size, channels))
     except _Reached as reached:
         return _to_rf(reached.state, size, reached.output, "analytic")
-    except (_Unsupported, ValueError):
-        raise
+    except (_Unsupported, ValueError) as exc:
+        # torch.fx's interpreter appends the failing node and a hint about its logs: not ours to show
+        message = str(exc).split("\n\nWhile executing")[0]
+        raise type(exc)(message) from None
     except Exception as exc:
         raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {exc})") from None
     raise _Unsupported(f"layer {layer!r} is not called as a module in the traced graph")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prepare import as_index
+
 __all__ = ["cluster_units", "cluster_categories", "Clusters", "purity"]
 
 UNIT_FEATURES = ("class_profile", "nf")
@@ -74,11 +76,14 @@ def _layer(index, layer):
     raise TypeError(f"expected a NeuronIndex and a layer name, got {type(index).__name__} and {layer!r}")
 
 
-def _check_k(n_clusters, available, what):
-    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+def _check_k(n_clusters, available, what) -> int:
+    k = as_index(n_clusters)
+    if k is None or k < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
+    n_clusters = k
     if n_clusters > available:
         raise ValueError(f"n_clusters={n_clusters} is more than the {available} {what} that can be clustered")
+    return n_clusters
 
 
 def _class_means(index, layer_index, caller):
@@ -166,7 +171,7 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
             z, finite = _zscore_rows(points)
             points, ok = z, ok & finite
     available = int(ok.sum())
-    _check_k(n_clusters, available, "units (with a usable feature)")
+    n_clusters = _check_k(n_clusters, available, "units (with a usable feature)")
     sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init)
     names = [f"unit {c}" for c in range(num_units)]
     return _finish("unit", layer, features, n_clusters, ok, sub_labels, score, reference, names)
@@ -191,7 +196,7 @@ def cluster_categories(index, layer: str, n_clusters: int, groups=None, normaliz
             raise ValueError(f"every unit of layer {layer!r} has the same mean on every class: nothing to cluster")
         points = torch.zeros(means.shape[0], int(usable.sum()), dtype=torch.float64)
         points[ok] = z[usable].T
-    _check_k(n_clusters, int(ok.sum()), "classes with images")
+    n_clusters = _check_k(n_clusters, int(ok.sum()), "classes with images")
     sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init)
     count = means.shape[0]
     names = list(index.class_names) if index.class_names and len(index.class_names) == count else \

@@ -11,6 +11,7 @@ from torch import nn
 
 from .hooks import resolve_layers
 from .maximization import frozen_eval, model_device
+from .prepare import as_index
 
 __all__ = ["contributions", "Contributions"]
 
@@ -72,6 +73,8 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
         image = image[None]
     if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
         raise ValueError(f"image must be one image [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError("image holds NaN or infinite pixels: give a finite pixel-space image")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ValueError(f"top must be a positive int, got {top!r}")
     device = model_device(model, device)
@@ -103,8 +106,10 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
             logits = logits.reshape(-1)
             if target is None:
                 target = int(logits.argmax())
-            elif isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < logits.numel():
+            elif as_index(target) is None or not 0 <= as_index(target) < logits.numel():
                 raise ValueError(f"target must be a class index in 0..{logits.numel() - 1}, got {target!r}")
+            else:
+                target = as_index(target)
             F = captured["F"]
             (grad,) = torch.autograd.grad(logits[target], F, allow_unused=True)
             if grad is None:

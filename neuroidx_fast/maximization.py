@@ -21,7 +21,7 @@ from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
-from .prepare import model_device as _model_device, param_dtype
+from .prepare import as_index, model_device as _model_device, param_dtype
 from .unit_objective import OBJECTIVES, UnitObjective
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
@@ -76,10 +76,18 @@ def _size(size) -> tuple[int, int]:
 
 
 def _positive(name, value, integer=False, zero_ok=False):
-    bad = isinstance(value, bool) or (integer and not isinstance(value, int)) or not isinstance(value, (int, float))
-    if bad or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+    """``value`` checked (a positive, or with ``zero_ok`` non-negative, number; an int when ``integer``:
+    NumPy integers too) and returned as a Python int or float."""
+    number = as_index(value)
+    if number is None and not integer and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = None
+    if number is None or not math.isfinite(number) or number < 0 or (number == 0 and not zero_ok):
         kind = "int" if integer else "number"
         raise ValueError(f"{name} must be a {'non-negative' if zero_ok else 'positive'} {kind}, got {value!r}")
+    return number
 
 
 def _units(units) -> list[int]:
@@ -88,14 +96,18 @@ def _units(units) -> list[int]:
             raise ValueError(f"units must be integer channel indices, got a {units.dtype} tensor of shape "
                              f"{tuple(units.shape)}")
         units = units.reshape(-1).tolist()
-    elif isinstance(units, int) and not isinstance(units, bool):
-        units = [units]
-    units = list(units)
+    else:
+        single = as_index(units)
+        try:
+            units = [single] if single is not None else list(units)
+        except TypeError:
+            raise ValueError(f"units must be ints (channel indices), got {units!r}") from None
     if not units:
         raise ValueError("no units given: name at least one channel of the layer")
-    if any(isinstance(u, bool) or not isinstance(u, int) for u in units):
+    indices = [as_index(u) for u in units]
+    if any(i is None for i in indices):
         raise ValueError(f"units must be ints (channel indices), got {units!r}")
-    return units
+    return indices
 
 
 def _check_units(units, width, name):
@@ -106,6 +118,13 @@ def _check_units(units, width, name):
 
 def _gap(out: torch.Tensor) -> torch.Tensor:
     return out.float() if out.dim() == 2 else out.float().mean(dim=(2, 3))
+
+
+def _seed(seed) -> int:
+    value = as_index(seed)
+    if value is None:
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return value
 
 
 def _chunks(n, size):
@@ -171,6 +190,7 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     name = _one_layer(model, layer)
     units = _units(units)
     size = _size(size)
+    seed = _seed(seed)
     _positive("steps", steps, integer=True, zero_ok=True)
     _positive("lr", lr)
     for label, value in (("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)):
@@ -298,6 +318,10 @@ def _image_batch(images, ids=None) -> torch.Tensor:
 
 
 def _check_pixel_range(batch: torch.Tensor) -> None:
+    finite = torch.isfinite(batch).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().reshape(-1)[:5].tolist()
+        raise ValueError(f"image(s) {bad} of the set hold NaN or infinite pixels: give finite pixel-space images")
     low, high = float(batch.min()), float(batch.max())
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(f"images must be in pixel space [0, 1], got values in [{low:.3g}, {high:.3g}]: pass the "
@@ -365,11 +389,11 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     and is blurred every ``blur_every`` steps. ``return_targets=True`` also returns a ``TowardsResult``.
     """
     name = _one_layer(model, layer)
+    seed = _seed(seed)
     batch = _image_batch(images, ids)
     _check_pixel_range(batch)
     n = batch.shape[0]
-    if isinstance(clusters, bool) or not isinstance(clusters, int) or clusters < 1:
-        raise ValueError(f"clusters must be a positive int, got {clusters!r}")
+    clusters = _positive("clusters", clusters, integer=True)
     if clusters > n:
         raise ValueError(f"clusters={clusters} is more than the {n} images given: choose clusters <= {n}")
     _positive("top_channels", top_channels, integer=True)

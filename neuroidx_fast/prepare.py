@@ -4,11 +4,24 @@ length), and how it reads the dataset's batches."""
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 from torch import nn
 
-__all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "dataset_length", "split_batch"]
+__all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "dataset_length", "split_batch",
+           "as_index"]
+
+
+def as_index(value):
+    """``value`` as a Python int when it is an integer (int, NumPy integer, 0-d integer tensor: anything
+    with ``__index__``) other than a bool; None otherwise (floats, bools, None, strings)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 @contextlib.contextmanager

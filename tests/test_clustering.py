@@ -3,6 +3,7 @@ SPEC.md section 7)."""
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
@@ -131,6 +132,10 @@ def test_clear_errors_without_labels_or_layer(model):
         cluster_units(unlabelled, "1", 2)
     with pytest.raises(KeyError, match="not in this index"):
         cluster_units(unlabelled, "0", 2)
+    labelled = nx.index_dataset(model, TintedImages(), ["1"], k=4, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="n_clusters must be a positive int, got 2.0"):
+        cluster_units(labelled, "1", 2.0)
+    assert torch.equal(cluster_units(labelled, "1", np.int64(2)).labels, cluster_units(labelled, "1", 2).labels)
 
 
 def test_purity():
@@ -182,6 +187,15 @@ def test_contributions_errors_and_state():
         contributions(model, image, "conv")
     with pytest.raises(ValueError, match="one image"):
         contributions(model, torch.rand(2, 3, 12, 12), "0")
+    broken = image.clone()
+    broken[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite pixels"):
+        contributions(model, broken, "0")
+    with pytest.raises(ValueError, match="target must be a class index"):
+        contributions(model, image, "0", target=1.0)
+    # NumPy integers are integers
+    assert torch.equal(contributions(model, image, "0", target=np.int64(2)).values,
+                       contributions(model, image, "0", target=2).values)
     result = contributions(model, image, "0")
     assert model.training and model[0].training  # restored
     assert result.values.shape == (GROUPS * COPIES + DEAD,)

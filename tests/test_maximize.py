@@ -1,5 +1,6 @@
 """Activation maximisation (batched) and the dual objective of "The Mind's Eye" (SPEC.md section 7)."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -179,6 +180,18 @@ def test_errors(net):
         mx.maximize(net, "conv1", [0], size=0, steps=1)
     with pytest.raises(ValueError, match="cannot run on 2x2"):
         mx.maximize(nn.Sequential(nn.Conv2d(3, 4, 5)), "0", [0], size=2, steps=1)
+    for bad in ([1.5], 1.5, [True], "conv1"):
+        with pytest.raises(ValueError, match="units must be ints"):
+            mx.maximize(net, "conv1", bad, size=SIZE, steps=1)
+    with pytest.raises(ValueError, match="seed must be an int, got None"):
+        mx.maximize(net, "conv1", [0], size=SIZE, steps=1, seed=None)
+    with pytest.raises(ValueError, match="steps must be a non-negative int, got 1.5"):
+        mx.maximize(net, "conv1", [0], size=SIZE, steps=1.5)
+    # NumPy integers (and 0-d integer tensors) are integers
+    want = mx.maximize(net, "conv1", [0, 3], size=SIZE, steps=2, seed=1)
+    got = mx.maximize(net, "conv1", np.array([0, 3]), size=SIZE, steps=np.int64(2), seed=np.int32(1))
+    assert torch.equal(got, want)
+    assert torch.equal(mx.maximize(net, "conv1", torch.tensor(3), size=SIZE, steps=2, seed=1), want[1:])
 
 
 def test_parametrisations_round_trip_and_colour_matrix():
@@ -271,6 +284,12 @@ def test_towards_errors(net, two_groups):
         mx.maximize_towards(net, "conv9", two_groups[:4], steps=1)
     with pytest.raises(ValueError, match=r"pixel space \[0, 1\].*preprocess="):
         mx.maximize_towards(net, "conv2", (two_groups[:4] - 0.5) / 0.25, steps=1)
+    broken = two_groups[:4].clone()
+    broken[2, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"image\(s\) \[2\] of the set hold NaN"):
+        mx.maximize_towards(net, "conv2", broken, steps=1)
+    with pytest.raises(ValueError, match="clusters must be a positive int"):
+        mx.maximize_towards(net, "conv2", two_groups[:4], clusters=1.0, steps=1)
 
 
 @pytest.mark.gpu

@@ -437,6 +437,11 @@ def _to_rf(state, size, out, method) -> ReceptiveField:
     return ReceptiveField(state.size, state.jump, state.offset, size, map_size, False, method)
 
 
+def _without_fx_note(exc: Exception) -> str:
+    """The error's message without what torch.fx's interpreter appends (the failing node, a log tool)."""
+    return str(exc).split("\n\nWhile executing")[0].strip()
+
+
 def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int) -> ReceptiveField:
     gm = _trace(model, leaves=[module])
     try:
@@ -445,11 +450,9 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
     except _Reached as reached:
         return _to_rf(reached.state, size, reached.output, "analytic")
     except (_Unsupported, ValueError) as exc:
-        # torch.fx's interpreter appends the failing node and a hint about its logs: not ours to show
-        message = str(exc).split("\n\nWhile executing")[0]
-        raise type(exc)(message) from None
+        raise type(exc)(_without_fx_note(exc)) from None
     except Exception as exc:
-        raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {exc})") from None
+        raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {_without_fx_note(exc)})") from None
     raise _Unsupported(f"layer {layer!r} is not called as a module in the traced graph")
 
 

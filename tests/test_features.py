@@ -203,6 +203,27 @@ def test_bad_arguments(indexed):
         neuron_features(index, "features.8", rf=index.receptive_field("features.4"))
 
 
+class _CountingSet(ImageSet):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = []
+
+    def __getitem__(self, i):
+        self.reads.append(int(i))
+        return super().__getitem__(i)
+
+
+def test_second_pass_reads_each_top_image_once_in_id_order(indexed):
+    _, dataset, index = indexed
+    counting = _CountingSet(n=21, size=18)
+    assert torch.equal(counting.images, dataset.images)
+    features = neuron_features(index, "features.8", dataset=counting, batch_size=4)
+    layer = index["features.8"]
+    wanted = sorted(set(layer.ids[layer.live_slots()].tolist()))
+    assert counting.reads == wanted  # every unit's top images, each once, in id order
+    torch.testing.assert_close(features.nf, neuron_features(index, "features.8").nf, equal_nan=True)
+
+
 def test_bad_pixels_in_the_second_pass(indexed):
     _, dataset, index = indexed
     top = int(index["features.8"].ids[0, 0])

@@ -144,6 +144,17 @@ def test_vgg_m_conv5_at_224_worked_by_hand():
     assert tops.tolist() == [[-52, -52], [140, 44]]
 
 
+@pytest.mark.parametrize("pool_padding, offset", [(0, 0), (1, -1)])
+def test_dilated_max_pooling_worked_by_hand(pool_padding, offset):
+    # conv 3x3: r = 3, j = 1. Pool 3x3, dilation 2 (k_eff = 5), stride 2: r = 3 + 4 * 1 = 7, j = 2,
+    # offset 0 - padding * 1. (The probe cannot check it: its copy averages instead of taking the max,
+    # and average pooling has no dilation.)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.MaxPool2d(3, stride=2, padding=pool_padding, dilation=2)).eval()
+    rf = receptive_field(model, "1", 32, method="analytic")
+    assert (rf.size, rf.stride, rf.offset) == ((7, 7), (2, 2), (offset, offset))
+    assert rf.box(3, 1) == (offset + 6, offset + 2, offset + 12, offset + 8)
+
+
 def test_layers_that_mix_all_positions_see_the_whole_image():
     model = AlexNetLike().eval()
     for layer in ("classifier.1", "classifier.3"):

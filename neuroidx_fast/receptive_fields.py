@@ -171,6 +171,8 @@ _POINTWISE_MODULES = (
 # Pointwise when taken over the channel axis (each position on its own), else mixing whole rows / columns.
 _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 _SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax}
+# Reductions: over channels they keep the box, over positions they see the whole image.
+_REDUCING_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.logsumexp}
 # Normalisations whose statistics are taken over all positions of an image mix the whole map.
 _MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.Flatten, nn.Linear, nn.Bilinear)
 
@@ -206,6 +208,19 @@ def _cat_signature(tensors, dim=0):
 
 def _softmax_signature(input, dim=None, dtype=None):
     """Argument names of torch.softmax / torch.log_softmax (builtins)."""
+
+
+def _reduce_state(state, x, out):
+    """A reduction of ``x`` (torch.mean(x, dim) and the like): a map of the same positions out keeps
+    the box (channels reduced), anything else mixed positions: the whole image."""
+    if state is None or state is WHOLE:
+        return state
+    if isinstance(out, (tuple, list)):  # torch.max(x, dim) returns (values, indices)
+        out = out[0] if out else None
+    if (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() == out.dim() == 4
+            and _spatial(out) == _spatial(x)):
+        return state
+    return WHOLE
 
 
 def _softmax_state(state, x, dim):
@@ -261,7 +276,9 @@ def _function_state(fn, args, kwargs, states, out):
     if fn in _POINTWISE_FUNCTIONS:
         merged = _union(states)
         if merged is not None and merged is not WHOLE and isinstance(out, torch.Tensor):
-            shapes = {_spatial(a) for a in _tensor_args(args, kwargs) if _spatial(a) is not None}
+            # a 1 x 1 operand (a per-channel scale, a pooled gate) broadcasts without mixing positions;
+            # where it comes from the image, the union of the states above holds it
+            shapes = {_spatial(a) for a in _tensor_args(args, kwargs) if _spatial(a) not in (None, (1, 1))}
             if len(shapes) > 1 and fn not in (torch.cat, torch.concat, torch.stack):
                 raise _Unsupported(f"{name} broadcasts maps of different sizes {sorted(shapes)}")
             if fn in (torch.cat, torch.concat):
@@ -271,6 +288,8 @@ def _function_state(fn, args, kwargs, states, out):
         return merged
     if fn in _MIXING_FUNCTIONS:
         return WHOLE if _union(states) is not None else None
+    if fn in _REDUCING_FUNCTIONS:
+        return _reduce_state(_union(states), args[0] if args else None, out)
     if fn in _SOFTMAX_FUNCTIONS:
         a = _bind(fn, args, kwargs)
         return _softmax_state(_union(states), a.get("input"), a.get("dim"))
@@ -560,9 +579,15 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     the map (the centre and its diagonal neighbours), on inputs enlarged until the field of view no
     longer touches the image border. A field that spans the whole input along an axis of a map wider
     than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
-    sizes or spacings (branches merged at different strides) are an error."""
+    sizes or spacings (branches merged at different strides) take the largest, with a warning."""
     size = _as_size(input_size)
-    out = _layer_output(model, layer, size, channels)
+    try:
+        out = _layer_output(model, layer, size, channels)
+    except RuntimeError as exc:
+        if "never reached" in str(exc):
+            raise
+        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs up to layer {layer!r} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}): choose a larger input_size") from None
     map_size = _spatial(out) if out.dim() == 4 else (1, 1)
     if out.dim() != 4:
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")  # positions flattened away

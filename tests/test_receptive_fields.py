@@ -193,6 +193,34 @@ def test_softmax_keeps_the_box_over_channels_only(softmax, per_position):
         assert rf.whole_image
 
 
+class _ScaledThenPooled(nn.Module):
+    """A per-channel learned scale (a [1, C, 1, 1] parameter) and a functional global mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3, stride=2), nn.Linear(2, 3)
+        self.scale = nn.Parameter(torch.full((1, 4, 1, 1), 2.0))
+
+    def forward(self, x):
+        y = self.out(self.conv(x) * self.scale)
+        return self.fc(torch.mean(y, dim=(2, 3)))
+
+
+def test_common_functional_patterns_need_no_probe(recwarn):
+    model = _ScaledThenPooled().eval()
+    rf = receptive_field(model, "out", 20)
+    assert (rf.size, rf.stride, rf.offset, rf.method) == ((5, 5), (2, 2), (0, 0), "analytic")
+    assert receptive_field(model, "fc", 20).whole_image
+    assert not [w for w in recwarn if "probe" in str(w.message)]
+
+
+def test_an_input_too_small_for_the_model_is_a_clear_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 7), nn.Conv2d(4, 4, 7)).eval()
+    with pytest.warns(UserWarning, match="graph walk stopped"), \
+            pytest.raises(ValueError, match="cannot run on 8x8 inputs up to layer '1'.*larger input_size"):
+        receptive_field(model, "1", 8)
+
+
 def test_unknown_operation_falls_back_to_the_probe_with_a_warning():
     class Shifted(nn.Module):
         def __init__(self):

@@ -9,7 +9,7 @@ from PIL import Image
 import neuroidx_fast as nx
 from neuroidx_fast.features import neuron_features, save_grid, save_unit
 from neuroidx_fast.neuron_index import NeuronIndex
-from tests.conftest import cpu_backends
+from tests.conftest import cpu_backends, gpu_backends
 from tests.models import ImageSet, make_model
 
 LAYERS = ["features.0", "features.4", "features.8", "classifier.1"]
@@ -86,6 +86,21 @@ def test_nf_equals_brute_force_on_every_backend(indexed, layer, pad):
         else:  # same batches, same float64 accumulation order: every backend gives the same bits
             assert torch.equal(feats.nf.nan_to_num(-1), reference.nf.nan_to_num(-1)), backend
             assert torch.equal(feats.crops, reference.crops), backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", [b for b in gpu_backends() if b != "torch"] or ["cuda", "triton"])
+def test_nf_on_the_gpu_equals_the_cpu_bits(indexed, backend):
+    if backend not in gpu_backends():
+        pytest.skip(f"backend {backend} unavailable on cuda")
+    _, dataset, index = indexed
+    for layer in LAYERS:
+        for pad in ("gray", "edge"):
+            cpu = neuron_features(index, layer, pad=pad, keep_crops=4, batch_size=5, backend="torch")
+            gpu = neuron_features(index, layer, pad=pad, keep_crops=4, batch_size=5, backend=backend, device="cuda")
+            # float64 sums added in the same order on every backend: the same bits
+            assert torch.equal(gpu.nf.nan_to_num(-1), cpu.nf.nan_to_num(-1)), (layer, pad)
+            assert torch.equal(gpu.crops, cpu.crops) and torch.equal(gpu.dead, cpu.dead), (layer, pad)
 
 
 def test_8bit_images_pass_as_pixel_codes_with_the_same_bits(indexed, monkeypatch):

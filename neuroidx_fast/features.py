@@ -25,8 +25,9 @@ NORMS = ("sum", "k")
 class NeuronFeatures:
     """The Neuron Features of one layer.
 
-    ``nf`` [C, 3, rh, rw] float32 in [0, 1], NaN for dead units; ``crops`` [C, keep, 3, rh, rw] uint8:
-    the crops of each unit's best ``keep`` top images (zeros where there is none); ``crop_ids`` and
+    ``nf`` [C, 3, rh, rw] float32 in [0, 1], NaN for dead units; ``crops`` [C, keep, 3, rh, rw] uint8
+    (keep = min(keep_crops, K): no more crops than the index holds top images per unit): the crops of
+    each unit's best ``keep`` top images (zeros where there is none); ``crop_ids`` and
     ``crop_values`` [C, keep]: their dataset ids (-1: none) and activations; ``dead`` [C] bool;
     ``weight_sum`` [C]: sum of the weights a_j / a_1; ``units`` [C]: which units of the layer these are.
     """

@@ -64,6 +64,8 @@ class LayerCapture:
     soon as all of them have produced their output. A layer that the forward does not reach is an error,
     and so is a second call of a requested module within one forward (a shared module: which call would
     be the layer?). ``run_whole`` lets the forward run to its end, so that every such call is seen.
+    Outputs are the values the layer returned: copies wherever the forward goes on past the layer (a
+    later in-place op would otherwise rewrite them).
     """
 
     def __init__(self, model: nn.Module, layers, stop_early: bool = True):
@@ -93,8 +95,11 @@ class LayerCapture:
                                 "module whose output is a [B, C, H, W] or [B, C] tensor")
             if name in self._outputs:
                 raise SharedModuleError(name)
-            self._outputs[name] = output
-            if self.stop_early and len(self._outputs) == len(self.modules):
+            last = self.stop_early and len(self._outputs) + 1 == len(self.modules)
+            # Where the forward goes on, a later in-place op (ReLU(inplace=True), out += identity) may
+            # rewrite this very tensor: keep a copy. Where it stops right here, nothing can.
+            self._outputs[name] = output if last else output.clone()
+            if last:
                 raise _StopForward
 
         return hook

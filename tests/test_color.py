@@ -86,6 +86,15 @@ def test_one_layer_matches_the_shared_pass(indexed):
     torch.testing.assert_close(alone, together["layer2"], atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+def test_in_place_ops_after_a_layer_do_not_change_its_alpha():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True)).eval()
+    index = nx.index_dataset(model, ImageSet(n=12), ["0", "2"], k=3, batch_size=5, progress=False)
+    together = color_selectivity(model, index, ["0", "2"])
+    alone = color_selectivity(model, index, "0")  # the deepest layer asked: the forward stops there
+    torch.testing.assert_close(together["0"], alone, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
 class Planted(nn.Module):
     """Unit 0 sees red minus green and blue; unit 1 sees luminance exactly; unit 2 never fires."""
 

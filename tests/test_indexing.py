@@ -99,6 +99,26 @@ def test_a_head_that_cannot_run_at_the_indexed_size_is_no_error():
     check_index(index, brute_force(make_model("vgg"), data, ["features.2"], 3), 3)
 
 
+def _relu_chain(inplace: bool):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=inplace), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.ReLU(inplace=inplace)).eval()
+    with torch.no_grad():
+        model[0].bias.fill_(-0.4)  # negative pre-activations: a ReLU after the layer changes them
+    return model
+
+
+@pytest.mark.parametrize("batch_size", [4, 64])
+def test_in_place_ops_after_a_layer_do_not_change_its_index(batch_size):
+    # conv -> ReLU(inplace=True): the ReLU rewrites the conv's output tensor once the forward goes past
+    # it (every layer but the deepest, and every layer on the first batch, which runs the whole forward)
+    data = ImageSet(n=23)
+    layers = ["0", "2"]
+    got = nx.index_dataset(_relu_chain(True), data, layers, k=4, batch_size=batch_size, progress=False)
+    check_index(got, brute_force(_relu_chain(False), data, layers, 4, batch_size=batch_size), 4)
+    assert float(got["0"].mean_sum.min()) < 0  # pre-activation means, not the ReLU's
+
+
 class _SharedReLU(torch.nn.Module):
     """conv -> relu -> conv -> the same relu (as torchvision's residual blocks reuse theirs)."""
 

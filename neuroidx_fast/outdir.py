@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -28,8 +29,13 @@ __all__ = ["OutDir", "safe_name", "write_json", "read_json"]
 
 
 def safe_name(layer: str) -> str:
-    """A file-system name for a layer: dots and anything unusual become '_' (plus a hash if that collides)."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", layer) or "_"
+    """A file-system name for a layer, one per layer name: the name itself when it holds only letters,
+    digits, '_', '-' and '.' (a module path such as ``layer1.0.conv1``); otherwise the unusual characters
+    become '_' and a hash of the whole name follows, so that two names never share one."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*", layer) and layer not in (".", ".."):
+        return layer
+    digest = hashlib.sha1(layer.encode("utf-8")).hexdigest()[:8]
+    return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', layer).lstrip('.') or '_'}-{digest}"
 
 
 def write_json(path, data) -> None:
@@ -107,6 +113,11 @@ class OutDir:
     @property
     def report_index(self) -> Path:
         return self.report_dir / "index.html"
+
+    def derived(self) -> list[Path]:
+        """Everything the later steps make from the index: stale once the index is made again."""
+        return [self.root / "features", self.table_csv, self.plots_dir, self.root / "ablation",
+                self.root / "visualize", self.report_dir]
 
     def run_settings(self) -> dict:
         if not self.run_json.exists():

@@ -145,9 +145,12 @@ def step_index(args) -> object:
         if finished and not args.force:
             print(f"{out.root}: the index is already complete (use --force to index again)")
             return None
-    if args.force:
-        for path in (out.index, out.checkpoint):
-            shutil.rmtree(path, ignore_errors=True)
+    if args.force:  # the old index and everything made from it: features, tables, drops, report
+        for path in [out.index, out.checkpoint] + out.derived():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
     model = _model(settings)
     resolve_layers(model, settings["layers"])
     dataset = _dataset(settings)

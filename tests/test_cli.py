@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from neuroidx_fast import NeuronIndex
 from neuroidx_fast.cli import main
-from neuroidx_fast.outdir import OutDir
+from neuroidx_fast.outdir import OutDir, safe_name
 from tests.models import make_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,6 +71,18 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     assert _cli("report", out) == 0
     html = (run.report_dir / "index.html").read_text()
     assert "features.8" in html and "<i>fish&" not in html
+
+    # indexing again with --force: what was made from the old index goes with it
+    assert _cli(*_index_args(folder, out, "--force")) == 0
+    assert (run.index / "manifest.json").exists()
+    assert not [p for p in run.derived() if p.exists()]
+
+
+def test_layer_file_names_are_one_per_layer():
+    assert safe_name("layer1.0.conv1") == "layer1.0.conv1"  # a module path is a fine file name
+    names = ["a.b", "a_b", "a b", "a/b", "a:b", "a_b-1"]
+    assert len({safe_name(n) for n in names}) == len(names)
+    assert all("/" not in safe_name(n) and " " not in safe_name(n) for n in names)
 
 
 def test_index_resumes_after_an_interruption(folder, tmp_path):

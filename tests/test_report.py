@@ -283,7 +283,7 @@ def test_unit_page_visualize_ablation_and_navigation(run, built):
     assert all(math.isclose(float(r[1]), row[name], rel_tol=1e-3) for r, name in zip(rows, best))
     assert tree.find("a", rel="prev").attrs["href"] == f"{unit - 1}.html"
     assert tree.find("a", rel="next").attrs["href"] == f"{unit + 1}.html"
-    assert tree.find("nav", cls="pager").find_all("a")[1].attrs["href"].endswith("layers/features_8.html")
+    assert tree.find("nav", cls="pager").find_all("a")[1].attrs["href"].endswith("layers/features.8.html")
     # another unit of the layer has no maximisation image: the page says which subcommand makes one
     other = page_of(out, layer, unit + 1).read_text(encoding="utf-8")
     assert "neuroidx visualize" in other
@@ -300,7 +300,7 @@ def test_layer_page_cards_and_table(run, built):
     dead = index[layer].dead().tolist()
     assert len(cards) == 16 and [int(c.attrs["data-card-unit"]) for c in cards] == list(range(16))
     assert ["dead" in c.attrs["class"].split() for c in cards] == dead
-    assert [c.attrs["href"] for c in cards] == [f"../units/features_8/{u}.html" for u in range(16)]
+    assert [c.attrs["href"] for c in cards] == [f"../units/features.8/{u}.html" for u in range(16)]
     # unit 1 lacks a color value: shown as a dash, not as 0 or nan
     assert f"color {DASH}" in cards[1].text() and "nan" not in cards[1].text().lower()
     neurons = tree.find("table", id="neurons")
@@ -329,7 +329,7 @@ def test_index_page_summary(run, built):
     assert rows["num_images"] == "23" and rows["layers"] == ", ".join(LAYERS) and rows["classes"] == "6"
     assert rows["batch_size"] == "8" and rows["pad"] == "gray"  # other settings, as key / value
     hrefs = [a.attrs["href"] for a in tree.find("table", cls="layers").find_all("a")]
-    assert hrefs == ["layers/features_2.html", "layers/features_8.html", "layers/classifier_2.html"]
+    assert hrefs == ["layers/features.2.html", "layers/features.8.html", "layers/classifier.2.html"]
     plot = tree.find("div", cls="plots").find("img")
     assert local_target(built, plot.attrs["src"]) == (run["out"].plots_dir / "layer_summary.png").resolve()
 
@@ -404,12 +404,12 @@ def test_rebuild_over_an_old_report(run, tmp_path):
     stale_layer.write_text("old")
     stale_unit.parent.mkdir()
     stale_unit.write_text("old")
-    (out.report_dir / "layers" / "features_8.html").write_text("half a page")
-    (out.report_dir / "units" / "features_8" / "99.html").write_text("a unit that no longer exists")
+    (out.report_dir / "layers" / "features.8.html").write_text("half a page")
+    (out.report_dir / "units" / "features.8" / "99.html").write_text("a unit that no longer exists")
     build_report(out.root)
     assert not stale_layer.exists() and not stale_unit.parent.exists()
-    assert not (out.report_dir / "units" / "features_8" / "99.html").exists()
-    assert "half a page" not in (out.report_dir / "layers" / "features_8.html").read_text(encoding="utf-8")
+    assert not (out.report_dir / "units" / "features.8" / "99.html").exists()
+    assert "half a page" not in (out.report_dir / "layers" / "features.8.html").read_text(encoding="utf-8")
     assert not [p for p in out.report_dir.rglob(".tmp-*")]
     assert_links_resolve(out.report_dir)
 

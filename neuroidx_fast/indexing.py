@@ -94,6 +94,16 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _preprocess_fingerprint(preprocess) -> str | None:
+    """What a checkpoint records of ``preprocess``: a module's class and state (its normalisation
+    constants), a function's qualified name (what it closes over cannot be checked)."""
+    if preprocess is None:
+        return None
+    if isinstance(preprocess, nn.Module):
+        return f"{type(preprocess).__qualname__}:{model_fingerprint(preprocess)}"
+    return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', type(preprocess).__qualname__)}"
+
+
 def _check_images(images: torch.Tensor, first: bool) -> None:
     if not images.is_floating_point() or images.dim() != 4:
         raise ValueError(f"images must be float tensors [3, H, W] in pixel space [0, 1]; got a batch "
@@ -240,8 +250,11 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     shard = range(min(length, rank * all_batches // world * batch_size),
                   min(length, (rank + 1) * all_batches // world * batch_size))
     device, param_dtype = eval_on_device(model, device)
+    # everything that changes the activations: a resume must continue the same computation
     fingerprint = {"model": model_fingerprint(model), "layers": names, "k": k, "dataset_length": length,
-                   "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan}
+                   "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
+                   "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
+                   "preprocess": _preprocess_fingerprint(preprocess)}
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}

@@ -247,6 +247,13 @@ def test_kill_and_resume_gives_the_uninterrupted_index(tmp_path):
     with pytest.raises(ValueError, match="weights or structure differ"):
         nx.index_dataset(make_model("resnet", seed=1), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
                          checkpoint=ckpt, progress=False)
+    # what else changes the activations: autocast, and the normalisation applied before the model
+    with pytest.raises(ValueError, match=r"autocast_dtype: checkpoint 'None' vs now 'torch.bfloat16'"):
+        nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
+                         checkpoint=ckpt, progress=False, autocast_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"preprocess: checkpoint None vs now"):
+        nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
+                         checkpoint=ckpt, progress=False, preprocess=lambda x: x * 2)
 
 
 def _distributed_worker(rank, world, init_file, out):

@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "public_mode"]
+
+
+def public_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give under the process's umask (0644 / 0755 usually):
+    the temporary files and folders behind an atomic write are created private (0600 / 0700), and
+    the results must not stay so (a report's PNGs served by another user, a shared index)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def write_atomic(path, write, suffix: str | None = None) -> str:
@@ -13,7 +22,8 @@ def write_atomic(path, write, suffix: str | None = None) -> str:
 
     The folder is created if needed. The temporary file (``.tmp-*``, ending in ``suffix``, default: the
     extension of ``path``) exists, empty and private (mode 0600), when ``write`` is called; ``write`` opens
-    it by name. If anything fails, the temporary file is removed and ``path`` is left as it was.
+    it by name; the result gets the umask's usual mode. If anything fails, the temporary file is removed
+    and ``path`` is left as it was.
     Returns ``path`` as a str.
     """
     path = os.fspath(path)
@@ -24,6 +34,7 @@ def write_atomic(path, write, suffix: str | None = None) -> str:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, public_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -21,7 +21,7 @@ from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
 from .prepare import dataset_length, eval_on_device, split_batch
-from .storage import BundleError, read_bundle, write_bundle
+from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
 __all__ = ["index_dataset", "model_fingerprint"]
@@ -262,7 +262,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         checkpoint = f"{os.fspath(checkpoint)}.rank{rank}"
 
     stats, batches_done, pixel_sum, all_labels = None, 0, None, None
-    if checkpoint is not None and os.path.exists(checkpoint):
+    if checkpoint is not None and (os.path.exists(checkpoint) or recover_interrupted_write(checkpoint)):
         stats, batches_done, meta["input_size"], saved_names, pixel_sum, all_labels = _load_checkpoint(
             checkpoint, fingerprint, device, nan, backend)
         meta["class_names"] = saved_names if saved_names is not None else class_names

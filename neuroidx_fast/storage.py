@@ -11,7 +11,9 @@ import tempfile
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["write_bundle", "read_bundle", "BundleError"]
+from .atomic import public_mode
+
+__all__ = ["write_bundle", "read_bundle", "recover_interrupted_write", "BundleError"]
 
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
@@ -47,6 +49,7 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    recover_interrupted_write(path)  # (before this write's own .tmp- folder exists)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
         tensor_path = os.path.join(tmp, TENSORS)
@@ -59,6 +62,7 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
+        os.chmod(tmp, public_mode(directory=True))
         old = None
         if os.path.exists(path):
             if not os.path.isdir(path) or (os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST))):
@@ -75,9 +79,36 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
         raise
 
 
+def recover_interrupted_write(path) -> bool:
+    """Put back the bundle that a ``write_bundle`` killed between its two renames left beside ``path``
+    (then missing): the new one if it was complete (``<name>.tmp-*`` with its manifest, written last),
+    else the old one (``<name>.old-*``). True if one was put back."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path):
+        return False
+    parent, name = os.path.split(path)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return False
+    def complete(marker):
+        return [os.path.join(parent, e) for e in entries
+                if e.startswith(name + marker) and os.path.exists(os.path.join(parent, e, MANIFEST))]
+
+    new, old = complete(".tmp-"), complete(".old-")
+    if not new and not old:
+        return False
+    os.replace(max(new or old, key=os.path.getmtime), path)
+    if new:  # the old bundles it replaced are stale now
+        for stale in old:
+            shutil.rmtree(stale, ignore_errors=True)
+    return True
+
+
 def read_bundle(path: str, kind: str, max_version: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify a bundle written by ``write_bundle``; a clear BundleError for anything wrong."""
     path = os.fspath(path)
+    recover_interrupted_write(path)
     manifest_path = os.path.join(path, MANIFEST)
     if not os.path.isdir(path):
         raise BundleError(f"{path} is not a directory written by neuroidx_fast ({kind})")

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import neuroidx_fast as nx
-from neuroidx_fast.storage import BundleError
+from neuroidx_fast.storage import BundleError, read_bundle, write_bundle
 from models import ImageSet, make_model
 from oracles import assert_same_topk, spatial_reduce_oracle, topk_oracle
 
@@ -219,6 +219,35 @@ from models import ImageSet, make_model
 nx.index_dataset(make_model("resnet"), ImageSet(n=40, delay={delay}), ["layer1", "layer2"], k=5, batch_size=3,
                  checkpoint={ckpt!r}, checkpoint_every=1, progress=False).save({out!r})
 """
+
+
+def test_a_write_killed_between_its_renames_is_recovered(tmp_path):
+    # write_bundle moves the old bundle aside (<name>.old-*), then its finished new one (<name>.tmp-*) in:
+    # killed in between, neither is at the path; the next read or write puts the right one back
+    path = tmp_path / "bundle"
+    write_bundle(path, "test bundle", 1, {"n": 1}, {"x": torch.zeros(3)})
+    os.replace(path, tmp_path / "bundle.old-abc")
+    assert read_bundle(path, "test bundle", 1)[0]["n"] == 1  # only the old one: it comes back
+    write_bundle(tmp_path / "next", "test bundle", 1, {"n": 2}, {"x": torch.ones(3)})
+    os.replace(path, tmp_path / "bundle.old-def")
+    os.replace(tmp_path / "next", tmp_path / "bundle.tmp-ghi")
+    assert read_bundle(path, "test bundle", 1)[0]["n"] == 2  # the new one was complete: it wins
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # and the old copy is gone
+    write_bundle(path, "test bundle", 1, {"n": 3}, {"x": torch.ones(3)})
+    assert read_bundle(path, "test bundle", 1)[0]["n"] == 3
+
+
+def test_outputs_are_not_private(tmp_path):
+    from neuroidx_fast.outdir import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_bundle(tmp_path / "bundle", "test bundle", 1, {}, {"x": torch.zeros(1)})
+        write_json(tmp_path / "run.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_kill_and_resume_gives_the_uninterrupted_index(tmp_path):

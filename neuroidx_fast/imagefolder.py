@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 
 import torch
@@ -10,6 +12,26 @@ from torch.utils.data import Dataset
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def _to_rgb(image):
+    """An 8-bit RGB copy of a Pillow image. 16-bit and 32-bit grayscale (modes I;16*, I, F) are scaled
+    to 0..255 first (Pillow's own conversion clips them at 255: near-white): I;16 from 0..65535; I and F
+    from the smallest of 1 (F only), 255 and 65535 that holds the image's maximum, else that maximum."""
+    from PIL import Image
+
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        import numpy as np
+
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = float(pixels.max(initial=0.0))
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        else:
+            ranges = ((1.0,) if image.mode == "F" else ()) + (255.0, 65535.0)
+            top = next((r for r in ranges if peak <= r), peak)
+        image = Image.fromarray(np.clip(np.rint(pixels / top * 255), 0, 255).astype(np.uint8))  # 2-d uint8: "L"
+    return image.convert("RGB")
 
 
 class ImageFolder(Dataset):
@@ -58,13 +80,21 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the file list (paths relative to the root, sizes, labels): ids are positions in
+        it, so a file added, removed or replaced with another size changes what every later id names."""
+        digest = hashlib.sha256()
+        for path, label in self.samples:
+            digest.update(f"{os.path.relpath(path, self.root)}|{os.path.getsize(path)}|{label}\n".encode())
+        return digest.hexdigest()
+
     def load(self, i: int) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
 
         path = self.samples[i][0]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB")
+                image = _to_rgb(image)
                 if self.crop:
                     scale = self.resize / min(image.size)
                     w, h = max(self.size, round(image.width * scale)), max(self.size, round(image.height * scale))

@@ -95,9 +95,36 @@ def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object
         if not (out.index / "manifest.json").exists():
             raise FileNotFoundError(f"{out.root} holds no finished index: run `neuroidx index --out {out.root}` "
                                     "(it resumes if it was interrupted)")
+        _check_same_inputs(out, settings, run)
         index = NeuronIndex.load(out.index)
         index.dataset = run.dataset
     return run, index
+
+
+def _data_fingerprint(dataset) -> str | None:
+    """The image folder's file list fingerprint (ImageFolder.fingerprint), None for generated data."""
+    base = getattr(dataset, "dataset", dataset)  # a Subset of the first --images images
+    return base.fingerprint() if hasattr(base, "fingerprint") else None
+
+
+def _check_same_inputs(out: OutDir, settings: dict, run: Run) -> None:
+    """Image ids are positions in the dataset and the index holds the model's activations: a later step
+    on another file list or other weights would pair them with the wrong images or units, silently."""
+    from .indexing import model_fingerprint
+
+    recorded = settings.get("num_images")
+    if recorded is not None and recorded != len(run.dataset):
+        raise ValueError(f"{settings['data']} now holds {len(run.dataset)} images, but {recorded} were indexed: the "
+                         "ids no longer name the same images. Restore the folder, or index again (--force)")
+    data = settings.get("data_fingerprint")
+    if data is not None and data != _data_fingerprint(run.dataset):
+        raise ValueError(f"the files of {settings['data']} changed since the index was made (added, removed or "
+                         "replaced): the ids no longer name the same images. Restore them, or index again (--force)")
+    weights = settings.get("model_fingerprint")
+    if weights is not None and weights != model_fingerprint(run.model):
+        source = settings.get("weights") or "the model's definition"
+        raise ValueError(f"the model's weights differ from the indexed ones ({source} changed): restore them, or "
+                         "index again (--force)")
 
 
 def _layers(args, index) -> list[str]:
@@ -157,7 +184,10 @@ def step_index(args) -> object:
     preprocess = parse_normalize(settings["normalize"])
     device = _device(args.device)
     classes = getattr(dataset, "classes", None)
+    from .indexing import model_fingerprint
+
     record = dict(settings, class_names=list(classes) if classes else None, num_images=len(dataset),
+                  data_fingerprint=_data_fingerprint(dataset), model_fingerprint=model_fingerprint(model),
                   created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__)
     write_json(out.run_json, record)
     if preprocess is not None:

@@ -146,6 +146,27 @@ def test_bad_input_gives_one_line_errors(folder, tmp_path, capsys):
     assert "--normalize" in _error(capsys, *_index_args(folder, tmp_path / "norm")[:-1], "--normalize", "bogus")
 
 
+def test_later_steps_refuse_a_changed_folder_or_model(folder, tmp_path, capsys):
+    import shutil
+
+    data, out = tmp_path / "data", tmp_path / "changed"
+    shutil.copytree(folder, data)
+    assert _cli(*_index_args(data, out)) == 0
+    extra = data / "cat" / "0extra.png"  # sorts first in its class: every later id would shift
+    Image.fromarray(np.zeros((18, 18, 3), np.uint8)).save(extra)
+    assert "now holds 16 images, but 15 were indexed" in _error(capsys, "features", "--out", out, "--no-progress")
+    extra.unlink()
+    victim = data / "dog" / "1.png"
+    Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(victim)  # same count, another image
+    assert "changed since the index was made" in _error(capsys, "features", "--out", out, "--no-progress")
+    shutil.copy(folder / "dog" / "1.png", victim)
+    assert _cli("features", "--out", out, "--no-progress") == 0  # restored: fine again
+    settings = json.loads(OutDir(out).run_json.read_text())
+    settings["model_fingerprint"] = "0" * 64  # as if the weights file had been replaced
+    OutDir(out).run_json.write_text(json.dumps(settings))
+    assert "weights differ from the indexed ones" in _error(capsys, "features", "--out", out, "--no-progress")
+
+
 def test_unreadable_image_is_named(tmp_path, capsys):
     broken = tmp_path / "broken"
     (broken / "a").mkdir(parents=True)

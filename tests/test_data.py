@@ -115,3 +115,25 @@ def test_digits_split_and_color():
         Digits(split="validation")
     with pytest.raises(ValueError, match="test_fraction"):
         Digits(split="train", test_fraction=1.0)
+
+
+def test_image_folder_reads_16_bit_and_other_modes(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from neuroidx_fast.imagefolder import ImageFolder
+
+    (tmp_path / "a").mkdir()
+    ramp = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "a" / "0.png")  # 16-bit gray (I;16)
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(tmp_path / "a" / "1.png")  # 8-bit gray (L)
+    rgba = np.dstack([(ramp * 255).astype(np.uint8)] * 3 + [np.full((32, 32), 255, np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "a" / "2.png")  # RGBA, opaque
+    folder = ImageFolder(tmp_path, size=32)
+    images = [folder[i][0] for i in range(3)]
+    for image in images:  # the same ramp every time: 16-bit was clipped to near-white before
+        assert image.shape == (3, 32, 32) and abs(float(image.mean()) - 0.5) < 0.01
+    assert float((images[0] - images[1]).abs().max()) <= 1.5 / 255
+    fingerprint = folder.fingerprint()
+    Image.fromarray((ramp * 255).astype(np.uint8)).save(tmp_path / "a" / "3.png")
+    assert ImageFolder(tmp_path, size=32).fingerprint() != fingerprint  # a file added changes it

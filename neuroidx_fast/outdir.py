@@ -11,7 +11,7 @@
     neurons.csv                       the neuron table (one row per (layer, unit); selectivity, ablation)
     plots/<name>.png                  per-layer summary plots
     ablation/<layer>.csv              per unit: overall_drop, max_class_drop, max_drop_class, max_drop_class_name
-    ablation/<layer>_per_class.csv    per unit (rows) and class (columns): accuracy drop
+    ablation/per_class/<layer>.csv    per unit (rows) and class (columns): accuracy drop
     visualize/<layer>/<unit>.png      the unit's activation-maximisation image
     report/index.html                 the HTML report (report/layers/<layer>.html, report/units/<layer>/<unit>.html)
 """
@@ -101,7 +101,7 @@ class OutDir:
         return self.root / "ablation" / f"{safe_name(layer)}.csv"
 
     def ablation_classes_csv(self, layer: str) -> Path:
-        return self.root / "ablation" / f"{safe_name(layer)}_per_class.csv"
+        return self.root / "ablation" / "per_class" / f"{safe_name(layer)}.csv"  # (apart: a layer may be "x_per_class")
 
     def maximized_png(self, layer: str, unit: int) -> Path:
         return self.root / "visualize" / safe_name(layer) / f"{int(unit)}.png"

@@ -223,13 +223,13 @@ def step_features(args) -> None:
 
 # ----------------------------------------------------------------------------------------- selectivity
 def _ablation_frames(out: OutDir, layers):
-    import pandas as pd
+    from .table import read_ablation_csv
 
     frames = []
     for layer in layers:
         path = out.ablation_csv(layer)
         if path.exists():
-            frame = pd.read_csv(path)
+            frame = read_ablation_csv(path)
             frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
     return frames
 

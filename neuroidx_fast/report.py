@@ -25,6 +25,7 @@ import numpy as np
 
 from .atomic import write_atomic
 from .outdir import OutDir, read_json
+from .table import read_ablation_csv
 
 __all__ = ["build_report", "HINTS"]
 
@@ -287,7 +288,7 @@ class _Run:
         layer.has_ablation = summary.exists() or per_class.exists()
         try:
             if summary.exists():
-                df = pd.read_csv(summary, keep_default_na=False, na_values=[""])
+                df = read_ablation_csv(summary)
                 if "unit" in df.columns:
                     for record in df.to_dict("records"):
                         layer.ablation[int(record.pop("unit"))] = record

@@ -150,6 +150,13 @@ def save_table(df, path) -> str:
     return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
+def read_ablation_csv(path):
+    """An ablation summary CSV (ablation/<layer>.csv): ``layer`` and ``max_drop_class_name`` stay text, as
+    in ``load_table`` (a layer "0" of an nn.Sequential, a class named "NA")."""
+    return _pandas().read_csv(path, dtype={"layer": str, "max_drop_class_name": str}, keep_default_na=False,
+                              na_values=[""])
+
+
 def load_table(path):
     """Read a table written by ``save_table``. From CSV, ``layer`` and ``top_class_name`` stay text
     (layer names such as "3" are not read as numbers, class names such as "NA" not as missing)."""

@@ -76,3 +76,10 @@ class ImageSet(torch.utils.data.Dataset):
 
             time.sleep(self.delay)
         return (self.images[i], int(self.labels[i])) if self.with_labels else self.images[i]
+
+
+def make_sequential(seed=0):
+    """A plain nn.Sequential: its layers are named "0", "1", ... (names that read as numbers)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()

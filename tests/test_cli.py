@@ -78,6 +78,18 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     assert not [p for p in run.derived() if p.exists()]
 
 
+def test_layers_named_by_numbers_go_through_every_step(folder, tmp_path):
+    out = tmp_path / "numbers"
+    args = ["index", "--model", "tests.models:make_sequential", "--data", folder, "--size", 16, "--layers", "0,2",
+            "--k", 3, "--batch-size", 4, "--out", out, "--no-progress"]
+    assert _cli(*args) == 0
+    assert _cli("selectivity", "--out", out, "--no-progress", "--batch-size", 5) == 0
+    assert _cli("ablate", "--out", out, "--layers", "2", "--no-progress") == 0  # merged on a text "layer" column
+    table = pd.read_csv(OutDir(out).table_csv, dtype={"layer": str})
+    assert table.loc[table["layer"] == "2", "overall_drop"].notna().all()
+    assert OutDir(out).ablation_classes_csv("2").exists() and _cli("report", out) == 0
+
+
 def test_layer_file_names_are_one_per_layer():
     assert safe_name("layer1.0.conv1") == "layer1.0.conv1"  # a module path is a fine file name
     names = ["a.b", "a_b", "a b", "a/b", "a:b", "a_b-1"]

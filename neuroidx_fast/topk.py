@@ -162,16 +162,17 @@ class TopK:
         return self
 
     def state_dict(self) -> dict:
-        """Plain tensors and ints (CPU): saveable with torch.save or safetensors (ints as 0-d tensors)."""
+        """Plain tensors and ints (CPU): saveable with torch.save or safetensors (ints as 0-d tensors).
+        A snapshot: its tensors are copies, later updates do not change them."""
         return {
             "format": STATE_FORMAT,
             "num_units": self.num_units,
             "k": self.k,
             "count": self.count,
             "nan": self.nan,
-            "values": self.values.cpu(),
-            "ids": self.ids.cpu(),
-            "positions": self.positions.cpu(),
+            "values": self.values.detach().cpu().clone(),
+            "ids": self.ids.detach().cpu().clone(),
+            "positions": self.positions.detach().cpu().clone(),
         }
 
     @classmethod
@@ -193,9 +194,18 @@ class TopK:
         count = int(state["count"])
         if count < 0:
             raise ValueError(f"TopK state: count must be >= 0, got {count}")
-        values, ids, positions = (state[key].to(top.device).contiguous() for key in ("values", "ids", "positions"))
+        # copies: the new TopK updates its tensors in place, the caller's state stays as it was
+        values, ids, positions = (state[key].to(top.device, copy=True).contiguous()
+                                  for key in ("values", "ids", "positions"))
         if torch.isnan(values).any():
             raise ValueError("TopK state: NaN values (corrupt state)")
+        empty = ids < 0
+        if bool(((values != float("-inf")) & empty).any() or (positions[empty] != -1).any()
+                or (positions[~empty] < 0).any()):
+            raise ValueError("TopK state: an empty slot (id -1) must hold value -inf and position -1, and a filled "
+                             "one a position >= 0 (corrupt state)")
+        if bool((empty[:, :-1] & ~empty[:, 1:]).any()):
+            raise ValueError("TopK state: an empty slot before a filled one (corrupt state)")
         resorted = topk_merge_rows(values, ids, positions, k)
         if not (torch.equal(resorted[1], ids) and torch.equal(resorted[0], values)):
             raise ValueError("TopK state: rows are not in top-K order (corrupt state)")

@@ -161,6 +161,26 @@ def test_corrupt_or_foreign_state_rejected():
         nx.TopK.from_state_dict(dict(state, ids=state["ids"].int()))
     with pytest.raises(ValueError, match="missing"):
         nx.TopK.from_state_dict({k: v for k, v in state.items() if k != "count"})
+    # an empty slot (id -1) ahead of a real entry: updates would drop the real one on one backend only
+    one_row = {"format": state["format"], "num_units": 1, "k": 2, "count": 1, "values": torch.tensor([[5.0, 3.0]]),
+               "ids": torch.tensor([[-1, 0]]), "positions": torch.tensor([[-1, 0]])}
+    with pytest.raises(ValueError, match="empty slot"):
+        nx.TopK.from_state_dict(one_row)
+    with pytest.raises(ValueError, match="empty slot"):
+        nx.TopK.from_state_dict(dict(one_row, values=torch.tensor([[3.0, float("-inf")]]), ids=torch.tensor([[0, -1]]),
+                                     positions=torch.tensor([[0, 4]])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_is_a_snapshot_and_from_state_dict_copies(backend):
+    a = nx.TopK(3, 2, backend=backend).update(torch.randn(4, 3), torch.arange(4))
+    snapshot = a.state_dict()
+    frozen = {k: v.clone() for k, v in snapshot.items() if isinstance(v, torch.Tensor)}
+    b = nx.TopK.from_state_dict(snapshot, backend=backend)
+    b.update(torch.full((2, 3), 100.0), torch.tensor([10, 11]))
+    a.update(torch.full((1, 3), 50.0), torch.tensor([20]))
+    assert all(torch.equal(snapshot[k], v) for k, v in frozen.items())  # the snapshot did not move
+    assert int(a.result()[1][0, 0]) == 20 and int(b.result()[1][0, 0]) == 10  # nor did either write the other
 
 
 def test_state_memory_is_constant():

@@ -77,6 +77,11 @@ def _layers(table, layers) -> list[str]:
     return layers
 
 
+def _tick_labels(layers) -> list[str]:
+    """Layer names as literal text: matplotlib reads a pair of '$' as mathematics (and fails on most)."""
+    return [str(layer).replace("$", r"\$") for layer in layers]
+
+
 def _values(table, layer: str, column: str) -> np.ndarray:
     v = table.loc[table["layer"].astype(str) == layer, column].to_numpy(dtype=np.float64)
     return v[np.isfinite(v)]
@@ -97,7 +102,7 @@ def _draw_distribution(ax, table, layers, column) -> None:
     for p, d in zip(positions, data):
         if not d.size:
             ax.text(p, 0.5, "n/a", ha="center", va="center", color="gray", transform=ax.get_xaxis_transform())
-    ax.set_xticks(positions, layers, rotation=30 if len(layers) > 4 else 0)
+    ax.set_xticks(positions, _tick_labels(layers), rotation=30 if len(layers) > 4 else 0)
     ax.set_xlim(0.4, len(layers) + 0.6)
     ax.set_title(INDEX_LABELS.get(column, column), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -129,7 +134,7 @@ def _draw_shares(ax, table, layers, color_threshold, class_threshold, class_colu
         for xi, (s, n) in zip(x + offset, shares):
             ax.text(xi, (100 * s if s == s else 0) + 1, f"{100 * s:.0f}%" if s == s else "n/a", ha="center",
                     va="bottom", fontsize=7, color="black" if s == s else "gray")
-    ax.set_xticks(x, layers, rotation=30 if len(layers) > 4 else 0)
+    ax.set_xticks(x, _tick_labels(layers), rotation=30 if len(layers) > 4 else 0)
     ax.set_ylim(0, 110)
     ax.set_ylabel("% of units (index defined)")
     ax.set_title("selective units per layer", fontsize=10)

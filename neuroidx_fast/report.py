@@ -77,7 +77,11 @@ def _sort_key(value) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        return "" if math.isnan(float(value)) else f"{float(value):.9g}"
+        if math.isnan(float(value)):
+            return ""
+        if math.isinf(float(value)):  # what JavaScript's parseFloat reads (it gives NaN for "inf")
+            return "Infinity" if value > 0 else "-Infinity"
+        return f"{float(value):.9g}"
     return str(value)
 
 

@@ -380,6 +380,13 @@ def test_missing_parts_degrade_with_hints(run, tmp_path):
     assert "neuroidx features" in text2 and not _crops(page_of(out, "features.2", 0))
 
 
+def test_sort_keys_are_what_javascript_parses():
+    from neuroidx_fast.report import _sort_key
+
+    assert [_sort_key(v) for v in (float("inf"), float("-inf"), float("nan"), 0.25, 3, True, None, "a")] == \
+        ["Infinity", "-Infinity", "", "0.25", "3", "1", "", "a"]
+
+
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="neuroidx index"):
         build_report(tmp_path / "nowhere")

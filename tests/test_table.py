@@ -197,7 +197,9 @@ def test_plots_write_pngs(indexed, tmp_path):
     _check_png(plots.plot_selective_share(df, tmp_path / "morcos.png", class_column="class_selectivity_morcos",
                                           layers=["features.8"]))
     _check_png(plots.plot_index_distributions(neuron_table(index), tmp_path / "nan.png"))  # all-NaN columns
-    assert sorted(os.listdir(tmp_path)) == ["figs", "morcos.png", "nan.png", "summary.png"]
+    dollars = df.assign(layer=df["layer"].astype(str) + r"$\x$")  # a pair of '$' is mathematics to matplotlib
+    _check_png(plots.plot_index_distributions(dollars, tmp_path / "dollars.png"))
+    assert sorted(os.listdir(tmp_path)) == ["dollars.png", "figs", "morcos.png", "nan.png", "summary.png"]
 
 
 def test_plot_shares_and_errors(indexed, tmp_path):

@@ -178,8 +178,12 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     dead = L.dead()[units]
     valid = L.live_slots()[units]
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
-    weights = torch.where(valid, values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny),
-                          torch.zeros_like(values)).to(torch.float32)
+    weights = values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny)
+    # a_1 = +inf (an ordinary value, SPEC.md 1): the limit of a_j / a_1 is 1 for the other +inf, else 0
+    # (inf / inf would make the NF of a live unit NaN)
+    infinite = torch.isposinf(values[:, :1])
+    weights = torch.where(infinite, (values == float("inf")).to(weights.dtype), weights)
+    weights = torch.where(valid, weights, torch.zeros_like(values)).to(torch.float32)
     if rf.whole_image:
         tops = torch.zeros(ids.shape + (2,), dtype=torch.int64)
     else:

@@ -172,6 +172,24 @@ def test_k_larger_than_images_seen(indexed):
         assert (feats.crop_ids[:, 3:] == -1).all() and (feats.crops[:, 3:] == 0).all()
 
 
+def test_an_infinite_top_activation_weighs_its_equals_only(indexed):
+    _, dataset, index = indexed
+    L = index["features.8"]
+    values = L.values.clone()
+    values[0, :2] = float("inf")  # unit 0: two images at +inf (an ordinary value, SPEC.md 1), then finite ones
+    values[1, 0] = float("inf")
+    layer = nx.LayerIndex(L.name, values, L.ids.clone(), L.positions.clone(), L.map_size, L.images_seen, L.mean_sum)
+    infinite = NeuronIndex({"features.8": layer}, index.k, index.dataset_length, index.input_size, meta=index.meta)
+    feats = neuron_features(infinite, "features.8", dataset, keep_crops=2)
+    plain = neuron_features(index, "features.8", dataset, keep_crops=2)
+    crops = feats.crops.float() / 255
+    assert not feats.dead[:2].any() and torch.isfinite(feats.nf[:2]).all()
+    # the limit of a_j / a_1: weight 1 for every +inf, 0 for the finite ones (crops are 8-bit: 1/255 apart)
+    torch.testing.assert_close(feats.nf[0], crops[0, :2].mean(0), atol=1 / 255, rtol=0)
+    torch.testing.assert_close(feats.nf[1], crops[1, 0], atol=1 / 255, rtol=0)
+    assert torch.equal(feats.nf[2:].nan_to_num(-1), plain.nf[2:].nan_to_num(-1))
+
+
 def test_batch_size_and_unit_subsets_do_not_change_the_result(indexed):
     _, _, index = indexed
     whole = neuron_features(index, "features.8", batch_size=64, backend="torch")

@@ -198,6 +198,18 @@ def test_backend_matches_reference(backend, case, pad):
     _check_backend(backends.get(backend, "cpu"), case, pad)
 
 
+@pytest.mark.parametrize("pad", ["edge", "gray"])
+def test_corners_near_the_int64_limits(pad):
+    # every backend clamps the corner first; the reference added the offsets and wrapped around
+    images = torch.rand(2, 3, 5, 6, generator=torch.Generator().manual_seed(1))
+    tops = torch.tensor([[2 ** 63 - 2, 0], [0, 2 ** 63 - 2], [-(2 ** 63) + 1, -5], [3, -(2 ** 63) + 1]])
+    slots = torch.tensor([0, 1, 0, 1])
+    want = reference.gather_crops(images, slots, tops.clamp(-10, 10), (3, 4), None if pad == "edge" else
+                                  torch.full((3,), 0.5))
+    for backend in cpu_backends():
+        assert torch.equal(ops.gather_crops(images, slots, tops, (3, 4), pad, backend=backend), want), backend
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_public_ops_every_pad_spelling(backend):
     images, slots, tops, weights, sums = _inputs("basic")

@@ -167,8 +167,12 @@ def _crop_pixels(images, slots, tops, size, pad_value):
     """[M, Ch, rh, rw] crops and [M] empty-slot mask (the crops of empty slots are unspecified here)."""
     rh, rw = size
     n, ch, h, w = images.shape
-    ys = tops[:, :1] + torch.arange(rh, device=images.device)  # [M, rh]
-    xs = tops[:, 1:] + torch.arange(rw, device=images.device)  # [M, rw]
+    # Corners far outside first clamped to [-r, extent] (no pixel changes: beyond a border every position
+    # reads the same pad or edge value), so that adding the offsets cannot overflow int64.
+    y0 = tops[:, :1].clamp(-rh, h)
+    x0 = tops[:, 1:].clamp(-rw, w)
+    ys = y0 + torch.arange(rh, device=images.device)  # [M, rh]
+    xs = x0 + torch.arange(rw, device=images.device)  # [M, rw]
     empty = slots < 0
     rows = slots.clamp(min=0)
     picked = images[rows[:, None, None], :, ys.clamp(0, h - 1)[:, :, None], xs.clamp(0, w - 1)[:, None, :]]

@@ -49,6 +49,9 @@ class ImageFolder(Dataset):
             raise FileNotFoundError(f"image folder {root!r} does not exist (or is not a directory)")
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        if resize is not None and not crop:
+            raise ValueError("resize (the shorter side before the centre crop) applies only with cropping: drop "
+                             "resize, or keep the crop")
         self.root, self.size, self.resize, self.crop = root, size, resize or size, crop
         if self.resize < size and crop:
             raise ValueError(f"resize ({self.resize}) must be at least size ({size}) to crop from it")

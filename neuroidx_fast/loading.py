@@ -112,6 +112,10 @@ def load_weights(model: nn.Module, path) -> nn.Module:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # torch's long message about pickled code
+            raise ValueError(f"cannot read weights {path!r}: it holds pickled Python objects, not just tensors (a "
+                             "whole model saved with torch.save(model)?); save model.state_dict() instead (or a "
+                             "safetensors file), after loading it yourself if you trust its source") from None
         raise ValueError(f"cannot read weights {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]

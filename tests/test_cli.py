@@ -156,6 +156,11 @@ def test_bad_input_gives_one_line_errors(folder, tmp_path, capsys):
     assert "holds no run" in _error(capsys, "features", "--out", tmp_path / "nothing")
     assert "holds no run" in _error(capsys, "report", tmp_path / "nothing")
     assert "--normalize" in _error(capsys, *_index_args(folder, tmp_path / "norm")[:-1], "--normalize", "bogus")
+    assert "applies only with cropping" in _error(capsys, *_index_args(folder, tmp_path / "r", "--resize", 20,
+                                                                     "--no-crop"))
+    pickled = tmp_path / "whole.pt"
+    torch.save(make_model("vgg"), pickled)
+    assert "holds pickled Python objects" in _error(capsys, *_index_args(folder, tmp_path / "p", "--weights", pickled))
 
 
 def test_later_steps_refuse_a_changed_folder_or_model(folder, tmp_path, capsys):

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+GRID_Y_LIMIT = 65535  # programs along a CUDA grid's second axis
+
 __all__ = ["mask_replicas", "readout_ablation_argmax"]
 
 _BIG = 2**31 - 1
@@ -170,12 +172,16 @@ def readout_ablation_argmax(logits, features, weight, ablated, units, scale, err
         raise ValueError(f"readout_ablation_argmax: {k} classes exceed the int32 class index range")
     block_u = min(64, max(16, triton.next_power_of_2(u)))
     block_k = min(64, max(16, triton.next_power_of_2(k)))
-    grid = (b, triton.cdiv(u, block_u))
+    units = units.contiguous()
+    operands = (logits.contiguous(), features.contiguous(), weight.contiguous(), ablated.contiguous())
+    err = torch.tensor([float(err_rel)], dtype=torch.float64, device=logits.device)
+    chunk = GRID_Y_LIMIT * block_u  # the grid's second axis holds at most 65535 programs: units in chunks
     with _device_ctx(logits):
-        _readout_kernel[grid](
-            logits.contiguous(), features.contiguous(), weight.contiguous(), ablated.contiguous(),
-            units.contiguous(), scale.contiguous(), pred,
-            torch.tensor([float(err_rel)], dtype=torch.float64, device=logits.device), b, c, k, u,
-            BLOCK_U=block_u, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False,
-        )
+        for start in range(0, u, chunk):
+            part = units[start:start + chunk]
+            grid = (b, triton.cdiv(part.shape[0], block_u))
+            _readout_kernel[grid](
+                *operands, part, scale.contiguous(), pred[start:start + chunk], err, b, c, k, part.shape[0],
+                BLOCK_U=block_u, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False,
+            )
     return pred

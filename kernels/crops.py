@@ -80,8 +80,8 @@ def _gather_crops_kernel(
     c = mc % Ch
     ps, pmask, ii, kk = _tile_positions(rh, rw, BLOCK)
     slot = tl.load(slots_ptr + m)
-    y0 = tl.load(tops_ptr + 2 * m)
-    x0 = tl.load(tops_ptr + 2 * m + 1)
+    y0 = tl.load(tops_ptr + 2 * m.to(tl.int64))  # (2 m overflows int32 from 2^30 crops)
+    x0 = tl.load(tops_ptr + 2 * m.to(tl.int64) + 1)
     pad = _channel_pad(pad_ptr, c, EDGE)
     # Scalars broadcast once to tensors (the interpreter mis-types scalar & tensor boolean ops).
     filled = tl.broadcast_to(slot, [BLOCK]) >= 0

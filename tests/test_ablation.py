@@ -169,6 +169,23 @@ def _explicit_readout(logits, f, w, ablated, units, scale, err_rel):
     return torch.tensor(preds, dtype=torch.int64)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not load here")
+def test_triton_readout_launches_units_in_chunks_of_the_grid_limit(monkeypatch):
+    import neuroidx_fast.kernels.ablation as triton_ablation
+
+    monkeypatch.setattr(triton_ablation, "GRID_Y_LIMIT", 1)  # one 64-unit block per launch: 3 launches
+    launches = []
+    kernel = triton_ablation._readout_kernel
+    monkeypatch.setattr(triton_ablation, "_readout_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: launches.append(grid) or kernel[grid]})())
+    logits, f, w, _, scale = _readout_case(2, 150, 5, seed=8, ties=True)
+    ablated = torch.randn(150, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    units = torch.arange(150).flip(0)
+    got = ops.readout_ablation_argmax(logits, f, w, ablated, units, scale, 1e-3, backend="triton")
+    assert torch.equal(got, _explicit_readout(logits, f, w, ablated, units, scale, 1e-3))
+    assert launches == [(2, 1)] * 3
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b,c,k", [(5, 7, 4), (3, 1, 6), (4, 9, 1), (2, 33, 70), (1, 5, 2)])
 @pytest.mark.parametrize("err_rel", [0.0, 1e-3, 0.2])
@@ -608,3 +625,20 @@ def test_gpu_engine_equals_naive_loop(name, layer):
     model = model.cuda()
     result = abl.ablation_drops(model, data, layer, batch_size=8, device="cuda", progress=False)
     assert_equal_to_naive(result, model, data, layer, batch_size=8)
+
+
+def test_the_re_check_margin_widens_where_float32_may_use_tf32(monkeypatch):
+    from neuroidx_fast.ablation import verify_rtol
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # CUDA's default for convolutions
+    assert verify_rtol(torch.float32, "cuda") == 2.0 ** -8
+    assert verify_rtol(torch.float64, "cuda") == 1e-10 and verify_rtol(torch.float32, "cpu") == 1e-4
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert verify_rtol(torch.float32, "cuda") == 1e-4
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert verify_rtol(torch.float32, "cpu") == 2.0 ** -8
+    finally:
+        torch.set_float32_matmul_precision(previous)

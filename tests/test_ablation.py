@@ -627,18 +627,21 @@ def test_gpu_engine_equals_naive_loop(name, layer):
     assert_equal_to_naive(result, model, data, layer, batch_size=8)
 
 
-def test_the_re_check_margin_widens_where_float32_may_use_tf32(monkeypatch):
+def test_the_re_check_margin_widens_where_float32_may_use_tf32():
     from neuroidx_fast.ablation import verify_rtol
 
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # CUDA's default for convolutions
-    assert verify_rtol(torch.float32, "cuda") == 2.0 ** -8
-    assert verify_rtol(torch.float64, "cuda") == 1e-10 and verify_rtol(torch.float32, "cpu") == 1e-4
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert verify_rtol(torch.float32, "cuda") == 1e-4
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    # (plain assignments restored by hand: these flags are properties that monkeypatch cannot undo)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
     try:
+        torch.backends.cudnn.allow_tf32 = True  # CUDA's default for convolutions
+        assert verify_rtol(torch.float32, "cuda") == 2.0 ** -8
+        assert verify_rtol(torch.float64, "cuda") == 1e-10 and verify_rtol(torch.float32, "cpu") == 1e-4
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert verify_rtol(torch.float32, "cuda") == 1e-4
+        torch.set_float32_matmul_precision("high")
         assert verify_rtol(torch.float32, "cpu") == 2.0 ** -8
     finally:
-        torch.set_float32_matmul_precision(previous)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])

@@ -341,11 +341,27 @@ class _Engine:
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"the dataset must yield image tensors [3, H, W] (or (image, label)); got "
                              f"{type(image).__name__}")
+        x = self.inputs(image[None])
         with torch.no_grad():
-            cut, _ = self.split.run_prefix(self.inputs(image[None]))
-        if cut.dim() not in (2, 4):
-            raise ValueError(f"layer {self.layer!r} outputs shape {tuple(cut.shape)}: ablate a layer whose output "
-                             "is [B, C, H, W] or [B, C]")
+            cut, live = self.split.run_prefix(x)
+            if cut.dim() not in (2, 4):
+                raise ValueError(f"layer {self.layer!r} outputs shape {tuple(cut.shape)}: ablate a layer whose "
+                                 "output is [B, C, H, W] or [B, C]")
+            # The traced halves must compute what model.forward does: torch.fx drops an in-place op whose
+            # result is not used (a bare h.relu_()) and turns h += y into h = h + y (a saved alias of h
+            # no longer sees the change). Checked here on one image, intact: else the counts would be off.
+            traced = _logits(self.split.run_suffix(cut.clone(), [_fresh(v) for v in live]))
+            direct = _logits(self.model(x))
+        # (not bit equality: with cuDNN's autotuner the two runs may pick different kernels)
+        difference = float((traced.double() - direct.double()).abs().max()) if traced.numel() else 0.0
+        scale = float(direct.double().abs().max()) if direct.numel() else 0.0
+        if traced.shape != direct.shape or not difference <= 64 * torch.finfo(direct.dtype).eps * max(scale, 1.0):
+            raise ValueError(f"cannot ablate {type(self.model).__name__} at layer {self.layer!r}: its forward traced "
+                             f"with torch.fx does not compute what model.forward does (max difference {difference:.3g} "
+                             "on an intact image), "
+                             "typically an in-place op whose result is not assigned (h.relu_(), F.relu(h, "
+                             "inplace=True)) or h += y on a tensor saved under another name. Assign in-place "
+                             "results (h = h.relu()), or count with naive_ablation_counts")
         return cut
 
     def dataset_means(self) -> torch.Tensor:
@@ -500,7 +516,11 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     fill64_or_zero = fill64 if fill64 is not None else torch.zeros(channels, dtype=torch.float64)
     fill = fill64_or_zero.to(act_dtype).to(engine.device)  # the value the naive hook writes, in the activation dtype
 
-    readout_ok = engine.split.readout is not None and bool((sizes == 1).all())
+    # A BatchNorm without running statistics normalises with the statistics of its batch, even in eval
+    # mode: replicas of several masks in one batch would mix, and a read-out is no longer per channel.
+    batch_statistics = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+                           for m in model.modules())
+    readout_ok = engine.split.readout is not None and bool((sizes == 1).all()) and not batch_statistics
     if path == "readout" and not readout_ok:
         why = engine.split.readout_reason or "some masks ablate several units at once"
         raise ValueError(f"path='readout' does not apply to layer {layer!r}: {why}; use path='auto' or 'general'")
@@ -514,7 +534,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         budget = (1 << 30) if engine.device.type == "cuda" else (32 << 20)
         per_replica_set = probe[0].numel() * probe.element_size() * batch_size
         per_call = max(1, min(s, budget // max(1, per_replica_set)))
-    per_call = min(per_call, s)
+    per_call = 1 if batch_statistics else min(per_call, s)
 
     plan_state = None
     if use_readout:

@@ -221,8 +221,12 @@ def _all_ones(size) -> bool:
 
 def _spatial_dims(dims) -> bool:
     """Reduction dims of a [B, C, ...] tensor that leave batch and channel alone (non-negative: >= 2;
-    negative: counted from the end, which a [B, C, H, W] or [B, C, L] map allows for -1 and -2)."""
+    negative: counted from the end, and the rank is not known here: -1 is a position axis of any map
+    that a working read-out reduces, -2 only together with -1 (H and W of [B, C, H, W]; alone, -2 is C
+    of a [B, C, L] map)."""
     dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    if -2 in dims and -1 not in dims:
+        return False
     return bool(dims) and all(isinstance(d, int) and (d >= 2 or d in (-1, -2)) for d in dims)
 
 
@@ -371,7 +375,7 @@ def incoming_weight_l1(model: nn.Module, split: SplitModel, channels: int) -> to
     layer that produces it (walking back through BatchNorm, activations, pooling and composite modules);
     NaN where no single such layer exists (e.g. the output of a residual sum)."""
     module = model.get_submodule(split.layer)
-    if isinstance(module, PER_CHANNEL_MODULES) and split.cut_node is not None:
+    if split.cut_node is not None and _per_channel_step(split.traced, split.cut_node) is not None:
         found = _walk_back(split.traced, split.cut_node.args[0] if split.cut_node.args else None, channels, 0)
     else:
         found = _module_weight_l1(module, channels)

@@ -324,7 +324,8 @@ def run_demo(out_dir="neuroidx-demo", device=None, images=None, quick: bool = Fa
     common = dict(out=out_dir, device=device, workers=0, no_progress=not progress, debug=False)
     step_index(SimpleNamespace(**common, model="demo", model_args={}, weights=None, data=BUILTIN_SHAPES,
                                size=DEMO_DATA["size"], resize=None, no_crop=False, normalize="none",
-                               layers=DEMO_LAYERS, k=8 if quick else 20, images=n, data_seed=DEMO_DATA["test"]["seed"],
+                               layers=DEMO_LAYERS, k=min(8 if quick else 20, n), images=n,
+                               data_seed=DEMO_DATA["test"]["seed"],
                                batch_size=64, checkpoint_every=50, force=True))
     step_features(SimpleNamespace(**common, layers=None, pad="gray", keep=6, batch_size=64))
     step_selectivity(SimpleNamespace(**common, layers=None, gray="luminance", tau=1.0, color_threshold=0.25,

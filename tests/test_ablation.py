@@ -645,3 +645,88 @@ def test_the_re_check_margin_widens_where_float32_may_use_tf32():
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+
+
+class _BareInPlace(nn.Module):
+    """An in-place op whose result is not assigned: torch.fx drops it from the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.b(self.a(x))
+        h.relu_()
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class _AliasedAdd(nn.Module):
+    """h += y with h also saved as skip: traced, h += y becomes h = h + y and skip misses the change."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        skip = h
+        h += self.b(h)
+        return self.fc((h + skip).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("model_class", [_BareInPlace, _AliasedAdd])
+def test_a_forward_that_tracing_changes_is_refused(model_class):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="traced with torch.fx does not compute what model.forward does"):
+        abl.ablation_drops(model_class().eval(), ImageSet(n=6), "a", progress=False)
+
+
+class _BatchStatistics(nn.Module):
+    """A BatchNorm without running statistics after the cut: it normalises by its batch even in eval."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3)
+        self.norm = nn.BatchNorm2d(6, track_running_stats=False)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(self.norm(self.a(x)).mean(dim=(2, 3)))
+
+
+def test_batch_statistics_after_the_cut_keep_the_naive_counts():
+    torch.manual_seed(1)
+    model, data = _BatchStatistics().eval(), ImageSet(n=10)
+    masks = torch.eye(6, dtype=torch.bool)
+    result = abl.ablation_drops(model, data, "a", masks=masks, batch_size=5, progress=False)
+    intact, correct, _ = abl.naive_ablation_counts(model, data, "a", masks, batch_size=5)
+    assert torch.equal(result.intact_correct, intact) and torch.equal(result.correct, correct)
+    assert result.stats["path"] == "general" and result.stats["masks_per_batch"] == 1
+
+
+def test_weight_l1_of_a_pooling_layer_is_the_conv_before_it():
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 4)).eval()
+    result = abl.ablation_drops(model, ImageSet(n=6), "2", progress=False)
+    torch.testing.assert_close(result.weight_l1, model[0].weight.detach().double().abs().sum(dim=(1, 2, 3)))
+
+
+class _MeanOverChannels(nn.Module):
+    """flatten(2).mean(-2) on a [B, C, L] map averages the channels (C = L = 4 here): not a read-out."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 4, 15), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.a(x).flatten(2).mean(-2))
+
+
+def test_a_mean_over_dim_minus_two_of_a_flat_map_is_not_a_read_out():
+    torch.manual_seed(2)
+    model, data = _MeanOverChannels().eval(), ImageSet(n=12)
+    result = abl.ablation_drops(model, data, "a", progress=False)
+    masks = torch.eye(4, dtype=torch.bool)
+    intact, correct, _ = abl.naive_ablation_counts(model, data, "a", masks)
+    assert result.stats["path"] == "general"
+    assert torch.equal(result.intact_correct, intact) and torch.equal(result.correct, correct)

@@ -39,16 +39,20 @@ def _materialise(dataset):
 
 
 def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
-    """Yield (images, labels) batches: from in-memory tensors when ``cached`` is given, else a DataLoader."""
+    """Yield (images, labels) batches: from in-memory tensors when ``cached`` is given, else a DataLoader.
+    Both take the images in the same order (one permutation drawn from ``generator`` per epoch), so that
+    ``cache`` changes the memory used, never the model trained."""
+    n = len(cached[1]) if cached is not None else len(dataset)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     if cached is not None:
         images, labels = cached
-        order = torch.randperm(len(labels), generator=generator) if shuffle else torch.arange(len(labels))
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
             yield images[chosen], labels[chosen]
         return
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                        num_workers=num_workers)
+    # the loader's own generator only seeds its workers: a fixed one, apart from the shuffling stream
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("the dataset must yield (image, label) pairs to train a classifier")

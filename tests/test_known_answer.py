@@ -52,6 +52,10 @@ def test_training_is_deterministic_and_keeps_global_rng(one_thread):
         assert not model.training and len(history["loss"]) == 2 and len(history["accuracy"]) == 2
         runs.append(model.state_dict())
     assert all(torch.equal(runs[0][key], runs[1][key]) for key in runs[0])
+    uncached = small_cnn(seed=3)
+    train_classifier(uncached, data, epochs=2, lr=1e-3, batch_size=16, seed=11, cache=False)
+    # the same images in the same order from the dataset as from the in-memory cache: the same model
+    assert all(torch.allclose(runs[0][key].float(), uncached.state_dict()[key].float(), atol=1e-6) for key in runs[0])
     other = small_cnn(seed=3)
     train_classifier(other, data, epochs=2, lr=1e-3, batch_size=16, seed=12, cache=False)  # another shuffle
     assert not all(torch.equal(runs[0][key], other.state_dict()[key]) for key in runs[0])

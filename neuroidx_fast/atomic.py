@@ -12,9 +12,22 @@ def public_mode(directory: bool = False) -> int:
     """The mode a plain ``open`` / ``mkdir`` would give under the process's umask (0644 / 0755 usually):
     the temporary files and folders behind an atomic write are created private (0600 / 0700), and
     the results must not stay so (a report's PNGs served by another user, a shared index)."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status, so that no
+    other thread ever creates a file under a zero umask); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return mask
 
 
 def write_atomic(path, write, suffix: str | None = None) -> str:

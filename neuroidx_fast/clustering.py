@@ -80,10 +80,9 @@ def _check_k(n_clusters, available, what) -> int:
     k = as_index(n_clusters)
     if k is None or k < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
-    n_clusters = k
-    if n_clusters > available:
-        raise ValueError(f"n_clusters={n_clusters} is more than the {available} {what} that can be clustered")
-    return n_clusters
+    if k > available:
+        raise ValueError(f"n_clusters={k} is more than the {available} {what} that can be clustered")
+    return k
 
 
 def _class_means(index, layer_index, caller):

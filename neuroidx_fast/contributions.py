@@ -104,12 +104,10 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
                 raise ValueError(f"the model must return logits [1, classes], got "
                                  f"{tuple(getattr(logits, 'shape', ())) or type(logits).__name__}")
             logits = logits.reshape(-1)
-            if target is None:
-                target = int(logits.argmax())
-            elif as_index(target) is None or not 0 <= as_index(target) < logits.numel():
+            index = int(logits.argmax()) if target is None else as_index(target)
+            if index is None or not 0 <= index < logits.numel():
                 raise ValueError(f"target must be a class index in 0..{logits.numel() - 1}, got {target!r}")
-            else:
-                target = as_index(target)
+            target = index
             F = captured["F"]
             (grad,) = torch.autograd.grad(logits[target], F, allow_unused=True)
             if grad is None:

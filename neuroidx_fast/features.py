@@ -4,7 +4,6 @@ receptive-field crops of each unit's top-K images, made in one second pass over 
 from __future__ import annotations
 
 import warnings
-
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 from . import backends, ops
 from .neuron_index import NeuronIndex
 from .png import image_grid, save_png, to_uint8
-from .prepare import split_batch
+from .prepare import nonfinite_images, split_batch
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -106,9 +105,8 @@ def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
 def _check_top_images(images: torch.Tensor, batch_ids: torch.Tensor, warned: list) -> None:
     """Finite pixels (a NaN pixel would make a live unit's NF NaN: undefined is for dead units only), in
     [0, 1] (else warn once: the NF is clamped to [0, 1], so normalised images give a washed-out NF)."""
-    finite = torch.isfinite(images).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        bad = batch_ids[~finite.cpu()][:5].tolist()
+    bad = batch_ids[nonfinite_images(images).cpu()][:5].tolist()
+    if bad:
         raise ValueError(f"top images {bad} hold NaN or infinite pixels: the dataset must give finite pixel-space "
                          "images in [0, 1]")
     if not warned and images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):

@@ -21,7 +21,7 @@ from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
-from .prepare import as_index, model_device as _model_device, param_dtype
+from .prepare import as_index, model_device as _model_device, nonfinite_images, param_dtype
 from .unit_objective import OBJECTIVES, UnitObjective
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
@@ -318,9 +318,8 @@ def _image_batch(images, ids=None) -> torch.Tensor:
 
 
 def _check_pixel_range(batch: torch.Tensor) -> None:
-    finite = torch.isfinite(batch).flatten(1).all(dim=1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().reshape(-1)[:5].tolist()
+    bad = nonfinite_images(batch)[:5].tolist()
+    if bad:
         raise ValueError(f"image(s) {bad} of the set hold NaN or infinite pixels: give finite pixel-space images")
     low, high = float(batch.min()), float(batch.max())
     if low < -1e-3 or high > 1 + 1e-3:

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "dataset_length", "split_batch",
-           "as_index"]
+           "as_index", "nonfinite_images"]
+
+
+def nonfinite_images(batch: torch.Tensor) -> torch.Tensor:
+    """[n] int64: the rows of ``batch`` [N, ...] that hold a NaN or infinite value (the images a
+    pixel-space check names)."""
+    return (~torch.isfinite(batch).flatten(1).all(dim=1)).nonzero().reshape(-1)
 
 
 def as_index(value):

@@ -227,8 +227,10 @@ def _softmax_state(state, x, dim):
     """A softmax over ``dim`` of ``x``: pointwise over the channel axis of a map (dim None: torch's
     implicit choice, the channels of a 4-d input), else every position mixes with its whole row, column
     or map: the whole image."""
-    if state is None or state is WHOLE or not isinstance(x, torch.Tensor) or x.dim() != 4:
-        return state if state is None or state is WHOLE else WHOLE
+    if state is None or state is WHOLE:
+        return state
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return WHOLE
     return state if dim is None or dim % 4 == 1 else WHOLE
 
 

@@ -91,6 +91,7 @@ def recover_interrupted_write(path) -> bool:
         entries = os.listdir(parent)
     except OSError:
         return False
+
     def complete(marker):
         return [os.path.join(parent, e) for e in entries
                 if e.startswith(name + marker) and os.path.exists(os.path.join(parent, e, MANIFEST))]

@@ -150,11 +150,15 @@ def save_table(df, path) -> str:
     return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
 
 
+def _read_csv_with_text(path, text_columns):
+    """A CSV whose ``text_columns`` stay text: layer names such as "3" are not read as numbers, class
+    names such as "NA" not as missing (only empty cells are)."""
+    return _pandas().read_csv(path, dtype={c: str for c in text_columns}, keep_default_na=False, na_values=[""])
+
+
 def read_ablation_csv(path):
-    """An ablation summary CSV (ablation/<layer>.csv): ``layer`` and ``max_drop_class_name`` stay text, as
-    in ``load_table`` (a layer "0" of an nn.Sequential, a class named "NA")."""
-    return _pandas().read_csv(path, dtype={"layer": str, "max_drop_class_name": str}, keep_default_na=False,
-                              na_values=[""])
+    """An ablation summary CSV (ablation/<layer>.csv), ``layer`` and ``max_drop_class_name`` as text."""
+    return _read_csv_with_text(path, ("layer", "max_drop_class_name"))
 
 
 def load_table(path):
@@ -166,4 +170,4 @@ def load_table(path):
         raise FileNotFoundError(f"no table at {path!r}")
     if _format(path) == ".parquet":
         return pd.read_parquet(path, engine="pyarrow").reset_index(drop=True)
-    return pd.read_csv(path, dtype={"layer": str, "top_class_name": str}, keep_default_na=False, na_values=[""])
+    return _read_csv_with_text(path, ("layer", "top_class_name"))

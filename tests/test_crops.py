@@ -387,8 +387,83 @@ def test_public_ops_take_pixel_codes(backend):
     assert ops.gather_crops(codes, none, none.reshape(0, 2), 3, backend=backend).dtype == torch.float32
 
 
-@pytest.mark.skipif("cpp" not in cpu_backends(), reason="the cpp backend did not load")
-def test_cpp_codes_wide_rows_and_thread_counts():
+@pytest.fixture(params=["avx512", "portable"])
+def code_loops(request):
+    """Runs a test with each of the cpp kernels' accumulation loops for pixel codes: the AVX-512 ones
+    (csrc/cpu/crop_runs_avx512.h, where the CPU has AVX-512 VBMI) and the portable ones."""
+    if "cpp" not in cpu_backends():
+        pytest.skip("the cpp backend did not load")
+    from neuroidx_fast import _C
+
+    want = request.param == "avx512"
+    try:
+        if _C.set_crop_kernels_avx512(want) != want:
+            pytest.skip("this CPU has no AVX-512 VBMI: only the portable loops run here")
+        yield request.param
+    finally:
+        _C.set_crop_kernels_avx512(True)
+
+
+def test_cpp_codes_every_code_decodes_exactly(code_loops):
+    # Each code, added once with weight 1 to zero sums, gives float64 of torch's k / 255, in runs of every
+    # length from 1 to 256 (the vector loops' full chunks and their masked tails), and beside the border
+    # (a constant pad run before or after the codes).
+    from neuroidx_fast.ops import cpp
+
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256)
+    pixels = codes.float() / 255
+    for width in list(range(1, 40)) + [100, 255, 256]:
+        for x0 in sorted({0, 256 - width, -3, 256 - width + 5, 101}):
+            tops = torch.tensor([[[0, x0]]])
+            got = torch.zeros(1, 1, 1, width, dtype=torch.float64)
+            cpp.accumulate_crops(got, codes, torch.zeros(1, 1, dtype=torch.int64), tops, torch.ones(1, 1),
+                                 torch.tensor([0.5]))
+            want = torch.zeros_like(got)
+            reference.accumulate_crops(want, pixels, torch.zeros(1, 1, dtype=torch.int64), tops, torch.ones(1, 1),
+                                       torch.tensor([0.5]))
+            _assert_bits_equal(got, want)
+    whole = torch.zeros(1, 1, 1, 256, dtype=torch.float64)
+    cpp.accumulate_crops(whole, codes, torch.zeros(1, 1, dtype=torch.int64), torch.zeros(1, 1, 2, dtype=torch.int64),
+                         torch.ones(1, 1), torch.tensor([0.5]))
+    _assert_bits_equal(whole.view(256), (torch.arange(256, dtype=torch.uint8).float() / 255).double())
+
+
+def test_cpp_codes_keep_negative_zero_sums(code_loops):
+    # -0.0 + (-1 * 0.0) is -0.0: a loop that also added +0.0 for a missing second crop would give +0.0.
+    from neuroidx_fast.ops import cpp
+
+    codes = torch.zeros(2, 3, 6, 40, dtype=torch.uint8)
+    for j in (1, 2, 3):
+        sums = torch.full((2, 3, 4, 37), -0.0, dtype=torch.float64)
+        slots = torch.zeros(2, j, dtype=torch.int64)
+        tops = torch.ones(2, j, 2, dtype=torch.int64)
+        cpp.accumulate_crops(sums, codes, slots, tops, -torch.ones(2, j), None)
+        assert torch.equal(sums.view(torch.int64), torch.full_like(sums, -0.0).view(torch.int64)), j
+
+
+def test_cpp_codes_every_row_width(code_loops):
+    # Crop widths 1..40 at corners in and beside the image, odd and even numbers of crops per unit (the
+    # loops take crops two at a time), both pad modes: bit for bit the reference on the float32 pixels.
+    from neuroidx_fast.ops import cpp
+
+    g = torch.Generator().manual_seed(23)
+    codes = torch.randint(0, 256, (4, 3, 9, 45), dtype=torch.uint8, generator=g)
+    pixels = codes.float() / 255
+    for width in range(1, 41):
+        j = 3 if width % 2 else 4
+        slots = torch.randint(-1, 4, (3, j), generator=g)
+        tops = torch.stack([torch.randint(-4, 9, (3, j), generator=g),
+                            torch.randint(-width - 2, 47, (3, j), generator=g)], dim=2)
+        weights = torch.randn(3, j, generator=g)
+        for fill in (torch.tensor([0.5, 0.25, -2.0]), None):
+            sums = torch.randn(3, 3, 5, width, generator=g, dtype=torch.float64)
+            want = sums.clone()
+            reference.accumulate_crops(want, pixels, slots, tops, weights, fill)
+            cpp.accumulate_crops(sums, codes, slots, tops, weights, fill)
+            _assert_bits_equal(sums, want)
+
+
+def test_cpp_codes_wide_rows_and_thread_counts(code_loops):
     # Rows long enough for the vector loops (with a tail), every code in the crops, several threads: the
     # cpp kernels' code path against their float32 path and the reference.
     from neuroidx_fast.ops import cpp

@@ -43,6 +43,10 @@ void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t r
 void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const uint8_t* codes, int64_t N,
                       int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
                       int64_t J, const float* pad, int num_threads);
+// accumulate_crops runs hand-written AVX-512 loops where the CPU has AVX-512 VBMI, the portable ones
+// otherwise (same bits). false: the portable ones from now on; true: back to the default. Returns
+// whether the AVX-512 loops are in use.
+bool set_crop_kernels_avx512(bool enable);
 
 // out [M * B, C, H, W] (dense: NCHW, or NHWC when channels_last) = M masked copies of x (strides in
 // elements): out[m * B + b, c] = masks[m * C + c] ? fill[c] : x[b, c]. A bit copy of elem_size-byte elements

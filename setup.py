@@ -50,7 +50,8 @@ ext_modules = [
         sorted(os.path.join("csrc", "cpu", f) for f in os.listdir(os.path.join("csrc", "cpu")) if f.endswith(".cpp")),
         include_dirs=[os.path.join("csrc", "cpu")],
         # the headers too, so that an in-place rebuild after editing one recompiles the sources
-        depends=sorted(os.path.join("csrc", "cpu", f) for f in os.listdir(os.path.join("csrc", "cpu")) if f.endswith(".h")),
+        depends=sorted(os.path.join("csrc", "cpu", f) for f in os.listdir(os.path.join("csrc", "cpu"))
+                       if f.endswith(".h")),
         cxx_std=17,
     )
 ]

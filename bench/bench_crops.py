@@ -11,6 +11,11 @@ bit-identical to it. Bandwidth = bytes moved (in-image crop pixels read, float64
 / time, against a device copy of a tensor of as many bytes (up to 1 GiB). gather_crops is timed the same way
 on the crops of a few units. Results go to bench/results/crops-<device>-<date>.json.
 
+The machine's speed drifts between runs (on a shared 2-core VM, by a third), and the loop and a kernel
+are timed at different moments: ``accumulate_vs_loop`` divides the loop's best time by the kernel's
+median. So each compiled backend is also timed in ``--pairs`` back-to-back pairs with the loop (gray
+pad), and ``accumulate_vs_loop_paired`` is the median of the pairs' ratios.
+
 The images are 8-bit-sourced, as a real dataset gives them (``randint(0, 256) / 255``: what to_tensor
 makes of 8-bit files), so every backend is timed twice on the same pixels against the same loop: from
 the float32 tensor (``pixels: float32``) and from its uint8 pixel codes (``pixels: uint8``; the codes
@@ -20,6 +25,8 @@ paths must be bit-identical to the loop.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +113,19 @@ def copy_gbps(nbytes, device, repeat):
     return 2 * nbytes / seconds / 1e9  # a copy reads and writes every byte
 
 
-def bench_layer(name, geometry, units, k, images, gather_units, names, device, repeat):
+def paired_ratios(loop, kernel, device, pairs):
+    """Median over ``pairs`` of loop time / kernel time (best of 3), each pair timed back to back: the
+    machine's speed drifts between the moment the loop is timed and the moment a kernel is, and a
+    ratio of two moments moves with it."""
+    ratios = []
+    for _ in range(pairs):
+        loop_s = timed(loop, device, 1)
+        kernel_s = min(timed(kernel, device, 1) for _ in range(3))
+        ratios.append(loop_s / kernel_s)
+    return statistics.median(ratios), ratios
+
+
+def bench_layer(name, geometry, units, k, images, gather_units, names, device, repeat, pairs):
     _, slots, tops, weights = make_layer(units, k, images.shape[0], images.shape[2], geometry, device, seed=1)
     r = geometry["r"]
     # The baseline is a long loop, so its time is stable: fewer repeats.
@@ -157,6 +176,11 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
                     "gather_gbps": gathered / gather_s / 1e9, "exact_vs_loop": exact,
                     "accumulate_vs_torch": ref_accumulate / seconds, "gather_vs_torch": ref_gather / gather_s,
                 }
+                if backend != "torch" and pad == "gray" and pairs:
+                    row["accumulate_vs_loop_paired"], row["accumulate_vs_loop_pairs"] = paired_ratios(
+                        lambda: python_loop_accumulate(loop_sums.zero_(), images, slots, tops, weights, r),
+                        lambda: ops.accumulate_crops(sums.zero_(), source, slots, tops, weights, pad=pad,
+                                                     backend=backend), device, pairs)
                 rows.append(row)
                 print(f"  {backend:<8}{pixels:<8}{pad:<6}{seconds * 1e3:>14.1f}{row['accumulate_vs_loop']:>8.1f}"
                       f"{row['accumulate_vs_torch']:>8.1f}{row['accumulate_gbps']:>8.1f}"
@@ -175,6 +199,8 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
 def main(argv=None):
     parser = bench_parser(__doc__, "a small layer, few repeats (a smoke run)")
     parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="back-to-back loop / kernel pairs per backend and pixel type (default 3, 0 in --quick)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = timed_backends(device.type)  # the torch reference first: the ratios' denominator
@@ -185,12 +211,14 @@ def main(argv=None):
         units, k, size, gather_units, layers = 256, 100, 224, 8, LAYERS
         n_images = 2000 if device.type == "cuda" else 512
     repeat = args.repeat or (3 if args.quick else (20 if device.type == "cuda" else 5))
+    args.pairs = (0 if args.quick else 3) if args.pairs is None else args.pairs
     images = make_layer(1, 1, n_images, size, LAYERS["deep"], device)[0]
     print(f"device: {device_name(device)}; backends: {names}; {n_images} images of {size}x{size} in one tensor; "
           f"median of {repeat}")
     summaries, rows = [], []
     for name, geometry in layers.items():
-        summary, layer_rows = bench_layer(name, geometry, units, k, images, gather_units, names, device, repeat)
+        summary, layer_rows = bench_layer(name, geometry, units, k, images, gather_units, names, device, repeat,
+                                          args.pairs)
         summaries.append(summary)
         rows += layer_rows
     for summary in summaries:
@@ -200,10 +228,12 @@ def main(argv=None):
             if best is not None:
                 codes = (f"; {best['accumulate_with_codes_vs_loop']:.1f}x counting as_pixel_codes"
                          if pixels == "uint8" else "")
+                paired = (f", {best['accumulate_vs_loop_paired']:.1f}x as the median of {args.pairs} back-to-back "
+                          f"pairs" if "accumulate_vs_loop_paired" in best else "")
                 print(f"{summary['layer']} layer, best from {pixels} pixels: {best['backend']} accumulates "
-                      f"{best['accumulate_vs_loop']:.1f}x faster than the Python loop "
+                      f"{best['accumulate_vs_loop']:.1f}x faster than the Python loop{paired} "
                       f"({100 * best['fraction_of_copy_bandwidth']:.0f}% of copy bandwidth{codes})")
-    result = result_header("crops", device, quick=args.quick, repeat=repeat, images=n_images,
+    result = result_header("crops", device, quick=args.quick, repeat=repeat, pairs=args.pairs, images=n_images,
                            image_size=[size, size], layers=summaries, rows=rows)
     if not args.quick:
         save_result(result, args.out, "crops")

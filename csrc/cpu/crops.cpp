@@ -32,8 +32,9 @@
 
 // Each crop row is a short run (r pixels) in a random image, which the hardware prefetchers do not
 // foresee: left alone, every row waits on memory (measured: 3x slower). So while the kernels work on
-// row i of one crop, they prefetch row i of the crop kNext places ahead, into L2. GCC deems a function that only prefetches pure and drops the calls to it
-// unless it is inlined first, hence the forced inline.
+// row i of one crop, they prefetch row i of the crop kNext places ahead, into L2. GCC deems a function
+// that only prefetches pure and drops the calls to it unless it is inlined first, hence the forced
+// inline.
 #if defined(__GNUC__) || defined(__clang__)
 #define NX_PREFETCH(address) __builtin_prefetch((address), 0, 2)
 #define NX_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -296,7 +297,8 @@ NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int6
       prefetch_row(next_b, i, H, W);
       double* dst = sums + i * rw;
       if (a.plane != nullptr && b.plane != nullptr) {
-        add_row_pair<T, kAvx512>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
+        add_row_pair<T, kAvx512>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge),
+                                 row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
       } else if (a.plane != nullptr) {
         add_row<T, kAvx512>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), rw);
       } else if (b.plane != nullptr) {

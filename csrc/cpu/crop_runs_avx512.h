@@ -60,9 +60,9 @@ NX_AVX512 inline __m512d decode8(__m128i k) {
   return round_to_float32_bits(_mm512_cvtepu32_pd(p));
 }
 
-// Codes [0, 16) (lanes under m) decoded, in two halves.
-NX_AVX512 inline void load16(const uint8_t* p, __mmask16 m, __m512d* lo, __m512d* hi) {
-  const __m128i k = m == 0xFFFF ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(m, p);
+// Codes [0, 16) decoded, in two halves.
+NX_AVX512 inline void load16(const uint8_t* p, __m512d* lo, __m512d* hi) {
+  const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   *lo = decode8<0>(k);
   *hi = decode8<1>(k);
 }
@@ -80,13 +80,12 @@ NX_AVX512 inline void add_term8(__m512d* v, const uint8_t* span, int64_t k, __mm
   }
 }
 
-// Elements [k, k + 16) (lanes under m) of a run: add one term to the sums lo, hi.
+// Elements [k, k + 16) of a run: add one term to the sums lo, hi.
 template <Term kind>
-NX_AVX512 inline void add_term(__m512d* lo, __m512d* hi, const uint8_t* span, int64_t k, __mmask16 m, __m512d w,
-                               __m512d c) {
+NX_AVX512 inline void add_term(__m512d* lo, __m512d* hi, const uint8_t* span, int64_t k, __m512d w, __m512d c) {
   if constexpr (kind == Term::kPixels) {
     __m512d x_lo, x_hi;
-    load16(span + k, m, &x_lo, &x_hi);
+    load16(span + k, &x_lo, &x_hi);
     // One rounding, as dst + w * x: the product of a float32-sized weight and pixel is exact in float64.
     *lo = _mm512_fmadd_pd(w, x_lo, *lo);
     *hi = _mm512_fmadd_pd(w, x_hi, *hi);
@@ -107,8 +106,8 @@ NX_AVX512 inline void run(double* dst, int64_t n, const uint8_t* span_a, double 
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
     __m512d lo = _mm512_loadu_pd(dst + k), hi = _mm512_loadu_pd(dst + k + 8);
-    add_term<a>(&lo, &hi, span_a, k, 0xFFFF, wa, ca);
-    add_term<b>(&lo, &hi, span_b, k, 0xFFFF, wb, cb);
+    add_term<a>(&lo, &hi, span_a, k, wa, ca);
+    add_term<b>(&lo, &hi, span_b, k, wb, cb);
     _mm512_storeu_pd(dst + k, lo);
     _mm512_storeu_pd(dst + k + 8, hi);
   }
@@ -141,7 +140,7 @@ NX_AVX512 inline void single_run(double* dst, int64_t n, const uint8_t* span, do
   run<Term::kPixels, Term::kNone>(dst, n, span, w, 0.0, nullptr, 0.0, 0.0);
 }
 
-// Whether this CPU runs the functions above (checked once).
+// Whether this CPU runs the functions above (checked once; false in builds without them).
 inline bool cpu_has_avx512_vbmi() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
@@ -153,5 +152,13 @@ inline bool cpu_has_avx512_vbmi() {
 }  // namespace neuroidx
 
 #pragma GCC diagnostic pop
+
+#else  // no AVX-512 loops in this build: crops.cpp runs the portable ones
+
+namespace neuroidx {
+namespace avx512 {
+inline bool cpu_has_avx512_vbmi() { return false; }
+}  // namespace avx512
+}  // namespace neuroidx
 
 #endif

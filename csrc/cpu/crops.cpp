@@ -334,11 +334,7 @@ void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64
 
 // Whether accumulate_crops takes the AVX-512 loops: where the CPU runs them, unless
 // set_crop_kernels_avx512(false) turned them off (the tests compare both paths).
-#ifdef NX_CROP_AVX512
 std::atomic<bool> use_avx512{avx512::cpu_has_avx512_vbmi()};
-#else
-std::atomic<bool> use_avx512{false};
-#endif
 
 inline void accumulate_block_any(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
                                  const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
@@ -426,11 +422,7 @@ bool encode_span(const float* __restrict images, int64_t n, uint8_t* __restrict 
 float pixel_code_value(uint8_t code) { return decode(code); }
 
 bool set_crop_kernels_avx512(bool enable) {
-#ifdef NX_CROP_AVX512
   use_avx512.store(enable && avx512::cpu_has_avx512_vbmi());
-#else
-  (void)enable;
-#endif
   return use_avx512.load();
 }
 

@@ -3,22 +3,24 @@
 // in order, dst[k] = (dst[k] + term_a(k)) + term_b(k), each term a crop pixel times its weight or a constant.
 //
 // Why by hand: the portable loop (crops.cpp) decodes a uint8 pixel code with a vector division and lets
-// the compiler finish each run with scalar code; here a code is decoded with a byte permute, one exact
-// conversion and two integer operations, 16 pixels at a time, and a run ends with masked vectors. On
-// the 100 x 100 crops of bench/bench_crops.py (2-core Zen 4, both loops interleaved in one process):
-// 79 ms from codes against 118 ms with the portable loop. The same loops over float32 pixels were
-// not faster (those wait on memory: 4 bytes a pixel), so float32 images keep the portable loop.
+// the compiler finish each run with scalar code; here 16 codes are decoded with a byte permute and one
+// conversion to float32 (two more to float64), and a run ends with masked vectors. On the 100 x 100
+// crops of bench/bench_crops.py (2-core Zen 4, all three interleaved in one process): 65 ms from codes
+// against 71 ms with the previous decode of these loops (exact conversion to float64, then rounded by
+// two integer operations on its bits) and 107 ms with the portable loop; 50, 59 and 96 ms with every
+// box inside the images and its crops in cache (the compute-bound case). The same loops over float32
+// pixels were not faster (those wait on memory: 4 bytes a pixel), so float32 images keep the portable
+// loop.
 //
-// Decoding code k to float32(k / 255) exactly, without a division. In binary k / 255 = 0.kkkk... (the
-// byte k repeated), so the integer P = k * 0x01010101 (the byte four times: one byte permute) is
-// k / 255 * 2^32 cut after 32 bits, a little below it (by k / 255 < 1) for k < 255. Converted to
-// float64 (exact), it is rounded to float32's 24 significant bits by adding half of the last kept bit
-// to its bit pattern and clearing the 29 dropped bits (a carry moves into the exponent as it should;
-// P = 0 stays 0). That rounds ties up where float32 rounds them to even, which is what the exact
-// value, above P, needs: a tie at P means k / 255 * 2^32 lies past it. And the cut-off k / 255 < 1
-// crosses no other rounding boundary, all of which are integers. So float64(float32(k / 255)) is
-// the result times 2^-32, and the 2^-32 goes into the weight (w * 2^-32 is exact in float64), which
-// keeps every product, and so every sum, bit-identical. Checked for all 256 codes (tests/test_crops.py).
+// Decoding code k to float32(k / 255) exactly, without a division. 2^32 / 255 = 0x01010101 + 1/255, so
+// k / 255 * 2^32 = P + k / 255 with P = k * 0x01010101 (the byte four times: one byte permute). P has
+// 24 + b significant bits, b the bit length of k, so float32 drops its low b bits, which hold k itself;
+// the exact value's dropped part is k + k / 255, above half of 2^b (k >= 2^(b-1)) and below 2^b. So
+// float32's round to nearest of k / 255 * 2^32 rounds P up: exactly what converting P to float32 with
+// rounding toward +infinity gives (its dropped bits, k, are not all zero; a carry moves into the
+// exponent as it should; k = 0 gives 0). That float32 is converted to float64 exactly, and the 2^-32
+// goes into the weight (w * 2^-32 is exact in float64), which keeps every product, and so every sum,
+// bit-identical. Checked for all 256 codes (tests/test_crops.py).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEUROIDX_NO_TARGET_CLONES)
@@ -41,34 +43,26 @@ namespace avx512 {
 // What a term adds to each element of the run.
 enum class Term { kPixels, kConstant, kNone };
 
-// float64 P (8 lanes) rounded to 24 significant bits, ties up (see above).
-NX_AVX512 inline __m512d round_to_float32_bits(__m512d p) {
-  const __m512i bits = _mm512_add_epi64(_mm512_castpd_si512(p), _mm512_set1_epi64(int64_t{1} << 28));
-  return _mm512_castsi512_pd(_mm512_and_si512(bits, _mm512_set1_epi64(~((int64_t{1} << 29) - 1))));
+// Codes [0, 16) of k (the upper bytes are ignored) decoded: float32 2^32 times their pixel (see above).
+NX_AVX512 inline __m512 decode16(__m512i k) {
+  // Dword i = code i in each of its four bytes.
+  const __m512i repeat = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
+                                          0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
+                                          0x03030303, 0x02020202, 0x01010101, 0x00000000);
+  return _mm512_cvt_roundepu32_ps(_mm512_permutexvar_epi8(repeat, k), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
 }
 
-// Codes 8h .. 8h + 7 of the 16 in k, decoded: float64 2^32 times their pixel (see above).
-template <int h>
-NX_AVX512 inline __m512d decode8(__m128i k) {
-  // Dword i = code 8h + i in each of its four bytes.
-  const __m256i repeat = _mm256_set_epi8(
-      8 * h + 7, 8 * h + 7, 8 * h + 7, 8 * h + 7, 8 * h + 6, 8 * h + 6, 8 * h + 6, 8 * h + 6, 8 * h + 5, 8 * h + 5,
-      8 * h + 5, 8 * h + 5, 8 * h + 4, 8 * h + 4, 8 * h + 4, 8 * h + 4, 8 * h + 3, 8 * h + 3, 8 * h + 3, 8 * h + 3,
-      8 * h + 2, 8 * h + 2, 8 * h + 2, 8 * h + 2, 8 * h + 1, 8 * h + 1, 8 * h + 1, 8 * h + 1, 8 * h, 8 * h, 8 * h,
-      8 * h);
-  const __m256i p = _mm256_permutexvar_epi8(repeat, _mm256_castsi128_si256(k));
-  return round_to_float32_bits(_mm512_cvtepu32_pd(p));
-}
-
-// Codes [0, 16) decoded, in two halves.
+// Codes [0, 16) decoded, as float64 in two halves.
 NX_AVX512 inline void load16(const uint8_t* p, __m512d* lo, __m512d* hi) {
-  const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  *lo = decode8<0>(k);
-  *hi = decode8<1>(k);
+  const __m512 x = decode16(_mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  *lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
 }
 
-// Codes [0, 8) (lanes under m) decoded.
-NX_AVX512 inline __m512d load8(const uint8_t* p, __mmask8 m) { return decode8<0>(_mm_maskz_loadu_epi8(m, p)); }
+// Codes [0, 8) (lanes under m) decoded, as float64.
+NX_AVX512 inline __m512d load8(const uint8_t* p, __mmask8 m) {
+  return _mm512_cvtps_pd(_mm512_castps512_ps256(decode16(_mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, p)))));
+}
 
 // Elements [k, k + 8) (lanes under m) of a run: add one term to the sums v.
 template <Term kind>

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _C
+from .. import _C, huge_pages
 from .crop_operands import crop_operands
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -69,7 +69,7 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
 def pixel_codes(images: torch.Tensor):
     """uint8 pixel codes of a float32 CPU image, or None when some pixel is not exactly one (one pass)."""
     images = images.contiguous()
-    codes = torch.empty(images.shape, dtype=torch.uint8)
+    codes = huge_pages.empty(images.shape, torch.uint8)  # its first touch is most of this function's time
     if images.numel() and not _C.pixel_codes(images.data_ptr(), images.numel(), codes.data_ptr(),
                                              torch.get_num_threads()):
         return None

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import backends, ops
 from .neuron_index import NeuronIndex
+from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
 from .prepare import nonfinite_images, split_batch
 from .receptive_fields import ReceptiveField, receptive_field
@@ -206,8 +207,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
         # for the cpp kernels to read; worth the one pass over the batch that finds them where the crops read
-        # at least twice the pixels it holds. Once a batch is not 8-bit, the later ones are not tried.
-        if try_codes and 3 * rh * rw * int((slots >= 0).sum()) >= 2 * images.numel():
+        # at least twice the pixels it holds. Found here once for both the sums and the kept crops (the
+        # accumulation alone would find them itself). Once a batch is not 8-bit, the later ones are not tried.
+        if try_codes and codes_pay_off(images, slots, (rh, rw)):
             codes = ops.as_pixel_codes(images, backend)
             try_codes = codes is not None
             images = images if codes is None else codes

@@ -387,6 +387,47 @@ def test_public_ops_take_pixel_codes(backend):
     assert ops.gather_crops(codes, none, none.reshape(0, 2), 3, backend=backend).dtype == torch.float32
 
 
+@pytest.mark.skipif("cpp" not in cpu_backends(), reason="the cpp backend did not load")
+@pytest.mark.parametrize("eight_bit", [True, False], ids=["8-bit", "any-float"])
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", ["basic", "far_outside", "larger_than_image", "one_image_many_crops", "odd_sizes"])
+def test_cpp_reads_8_bit_float_pixels_as_codes(case, pad, eight_bit, monkeypatch):
+    """The cpp accumulation finds the codes of float32 images itself where the crops read enough pixels,
+    reads them when every pixel is one, and gives the bits of the float32 pixels either way."""
+    from neuroidx_fast.ops import cpp
+    from neuroidx_fast.ops.crop_operands import codes_pay_off
+
+    images, slots, tops, weights, sums = _inputs(case)
+    pixels = _codes_and_pixels(images)[1] if eight_bit else images
+    fill = _pad_value(pad, images.shape[1])
+    found = []
+    real_pixel_codes = cpp.pixel_codes
+    monkeypatch.setattr(cpp, "pixel_codes", lambda im: found.append(real_pixel_codes(im)) or found[-1])
+    read_codes = []  # the kernel's last argument: whether it reads codes
+    real_kernel = cpp._C.accumulate_crops
+    monkeypatch.setattr(cpp._C, "accumulate_crops", lambda *args: read_codes.append(args[-1]) or real_kernel(*args))
+    want = sums.clone()
+    reference.accumulate_crops(want, pixels, slots, tops, weights, fill)
+    got = sums.clone()
+    cpp.accumulate_crops(got, pixels, slots, tops, weights, fill)
+    _assert_bits_equal(got, want)
+    tried = int(codes_pay_off(pixels, slots, tuple(sums.shape[2:])))
+    # The crops of these two cover fewer than twice their images' pixels.
+    assert tried == int(case not in ("basic", "far_outside"))
+    assert len(found) == tried and all((codes is not None) == eight_bit for codes in found)
+    assert read_codes == [bool(tried) and eight_bit]
+    kept = sums.clone()
+    cpp.accumulate_crops(kept, pixels, slots, tops, weights, fill, transcode=False)  # the float32 kernel
+    _assert_bits_equal(kept, want)
+    assert len(found) == tried and read_codes[-1] is False
+    # Few crops for many pixels: not worth a pass over the images.
+    few = torch.full_like(slots, -1)
+    few[0, 0] = 0
+    assert not codes_pay_off(pixels.repeat(40, 1, 1, 1), few, tuple(sums.shape[2:]))
+    cpp.accumulate_crops(sums.clone(), pixels.repeat(40, 1, 1, 1), few, tops, weights, fill)
+    assert len(found) == tried
+
+
 @pytest.fixture(params=["avx512", "portable"])
 def code_loops(request):
     """Runs a test with each of the cpp kernels' accumulation loops for pixel codes: the AVX-512 ones

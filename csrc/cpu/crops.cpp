@@ -430,13 +430,18 @@ bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads
   if (num_threads < 1) num_threads = 1;
   constexpr int64_t kChunk = int64_t{1} << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
-  int exact = 1;
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= kParallelWork) reduction(&& : exact)
+  // The chunks left once some pixel is not a code are skipped: images that are not 8-bit cost about a
+  // chunk per thread (accumulate_crops tries every float32 batch).
+  std::atomic<bool> exact{true};
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= kParallelWork)
   for (int64_t b = 0; b < chunks; ++b) {
+    if (!exact.load(std::memory_order_relaxed)) continue;
     const int64_t k0 = b * kChunk;
-    exact = encode_span(images + k0, std::min(n, k0 + kChunk) - k0, codes + k0) && exact;
+    if (!encode_span(images + k0, std::min(n, k0 + kChunk) - k0, codes + k0)) {
+      exact.store(false, std::memory_order_relaxed);
+    }
   }
-  return exact != 0;
+  return exact.load();
 }
 
 void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["INT32_LIMIT", "crop_operands", "check_index_range"]
+__all__ = ["INT32_LIMIT", "crop_operands", "check_index_range", "codes_pay_off"]
 
 INT32_LIMIT = 2**31 - 1
 
@@ -36,3 +36,11 @@ def check_index_range(images, size, what: str, kernels: str, crop_limit: int = I
     rh, rw = size
     if h * w > INT32_LIMIT or rh * rw > crop_limit or h + rh > INT32_LIMIT // 2 or w + rw > INT32_LIMIT // 2:
         raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the 2**31 index range of {kernels}")
+
+
+def codes_pay_off(images, slots, size) -> bool:
+    """Whether crops of ``size`` for the valid ``slots`` are worth reading from the uint8 pixel codes of
+    float32 ``images`` (a quarter of the bytes) rather than from the images: they must cover at least
+    twice the images' pixels, since finding the codes is one pass over all of them (as_pixel_codes)."""
+    rh, rw = size
+    return images.dtype == torch.float32 and images.shape[1] * rh * rw * int((slots >= 0).sum()) >= 2 * images.numel()

@@ -17,11 +17,13 @@ median. So each compiled backend is also timed in ``--pairs`` back-to-back pairs
 pad), and ``accumulate_vs_loop_paired`` is the median of the pairs' ratios.
 
 The images are 8-bit-sourced, as a real dataset gives them (``randint(0, 256) / 255``: what to_tensor
-makes of 8-bit files), so every backend is timed twice on the same pixels against the same loop: from
-the float32 tensor (``pixels: float32``) and from its uint8 pixel codes (``pixels: uint8``; the codes
-are found once by ``ops.as_pixel_codes``, whose time is reported, and also added to the accumulation
-in ``accumulate_with_codes_vs_loop``, as ``neuron_features`` pays it once per batch of images). Both
-paths must be bit-identical to the loop.
+makes of 8-bit files), so every backend is timed on the same pixels against the same loop: from the
+float32 tensor (``pixels: float32``: what ``ops.accumulate_crops`` does with it; the cpp backend finds
+its uint8 pixel codes itself, a pass over the images counted in its time, and reads those) and from
+the codes given (``pixels: uint8``; found once by ``ops.as_pixel_codes``, whose time is reported, and
+also added to the accumulation in ``accumulate_with_codes_vs_loop``). The cpp backend is also timed
+with its float32 kernel (``pixels: f32-raw``, ``transcode=False``): what images that are not 8-bit
+get. All paths must be bit-identical to the loop.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from neuroidx_fast import ops
+from neuroidx_fast import backends, ops
 from bench.bench_topk import bench_parser, device_name, result_header, save_result, timed, timed_backends
 
 GRAY = 0.5
@@ -113,6 +115,16 @@ def copy_gbps(nbytes, device, repeat):
     return 2 * nbytes / seconds / 1e9  # a copy reads and writes every byte
 
 
+def accumulate_op(source, slots, tops, weights, pad, backend, raw=False):
+    """sums -> the accumulation of the layer's crops into sums, as timed; ``raw``: the cpp backend's
+    float32 kernel, without finding the codes of 8-bit float32 images first."""
+    if not raw:
+        return lambda sums: ops.accumulate_crops(sums, source, slots, tops, weights, pad=pad, backend=backend)
+    module = backends.get(backend, source.device)
+    fill = ops.pad_value(pad, source.shape[1], source.device)
+    return lambda sums: module.accumulate_crops(sums, source, slots, tops, weights, fill, transcode=False)
+
+
 def paired_ratios(loop, kernel, device, pairs):
     """Median over ``pairs`` of loop time / kernel time (best of 3), each pair timed back to back: the
     machine's speed drifts between the moment the loop is timed and the moment a kernel is, and a
@@ -142,8 +154,11 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
     loop_gather_s = timed(lambda: python_loop_gather(images, g_slots, g_tops, r), device, repeat)
     loop_crops = python_loop_gather(images, g_slots, g_tops, r)
     gather_bytes = 2 * loop_crops.numel() * 4  # crops written, (at most) as many pixels read
-    pixel_inputs = {"float32": (images, nbytes, gather_bytes),
-                    "uint8": (codes, bytes_moved(loop_sums, images, slots, tops, r, 1), 5 * loop_crops.numel())}
+    # pixels: (source, bytes moved by the accumulation, bytes moved by the gather, backends that time it)
+    pixel_inputs = {"float32": (images, nbytes, gather_bytes, names),
+                    "uint8": (codes, bytes_moved(loop_sums, images, slots, tops, r, 1), 5 * loop_crops.numel(),
+                              names),
+                    "f32-raw": (images, nbytes, gather_bytes, [n for n in names if n == "cpp"])}
     print(f"{name} layer: {units} units x K={k}, {r}x{r} boxes (stride {geometry['stride']}, offset "
           f"{geometry['offset']}); python loop: accumulate {loop_s:.3f} s, gather of {g_slots.numel()} crops "
           f"{loop_gather_s * 1e3:.1f} ms; {nbytes / 1e9:.2f} GB moved; copy {copy:.1f} GB/s; as_pixel_codes of "
@@ -153,20 +168,24 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
     rows, reference = [], {}
     for backend in names:
         runs = loop_repeat if backend == "torch" else repeat  # the reference is slow too: fewer repeats
-        for pixels, (source, moved, gathered) in pixel_inputs.items():
+        for pixels, (source, moved, gathered, timed_by) in pixel_inputs.items():
+            if backend not in timed_by:
+                continue
             for pad in ("gray", "edge"):
                 sums = torch.zeros_like(loop_sums)
-                ops.accumulate_crops(sums, source, slots, tops, weights, pad=pad, backend=backend)  # warm-up
+                accumulate = accumulate_op(source, slots, tops, weights, pad, backend, raw=pixels == "f32-raw")
+                accumulate(sums)  # warm-up
                 exact = bool(torch.equal(sums, loop_sums)) if pad == "gray" else None
-                seconds = timed(lambda: ops.accumulate_crops(sums.zero_(), source, slots, tops, weights, pad=pad,
-                                                             backend=backend), device, runs)
+                seconds = timed(lambda: accumulate(sums.zero_()), device, runs)
                 crops = ops.gather_crops(source, g_slots, g_tops, r, pad=pad, backend=backend)
                 if pad == "gray":
                     exact = exact and bool(torch.equal(crops, loop_crops))
                 del crops
                 gather_s = timed(lambda: ops.gather_crops(source, g_slots, g_tops, r, pad=pad, backend=backend),
                                  device, runs)
-                ref_accumulate, ref_gather = reference.setdefault((pixels, pad), (seconds, gather_s))
+                # The torch reference reads float32 pixels as they are (f32-raw is their cpp kernel's row).
+                ref_key = ("float32" if pixels == "f32-raw" else pixels, pad)
+                ref_accumulate, ref_gather = reference.setdefault(ref_key, (seconds, gather_s))
                 row = {
                     "layer": name, "box": [r, r], "backend": backend, "pixels": pixels, "pad": pad,
                     "accumulate_s": seconds, "accumulate_vs_loop": loop_s / seconds,
@@ -179,8 +198,7 @@ def bench_layer(name, geometry, units, k, images, gather_units, names, device, r
                 if backend != "torch" and pad == "gray" and pairs:
                     row["accumulate_vs_loop_paired"], row["accumulate_vs_loop_pairs"] = paired_ratios(
                         lambda: python_loop_accumulate(loop_sums.zero_(), images, slots, tops, weights, r),
-                        lambda: ops.accumulate_crops(sums.zero_(), source, slots, tops, weights, pad=pad,
-                                                     backend=backend), device, pairs)
+                        lambda: accumulate(sums.zero_()), device, pairs)
                 rows.append(row)
                 print(f"  {backend:<8}{pixels:<8}{pad:<6}{seconds * 1e3:>14.1f}{row['accumulate_vs_loop']:>8.1f}"
                       f"{row['accumulate_vs_torch']:>8.1f}{row['accumulate_gbps']:>8.1f}"
@@ -222,7 +240,7 @@ def main(argv=None):
         summaries.append(summary)
         rows += layer_rows
     for summary in summaries:
-        for pixels in ("float32", "uint8"):
+        for pixels in ("float32", "uint8", "f32-raw"):
             best = max((row for row in rows if row["pad"] == "gray" and row["layer"] == summary["layer"]
                         and row["pixels"] == pixels), key=lambda row: row["accumulate_vs_loop"], default=None)
             if best is not None:

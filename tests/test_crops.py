@@ -394,10 +394,12 @@ def test_public_ops_take_pixel_codes(backend):
 def test_cpp_reads_8_bit_float_pixels_as_codes(case, pad, eight_bit, monkeypatch):
     """The cpp accumulation finds the codes of float32 images itself where the crops read enough pixels,
     reads them when every pixel is one, and gives the bits of the float32 pixels either way."""
-    from neuroidx_fast.ops import cpp
+    from neuroidx_fast.ops import cpp, crop_operands
     from neuroidx_fast.ops.crop_operands import codes_pay_off
 
     images, slots, tops, weights, sums = _inputs(case)
+    assert not codes_pay_off(images, slots, tuple(sums.shape[2:]))  # tiny images stay in cache: never
+    monkeypatch.setattr(crop_operands, "CODES_MIN_IMAGE_BYTES", 0)
     pixels = _codes_and_pixels(images)[1] if eight_bit else images
     fill = _pad_value(pad, images.shape[1])
     found = []
@@ -412,8 +414,8 @@ def test_cpp_reads_8_bit_float_pixels_as_codes(case, pad, eight_bit, monkeypatch
     cpp.accumulate_crops(got, pixels, slots, tops, weights, fill)
     _assert_bits_equal(got, want)
     tried = int(codes_pay_off(pixels, slots, tuple(sums.shape[2:])))
-    # The crops of these two cover fewer than twice their images' pixels.
-    assert tried == int(case not in ("basic", "far_outside"))
+    # The crops of these two read each pixel at least 4 times, the others fewer.
+    assert tried == int(case in ("larger_than_image", "one_image_many_crops"))
     assert len(found) == tried and all((codes is not None) == eight_bit for codes in found)
     assert read_codes == [bool(tried) and eight_bit]
     kept = sums.clone()

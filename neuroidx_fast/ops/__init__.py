@@ -147,7 +147,9 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
     [U, J, 2] and ``weights`` [U, J] float32. For each unit u, in j order: ``sums[u] += weights[u, j] *
     crop(slots[u, j], tops[u, j])`` in float64, which every backend reproduces bit for bit. ``images``
     [N, Ch, H, W] float32, or uint8 pixel codes (``as_pixel_codes``): the same bits as the float32 image
-    they stand for, and on CPU faster (a quarter of the bytes to read). Returns ``sums``.
+    they stand for, and on CPU faster (a quarter of the bytes to read). The cpp backend finds the codes
+    of big float32 images itself where the crops read each pixel several times (``codes_pay_off`` in
+    ops/crop_operands.py) and every pixel is one. Returns ``sums``.
     """
     _crop_args(images, slots, tops, "accumulate_crops")
     if not isinstance(sums, torch.Tensor) or sums.dtype != torch.float64 or sums.dim() != 4 \

@@ -10,6 +10,9 @@ import torch
 __all__ = ["INT32_LIMIT", "crop_operands", "check_index_range", "codes_pay_off"]
 
 INT32_LIMIT = 2**31 - 1
+# When codes_pay_off: float32 images of at least this many bytes, whose crops read each pixel this often.
+CODES_MIN_IMAGE_BYTES = 64 << 20
+CODES_MIN_READS_PER_PIXEL = 4
 
 
 def crop_operands(images, slots, tops, pad_value, what: str, pixel_types=(torch.float32,)):
@@ -40,7 +43,13 @@ def check_index_range(images, size, what: str, kernels: str, crop_limit: int = I
 
 def codes_pay_off(images, slots, size) -> bool:
     """Whether crops of ``size`` for the valid ``slots`` are worth reading from the uint8 pixel codes of
-    float32 ``images`` (a quarter of the bytes) rather than from the images: they must cover at least
-    twice the images' pixels, since finding the codes is one pass over all of them (as_pixel_codes)."""
+    float32 ``images`` (a quarter of the bytes) rather than from the images, at the cost of one pass over
+    all of them to find the codes (as_pixel_codes). That pays where the images do not fit in the last
+    level cache and the crops read each pixel several times (CODES_MIN_IMAGE_BYTES,
+    CODES_MIN_READS_PER_PIXEL). Measured with the cpp kernels on bench/bench_crops.py's layers (2-core
+    Zen 4, 32 MiB L3): 512 images of 224 x 224 (294 MiB) read 10, 4 and 2 times: 107 against 172 ms,
+    85 against 116 ms, 52 against 48 ms; 64 such images (37 MiB) read 6 times: 11.1 against 10.4 ms."""
     rh, rw = size
-    return images.dtype == torch.float32 and images.shape[1] * rh * rw * int((slots >= 0).sum()) >= 2 * images.numel()
+    reads = images.shape[1] * rh * rw * int((slots >= 0).sum())
+    return (images.dtype == torch.float32 and images.numel() * 4 >= CODES_MIN_IMAGE_BYTES
+            and reads >= CODES_MIN_READS_PER_PIXEL * images.numel())

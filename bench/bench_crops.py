@@ -9,8 +9,9 @@ Python loop that slices, pads (torch.nn.functional.pad), weights and adds one cr
 same run; the loop adds float64(w) * float64(crop) in j order, so it also checks that every backend is
 bit-identical to it. Bandwidth = bytes moved (in-image crop pixels read, float64 sums read and written)
 / time, against a device copy of a tensor of as many bytes (up to 1 GiB); where the cpp backend reads
-the codes of float32 pixels (below), the float32 bytes they stand for: an effective figure. gather_crops is timed the same way
-on the crops of a few units. Results go to bench/results/crops-<device>-<date>.json.
+the codes of float32 pixels (below), the float32 bytes they stand for: an effective figure.
+gather_crops is timed the same way on the crops of a few units. Results go to
+bench/results/crops-<device>-<date>.json.
 
 The machine's speed drifts between runs (on a shared 2-core VM, by a third), and the loop and a kernel
 are timed at different moments: ``accumulate_vs_loop`` divides the loop's best time by the kernel's

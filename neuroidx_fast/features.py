@@ -206,9 +206,10 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
         images = images.to(device=device, dtype=torch.float32)
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
-        # for the cpp kernels to read; worth the one pass over the batch that finds them where the crops read
-        # at least twice the pixels it holds. Found here once for both the sums and the kept crops (the
-        # accumulation alone would find them itself). Once a batch is not 8-bit, the later ones are not tried.
+        # for the cpp kernels to read; worth the one pass over the batch that finds them where codes_pay_off
+        # (big batches whose crops read each pixel several times). Found here once for both the sums and the
+        # kept crops (the accumulation alone would find them itself). Once a batch is not 8-bit, the later
+        # ones are not tried.
         if try_codes and codes_pay_off(images, slots, (rh, rw)):
             codes = ops.as_pixel_codes(images, backend)
             try_codes = codes is not None

@@ -431,7 +431,7 @@ bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads
   constexpr int64_t kChunk = int64_t{1} << 16;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   // The chunks left once some pixel is not a code are skipped: images that are not 8-bit cost about a
-  // chunk per thread (accumulate_crops tries every float32 batch).
+  // chunk per thread (the cpp accumulate_crops tries the float32 images where codes would pay off).
   std::atomic<bool> exact{true};
 #pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= kParallelWork)
   for (int64_t b = 0; b < chunks; ++b) {

@@ -47,7 +47,7 @@ def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor, on huge pages where the system gives them (see above): then
     a view that starts on a 2 MiB boundary of a storage 2 MiB larger."""
     shape = tuple(int(s) for s in shape)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     madvise = _madvise()
     if madvise is None or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype)

@@ -471,6 +471,24 @@ def test_cpp_codes_every_code_decodes_exactly(code_loops):
     _assert_bits_equal(whole.view(256), (torch.arange(256, dtype=torch.uint8).float() / 255).double())
 
 
+def test_cpp_pixel_codes_every_lane_and_tail(code_loops):
+    # pixel_codes of every length 1..40 (the AVX-512 pass goes 16 pixels at a time, then a masked tail):
+    # every code found, and one pixel that is not a code, at every position, turns the whole pass down.
+    from neuroidx_fast.ops import cpp
+
+    codes = torch.arange(256, dtype=torch.uint8).roll(7)
+    pixels = codes.float() / 255
+    assert torch.equal(cpp.pixel_codes(pixels), codes)
+    for n in range(1, 41):
+        assert torch.equal(cpp.pixel_codes(pixels[:n]), codes[:n]), n
+        for position in range(n):
+            for bad in (float(torch.nextafter(pixels[position], torch.tensor(2.0))), -0.0, float("nan"),
+                        255.0, -1 / 255, 2 ** 32 / 255):
+                perturbed = pixels[:n].clone()
+                perturbed[position] = bad
+                assert cpp.pixel_codes(perturbed) is None, (n, position, bad)
+
+
 def test_cpp_codes_keep_negative_zero_sums(code_loops):
     # -0.0 + (-1 * 0.0) is -0.0: a loop that also added +0.0 for a missing second crop would give +0.0.
     from neuroidx_fast.ops import cpp

@@ -21,6 +21,10 @@
 // exponent as it should; k = 0 gives 0). That float32 is converted to float64 exactly, and the 2^-32
 // goes into the weight (w * 2^-32 is exact in float64), which keeps every product, and so every sum,
 // bit-identical. Checked for all 256 codes (tests/test_crops.py).
+//
+// pixel_codes (crops.cpp) finds the codes of a float32 image with the same decode (encode16 below): 10 ms
+// for 512 images of 224 x 224 on 2 Zen 4 cores, against 18-22 ms with the portable pass's division (a
+// sum of the same float32 pixels, which only reads them, takes 6 ms).
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(NEUROIDX_NO_TARGET_CLONES)
@@ -132,6 +136,30 @@ NX_AVX512 inline void pair_run(double* dst, int64_t n, const uint8_t* sa, double
 // One crop's span: dst[k] += w * pixel(span[k]).
 NX_AVX512 inline void single_run(double* dst, int64_t n, const uint8_t* span, double w) {
   run<Term::kPixels, Term::kNone>(dst, n, span, w, 0.0, nullptr, 0.0, 0.0);
+}
+
+// The other way (pixel_codes): codes[k] = the code of pixels x[k] for the lanes under m, and the lanes
+// whose pixel is not bit for bit its code's pixel. Candidate code: x * 255 rounded to an integer, its
+// low byte (any pixel gets one); its pixel is decoded as above (no division) and its bits compared with
+// x's, which also turns away -0.0, NaN and pixels out of range.
+NX_AVX512 inline __mmask16 encode16(const float* x_ptr, uint8_t* codes, __mmask16 m) {
+  const __m512 x = _mm512_maskz_loadu_ps(m, x_ptr);
+  const __m512i k = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(255.0f)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512i byte0 = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);  // P, per lane
+  const __m512 scaled = _mm512_cvt_roundepu32_ps(_mm512_shuffle_epi8(k, byte0), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  const __m512 pixel = _mm512_mul_ps(scaled, _mm512_set1_ps(0x1p-32f));  // exact: a power of two, no underflow
+  _mm512_mask_cvtepi32_storeu_epi8(codes, m, k);  // the low byte, as the shuffle took
+  return _mm512_mask_cmpneq_epi32_mask(m, _mm512_castps_si512(pixel), _mm512_castps_si512(x));
+}
+
+// codes[k] = the code of x[k] for k < n; true when every pixel is exactly its code's pixel.
+NX_AVX512 inline bool encode_span(const float* x, int64_t n, uint8_t* codes) {
+  __mmask16 bad = 0;
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) bad |= encode16(x + k, codes + k, 0xFFFF);
+  if (k < n) bad |= encode16(x + k, codes + k, static_cast<__mmask16>((1u << (n - k)) - 1));
+  return bad == 0;
 }
 
 // Whether this CPU runs the functions above (checked once; false in builds without them).

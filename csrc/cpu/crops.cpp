@@ -399,6 +399,7 @@ void accumulate_crops_impl(double* sums, int64_t U, int64_t Ch, int64_t rh, int6
 // codes[k] = the code of images[k]; true when every pixel is exactly its code's value, bit for bit.
 // Branch-free so that it vectorises: adding 1.5 * 2^23 rounds x * 255 to an integer held in the low
 // mantissa bits (for x in range; any other pixel gets some code and fails the check that follows).
+// Where the CPU has AVX-512 VBMI, encode_chunk takes crop_runs_avx512.h's pass instead (no division).
 NX_WIDE_SIMD
 bool encode_span(const float* __restrict images, int64_t n, uint8_t* __restrict codes) {
   uint32_t ok = 1;
@@ -415,6 +416,13 @@ bool encode_span(const float* __restrict images, int64_t n, uint8_t* __restrict 
     ok &= static_cast<uint32_t>(decode(code) == x) & ((x_bits >> 31) ^ 1u);
   }
   return ok != 0;
+}
+
+inline bool encode_chunk(const float* images, int64_t n, uint8_t* codes) {
+#ifdef NX_CROP_AVX512
+  if (use_avx512.load(std::memory_order_relaxed)) return avx512::encode_span(images, n, codes);
+#endif
+  return encode_span(images, n, codes);
 }
 
 }  // namespace
@@ -437,7 +445,7 @@ bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads
   for (int64_t b = 0; b < chunks; ++b) {
     if (!exact.load(std::memory_order_relaxed)) continue;
     const int64_t k0 = b * kChunk;
-    if (!encode_span(images + k0, std::min(n, k0 + kChunk) - k0, codes + k0)) {
+    if (!encode_chunk(images + k0, std::min(n, k0 + kChunk) - k0, codes + k0)) {
       exact.store(false, std::memory_order_relaxed);
     }
   }

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from neuroidx_fast import huge_pages, ops
+from neuroidx_fast import backends, huge_pages, ops
 
 
 def vma_flags(address: int) -> list[str]:
@@ -43,3 +43,14 @@ def test_pixel_codes_of_a_big_batch_are_exact_on_huge_pages():
     assert torch.equal(codes, images)
     if huge_pages._madvise() is not None:
         assert codes.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0
+
+
+@pytest.mark.skipif("cpp" not in backends.available("cpu"), reason="the cpp backend did not load")
+def test_big_gathers_land_on_huge_pages():
+    images = torch.randint(0, 256, (4, 3, 300, 300), dtype=torch.uint8).float() / 255
+    slots = torch.arange(40) % 4
+    tops = torch.randint(-50, 150, (40, 2))
+    crops = ops.gather_crops(images, slots, tops, 200, pad="gray", backend="cpp")  # 19 MB
+    assert torch.equal(crops, ops.gather_crops(images, slots, tops, 200, pad="gray", backend="torch"))
+    if huge_pages._madvise() is not None:
+        assert crops.data_ptr() % huge_pages.HUGE_PAGE_BYTES == 0 and "hg" in vma_flags(crops.data_ptr())

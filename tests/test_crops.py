@@ -174,6 +174,18 @@ def test_reference_pad_modes_by_hand():
         got = ops.gather_crops(image, slots, tops, (3, 4), pad="edge", backend=backend)
         assert torch.equal(got[0, 0], want_edge), backend
 
+def test_reference_empty_slots_add_nothing():
+    # -0.0 + (-1 * 0.0) is -0.0, and an empty slot adds nothing: a reference that added its term (+1 *
+    # 0.0 here) or +0.0 for an empty slot would turn the -0.0 sums into +0.0.
+    image = torch.zeros(1, 3, 4, 4)
+    for slots in (torch.tensor([[-1, -1], [0, -1]]), torch.tensor([[-1, 0], [0, 0]])):
+        sums = torch.full((2, 3, 2, 2), -0.0, dtype=torch.float64)
+        weights = torch.where(slots < 0, 1.0, -1.0)
+        reference.accumulate_crops(sums, image, slots, torch.ones(2, 2, 2, dtype=torch.int64), weights,
+                                   torch.zeros(3))
+        assert torch.equal(sums.view(torch.int64), torch.full_like(sums, -0.0).view(torch.int64)), slots
+
+
 
 # --- every CPU backend against the reference ---------------------------------------------------------
 

@@ -197,11 +197,19 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
     if not bool((slots >= 0).any()):
         return
     images = decode_pixels(images)
+    # One float64 buffer for every step's sums + terms: fresh tensors of this size each step would cost
+    # a page fault per 4 KiB (on CPU, most of the time of a large layer).
+    added = torch.empty_like(sums)
     for j in range(slots.shape[1]):  # j order fixes the float64 rounding every backend reproduces
         crops, empty = _crop_pixels(images, slots[:, j], tops[:, j], size, pad_value)
-        terms = weights[:, j].double()[:, None, None, None] * crops.double()
-        added = sums + terms
-        sums.copy_(torch.where(empty[:, None, None, None], sums, added))
+        # float64 products (exact), then sums + terms, one rounding (in place: a mixed float32 x float64
+        # multiply takes a slow path)
+        added.copy_(crops).mul_(weights[:, j].double()[:, None, None, None]).add_(sums)
+        if bool(empty.any()):  # an empty slot adds nothing, not even +0.0 (which would turn -0.0 into +0.0)
+            kept = (~empty).nonzero().flatten()
+            sums[kept] = added[kept]
+        else:
+            sums.copy_(added)
 
 
 def check_device(device_type: str) -> None:

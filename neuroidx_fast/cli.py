@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--checkpoint-every", type=_positive_int, default=50, help="batches between checkpoints")
     index.add_argument("--force", action="store_true", help="index again even if DIR holds a finished index")
 
-    features = sub.add_parser("features", parents=[common], help="Neuron Features and top crops (PNG)")
+    redo = argparse.ArgumentParser(add_help=False)
+    redo.add_argument("--force", action="store_true",
+                      help="make every layer again (by default a layer made with the same settings is skipped)")
+    features = sub.add_parser("features", parents=[common, redo], help="Neuron Features and top crops (PNG)")
     features.add_argument("--pad", default="gray", help="gray | zero | mean | edge")
     features.add_argument("--keep", type=int, default=9, help="top crops kept per unit")
 
@@ -82,11 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     selectivity.add_argument("--color-threshold", type=float, default=0.25)
     selectivity.add_argument("--class-threshold", type=float, default=0.5)
 
-    ablate = sub.add_parser("ablate", parents=[common], help="per-unit, per-class accuracy drops")
+    ablate = sub.add_parser("ablate", parents=[common, redo], help="per-unit, per-class accuracy drops")
     ablate.add_argument("--mode", default="zero", choices=["zero", "mean"])
     ablate.add_argument("--units", type=_units, default=None, help="comma-separated units (default: every unit)")
 
-    visualize = sub.add_parser("visualize", parents=[common], help="activation-maximisation images")
+    visualize = sub.add_parser("visualize", parents=[common, redo], help="activation-maximisation images")
     visualize.add_argument("--units", type=_units, default=None, help="comma-separated units")
     visualize.add_argument("--max-units", type=_positive_int, default=16, help="per layer, without --units")
     visualize.add_argument("--steps", type=_positive_int, default=128)
@@ -138,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        print("neuroidx: interrupted (`neuroidx index` resumes where it stopped when run again)", file=sys.stderr)
+        again = {"index": "resumes where it stopped", "features": "skips the layers it finished",
+                 "ablate": "skips the layers it finished", "visualize": "skips the layers it finished"}
+        how = again.get(args.command)
+        print(f"neuroidx: interrupted{f' (run again: `neuroidx {args.command}` {how})' if how else ''}",
+              file=sys.stderr)
         return 130
     except Exception as exc:  # every failure is one line for a person; --debug shows the traceback
         if getattr(args, "debug", False):

@@ -13,6 +13,8 @@
     ablation/<layer>.csv              per unit: overall_drop, max_class_drop, max_drop_class, max_drop_class_name
     ablation/per_class/<layer>.csv    per unit (rows) and class (columns): accuracy drop
     visualize/<layer>/<unit>.png      the unit's activation-maximisation image
+    <step>/.done/<layer>.json         features, ablation, visualize: the settings a layer's outputs were
+                                      made with, written once they are complete (a rerun skips the layer)
     report/index.html                 the HTML report (report/layers/<layer>.html, report/units/<layer>/<unit>.html)
 """
 
@@ -105,6 +107,11 @@ class OutDir:
 
     def maximized_png(self, layer: str, unit: int) -> Path:
         return self.root / "visualize" / safe_name(layer) / f"{int(unit)}.png"
+
+    def step_record(self, step: str, layer: str) -> Path:
+        """The settings ``layer``'s outputs of ``step`` ("features", "ablation", "visualize") were made with,
+        written once they are all saved. A dot folder: no layer's own file or folder name starts with a dot."""
+        return self.root / step / ".done" / f"{safe_name(layer)}.json"
 
     @property
     def report_dir(self) -> Path:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import torch
 
 from ._version import __version__
-from .outdir import OutDir, write_json
+from .outdir import OutDir, read_json, write_json
 
 __all__ = ["Run", "open_run", "step_index", "step_features", "step_selectivity", "step_ablate", "step_visualize",
            "step_report", "run_demo"]
@@ -135,6 +135,21 @@ def _layers(args, index) -> list[str]:
     return layers
 
 
+def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> bool:
+    """Whether ``layer``'s outputs of ``step`` are complete and were made with ``settings``: a rerun (after
+    an interruption, or with more layers) then skips the layer, saying so; --force makes them again."""
+    record = out.step_record(step, layer)
+    try:
+        same = not getattr(args, "force", False) and read_json(record) == settings
+    except (OSError, ValueError):  # none yet, or unreadable: make the layer
+        same = False
+    if same:
+        print(f"{layer}: {step} already made with these settings, skipped (--force makes it again)")
+    else:  # the outputs are about to be replaced: until they all are, no record may vouch for them
+        record.unlink(missing_ok=True)
+    return same
+
+
 # ----------------------------------------------------------------------------------------------- index
 def _settings_from(args) -> dict:
     try:
@@ -213,10 +228,14 @@ def step_features(args) -> None:
     run, index = open_run(args.out, args.device)
     pad = args.pad
     for layer in _layers(args, index):
+        made_with = {"pad": pad, "keep": args.keep}
+        if _already_made(run.out, "features", layer, made_with, args):
+            continue
         features = neuron_features(index, layer, run.dataset, pad=pad, keep_crops=args.keep,
                                    batch_size=args.batch_size, num_workers=args.workers, device=run.device,
                                    progress=not args.no_progress)
         save_features(features, run.out)
+        write_json(run.out.step_record("features", layer), made_with)
         print(f"{layer}: {features.nf.shape[0]} NFs ({int(features.dead.sum())} dead units), RF "
               f"{features.rf.size[0]}x{features.rf.size[1]} -> {run.out.features_dir(layer)}")
 
@@ -269,6 +288,10 @@ def step_ablate(args) -> None:
                          "class)")
     layers = _layers(args, index)
     for layer in layers:
+        # the batch size too: a convolution's rounding, and so a borderline prediction, can depend on it
+        made_with = {"mode": args.mode, "units": args.units, "batch_size": args.batch_size}
+        if _already_made(run.out, "ablation", layer, made_with, args):
+            continue
         result = ablation_drops(run.model, run.dataset, layer, units=args.units, mode=args.mode,
                                 preprocess=run.preprocess, batch_size=args.batch_size, device=run.device,
                                 progress=not args.no_progress, index=index if args.mode == "mean" else None)
@@ -278,6 +301,7 @@ def step_ablate(args) -> None:
         per_class = pd.DataFrame(result.drop.numpy(), columns=names)
         per_class.insert(0, "unit", frame["unit"].to_numpy())
         save_table(per_class, run.out.ablation_classes_csv(layer))
+        write_json(run.out.step_record("ablation", layer), made_with)
         worst = frame.sort_values("max_class_drop", ascending=False).head(1)
         print(f"{layer}: intact accuracy {float(result.overall_intact_accuracy):.3f}; largest class drop "
               f"{float(worst['max_class_drop'].iloc[0]):.3f} (unit {int(worst['unit'].iloc[0])}, class "
@@ -300,10 +324,14 @@ def step_visualize(args) -> None:
     size = args.image_size or run.settings["size"]
     for layer in _layers(args, index):
         units = args.units if args.units is not None else list(range(min(args.max_units, index[layer].num_units)))
+        made_with = {"units": list(units), "size": size, "steps": args.steps, "batch_size": args.batch_size}
+        if _already_made(run.out, "visualize", layer, made_with, args):
+            continue
         images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=run.preprocess,
                           batch_size=args.batch_size, device=run.device)
         for unit, image in zip(units, images):
             save_png(image, run.out.maximized_png(layer, unit))
+        write_json(run.out.step_record("visualize", layer), made_with)
         print(f"{layer}: {len(units)} maximisation images -> {run.out.maximized_png(layer, units[0]).parent}")
 
 

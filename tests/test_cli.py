@@ -131,6 +131,64 @@ def test_index_resumes_after_an_interruption(folder, tmp_path):
         assert torch.equal(resumed[name].ids, fresh[name].ids)
 
 
+
+def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch, capsys):
+    # features, ablate and visualize: a rerun (after an interruption, say) skips the layers whose outputs
+    # are complete and were made with the same settings; other settings or --force make them again.
+    from neuroidx_fast import ablation, features, maximization
+
+    out = tmp_path / "layers"
+    assert _cli(*_index_args(folder, out)) == 0
+    calls, originals = [], {}
+
+    def counted(module, name, fail_on=None):
+        original = originals.setdefault(name, getattr(module, name))
+
+        def wrapper(*args, **kwargs):
+            layer = args[2] if name == "ablation_drops" else args[1]
+            if layer == fail_on:
+                raise KeyboardInterrupt  # an interruption half way through the layers
+            calls.append((name, layer))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(features, "neuron_features", fail_on="features.8")
+    assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 130
+    assert "interrupted (run again: `neuroidx features` skips the layers it finished)" in capsys.readouterr().err
+    assert calls == [("neuron_features", "features.4")]
+    record = OutDir(out).step_record("features", "features.4")
+    assert json.loads(record.read_text()) == {"pad": "gray", "keep": 2}
+    assert not OutDir(out).step_record("features", "features.8").exists()
+
+    counted(features, "neuron_features")
+    capsys.readouterr()
+    assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 0
+    assert calls[1:] == [("neuron_features", "features.8")]  # features.4 was done
+    assert "features.4: features already made with these settings, skipped" in capsys.readouterr().out
+    assert _cli("features", "--out", out, "--keep", 3, "--layers", "features.4", "--no-progress") == 0
+    assert _cli("features", "--out", out, "--keep", 3, "--layers", "features.4", "--no-progress", "--force") == 0
+    assert calls[2:] == [("neuron_features", "features.4")] * 2
+
+    # a remake with other settings that is interrupted leaves no record of the old ones behind
+    counted(features, "neuron_features", fail_on="features.8")
+    assert _cli("features", "--out", out, "--keep", 5, "--layers", "features.8", "--no-progress") == 130
+    assert not OutDir(out).step_record("features", "features.8").exists()
+
+    counted(ablation, "ablation_drops")
+    counted(maximization, "maximize")
+    for _ in range(2):
+        assert _cli("ablate", "--out", out, "--layers", "features.8", "--units", "0,1", "--no-progress") == 0
+        assert _cli("visualize", "--out", out, "--layers", "features.8", "--units", "1", "--steps", 2) == 0
+    assert calls[4:] == [("ablation_drops", "features.8"), ("maximize", "features.8")]
+    assert _cli("ablate", "--out", out, "--layers", "features.8", "--units", "0,2", "--no-progress") == 0
+    assert _cli("visualize", "--out", out, "--layers", "features.8", "--units", "1", "--steps", 3) == 0
+    assert calls[6:] == [("ablation_drops", "features.8"), ("maximize", "features.8")]
+
+    # indexing again (--force) removes the records with everything made from the old index
+    assert _cli(*_index_args(folder, out, "--force")) == 0
+    assert not list(out.rglob(".done"))
+
 def _error(capsys, *argv):
     code = _cli(*argv)
     err = capsys.readouterr().err

@@ -405,7 +405,8 @@ def test_public_ops_take_pixel_codes(backend):
 @pytest.mark.parametrize("case", ["basic", "far_outside", "larger_than_image", "one_image_many_crops", "odd_sizes"])
 def test_cpp_reads_8_bit_float_pixels_as_codes(case, pad, eight_bit, monkeypatch):
     """The cpp accumulation finds the codes of float32 images itself where the crops read enough pixels,
-    reads them when every pixel is one, and gives the bits of the float32 pixels either way."""
+    channel by channel, reads them for the channels whose pixels are all codes, and gives the bits of the
+    float32 pixels either way."""
     from neuroidx_fast.ops import cpp, crop_operands
     from neuroidx_fast.ops.crop_operands import codes_pay_off
 
@@ -414,12 +415,13 @@ def test_cpp_reads_8_bit_float_pixels_as_codes(case, pad, eight_bit, monkeypatch
     monkeypatch.setattr(crop_operands, "CODES_MIN_IMAGE_BYTES", 0)
     pixels = _codes_and_pixels(images)[1] if eight_bit else images
     fill = _pad_value(pad, images.shape[1])
-    found = []
-    real_pixel_codes = cpp.pixel_codes
-    monkeypatch.setattr(cpp, "pixel_codes", lambda im: found.append(real_pixel_codes(im)) or found[-1])
-    read_codes = []  # the kernel's last argument: whether it reads codes
+    via_codes = []  # the channels each call read through codes
+    real_via_codes = cpp._C.accumulate_crops_via_codes
+    monkeypatch.setattr(cpp._C, "accumulate_crops_via_codes",
+                        lambda *args: via_codes.append(real_via_codes(*args)) or via_codes[-1])
+    float_kernel = []  # the plain kernel's last argument: whether it reads codes
     real_kernel = cpp._C.accumulate_crops
-    monkeypatch.setattr(cpp._C, "accumulate_crops", lambda *args: read_codes.append(args[-1]) or real_kernel(*args))
+    monkeypatch.setattr(cpp._C, "accumulate_crops", lambda *args: float_kernel.append(args[-1]) or real_kernel(*args))
     want = sums.clone()
     reference.accumulate_crops(want, pixels, slots, tops, weights, fill)
     got = sums.clone()
@@ -428,18 +430,29 @@ def test_cpp_reads_8_bit_float_pixels_as_codes(case, pad, eight_bit, monkeypatch
     tried = int(codes_pay_off(pixels, slots, tuple(sums.shape[2:])))
     # The crops of these two read each pixel at least 4 times, the others fewer.
     assert tried == int(case in ("larger_than_image", "one_image_many_crops"))
-    assert len(found) == tried and all((codes is not None) == eight_bit for codes in found)
-    assert read_codes == [bool(tried) and eight_bit]
+    channels = pixels.shape[1]
+    assert via_codes == [channels if eight_bit else 0] * tried and float_kernel == [False] * (1 - tried)
     kept = sums.clone()
     cpp.accumulate_crops(kept, pixels, slots, tops, weights, fill, transcode=False)  # the float32 kernel
     _assert_bits_equal(kept, want)
-    assert len(found) == tried and read_codes[-1] is False
+    assert len(via_codes) == tried and float_kernel[-1] is False
+    if tried and eight_bit:
+        # Channel 1 of one image not 8-bit: channel 0 through codes, the others from float32, same bits.
+        mixed = pixels.clone()
+        mixed[-1, 1, 0, 0] = 0.3
+        want = sums.clone()
+        reference.accumulate_crops(want, mixed, slots, tops, weights, fill)
+        got = sums.clone()
+        cpp.accumulate_crops(got, mixed, slots, tops, weights, fill)
+        _assert_bits_equal(got, want)
+        assert via_codes[-1] == 1
     # Few crops for many pixels: not worth a pass over the images.
     few = torch.full_like(slots, -1)
     few[0, 0] = 0
     assert not codes_pay_off(pixels.repeat(40, 1, 1, 1), few, tuple(sums.shape[2:]))
+    calls = len(via_codes)
     cpp.accumulate_crops(sums.clone(), pixels.repeat(40, 1, 1, 1), few, tops, weights, fill)
-    assert len(found) == tried
+    assert len(via_codes) == calls
 
 
 @pytest.fixture(params=["avx512", "portable"])

@@ -59,6 +59,17 @@ void accumulate_crops(std::uintptr_t sums, int64_t U, int64_t Ch, int64_t rh, in
                                as_ptr<const float>(weights), J, as_ptr<const float>(pad), num_threads);
 }
 
+int64_t accumulate_crops_via_codes(std::uintptr_t sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw,
+                                   std::uintptr_t images, int64_t N, int64_t H, int64_t W, std::uintptr_t slots,
+                                   std::uintptr_t tops, std::uintptr_t weights, int64_t J, std::uintptr_t pad,
+                                   std::uintptr_t scratch, int num_threads) {
+  if (rh < 1 || rw < 1) throw py::value_error("accumulate_crops_via_codes: crop size must be positive");
+  return neuroidx::accumulate_crops_via_codes(as_ptr<double>(sums), U, Ch, rh, rw, as_ptr<const float>(images), N, H,
+                                              W, as_ptr<const int64_t>(slots), as_ptr<const int64_t>(tops),
+                                              as_ptr<const float>(weights), J, as_ptr<const float>(pad),
+                                              as_ptr<uint8_t>(scratch), num_threads);
+}
+
 bool pixel_codes(std::uintptr_t images, int64_t n, std::uintptr_t codes, int num_threads) {
   return neuroidx::pixel_codes(as_ptr<const float>(images), n, as_ptr<uint8_t>(codes), num_threads);
 }
@@ -115,6 +126,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("accumulate_crops", &accumulate_crops, py::call_guard<py::gil_scoped_release>(),
         "In-place float64 sums[u] += weights[u, j] * crop(u, j), j in order, from float32 images or uint8 pixel "
         "codes (codes=True) (pad pointer 0: edge mode).");
+  m.def("accumulate_crops_via_codes", &accumulate_crops_via_codes, py::call_guard<py::gil_scoped_release>(),
+        "accumulate_crops from float32 images read through their uint8 pixel codes, found one channel at a time "
+        "into scratch [N*H*W] (a channel that is not all codes, and the rest, read as float32); returns how many "
+        "channels went through codes.");
   m.def("set_crop_kernels_avx512", &neuroidx::set_crop_kernels_avx512,
         "accumulate_crops: False takes the portable loops, True the AVX-512 ones where the CPU has them "
         "(the default); returns whether the AVX-512 loops are in use.");

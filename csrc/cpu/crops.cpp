@@ -379,11 +379,16 @@ void gather_crops_impl(const T* images, int64_t Ch, int64_t H, int64_t W, const 
   }
 }
 
+// Channels [c0, c1) of sums [U, Ch, rh, rw]: sums channel c reads channel image_c0 + (c - c0) of images
+// with image_channels channels (the images' own channel c, or a scratch holding only channel c).
 template <class T>
-void accumulate_crops_impl(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const T* images, int64_t H,
-                           int64_t W, const int64_t* slots, const int64_t* tops, const float* weights, int64_t J,
-                           const float* pad, int num_threads) {
+void accumulate_channels(double* sums, int64_t U, int64_t Ch, int64_t c0, int64_t c1, int64_t rh, int64_t rw,
+                         const T* images, int64_t image_channels, int64_t image_c0, int64_t H, int64_t W,
+                         const int64_t* slots, const int64_t* tops, const float* weights, int64_t J, const float* pad,
+                         int num_threads) {
   if (num_threads < 1) num_threads = 1;
+  const int64_t channels = c1 - c0;
+  if (channels <= 0) return;
   // A task adds the J crops to one block of rows of a unit's channel plane: the whole plane when its
   // sums fit in L2 (kBlockDoubles), so that each crop is read top to bottom in one go, fewer pages
   // and a pattern the hardware prefetcher follows (measured on the 100 x 100 crops of
@@ -395,21 +400,23 @@ void accumulate_crops_impl(double* sums, int64_t U, int64_t Ch, int64_t rh, int6
   // follow; staging rows or prefetching whole blocks did not recover it, and groups of 4-10 crops a
   // pass were no faster than these pairs.)
   const int64_t rows_in_cache = std::max<int64_t>(1, kBlockDoubles / std::max<int64_t>(rw, 1));
-  const int64_t blocks_for_threads = (kTasksPerThread * num_threads + U * Ch - 1) / (U * Ch);
+  const int64_t blocks_for_threads = (kTasksPerThread * num_threads + U * channels - 1) / (U * channels);
   const int64_t wanted_blocks = std::min(rh, std::max((rh + rows_in_cache - 1) / rows_in_cache, blocks_for_threads));
   const int64_t block_rows = (rh + wanted_blocks - 1) / wanted_blocks;
   const int64_t blocks = (rh + block_rows - 1) / block_rows;
-  const int64_t tasks = U * Ch * blocks;
+  const int64_t tasks = U * channels * blocks;
   // Channel-major order: while every unit's crops of channel c are added, the images' channel-c planes
   // are all that is read (a third of the bytes), which the last-level cache can hold where all the
   // images do not (e.g. 512 images of 224 x 224 as uint8 codes: 26 MB a channel).
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (U * Ch * rh * rw * J >= kParallelWork)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (U * channels * rh * rw * J >= kParallelWork)
   for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t c = t / (U * blocks), u = t / blocks % U, b = t % blocks;
-    const int64_t plane = u * Ch + c;
+    const int64_t c = c0 + t / (U * blocks), u = t / blocks % U, b = t % blocks;
+    const int64_t image_c = image_c0 + (c - c0);
     const int64_t i0 = b * block_rows, i1 = std::min(rh, i0 + block_rows);
-    accumulate_block_any(sums + plane * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J, J, c, Ch,
-                         H, W, rh, rw, i0, i1, pad);
+    // pad[image_c] of the shifted pointer is the pad value of channel c
+    accumulate_block_any(sums + (u * Ch + c) * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J,
+                         J, image_c, image_channels, H, W, rh, rw, i0, i1,
+                         pad == nullptr ? nullptr : pad + (c - image_c));
   }
 }
 
@@ -469,6 +476,25 @@ bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads
   return exact.load();
 }
 
+namespace {
+
+// codes [N, plane] = the codes of channel c of images [N, Ch, plane]; true when every pixel is its code's.
+bool channel_codes(const float* images, int64_t N, int64_t Ch, int64_t plane, int64_t c, uint8_t* codes,
+                   int num_threads) {
+  if (num_threads < 1) num_threads = 1;
+  std::atomic<bool> exact{true};
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (N * plane >= kParallelWork)
+  for (int64_t n = 0; n < N; ++n) {
+    if (!exact.load(std::memory_order_relaxed)) continue;
+    if (!encode_chunk(images + (n * Ch + c) * plane, plane, codes + n * plane)) {
+      exact.store(false, std::memory_order_relaxed);
+    }
+  }
+  return exact.load();
+}
+
+}  // namespace
+
 void gather_crops(const float* images, int64_t N, int64_t Ch, int64_t H, int64_t W, const int64_t* slots,
                   const int64_t* tops, int64_t M, int64_t rh, int64_t rw, const float* pad, float* out,
                   int num_threads) {
@@ -487,14 +513,30 @@ void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t r
                       int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
                       int64_t J, const float* pad, int num_threads) {
   (void)N;
-  accumulate_crops_impl(sums, U, Ch, rh, rw, images, H, W, slots, tops, weights, J, pad, num_threads);
+  accumulate_channels(sums, U, Ch, 0, Ch, rh, rw, images, Ch, 0, H, W, slots, tops, weights, J, pad, num_threads);
 }
 
 void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const uint8_t* codes, int64_t N,
                       int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
                       int64_t J, const float* pad, int num_threads) {
   (void)N;
-  accumulate_crops_impl(sums, U, Ch, rh, rw, codes, H, W, slots, tops, weights, J, pad, num_threads);
+  accumulate_channels(sums, U, Ch, 0, Ch, rh, rw, codes, Ch, 0, H, W, slots, tops, weights, J, pad, num_threads);
+}
+
+int64_t accumulate_crops_via_codes(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images,
+                                   int64_t N, int64_t H, int64_t W, const int64_t* slots, const int64_t* tops,
+                                   const float* weights, int64_t J, const float* pad, uint8_t* scratch,
+                                   int num_threads) {
+  for (int64_t c = 0; c < Ch; ++c) {
+    if (!channel_codes(images, N, Ch, H * W, c, scratch, num_threads)) {
+      accumulate_channels(sums, U, Ch, c, Ch, rh, rw, images, Ch, c, H, W, slots, tops, weights, J, pad,
+                          num_threads);
+      return c;
+    }
+    accumulate_channels(sums, U, Ch, c, c + 1, rh, rw, scratch, 1, 0, H, W, slots, tops, weights, J, pad,
+                        num_threads);
+  }
+  return Ch;
 }
 
 }  // namespace neuroidx

@@ -333,6 +333,11 @@ def test_pixel_code_values_are_torch_division():
     # The IEEE division float32(k) / float32(255), independently of torch.
     ieee = np.arange(256, dtype=np.float32) / np.float32(255)
     assert np.array_equal(ieee.view(np.int32), want.numpy())
+    # decode_pixels at any length and alignment (vectorised bodies and tails alike)
+    for n, offset in ((1, 0), (17, 3), (1000, 5), (4099, 11)):
+        codes = (torch.arange(n + offset) * 37 % 256).to(torch.uint8)[offset:]
+        got = reference.decode_pixels(codes).numpy().view(np.int32)
+        assert np.array_equal(got, ieee[codes.numpy()].view(np.int32)), (n, offset)
     if "cpp" in cpu_backends():  # what the C++ kernels decode each code to
         from neuroidx_fast.ops import cpp
 

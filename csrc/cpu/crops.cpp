@@ -449,6 +449,30 @@ inline bool encode_chunk(const float* images, int64_t n, uint8_t* codes) {
   return encode_span(images, n, codes);
 }
 
+// One piece of pixel_codes' work: codes[k] = the code of pixels[k] for k < n.
+struct CodePiece {
+  const float* pixels;
+  int64_t n;
+  uint8_t* codes;
+};
+
+// The codes of pieces(b) for b < count (work: their pixels in all), over the threads; true when every
+// pixel is its code's value. The pieces left once some pixel is not a code are skipped: images that
+// are not 8-bit cost about a piece per thread (the cpp accumulate_crops tries the float32 images where
+// codes would pay off).
+template <class Pieces>
+bool encode_pieces(int64_t count, int64_t work, int num_threads, Pieces pieces) {
+  if (num_threads < 1) num_threads = 1;
+  std::atomic<bool> exact{true};
+#pragma omp parallel for schedule(static) num_threads(num_threads) if (work >= kParallelWork)
+  for (int64_t b = 0; b < count; ++b) {
+    if (!exact.load(std::memory_order_relaxed)) continue;
+    const CodePiece piece = pieces(b);
+    if (!encode_chunk(piece.pixels, piece.n, piece.codes)) exact.store(false, std::memory_order_relaxed);
+  }
+  return exact.load();
+}
+
 }  // namespace
 
 float pixel_code_value(uint8_t code) { return decode(code); }
@@ -459,21 +483,11 @@ bool set_crop_kernels_avx512(bool enable) {
 }
 
 bool pixel_codes(const float* images, int64_t n, uint8_t* codes, int num_threads) {
-  if (num_threads < 1) num_threads = 1;
   constexpr int64_t kChunk = int64_t{1} << 16;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  // The chunks left once some pixel is not a code are skipped: images that are not 8-bit cost about a
-  // chunk per thread (the cpp accumulate_crops tries the float32 images where codes would pay off).
-  std::atomic<bool> exact{true};
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (n >= kParallelWork)
-  for (int64_t b = 0; b < chunks; ++b) {
-    if (!exact.load(std::memory_order_relaxed)) continue;
+  return encode_pieces((n + kChunk - 1) / kChunk, n, num_threads, [&](int64_t b) {
     const int64_t k0 = b * kChunk;
-    if (!encode_chunk(images + k0, std::min(n, k0 + kChunk) - k0, codes + k0)) {
-      exact.store(false, std::memory_order_relaxed);
-    }
-  }
-  return exact.load();
+    return CodePiece{images + k0, std::min(n, k0 + kChunk) - k0, codes + k0};
+  });
 }
 
 namespace {
@@ -481,16 +495,9 @@ namespace {
 // codes [N, plane] = the codes of channel c of images [N, Ch, plane]; true when every pixel is its code's.
 bool channel_codes(const float* images, int64_t N, int64_t Ch, int64_t plane, int64_t c, uint8_t* codes,
                    int num_threads) {
-  if (num_threads < 1) num_threads = 1;
-  std::atomic<bool> exact{true};
-#pragma omp parallel for schedule(static) num_threads(num_threads) if (N * plane >= kParallelWork)
-  for (int64_t n = 0; n < N; ++n) {
-    if (!exact.load(std::memory_order_relaxed)) continue;
-    if (!encode_chunk(images + (n * Ch + c) * plane, plane, codes + n * plane)) {
-      exact.store(false, std::memory_order_relaxed);
-    }
-  }
-  return exact.load();
+  return encode_pieces(N, N * plane, num_threads, [&](int64_t n) {
+    return CodePiece{images + (n * Ch + c) * plane, plane, codes + n * plane};
+  });
 }
 
 }  // namespace

@@ -44,7 +44,8 @@ def check_index_range(images, size, what: str, kernels: str, crop_limit: int = I
 def codes_pay_off(images, slots, size) -> bool:
     """Whether crops of ``size`` for the valid ``slots`` are worth reading from the uint8 pixel codes of
     float32 ``images`` (a quarter of the bytes) rather than from the images, at the cost of one pass over
-    all of them to find the codes (as_pixel_codes). That pays where the images do not fit in the last
+    all of them to find the codes (as_pixel_codes, or the cpp accumulate_crops' own pass, one channel at a
+    time). That pays where the images do not fit in the last
     level cache and the crops read each pixel several times (CODES_MIN_IMAGE_BYTES,
     CODES_MIN_READS_PER_PIXEL). Measured with the cpp kernels on bench/bench_crops.py's layers (2-core
     Zen 4, 32 MiB L3): 512 images of 224 x 224 (294 MiB) read 10, 4 and 2 times: 107 against 172 ms,

@@ -519,6 +519,26 @@ def test_cpp_pixel_codes_every_lane_and_tail(code_loops):
                 assert cpp.pixel_codes(perturbed) is None, (n, position, bad)
 
 
+def test_cpp_codes_extreme_weights(code_loops):
+    # The AVX-512 loop decodes codes to 2^-864 times their pixel and scales the weight by 2^864: exact
+    # for every float32 weight, the largest, the smallest subnormal, -0.0 and negative ones included.
+    from neuroidx_fast.ops import cpp
+
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 1, 8, 32)
+    pixels = codes.float() / 255
+    tiny = torch.finfo(torch.float32).tiny * 2.0 ** -23  # the smallest subnormal
+    weights = torch.tensor([[torch.finfo(torch.float32).max, tiny, -0.0, -3.5, 1e-30, 7e37]])
+    slots = torch.zeros(1, 6, dtype=torch.int64)
+    tops = torch.tensor([[[0, 0], [0, -3], [1, 2], [-2, 0], [0, 5], [0, 0]]])
+    for fill in (torch.tensor([0.5]), None):
+        for j in range(1, 7):
+            want = torch.zeros(1, 1, 8, 32, dtype=torch.float64)
+            reference.accumulate_crops(want, pixels, slots[:, :j], tops[:, :j], weights[:, :j], fill)
+            got = torch.zeros_like(want)
+            cpp.accumulate_crops(got, codes, slots[:, :j], tops[:, :j], weights[:, :j], fill)
+            _assert_bits_equal(got, want)
+
+
 def test_cpp_codes_keep_negative_zero_sums(code_loops):
     # -0.0 + (-1 * 0.0) is -0.0: a loop that also added +0.0 for a missing second crop would give +0.0.
     from neuroidx_fast.ops import cpp

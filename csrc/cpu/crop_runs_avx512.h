@@ -3,14 +3,13 @@
 // in order, dst[k] = (dst[k] + term_a(k)) + term_b(k), each term a crop pixel times its weight or a constant.
 //
 // Why by hand: the portable loop (crops.cpp) decodes a uint8 pixel code with a vector division and lets
-// the compiler finish each run with scalar code; here 16 codes are decoded with a byte permute and one
-// conversion to float32 (two more to float64), and a run ends with masked vectors. On the 100 x 100
-// crops of bench/bench_crops.py (2-core Zen 4, all three interleaved in one process): 65 ms from codes
-// against 71 ms with the previous decode of these loops (exact conversion to float64, then rounded by
-// two integer operations on its bits) and 107 ms with the portable loop; 50, 59 and 96 ms with every
-// box inside the images and its crops in cache (the compute-bound case). The same loops over float32
-// pixels were not faster (those wait on memory: 4 bytes a pixel), so float32 images keep the portable
-// loop.
+// the compiler finish each run with scalar code; here 8 codes are decoded with a byte permute, one
+// conversion to float32 and a shift (below), and a run ends with masked vectors. On the 100 x 100 crops
+// of bench/bench_crops.py (2-core Zen 4, interleaved in one process): 65 ms from codes against 71 ms with
+// an older decode (exact conversion to float64, then rounded by two integer operations on its bits) and
+// 107 ms with the portable loop; 50, 59 and 96 ms with every box inside the images and its crops in
+// cache (the compute-bound case). The same loops over float32 pixels were not faster (those wait on
+// memory: 4 bytes a pixel), so float32 images keep the portable loop.
 //
 // Decoding code k to float32(k / 255) exactly, without a division. 2^32 / 255 = 0x01010101 + 1/255, so
 // k / 255 * 2^32 = P + k / 255 with P = k * 0x01010101 (the byte four times: one byte permute). P has
@@ -18,9 +17,16 @@
 // the exact value's dropped part is k + k / 255, above half of 2^b (k >= 2^(b-1)) and below 2^b. So
 // float32's round to nearest of k / 255 * 2^32 rounds P up: exactly what converting P to float32 with
 // rounding toward +infinity gives (its dropped bits, k, are not all zero; a carry moves into the
-// exponent as it should; k = 0 gives 0). That float32 is converted to float64 exactly, and the 2^-32
-// goes into the weight (w * 2^-32 is exact in float64), which keeps every product, and so every sum,
-// bit-identical. Checked for all 256 codes (tests/test_crops.py).
+// exponent as it should; k = 0 gives 0). Checked for all 256 codes (tests/test_crops.py).
+//
+// From float32 to float64 without a conversion: the bits of a float32 y > 0, zero-extended to 64 and
+// shifted left by 29, put its mantissa at the top of float64's and its biased exponent e in the low
+// bits of float64's exponent field, i.e. the float64 2^(e - 1023) * 1.m = y * 2^(127 - 1023), exactly
+// (y = 0 gives 0). With y = 2^32 x that is x * 2^-864, always a normal float64 (x >= 1 / 255), and
+// the 2^864 goes into the weight: w * 2^864 is exact (|w| < 2^128, a float32), so each product w * x,
+// and so every sum, is the same bits as the reference's. Two vcvtps2pd per 16 codes cost more than the
+// permutes and shifts that replace them: 7.6 against 10.1 cycles per 16 columns of two crops with
+// everything in cache, 4-5% on the whole 100 x 100 layer (which also waits on memory).
 //
 // pixel_codes (crops.cpp) finds the codes of a float32 image with the same decode (encode16 below): 10 ms
 // for 512 images of 224 x 224 on 2 Zen 4 cores, against 18-22 ms with the portable pass's division (a
@@ -53,25 +59,29 @@ NX_AVX512 inline __m512 scaled_pixels(__m512i replicated) {
   return _mm512_cvt_roundepu32_ps(replicated, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
 }
 
-// Codes [0, 16) of k (the upper bytes are ignored) decoded: float32 2^32 times their pixel (see above).
-NX_AVX512 inline __m512 decode16(__m512i k) {
-  // Dword i = code i in each of its four bytes.
-  const __m512i repeat = _mm512_set_epi32(0x0F0F0F0F, 0x0E0E0E0E, 0x0D0D0D0D, 0x0C0C0C0C, 0x0B0B0B0B, 0x0A0A0A0A,
-                                          0x09090909, 0x08080808, 0x07070707, 0x06060606, 0x05050505, 0x04040404,
-                                          0x03030303, 0x02020202, 0x01010101, 0x00000000);
-  return scaled_pixels(_mm512_permutexvar_epi8(repeat, k));
+// Codes [first, first + 8) of k decoded: float64 2^-864 times their pixel (see above). The byte
+// permute gives qword i code first + i in each byte of its low dword and zeros above, which convert to
+// float32 2^32 x and 0; the shift does the rest.
+template <int first>
+NX_AVX512 inline __m512d decode8(__m512i k) {
+  constexpr int64_t kRepeat = 0x01010101;
+  const __m512i repeat = _mm512_set_epi64((first + 7) * kRepeat, (first + 6) * kRepeat, (first + 5) * kRepeat,
+                                          (first + 4) * kRepeat, (first + 3) * kRepeat, (first + 2) * kRepeat,
+                                          (first + 1) * kRepeat, first * kRepeat);
+  const __m512i replicated = _mm512_maskz_permutexvar_epi8(0x0F0F0F0F0F0F0F0FULL, repeat, k);
+  return _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_castps_si512(scaled_pixels(replicated)), 29));
 }
 
-// Codes [0, 16) decoded, as float64 in two halves.
+// Codes [0, 16) decoded, in two halves.
 NX_AVX512 inline void load16(const uint8_t* p, __m512d* lo, __m512d* hi) {
-  const __m512 x = decode16(_mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  *lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
-  *hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  const __m512i k = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *lo = decode8<0>(k);
+  *hi = decode8<8>(k);
 }
 
-// Codes [0, 8) (lanes under m) decoded, as float64.
+// Codes [0, 8) (lanes under m) decoded.
 NX_AVX512 inline __m512d load8(const uint8_t* p, __mmask8 m) {
-  return _mm512_cvtps_pd(_mm512_castps512_ps256(decode16(_mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, p)))));
+  return decode8<0>(_mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, p)));
 }
 
 // Elements [k, k + 8) (lanes under m) of a run: add one term to the sums v.
@@ -104,9 +114,9 @@ NX_AVX512 inline void add_term(__m512d* lo, __m512d* hi, const uint8_t* span, in
 template <Term a, Term b>
 NX_AVX512 inline void run(double* dst, int64_t n, const uint8_t* span_a, double w_a, double c_a,
                           const uint8_t* span_b, double w_b, double c_b) {
-  // The codes decode to 2^32 times their pixel: the weights take the 2^-32 (exactly).
-  const __m512d wa = _mm512_set1_pd(w_a * 0x1p-32), ca = _mm512_set1_pd(c_a);
-  const __m512d wb = _mm512_set1_pd(w_b * 0x1p-32), cb = _mm512_set1_pd(c_b);
+  // The codes decode to 2^-864 times their pixel: the weights take the 2^864 (exactly).
+  const __m512d wa = _mm512_set1_pd(w_a * 0x1p864), ca = _mm512_set1_pd(c_a);
+  const __m512d wb = _mm512_set1_pd(w_b * 0x1p864), cb = _mm512_set1_pd(c_b);
   int64_t k = 0;
   for (; k + 16 <= n; k += 16) {
     __m512d lo = _mm512_loadu_pd(dst + k), hi = _mm512_loadu_pd(dst + k + 8);

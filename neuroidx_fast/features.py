@@ -153,7 +153,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     ``index_dataset``), "edge", or numbers. ``norm``: "sum" (NF = sum_j w_j I_j / sum_j w_j) or "k"
     (the paper's (1/K) sum_j w_j I_j, K = the unit's top images). The receptive field comes from
     ``rf``, else from ``model``, else from the index. NF values are clamped to [0, 1]; this only matters
-    where some top activations are negative (pre-activation layers), which gives negative weights.
+    where some top activations are negative (pre-activation layers), which gives negative weights. Where
+    those weights sum to 0 (or to no finite number) the NF is undefined: NaN, with a warning. Top slots
+    at -inf (all-NaN maps under ``nan="ignore"``) take no part: no weight, no crop.
     """
     L = index[layer]
     if norm not in NORMS:
@@ -178,7 +180,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
 
     values, ids, positions = L.values[units], L.ids[units], L.positions[units]
     dead = L.dead()[units]
-    valid = L.live_slots()[units]
+    # Slots at -inf (all-NaN maps under nan="ignore", or a true -inf) carry no weight and no crop: a_j / a_1
+    # = -inf would turn a live unit's NF into NaN or, clamped, black; they are not images that drive it.
+    valid = L.live_slots()[units] & (values > float("-inf"))
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
     weights = values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny)
     # a_1 = +inf (an ordinary value, SPEC.md 1): the limit of a_j / a_1 is 1 for the other +inf, else 0
@@ -223,8 +227,15 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
                 crops[hit.cpu()] = to_uint8(cut).cpu()
     weight_sum = weights.double().sum(dim=1)
     denominator = weight_sum if norm == "sum" else valid.sum(dim=1).double()
-    nf = (sums.cpu() / denominator.clamp_min(1e-300)[:, None, None, None]).to(torch.float32).clamp_(0, 1)
-    nf[dead] = float("nan")
+    nf = (sums.cpu() / denominator[:, None, None, None]).to(torch.float32).clamp_(0, 1)
+    # Negative top activations (pre-activation layers) give negative weights: their sum can be 0 or
+    # below, or overflow. NF = sum_j w_j I_j / sum_j w_j as it is where that is a number; NaN where not.
+    undefined = ~dead & ~(torch.isfinite(denominator) & (denominator != 0))
+    if bool(undefined.any()):
+        warnings.warn(f"the Neuron Feature of {int(undefined.sum())} live unit(s) of {layer!r} is undefined (their "
+                      f"top weights a_j / a_1 sum to 0 or do not sum to a finite number): NaN images for units "
+                      f"{units[undefined].tolist()[:10]}", stacklevel=2)
+    nf[dead | undefined] = float("nan")
     return NeuronFeatures(layer, nf, crops, ids[:, :keep].clone(), torch.where(valid, values,
                           torch.full_like(values, float("-inf")))[:, :keep].clone(), dead, weight_sum.float(),
                           units, rf, pad, norm)

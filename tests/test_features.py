@@ -192,6 +192,40 @@ def test_an_infinite_top_activation_weighs_its_equals_only(indexed):
     assert torch.equal(feats.nf[2:].nan_to_num(-1), plain.nf[2:].nan_to_num(-1))
 
 
+def _with_values(index, layer, values, ids=None):
+    L = index[layer]
+    changed = nx.LayerIndex(L.name, values, L.ids.clone() if ids is None else ids, L.positions.clone(), L.map_size,
+                            L.images_seen, L.mean_sum)
+    return NeuronIndex({layer: changed}, index.k, index.dataset_length, index.input_size, meta=index.meta)
+
+
+def test_negative_weights_and_minus_infinity_slots(indexed):
+    # Negative top activations (a pre-activation layer) give negative weights: NF = sum_j w_j I_j / sum_j w_j
+    # as it is, also where the sum is negative (the old clamp of the denominator to 1e-300 made it black);
+    # a sum of 0 leaves the NF undefined: NaN and a warning. Slots at -inf with a real id (all-NaN maps
+    # under nan="ignore") count as empty: no weight, no crop.
+    _, dataset, index = indexed
+    values = index["features.8"].values.clone()
+    values[0] = torch.tensor([1.0, 0.5, -2.0, -2.0, 0.25, 0.25])  # weights sum to -2
+    values[1] = torch.tensor([1.0, 0.5, -1.0, -0.25, -0.25, 0.0])  # weights sum to 0
+    values[2, 3:] = float("-inf")
+    changed = _with_values(index, "features.8", values)
+    expected, _ = _brute_force(changed, "features.8", dataset, "gray")
+    with pytest.warns(UserWarning, match=r"undefined .* units \[1\]"):
+        feats = neuron_features(changed, "features.8", dataset, keep_crops=6)
+    assert not feats.dead[:3].any()
+    torch.testing.assert_close(feats.nf[0], expected[0], atol=1e-6, rtol=0)
+    assert 0 < float(feats.nf[0].mean()) < 1  # not the clamp of a huge number
+    assert feats.nf[1].isnan().all() and torch.isfinite(feats.nf[2]).all()
+    emptied_ids = index["features.8"].ids.clone()
+    emptied_ids[2, 3:] = -1
+    emptied = neuron_features(_with_values(index, "features.8", values, emptied_ids), "features.8", dataset,
+                              keep_crops=6, units=[2])
+    assert torch.equal(feats.nf[2], emptied.nf[0]) and torch.equal(feats.crops[2], emptied.crops[0])
+    assert (feats.crop_ids[2, 3:] == -1).all() and (feats.crops[2, 3:] == 0).all()
+    torch.testing.assert_close(feats.weight_sum[:3], torch.tensor([-2.0, 0.0, float(feats.weight_sum[2])]))
+
+
 def test_batch_size_and_unit_subsets_do_not_change_the_result(indexed):
     _, _, index = indexed
     whole = neuron_features(index, "features.8", batch_size=64, backend="torch")

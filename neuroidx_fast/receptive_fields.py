@@ -4,13 +4,16 @@ The walk traces the model with torch.fx and runs it once on a blank input of the
 every tensor's shape), carrying per axis a jump ``j``, a size ``r`` and an offset ``o`` through each
 node: conv / pool layers compose them, element-wise layers keep them, merges (add, cat) take the union
 of their inputs' boxes, and layers that mix all positions (global pooling, flatten, linear) give the
-whole image. The gradient probe measures the same thing empirically: it is the oracle of the tests and
+whole image. It also follows which dimensions hold the positions, through permutes (channels last, as
+in ConvNeXt), channel reductions and indexing, so that a Linear or LayerNorm over the channels of a
+channels-last tensor keeps the box and one over positions mixes them. The gradient probe measures the same thing empirically: it is the oracle of the tests and
 the fallback for graphs the walk does not know.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import operator
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .hooks import LayerCapture, resolve_layers
+from .hooks import LayerCapture, SharedModuleError, resolve_layers
 from .prepare import evaluating, model_device, param_dtype
 
 __all__ = ["ReceptiveField", "receptive_field", "probe_gradient", "probe_receptive_field"]
@@ -70,11 +73,14 @@ class ReceptiveField:
 # --------------------------------------------------------------------------------------------- walk
 @dataclass(frozen=True)
 class _Box:
-    """Per axis (y, x): jump, size, offset of a tensor's positions in input pixels."""
+    """Per axis (y, x): jump, size, offset of a tensor's positions in input pixels. ``axes``: the
+    tensor dimensions that hold y and x where they are not its last two (after a permute to channels
+    last, as in ConvNeXt's LayerNorm and Linear layers), else None."""
 
     jump: tuple[int, int]
     size: tuple[int, int]
     offset: tuple[int, int]
+    axes: tuple[int, int] | None = None
 
 
 WHOLE = "whole image"
@@ -109,6 +115,8 @@ def _window(state, kernel, stride, padding, dilation=1):
     """Compose a sliding window (SPEC.md 2): r' = r + (k_eff - 1) j, o' = o - q j, j' = j s."""
     if state is WHOLE:
         return WHOLE
+    if state.axes is not None:
+        raise _Unsupported("a window over a tensor whose positions are not its last two axes")
     k, s, q, d = _pair(kernel), _pair(stride), _pair(padding), _pair(dilation)
     size = tuple(state.size[a] + d[a] * (k[a] - 1) * state.jump[a] for a in range(2))
     offset = tuple(state.offset[a] - q[a] * state.jump[a] for a in range(2))
@@ -131,13 +139,85 @@ def _union(states):
         return None
     if any(s is WHOLE for s in states):
         return WHOLE
+    if len({s.axes for s in states}) > 1:
+        raise _Unsupported("a merge of tensors whose positions lie on different axes")
     jumps = {s.jump for s in states}
     if len(jumps) > 1:
         raise ValueError(f"cannot merge branches with different strides {sorted(jumps)}: their positions do not "
                          "correspond to the same input pixels (a receptive field needs one stride per layer)")
     start = tuple(min(s.offset[a] for s in states) for a in range(2))
     end = tuple(max(s.offset[a] + s.size[a] for s in states) for a in range(2))
-    return _Box(states[0].jump, tuple(end[a] - start[a] for a in range(2)), start)
+    return _Box(states[0].jump, tuple(end[a] - start[a] for a in range(2)), start, states[0].axes)
+
+
+def _axes(state, t) -> tuple[int, int]:
+    """The dimensions of tensor ``t`` that hold the positions of ``state`` (a _Box)."""
+    return (t.dim() - 2, t.dim() - 1) if state.axes is None else state.axes
+
+
+def _relaid(state, axes, ndim: int):
+    """``state`` with its positions on dimensions ``axes`` of an ``ndim``-d tensor (a map needs two)."""
+    if state is None or state is WHOLE:
+        return state
+    if ndim < 2 or None in axes:
+        return WHOLE
+    axes = (int(axes[0]), int(axes[1]))
+    return dataclasses.replace(state, axes=None if axes == (ndim - 2, ndim - 1) else axes)
+
+
+def _dims(dim, ndim: int):
+    """The set of (non-negative) dimensions a ``dim`` argument names; None or () is all of them."""
+    if dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        return set(range(ndim))
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return {int(d) % ndim for d in dims}
+
+
+def _without_dims(state, x, out, removed):
+    """After an operation that reduces (or squeezes) dimensions ``removed`` of ``x``: the box where they
+    hold no position (out has them, keepdim, or not), else the whole image."""
+    if state is None or state is WHOLE:
+        return state
+    axes = _axes(state, x)
+    if removed & set(axes) or not isinstance(out, torch.Tensor):
+        return WHOLE
+    if out.dim() == x.dim():
+        return _relaid(state, axes, out.dim())
+    return _relaid(state, tuple(a - sum(d < a for d in removed) for a in axes), out.dim())
+
+
+def _moved(state, x, out, op):
+    """After a permutation of ``x``'s dimensions (permute, transpose, movedim, unsqueeze: ``op`` applied
+    to a tensor): where the positions went, found by applying ``op`` to a shapeless tensor whose
+    dimension i has size i + 2."""
+    if state is None or state is WHOLE:
+        return state
+    dummy = torch.empty(tuple(range(2, x.dim() + 2)), device="meta")
+    sizes = list(op(dummy).shape)
+    axes = _axes(state, x)
+    if not isinstance(out, torch.Tensor) or len(sizes) != out.dim():
+        raise _Unsupported("a permutation of dimensions the walk cannot follow")
+    return _relaid(state, tuple(sizes.index(a + 2) for a in axes), out.dim())
+
+
+def _last_dims_state(state, x, count: int):
+    """An operation over the last ``count`` dimensions of ``x`` (Linear, LayerNorm): pointwise where
+    they hold no position (channels last), else mixing: the whole image."""
+    if state is None or state is WHOLE:
+        return state
+    if not isinstance(x, torch.Tensor) or any(a >= x.dim() - count for a in _axes(state, x)):
+        return WHOLE
+    return state
+
+
+def _flatten_state(state, x, out, start: int, end: int):
+    if state is None or state is WHOLE or not isinstance(x, torch.Tensor):
+        return state if state is None else WHOLE
+    start, end = start % max(x.dim(), 1), end % max(x.dim(), 1)
+    axes = _axes(state, x)
+    if any(start <= a <= end for a in axes) or not isinstance(out, torch.Tensor):
+        return WHOLE
+    return _relaid(state, tuple(a - (end - start) if a > end else a for a in axes), out.dim())
 
 
 def _spatial(t):
@@ -173,8 +253,15 @@ _SOFTMAX_MODULES = (nn.Softmax, nn.LogSoftmax)
 _SOFTMAX_FUNCTIONS = {torch.softmax, F.softmax, F.log_softmax, torch.log_softmax}
 # Reductions: over channels they keep the box, over positions they see the whole image.
 _REDUCING_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.logsumexp}
-# Normalisations whose statistics are taken over all positions of an image mix the whole map.
-_MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.LayerNorm, nn.Flatten, nn.Linear, nn.Bilinear)
+_REDUCING_METHODS = {"mean", "sum", "amax", "amin", "max", "min", "logsumexp"}
+# Permutations of dimensions (and insertions of one): the positions move with them.
+_PERMUTING_FUNCTIONS = {torch.permute, torch.transpose, torch.movedim, torch.moveaxis, torch.swapaxes,
+                        torch.swapdims, torch.unsqueeze}
+_PERMUTING_METHODS = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "unsqueeze"}
+_RESHAPING_METHODS = {"view", "reshape", "view_as", "reshape_as", "flatten", "squeeze"}
+# Normalisations whose statistics are taken over all positions of an image mix the whole map. (Linear
+# and LayerNorm act on the last dimensions: pointwise where the positions are elsewhere, channels last.)
+_MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.Bilinear)
 
 _POINTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
@@ -190,7 +277,7 @@ _POINTWISE_METHODS = {
     "clamp", "clamp_", "clamp_min", "clamp_min_", "contiguous", "clone", "float", "half", "bfloat16", "double", "to",
     "type_as", "detach", "exp", "abs", "neg", "pow", "sqrt", "square",
 }
-_MIXING_FUNCTIONS = {torch.flatten, F.linear, F.layer_norm, F.group_norm, F.instance_norm}
+_MIXING_FUNCTIONS = {F.group_norm, F.instance_norm}
 
 
 def _conv2d_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -210,28 +297,34 @@ def _softmax_signature(input, dim=None, dtype=None):
     """Argument names of torch.softmax / torch.log_softmax (builtins)."""
 
 
-def _reduce_state(state, x, out):
-    """A reduction of ``x`` (torch.mean(x, dim) and the like): a map of the same positions out keeps
-    the box (channels reduced), anything else mixed positions: the whole image."""
+def _reduce_state(state, args, kwargs, out):
+    """A reduction of ``x`` = args[0] over ``dim`` (torch.mean(x, dim), x.amax(dim=1, keepdim=True) and
+    the like): over channels it keeps the box, over positions (or all dimensions) it mixes them: the
+    whole image. torch.max(x, y) of two tensors is pointwise."""
     if state is None or state is WHOLE:
+        return state
+    x = args[0] if args else kwargs.get("input")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("other"))
+    if isinstance(dim, torch.Tensor):
         return state
     if isinstance(out, (tuple, list)):  # torch.max(x, dim) returns (values, indices)
         out = out[0] if out else None
-    if (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() == out.dim() == 4
-            and _spatial(out) == _spatial(x)):
-        return state
-    return WHOLE
+    if not isinstance(x, torch.Tensor):
+        return WHOLE
+    return _without_dims(state, x, out, _dims(dim, x.dim()))
 
 
 def _softmax_state(state, x, dim):
-    """A softmax over ``dim`` of ``x``: pointwise over the channel axis of a map (dim None: torch's
-    implicit choice, the channels of a 4-d input), else every position mixes with its whole row, column
-    or map: the whole image."""
+    """A softmax over ``dim`` of ``x``: pointwise over a dimension that holds no position (dim None:
+    torch's implicit choice, the channels of a 4-d input), else every position mixes with its whole
+    row, column or map: the whole image."""
     if state is None or state is WHOLE:
         return state
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+    if not isinstance(x, torch.Tensor) or x.dim() < 3:
         return WHOLE
-    return state if dim is None or dim % 4 == 1 else WHOLE
+    if dim is None:
+        dim = 1 if x.dim() == 4 else None
+    return state if dim is not None and dim % x.dim() not in _axes(state, x) else WHOLE
 
 
 # Functions whose Python signature is hidden (builtins, boolean-dispatch wrappers): where to read it.
@@ -268,6 +361,12 @@ def _module_state(module: nn.Module, state, x, out):
         return _softmax_state(state, x, module.dim)
     if isinstance(module, _POINTWISE_MODULES):
         return state
+    if isinstance(module, nn.Linear):
+        return _last_dims_state(state, x, 1)
+    if isinstance(module, nn.LayerNorm):
+        return _last_dims_state(state, x, len(module.normalized_shape))
+    if isinstance(module, nn.Flatten):
+        return _flatten_state(state, x, out, module.start_dim, module.end_dim)
     if isinstance(module, _MIXING_MODULES):
         return WHOLE
     raise _Unsupported(f"module type {type(module).__name__}")
@@ -285,13 +384,26 @@ def _function_state(fn, args, kwargs, states, out):
                 raise _Unsupported(f"{name} broadcasts maps of different sizes {sorted(shapes)}")
             if fn in (torch.cat, torch.concat):
                 dim = _bind(fn, args, kwargs).get("dim", 0)
-                if out.dim() == 4 and dim in (2, 3, -1, -2):
+                if out.dim() >= 2 and dim % out.dim() in _axes(merged, out):
                     raise _Unsupported("concatenation along a spatial axis")
         return merged
     if fn in _MIXING_FUNCTIONS:
         return WHOLE if _union(states) is not None else None
     if fn in _REDUCING_FUNCTIONS:
-        return _reduce_state(_union(states), args[0] if args else None, out)
+        return _reduce_state(_union(states), args, kwargs, out)
+    if fn in _PERMUTING_FUNCTIONS:
+        return _moved(_union(states), args[0], out, lambda t: fn(t, *args[1:], **kwargs))
+    if fn is torch.squeeze:
+        return _squeeze_state(_union(states), args, kwargs, out)
+    if fn is torch.flatten:
+        return _flatten_state(_union(states), args[0], out, args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
+                              args[2] if len(args) > 2 else kwargs.get("end_dim", -1))
+    if fn is F.linear:
+        return _last_dims_state(_union(states), args[0] if args else kwargs.get("input"), 1)
+    if fn is F.layer_norm:
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape")
+        count = len(shape) if isinstance(shape, (tuple, list, torch.Size)) else 1
+        return _last_dims_state(_union(states), args[0] if args else kwargs.get("input"), count)
     if fn in _SOFTMAX_FUNCTIONS:
         a = _bind(fn, args, kwargs)
         return _softmax_state(_union(states), a.get("input"), a.get("dim"))
@@ -318,6 +430,15 @@ def _function_state(fn, args, kwargs, states, out):
     raise _Unsupported(f"function {name}")
 
 
+def _squeeze_state(state, args, kwargs, out):
+    x = args[0]
+    if state is None or state is WHOLE or not isinstance(x, torch.Tensor):
+        return state
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    ones = {d for d in range(x.dim()) if x.shape[d] == 1}
+    return _without_dims(state, x, out, ones if dim is None else _dims(dim, x.dim()) & ones)
+
+
 def _method_state(method, args, kwargs, states, out):
     self_arg = args[0]
     merged = _union(states)
@@ -327,27 +448,66 @@ def _method_state(method, args, kwargs, states, out):
         return merged
     if method in ("size", "dim", "numel", "shape"):
         return None
-    if method in ("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "mean", "sum",
-                  "amax", "max", "view_as", "reshape_as"):
-        if isinstance(out, torch.Tensor) and isinstance(self_arg, torch.Tensor) and out.dim() == self_arg.dim() \
-                and _spatial(out) == _spatial(self_arg) and method in ("view", "reshape", "view_as", "reshape_as"):
-            return merged  # a reshape that keeps the layout of the positions
-        if merged is WHOLE or not isinstance(out, torch.Tensor) or _spatial(out) != _spatial(self_arg) \
-                or out.dim() < 3:
-            return WHOLE  # positions mixed or flattened together
+    if merged is not WHOLE and isinstance(self_arg, torch.Tensor):
+        if method in _REDUCING_METHODS:
+            return _reduce_state(merged, args, kwargs, out)
+        if method in _PERMUTING_METHODS:
+            return _moved(merged, self_arg, out, lambda t: getattr(t, method)(*args[1:], **kwargs))
+        if method == "squeeze":
+            return _squeeze_state(merged, args, kwargs, out)
+        if method in ("softmax", "log_softmax"):
+            return _softmax_state(merged, self_arg, args[1] if len(args) > 1 else kwargs.get("dim"))
+        if method == "flatten":
+            return _flatten_state(merged, self_arg, out, args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
+                                  args[2] if len(args) > 2 else kwargs.get("end_dim", -1))
+    if method in _RESHAPING_METHODS | _PERMUTING_METHODS | _REDUCING_METHODS:
+        if merged is WHOLE:
+            return WHOLE
+        if isinstance(out, torch.Tensor) and isinstance(self_arg, torch.Tensor) and out.shape == self_arg.shape:
+            return merged  # a reshape to the same shape
+        if merged.axes is None and isinstance(out, torch.Tensor) and isinstance(self_arg, torch.Tensor):
+            if out.dim() == self_arg.dim() and _spatial(out) == _spatial(self_arg):
+                return merged  # a reshape that keeps the layout of the positions
+            if _spatial(out) != _spatial(self_arg) or out.dim() < 3:
+                return WHOLE  # positions mixed or flattened together
     raise _Unsupported(f"method .{method}()")
+
+
+def _index_map(parts, ndim: int) -> dict:
+    """Where each dimension of an ``ndim``-d tensor goes under ``tensor[parts]`` (basic indexing and one
+    1-d index): its output dimension, None where an integer drops it, "sliced" where it is not whole."""
+    consuming = sum(p is not None and p is not Ellipsis for p in parts)
+    where, d, o = {}, 0, 0
+    for p in parts:
+        if p is Ellipsis:
+            for _ in range(ndim - consuming):
+                where[d], d, o = o, d + 1, o + 1
+        elif p is None:
+            o += 1
+        elif isinstance(p, int):
+            where[d], d = None, d + 1
+        else:
+            where[d], d, o = (o if isinstance(p, slice) and p == slice(None) else "sliced"), d + 1, o + 1
+    while d < ndim:
+        where[d], d, o = o, d + 1, o + 1
+    return where
 
 
 def _getitem_state(args, state, out):
     container, index = args
-    if isinstance(container, (tuple, list)):
+    if isinstance(container, (tuple, list)) or state is None or state is WHOLE:
         return state
     if isinstance(container, torch.Tensor) and container.dim() >= 3:
         parts = index if isinstance(index, tuple) else (index,)
-        spatial = parts[2:] if len(parts) > 2 else ()
-        if all(isinstance(p, slice) and p == slice(None) for p in spatial) and Ellipsis not in parts:
-            return state  # channel or batch selection
-        raise _Unsupported("indexing that slices spatial positions")
+        advanced = [p for p in parts if not (p is None or p is Ellipsis or isinstance(p, (int, slice)))]
+        if len(advanced) > 1 or any(not (isinstance(p, torch.Tensor) and p.dim() == 1 and not p.is_floating_point())
+                                    and not isinstance(p, list) for p in advanced):
+            raise _Unsupported("advanced indexing of a map")
+        where = _index_map(parts, container.dim())
+        moved = tuple(where.get(a) for a in _axes(state, container))
+        if any(not isinstance(m, int) for m in moved) or not isinstance(out, torch.Tensor):
+            raise _Unsupported("indexing that slices spatial positions")
+        return _relaid(state, moved, out.dim())  # a selection of batch items or channels, dims added or dropped
     return state
 
 
@@ -455,6 +615,8 @@ def _to_rf(state, size, out, method) -> ReceptiveField:
     map_size = _spatial(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else (1, 1)
     if state is WHOLE or state is None:
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, method)
+    if state.axes is not None or not isinstance(out, torch.Tensor) or out.dim() != 4:
+        raise _Unsupported("the layer's output does not hold its positions on its last two axes")
     return ReceptiveField(state.size, state.jump, state.offset, size, map_size, False, method)
 
 
@@ -465,6 +627,8 @@ def _without_fx_note(exc: Exception) -> str:
 
 def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int) -> ReceptiveField:
     gm = _trace(model, leaves=[module])
+    if sum(n.op == "call_module" and n.target == layer for n in gm.graph.nodes) > 1:
+        raise SharedModuleError(layer)  # as index_dataset: the outputs of several places are not one layer
     try:
         with evaluating(model), torch.no_grad():
             _Walk(gm, [_START], layer).run(_blank_input(model, size, channels))

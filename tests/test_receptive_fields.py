@@ -314,3 +314,82 @@ def test_walk_leaves_the_model_as_it_was():
     probe_receptive_field(model, "layer2", 16)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _ChannelsLast(nn.Module):
+    """ConvNeXt-style: a depthwise conv, then LayerNorm and Linear layers over the channels of the
+    channels-last tensor (permute there and back), plus channel reductions and selections of other forms
+    (a mean that drops the channel axis, a CBAM-like gate from the method max, indexing with None,
+    integers and Ellipsis): every one of them keeps the box."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv2d(3, 3, 5, padding=2, groups=3)
+        self.norm = nn.LayerNorm(3)
+        self.pw = nn.Linear(3, 6)
+        self.conv = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+        self.functional_norm = True
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.pw(F.layer_norm(y, (3,)) if self.functional_norm else y)
+        y = torch.transpose(y.relu(), 1, 3).transpose(2, 3)  # back to N, C, H, W
+        gate = torch.sigmoid(torch.mean(y, 1).unsqueeze(1) + y.max(1, keepdim=True)[0]
+                             + torch.amax(y, dim=(1,))[:, None] + y[:, 0][:, None, ...] + y[..., 1:2, :, :])
+        return self.conv(y * gate)
+
+
+def test_channels_last_layers_and_channel_reductions_keep_the_box(recwarn):
+    # The walk follows the positions through permutes, channel-axis LayerNorm / Linear and channel
+    # reductions (it took all of them for the whole image); 5 x 5 depthwise, then 3 x 3 stride 2.
+    model = _ChannelsLast()
+    rf = receptive_field(model, "conv", 20, method="analytic")
+    assert (rf.size, rf.stride, rf.offset, rf.whole_image) == ((7, 7), (2, 2), (-3, -3), False)
+    assert not [w for w in recwarn if "probe" in str(w.message)]
+    # The same field as a net without the channels-last part, and the probe's where it can see it (a
+    # LayerNorm over the channels of a constant input has no gradient: the probe needs the norm out).
+    model.norm, model.functional_norm = nn.Identity(), False
+    rf = receptive_field(model, "conv", 20, method="analytic")
+    probed = probe_receptive_field(model, "conv", 20)
+    assert (rf.size, rf.stride, rf.offset) == (probed.size, probed.stride, probed.offset) == ((7, 7), (2, 2), (-3, -3))
+
+
+class _PositionsMixedAfterPermute(nn.Module):
+    def __init__(self, mix):
+        super().__init__()
+        self.conv, self.mix = nn.Conv2d(3, 4, 3, padding=1), mix
+
+    def forward(self, x):
+        y = self.conv(x).permute(0, 2, 3, 1)  # N, H, W, C
+        if self.mix == "linear over the width":
+            y = F.linear(y.transpose(2, 3), torch.ones(20, 20))
+        elif self.mix == "layer norm over the map":
+            y = F.layer_norm(y, (20, 20, 4))
+        elif self.mix == "softmax over rows":
+            y = y.softmax(dim=1)
+        else:
+            y = y.mean(dim=(1,), keepdim=True)
+        return torch.flatten(y, 1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mix", ["linear over the width", "layer norm over the map", "softmax over rows", "mean"])
+def test_channels_last_operations_over_positions_mix_them(mix):
+    model = nn.Sequential()
+    model.add_module("net", _PositionsMixedAfterPermute(mix))
+    assert receptive_field(model, "net", 20, method="analytic").whole_image
+
+
+class _SharedRelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.r = nn.Conv2d(3, 3, 3), nn.Conv2d(3, 3, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.r(self.conv2(self.r(self.conv1(x))))
+
+
+def test_a_module_called_twice_is_refused_as_by_index_dataset():
+    from neuroidx_fast.hooks import SharedModuleError
+
+    with pytest.raises(SharedModuleError, match="runs more than once"):
+        receptive_field(_SharedRelu(), "r", 16)

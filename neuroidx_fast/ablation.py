@@ -289,6 +289,9 @@ def _layer_means(index, layer: str):
             raise ValueError(f"index= has no layer {layer!r}; indexed layers: {list(index.layers)}") from None
     if not hasattr(index, "mean_activation"):
         raise TypeError(f"index= must be a NeuronIndex or LayerIndex, got {type(index).__name__}")
+    if getattr(index, "name", layer) != layer:
+        raise ValueError(f"index= is the LayerIndex of {index.name!r}, not of {layer!r}: pass the NeuronIndex, or "
+                         f"its layer {layer!r}")
     return index.mean_activation()
 
 

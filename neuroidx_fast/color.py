@@ -9,7 +9,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .features import batch_slots, load_top_images, resolve_dataset
+from .features import batch_slots, check_top_images_size, load_top_images, resolve_dataset
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
 from .prepare import evaluating, model_device, param_dtype
@@ -114,6 +114,7 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
                                                  f"color ({gray})"):
+            check_top_images_size(images, index.input_size)  # a'_j is read at pos_j of the index's maps
             images = images.to(device)
             if gray == "luminance":
                 outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)

@@ -86,6 +86,13 @@ def batch_slots(batch_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(hit, where, torch.full_like(where, -1))
 
 
+def check_top_images_size(images: torch.Tensor, input_size) -> None:
+    """Top images must be what the index saw: positions and receptive fields are in its pixels."""
+    if input_size is not None and (tuple(images.shape[-2:]) != tuple(input_size) or images.shape[1] != 3):
+        raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on 3 x "
+                         f"{tuple(input_size)} images: pass the dataset the index was built from")
+
+
 def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
     if rf is None and model is not None:
         rf = receptive_field(model, layer, index.input_size)
@@ -203,9 +210,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     try_codes = device.type == "cpu" and backends.resolve_name(backend, device) == "cpp"
     warned: list = []
     for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
-        if tuple(images.shape[-2:]) != tuple(rf.input_size) or images.shape[1] != 3:
-            raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on 3 x "
-                             f"{tuple(rf.input_size)} images: pass the dataset the index was built from")
+        check_top_images_size(images, rf.input_size)
         _check_top_images(images, batch_ids, warned)
         images = images.to(device=device, dtype=torch.float32)
         slots = batch_slots(batch_ids, ids_dev)

@@ -69,6 +69,8 @@ class TopK:
             raise ValueError(f"{self._where()}: values are on {values.device} but the state is on {self.device}; "
                              f"move them with .to({str(self.device)!r}) or build the TopK with that device")
         ids = torch.as_tensor(ids, device=self.device)
+        if ids.numel() == 0:
+            ids = ids.to(torch.int64)  # [] is a float tensor to torch
         if ids.dim() != 1 or ids.shape[0] != values.shape[0]:
             raise ValueError(f"{self._where()}: ids must be a [B] = [{values.shape[0]}] tensor of image ids, "
                              f"got shape {tuple(ids.shape)}")
@@ -92,7 +94,8 @@ class TopK:
             if torch.unique(ids).numel() != ids.numel():
                 raise ValueError(f"{self._where()}: a batch holds the same image id twice; each image must be "
                                  "seen once (ids are dataset positions)")
-        return values.float().contiguous(), ids, positions
+        # detached: the state keeps values, not the graph that made them (and every batch's inputs)
+        return values.detach().float().contiguous(), ids, positions
 
     def _handle_nan(self, values, ids):
         nan_mask = torch.isnan(values)

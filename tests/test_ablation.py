@@ -399,6 +399,9 @@ def test_mean_mode_from_a_neuron_index():
                                 batch_size=8, progress=False)
     assert torch.equal(result.fill, index["features.5"].mean_activation())
     assert_equal_to_naive(result, model, data, "features.5", batch_size=8)
+    index = nx.index_dataset(model, data, ["features.2", "features.5"], k=3, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="LayerIndex of 'features.2', not of 'features.5'"):
+        abl.ablation_drops(model, data, "features.5", mode="mean", index=index["features.2"], progress=False)
 
 
 def test_float64_channels_last_model_and_preprocess():

@@ -138,5 +138,8 @@ def test_model_mode_is_restored_and_bad_input(indexed, tmp_path):
     loaded = nx.NeuronIndex.load(tmp_path / "i")
     with pytest.raises(ValueError, match="pass the dataset"):
         color_selectivity(model, loaded, "stem")
+    # images of another size: pos_j would be read from maps of another width
+    with pytest.raises(ValueError, match="index was built on 3 x"):
+        color_selectivity(model, loaded, "stem", ImageSet(n=len(dataset), size=dataset[0][0].shape[-1] + 4))
     assert torch.allclose(color_selectivity(model, loaded, "stem", dataset, preprocess=_normalise),
                           color_selectivity(model, index, "stem", preprocess=_normalise), equal_nan=True)

@@ -55,6 +55,19 @@ def test_k_larger_than_images_seen(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_state_holds_values_not_their_graph_and_empty_batches(backend):
+    # Activations that require grad (a TopK fed outside no_grad): the state must not join their graph
+    # (it would keep every batch's inputs alive); an empty batch with ids=[] is nothing to add.
+    top = nx.TopK(2, 3, backend=backend)
+    weight = torch.ones(2, requires_grad=True)
+    top.update(torch.tensor([[1.0, 2.0], [3.0, 0.5]]) * weight, torch.tensor([0, 1]))
+    top.update(torch.empty(0, 2), [])
+    values, ids, _ = top.result()
+    assert not values.requires_grad and values.grad_fn is None
+    assert values[:, :2].tolist() == [[3.0, 1.0], [2.0, 0.5]] and ids[:, :2].tolist() == [[1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_single_unit_and_k_one(backend):
     values = torch.tensor([[3.0], [7.0], [7.0], [1.0]])
     ids = torch.tensor([9, 5, 2, 0])

@@ -32,13 +32,15 @@ def as_index(value):
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
-    """The model in eval mode inside the block; its own mode (train or eval) again after it."""
-    was_training = model.training
+    """The model in eval mode inside the block; after it, every module's own mode again (a training
+    model may hold frozen parts in eval mode, e.g. its BatchNorm layers: model.train() would undo that)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def model_device(model: nn.Module, device) -> torch.device:

@@ -127,8 +127,11 @@ def test_planted_color_and_gray_units():
 def test_model_mode_is_restored_and_bad_input(indexed, tmp_path):
     model, dataset, index, _ = indexed
     model.train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][:1]
+    for m in frozen:
+        m.eval()  # a frozen part of a training model stays frozen
     color_selectivity(model, index, "stem", preprocess=_normalise)
-    assert model.training
+    assert model.training and frozen and not any(m.training for m in frozen)
     model.eval()
     with pytest.raises(ValueError, match="gray must be"):
         color_selectivity(model, index, "stem", gray="hsv")

@@ -210,9 +210,14 @@ def _last_dims_state(state, x, count: int):
     return state
 
 
-def _flatten_state(state, x, out, start: int, end: int):
+def _flatten_state(state, args, kwargs, out):
+    """flatten(x, start_dim, end_dim) (the function, the method, nn.Flatten's arguments): the box where
+    the flattened dimensions hold no position, else the whole image."""
+    x = args[0]
     if state is None or state is WHOLE or not isinstance(x, torch.Tensor):
         return state if state is None else WHOLE
+    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
     start, end = start % max(x.dim(), 1), end % max(x.dim(), 1)
     axes = _axes(state, x)
     if any(start <= a <= end for a in axes) or not isinstance(out, torch.Tensor):
@@ -259,6 +264,9 @@ _PERMUTING_FUNCTIONS = {torch.permute, torch.transpose, torch.movedim, torch.mov
                         torch.swapdims, torch.unsqueeze}
 _PERMUTING_METHODS = {"permute", "transpose", "movedim", "moveaxis", "swapaxes", "swapdims", "unsqueeze"}
 _RESHAPING_METHODS = {"view", "reshape", "view_as", "reshape_as", "flatten", "squeeze"}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+# Methods that move, drop or mix the dimensions of a map: what they do to its positions is worked out.
+_LAYOUT_METHODS = _RESHAPING_METHODS | _PERMUTING_METHODS | _REDUCING_METHODS | _SOFTMAX_METHODS
 # Normalisations whose statistics are taken over all positions of an image mix the whole map. (Linear
 # and LayerNorm act on the last dimensions: pointwise where the positions are elsewhere, channels last.)
 _MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.Bilinear)
@@ -366,7 +374,7 @@ def _module_state(module: nn.Module, state, x, out):
     if isinstance(module, nn.LayerNorm):
         return _last_dims_state(state, x, len(module.normalized_shape))
     if isinstance(module, nn.Flatten):
-        return _flatten_state(state, x, out, module.start_dim, module.end_dim)
+        return _flatten_state(state, (x, module.start_dim, module.end_dim), {}, out)
     if isinstance(module, _MIXING_MODULES):
         return WHOLE
     raise _Unsupported(f"module type {type(module).__name__}")
@@ -396,8 +404,7 @@ def _function_state(fn, args, kwargs, states, out):
     if fn is torch.squeeze:
         return _squeeze_state(_union(states), args, kwargs, out)
     if fn is torch.flatten:
-        return _flatten_state(_union(states), args[0], out, args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
-                              args[2] if len(args) > 2 else kwargs.get("end_dim", -1))
+        return _flatten_state(_union(states), args, kwargs, out)
     if fn is F.linear:
         return _last_dims_state(_union(states), args[0] if args else kwargs.get("input"), 1)
     if fn is F.layer_norm:
@@ -448,28 +455,28 @@ def _method_state(method, args, kwargs, states, out):
         return merged
     if method in ("size", "dim", "numel", "shape"):
         return None
-    if merged is not WHOLE and isinstance(self_arg, torch.Tensor):
-        if method in _REDUCING_METHODS:
-            return _reduce_state(merged, args, kwargs, out)
-        if method in _PERMUTING_METHODS:
-            return _moved(merged, self_arg, out, lambda t: getattr(t, method)(*args[1:], **kwargs))
-        if method == "squeeze":
-            return _squeeze_state(merged, args, kwargs, out)
-        if method in ("softmax", "log_softmax"):
-            return _softmax_state(merged, self_arg, args[1] if len(args) > 1 else kwargs.get("dim"))
-        if method == "flatten":
-            return _flatten_state(merged, self_arg, out, args[1] if len(args) > 1 else kwargs.get("start_dim", 0),
-                                  args[2] if len(args) > 2 else kwargs.get("end_dim", -1))
-    if method in _RESHAPING_METHODS | _PERMUTING_METHODS | _REDUCING_METHODS:
-        if merged is WHOLE:
-            return WHOLE
-        if isinstance(out, torch.Tensor) and isinstance(self_arg, torch.Tensor) and out.shape == self_arg.shape:
-            return merged  # a reshape to the same shape
-        if merged.axes is None and isinstance(out, torch.Tensor) and isinstance(self_arg, torch.Tensor):
-            if out.dim() == self_arg.dim() and _spatial(out) == _spatial(self_arg):
-                return merged  # a reshape that keeps the layout of the positions
-            if _spatial(out) != _spatial(self_arg) or out.dim() < 3:
-                return WHOLE  # positions mixed or flattened together
+    if method not in _LAYOUT_METHODS or not isinstance(self_arg, torch.Tensor):
+        raise _Unsupported(f"method .{method}()")
+    if merged is WHOLE:
+        return WHOLE
+    if method in _REDUCING_METHODS:
+        return _reduce_state(merged, args, kwargs, out)
+    if method in _PERMUTING_METHODS:
+        return _moved(merged, self_arg, out, lambda t: getattr(t, method)(*args[1:], **kwargs))
+    if method == "squeeze":
+        return _squeeze_state(merged, args, kwargs, out)
+    if method == "flatten":
+        return _flatten_state(merged, args, kwargs, out)
+    if method in _SOFTMAX_METHODS:
+        return _softmax_state(merged, self_arg, args[1] if len(args) > 1 else kwargs.get("dim"))
+    # view, reshape, view_as, reshape_as
+    if isinstance(out, torch.Tensor) and out.shape == self_arg.shape:
+        return merged  # a reshape to the same shape
+    if merged.axes is None and isinstance(out, torch.Tensor):
+        if out.dim() == self_arg.dim() and _spatial(out) == _spatial(self_arg):
+            return merged  # a reshape that keeps the layout of the positions
+        if _spatial(out) != _spatial(self_arg) or out.dim() < 3:
+            return WHOLE  # positions mixed or flattened together
     raise _Unsupported(f"method .{method}()")
 
 

@@ -1,15 +1,19 @@
 // The inner loop of accumulate_crops from uint8 pixel codes, written for AVX-512 (with VBMI: Ice Lake, Zen 4
-// and later), which crops.cpp uses when the CPU has it: one run of a sums row gets one or two crops' terms
-// in order, dst[k] = (dst[k] + term_a(k)) + term_b(k), each term a crop pixel times its weight or a constant.
+// and later), which crops.cpp uses when the CPU has it: a sums row gets one or two crop rows' terms in
+// order, dst[k] = (dst[k] + term_a(k)) + term_b(k), each term a crop pixel times its weight (an image
+// pixel, or the pad value or an edge pixel where the crop row leaves the image) or, for a crop row
+// outside the image with constant padding, the pad value times the weight.
 //
-// Why by hand: the portable loop (crops.cpp) decodes a uint8 pixel code with a vector division and lets
-// the compiler finish each run with scalar code; here 8 codes are decoded with a byte permute, one
-// conversion to float32 and a shift (below), and a run ends with masked vectors. On the 100 x 100 crops
-// of bench/bench_crops.py (2-core Zen 4, interleaved in one process): 65 ms from codes against 71 ms with
-// an older decode (exact conversion to float64, then rounded by two integer operations on its bits) and
-// 107 ms with the portable loop; 50, 59 and 96 ms with every box inside the images and its crops in
-// cache (the compute-bound case). The same loops over float32 pixels were not faster (those wait on
-// memory: 4 bytes a pixel), so float32 images keep the portable loop.
+// Why by hand: the portable loop (crops.cpp) decodes a uint8 pixel code with a vector division, splits
+// a row into runs at the image borders and lets the compiler finish each run with scalar code. Here 8
+// codes are decoded with a byte permute, one conversion to float32 and a shift (below), a crop row is
+// added whole, 16 columns at a time, its columns outside the image masked in (found once per crop), and
+// the row's last columns are stored with vectors no wider than them (store_low). On the crops of
+// bench/bench_crops.py from codes (2-core Zen 4, interleaved in one process, all crops in cache): 42
+// against 51 ms for the 100 x 100 layer and 11 against 15 ms for the 44 x 44 one with the previous
+// loop of runs, itself faster than the portable loop (50 against 96 ms with every box inside the images).
+// The same loops over float32 pixels were not faster (those wait on memory: 4 bytes a pixel), so
+// float32 images keep the portable loop.
 //
 // Decoding code k to float32(k / 255) exactly, without a division. 2^32 / 255 = 0x01010101 + 1/255, so
 // k / 255 * 2^32 = P + k / 255 with P = k * 0x01010101 (the byte four times: one byte permute). P has
@@ -39,6 +43,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 #define NX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
 
@@ -46,12 +51,10 @@
 // positive of its headers, not of this code).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace neuroidx {
 namespace avx512 {
-
-// What a term adds to each element of the run.
-enum class Term { kPixels, kConstant, kNone };
 
 // Dwords P = k * 0x01010101 (code k in each of the four bytes) to float32 2^32 times k's pixel: the
 // rounding toward +infinity shown above.
@@ -59,99 +62,186 @@ NX_AVX512 inline __m512 scaled_pixels(__m512i replicated) {
   return _mm512_cvt_roundepu32_ps(replicated, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
 }
 
-// Codes [first, first + 8) of k decoded: float64 2^-864 times their pixel (see above). The byte
-// permute gives qword i code first + i in each byte of its low dword and zeros above, which convert to
-// float32 2^32 x and 0; the shift does the rest.
+// Codes [first, first + 8) of k as float32 2^32 times their pixel, in the low dword of each qword
+// (zeros above): the byte permute puts code first + i in each byte of qword i's low dword.
 template <int first>
-NX_AVX512 inline __m512d decode8(__m512i k) {
+NX_AVX512 inline __m512i scaled_pixel_bits(__m512i k) {
   constexpr int64_t kRepeat = 0x01010101;
   const __m512i repeat = _mm512_set_epi64((first + 7) * kRepeat, (first + 6) * kRepeat, (first + 5) * kRepeat,
                                           (first + 4) * kRepeat, (first + 3) * kRepeat, (first + 2) * kRepeat,
                                           (first + 1) * kRepeat, first * kRepeat);
-  const __m512i replicated = _mm512_maskz_permutexvar_epi8(0x0F0F0F0F0F0F0F0FULL, repeat, k);
-  return _mm512_castsi512_pd(_mm512_slli_epi64(_mm512_castps_si512(scaled_pixels(replicated)), 29));
+  return _mm512_castps_si512(scaled_pixels(_mm512_maskz_permutexvar_epi8(0x0F0F0F0F0F0F0F0FULL, repeat, k)));
 }
 
-// Codes [0, 16) decoded, in two halves.
-NX_AVX512 inline void load16(const uint8_t* p, __m512d* lo, __m512d* hi) {
-  const __m512i k = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  *lo = decode8<0>(k);
-  *hi = decode8<8>(k);
+// Codes [first, first + 8) of k decoded: float64 2^-864 times their pixel (the shift shown above).
+template <int first>
+NX_AVX512 inline __m512d decode8(__m512i k) {
+  return _mm512_castsi512_pd(_mm512_slli_epi64(scaled_pixel_bits<first>(k), 29));
 }
 
-// Codes [0, 8) (lanes under m) decoded.
-NX_AVX512 inline __m512d load8(const uint8_t* p, __mmask8 m) {
-  return decode8<0>(_mm512_castsi128_si512(_mm_maskz_loadu_epi8(m, p)));
+// The same in the lanes under `in`; the other lanes keep `outside` (a constant pixel, as scaled: the
+// pad value or an edge pixel).
+template <int first>
+NX_AVX512 inline __m512d decode8_or(__m512i k, __mmask8 in, __m512d outside) {
+  return _mm512_castsi512_pd(
+      _mm512_mask_slli_epi64(_mm512_castpd_si512(outside), in, scaled_pixel_bits<first>(k), 29));
 }
 
-// Elements [k, k + 8) (lanes under m) of a run: add one term to the sums v.
-template <Term kind>
-NX_AVX512 inline void add_term8(__m512d* v, const uint8_t* span, int64_t k, __mmask8 m, __m512d w, __m512d c) {
-  if constexpr (kind == Term::kPixels) {
-    *v = _mm512_fmadd_pd(w, load8(span + k, m), *v);
+// Lanes [a, b) of eight, a and b clamped to [0, 8].
+inline uint8_t lanes(int64_t a, int64_t b) {
+  a = a < 0 ? 0 : (a > 8 ? 8 : a);
+  b = b < 0 ? 0 : (b > 8 ? 8 : b);
+  return static_cast<uint8_t>(((1u << b) - 1) & ~((1u << a) - 1));
+}
+
+// Which columns of a crop row are pixels of the image and which lie right of it, eight at a time:
+// span[q] holds the lanes of columns 8q .. 8q + 7 inside [before, before + inside), right[q] those at or
+// past its end. The same for every row of a crop, so found once per crop; chunks(rw) + 1 bytes each (the
+// last one zero, so that a 16-column step may read two).
+struct ColumnMasks {
+  uint8_t* span;
+  uint8_t* right;
+  static int64_t chunks(int64_t rw) { return (rw + 7) / 8; }
+  void fill(int64_t before, int64_t inside, int64_t rw) const {
+    const int64_t end = before + inside;
+    for (int64_t q = 0; q < chunks(rw); ++q) {
+      span[q] = lanes(before - 8 * q, end - 8 * q);
+      right[q] = static_cast<uint8_t>(lanes(end - 8 * q, 8) & lanes(0, rw - 8 * q));
+    }
+    span[chunks(rw)] = right[chunks(rw)] = 0;
+  }
+};
+
+// What a crop row adds to a sums row: w * pixel at every column, all of them codes of an image row
+// (kFull: no masks needed) or those of its in-image span and the pad value or edge pixels elsewhere
+// (kPixels); w * the pad value at every column (kConstant: a row outside the image with constant
+// padding); or nothing (kNone, no crop: not even +0.0, which would turn -0.0 into +0.0).
+enum class Term { kFull, kPixels, kConstant, kNone };
+
+// One crop row as the loop below reads it. Pixels are float64 2^-864 times their value, as decode8
+// gives them, and w is 2^864 times the crop's weight (exact: a float32 times a power of two, in
+// float64's range either way), so w * pixel is the exact product of weight and pixel, and adding it is
+// the one rounding of the reference's sums + w * pixel, for pixels and pad values alike.
+struct CodeRow {
+  uintptr_t origin;  // address of crop column 0's code: only the span's columns are read
+  ColumnMasks masks;
+  __m512d w, left, right;  // right: the pixel right of the span (edge padding; else left too)
+};
+
+// Columns [k, k + 16) of one crop row added to the sums lo, hi.
+template <Term kind, bool kEdge>
+NX_AVX512 inline void add16(__m512d* lo, __m512d* hi, const CodeRow& row, int64_t k) {
+  if constexpr (kind == Term::kFull) {
+    const __m512i codes =
+        _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row.origin + k)));
+    *lo = _mm512_fmadd_pd(row.w, decode8<0>(codes), *lo);
+    *hi = _mm512_fmadd_pd(row.w, decode8<8>(codes), *hi);
+  } else if constexpr (kind == Term::kPixels) {
+    const int64_t q = k / 8;
+    uint16_t in;  // the masks of chunks q and q + 1
+    std::memcpy(&in, row.masks.span + q, sizeof in);
+    const __m512i codes =
+        _mm512_castsi128_si512(_mm_maskz_loadu_epi8(in, reinterpret_cast<const void*>(row.origin + k)));
+    __m512d out_lo = row.left, out_hi = row.left;
+    if constexpr (kEdge) {
+      uint16_t right;
+      std::memcpy(&right, row.masks.right + q, sizeof right);
+      out_lo = _mm512_mask_blend_pd(static_cast<__mmask8>(right), row.left, row.right);
+      out_hi = _mm512_mask_blend_pd(static_cast<__mmask8>(right >> 8), row.left, row.right);
+    }
+    *lo = _mm512_fmadd_pd(row.w, decode8_or<0>(codes, static_cast<__mmask8>(in), out_lo), *lo);
+    *hi = _mm512_fmadd_pd(row.w, decode8_or<8>(codes, static_cast<__mmask8>(in >> 8), out_hi), *hi);
   } else if constexpr (kind == Term::kConstant) {
-    *v = _mm512_add_pd(*v, c);
+    *lo = _mm512_fmadd_pd(row.w, row.left, *lo);
+    *hi = _mm512_fmadd_pd(row.w, row.left, *hi);
   }
 }
 
-// Elements [k, k + 16) of a run: add one term to the sums lo, hi.
-template <Term kind>
-NX_AVX512 inline void add_term(__m512d* lo, __m512d* hi, const uint8_t* span, int64_t k, __m512d w, __m512d c) {
-  if constexpr (kind == Term::kPixels) {
-    __m512d x_lo, x_hi;
-    load16(span + k, &x_lo, &x_hi);
-    // One rounding, as dst + w * x: the product of a float32-sized weight and pixel is exact in float64.
-    *lo = _mm512_fmadd_pd(w, x_lo, *lo);
-    *hi = _mm512_fmadd_pd(w, x_hi, *hi);
+// Columns [k, k + 8) of one crop row added to the sums v; no code is read past the row's end (kFull:
+// only the lanes under lanes_left; kPixels: those lanes are in no mask).
+template <Term kind, bool kEdge>
+NX_AVX512 inline void add8(__m512d* v, const CodeRow& row, int64_t k, __mmask8 lanes_left) {
+  if constexpr (kind == Term::kFull) {
+    const __m512i codes =
+        _mm512_castsi128_si512(_mm_maskz_loadu_epi8(lanes_left, reinterpret_cast<const void*>(row.origin + k)));
+    *v = _mm512_fmadd_pd(row.w, decode8<0>(codes), *v);
+  } else if constexpr (kind == Term::kPixels) {
+    const int64_t q = k / 8;
+    const __mmask8 in = row.masks.span[q];
+    const __m512i codes =
+        _mm512_castsi128_si512(_mm_maskz_loadu_epi8(in, reinterpret_cast<const void*>(row.origin + k)));
+    const __m512d out = kEdge ? _mm512_mask_blend_pd(row.masks.right[q], row.left, row.right) : row.left;
+    *v = _mm512_fmadd_pd(row.w, decode8_or<0>(codes, in, out), *v);
   } else if constexpr (kind == Term::kConstant) {
-    *lo = _mm512_add_pd(*lo, c);
-    *hi = _mm512_add_pd(*hi, c);
+    *v = _mm512_fmadd_pd(row.w, row.left, *v);
   }
 }
 
-// dst[k] = (dst[k] + term_a(k)) + term_b(k) for k < n; a kPixels term adds w * pixel (the code span[k]),
-// a kConstant term adds c, a kNone term nothing (not even +0.0, which would turn -0.0 into +0.0).
-template <Term a, Term b>
-NX_AVX512 inline void run(double* dst, int64_t n, const uint8_t* span_a, double w_a, double c_a,
-                          const uint8_t* span_b, double w_b, double c_b) {
-  // The codes decode to 2^-864 times their pixel: the weights take the 2^864 (exactly).
-  const __m512d wa = _mm512_set1_pd(w_a * 0x1p864), ca = _mm512_set1_pd(c_a);
-  const __m512d wb = _mm512_set1_pd(w_b * 0x1p864), cb = _mm512_set1_pd(c_b);
+// dst[0 .. n) = the low n lanes of v, 0 < n < 8, stored with vectors no wider than what they hold. A
+// masked store of 8 lanes would do, but on Zen 4 a load that overlaps its 64 bytes soon after (the next
+// sums row begins there) waits for it: a sums row of 44 columns getting two crop rows in cache took 31
+// time-stamp ticks with the masked store against 22 with these.
+NX_AVX512 inline void store_low(double* dst, __m512d v, int64_t n) {
+  __m256d quad = _mm512_castpd512_pd256(v);
+  if (n & 4) {
+    _mm256_storeu_pd(dst, quad);
+    dst += 4;
+    quad = _mm512_extractf64x4_pd(v, 1);
+  }
+  __m128d pair = _mm256_castpd256_pd128(quad);
+  if (n & 2) {
+    _mm_storeu_pd(dst, pair);
+    dst += 2;
+    pair = _mm256_extractf128_pd(quad, 1);
+  }
+  if (n & 1) _mm_store_sd(dst, pair);
+}
+
+// A sums row of rw columns += crop row a's terms, then crop row b's, element by element in that order.
+template <Term a, Term b, bool kEdge>
+NX_AVX512 inline void add_rows(double* dst, int64_t rw, const CodeRow& ra, const CodeRow& rb) {
   int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
+  for (; k + 16 <= rw; k += 16) {
     __m512d lo = _mm512_loadu_pd(dst + k), hi = _mm512_loadu_pd(dst + k + 8);
-    add_term<a>(&lo, &hi, span_a, k, wa, ca);
-    add_term<b>(&lo, &hi, span_b, k, wb, cb);
+    add16<a, kEdge>(&lo, &hi, ra, k);
+    add16<b, kEdge>(&lo, &hi, rb, k);
     _mm512_storeu_pd(dst + k, lo);
     _mm512_storeu_pd(dst + k + 8, hi);
   }
-  for (; k < n; k += 8) {  // the last 1..15 elements, 8 at a time (masked-off lanes are neither read nor written)
-    const __mmask8 m = n - k >= 8 ? 0xFF : static_cast<__mmask8>((1u << (n - k)) - 1);
+  if (k + 8 <= rw) {
+    __m512d v = _mm512_loadu_pd(dst + k);
+    add8<a, kEdge>(&v, ra, k, 0xFF);
+    add8<b, kEdge>(&v, rb, k, 0xFF);
+    _mm512_storeu_pd(dst + k, v);
+    k += 8;
+  }
+  if (k < rw) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (rw - k)) - 1);
     __m512d v = _mm512_maskz_loadu_pd(m, dst + k);
-    add_term8<a>(&v, span_a, k, m, wa, ca);
-    add_term8<b>(&v, span_b, k, m, wb, cb);
-    _mm512_mask_storeu_pd(dst + k, m, v);
+    add8<a, kEdge>(&v, ra, k, m);
+    add8<b, kEdge>(&v, rb, k, m);
+    store_low(dst + k, v, rw - k);
   }
 }
 
-// The run of two crops' terms; span nullptr means the constant term c.
-NX_AVX512 inline void pair_run(double* dst, int64_t n, const uint8_t* sa, double wa, double ca, const uint8_t* sb,
-                               double wb, double cb) {
-  constexpr Term P = Term::kPixels, C = Term::kConstant;
-  if (sa != nullptr && sb != nullptr) {
-    run<P, P>(dst, n, sa, wa, ca, sb, wb, cb);
-  } else if (sa != nullptr) {
-    run<P, C>(dst, n, sa, wa, ca, sb, wb, cb);
-  } else if (sb != nullptr) {
-    run<C, P>(dst, n, sa, wa, ca, sb, wb, cb);
-  } else {
-    run<C, C>(dst, n, sa, wa, ca, sb, wb, cb);
+// add_rows for the terms of the two rows (b's kNone: a alone).
+template <bool kEdge, Term a>
+NX_AVX512 inline void add_rows_b(double* dst, int64_t rw, const CodeRow& ra, Term tb, const CodeRow& rb) {
+  switch (tb) {
+    case Term::kFull: return add_rows<a, Term::kFull, kEdge>(dst, rw, ra, rb);
+    case Term::kPixels: return add_rows<a, Term::kPixels, kEdge>(dst, rw, ra, rb);
+    case Term::kConstant: return add_rows<a, Term::kConstant, kEdge>(dst, rw, ra, rb);
+    case Term::kNone: return add_rows<a, Term::kNone, kEdge>(dst, rw, ra, rb);
   }
 }
 
-// One crop's span: dst[k] += w * pixel(span[k]).
-NX_AVX512 inline void single_run(double* dst, int64_t n, const uint8_t* span, double w) {
-  run<Term::kPixels, Term::kNone>(dst, n, span, w, 0.0, nullptr, 0.0, 0.0);
+template <bool kEdge>
+NX_AVX512 inline void add_rows(double* dst, int64_t rw, Term ta, const CodeRow& ra, Term tb, const CodeRow& rb) {
+  switch (ta) {
+    case Term::kFull: return add_rows_b<kEdge, Term::kFull>(dst, rw, ra, tb, rb);
+    case Term::kPixels: return add_rows_b<kEdge, Term::kPixels>(dst, rw, ra, tb, rb);
+    default: return add_rows_b<kEdge, Term::kConstant>(dst, rw, ra, tb, rb);
+  }
 }
 
 // The other way (pixel_codes): codes[k] = the code of pixels x[k] for the lanes under m, and the lanes

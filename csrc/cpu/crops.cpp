@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -216,32 +217,18 @@ NX_ALWAYS_INLINE RowTerms<T> row_terms(const CropRef<T>& crop, int64_t i, int64_
   return RowTerms<T>{row + cols.first, cols.before, cols.inside, w, left, right};
 }
 
-// kAvx512: the by-hand loops of crop_runs_avx512.h (only instantiated inside an AVX-512 function).
-template <class T, bool kAvx512>
+template <class T>
 NX_ALWAYS_INLINE void add_row(double* dst, const RowTerms<T>& a, int64_t rw) {
   add_constant(dst, a.before, a.left);
-#ifdef NX_CROP_AVX512
-  if constexpr (kAvx512) {
-    avx512::single_run(dst + a.before, a.inside, a.span, a.w);
-  } else
-#endif
-  {
-    add_scaled(dst + a.before, a.span, a.inside, a.w);
-  }
+  add_scaled(dst + a.before, a.span, a.inside, a.w);
   add_constant(dst + a.before + a.inside, rw - a.before - a.inside, a.right);
 }
 
 // dst[k] = (dst[k] + term_a(k)) + term_b(k) for k < n, where each term is a constant (span nullptr)
 // or w * pixel: two crops' additions in their order, with one load and store of the sums between them.
-template <class T, bool kAvx512>
+template <class T>
 NX_ALWAYS_INLINE void add_pair_run(double* __restrict dst, int64_t n, const T* __restrict sa, double wa, double ca,
                                    const T* __restrict sb, double wb, double cb) {
-#ifdef NX_CROP_AVX512
-  if constexpr (kAvx512) {
-    avx512::pair_run(dst, n, sa, wa, ca, sb, wb, cb);
-    return;
-  }
-#endif
   if (sa != nullptr && sb != nullptr) {
 #pragma omp simd
     for (int64_t k = 0; k < n; ++k)
@@ -274,14 +261,14 @@ NX_ALWAYS_INLINE int64_t run_at(const RowTerms<T>& t, int64_t k0, int64_t rw, co
   return rw;
 }
 
-template <class T, bool kAvx512>
+template <class T>
 NX_ALWAYS_INLINE void add_row_pair(double* dst, const RowTerms<T>& a, const RowTerms<T>& b, int64_t rw) {
   int64_t k0 = 0;
   while (k0 < rw) {
     const T *sa, *sb;
     double ca, cb;
     const int64_t k1 = std::min(run_at(a, k0, rw, &sa, &ca), run_at(b, k0, rw, &sb, &cb));
-    add_pair_run<T, kAvx512>(dst + k0, k1 - k0, sa, a.w, ca, sb, b.w, cb);
+    add_pair_run<T>(dst + k0, k1 - k0, sa, a.w, ca, sb, b.w, cb);
     k0 = k1;
   }
 }
@@ -289,7 +276,7 @@ NX_ALWAYS_INLINE void add_row_pair(double* dst, const RowTerms<T>& a, const RowT
 // Rows [i0, i1) of sums[u, c] += w_j * crop_j for j = 0 .. J-1 in order (empty slots skipped). Two
 // crops at a time share one pass over the sums rows (half the sums loads and stores), each still
 // added in its turn.
-template <class T, bool kAvx512>
+template <class T>
 NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int64_t* slots, const int64_t* tops,
                                        const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
                                        int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
@@ -310,12 +297,12 @@ NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int6
       prefetch_row(next_b, i, H, W);
       double* dst = sums + i * rw;
       if (a.plane != nullptr && b.plane != nullptr) {
-        add_row_pair<T, kAvx512>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge),
+        add_row_pair<T>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge),
                                  row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
       } else if (a.plane != nullptr) {
-        add_row<T, kAvx512>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), rw);
+        add_row<T>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), rw);
       } else if (b.plane != nullptr) {
-        add_row<T, kAvx512>(dst, row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
+        add_row<T>(dst, row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
       }
     }
   }
@@ -326,22 +313,77 @@ NX_WIDE_SIMD
 void accumulate_block_f32(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
                           const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
                           int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  accumulate_block<float, false>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+  accumulate_block<float>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
 }
 
 NX_WIDE_SIMD
 void accumulate_block_u8(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
                          const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
                          int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  accumulate_block<uint8_t, false>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+  accumulate_block<uint8_t>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
 }
 
 #ifdef NX_CROP_AVX512
+// Crop row i as crop_runs_avx512.h's row loop reads it (its weight, masks and, with constant padding,
+// pad value already in *row): its term, and its origin and edge pixels.
+NX_AVX512 NX_ALWAYS_INLINE avx512::Term code_row(const CropRef<uint8_t>& crop, int64_t i, int64_t H, int64_t W,
+                                                 int64_t rw, bool edge, avx512::CodeRow* row) {
+  constexpr double kPixelScale = 0x1p-864;
+  const uint8_t* source = source_row(crop.plane, crop.y0 + i, H, W, edge);
+  if (source == nullptr) return avx512::Term::kConstant;
+  const AxisSplit& cols = crop.cols;
+  row->origin = reinterpret_cast<uintptr_t>(source + cols.first) - static_cast<uintptr_t>(cols.before);
+  if (edge) {
+    row->left = _mm512_set1_pd(static_cast<double>(left_edge_pixel(source, cols)) * kPixelScale);
+    row->right = _mm512_set1_pd(static_cast<double>(right_edge_pixel(source, cols)) * kPixelScale);
+  }
+  return cols.inside == rw ? avx512::Term::kFull : avx512::Term::kPixels;
+}
+
+// accumulate_block from codes with the AVX-512 row loop: each crop row is added whole, eight or sixteen
+// columns at a time, its pad or edge columns masked in (no run splits a row at a border).
 NX_AVX512
 void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
                                 const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
                                 int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  accumulate_block<uint8_t, true>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+  constexpr double kPixelScale = 0x1p-864, kWeightScale = 0x1p864;
+  const bool edge = pad == nullptr;
+  const CropRef<uint8_t> none{nullptr, 0, AxisSplit{0, 0, 0, 0}};
+  auto ref = [&](int64_t j) { return j < J ? crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw) : none; };
+  const int64_t mask_bytes = avx512::ColumnMasks::chunks(rw) + 1;
+  std::vector<uint8_t> masks(4 * mask_bytes);
+  const __m512d pad_pixel = _mm512_set1_pd(edge ? 0.0 : static_cast<double>(pad[c]) * kPixelScale);
+  avx512::CodeRow rows[2];
+  for (int s = 0; s < 2; ++s) {
+    rows[s].origin = 0;
+    rows[s].masks = avx512::ColumnMasks{masks.data() + 2 * s * mask_bytes, masks.data() + (2 * s + 1) * mask_bytes};
+    rows[s].left = rows[s].right = pad_pixel;
+  }
+  for (int64_t j = 0; j < J; j += 2) {
+    // The pass's crops, the real ones first (an empty slot adds nothing).
+    CropRef<uint8_t> pass[2];
+    int64_t count = 0;
+    for (int64_t t = j; t < std::min(J, j + 2); ++t) {
+      const CropRef<uint8_t> crop = ref(t);
+      if (crop.plane == nullptr) continue;
+      rows[count].w = _mm512_set1_pd(static_cast<double>(weights[t]) * kWeightScale);
+      rows[count].masks.fill(crop.cols.before, crop.cols.inside, rw);
+      pass[count++] = crop;
+    }
+    const CropRef<uint8_t> next_a = ref(j + kNext), next_b = ref(j + kNext + 1);
+    for (int64_t i = i0; i < i1; ++i) {
+      prefetch_row(next_a, i, H, W);
+      prefetch_row(next_b, i, H, W);
+      if (count == 0) continue;
+      const avx512::Term ta = code_row(pass[0], i, H, W, rw, edge, &rows[0]);
+      const avx512::Term tb = count == 2 ? code_row(pass[1], i, H, W, rw, edge, &rows[1]) : avx512::Term::kNone;
+      if (edge) {
+        avx512::add_rows<true>(sums + i * rw, rw, ta, rows[0], tb, rows[1]);
+      } else {
+        avx512::add_rows<false>(sums + i * rw, rw, ta, rows[0], tb, rows[1]);
+      }
+    }
+  }
 }
 #endif
 

@@ -216,10 +216,10 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
         # for the cpp kernels to read; worth the one pass over the batch that finds them where codes_pay_off
-        # (big batches whose crops read each pixel several times). Found here once for both the sums and the
-        # kept crops (the accumulation alone would find them itself). Once a batch is not 8-bit, the later
-        # ones are not tried.
-        if try_codes and codes_pay_off(images, slots, (rh, rw)):
+        # (batches whose crops read each pixel often enough: fewer times with the AVX-512 loops). Found here
+        # once for both the sums and the kept crops (the accumulation alone would find them itself). Once a
+        # batch is not 8-bit, the later ones are not tried.
+        if try_codes and codes_pay_off(images, slots, (rh, rw), backends.get("cpp", device).code_loops()):
             codes = ops.as_pixel_codes(images, backend)
             try_codes = codes is not None
             images = images if codes is None else codes

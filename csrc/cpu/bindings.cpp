@@ -133,6 +133,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_crop_kernels_avx512", &neuroidx::set_crop_kernels_avx512,
         "accumulate_crops: False takes the portable loops, True the AVX-512 ones where the CPU has them "
         "(the default); returns whether the AVX-512 loops are in use.");
+  m.def("crop_kernels_avx512", &neuroidx::crop_kernels_avx512,
+        "Whether accumulate_crops runs its AVX-512 loops (else the portable ones).");
   m.def("pixel_codes", &pixel_codes, py::call_guard<py::gil_scoped_release>(),
         "Fill n uint8 pixel codes from n contiguous float32 pixels; False unless every pixel is its code's value.");
   m.def("pixel_code_values", &pixel_code_values,

@@ -519,6 +519,8 @@ bool encode_pieces(int64_t count, int64_t work, int num_threads, Pieces pieces) 
 
 float pixel_code_value(uint8_t code) { return decode(code); }
 
+bool crop_kernels_avx512() { return use_avx512.load(); }
+
 bool set_crop_kernels_avx512(bool enable) {
   use_avx512.store(enable && avx512::cpu_has_avx512_vbmi());
   return use_avx512.load();

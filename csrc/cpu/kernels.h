@@ -56,6 +56,8 @@ int64_t accumulate_crops_via_codes(double* sums, int64_t U, int64_t Ch, int64_t 
 // otherwise (same bits). false: the portable ones from now on; true: back to the default. Returns
 // whether the AVX-512 loops are in use.
 bool set_crop_kernels_avx512(bool enable);
+// Whether accumulate_crops runs its AVX-512 loops now.
+bool crop_kernels_avx512();
 
 // out [M * B, C, H, W] (dense: NCHW, or NHWC when channels_last) = M masked copies of x (strides in
 // elements): out[m * B + b, c] = masks[m * C + c] ? fill[c] : x[b, c]. A bit copy of elem_size-byte elements

@@ -57,9 +57,8 @@ def gather_crops(images, slots, tops, size, pad_value):
 
 def accumulate_crops(sums, images, slots, tops, weights, pad_value, transcode: bool = True) -> int | None:
     """``transcode``: read float32 images made of 8-bit pixels as their uint8 codes where that pays off
-    (codes_pay_off; the same bits, a quarter of the bytes to read: on the 100 x 100 crops of
-    bench/bench_crops.py, the pass that finds the codes and the accumulation from them took 107 ms, the
-    accumulation from float32 172 ms); other images cost the check of their first pixels. The codes are
+    (codes_pay_off, with its measurements; the same bits, a quarter of the bytes to read); other images
+    cost the check of their first pixels. The codes are
     found one channel at a time into one scratch buffer (a third of the page faults), and read while they
     are still in the last-level cache: on those crops 80 / 96.5 ms best / median of 14 against 85 / 103 ms
     with all the codes found first. Returns how many channels were read through codes where they were
@@ -71,7 +70,7 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value, transcode: b
     weights = weights.contiguous()
     if sums.numel() == 0 or slots.numel() == 0:
         return
-    if transcode and codes_pay_off(images, slots, (rh, rw)):
+    if transcode and codes_pay_off(images, slots, (rh, rw), code_loops()):
         n, _, h, w = images.shape
         scratch = huge_pages.empty((n * h * w,), torch.uint8)  # a third of the codes: page faults cost too
         return _C.accumulate_crops_via_codes(sums.data_ptr(), u, ch, rh, rw, images.data_ptr(), n, h, w,
@@ -81,6 +80,12 @@ def accumulate_crops(sums, images, slots, tops, weights, pad_value, transcode: b
     _C.accumulate_crops(sums.data_ptr(), u, ch, rh, rw, images.data_ptr(), images.shape[0], images.shape[2],
                         images.shape[3], slots.data_ptr(), tops.data_ptr(), weights.data_ptr(), slots.shape[1],
                         0 if pad is None else pad.data_ptr(), torch.get_num_threads(), images.dtype == torch.uint8)
+
+
+def code_loops() -> str:
+    """The kind of accumulation loops the kernels run for pixel codes: "avx512" (crop_runs_avx512.h, where
+    the CPU has AVX-512 VBMI) or "portable"."""
+    return "avx512" if _C.crop_kernels_avx512() else "portable"
 
 
 def pixel_codes(images: torch.Tensor):

@@ -10,9 +10,10 @@ import torch
 __all__ = ["INT32_LIMIT", "crop_operands", "check_index_range", "codes_pay_off"]
 
 INT32_LIMIT = 2**31 - 1
-# When codes_pay_off: float32 images of at least this many bytes, whose crops read each pixel this often.
-CODES_MIN_IMAGE_BYTES = 64 << 20
-CODES_MIN_READS_PER_PIXEL = 4
+# When codes_pay_off: float32 images of at least this many bytes, whose crops read each pixel at least
+# this often, for the cpp kernels' code loops of each kind ("avx512": crop_runs_avx512.h; "portable").
+CODES_MIN_IMAGE_BYTES = {"avx512": 4 << 20, "portable": 64 << 20}
+CODES_MIN_READS_PER_PIXEL = {"avx512": 1.5, "portable": 8.0}
 
 
 def crop_operands(images, slots, tops, pad_value, what: str, pixel_types=(torch.float32,)):
@@ -41,19 +42,22 @@ def check_index_range(images, size, what: str, kernels: str, crop_limit: int = I
         raise ValueError(f"{what}: images {h}x{w} or crops {rh}x{rw} exceed the 2**31 index range of {kernels}")
 
 
-def codes_pay_off(images, slots, size) -> bool:
+def codes_pay_off(images, slots, size, loops: str) -> bool:
     """Whether crops of ``size`` for the valid ``slots`` are worth reading from the uint8 pixel codes of
     float32 ``images`` (a quarter of the bytes) rather than from the images, at the cost of one pass over
     all of them to find the codes (as_pixel_codes, or the cpp accumulate_crops' own pass, one channel at a
-    time). That pays where the images do not fit in the last
-    level cache and the crops read each pixel several times (CODES_MIN_IMAGE_BYTES,
-    CODES_MIN_READS_PER_PIXEL). Measured with the cpp kernels on bench/bench_crops.py's layers (2-core
-    Zen 4, 32 MiB L3): 512 images of 224 x 224 (294 MiB) read 10, 4 and 2 times: 107 against 172 ms,
-    85 against 116 ms, 52 against 48 ms; 64 such images (37 MiB) read 6 times: 11.1 against 10.4 ms.
-    Since the pass that finds the codes uses AVX-512 where the CPU has it (10 instead of 20 ms on those
-    images), the codes break even at about 2 reads (1.6 reads: 0.90x, 1.9: 1.01x, 4: 1.23x; 37 MiB read
-    10 times: 1.02x); the thresholds stay where they pay without it too."""
+    time), with the cpp kernels' code ``loops`` ("avx512" or "portable": ops.cpp.code_loops()). That pays
+    where the crops read each pixel often enough, and the images are big enough for the pass to be worth
+    starting (CODES_MIN_READS_PER_PIXEL, CODES_MIN_IMAGE_BYTES).
+
+    Measured with the cpp kernels (2-core Zen 4, 32 MiB L3), float32 kernel time / (pass + accumulation
+    from the codes), medians of 5, on bench/bench_crops.py's 44 and 100 px layers with fewer or more crops
+    per unit. AVX-512 loops: 512 images of 224 x 224 (294 MiB) read 0.5, 1, 1.9 and 3.9 times by 44 px
+    crops: 0.60x, 0.82x, 1.26x, 1.58x; by 100 px crops 1 and 2.5 times: 0.83x, 1.37x; 64 and 16 such
+    images (37 and 9 MiB, in cache or nearly) read 1.9 to 9.6 times: 1.10x to 1.74x; 8 images read 6.4
+    times: 1.11x. The portable loops (a division per code): 512 images read 1, 1.9, 3.9 and 7.7 times by
+    44 px crops: 0.57x, 0.81x, 0.94x, 1.05x; 2.5 and 10 times by 100 px crops: 0.81x, 1.28x."""
     rh, rw = size
     reads = images.shape[1] * rh * rw * int((slots >= 0).sum())
-    return (images.dtype == torch.float32 and images.numel() * 4 >= CODES_MIN_IMAGE_BYTES
-            and reads >= CODES_MIN_READS_PER_PIXEL * images.numel())
+    return (images.dtype == torch.float32 and images.numel() * 4 >= CODES_MIN_IMAGE_BYTES[loops]
+            and reads >= CODES_MIN_READS_PER_PIXEL[loops] * images.numel())

@@ -5,7 +5,8 @@
 // A row of a crop is three runs: columns left of the image, the in-image span (one contiguous run of
 // the image row: a memcpy, or a vectorised multiply-add), and columns right of it. The two outer runs
 // hold one value each (the pad value, or the row's first / last pixel in edge mode). accumulate adds
-// two crops per pass over a sums row (their runs merged), halving the loads and stores of the sums.
+// two crops per pass over a sums row (their runs merged), halving the loads and stores of the sums; from
+// codes on CPUs with AVX-512 VBMI, crop_runs_avx512.h adds each crop row whole, its outer runs masked in.
 //
 // Images come as float32 pixels or as uint8 pixel codes (reference.py): code k stands for the float32
 // nearest k / 255, what torchvision's to_tensor makes of an 8-bit file. Reading codes moves a quarter of

@@ -224,7 +224,7 @@ def main(argv=None):
     parser = bench_parser(__doc__, "a small layer, few repeats (a smoke run)")
     parser.add_argument("--repeat", type=int, default=None)
     parser.add_argument("--pairs", type=int, default=None,
-                        help="back-to-back loop / kernel pairs per backend and pixel type (default 3, 0 in --quick)")
+                        help="back-to-back loop / kernel pairs per backend and pixel type (default 5, 0 in --quick)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     names = timed_backends(device.type)  # the torch reference first: the ratios' denominator
@@ -235,7 +235,7 @@ def main(argv=None):
         units, k, size, gather_units, layers = 256, 100, 224, 8, LAYERS
         n_images = 2000 if device.type == "cuda" else 512
     repeat = args.repeat or (3 if args.quick else (20 if device.type == "cuda" else 5))
-    args.pairs = (0 if args.quick else 3) if args.pairs is None else args.pairs
+    args.pairs = (0 if args.quick else 5) if args.pairs is None else args.pairs
     images = make_layer(1, 1, n_images, size, LAYERS["deep"], device)[0]
     print(f"device: {device_name(device)}; backends: {names}; {n_images} images of {size}x{size} in one tensor; "
           f"median of {repeat}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -413,12 +414,13 @@ def code_loops(request):
     from neuroidx_fast import _C
 
     want = request.param == "avx512"
+    before = _C.crop_kernels_avx512()
     try:
         if _C.set_crop_kernels_avx512(want) != want:
             pytest.skip("this CPU has no AVX-512 VBMI: only the portable loops run here")
         yield request.param
     finally:
-        _C.set_crop_kernels_avx512(True)
+        _C.set_crop_kernels_avx512(before)
 
 
 # The cases whose crops read each pixel often enough for the codes to pay, with each kind of code loops:
@@ -543,6 +545,81 @@ def test_cpp_codes_extreme_weights(code_loops):
             got = torch.zeros_like(want)
             cpp.accumulate_crops(got, codes, slots[:, :j], tops[:, :j], weights[:, :j], fill)
             _assert_bits_equal(got, want)
+
+
+def test_cpp_codes_extreme_pad_values(code_loops):
+    # The AVX-512 loop scales the pad value by 2^-864 like a decoded pixel: exact for every float32 pad
+    # value too, -0.0, the smallest subnormal and the largest included.
+    from neuroidx_fast.ops import cpp
+
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 1, 8, 32)
+    pixels = codes.float() / 255
+    slots = torch.zeros(1, 5, dtype=torch.int64)
+    tops = torch.tensor([[[-3, -5], [4, 20], [-9, 0], [2, -40], [0, 0]]])  # across and beyond every border
+    weights = torch.tensor([[0.75, -2.0, 1e-30, 3.0, -0.0]])
+    tiny = torch.finfo(torch.float32).tiny * 2.0 ** -23
+    for value in (-0.0, tiny, -tiny, torch.finfo(torch.float32).max, -7.5):
+        fill = torch.tensor([value], dtype=torch.float32)
+        want = torch.zeros(1, 1, 6, 19, dtype=torch.float64)
+        reference.accumulate_crops(want, pixels, slots, tops, weights, fill)
+        got = torch.zeros_like(want)
+        cpp.accumulate_crops(got, codes, slots, tops, weights, fill)
+        _assert_bits_equal(got, want)
+
+
+def _guarded_buffer(nbytes: int, at_end: bool, mappings: list) -> int:
+    """The address of nbytes of fresh memory that touch an unreadable page: right after one (at_end
+    False) or right before one (True); the mapping goes to mappings, for munmap."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype, libc.mmap.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                              ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = libc.munmap.argtypes = None
+    page = 4096
+    pages = -(-nbytes // page)
+    size = (pages + 2) * page
+    base = libc.mmap(None, size, 3, 0x22, -1, 0)  # PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    mappings.append((libc, base, size))
+    for guard in (base, base + (pages + 1) * page):
+        assert libc.mprotect(ctypes.c_void_p(guard), ctypes.c_size_t(page), 0) == 0  # PROT_NONE
+    return base + page + (pages * page - nbytes if at_end else 0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs Linux mmap / mprotect")
+def test_cpp_codes_read_and_write_nothing_outside_their_buffers(code_loops):
+    # Codes and sums flush against unreadable pages, crops at every border, widths 1..40: a load or store
+    # past a buffer (a vector wider than the row left) faults; the results are the reference's.
+    from neuroidx_fast import _C
+
+    g = torch.Generator().manual_seed(31)
+    mappings = []
+    try:
+        for case in range(240):
+            ch, h, w = 1 + case % 2, 1 + case % 4, 1 + (case * 7) % 40
+            rh, rw, j = 1 + case % 3, 1 + (case * 11) % 40, 1 + case % 5
+            at_end = bool(case % 2)
+            address = _guarded_buffer(ch * h * w, at_end, mappings)
+            codes = torch.frombuffer((ctypes.c_uint8 * (ch * h * w)).from_address(address), dtype=torch.uint8)
+            codes = codes.view(1, ch, h, w)
+            codes.copy_(torch.randint(0, 256, codes.shape, generator=g, dtype=torch.uint8))
+            address = _guarded_buffer(ch * rh * rw * 8, case % 4 < 2, mappings)
+            sums = torch.frombuffer((ctypes.c_double * (ch * rh * rw)).from_address(address), dtype=torch.float64)
+            sums = sums.view(1, ch, rh, rw)
+            sums.copy_(torch.randn(sums.shape, generator=g, dtype=torch.float64))
+            slots = torch.randint(-1, 1, (1, j), generator=g)
+            tops = torch.stack([torch.randint(-rh - 1, h + 2, (1, j), generator=g),
+                                torch.randint(-rw - 1, w + 2, (1, j), generator=g)], dim=2)
+            weights = torch.randn(1, j, generator=g)
+            fill = None if case % 3 == 0 else torch.rand(ch, generator=g)
+            want = sums.clone()
+            reference.accumulate_crops(want, codes.float() / 255, slots, tops, weights, fill)
+            _C.accumulate_crops(sums.data_ptr(), 1, ch, rh, rw, codes.data_ptr(), 1, h, w, slots.data_ptr(),
+                                tops.data_ptr(), weights.data_ptr(), j, 0 if fill is None else fill.data_ptr(), 1,
+                                True)
+            _assert_bits_equal(sums, want)
+    finally:
+        for libc, base, size in mappings:
+            libc.munmap(ctypes.c_void_p(base), ctypes.c_size_t(size))
 
 
 def test_cpp_codes_keep_negative_zero_sums(code_loops):

@@ -54,7 +54,7 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, split_model
 from .hooks import resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import dataset_length, eval_on_device, split_batch
+from .prepare import dataset_length, eval_on_device, restores_modes, split_batch
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -452,6 +452,7 @@ def _build_masks(units, masks, channels: int, layer: str, device) -> torch.Tenso
     return out
 
 
+@restores_modes
 def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None, mode: str = "zero",
                    preprocess=None, masks_per_batch: int | None = None, batch_size: int = 64, device=None,
                    backend: str | None = "auto", progress: bool = True, *, means=None, index=None,
@@ -467,7 +468,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     ``path``: "auto" (the read-out path where it applies), "general" or "readout". ``verify``: the
     relative top-2 logit gap under which a batched replica is recomputed at the naive loop's shape
     ("auto": by dtype, see the module docstring; None: never). ``backend`` picks the kernels.
-    The model is put in eval mode (and moved to ``device``). The counts equal those of
+    The model runs in eval mode (and is moved to ``device``); every module has its own mode back after.
+    The counts equal those of
     ``naive_ablation_counts`` (one full forward per set); see the module docstring for what that rests on.
     """
     if not isinstance(model, nn.Module):
@@ -594,6 +596,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
 
 # ------------------------------------------------------------------------------------------ naive loop
 
+@restores_modes
 def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=None, preprocess=None,
                           batch_size: int = 64, device=None, pass_times: list | None = None):
     """The slow oracle: one full pass over ``dataset`` per ablated set, each forward with a hook that

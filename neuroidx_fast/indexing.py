@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import dataset_length, eval_on_device, split_batch
+from .prepare import dataset_length, eval_on_device, restores_modes, split_batch
 from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -218,6 +218,7 @@ def _merge_ranks(dist, stats, meta, pixel_sum, labels):
                        _index_meta(meta, merged, input_size, pixels), all_labels)
 
 
+@restores_modes
 def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=None, batch_size: int = 64,
                   num_workers: int = 0, device=None, autocast_dtype=None, checkpoint=None, checkpoint_every: int = 50,
                   progress: bool = True, backend: str | None = "auto", nan: str = "raise") -> NeuronIndex | None:
@@ -228,7 +229,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     before the model. The forward stops after the last requested layer. ``checkpoint``: a directory
     saved atomically every ``checkpoint_every`` batches; a run started again with the same arguments
     continues from it and gives exactly the uninterrupted result. Under torch.distributed, each rank
-    indexes its shard; rank 0 returns the merged index, the other ranks return None.
+    indexes its shard; rank 0 returns the merged index, the other ranks return None. The model runs in
+    eval mode; every module has its own mode back after.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -4,13 +4,14 @@ length), and how it reads the dataset's batches."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 
 import torch
 from torch import nn
 
-__all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "dataset_length", "split_batch",
-           "as_index", "nonfinite_images"]
+__all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
+           "split_batch", "as_index", "nonfinite_images"]
 
 
 def nonfinite_images(batch: torch.Tensor) -> torch.Tensor:
@@ -41,6 +42,21 @@ def evaluating(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
+
+
+def restores_modes(function):
+    """``function(model, ...)`` run inside ``evaluating(model)``: it may put the model in eval mode (its
+    result must not depend on the model's mode), and the caller gets every module's own mode back. An
+    argument that is not a module goes to ``function`` as it is, to be refused there."""
+
+    @functools.wraps(function)
+    def run(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            return function(model, *args, **kwargs)
+        with evaluating(model):
+            return function(model, *args, **kwargs)
+
+    return run
 
 
 def model_device(model: nn.Module, device) -> torch.device:

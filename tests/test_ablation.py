@@ -266,6 +266,24 @@ def test_vgg_mid_conv_layer_equals_naive_loop(backend):
     assert_not_vacuous(result)
 
 
+def test_a_training_model_is_ablated_in_eval_mode_and_keeps_its_modes():
+    # Both the batched ablation and the naive loop run the model in eval mode (BatchNorm in train mode
+    # would normalise by each batch) and give every module its own mode back.
+    model, data = calibrated("vgg")
+    want = abl.ablation_drops(model.eval(), data, "features.3", units=[0, 5], batch_size=8, progress=False)
+    model.train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)][:1]
+    frozen[0].eval()
+    running = frozen[0].running_var.clone()
+    got = abl.ablation_drops(model, data, "features.3", units=[0, 5], batch_size=8, progress=False)
+    assert torch.equal(got.correct, want.correct) and torch.equal(got.intact_correct, want.intact_correct)
+    assert model.training and not frozen[0].training and torch.equal(frozen[0].running_var, running)
+    assert all(m.training for m in model.modules() if m is not frozen[0])
+    intact, correct, _ = abl.naive_ablation_counts(model, data, "features.3", got.masks, batch_size=8)
+    assert torch.equal(intact, want.intact_correct) and torch.equal(correct, want.correct)
+    assert model.training and not frozen[0].training and torch.equal(frozen[0].running_var, running)
+
+
 @pytest.mark.parametrize("layer", ["layer2.bn1", "layer1.conv1"])
 def test_resnet_inside_a_residual_block_equals_naive_loop(layer):
     model, data = calibrated("resnet", seed=1)

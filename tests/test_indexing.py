@@ -64,6 +64,23 @@ def test_equals_brute_force(model_name, layers):
     assert index["features.2" if model_name == "vgg" else "stem"].images_seen == 23
 
 
+def test_a_training_model_is_indexed_in_eval_mode_and_keeps_its_modes():
+    # BatchNorm in train mode would normalise each batch by its own statistics (and update the running
+    # ones): the index is the eval-mode one, and afterwards every module has its own mode back.
+    model, data = make_model("vgg"), ImageSet(n=23)
+    layers = ["features.2", "classifier.2"]
+    expected = brute_force(model.eval(), data, layers, 3)
+    model.train()
+    frozen = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][:1]
+    frozen[0].eval()
+    running = frozen[0].running_mean.clone()
+    index = nx.index_dataset(model, data, layers, k=3, batch_size=5, progress=False)
+    check_index(index, expected, 3)
+    assert model.training and not frozen[0].training
+    assert all(m.training for m in model.modules() if m is not frozen[0])
+    assert torch.equal(frozen[0].running_mean, running)
+
+
 def test_linear_layer_ties_plain_tensors_and_preprocess():
     model, data = make_model("vgg"), ImageSet(n=17, labels=False, quantise=True)
     preprocess = lambda x: (x - 0.5) / 0.25  # noqa: E731

@@ -527,6 +527,31 @@ def test_cpp_pixel_codes_every_lane_and_tail(code_loops):
                 assert cpp.pixel_codes(perturbed) is None, (n, position, bad)
 
 
+def test_cpp_pixel_codes_streamed_lines_at_every_alignment(code_loops):
+    # The AVX-512 pass writes whole 64-byte lines of codes with streaming stores, ordinary stores before
+    # the first line boundary and after the last: every length and alignment gets every code right, and
+    # a pixel that is not a code is caught in each part.
+    from neuroidx_fast import _C
+
+    codes = torch.arange(256, dtype=torch.uint8).repeat(2)
+    pixels = codes.float() / 255
+    out = torch.zeros(512 + 64, dtype=torch.uint8)
+    for n in (63, 64, 65, 127, 128, 129, 200, 333, 512):
+        for offset in (0, 1, 15, 16, 33, 63):
+            out.zero_()
+            address = out.data_ptr() + (offset - out.data_ptr()) % 64  # codes start `offset` bytes past a line
+            start = address - out.data_ptr()
+            assert _C.pixel_codes(pixels.data_ptr(), n, address, 1)
+            assert torch.equal(out[start:start + n], codes[:n]), (n, offset)
+            assert not out[:start].any() and not out[start + n:].any(), (n, offset)
+            for position in sorted({0, (64 - offset) % 64, n // 2, n - 1}):
+                if position >= n:
+                    continue
+                bad = pixels.clone()
+                bad[position] = float(torch.nextafter(pixels[position], torch.tensor(2.0)))
+                assert not _C.pixel_codes(bad.data_ptr(), n, address, 1), (n, offset, position)
+
+
 def test_cpp_codes_extreme_weights(code_loops):
     # The AVX-512 loop decodes codes to 2^-864 times their pixel and scales the weight by 2^864: exact
     # for every float32 weight, the largest, the smallest subnormal, -0.0 and negative ones included.

@@ -361,7 +361,7 @@ void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64
     rows[s].left = rows[s].right = pad_pixel;
   }
   for (int64_t j = 0; j < J; j += 2) {
-    // The pass's crops, the real ones first (an empty slot adds nothing).
+    // The pass's crops that have an image, in j order (an empty slot adds nothing).
     CropRef<uint8_t> pass[2];
     int64_t count = 0;
     for (int64_t t = j; t < std::min(J, j + 2); ++t) {

@@ -469,8 +469,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     relative top-2 logit gap under which a batched replica is recomputed at the naive loop's shape
     ("auto": by dtype, see the module docstring; None: never). ``backend`` picks the kernels.
     The model runs in eval mode (and is moved to ``device``); every module has its own mode back after.
-    The counts equal those of
-    ``naive_ablation_counts`` (one full forward per set); see the module docstring for what that rests on.
+    The counts equal those of ``naive_ablation_counts`` (one full forward per set); see the module
+    docstring for what that rests on.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

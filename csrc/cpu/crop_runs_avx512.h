@@ -58,6 +58,11 @@
 namespace neuroidx {
 namespace avx512 {
 
+// The scales of the decode by shift (above): a decoded pixel is kPixelScale times its value, and a
+// weight is multiplied by kWeightScale to make up for it; constant pixels (pad values, edge pixels)
+// take kPixelScale too.
+constexpr double kPixelScale = 0x1p-864, kWeightScale = 0x1p864;
+
 // Dwords P = k * 0x01010101 (code k in each of the four bytes) to float32 2^32 times k's pixel: the
 // rounding toward +infinity shown above.
 NX_AVX512 inline __m512 scaled_pixels(__m512i replicated) {

@@ -299,7 +299,7 @@ NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int6
       double* dst = sums + i * rw;
       if (a.plane != nullptr && b.plane != nullptr) {
         add_row_pair<T>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge),
-                                 row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
+                        row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
       } else if (a.plane != nullptr) {
         add_row<T>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), rw);
       } else if (b.plane != nullptr) {
@@ -329,7 +329,7 @@ void accumulate_block_u8(double* sums, const uint8_t* images, const int64_t* slo
 // pad value already in *row): its term, and its origin and edge pixels.
 NX_AVX512 NX_ALWAYS_INLINE avx512::Term code_row(const CropRef<uint8_t>& crop, int64_t i, int64_t H, int64_t W,
                                                  int64_t rw, bool edge, avx512::CodeRow* row) {
-  constexpr double kPixelScale = 0x1p-864;
+  using avx512::kPixelScale;
   const uint8_t* source = source_row(crop.plane, crop.y0 + i, H, W, edge);
   if (source == nullptr) return avx512::Term::kConstant;
   const AxisSplit& cols = crop.cols;
@@ -347,7 +347,7 @@ NX_AVX512
 void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
                                 const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
                                 int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  constexpr double kPixelScale = 0x1p-864, kWeightScale = 0x1p864;
+  using avx512::kPixelScale, avx512::kWeightScale;
   const bool edge = pad == nullptr;
   const CropRef<uint8_t> none{nullptr, 0, AxisSplit{0, 0, 0, 0}};
   auto ref = [&](int64_t j) { return j < J ? crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw) : none; };

@@ -44,10 +44,10 @@ void accumulate_crops(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t r
                       int64_t H, int64_t W, const int64_t* slots, const int64_t* tops, const float* weights,
                       int64_t J, const float* pad, int num_threads);
 // The float32 accumulate_crops through the images' uint8 codes, one channel at a time: the codes of
-// channel c of every image go to scratch [N * H * W] (the pass of pixel_codes), and the crops of channel c
-// are read from them, while they are still in the last-level cache. A channel whose pixels are not all
-// codes, and those after it, are read as float32. Same bits either way. Returns how many channels were
-// read through codes.
+// channel c of every image go to scratch [N * H * W] (the pass of pixel_codes; a third of all the codes,
+// so a third of the page faults), and the crops of channel c are read from them. A channel whose pixels
+// are not all codes, and those after it, are read as float32. Same bits either way. Returns how many
+// channels were read through codes.
 int64_t accumulate_crops_via_codes(double* sums, int64_t U, int64_t Ch, int64_t rh, int64_t rw, const float* images,
                                    int64_t N, int64_t H, int64_t W, const int64_t* slots, const int64_t* tops,
                                    const float* weights, int64_t J, const float* pad, uint8_t* scratch,

@@ -58,11 +58,11 @@ def gather_crops(images, slots, tops, size, pad_value):
 def accumulate_crops(sums, images, slots, tops, weights, pad_value, transcode: bool = True) -> int | None:
     """``transcode``: read float32 images made of 8-bit pixels as their uint8 codes where that pays off
     (codes_pay_off, with its measurements; the same bits, a quarter of the bytes to read); other images
-    cost the check of their first pixels. The codes are
-    found one channel at a time into one scratch buffer (a third of the page faults), and read while they
-    are still in the last-level cache: on those crops 80 / 96.5 ms best / median of 14 against 85 / 103 ms
-    with all the codes found first. Returns how many channels were read through codes where they were
-    tried (else None)."""
+    cost the check of their first pixels. The codes are found one channel at a time into one scratch
+    buffer (a third of the page faults): on the 100 px crops of bench/bench_crops.py, 80 / 96.5 ms best /
+    median of 14 against 85 / 103 ms with all the codes found first (measured before the codes were
+    written with streaming stores, which leave them out of the cache either way). Returns how many
+    channels were read through codes where they were tried (else None)."""
     u, ch, rh, rw = sums.shape
     if sums.dtype != torch.float64 or not sums.is_contiguous() or weights.dtype != torch.float32:
         raise TypeError("accumulate_crops: sums must be contiguous float64 and weights float32")

@@ -568,6 +568,8 @@ class _Walk(fx.Interpreter):
         elif n.op in ("get_attr",):
             state = None
         elif n.op == "output":
+            if self.target is not None:  # the whole graph ran and never called the layer
+                raise _Unsupported(f"layer {self.target!r} is not called as a module in the traced graph")
             raise _Reached(self._states_of(n)[0] if n.all_input_nodes else None, out)
         else:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -633,7 +635,10 @@ def _without_fx_note(exc: Exception) -> str:
 
 
 def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int) -> ReceptiveField:
-    gm = _trace(model, leaves=[module])
+    # traced in eval mode, as the layer is indexed: `if self.training` branches (auxiliary heads) are
+    # those of inference
+    with evaluating(model):
+        gm = _trace(model, leaves=[module])
     if sum(n.op == "call_module" and n.target == layer for n in gm.graph.nodes) > 1:
         raise SharedModuleError(layer)  # as index_dataset: the outputs of several places are not one layer
     try:
@@ -645,7 +650,7 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
         raise type(exc)(_without_fx_note(exc)) from None
     except Exception as exc:
         raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {_without_fx_note(exc)})") from None
-    raise _Unsupported(f"layer {layer!r} is not called as a module in the traced graph")
+    raise _Unsupported("the traced graph has no output")
 
 
 def receptive_field(model: nn.Module, layer: str, input_size, method: str = "auto",
@@ -712,8 +717,10 @@ def _positive_copy(model: nn.Module) -> nn.Module:
 
 def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels: int = 3) -> torch.Tensor:
     """SPEC.md 2's probe: for each (y, x) of ``positions``, the mask [H, W] of input pixels where
-    d F_0(0, y, x) / d input is nonzero, on a copy of the model with positive weights and average
-    pooling in place of max pooling, in eval mode, on a positive input. Returns [P, H, W] bool."""
+    d sum_c F_c(0, y, x) / d input is nonzero, on a copy of the model with positive weights and average
+    pooling in place of max pooling, in eval mode, on a positive input: the union of the fields of every
+    unit at (y, x) (the layer's field: a concatenation's channels see different boxes, and its field is
+    their union; with positive weights no gradient cancels). Returns [P, H, W] bool."""
     size = _as_size(input_size)
     probe = _positive_copy(model)
     positions = [(int(y), int(x)) for y, x in positions]
@@ -724,7 +731,7 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
     with _MaxToAvgPool(), LayerCapture(probe, [layer]) as capture:
         out = capture.run(images)[layer]
-        maps = out[:, 0] if out.dim() == 4 else out[:, 0].reshape(-1, 1, 1)
+        maps = out.sum(dim=1) if out.dim() == 4 else out.reshape(out.shape[0], -1).sum(dim=1).reshape(-1, 1, 1)
         for y, x in positions:
             if not (0 <= y < maps.shape[1] and 0 <= x < maps.shape[2]):
                 raise ValueError(f"position {(y, x)} is outside the {tuple(maps.shape[1:])} map of {layer!r}")
@@ -772,8 +779,8 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         except Exception:
             break  # the model accepts no larger input
         h, w = _spatial(probe_map)
-        if previous_map is not None and (h, w) == previous_map:
-            break  # the map did not grow (adaptive pooling): the larger input has another geometry
+        if previous_map is not None and (h == previous_map[0] or w == previous_map[1]):
+            break  # the map did not grow along an axis (adaptive pooling): the larger input has another geometry
         previous_map = (h, w)
         cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
         points = sorted({(max(cy - 1, 0), max(cx - 1, 0)), (cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))})
@@ -793,15 +800,17 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     probe_size, points, boxes, whole, spans, inside = best
     if whole or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
-    if len(inside) >= 2:  # the fields the image border does not cut
+    # the fields the image border does not cut, where there are two; else every field, of which some
+    # reach the border at every size tried (their size is a lower bound: warned below)
+    if len(inside) >= 2:
         points, boxes = [p for p, _ in inside], [b for _, b in inside]
-    else:  # every field reaches the border at every size tried: its size is a lower bound (warned below)
-        points, boxes = points[:2], boxes[:2]
     sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in boxes]
     steps = [tuple((bq[a] - bp[a]) / (q[a] - p[a]) if q[a] != p[a] else None for a in (0, 1))
              for (p, bp), (q, bq) in zip(zip(points, boxes), list(zip(points, boxes))[1:])]
     rf_size = tuple(max(sz[a] for sz in sizes) for a in (0, 1))  # the largest: crops then hold every field
-    stride = tuple(max(1, round(steps[0][a])) if steps and steps[0][a] is not None else 1 for a in (0, 1))
+    # per axis, the spacing of the first two points apart along it (a map 2 wide puts the first two
+    # points in one column); 1 where the map has one position along the axis
+    stride = tuple(next((max(1, round(step[a])) for step in steps if step[a] is not None), 1) for a in (0, 1))
     if len(inside) >= 2 and (len(set(sizes)) > 1 or len(set(steps)) > 1):
         warnings.warn(f"the gradient probe measured fields of {layer!r} that no single size and stride describe "
                       f"(boxes {boxes} at map positions {points}: windows of unequal sizes, or branches merged at "

@@ -393,3 +393,82 @@ def test_a_module_called_twice_is_refused_as_by_index_dataset():
 
     with pytest.raises(SharedModuleError, match="runs more than once"):
         receptive_field(_SharedRelu(), "r", 16)
+
+
+class _Concatenated(nn.Module):
+    """A concatenation as the layer: channels 0-1 from a 1x1 branch, channels 2-3 from a 5x5 one."""
+
+    def __init__(self):
+        super().__init__()
+        self.b1 = nn.Conv2d(4, 2, 1)
+        self.b5 = nn.Conv2d(4, 2, 5, padding=2)
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b5(x)], 1)
+
+
+class _ConcatNet(nn.Module):
+    def __init__(self, unknown_op: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, 2, 1)
+        self.block = _Concatenated()
+        self.unknown_op = unknown_op
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.unknown_op:
+            x = torch.roll(x, 1, 1)  # an operation the walk does not know: the field is probed
+        return self.block(x)
+
+
+def test_the_probe_measures_the_union_of_a_concatenations_fields():
+    # stem 3x3/2 pad 1: size 3, stride 2, offset -1; the 5x5 branch: 3 + 4 * 2 = 11, offset -1 - 2 * 2 = -5;
+    # the 1x1 branch keeps the stem's 3x3, inside it: the union is the 5x5 branch's box (SPEC.md 2)
+    expected = ((11, 11), (2, 2), (-5, -5))
+    analytic = receptive_field(_ConcatNet(False).eval(), "block", 32, method="analytic")
+    assert (analytic.size, analytic.stride, analytic.offset) == expected
+    probed = probe_receptive_field(_ConcatNet(False).eval(), "block", 32)
+    assert (probed.size, probed.stride, probed.offset) == expected  # not channel 0's 3x3
+    with pytest.warns(UserWarning, match="gradient probe"):
+        fallback = receptive_field(_ConcatNet(True).eval(), "block", 32)
+    assert (fallback.size, fallback.stride, fallback.offset, fallback.method) == expected + ("probe",)
+
+
+class _AuxiliaryInTraining(nn.Module):
+    """An auxiliary branch run in training mode only (as Inception's), which widens the field of `down`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.aux = nn.Conv2d(2, 2, 5, padding=2)
+        self.down = nn.Conv2d(2, 2, 3, 2)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            x = x + self.aux(x)
+        return self.down(x)
+
+
+def test_the_walk_follows_the_eval_forward_and_refuses_a_layer_it_never_calls():
+    model = _AuxiliaryInTraining().train()
+    rf = receptive_field(model, "down", 16)
+    # eval forward: 3x3 then 3x3/2 = 5x5 (the training forward's aux branch would make it 9x9, offset -2)
+    assert (rf.size, rf.stride, rf.offset, rf.method) == ((5, 5), (2, 2), (0, 0), "analytic")
+    assert model.training and model.aux.training
+    with pytest.raises(ValueError, match="'aux' is not called"):
+        receptive_field(model, "aux", 16, method="analytic")
+    with pytest.raises(RuntimeError, match="never reached"), pytest.warns(UserWarning, match="not called"):
+        receptive_field(model, "aux", 16)  # not the field of the model's output
+
+
+@pytest.mark.parametrize("output_size,input_size", [((4, 2), (23, 17)), ((3, None), (12, 12))])
+def test_probed_adaptive_pooling_boxes_are_the_probes_at_every_position(output_size, input_size):
+    # (4, 2): a map 2 wide puts the probe's first two points in one column; (3, None): the map grows with
+    # the input along x only, so a larger input has another geometry along y
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(output_size)).eval()
+    rf = probe_receptive_field(model, "1", input_size)
+    h, w = rf.map_size
+    positions = [(y, x) for y in range(h) for x in range(w)]
+    for (y, x), mask in zip(positions, probe_gradient(model, "1", input_size, positions)):
+        assert rf.box(y, x) == _bounds(mask), f"{rf} at {(y, x)}"

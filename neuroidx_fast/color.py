@@ -98,6 +98,9 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     layers = {name: index[name] for name in names}
     dataset = resolve_dataset(index, dataset)
+    if index.image_channels not in (None, 3):
+        raise ValueError(f"color selectivity compares each top image with its gray version, so it needs RGB "
+                         f"images; this index was built on {index.image_channels}-channel images")
     device, model_dtype = model_device(model, device), param_dtype(model)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
@@ -114,7 +117,7 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
                                                  f"color ({gray})"):
-            check_top_images_size(images, index.input_size)  # a'_j is read at pos_j of the index's maps
+            check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
             images = images.to(device)
             if gray == "luminance":
                 outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)

@@ -86,16 +86,28 @@ def batch_slots(batch_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(hit, where, torch.full_like(where, -1))
 
 
-def check_top_images_size(images: torch.Tensor, input_size) -> None:
-    """Top images must be what the index saw: positions and receptive fields are in its pixels."""
-    if input_size is not None and (tuple(images.shape[-2:]) != tuple(input_size) or images.shape[1] != 3):
-        raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on 3 x "
-                         f"{tuple(input_size)} images: pass the dataset the index was built from")
+def check_top_images_size(images: torch.Tensor, index: NeuronIndex, channels=(3,)) -> None:
+    """Top images must be what the index saw (positions and receptive fields are in its pixels), with
+    one of ``channels``."""
+    seen = index.image_channels
+    if index.input_size is not None and (tuple(images.shape[-2:]) != tuple(index.input_size)
+                                         or (seen is not None and images.shape[1] != seen)):
+        raise ValueError(f"top images are {tuple(images.shape[1:])} but the index was built on "
+                         f"{'' if seen is None else f'{seen} x '}{tuple(index.input_size)} images: pass the dataset "
+                         "the index was built from")
+    if images.shape[1] not in channels:
+        raise ValueError(f"top images have {images.shape[1]} channels; this needs "
+                         f"{' or '.join(map(str, channels))}-channel images")
+
+
+def as_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] images: gray ones (1 channel) with their value in each of R, G and B."""
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
 def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
     if rf is None and model is not None:
-        rf = receptive_field(model, layer, index.input_size)
+        rf = receptive_field(model, layer, index.input_size, channels=index.image_channels or 3)
     if rf is None:
         rf = index.receptive_field(layer)
     if rf is None:
@@ -145,7 +157,8 @@ def _resolve_pad(pad, index: NeuronIndex):
         if mean is None:
             raise ValueError("pad='mean' needs the dataset's pixel mean, which this index does not record; pass "
                              "pad=(r, g, b) with the mean yourself")
-        return tuple(float(v) for v in mean)
+        mean = tuple(float(v) for v in mean)
+        return mean * 3 if len(mean) == 1 else mean  # gray images are made RGB (as_rgb)
     return pad
 
 
@@ -162,7 +175,8 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     ``rf``, else from ``model``, else from the index. NF values are clamped to [0, 1]; this only matters
     where some top activations are negative (pre-activation layers), which gives negative weights. Where
     those weights sum to 0 (or to no finite number) the NF is undefined: NaN, with a warning. Top slots
-    at -inf (all-NaN maps under ``nan="ignore"``) take no part: no weight, no crop.
+    at -inf (all-NaN maps under ``nan="ignore"``) take no part: no weight, no crop. Gray (1-channel)
+    images are cropped as the RGB images (g, g, g) they show: their NFs and crops are RGB too.
     """
     L = index[layer]
     if norm not in NORMS:
@@ -210,9 +224,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     try_codes = device.type == "cpu" and backends.resolve_name(backend, device) == "cpp"
     warned: list = []
     for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
-        check_top_images_size(images, rf.input_size)
+        check_top_images_size(images, index, channels=(1, 3))
         _check_top_images(images, batch_ids, warned)
-        images = images.to(device=device, dtype=torch.float32)
+        images = as_rgb(images.to(device=device, dtype=torch.float32)).contiguous()
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
         # for the cpp kernels to read; worth the one pass over the batch that finds them where codes_pay_off
@@ -250,9 +264,31 @@ def _scale_for(size, target: int = 64) -> int:
     return max(1, target // max(size))
 
 
+def _grid_rows(features: NeuronFeatures, units) -> torch.Tensor:
+    """Rows of ``features`` that ``units`` names: positions in ``features.units``, or a bool mask over them."""
+    count = features.nf.shape[0]
+    rows = torch.as_tensor(units).reshape(-1)
+    if rows.numel() == 0:
+        raise ValueError("units selects no unit: nothing to draw")
+    if rows.dtype == torch.bool:
+        if rows.numel() != count:
+            raise ValueError(f"a units mask needs one entry per unit of these features ({count}), got {rows.numel()}")
+        rows = rows.nonzero().flatten()
+    elif rows.is_floating_point() or rows.is_complex():
+        raise ValueError(f"units must be positions in features.units (ints) or a bool mask, got {rows.dtype} values")
+    rows = rows.to(torch.int64)
+    if rows.numel() == 0:
+        raise ValueError("the units mask selects no unit: nothing to draw")
+    if int(rows.min()) < 0 or int(rows.max()) >= count:
+        raise IndexError(f"units must be positions in [0, {count}) of features.units (these features hold "
+                         f"{count} units), got {rows.tolist()[:10]}")
+    return rows
+
+
 def save_grid(features: NeuronFeatures, path, units=None, ncols: int | None = None, scale: int | None = None) -> str:
-    """A PNG grid of the layer's NFs in unit order (dead units drawn dark gray)."""
-    nf = features.nf if units is None else features.nf[torch.as_tensor(units, dtype=torch.int64)]
+    """A PNG grid of the layer's NFs in unit order (dead units drawn dark gray); ``units``: positions in
+    ``features.units`` (or a bool mask over them, e.g. ``~features.dead``) to draw only those."""
+    nf = features.nf if units is None else features.nf[_grid_rows(features, units)]
     scale = scale or _scale_for(nf.shape[-2:])
     return save_png(image_grid(nf, ncols=ncols, scale=scale), path)
 

@@ -173,12 +173,12 @@ def _build_index(stats, meta, pixel_sum=None, labels=None) -> NeuronIndex:
                        labels.cpu() if labels is not None else None)
 
 
-def _receptive_fields(model, names, input_size) -> dict:
+def _receptive_fields(model, names, input_size, channels: int) -> dict:
     """Each layer's receptive field at the indexed input size, as plain numbers for the manifest."""
     found = {}
     for name in names:
         try:
-            rf = receptive_field(model, name, input_size)
+            rf = receptive_field(model, name, input_size, channels=channels)
         except (ValueError, RuntimeError) as exc:
             warnings.warn(f"no receptive field recorded for {name!r} ({exc}); pass rf= to neuron_features",
                           stacklevel=3)
@@ -328,7 +328,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     finally:
         if bar is not None:
             bar.close()
-    meta["receptive_fields"] = _receptive_fields(model, names, meta["input_size"]) if rank == 0 else {}
+    channels = pixel_sum.numel() if pixel_sum is not None else 3  # the images' channels (the probe's input)
+    meta["receptive_fields"] = _receptive_fields(model, names, meta["input_size"], channels) if rank == 0 else {}
     if dist is not None and world > 1:
         index = _merge_ranks(dist, stats, meta, pixel_sum, all_labels)
     else:

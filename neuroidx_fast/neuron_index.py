@@ -122,6 +122,13 @@ class NeuronIndex:
         parts = ", ".join(f"{n}: {l.num_units} units {l.map_size[0]}x{l.map_size[1]}" for n, l in self.layers.items())
         return f"NeuronIndex(k={self.k}, images={self.dataset_length}, layers=[{parts}])"
 
+    @property
+    def image_channels(self) -> int | None:
+        """Channels of the images indexed (the length of the recorded per-channel pixel sums), None where
+        the index records none."""
+        pixel_sum = self.meta.get("pixel_sum")
+        return len(pixel_sum) if pixel_sum else None
+
     def receptive_field(self, name: str):
         """The receptive field of layer ``name`` recorded at index time (None if none was recorded)."""
         layer = self[name]

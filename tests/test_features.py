@@ -320,3 +320,63 @@ def test_png_outputs(indexed, tmp_path):
     assert torch.equal(pixels[:, 20:38].permute(2, 0, 1), feats.crops[alive, 0])  # the first top crop
     with pytest.raises(IndexError):
         save_unit(feats, 99, tmp_path / "x.png")
+
+
+class _GraySet(torch.utils.data.Dataset):
+    """The first channel of ImageSet's images: 1-channel (gray) images with labels."""
+
+    def __init__(self, n, size):
+        self.rgb = ImageSet(n=n, size=size)
+
+    def __len__(self):
+        return len(self.rgb)
+
+    def __getitem__(self, i):
+        image, label = self.rgb[i]
+        return image[:1].clone(), label
+
+
+def test_gray_images_give_gray_rgb_features(recwarn):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, 2, 1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3),
+                                torch.nn.ReLU()).eval()
+    gray = _GraySet(n=9, size=12)
+    index = nx.index_dataset(model, gray, ["1", "3"], k=4, batch_size=4, progress=False)
+    assert not [w for w in recwarn if "receptive field" in str(w.message)]  # found at the images' 1 channel
+    assert index.image_channels == 1 and index.receptive_field("3").size == (7, 7)
+    as_rgb = [(image.expand(3, -1, -1), label) for image, label in gray]  # a gray image is (g, g, g) in RGB
+    mean = tuple(index.meta["pixel_mean"]) * 3
+    for pad in ("gray", "mean", "edge"):
+        expected, expected_crops = _brute_force(index, "3", as_rgb, mean if pad == "mean" else pad)
+        for backend in cpu_backends():
+            feats = neuron_features(index, "3", pad=pad, keep_crops=2, backend=backend)
+            assert feats.nf.shape[1:] == (3, 7, 7) and feats.crops.shape[2] == 3
+            torch.testing.assert_close(feats.nf, expected, atol=1e-6, rtol=0, equal_nan=True)
+            for c, unit_crops in enumerate(expected_crops):
+                for j, crop in enumerate(unit_crops[:2]):
+                    assert torch.equal(feats.crops[c, j], _to_uint8(crop)), f"{backend} {pad}: crop {j} of unit {c}"
+    with_model = neuron_features(index, "3", model=model)  # the field found again, at 1 channel
+    assert with_model.rf.size == (7, 7) and torch.equal(with_model.nf.nan_to_num(-1),
+                                                        neuron_features(index, "3").nf.nan_to_num(-1))
+    with pytest.raises(ValueError, match=r"built on 1 x \(12, 12\)"):
+        neuron_features(index, "3", dataset=ImageSet(n=9, size=12))  # RGB images: not the indexed dataset
+    with pytest.raises(ValueError, match="needs RGB images"):
+        nx.color_selectivity(model, index, "3")
+
+
+def test_grid_of_chosen_units(indexed, tmp_path):
+    _, _, index = indexed
+    feats = neuron_features(index, "features.0", keep_crops=0, backend="torch")
+    assert bool(feats.dead.any()) and not bool(feats.dead.all())
+    live = torch.nonzero(~feats.dead).flatten()
+    by_mask = np.asarray(Image.open(save_grid(feats, tmp_path / "mask.png", units=~feats.dead, scale=1)))
+    by_rows = np.asarray(Image.open(save_grid(feats, tmp_path / "rows.png", units=live.tolist(), scale=1)))
+    assert np.array_equal(by_mask, by_rows)
+    alone = np.asarray(Image.open(save_grid(feats, tmp_path / "alone.png", units=live[:1], ncols=1, scale=1)))
+    assert np.array_equal(alone[..., :3], (feats.nf[live[0]] * 255).round().byte().permute(1, 2, 0).numpy())
+    for units, error, match in ((torch.ones(3, dtype=torch.bool), ValueError, "one entry per unit"),
+                                ([0.5], ValueError, "ints"), ([feats.nf.shape[0]], IndexError, "positions in"),
+                                ([-1], IndexError, "positions in"), ([], ValueError, "no unit")):
+        with pytest.raises(error, match=match):
+            save_grid(feats, tmp_path / "bad.png", units=units)
+    assert not (tmp_path / "bad.png").exists()

@@ -133,14 +133,18 @@ class VGGM(nn.Sequential):
     """VGG-M with flat layer names: conv1 .. conv5, pool5, fc6, fc7, fc8 (and relu/norm/drop between).
 
     ``width`` scales every channel count (1.0: 96-256-512-512-512 and 4096-wide fc6/fc7, ``fc_width``
-    overrides the latter); ``input_size`` sets fc6's input for square images of that side (224 gives the
-    original 6x6x512; small inputs such as 64 give 1x1). ``lrn=False`` drops the two LocalResponseNorms.
+    overrides the latter); ``input_size`` (a side, or (height, width)) sets fc6's input for images of that
+    size (224 gives the original 6x6x512; small inputs such as 64 give 1x1). ``lrn=False`` drops the two
+    LocalResponseNorms.
     """
 
-    def __init__(self, num_classes: int = 1000, input_size: int = 224, width: float = 1.0,
+    def __init__(self, num_classes: int = 1000, input_size: int | tuple[int, int] = 224, width: float = 1.0,
                  fc_width: int | None = None, lrn: bool = True, dropout: float = 0.5):
-        pooled = _conv5_pool_size(input_size)
-        if pooled is None:
+        sides = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+        if len(sides) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in sides):
+            raise ValueError(f"input_size must be an int or (height, width) ints, got {input_size!r}")
+        pooled = [_conv5_pool_size(n) for n in sides]
+        if None in pooled:
             smallest = next(n for n in range(7, 512) if _conv5_pool_size(n))
             raise ValueError(f"VGG-M needs inputs of at least {smallest}x{smallest} pixels, got input_size={input_size}")
         if width <= 0:
@@ -166,7 +170,7 @@ class VGGM(nn.Sequential):
         layers["relu5"] = nn.ReLU(inplace=True)
         layers["pool5"] = nn.MaxPool2d(3, 2, ceil_mode=True)
         layers["flatten"] = nn.Flatten()
-        layers["fc6"] = nn.Linear(c[4] * pooled * pooled, fc)
+        layers["fc6"] = nn.Linear(c[4] * pooled[0] * pooled[1], fc)
         layers["relu6"] = nn.ReLU(inplace=True)
         layers["drop6"] = nn.Dropout(dropout)
         layers["fc7"] = nn.Linear(fc, fc)
@@ -177,7 +181,7 @@ class VGGM(nn.Sequential):
         self.input_size = input_size
 
 
-def vgg_m(num_classes: int = 1000, input_size: int = 224, width: float = 1.0, fc_width: int | None = None,
+def vgg_m(num_classes: int = 1000, input_size: int | tuple[int, int] = 224, width: float = 1.0, fc_width: int | None = None,
           lrn: bool = True, dropout: float = 0.5) -> VGGM:
     """The VGG-M network (untrained); see ``VGGM`` for the arguments."""
     return VGGM(num_classes, input_size, width, fc_width, lrn, dropout)

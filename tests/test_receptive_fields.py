@@ -144,6 +144,19 @@ def test_vgg_m_conv5_at_224_worked_by_hand():
     assert tops.tolist() == [[-52, -52], [140, 44]]
 
 
+def test_vgg_m_on_rectangular_and_too_small_inputs():
+    # 224 x 99: conv5 maps of 13 x 5, pool5 6 x 2 (fc6's input), the field as at 224 x 224
+    model = vgg_m(4, (224, 99), width=0.05, fc_width=8).eval()
+    assert model(torch.rand(2, 3, 224, 99)).shape == (2, 4)
+    assert model.fc6.in_features == model.conv5.out_channels * 6 * 2
+    rf = receptive_field(model, "conv5", (224, 99))
+    assert (rf.size, rf.stride, rf.offset, rf.map_size) == ((139, 139), (16, 16), (-52, -52), (13, 5))
+    with pytest.raises(ValueError, match="at least 57x57"):
+        vgg_m(4, (224, 50))
+    with pytest.raises(ValueError, match="int or \\(height, width\\)"):
+        vgg_m(4, (224, 99, 3))
+
+
 @pytest.mark.parametrize("pool_padding, offset", [(0, 0), (1, -1)])
 def test_dilated_max_pooling_worked_by_hand(pool_padding, offset):
     # conv 3x3: r = 3, j = 1. Pool 3x3, dilation 2 (k_eff = 5), stride 2: r = 3 + 4 * 1 = 7, j = 2,

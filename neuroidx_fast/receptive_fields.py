@@ -286,6 +286,10 @@ _POINTWISE_METHODS = {
     "type_as", "detach", "exp", "abs", "neg", "pow", "sqrt", "square",
 }
 _MIXING_FUNCTIONS = {F.group_norm, F.instance_norm}
+# Cuts into pieces along one dimension (ShuffleNet's channel split): the box, along a dimension that
+# holds no position.
+_SPLITTING_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
+_SPLITTING_METHODS = {"chunk", "split", "tensor_split"}
 
 
 def _conv2d_signature(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -320,6 +324,33 @@ def _reduce_state(state, args, kwargs, out):
     if not isinstance(x, torch.Tensor):
         return WHOLE
     return _without_dims(state, x, out, _dims(dim, x.dim()))
+
+
+def _split_state(state, args, kwargs):
+    """x.chunk(n, dim), torch.split(x, size, dim) and the like (dim third, as in all of them, default 0):
+    every piece keeps the box, unless the cut is along a spatial axis."""
+    if state is None or state is WHOLE:
+        return state
+    x = args[0] if args else kwargs.get("input", kwargs.get("tensor"))
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if not isinstance(x, torch.Tensor) or not isinstance(dim, int):
+        raise _Unsupported("a split whose dimension is not a number")
+    if dim % x.dim() in _axes(state, x):
+        raise _Unsupported("a split along a spatial axis")
+    return state
+
+
+def _pad_state(state, args, kwargs):
+    """F.pad(x, (left, right, top, bottom, ...)): as a padding module, whatever the mode (the box is the
+    theoretical one, SPEC.md 2); pads of further dimensions (channels) move no position."""
+    if state is None or state is WHOLE:
+        return state
+    pad = args[1] if len(args) > 1 else kwargs.get("pad")
+    if not isinstance(pad, (tuple, list)) or not all(isinstance(v, int) for v in pad):
+        raise _Unsupported("F.pad with padding that is not a tuple of ints")
+    left = pad[0] if len(pad) >= 2 else 0
+    top = pad[2] if len(pad) >= 4 else 0
+    return _window(state, 1, 1, (top, left))
 
 
 def _softmax_state(state, x, dim):
@@ -432,6 +463,10 @@ def _function_state(fn, args, kwargs, states, out):
         return _adaptive(state, _spatial(a["input"]), a["output_size"])
     if fn is operator.getitem:
         return _getitem_state(args, state, out)
+    if fn in _SPLITTING_FUNCTIONS:
+        return _split_state(state, args, kwargs)
+    if fn is F.pad:
+        return _pad_state(state, args, kwargs)
     if state is None and not any(s is not None for s in states):
         return None  # arithmetic on sizes and other non-image values
     raise _Unsupported(f"function {name}")
@@ -455,6 +490,8 @@ def _method_state(method, args, kwargs, states, out):
         return merged
     if method in ("size", "dim", "numel", "shape"):
         return None
+    if method in _SPLITTING_METHODS:
+        return _split_state(merged, args, kwargs)
     if method not in _LAYOUT_METHODS or not isinstance(self_arg, torch.Tensor):
         raise _Unsupported(f"method .{method}()")
     if merged is WHOLE:

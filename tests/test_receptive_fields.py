@@ -61,6 +61,23 @@ class CeilAndFunctional(nn.Module):
         return x.mean(dim=(2, 3))
 
 
+class ShuffleAndPad(nn.Module):
+    """A ShuffleNet-like unit (channel split, a branch on half the channels, concatenation, shuffle),
+    torch.split and an asymmetric functional pad."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.branch = nn.Sequential(nn.Conv2d(2, 2, 1), nn.Conv2d(2, 2, 3, padding=1, groups=2), nn.Conv2d(2, 2, 1))
+        self.conv = nn.Conv2d(4, 4, 3, stride=2)
+
+    def forward(self, x):
+        kept, changed = self.stem(x).chunk(2, dim=1)
+        x = F.channel_shuffle(torch.cat([kept, self.branch(changed)], dim=1), 2)
+        first, rest = torch.split(x, [1, 3], dim=1)
+        return self.conv(F.pad(torch.cat([rest, first], 1), (2, 1, 1, 0)))
+
+
 CASES = [
     # (model factory, layers, input size, has dilation)
     (lambda: vgg_m(5, 99, width=0.05, fc_width=4), ["conv1", "pool1", "conv2", "norm2", "conv3", "conv5", "pool5"],
@@ -70,6 +87,7 @@ CASES = [
     (lambda: make_model("resnet"), ["stem", "layer1", "layer2.conv1", "layer2.down", "layer2"], (17, 14), False),
     (Dilated, ["conv2", "conv3", "conv4"], 31, True),
     (CeilAndFunctional, ["pool1", "branch_c", "conv2", "pool2"], (29, 26), False),
+    (ShuffleAndPad, ["branch", "conv"], (27, 30), False),
 ]
 
 
@@ -217,6 +235,27 @@ class _ScaledThenPooled(nn.Module):
     def forward(self, x):
         y = self.out(self.conv(x) * self.scale)
         return self.fc(torch.mean(y, dim=(2, 3)))
+
+
+def test_channel_splits_and_functional_padding_need_no_probe(recwarn):
+    rf = receptive_field(ShuffleAndPad().eval(), "conv", (27, 30))
+    # stem 3x3/2: size 3, stride 2; the branch's 3x3 adds 2 * 2; F.pad moves the origin by (1, 2) steps of
+    # 2 up and left; the 3x3/2 conv adds 2 * 2
+    assert (rf.size, rf.stride, rf.offset, rf.method) == ((11, 11), (4, 4), (-4, -6), "analytic")
+    assert not [w for w in recwarn if "probe" in str(w.message)]
+    with pytest.raises(ValueError, match="split along a spatial axis"):
+        receptive_field(_Wrapped(lambda x: torch.cat(x.chunk(2, dim=-1), 1)), "out", 16, method="analytic")
+
+
+class _Wrapped(nn.Module):
+    """conv, then ``op``, then an output conv named "out"."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.conv, self.op, self.out = nn.Conv2d(3, 2, 3), op, nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.op(self.conv(x)))
 
 
 def test_common_functional_patterns_need_no_probe(recwarn):

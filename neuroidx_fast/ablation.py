@@ -54,7 +54,7 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, split_model
 from .hooks import resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import dataset_length, eval_on_device, restores_modes, split_batch
+from .prepare import check_pixel_batch, dataset_length, eval_on_device, pixel_space, restores_modes, split_batch
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -316,10 +316,8 @@ class _Engine:
         self.stats = {"batches": 0, "verified_masks": 0, "readout_fallbacks": 0, "suffix_rows": 0}
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
-        if not images.is_floating_point() or images.dim() != 4:
-            raise ValueError(f"images must be float tensors [3, H, W] in pixel space [0, 1]; got a batch "
-                             f"{tuple(images.shape)} {images.dtype}: convert them and put normalisation in preprocess=")
-        x = images.to(self.device, non_blocking=True)
+        check_pixel_batch(images, "ablation")
+        x = pixel_space(images.to(self.device, non_blocking=True))
         if self.preprocess is not None:
             x = self.preprocess(x)
         return x.to(self.param_dtype)
@@ -634,7 +632,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                 for batch in loader:
                     images, labels = _images_labels(batch)
                     labels = labels.to(device)
-                    x = images.to(device)
+                    x = pixel_space(images.to(device))
                     if preprocess is not None:
                         x = preprocess(x)
                     logits = _logits(model(x.to(param_dtype)))

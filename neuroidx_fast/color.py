@@ -12,7 +12,7 @@ from torch import nn
 from .features import batch_slots, check_top_images_size, load_top_images, resolve_dataset
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
-from .prepare import evaluating, model_device, param_dtype
+from .prepare import evaluating, model_device, param_dtype, pixel_space
 from .receptive_fields import ReceptiveField
 
 __all__ = ["color_selectivity", "luminance", "pca_gray_crops", "GRAY_MODES"]
@@ -118,7 +118,7 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
         for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
                                                  f"color ({gray})"):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
-            images = images.to(device)
+            images = pixel_space(images.to(device))
             if gray == "luminance":
                 outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
                 for name, s in state.items():

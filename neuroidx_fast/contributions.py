@@ -11,7 +11,7 @@ from torch import nn
 
 from .hooks import resolve_layers
 from .maximization import frozen_eval, model_device
-from .prepare import as_index
+from .prepare import as_index, pixel_space
 
 __all__ = ["contributions", "Contributions"]
 
@@ -67,6 +67,7 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
     if modules is None:
         raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
     module = modules[layer]
+    image = pixel_space(image) if isinstance(image, torch.Tensor) else image
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
         raise ValueError(f"image must be a float tensor [3, H, W] in pixel space, got {type(image).__name__}")
     if image.dim() == 3:

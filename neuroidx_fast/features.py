@@ -13,7 +13,7 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import nonfinite_images, split_batch
+from .prepare import check_pixel_batch, nonfinite_images, split_batch
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -54,7 +54,8 @@ class NeuronFeatures:
 def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: int = 0, progress: bool = False,
                     desc: str = "top images"):
     """Yield ``(batch_ids, images)`` for the sorted unique ``ids``, in id order and batches: each image
-    is loaded once whatever number of units rank it."""
+    is loaded once whatever number of units rank it. Images come as the dataset gives them: floating, or
+    uint8 8-bit pixels (prepare.pixel_space)."""
     ids = torch.unique(ids[ids >= 0].cpu())
     loader = DataLoader(Subset(dataset, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
     bar = None
@@ -66,9 +67,7 @@ def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: in
         start = 0
         for batch in loader:
             images = split_batch(batch)[0]
-            if not images.is_floating_point() or images.dim() != 4:
-                raise ValueError(f"top images must be float tensors [3, H, W] in [0, 1], got {images.dtype} "
-                                 f"{tuple(images.shape[1:])}")
+            check_pixel_batch(images, "top images")
             yield ids[start:start + images.shape[0]], images
             start += images.shape[0]
             if bar is not None:
@@ -124,7 +123,10 @@ def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
 
 def _check_top_images(images: torch.Tensor, batch_ids: torch.Tensor, warned: list) -> None:
     """Finite pixels (a NaN pixel would make a live unit's NF NaN: undefined is for dead units only), in
-    [0, 1] (else warn once: the NF is clamped to [0, 1], so normalised images give a washed-out NF)."""
+    [0, 1] (else warn once: the NF is clamped to [0, 1], so normalised images give a washed-out NF); 8-bit
+    pixels (uint8) are both."""
+    if images.dtype == torch.uint8:
+        return
     bad = batch_ids[nonfinite_images(images).cpu()][:5].tolist()
     if bad:
         raise ValueError(f"top images {bad} hold NaN or infinite pixels: the dataset must give finite pixel-space "
@@ -226,7 +228,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
         check_top_images_size(images, index, channels=(1, 3))
         _check_top_images(images, batch_ids, warned)
-        images = as_rgb(images.to(device=device, dtype=torch.float32)).contiguous()
+        # 8-bit pixels stay uint8: the pixel codes every backend reads (ops.as_pixel_codes), k / 255 exactly
+        images = images.to(device=device, dtype=None if images.dtype == torch.uint8 else torch.float32)
+        images = as_rgb(images).contiguous()
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
         # for the cpp kernels to read; worth the one pass over the batch that finds them where codes_pay_off

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import dataset_length, eval_on_device, restores_modes, split_batch
+from .prepare import check_pixel_batch, dataset_length, eval_on_device, pixel_space, restores_modes, split_batch
 from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -105,10 +105,9 @@ def _preprocess_fingerprint(preprocess) -> str | None:
 
 
 def _check_images(images: torch.Tensor, first: bool) -> None:
-    if not images.is_floating_point() or images.dim() != 4:
-        raise ValueError(f"images must be float tensors [3, H, W] in pixel space [0, 1]; got a batch "
-                         f"{tuple(images.shape)} {images.dtype}: convert them (e.g. to_tensor) and put "
-                         "normalisation in preprocess=")
+    check_pixel_batch(images, "index_dataset")
+    if images.dtype == torch.uint8:
+        return  # 8-bit pixels: k / 255 (pixel_space)
     if first and images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
         warnings.warn("images are outside [0, 1]: index_dataset expects pixel-space images and applies "
                       "normalisation through preprocess= (crops are cut from these images later)", stacklevel=3)
@@ -291,7 +290,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                     raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
                 first_id = shard.start + step * batch_size
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
-                x = images.to(device, non_blocking=True)
+                x = pixel_space(images.to(device, non_blocking=True))
                 pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
                 pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
                 if preprocess is not None:

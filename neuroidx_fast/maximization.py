@@ -21,7 +21,7 @@ from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
-from .prepare import as_index, model_device as _model_device, nonfinite_images, param_dtype
+from .prepare import as_index, model_device as _model_device, nonfinite_images, param_dtype, pixel_space
 from .unit_objective import OBJECTIVES, UnitObjective
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
@@ -309,6 +309,7 @@ def _image_batch(images, ids=None) -> torch.Tensor:
             raise ValueError(f"images of several sizes: {sorted({tuple(t.shape) for t in items})[:4]}; resize them "
                              "to one size")
         batch = torch.stack(items)
+    batch = pixel_space(batch) if isinstance(batch, torch.Tensor) else batch
     if batch.dim() != 4 or batch.shape[1] != 3 or not batch.is_floating_point():
         raise ValueError(f"expected float images [N, 3, H, W] in pixel space [0, 1], got {tuple(batch.shape)} "
                          f"{batch.dtype}")

@@ -11,7 +11,24 @@ import torch
 from torch import nn
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "as_index", "nonfinite_images"]
+           "split_batch", "as_index", "nonfinite_images", "check_pixel_batch", "pixel_space"]
+
+
+def check_pixel_batch(images: torch.Tensor, what: str) -> None:
+    """A batch of images [B, C, H, W] a pass can read: floating pixels in [0, 1], or 8-bit ones (uint8)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not (images.is_floating_point()
+                                                                       or images.dtype == torch.uint8):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"{what}: images must be float tensors [3, H, W] in pixel space [0, 1] (or uint8 tensors "
+                         f"of 8-bit pixels); got a batch {shape} {getattr(images, 'dtype', '')}: convert them "
+                         "(e.g. to_tensor) and put normalisation in preprocess=")
+
+
+def pixel_space(images: torch.Tensor) -> torch.Tensor:
+    """Floating pixel-space images: 8-bit ones (uint8, as torchvision's read_image or PILToTensor give
+    them) become float32 k / 255, the very values to_tensor makes of the same files, so that an index and
+    everything made from it are the same either way; floating images pass as they are."""
+    return images.to(torch.float32).div_(255) if images.dtype == torch.uint8 else images
 
 
 def nonfinite_images(batch: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import evaluating, model_device
+from .prepare import evaluating, model_device, pixel_space
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -123,7 +123,7 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
                 model.train()
                 total, correct, loss_sum = 0, 0, 0.0
                 for images, labels in _batches(dataset, batch_size, True, generator, cached, num_workers):
-                    x, y = images.to(device), labels.to(device)
+                    x, y = pixel_space(images.to(device)), labels.to(device)
                     if preprocess is not None:
                         x = preprocess(x)
                     logits = model(x)
@@ -161,7 +161,7 @@ def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 256, device
     correct = total = 0
     with evaluating(model), torch.no_grad():
         for images, labels in _batches(dataset, batch_size, False, None, None, 0):
-            x = images.to(device)
+            x = pixel_space(images.to(device))
             if preprocess is not None:
                 x = preprocess(x)
             correct += int((model(x).argmax(1) == labels.to(device)).sum())

@@ -183,10 +183,11 @@ def test_bad_arguments(kwargs, error, words):
         nx.index_dataset(**args)
 
 
-def test_uint8_images_are_rejected():
-    data = [(torch.zeros(3, 8, 8, dtype=torch.uint8), 0)] * 3
-    with pytest.raises(ValueError, match="pixel space"):
-        nx.index_dataset(make_model("vgg"), data, ["features.0"], k=1, progress=False)
+def test_integer_images_other_than_8bit_are_rejected():  # uint8: tests/test_uint8_images.py
+    for dtype in (torch.int32, torch.bool):
+        data = [(torch.zeros(3, 8, 8, dtype=dtype), 0)] * 3
+        with pytest.raises(ValueError, match="pixel space"):
+            nx.index_dataset(make_model("vgg"), data, ["features.0"], k=1, progress=False)
 
 
 def test_nan_activation_names_layer_and_ids():

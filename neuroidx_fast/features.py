@@ -106,7 +106,8 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
 
 def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
     if rf is None and model is not None:
-        rf = receptive_field(model, layer, index.input_size, channels=index.image_channels or 3)
+        channels = index.meta.get("input_channels") or index.image_channels or 3  # what the model reads
+        rf = receptive_field(model, layer, index.input_size, channels=channels)
     if rf is None:
         rf = index.receptive_field(layer)
     if rf is None:
@@ -283,7 +284,7 @@ def _grid_rows(features: NeuronFeatures, units) -> torch.Tensor:
     rows = rows.to(torch.int64)
     if rows.numel() == 0:
         raise ValueError("the units mask selects no unit: nothing to draw")
-    if int(rows.min()) < 0 or int(rows.max()) >= count:
+    if int(rows.min()) < -count or int(rows.max()) >= count:  # negative: from the end, as in Python
         raise IndexError(f"units must be positions in [0, {count}) of features.units (these features hold "
                          f"{count} units), got {rows.tolist()[:10]}")
     return rows

@@ -162,6 +162,8 @@ def _index_meta(meta, layers: dict, input_size, pixel_sum) -> dict:
                    pixel_mean=[v / pixel_count for v in sums] if pixel_count else None)
     if meta.get("receptive_fields"):
         out["receptive_fields"] = meta["receptive_fields"]
+    if meta.get("input_channels"):
+        out["input_channels"] = meta["input_channels"]
     return out
 
 
@@ -170,6 +172,19 @@ def _build_index(stats, meta, pixel_sum=None, labels=None) -> NeuronIndex:
     return NeuronIndex(layers, meta["k"], meta["dataset_length"], meta["input_size"], meta["class_names"],
                        _index_meta(meta, layers, meta["input_size"], pixel_sum),
                        labels.cpu() if labels is not None else None)
+
+
+def _model_input_channels(preprocess, pixel_sum, input_size, device) -> int:
+    """Channels of what the model reads (its receptive fields are found on inputs of as many): the
+    images' channels, after ``preprocess`` (which may make gray images RGB); 3 where no image was seen."""
+    channels = pixel_sum.numel() if pixel_sum is not None else 3
+    if preprocess is None or input_size is None:
+        return channels
+    try:
+        with torch.no_grad():
+            return int(preprocess(torch.zeros((1, channels) + tuple(input_size), device=device)).shape[1])
+    except Exception:  # a preprocess that needs real images: their own channels
+        return channels
 
 
 def _receptive_fields(model, names, input_size, channels: int) -> dict:
@@ -327,8 +342,9 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     finally:
         if bar is not None:
             bar.close()
-    channels = pixel_sum.numel() if pixel_sum is not None else 3  # the images' channels (the probe's input)
-    meta["receptive_fields"] = _receptive_fields(model, names, meta["input_size"], channels) if rank == 0 else {}
+    meta["input_channels"] = _model_input_channels(preprocess, pixel_sum, meta["input_size"], device)
+    meta["receptive_fields"] = (_receptive_fields(model, names, meta["input_size"], meta["input_channels"])
+                                if rank == 0 else {})
     if dist is not None and world > 1:
         index = _merge_ranks(dist, stats, meta, pixel_sum, all_labels)
     else:

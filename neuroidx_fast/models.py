@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
+from .prepare import as_index
 
 __all__ = ["VGGM", "vgg_m", "VGG_M_CONV_LAYERS", "BandLocalResponseNorm"]
 
@@ -140,8 +141,10 @@ class VGGM(nn.Sequential):
 
     def __init__(self, num_classes: int = 1000, input_size: int | tuple[int, int] = 224, width: float = 1.0,
                  fc_width: int | None = None, lrn: bool = True, dropout: float = 0.5):
-        sides = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
-        if len(sides) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in sides):
+        side = as_index(input_size)
+        sides = (side, side) if side is not None else tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
+        sides = tuple(as_index(n) for n in sides)
+        if len(sides) != 2 or None in sides:
             raise ValueError(f"input_size must be an int or (height, width) ints, got {input_size!r}")
         pooled = [_conv5_pool_size(n) for n in sides]
         if None in pooled:

@@ -28,7 +28,9 @@ def pixel_space(images: torch.Tensor) -> torch.Tensor:
     """Floating pixel-space images: 8-bit ones (uint8, as torchvision's read_image or PILToTensor give
     them) become float32 k / 255, the very values to_tensor makes of the same files, so that an index and
     everything made from it are the same either way; floating images pass as they are."""
-    return images.to(torch.float32).div_(255) if images.dtype == torch.uint8 else images
+    from .ops.reference import decode_pixels  # exact on every device (CUDA's division is a multiply)
+
+    return decode_pixels(images)
 
 
 def nonfinite_images(batch: torch.Tensor) -> torch.Tensor:

@@ -734,7 +734,11 @@ class _MaxToAvgPool(torch.overrides.TorchFunctionMode):
 
 
 def _positive_copy(model: nn.Module) -> nn.Module:
+    """The probe's model: positive weights, drawn at random (a fixed seed) in [0.5, 1.5) / fan-in so that
+    channels differ (identical ones cancel in a normalisation over channels: LayerNorm, softmax), zero
+    biases, BatchNorm statistics 0 and 1."""
     probe = copy.deepcopy(model).to(torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in probe.modules():
             weight = getattr(module, "weight", None)
@@ -743,7 +747,8 @@ def _positive_copy(model: nn.Module) -> nn.Module:
                 module.running_var.fill_(1.0)
             if isinstance(weight, torch.Tensor):
                 fan_in = weight[0].numel() if weight.dim() > 1 else 1
-                weight.fill_(1.0 / fan_in)
+                drawn = torch.rand(weight.shape, generator=generator, dtype=torch.float64) + 0.5
+                weight.copy_(drawn / fan_in)
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 bias.zero_()
@@ -754,10 +759,11 @@ def _positive_copy(model: nn.Module) -> nn.Module:
 
 def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels: int = 3) -> torch.Tensor:
     """SPEC.md 2's probe: for each (y, x) of ``positions``, the mask [H, W] of input pixels where
-    d sum_c F_c(0, y, x) / d input is nonzero, on a copy of the model with positive weights and average
-    pooling in place of max pooling, in eval mode, on a positive input: the union of the fields of every
-    unit at (y, x) (the layer's field: a concatenation's channels see different boxes, and its field is
-    their union; with positive weights no gradient cancels). Returns [P, H, W] bool."""
+    d sum_c r_c F_c(0, y, x) / d input is nonzero, on a copy of the model with positive weights and
+    average pooling in place of max pooling, in eval mode, on a positive input: the union of the fields
+    of every unit at (y, x) (the layer's field: a concatenation's channels see different boxes, and its
+    field is their union). The distinct r_c in [1, 2) keep a layer that normalises over its channels (a
+    LayerNorm's outputs sum to 0) from cancelling. Returns [P, H, W] bool."""
     size = _as_size(input_size)
     probe = _positive_copy(model)
     positions = [(int(y), int(x)) for y, x in positions]
@@ -768,7 +774,10 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
     with _MaxToAvgPool(), LayerCapture(probe, [layer]) as capture:
         out = capture.run(images)[layer]
-        maps = out.sum(dim=1) if out.dim() == 4 else out.reshape(out.shape[0], -1).sum(dim=1).reshape(-1, 1, 1)
+        flat = out.reshape(out.shape[0], out.shape[1] if out.dim() == 4 else -1, -1)
+        coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]
+        maps = torch.einsum("bcp,c->bp", flat, coefficients).reshape(
+            (out.shape[0],) + (tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)))
         for y, x in positions:
             if not (0 <= y < maps.shape[1] and 0 <= x < maps.shape[2]):
                 raise ValueError(f"position {(y, x)} is outside the {tuple(maps.shape[1:])} map of {layer!r}")
@@ -816,7 +825,7 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         except Exception:
             break  # the model accepts no larger input
         h, w = _spatial(probe_map)
-        if previous_map is not None and (h == previous_map[0] or w == previous_map[1]):
+        if previous_map is not None and ((h == previous_map[0] > 1) or (w == previous_map[1] > 1)):
             break  # the map did not grow along an axis (adaptive pooling): the larger input has another geometry
         previous_map = (h, w)
         cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)

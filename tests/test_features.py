@@ -376,7 +376,22 @@ def test_grid_of_chosen_units(indexed, tmp_path):
     assert np.array_equal(alone[..., :3], (feats.nf[live[0]] * 255).round().byte().permute(1, 2, 0).numpy())
     for units, error, match in ((torch.ones(3, dtype=torch.bool), ValueError, "one entry per unit"),
                                 ([0.5], ValueError, "ints"), ([feats.nf.shape[0]], IndexError, "positions in"),
-                                ([-1], IndexError, "positions in"), ([], ValueError, "no unit")):
+                                ([-feats.nf.shape[0] - 1], IndexError, "positions in"), ([], ValueError, "no unit")):
         with pytest.raises(error, match=match):
             save_grid(feats, tmp_path / "bad.png", units=units)
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_gray_images_made_rgb_by_preprocess(recwarn):
+    # a model of RGB inputs over gray images: its fields are found at the 3 channels it reads
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, 2),
+                                torch.nn.ReLU()).eval()
+    gray = _GraySet(n=8, size=16)
+    index = nx.index_dataset(model, gray, ["3"], k=2, preprocess=lambda x: x.expand(-1, 3, -1, -1), progress=False)
+    assert not [w for w in recwarn if "receptive field" in str(w.message)]
+    rf = index.receptive_field("3")
+    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (0, 0))
+    assert index.image_channels == 1 and index.meta["input_channels"] == 3
+    found = neuron_features(index, "3", model=model)  # the field found again, at the model's 3 channels
+    assert found.rf.size == (5, 5) and torch.equal(found.nf.nan_to_num(-1), neuron_features(index, "3").nf.nan_to_num(-1))

@@ -524,3 +524,36 @@ def test_probed_adaptive_pooling_boxes_are_the_probes_at_every_position(output_s
     positions = [(y, x) for y in range(h) for x in range(w)]
     for (y, x), mask in zip(positions, probe_gradient(model, "1", input_size, positions)):
         assert rf.box(y, x) == _bounds(mask), f"{rf} at {(y, x)}"
+
+
+class _LayerNormOverChannels(nn.Module):
+    """A LayerNorm over the channels of a map (channels last inside, as ConvNeXt's)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, x):
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _Centred(nn.Module):
+    def forward(self, x):
+        return x - x.mean(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("normalise", [_LayerNormOverChannels(5), _Centred()])
+def test_the_probe_sees_layers_that_normalise_over_channels(normalise):
+    # the probe's positive copy must not make the channels cancel (all equal, or an equal-weight sum of
+    # outputs that sum to 0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 5, 3, stride=2), normalise).eval()
+    probed = probe_receptive_field(model, "3", 21)
+    assert (probed.size, probed.stride, probed.offset) == ((5, 5), (2, 2), (0, 0))
+    assert _bounds(probe_gradient(model, "3", 21, [(3, 4)])[0]) == (6, 8, 10, 12)  # 2 * (3, 4) + 4
+
+
+def test_vgg_m_takes_numpy_sizes():
+    np = pytest.importorskip("numpy")
+    assert vgg_m(4, np.int64(64), width=0.05, fc_width=4).fc6.in_features == vgg_m(4, 64, width=0.05,
+                                                                                    fc_width=4).fc6.in_features
+    assert vgg_m(4, (np.int64(64), 99), width=0.05, fc_width=4)(torch.rand(1, 3, 64, 99)).shape == (1, 4)

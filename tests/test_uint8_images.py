@@ -48,7 +48,7 @@ def test_the_index_is_the_same(both):
 
 
 @pytest.mark.parametrize("pad", ["gray", "edge", "mean"])
-def test_neuron_features_are_the_same_on_every_backend(both, pad):
+def test_neuron_features_are_the_same_on_every_backend(both, pad, recwarn):
     _, datasets, indexes = both
     for backend in cpu_backends():
         # the Triton interpreter is slow: one layer, one pad mode
@@ -57,6 +57,7 @@ def test_neuron_features_are_the_same_on_every_backend(both, pad):
                                        backend=backend) for kind in ("uint8", "float32"))
             assert torch.equal(a.nf.nan_to_num(-1), b.nf.nan_to_num(-1)), f"{backend} {layer}"
             assert torch.equal(a.crops, b.crops), f"{backend} {layer}"
+    assert not [w for w in recwarn if "outside [0, 1]" in str(w.message)]  # 8-bit pixels are in range
 
 
 def test_color_selectivity_and_ablation_are_the_same(both):
@@ -75,3 +76,15 @@ def test_other_integer_images_are_refused(both):
     ints = [(image.to(torch.int16), label) for image, label in datasets["uint8"]]
     with pytest.raises(ValueError, match="uint8 tensors of 8-bit pixels"):
         nx.index_dataset(model, ints, LAYERS, k=2, progress=False)
+
+
+def test_contributions_training_and_image_sets_read_8bit_images_as_their_float_pixels(both):
+    from neuroidx_fast.maximization import _image_batch
+    from neuroidx_fast.train import evaluate_classifier
+
+    model, datasets, _ = both
+    image_u8, image_f = datasets["uint8"][0][0], datasets["float32"][0][0]
+    a, b = nx.contributions(model, image_u8, "features.4"), nx.contributions(model, image_f, "features.4")
+    assert torch.equal(a.values, b.values)
+    assert torch.equal(_image_batch(datasets["uint8"]), _image_batch(datasets["float32"]))
+    assert evaluate_classifier(model, datasets["uint8"]) == evaluate_classifier(model, datasets["float32"])

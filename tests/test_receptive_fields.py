@@ -218,8 +218,9 @@ def test_softmax_keeps_the_box_over_channels_only(softmax, per_position):
     model = _Softmaxed(softmax).eval()
     rf = receptive_field(model, "out", 20, method="analytic")
     if per_position:  # each position normalised on its own: the two 3x3 convs' field
-        # (the probe cannot check it: with positive weights the channels' softmax sum has no gradient)
         assert (rf.size, rf.stride, rf.offset, rf.whole_image) == ((5, 5), (2, 2), (0, 0), False)
+        probed = probe_receptive_field(model, "out", 20)  # its random positive weights keep channels apart
+        assert (probed.size, probed.stride, probed.offset) == (rf.size, rf.stride, rf.offset)
     else:  # over a row or column of the map: every output reads a whole image row / column
         assert rf.whole_image
 

@@ -851,9 +851,15 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     if len(inside) >= 2:
         points, boxes = [p for p, _ in inside], [b for _, b in inside]
     sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in boxes]
-    steps = [tuple((bq[a] - bp[a]) / (q[a] - p[a]) if q[a] != p[a] else None for a in (0, 1))
-             for (p, bp), (q, bq) in zip(zip(points, boxes), list(zip(points, boxes))[1:])]
     rf_size = tuple(max(sz[a] for sz in sizes) for a in (0, 1))  # the largest: crops then hold every field
+    last = (probe_size[0] - 1, probe_size[1] - 1)
+    # each field's start along each axis: where the image's border cuts it (a thin input), from its end
+    # and the size; None where the border cuts both
+    starts = [tuple(box[a] if box[a] > 0 else box[a + 2] - rf_size[a] + 1 if box[a + 2] < last[a] else None
+                    for a in (0, 1)) for box in boxes]
+    steps = [tuple((sq[a] - sp[a]) / (q[a] - p[a]) if q[a] != p[a] and None not in (sp[a], sq[a]) else None
+                   for a in (0, 1))
+             for (p, sp), (q, sq) in zip(zip(points, starts), list(zip(points, starts))[1:])]
     # per axis, the spacing of the first two points apart along it (a map 2 wide puts the first two
     # points in one column); 1 where the map has one position along the axis
     stride = tuple(next((max(1, round(step[a])) for step in steps if step[a] is not None), 1) for a in (0, 1))
@@ -862,8 +868,15 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
                       f"(boxes {boxes} at map positions {points}: windows of unequal sizes, or branches merged at "
                       f"different strides); using size {rf_size} and stride {stride}: an approximation, near the "
                       "centre of the map at best", stacklevel=3)
-    (y, x), b0 = points[0], boxes[0]
-    offset = (b0[0] - y * stride[0], b0[1] - x * stride[1])
+
+    def origin(a):
+        """Where position 0's field starts along axis a (from the first field with a known start)."""
+        for point, start in zip(points, starts):
+            if start[a] is not None:
+                return start[a] - point[a] * stride[a]
+        return boxes[0][a] - points[0][a] * stride[a]
+
+    offset = (origin(0), origin(1))
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
                       "lower bound", stacklevel=3)

@@ -558,3 +558,17 @@ def test_vgg_m_takes_numpy_sizes():
     assert vgg_m(4, np.int64(64), width=0.05, fc_width=4).fc6.in_features == vgg_m(4, 64, width=0.05,
                                                                                     fc_width=4).fc6.in_features
     assert vgg_m(4, (np.int64(64), 99), width=0.05, fc_width=4)(torch.rand(1, 3, 64, 99)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("input_size", [(16, 256), (256, 16)])
+def test_the_probe_on_thin_inputs_places_fields_cut_by_the_border(input_size):
+    # five 3x3/2 convs: 63 x 63 fields at stride 32; at 16 px along an axis the map has one position there and
+    # every field the probe can see is cut by the image's border on that axis
+    layers = []
+    for i in range(5):
+        layers += [nn.Conv2d(3 if i == 0 else 4, 4, 3, 2, 1), nn.ReLU()]
+    model = nn.Sequential(*layers).eval()
+    analytic = receptive_field(model, "8", input_size, method="analytic")
+    probed = probe_receptive_field(model, "8", input_size)
+    assert (analytic.size, analytic.stride, analytic.offset) == ((63, 63), (32, 32), (-31, -31))
+    assert (probed.size, probed.stride, probed.offset) == (analytic.size, analytic.stride, analytic.offset)

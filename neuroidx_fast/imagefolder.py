@@ -34,7 +34,10 @@ def _to_rgb(image):
 
 
 class ImageFolder(Dataset):
-    """``root/<class>/<image>``: items are (image [3, size, size] float32 in [0, 1], label).
+    """``root/<class>/<image>``: items are (image [3, size, size] float32 in [0, 1], label); with
+    ``uint8=True`` the image is its 8-bit pixels as they are (uint8), which every pass reads as k / 255,
+    the same values: a quarter of the bytes to move from loader workers and to the device, and Neuron
+    Features crop them without a conversion (the ``neuroidx`` command reads folders so).
 
     Images are resized so that their shorter side is ``resize`` (default: ``size``) and center-cropped
     to ``size`` x ``size`` (``crop=False``: resized to ``size`` x ``size`` directly, aspect not kept).
@@ -42,7 +45,7 @@ class ImageFolder(Dataset):
     with images and no subfolders is one unlabelled set: items are images only.
     """
 
-    def __init__(self, root, size: int = 224, resize: int | None = None, crop: bool = True):
+    def __init__(self, root, size: int = 224, resize: int | None = None, crop: bool = True, uint8: bool = False):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist (or is not a directory)")
@@ -51,7 +54,7 @@ class ImageFolder(Dataset):
         if resize is not None and not crop:
             raise ValueError("resize (the shorter side before the centre crop) applies only with cropping: drop "
                              "resize, or keep the crop")
-        self.root, self.size, self.resize, self.crop = root, size, resize or size, crop
+        self.root, self.size, self.resize, self.crop, self.uint8 = root, size, resize or size, crop, bool(uint8)
         if self.resize < size and crop:
             raise ValueError(f"resize ({self.resize}) must be at least size ({size}) to crop from it")
         subfolders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
@@ -108,7 +111,8 @@ class ImageFolder(Dataset):
                 data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             raise ValueError(f"cannot read image {path!r}: {exc}") from None
-        return data.reshape(self.size, self.size, 3).permute(2, 0, 1).float().div_(255)
+        image = data.reshape(self.size, self.size, 3).permute(2, 0, 1)
+        return image.contiguous() if self.uint8 else image.float().div_(255)
 
     def __getitem__(self, i: int):
         image = self.load(i)

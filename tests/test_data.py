@@ -137,3 +137,22 @@ def test_image_folder_reads_16_bit_and_other_modes(tmp_path):
     fingerprint = folder.fingerprint()
     Image.fromarray((ramp * 255).astype(np.uint8)).save(tmp_path / "a" / "3.png")
     assert ImageFolder(tmp_path, size=32).fingerprint() != fingerprint  # a file added changes it
+
+
+def test_image_folder_as_uint8_gives_the_same_pixels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from neuroidx_fast.imagefolder import ImageFolder
+    from neuroidx_fast.ops.reference import decode_pixels
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            pixels = np.random.default_rng(i + 3 * (label == "b")).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+    floats, codes = ImageFolder(tmp_path, size=24), ImageFolder(tmp_path, size=24, uint8=True)
+    for i in range(len(floats)):
+        (image, label), (code, code_label) = floats[i], codes[i]
+        assert code.dtype == torch.uint8 and code.shape == (3, 24, 24) and code.is_contiguous()
+        assert label == code_label and torch.equal(decode_pixels(code[None])[0], image)  # k / 255 exactly

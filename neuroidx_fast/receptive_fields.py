@@ -623,15 +623,14 @@ class _Walk(fx.Interpreter):
             states = self._states_of(n)
             unknown = next((st for st in states if isinstance(st, _Unknown)), None)
             if unknown is not None:
-                if self._changes_a_known_value(n):
-                    raise _Unsupported(unknown.reason)  # the walk would keep that value's old state
+                first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+                if _in_place(n) and first is not None and not isinstance(self.states.get(first), _Unknown):
+                    raise _Unsupported(unknown.reason)  # it would change a value the walk knows: give up now
                 state = unknown
             else:
                 try:
                     state = self._state(n, states, out)
                 except _Unsupported as exc:
-                    if self._changes_a_known_value(n):
-                        raise
                     state = _Unknown(exc.reason)
         self.states[n] = state
         if self.target is not None and n.op == "call_module" and n.target == self.target:
@@ -639,11 +638,6 @@ class _Walk(fx.Interpreter):
                 raise _Unsupported(state.reason)
             raise _Reached(state, out)
         return out
-
-    def _changes_a_known_value(self, n: fx.Node) -> bool:
-        """Whether ``n`` changes in place a value whose state the walk knows (its first argument)."""
-        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-        return _in_place(n) and first is not None and not isinstance(self.states.get(first), _Unknown)
 
     def _state(self, n: fx.Node, states, out):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -661,14 +655,14 @@ class _Walk(fx.Interpreter):
 
 
 def _in_place(n: fx.Node) -> bool:
-    """Whether node ``n`` may change one of its inputs in place (x.add_(y), x[...] = y, F.relu(x,
-    inplace=True), a module built with inplace=True)."""
+    """Whether node ``n`` may change one of its inputs in place (x.add_(y), F.relu(x, inplace=True), a
+    module built with inplace=True)."""
     if n.op == "call_method":
         return n.target.endswith("_") and not n.target.endswith("__")
     if n.kwargs.get("inplace"):
         return True
     if n.op == "call_function":
-        return (n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
+        return (n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv)
                 or getattr(n.target, "__name__", "").endswith("_"))
     if n.op == "call_module":
         module = n.graph.owning_module.get_submodule(n.target) if n.graph.owning_module is not None else None

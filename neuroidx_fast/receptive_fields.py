@@ -95,14 +95,6 @@ class _Unsupported(Exception):
         self.reason = reason  # fx appends graph context to args; users get this line only
 
 
-class _Unknown:
-    """The state of a value made by an operation the walk does not know: harmless unless it reaches the
-    layer (a branch off the layer's path, e.g. a head computed before it, needs no probe)."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
-
-
 class _Reached(Exception):
     def __init__(self, state, output):
         super().__init__()
@@ -615,59 +607,27 @@ class _Walk(fx.Interpreter):
         elif n.op == "output":
             if self.target is not None:  # the whole graph ran and never called the layer
                 raise _Unsupported(f"layer {self.target!r} is not called as a module in the traced graph")
-            state = self._states_of(n)[0] if n.all_input_nodes else None
-            if isinstance(state, _Unknown):
-                raise _Unsupported(state.reason)
-            raise _Reached(state, out)
+            raise _Reached(self._states_of(n)[0] if n.all_input_nodes else None, out)
         else:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
             states = self._states_of(n)
-            unknown = next((st for st in states if isinstance(st, _Unknown)), None)
-            if unknown is not None:
-                first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-                if _in_place(n) and first is not None and not isinstance(self.states.get(first), _Unknown):
-                    raise _Unsupported(unknown.reason)  # it would change a value the walk knows: give up now
-                state = unknown
+            if n.op == "call_module":
+                module = self.fetch_attr(n.target)
+                x = args[0] if args else None
+                user_module = (type(module).__module__.split(".")[0] != "torch"
+                               and not isinstance(module, _POINTWISE_MODULES))
+                if n.target == self.target and (user_module or isinstance(module, (nn.Sequential, nn.ModuleList))):
+                    state = _module_walk(module, _union(states), x)  # a block: walk through its own graph
+                else:
+                    state = _module_state(module, _union(states), x, out)
+            elif n.op == "call_function":
+                state = _function_state(n.target, args, kwargs, states, out)
             else:
-                try:
-                    state = self._state(n, states, out)
-                except _Unsupported as exc:
-                    state = _Unknown(exc.reason)
+                state = _method_state(n.target, args, kwargs, states, out)
         self.states[n] = state
         if self.target is not None and n.op == "call_module" and n.target == self.target:
-            if isinstance(state, _Unknown):
-                raise _Unsupported(state.reason)
             raise _Reached(state, out)
         return out
-
-    def _state(self, n: fx.Node, states, out):
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        if n.op == "call_module":
-            module = self.fetch_attr(n.target)
-            x = args[0] if args else None
-            user_module = (type(module).__module__.split(".")[0] != "torch"
-                           and not isinstance(module, _POINTWISE_MODULES))
-            if n.target == self.target and (user_module or isinstance(module, (nn.Sequential, nn.ModuleList))):
-                return _module_walk(module, _union(states), x)  # a block: walk through its own graph
-            return _module_state(module, _union(states), x, out)
-        if n.op == "call_function":
-            return _function_state(n.target, args, kwargs, states, out)
-        return _method_state(n.target, args, kwargs, states, out)
-
-
-def _in_place(n: fx.Node) -> bool:
-    """Whether node ``n`` may change one of its inputs in place (x.add_(y), F.relu(x, inplace=True), a
-    module built with inplace=True)."""
-    if n.op == "call_method":
-        return n.target.endswith("_") and not n.target.endswith("__")
-    if n.kwargs.get("inplace"):
-        return True
-    if n.op == "call_function":
-        return (n.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv)
-                or getattr(n.target, "__name__", "").endswith("_"))
-    if n.op == "call_module":
-        module = n.graph.owning_module.get_submodule(n.target) if n.graph.owning_module is not None else None
-        return bool(getattr(module, "inplace", False))
-    return False
 
 
 def _module_walk(module: nn.Module, state, x):

@@ -572,31 +572,3 @@ def test_the_probe_on_thin_inputs_places_fields_cut_by_the_border(input_size):
     probed = probe_receptive_field(model, "8", input_size)
     assert (analytic.size, analytic.stride, analytic.offset) == ((63, 63), (32, 32), (-31, -31))
     assert (probed.size, probed.stride, probed.offset) == (analytic.size, analytic.stride, analytic.offset)
-
-
-class _SideOutput(nn.Module):
-    """An output computed beside the layer with an operation the walk does not know (torch.roll), and
-    optionally added in place into the layer's input."""
-
-    def __init__(self, in_place: bool):
-        super().__init__()
-        self.conv, self.side, self.out = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, stride=2)
-        self.in_place = in_place
-
-    def forward(self, x):
-        x = self.conv(x)
-        side = F.relu(torch.roll(self.side(x), 1, dims=2), inplace=True)  # in place on the unknown value only
-        if self.in_place:
-            x = x.clone()
-            x.add_(side)  # changes x, which `out` reads: its field is no longer the walk's to find
-        return self.out(x), side
-
-
-def test_an_unknown_operation_off_the_layers_path_needs_no_probe(recwarn):
-    rf = receptive_field(_SideOutput(False).eval(), "out", 20, method="analytic")
-    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (0, 0))
-    assert not recwarn.list
-    with pytest.raises(ValueError, match="roll"):
-        receptive_field(_SideOutput(True).eval(), "out", 20, method="analytic")
-    with pytest.warns(UserWarning, match="gradient probe"):
-        assert receptive_field(_SideOutput(True).eval(), "out", 20).method == "probe"

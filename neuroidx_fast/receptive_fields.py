@@ -592,6 +592,10 @@ class _Walk(fx.Interpreter):
         self.target = target
         self.states: dict[fx.Node, object] = {}
 
+    def _input_tensors(self, n: fx.Node):
+        """(node, tensor) for the inputs of ``n`` that are tensors already computed."""
+        return [(a, self.env[a]) for a in n.all_input_nodes if isinstance(self.env.get(a), torch.Tensor)]
+
     def _states_of(self, n: fx.Node):
         found = []
         for a in n.all_input_nodes:
@@ -599,6 +603,8 @@ class _Walk(fx.Interpreter):
         return found
 
     def run_node(self, n: fx.Node):
+        # tensors this node may change in place (x.add_(y), ReLU(inplace=True)), with their versions
+        inputs = [(a, t, t._version) for a, t in self._input_tensors(n)]
         out = super().run_node(n)
         if n.op == "placeholder":
             state = self.input_states.pop(0) if self.input_states else None
@@ -625,9 +631,18 @@ class _Walk(fx.Interpreter):
             else:
                 state = _method_state(n.target, args, kwargs, states, out)
         self.states[n] = state
+        for a, t, version in inputs:
+            # changed in place into a value of another field: later readers of the node that made it would
+            # see the old field (a pointwise change in place, a ReLU's, keeps it)
+            if t._version != version and self.states.get(a) != state:
+                raise _Unsupported(f"an in-place change of a value that widens its field ({_node_name(n)})")
         if self.target is not None and n.op == "call_module" and n.target == self.target:
             raise _Reached(state, out)
         return out
+
+
+def _node_name(n: fx.Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
 def _module_walk(module: nn.Module, state, x):

@@ -572,3 +572,27 @@ def test_the_probe_on_thin_inputs_places_fields_cut_by_the_border(input_size):
     probed = probe_receptive_field(model, "8", input_size)
     assert (analytic.size, analytic.stride, analytic.offset) == ((63, 63), (32, 32), (-31, -31))
     assert (probed.size, probed.stride, probed.offset) == (analytic.size, analytic.stride, analytic.offset)
+
+
+class _WidenedInPlace(nn.Module):
+    """The layer's input changed in place by a wider branch: h.add_(9x9 conv of x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.small, self.big = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 9, padding=4)
+        self.relu, self.out = nn.ReLU(inplace=True), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.small(x)
+        h.add_(self.big(x))  # in place, wider: `out` reads h, whose field is now 9x9
+        return self.out(self.relu(h))  # in place, pointwise: the field is kept
+
+
+def test_an_in_place_change_that_widens_a_field_is_not_missed():
+    model = _WidenedInPlace().eval()
+    with pytest.raises(ValueError, match="in-place change"):
+        receptive_field(model, "out", 24, method="analytic")
+    with pytest.warns(UserWarning, match="gradient probe"):
+        rf = receptive_field(model, "out", 24)
+    assert (rf.size, rf.offset, rf.method) == ((9, 9), (-4, -4), "probe")
+    assert receptive_field(AlexNetLike().eval(), "features.3", 224).method == "analytic"  # ReLU(inplace=True)

@@ -142,8 +142,12 @@ class VGGM(nn.Sequential):
     def __init__(self, num_classes: int = 1000, input_size: int | tuple[int, int] = 224, width: float = 1.0,
                  fc_width: int | None = None, lrn: bool = True, dropout: float = 0.5):
         side = as_index(input_size)
-        sides = (side, side) if side is not None else tuple(input_size) if isinstance(input_size, (tuple, list)) else ()
-        sides = tuple(as_index(n) for n in sides)
+        if side is not None:
+            sides = (side, side)
+        elif isinstance(input_size, (tuple, list)):
+            sides = tuple(as_index(n) for n in input_size)
+        else:
+            sides = ()
         if len(sides) != 2 or None in sides:
             raise ValueError(f"input_size must be an int or (height, width) ints, got {input_size!r}")
         pooled = [_conv5_pool_size(n) for n in sides]

@@ -10,6 +10,8 @@ import operator
 import torch
 from torch import nn
 
+from .ops.reference import decode_pixels
+
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
            "split_batch", "as_index", "nonfinite_images", "check_pixel_batch", "pixel_space"]
 
@@ -28,9 +30,7 @@ def pixel_space(images: torch.Tensor) -> torch.Tensor:
     """Floating pixel-space images: 8-bit ones (uint8, as torchvision's read_image or PILToTensor give
     them) become float32 k / 255, the very values to_tensor makes of the same files, so that an index and
     everything made from it are the same either way; floating images pass as they are."""
-    from .ops.reference import decode_pixels  # exact on every device (CUDA's division is a multiply)
-
-    return decode_pixels(images)
+    return decode_pixels(images)  # exact on every device (CUDA's division by 255 is a multiply)
 
 
 def nonfinite_images(batch: torch.Tensor) -> torch.Tensor:

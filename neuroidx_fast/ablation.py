@@ -54,7 +54,8 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, split_model
 from .hooks import resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import check_pixel_batch, dataset_length, eval_on_device, pixel_space, restores_modes, split_batch
+from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space, restores_modes,
+                      split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -324,7 +325,7 @@ class _Engine:
 
     def batches(self, desc: str):
         loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            collate_fn=collate_images, pin_memory=self.device.type == "cuda")
         if not self.progress:
             yield from loader
             return

@@ -13,7 +13,7 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import check_pixel_batch, nonfinite_images, split_batch
+from .prepare import check_pixel_batch, collate_images, nonfinite_images, split_batch
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -57,7 +57,8 @@ def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: in
     is loaded once whatever number of units rank it. Images come as the dataset gives them: floating, or
     uint8 8-bit pixels (prepare.pixel_space)."""
     ids = torch.unique(ids[ids >= 0].cpu())
-    loader = DataLoader(Subset(dataset, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_images)
     bar = None
     if progress:
         from tqdm.auto import tqdm

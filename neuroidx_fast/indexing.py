@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import check_pixel_batch, dataset_length, eval_on_device, pixel_space, restores_modes, split_batch
+from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space, restores_modes,
+                      split_batch)
 from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -285,7 +286,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     total_batches = math.ceil(len(shard) / batch_size)
     start = shard.start + batches_done * batch_size
     loader = DataLoader(Subset(dataset, range(start, shard.stop)), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+                        collate_fn=collate_images, num_workers=num_workers, pin_memory=device.type == "cuda")
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     bar = None

@@ -9,11 +9,12 @@ import operator
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "as_index", "nonfinite_images", "check_pixel_batch", "pixel_space"]
+           "split_batch", "collate_images", "as_index", "nonfinite_images", "check_pixel_batch", "pixel_space"]
 
 
 def check_pixel_batch(images: torch.Tensor, what: str) -> None:
@@ -109,6 +110,27 @@ def dataset_length(dataset, purpose: str) -> int:
     if length == 0:
         raise ValueError(f"the dataset is empty: nothing to {purpose}")
     return length
+
+
+def collate_images(items: list):
+    """A DataLoader's batch of dataset items (images, or (image, label) pairs), as torch's default_collate
+    makes it, once their images are found to share one dtype and one shape. default_collate would stack
+    uint8 and float images together as floats, the 8-bit ones then 0-255 instead of k / 255: wrong
+    activations and crops, with no error."""
+    images = [item[0] if isinstance(item, (tuple, list)) and item else item for item in items]
+    tensors = [image for image in images if isinstance(image, torch.Tensor)]
+    if tensors:
+        dtypes = sorted({str(image.dtype) for image in tensors})
+        if len(dtypes) > 1:
+            raise ValueError(f"the dataset gives images of different dtypes in one batch ({', '.join(dtypes)}): give "
+                             "every image the same type, all uint8 8-bit pixels or all float pixels in [0, 1] (e.g. "
+                             "to_tensor, or PILToTensor, for every image)")
+        shapes = sorted({tuple(image.shape) for image in tensors})
+        if len(shapes) > 1:
+            listed = ", ".join(map(str, shapes[:4])) + (", ..." if len(shapes) > 4 else "")
+            raise ValueError(f"the dataset gives images of different shapes in one batch ({listed}): give every image "
+                             "one size and number of channels (e.g. a Resize and CenterCrop transform)")
+    return default_collate(items)
 
 
 def split_batch(batch):

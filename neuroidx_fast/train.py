@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import evaluating, model_device, pixel_space
+from .prepare import collate_images, evaluating, model_device, pixel_space
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -35,7 +35,7 @@ def _materialise(dataset):
         image, label = _labelled(dataset[i], i)
         images.append(image)
         labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return collate_images(images), torch.tensor(labels, dtype=torch.int64)  # one dtype and shape, or an error
 
 
 def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
@@ -52,7 +52,7 @@ def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
         return
     # the loader's own generator only seeds its workers: a fixed one, apart from the shuffling stream
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
+                        collate_fn=collate_images, generator=torch.Generator().manual_seed(0))
     for batch in loader:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError("the dataset must yield (image, label) pairs to train a classifier")

@@ -88,3 +88,52 @@ def test_contributions_training_and_image_sets_read_8bit_images_as_their_float_p
     assert torch.equal(a.values, b.values)
     assert torch.equal(_image_batch(datasets["uint8"]), _image_batch(datasets["float32"]))
     assert evaluate_classifier(model, datasets["uint8"]) == evaluate_classifier(model, datasets["float32"])
+
+
+class _Mixed(torch.utils.data.Dataset):
+    """_EightBit's images, uint8 where ``is_uint8(i)`` and float32 k / 255 elsewhere."""
+
+    def __init__(self, is_uint8):
+        self.eight_bit, self.is_uint8 = _EightBit(True), is_uint8
+        self.classes = self.eight_bit.classes
+
+    def __len__(self):
+        return len(self.eight_bit)
+
+    def __getitem__(self, i):
+        image, label = self.eight_bit[i]
+        return (image if self.is_uint8(i) else image.float() / 255), label
+
+
+def test_uint8_and_float_images_in_one_batch_are_refused(both):
+    # Stacked together, the uint8 images would become floats 0-255: wrong activations, no error.
+    model, _, indexes = both
+    mixed = _Mixed(lambda i: i % 2 == 0)
+    match = r"different dtypes in one batch \(torch.float32, torch.uint8\).*same type"
+    with pytest.raises(ValueError, match=match):
+        nx.index_dataset(model, mixed, LAYERS, k=2, batch_size=6, progress=False)
+    with pytest.raises(ValueError, match=match):
+        nx.neuron_features(indexes["uint8"], "features.4", mixed, batch_size=4)
+    with pytest.raises(ValueError, match=match):
+        nx.ablation_drops(model, mixed, "features.4", units=[0], batch_size=5, progress=False)
+    from neuroidx_fast.train import train_classifier
+
+    for cache in (False, True):
+        with pytest.raises(ValueError, match=match):
+            train_classifier(make_model("vgg"), mixed, epochs=1, batch_size=4, cache=cache)
+
+
+def test_batches_of_either_type_give_the_index_of_uint8_images(both):
+    # Each batch is decoded as its own type: a dataset that changes type between batches is fine.
+    model, _, indexes = both
+    index = nx.index_dataset(model, _Mixed(lambda i: i < 6), LAYERS, k=5, batch_size=6, progress=False)
+    for layer in LAYERS:
+        for name in ("values", "ids", "positions"):
+            assert torch.equal(getattr(index[layer], name), getattr(indexes["uint8"][layer], name)), f"{layer} {name}"
+
+
+def test_images_of_different_shapes_in_one_batch_are_refused(both):
+    model, datasets, _ = both
+    items = [(image if i != 3 else image[:, :, :-2], label) for i, (image, label) in enumerate(datasets["uint8"])]
+    with pytest.raises(ValueError, match=r"different shapes in one batch \(\(3, 18, 16\), \(3, 18, 18\)\).*one size"):
+        nx.index_dataset(model, items, LAYERS, k=2, batch_size=6, progress=False)

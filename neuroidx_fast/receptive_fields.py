@@ -353,6 +353,24 @@ def _pad_state(state, args, kwargs):
     return _window(state, 1, 1, (top, left))
 
 
+def _pads_circularly(target, args, kwargs) -> bool:
+    """A module or function that pads its input circularly (wrapping around to the opposite border)."""
+    if isinstance(target, nn.Conv2d) and target.padding_mode == "circular":
+        return any(_conv_padding(target.padding, target.kernel_size, target.dilation))
+    if isinstance(target, nn.CircularPad2d):
+        return any(target.padding)
+    if target is F.pad:
+        return (args[2] if len(args) > 2 else kwargs.get("mode", "constant")) == "circular"
+    return False
+
+
+def _warn_circular(name: str) -> None:
+    """The box of SPEC.md 2 is the theoretical field, positions past a border included; where the network
+    pads circularly those positions are the opposite border's pixels, which no box nor crop holds."""
+    warnings.warn(f"receptive field: {name} pads circularly, so units near a border also see pixels of the "
+                  "opposite border, which their boxes (and the crops cut from them) leave out", stacklevel=2)
+
+
 def _softmax_state(state, x, dim):
     """A softmax over ``dim`` of ``x``: pointwise over a dimension that holds no position (dim None:
     torch's implicit choice, the channels of a 4-d input), else every position mixes with its whole
@@ -393,7 +411,7 @@ def _module_state(module: nn.Module, state, x, out):
         return _window(state, module.kernel_size, module.stride or module.kernel_size, module.padding)
     if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
         return _adaptive(state, _spatial(x), module.output_size)
-    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d)):
+    if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
         left, _, top, _ = module.padding if len(module.padding) == 4 else (module.padding[0],) * 4
         return _window(state, 1, 1, (top, left))
     if isinstance(module, _SOFTMAX_MODULES):
@@ -617,8 +635,12 @@ class _Walk(fx.Interpreter):
         else:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             states = self._states_of(n)
+            target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+            if _union(states) is not None and _pads_circularly(target, args, kwargs):
+                _warn_circular(f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
+                               else f"{_node_name(n)}(mode='circular')")
             if n.op == "call_module":
-                module = self.fetch_attr(n.target)
+                module = target
                 x = args[0] if args else None
                 user_module = (type(module).__module__.split(".")[0] != "torch"
                                and not isinstance(module, _POINTWISE_MODULES))
@@ -711,7 +733,8 @@ def receptive_field(model: nn.Module, layer: str, input_size, method: str = "aut
 
     ``method="auto"`` walks the graph and falls back, with a warning, to the gradient probe when the
     graph holds an operation the walk does not know; "analytic" raises instead; "probe" always probes.
-    Branches whose strides disagree raise ValueError.
+    Branches whose strides disagree raise ValueError. Boxes are the theoretical fields (SPEC.md 2): a
+    network that pads circularly is warned of, as its border units also see the opposite border.
     """
     module = resolve_layers(model, [layer])[layer]
     size = _as_size(input_size)

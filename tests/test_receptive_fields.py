@@ -248,6 +248,29 @@ def test_channel_splits_and_functional_padding_need_no_probe(recwarn):
         receptive_field(_Wrapped(lambda x: torch.cat(x.chunk(2, dim=-1), 1)), "out", 16, method="analytic")
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
+def test_circular_padding_is_warned_of(mode, recwarn):
+    # A circular conv's border units see the opposite border (the probe's gradient wraps around): outside
+    # the theoretical box, which is what every other padding mode's field stays within.
+    conv = nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode=mode), nn.Conv2d(2, 2, 3, stride=2)).eval()
+    rf = receptive_field(conv, "1", 12)
+    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (-1, -1))
+    warned = [str(w.message) for w in recwarn if "circular" in str(w.message)]
+    assert warned == (["receptive field: module '0' (Conv2d) pads circularly, so units near a border also see "
+                       "pixels of the opposite border, which their boxes (and the crops cut from them) leave out"]
+                      if mode == "circular" else [])
+    seen = probe_gradient(conv, "1", (12, 12), [(0, 0)])[0].clone()
+    y0, x0, y1, x1 = rf.box(0, 0)
+    seen[max(y0, 0):y1 + 1, max(x0, 0):x1 + 1] = False
+    assert bool(seen.any()) == (mode == "circular")
+    padded = [nn.Sequential(nn.CircularPad2d(1), nn.Conv2d(3, 2, 3)),
+              _Wrapped(lambda x: torch.cat([F.pad(x, (1, 1, 1, 1), mode="circular")] * 2, 1))]
+    for model, layer, name in zip(padded, ("1", "out"), ("module '0' (CircularPad2d)", "pad(mode='circular')")):
+        recwarn.clear()
+        receptive_field(model.eval(), layer, 12, method="analytic")
+        assert [str(w.message).split(" pads")[0] for w in recwarn] == [f"receptive field: {name}"]
+
+
 class _Wrapped(nn.Module):
     """conv, then ``op``, then an output conv named "out"."""
 

@@ -274,23 +274,24 @@ NX_ALWAYS_INLINE void add_row_pair(double* dst, const RowTerms<T>& a, const RowT
   }
 }
 
-// Rows [i0, i1) of sums[u, c] += w_j * crop_j for j = 0 .. J-1 in order (empty slots skipped). Two
-// crops at a time share one pass over the sums rows (half the sums loads and stores), each still
-// added in its turn.
+// Rows [i0, i1) of sums[u, c] += w_j * crop_j for the unit's crops j = crops[0 .. n-1] (its slots that
+// hold an image, in j order). Two crops at a time share one pass over the sums rows (half the sums
+// loads and stores), each still added in its turn.
 template <class T>
 NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int64_t* slots, const int64_t* tops,
-                                       const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
-                                       int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+                                       const float* weights, const int64_t* crops, int64_t n, int64_t c, int64_t Ch,
+                                       int64_t H, int64_t W, int64_t rh, int64_t rw, int64_t i0, int64_t i1,
+                                       const float* pad) {
   const bool edge = pad == nullptr;
   const CropRef<T> none{nullptr, 0, AxisSplit{0, 0, 0, 0}};
-  auto ref = [&](int64_t j) {
-    return j < J ? crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw) : none;
+  auto ref = [&](int64_t q) {
+    return q < n ? crop_ref(images, slots[crops[q]], tops + 2 * crops[q], c, Ch, H, W, rh, rw) : none;
   };
-  for (int64_t j = 0; j < J; j += 2) {
-    const CropRef<T> a = ref(j), b = ref(j + 1);
-    const CropRef<T> next_a = ref(j + kNext), next_b = ref(j + kNext + 1);
-    const double wa = static_cast<double>(weights[j]);
-    const double wb = j + 1 < J ? static_cast<double>(weights[j + 1]) : 0.0;
+  for (int64_t q = 0; q < n; q += 2) {
+    const CropRef<T> a = ref(q), b = ref(q + 1);
+    const CropRef<T> next_a = ref(q + kNext), next_b = ref(q + kNext + 1);
+    const double wa = static_cast<double>(weights[crops[q]]);
+    const double wb = q + 1 < n ? static_cast<double>(weights[crops[q + 1]]) : 0.0;
     const double pad_a = edge ? 0.0 : wa * static_cast<double>(pad[c]);
     const double pad_b = edge ? 0.0 : wb * static_cast<double>(pad[c]);
     for (int64_t i = i0; i < i1; ++i) {
@@ -312,16 +313,16 @@ NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int6
 // The multi-versioned entry points, one per pixel type (the template is inlined into each clone).
 NX_WIDE_SIMD
 void accumulate_block_f32(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
-                          const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
-                          int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  accumulate_block<float>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+                          const float* weights, const int64_t* crops, int64_t n, int64_t c, int64_t Ch, int64_t H,
+                          int64_t W, int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  accumulate_block<float>(sums, images, slots, tops, weights, crops, n, c, Ch, H, W, rh, rw, i0, i1, pad);
 }
 
 NX_WIDE_SIMD
 void accumulate_block_u8(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
-                         const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W, int64_t rh,
-                         int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  accumulate_block<uint8_t>(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+                         const float* weights, const int64_t* crops, int64_t n, int64_t c, int64_t Ch, int64_t H,
+                         int64_t W, int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+  accumulate_block<uint8_t>(sums, images, slots, tops, weights, crops, n, c, Ch, H, W, rh, rw, i0, i1, pad);
 }
 
 #ifdef NX_CROP_AVX512
@@ -345,12 +346,15 @@ NX_AVX512 NX_ALWAYS_INLINE avx512::Term code_row(const CropRef<uint8_t>& crop, i
 // columns at a time, its pad or edge columns masked in (no run splits a row at a border).
 NX_AVX512
 void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
-                                const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
-                                int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+                                const float* weights, const int64_t* crops, int64_t n, int64_t c, int64_t Ch,
+                                int64_t H, int64_t W, int64_t rh, int64_t rw, int64_t i0, int64_t i1,
+                                const float* pad) {
   using avx512::kPixelScale, avx512::kWeightScale;
   const bool edge = pad == nullptr;
   const CropRef<uint8_t> none{nullptr, 0, AxisSplit{0, 0, 0, 0}};
-  auto ref = [&](int64_t j) { return j < J ? crop_ref(images, slots[j], tops + 2 * j, c, Ch, H, W, rh, rw) : none; };
+  auto ref = [&](int64_t q) {
+    return q < n ? crop_ref(images, slots[crops[q]], tops + 2 * crops[q], c, Ch, H, W, rh, rw) : none;
+  };
   const int64_t mask_bytes = avx512::ColumnMasks::chunks(rw) + 1;
   std::vector<uint8_t> masks(4 * mask_bytes);
   const __m512d pad_pixel = _mm512_set1_pd(edge ? 0.0 : static_cast<double>(pad[c]) * kPixelScale);
@@ -360,22 +364,19 @@ void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64
     rows[s].masks = avx512::ColumnMasks{masks.data() + 2 * s * mask_bytes, masks.data() + (2 * s + 1) * mask_bytes};
     rows[s].left = rows[s].right = pad_pixel;
   }
-  for (int64_t j = 0; j < J; j += 2) {
-    // The pass's crops that have an image, in j order (an empty slot adds nothing).
+  for (int64_t q = 0; q < n; q += 2) {
+    // The pass's crops, in j order.
     CropRef<uint8_t> pass[2];
-    int64_t count = 0;
-    for (int64_t t = j; t < std::min(J, j + 2); ++t) {
-      const CropRef<uint8_t> crop = ref(t);
-      if (crop.plane == nullptr) continue;
-      rows[count].w = _mm512_set1_pd(static_cast<double>(weights[t]) * kWeightScale);
-      rows[count].masks.fill(crop.cols.before, crop.cols.inside, rw);
-      pass[count++] = crop;
+    const int64_t count = std::min<int64_t>(2, n - q);
+    for (int64_t t = 0; t < count; ++t) {
+      pass[t] = ref(q + t);
+      rows[t].w = _mm512_set1_pd(static_cast<double>(weights[crops[q + t]]) * kWeightScale);
+      rows[t].masks.fill(pass[t].cols.before, pass[t].cols.inside, rw);
     }
-    const CropRef<uint8_t> next_a = ref(j + kNext), next_b = ref(j + kNext + 1);
+    const CropRef<uint8_t> next_a = ref(q + kNext), next_b = ref(q + kNext + 1);
     for (int64_t i = i0; i < i1; ++i) {
       prefetch_row(next_a, i, H, W);
       prefetch_row(next_b, i, H, W);
-      if (count == 0) continue;
       const avx512::Term ta = code_row(pass[0], i, H, W, rw, edge, &rows[0]);
       const avx512::Term tb = count == 2 ? code_row(pass[1], i, H, W, rw, edge, &rows[1]) : avx512::Term::kNone;
       if (edge) {
@@ -393,19 +394,22 @@ void accumulate_block_u8_avx512(double* sums, const uint8_t* images, const int64
 std::atomic<bool> use_avx512{avx512::cpu_has_avx512_vbmi()};
 
 inline void accumulate_block_any(double* sums, const float* images, const int64_t* slots, const int64_t* tops,
-                                 const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
-                                 int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
-  accumulate_block_f32(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+                                 const float* weights, const int64_t* crops, int64_t n, int64_t c, int64_t Ch,
+                                 int64_t H, int64_t W, int64_t rh, int64_t rw, int64_t i0, int64_t i1,
+                                 const float* pad) {
+  accumulate_block_f32(sums, images, slots, tops, weights, crops, n, c, Ch, H, W, rh, rw, i0, i1, pad);
 }
 
 inline void accumulate_block_any(double* sums, const uint8_t* images, const int64_t* slots, const int64_t* tops,
-                                 const float* weights, int64_t J, int64_t c, int64_t Ch, int64_t H, int64_t W,
-                                 int64_t rh, int64_t rw, int64_t i0, int64_t i1, const float* pad) {
+                                 const float* weights, const int64_t* crops, int64_t n, int64_t c, int64_t Ch,
+                                 int64_t H, int64_t W, int64_t rh, int64_t rw, int64_t i0, int64_t i1,
+                                 const float* pad) {
 #ifdef NX_CROP_AVX512
   if (use_avx512.load(std::memory_order_relaxed))
-    return accumulate_block_u8_avx512(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+    return accumulate_block_u8_avx512(sums, images, slots, tops, weights, crops, n, c, Ch, H, W, rh, rw, i0, i1,
+                                      pad);
 #endif
-  accumulate_block_u8(sums, images, slots, tops, weights, J, c, Ch, H, W, rh, rw, i0, i1, pad);
+  accumulate_block_u8(sums, images, slots, tops, weights, crops, n, c, Ch, H, W, rh, rw, i0, i1, pad);
 }
 
 template <class T>
@@ -448,17 +452,28 @@ void accumulate_channels(double* sums, int64_t U, int64_t Ch, int64_t c0, int64_
   const int64_t block_rows = (rh + wanted_blocks - 1) / wanted_blocks;
   const int64_t blocks = (rh + block_rows - 1) / block_rows;
   const int64_t tasks = U * channels * blocks;
+  // Each unit's crops: its slots that hold an image, in j order. The loops then pair crops that both
+  // add something, and a unit with none among these images costs nothing: neuron_features passes the
+  // top images in batches, which hold a few of each unit's K (on 64 of 512 images, the 44 px layer of
+  // bench/bench_crops.py took 12 ms with every slot empty when each task stepped through them).
+  std::vector<int64_t> crops(static_cast<size_t>(U * J)), counts(static_cast<size_t>(U), 0);
+  for (int64_t u = 0; u < U; ++u) {
+    for (int64_t j = 0; j < J; ++j) {
+      if (slots[u * J + j] >= 0) crops[u * J + counts[u]++] = j;
+    }
+  }
   // Channel-major order: while every unit's crops of channel c are added, the images' channel-c planes
   // are all that is read (a third of the bytes), which the last-level cache can hold where all the
   // images do not (e.g. 512 images of 224 x 224 as uint8 codes: 26 MB a channel).
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (U * channels * rh * rw * J >= kParallelWork)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t c = c0 + t / (U * blocks), u = t / blocks % U, b = t % blocks;
+    if (counts[u] == 0) continue;
     const int64_t image_c = image_c0 + (c - c0);
     const int64_t i0 = b * block_rows, i1 = std::min(rh, i0 + block_rows);
     // pad[image_c] of the shifted pointer is the pad value of channel c
     accumulate_block_any(sums + (u * Ch + c) * rh * rw, images, slots + u * J, tops + 2 * u * J, weights + u * J,
-                         J, image_c, image_channels, H, W, rh, rw, i0, i1,
+                         crops.data() + u * J, counts[u], image_c, image_channels, H, W, rh, rw, i0, i1,
                          pad == nullptr ? nullptr : pad + (c - image_c));
   }
 }

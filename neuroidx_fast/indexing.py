@@ -114,6 +114,25 @@ def _check_images(images: torch.Tensor, first: bool) -> None:
                       "normalisation through preprocess= (crops are cut from these images later)", stacklevel=3)
 
 
+def _check_image_size(images: torch.Tensor, input_size, first_id: int) -> None:
+    """Every image has the size of the first: the positions of the index, and the receptive field that
+    maps them to crops, are those of one input size (another size can give the same maps)."""
+    if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
+        raise ValueError(f"images {first_id}..{first_id + images.shape[0] - 1} are {tuple(images.shape[-2:])} but the "
+                         f"first ones are {tuple(input_size)}: give every image of the dataset one size (e.g. a "
+                         "Resize and CenterCrop transform)")
+
+
+def _check_preprocess_size(images: torch.Tensor, x: torch.Tensor) -> None:
+    """preprocess may change values and channels, not positions: crops are cut later from the dataset's
+    images at the positions the model saw, which must be the same pixels."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != tuple(images.shape[-2:]):
+        raise ValueError(f"preprocess turns images {tuple(images.shape[1:])} into {tuple(x.shape[1:])}: it may change "
+                         "pixel values and channels (e.g. normalise, gray to RGB), not the image size, since crops are "
+                         "cut from the dataset's images at the positions the model saw; resize, crop or pad in the "
+                         "dataset (its transform) instead")
+
+
 def _distributed():
     import torch.distributed as dist
 
@@ -305,12 +324,14 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 if labels is not None and labels.numel() and int(labels.min()) < 0:
                     raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
                 first_id = shard.start + step * batch_size
+                _check_image_size(images, meta["input_size"], first_id)
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
                 x = pixel_space(images.to(device, non_blocking=True))
                 pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
                 pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
                 if preprocess is not None:
                     x = preprocess(x)
+                    _check_preprocess_size(images, x)
                 with autocast:
                     # the first batch runs the whole forward: a requested module that is called again
                     # later (shared) is an error before anything is recorded

@@ -190,6 +190,27 @@ def test_integer_images_other_than_8bit_are_rejected():  # uint8: tests/test_uin
             nx.index_dataset(make_model("vgg"), data, ["features.0"], k=1, progress=False)
 
 
+def test_images_whose_size_changes_are_refused():
+    # 24 and 25 px images give the same maps at a strided layer: the index would hold positions of two
+    # input sizes under one receptive field, and crops cut at the wrong places
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.ReLU())
+    data = [(torch.rand(3, 24 + (i >= 4), 24 + (i >= 4)), 0) for i in range(6)]
+    with pytest.raises(ValueError, match=r"images 4..5 are \(25, 25\) but the first ones are \(24, 24\).*one size"):
+        nx.index_dataset(model, data, ["1"], k=2, batch_size=2, progress=False)
+
+
+def test_a_preprocess_that_moves_positions_is_refused():
+    model, data = make_model("vgg"), ImageSet(n=5)
+    pad = lambda x: torch.nn.functional.pad(x, (4, 4, 4, 4))  # noqa: E731 (a resize or crop would do the same)
+    with pytest.raises(ValueError, match=r"preprocess turns images \(3, 16, 16\) into \(3, 24, 24\).*in the dataset"):
+        nx.index_dataset(model, data, ["features.2"], k=2, preprocess=pad, progress=False)
+    # changing values and channels is what preprocess is for
+    gray = [(image[:1], label) for image, label in data]
+    index = nx.index_dataset(model, gray, ["features.2"], k=2, progress=False,
+                             preprocess=lambda x: (x.expand(-1, 3, -1, -1) - 0.5) / 0.25)
+    assert index.meta["input_channels"] == 3
+
+
 def test_nan_activation_names_layer_and_ids():
     model = make_model("vgg")
     with torch.no_grad():

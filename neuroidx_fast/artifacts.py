@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import numbers
 import os
 
 from safetensors.torch import load_file, save_file
@@ -22,6 +24,29 @@ def _save_tensors(path, tensors: dict) -> None:
                  suffix=".safetensors")
 
 
+def _pad_to_json(pad):
+    """A pad as the JSON of rf.json holds it: a mode's name, or its value(s) as numbers."""
+    if isinstance(pad, str):
+        return pad
+    if isinstance(pad, numbers.Real):
+        return float(pad)
+    values = pad.tolist() if hasattr(pad, "tolist") else list(pad)
+    return [float(v) for v in values] if isinstance(values, list) else float(values)
+
+
+def _pad_from_json(value):
+    """The pad ``_pad_to_json`` wrote: values as a tuple. (Earlier files hold str(pad): "(r, g, b)".)"""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, str) and value[:1] in "([0123456789-.":
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+        return tuple(parsed) if isinstance(parsed, (list, tuple)) else parsed
+    return value
+
+
 def save_features(features: NeuronFeatures, out: OutDir, pngs: bool = True, scale: int | None = None) -> None:
     """Write a layer's NFs: tensors, receptive field, the grid PNG, and per unit its NF and crop PNGs."""
     layer = features.layer
@@ -29,8 +54,8 @@ def save_features(features: NeuronFeatures, out: OutDir, pngs: bool = True, scal
     rf = features.rf
     write_json(out.rf_json(layer), {"size": list(rf.size), "stride": list(rf.stride), "offset": list(rf.offset),
                                     "input_size": list(rf.input_size), "map_size": list(rf.map_size or (1, 1)),
-                                    "whole_image": rf.whole_image, "method": rf.method, "pad": str(features.pad),
-                                    "norm": features.norm})
+                                    "whole_image": rf.whole_image, "method": rf.method,
+                                    "pad": _pad_to_json(features.pad), "norm": features.norm})
     if not pngs:
         return
     size = max(features.nf.shape[-2:])
@@ -53,5 +78,5 @@ def load_features(out: OutDir, layer: str) -> NeuronFeatures:
     rf = ReceptiveField(tuple(info["size"]), tuple(info["stride"]), tuple(info["offset"]), tuple(info["input_size"]),
                         tuple(info["map_size"]), bool(info["whole_image"]), info["method"])
     return NeuronFeatures(layer, tensors["nf"], tensors["crops"], tensors["crop_ids"], tensors["crop_values"],
-                          tensors["dead"].bool(), tensors["weight_sum"], tensors["units"], rf, info["pad"],
-                          info["norm"])
+                          tensors["dead"].bool(), tensors["weight_sum"], tensors["units"], rf,
+                          _pad_from_json(info["pad"]), info["norm"])

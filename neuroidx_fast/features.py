@@ -13,7 +13,7 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import check_pixel_batch, collate_images, nonfinite_images, split_batch
+from .prepare import as_index, check_pixel_batch, collate_images, nonfinite_images, split_batch
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -27,7 +27,8 @@ class NeuronFeatures:
 
     ``nf`` [C, 3, rh, rw] float32 in [0, 1], NaN for dead units; ``crops`` [C, keep, 3, rh, rw] uint8
     (keep = min(keep_crops, K): no more crops than the index holds top images per unit): the crops of
-    each unit's best ``keep`` top images (zeros where there is none); ``crop_ids`` and
+    each unit's best ``keep`` top images (zeros where there is none; a dead unit has none: with a_1 <= 0
+    its top images are not ones that drive it, e.g. every image ties at 0 after a ReLU); ``crop_ids`` and
     ``crop_values`` [C, keep]: their dataset ids (-1: none) and activations; ``dead`` [C] bool;
     ``weight_sum`` [C]: sum of the weights a_j / a_1; ``units`` [C]: which units of the layer these are.
     """
@@ -185,10 +186,11 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     L = index[layer]
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if isinstance(keep_crops, bool) or not isinstance(keep_crops, int) or keep_crops < 0:
+    if as_index(keep_crops) is None or as_index(keep_crops) < 0:
         raise ValueError(f"keep_crops must be an int >= 0, got {keep_crops!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if as_index(batch_size) is None or as_index(batch_size) < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    keep_crops, batch_size = as_index(keep_crops), as_index(batch_size)
     dataset = resolve_dataset(index, dataset)
     rf = _resolve_rf(index, layer, rf, model)
     pad = _resolve_pad(pad, index)
@@ -197,6 +199,8 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
         units = torch.arange(L.num_units)
     else:
         units = torch.as_tensor(units).reshape(-1)
+        if units.numel() == 0:
+            raise ValueError("units is empty: name at least one unit, or pass units=None for all of them")
         if units.is_floating_point() or units.is_complex() or units.dtype == torch.bool:
             raise ValueError(f"units must be integer channel indices, got {units.dtype} values")
         units = units.to(torch.int64)

@@ -850,8 +850,12 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     except RuntimeError as exc:
         if "never reached" in str(exc):
             raise
-        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs up to layer {layer!r} "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0]}): choose a larger input_size") from None
+        message = str(exc).splitlines()[0]
+        # torch's words for an input of the wrong depth (conv: "expected input[...] to have 1 channels")
+        fix = (f"pass channels= (the model's input channels; these inputs have {channels})" if "channels" in message
+               else "choose a larger input_size")
+        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs of {channels} channel(s) up to layer "
+                         f"{layer!r} ({type(exc).__name__}: {message}): {fix}") from None
     map_size = _spatial(out) if out.dim() == 4 else (1, 1)
     if out.dim() != 4:
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")  # positions flattened away

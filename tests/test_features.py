@@ -268,6 +268,12 @@ def test_bad_arguments(indexed):
         neuron_features(index, "features.8", keep_crops=-1)
     with pytest.raises(ValueError, match="integer channel indices"):
         neuron_features(index, "features.8", units=[1.5])
+    with pytest.raises(ValueError, match="units is empty.*units=None"):
+        neuron_features(index, "features.8", units=[])
+    numpy_ints = neuron_features(index, "features.8", keep_crops=np.int64(2), batch_size=np.int32(5))
+    assert numpy_ints.crops.shape[1] == 2
+    with pytest.raises(ValueError, match="batch_size"):
+        neuron_features(index, "features.8", batch_size=2.0)
     with pytest.raises(ValueError, match=r"\(9, 9\) maps, but 'features.8' has \(2, 2\) maps"):
         neuron_features(index, "features.8", rf=index.receptive_field("features.4"))
 
@@ -305,6 +311,22 @@ def test_bad_pixels_in_the_second_pass(indexed):
     with pytest.warns(UserWarning, match="outside \\[0, 1\\]"):
         features = neuron_features(index, "features.8", dataset=normalised)
     assert features.nf[~features.dead].min() >= 0 and features.nf[~features.dead].max() <= 1
+
+
+@pytest.mark.parametrize("pad", ["gray", "mean", 0.25, (0.1, 0.2, 0.3)])
+def test_saved_features_load_back_with_their_pad(indexed, tmp_path, pad):
+    from neuroidx_fast.artifacts import load_features, save_features
+    from neuroidx_fast.outdir import OutDir
+
+    _, _, index = indexed
+    made = neuron_features(index, "features.4", pad=pad, keep_crops=2)
+    save_features(made, OutDir(tmp_path), pngs=False)
+    loaded = load_features(OutDir(tmp_path), "features.4")
+    assert loaded.pad == made.pad and type(loaded.pad) is type(made.pad)  # "mean" is kept as its values
+    again = neuron_features(index, "features.4", pad=loaded.pad, keep_crops=2)  # a pad that still works
+    assert torch.equal(again.nf.nan_to_num(-1), made.nf.nan_to_num(-1))
+    for name in ("nf", "crops", "crop_ids", "crop_values", "dead", "units", "weight_sum"):
+        assert torch.equal(getattr(loaded, name).nan_to_num(-1), getattr(made, name).nan_to_num(-1)), name
 
 
 def test_png_outputs(indexed, tmp_path):

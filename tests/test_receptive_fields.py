@@ -293,8 +293,17 @@ def test_common_functional_patterns_need_no_probe(recwarn):
 def test_an_input_too_small_for_the_model_is_a_clear_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 7), nn.Conv2d(4, 4, 7)).eval()
     with pytest.warns(UserWarning, match="graph walk stopped"), \
-            pytest.raises(ValueError, match="cannot run on 8x8 inputs up to layer '1'.*larger input_size"):
+            pytest.raises(ValueError, match="cannot run on 8x8 inputs of 3 channel.*layer '1'.*larger input_size"):
         receptive_field(model, "1", 8)
+
+
+def test_a_model_of_other_input_channels_is_told_to_pass_them():
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2)).eval()
+    with pytest.warns(UserWarning, match="graph walk stopped"), \
+            pytest.raises(ValueError, match=r"16x16 inputs of 3 channel\(s\).*pass channels= .*these inputs have 3"):
+        receptive_field(gray, "2", 16)
+    rf = receptive_field(gray, "2", 16, channels=1)
+    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (0, 0))
 
 
 def test_unknown_operation_falls_back_to_the_probe_with_a_warning():

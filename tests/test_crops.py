@@ -843,7 +843,9 @@ def test_validation_both_ops(change, error, match):
     ([0.5, 0.5], ValueError, "pad has 2 values for 3-channel images"),
     (float("nan"), ValueError, "finite"),
     ([0.5, float("inf"), 0.5], ValueError, "finite"),
-    (True, TypeError, "not a bool"),
+    (True, TypeError, "not True"),
+    (None, TypeError, "not None"),
+    (1e300, ValueError, r"finite float32 numbers, got \[1e\+300\]"),  # not the inf it would round to
 ])
 def test_validation_bad_pad(pad, error, match):
     a = _valid_args()
@@ -853,11 +855,20 @@ def test_validation_bad_pad(pad, error, match):
         ops.accumulate_crops(a["sums"], a["images"], a["slots"], a["tops"], a["weights"], pad=pad)
 
 
-@pytest.mark.parametrize("size", [0, (3, 0), (-1, 4), (True, 3)])
+@pytest.mark.parametrize("size", [0, (3, 0), (-1, 4), (True, 3), (3.7, 2), (4,), "4", (2, 2, 2), None])
 def test_validation_bad_size(size):
     a = _valid_args()
-    with pytest.raises(ValueError, match="crop size must be positive"):
+    with pytest.raises(ValueError, match="crop size must be a positive int or a pair"):
         ops.gather_crops(a["images"], a["slots"], a["tops"], size)
+
+
+def test_sizes_of_numpy_and_tensor_ints():
+    a = _valid_args()
+    want = ops.gather_crops(a["images"], a["slots"], a["tops"], (4, 3))
+    for size in ((np.int64(4), torch.tensor(3)), torch.Size([4, 3]), [4, 3]):
+        assert torch.equal(ops.gather_crops(a["images"], a["slots"], a["tops"], size), want)
+    assert torch.equal(ops.gather_crops(a["images"], a["slots"], a["tops"], np.int64(3)),
+                       ops.gather_crops(a["images"], a["slots"], a["tops"], 3))
 
 
 def test_validation_accumulate_only():
@@ -869,6 +880,8 @@ def test_validation_accumulate_only():
 
     with pytest.raises(ValueError, match="contiguous float64"):
         call(sums=a["sums"].float())
+    with pytest.raises(ValueError, match=r"sums requires grad.*sums.detach\(\)"):
+        call(sums=a["sums"].clone().requires_grad_())
     with pytest.raises(ValueError, match="contiguous float64"):
         call(sums=a["sums"].transpose(2, 3))
     with pytest.raises(ValueError, match=r"must be \[U, J\] with U = 3"):

@@ -59,15 +59,16 @@ def pad_value(pad, channels: int, device) -> torch.Tensor | None:
             raise ValueError(f"unknown pad mode {pad!r}; use 'gray', 'zero', 'edge', a number or one number "
                              "per channel")
         return torch.full((channels,), PAD_NAMES[pad], dtype=torch.float32, device=device)
-    if isinstance(pad, bool):
-        raise TypeError("pad must be a mode name, a number or a sequence of numbers, not a bool")
-    value = torch.as_tensor(pad, dtype=torch.float32).reshape(-1)
+    if isinstance(pad, bool) or pad is None:
+        raise TypeError(f"pad must be a mode name, a number or a sequence of numbers, not {pad!r}")
+    wide = torch.as_tensor(pad, dtype=torch.float64).reshape(-1)
+    if not torch.isfinite(wide).all() or bool((wide.abs() > torch.finfo(torch.float32).max).any()):
+        raise ValueError(f"pad values must be finite float32 numbers, got {wide.tolist()}")
+    value = wide.to(torch.float32)
     if value.numel() == 1:
         value = value.expand(channels)
     if value.numel() != channels:
         raise ValueError(f"pad has {value.numel()} values for {channels}-channel images; give one or {channels}")
-    if not torch.isfinite(value).all():
-        raise ValueError(f"pad values must be finite, got {value.tolist()}")
     return value.to(device).contiguous()
 
 
@@ -114,10 +115,18 @@ def _crop_args(images, slots, tops, what: str):
 
 
 def _crop_size(size) -> tuple[int, int]:
-    rh, rw = (size, size) if isinstance(size, int) else tuple(size)
-    if isinstance(rh, bool) or isinstance(rw, bool) or int(rh) < 1 or int(rw) < 1:
-        raise ValueError(f"crop size must be positive, got {size!r}")
-    return int(rh), int(rw)
+    """(rh, rw) from an int or a pair of ints (NumPy and 0-d tensor ints too)."""
+    from ..prepare import as_index
+
+    if as_index(size) is not None:
+        pair = (as_index(size),) * 2
+    elif isinstance(size, (tuple, list, torch.Size)) and len(size) == 2:
+        pair = tuple(as_index(v) for v in size)
+    else:
+        pair = (None,)
+    if None in pair or min(pair) < 1:
+        raise ValueError(f"crop size must be a positive int or a pair (rh, rw) of them, got {size!r}")
+    return pair
 
 
 def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, size, pad="gray",
@@ -145,7 +154,8 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
 
     ``sums`` [U, Ch, rh, rw] float64; ``slots`` [U, J] (image rows of ``images``, -1 to skip), ``tops``
     [U, J, 2] and ``weights`` [U, J] float32. For each unit u, in j order: ``sums[u] += weights[u, j] *
-    crop(slots[u, j], tops[u, j])`` in float64, which every backend reproduces bit for bit. ``images``
+    crop(slots[u, j], tops[u, j])`` in float64, which every backend reproduces bit for bit (a NaN's payload
+    and sign aside: which operand's NaN an addition keeps differs between kernels). ``images``
     [N, Ch, H, W] float32, or uint8 pixel codes (``as_pixel_codes``): the same bits as the float32 image
     they stand for, and on CPU faster (a quarter of the bytes to read). The cpp backend finds the codes
     of big float32 images itself where the crops read each pixel several times (``codes_pay_off`` in
@@ -156,6 +166,9 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
             or not sums.is_contiguous() or sums.device != images.device:
         raise ValueError("accumulate_crops: sums must be a contiguous float64 tensor [U, Ch, rh, rw] on the "
                          "images' device")
+    if sums.requires_grad:
+        raise ValueError("accumulate_crops: sums requires grad, but the crops are added in place outside autograd: "
+                         "pass a tensor that does not (e.g. sums.detach())")
     if slots.dim() != 2 or slots.shape[0] != sums.shape[0] or sums.shape[1] != images.shape[1]:
         raise ValueError(f"accumulate_crops: slots {tuple(slots.shape)} must be [U, J] with U = {sums.shape[0]} "
                          f"and sums must have {images.shape[1]} channels")

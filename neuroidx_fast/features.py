@@ -211,7 +211,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     dead = L.dead()[units]
     # Slots at -inf (all-NaN maps under nan="ignore", or a true -inf) carry no weight and no crop: a_j / a_1
     # = -inf would turn a live unit's NF into NaN or, clamped, black; they are not images that drive it.
-    valid = L.live_slots()[units] & (values > float("-inf"))
+    valid = L.live_slots()[units]
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
     weights = values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny)
     # a_1 = +inf (an ordinary value, SPEC.md 1): the limit of a_j / a_1 is 1 for the other +inf, else 0

@@ -63,8 +63,9 @@ class LayerIndex:
 
     def live_slots(self) -> torch.Tensor:
         """[C, K] bool: the top-K slots that hold an image of a unit that is not dead (what NFs and
-        color selectivity read)."""
-        return (self.ids >= 0) & ~self.dead()[:, None]
+        color selectivity read); a slot at -inf (an all-NaN map under nan="ignore", or a true -inf)
+        holds no image that drives the unit and takes no part."""
+        return (self.ids >= 0) & (self.values > float("-inf")) & ~self.dead()[:, None]
 
     def yx(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row and column of each top-K maximum in the activation map ([C, K] each; -1 when unused)."""

@@ -45,6 +45,8 @@ def _as_label_tensor(labels) -> torch.Tensor | None:
     elif isinstance(labels, np.ndarray):
         t = torch.from_numpy(labels)
     elif isinstance(labels, (list, tuple)):
+        if labels and all(isinstance(v, (tuple, list)) for v in labels):
+            return None  # a dataset as a list of (image, label) items
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in labels):
             raise ValueError("labels given as a list must hold one int class index per dataset image")
         t = torch.tensor(list(labels), dtype=torch.int64)
@@ -87,7 +89,7 @@ def top_image_labels(index, layer=None, labels=None) -> torch.Tensor:
         if ids.numel() and int(ids.max()) >= n:
             raise ValueError(f"layer {lay.name!r} ranks image id {int(ids.max())} but labels has only {n} entries")
         found = direct[ids]
-    elif hasattr(labels, "__getitem__") and hasattr(labels, "__len__"):
+    elif hasattr(labels, "__getitem__") and hasattr(labels, "__len__") and not isinstance(labels, (str, bytes, dict)):
         if length is not None and len(labels) != length:
             raise ValueError(f"the dataset has {len(labels)} images but the index was built over {length}")
         unique = torch.unique(ids)
@@ -114,14 +116,16 @@ def top_image_labels(index, layer=None, labels=None) -> torch.Tensor:
 
 
 def _topk_weights(lay: LayerIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(w [C, K] float64, valid [C, K] bool, dead [C] bool): w_j = a_j / a_1 over the valid slots."""
-    valid = lay.ids >= 0
+    """(w [C, K] float64, valid [C, K] bool, dead [C] bool): weights a_1 times w_j = a_j / a_1 over the
+    valid slots (images at a value above -inf): the shares f(k) are ratios of their sums, and sums of the
+    float32 a_j themselves keep classes that tie exactly tied (a_j / a_1 rounds)."""
     dead = lay.dead()
     values = lay.values.to(torch.float64)
+    valid = (lay.ids >= 0) & (values > float("-inf"))
     top = torch.where(dead, torch.ones_like(values[:, 0]), values[:, 0])
     # Negative activations (possible in layers without a ReLU) weigh 0, as a ReLU would make them: a
     # negative share would let cumulative shares pass tau and then fall back under it.
-    w = (values / top[:, None]).clamp(min=0)
+    w = values.clamp(min=0)
     # a_1 = +inf (an ordinary value, SPEC.md 1): the limit of a_j / a_1 is 1 for the other +inf, else 0
     infinite = torch.isinf(top)[:, None]
     w = torch.where(infinite, (values == top[:, None]).to(torch.float64), w)
@@ -132,8 +136,8 @@ def _topk_weights(lay: LayerIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 def class_selectivity(index, layer=None, tau: float = 1.0, labels=None, return_class: bool = False):
     """Rafegas et al.'s class selectivity gamma of every unit of ``layer`` (SPEC.md 5.1): [C] float64.
 
-    With weights w_j = a_j / a_1 over the unit's valid top-K slots (slots holding an image; fewer than K
-    when fewer images were seen), f(k) = sum of w_j over the top images of class k / sum_j w_j, and M =
+    With weights w_j = a_j / a_1 over the unit's valid top-K slots (slots holding an image at a value
+    above -inf; fewer than K when fewer images were seen, or under nan="ignore" with all-NaN maps), f(k) = sum of w_j over the top images of class k / sum_j w_j, and M =
     the fewest classes whose cumulative f (classes sorted by f, largest first) reaches ``tau``;
     gamma = (K - M) / (K - 1) with K the number of valid slots. 1: every top image has one class; 0: all
     classes differ.

@@ -13,6 +13,7 @@ Queries are plain ``DataFrame.query`` strings, e.g.::
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 
 import numpy as np
@@ -71,7 +72,7 @@ def neuron_table(index: NeuronIndex, layers=None, color=None, labels=None, tau: 
         raise ValueError(f"no layers given; indexed layers: {list(index.layers)}")
     for name in names:
         index[name]  # raises a KeyError naming the indexed layers
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau <= 1:
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) <= 1:
         raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
     color = dict(color or {})
     unknown = [k for k in color if k not in index.layers]

@@ -112,6 +112,38 @@ class Planted(nn.Module):
         return self.relu(self.conv(x))
 
 
+class _NaNMaps(nn.Module):
+    """A conv whose unit 0 map is all NaN on the images whose first pixel is exactly 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        poisoned = (x[:, 0, 0, 0] == 1.0)[:, None, None, None] & (torch.arange(3) == 0)[None, :, None, None]
+        return torch.where(poisoned, torch.full_like(h, float("nan")), h)
+
+
+@pytest.mark.parametrize("gray", ["luminance", "pca"])
+def test_minus_inf_slots_take_no_part(gray):
+    # nan="ignore" ranks an all-NaN map at -inf with its image: not an image that drives the unit. With K
+    # above the finite images the -inf entered sum_j a_j (alpha 1.0 or NaN for a live unit).
+    torch.manual_seed(0)
+    model = nn.Sequential(_NaNMaps(), nn.ReLU()).eval()
+    images = torch.rand(8, 3, 10, 10) * 0.9
+    images[:2, 0, 0, 0] = 1.0
+    data = [(images[i], i % 2) for i in range(8)]
+    index = nx.index_dataset(model, data, ["0"], k=8, progress=False, nan="ignore")
+    L = index["0"]
+    assert L.values[0, -2:].tolist() == [float("-inf")] * 2 and bool((L.ids[0] >= 0).all())
+    alpha = color_selectivity(model, index, "0", gray=gray)
+    assert torch.isfinite(alpha).all()
+    # the same as with those slots empty
+    L.ids[L.values == float("-inf")] = -1
+    assert torch.equal(color_selectivity(model, index, "0", gray=gray), alpha)
+
+
 def test_planted_color_and_gray_units():
     model = Planted().eval()
     dataset = ImageSet(n=12, size=6, seed=1)

@@ -4,6 +4,7 @@ import dataclasses
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,6 +155,22 @@ def test_gamma_dominant_class():
     assert dominant.dtype == torch.int64
 
 
+def test_gamma_dominant_class_ties_survive_rounding():
+    # classes 0 and 1 both sum to 6 (3 + 2 + 1 and 3 + 1.5 + 1.5): as sums of a_j / a_1 they differed in
+    # the last bit, and class 1 won
+    layer = _layer([[3.0, 3.0, 2.0, 2.0, 1.5, 1.5, 1.0, 0.5]], [list(range(8))])
+    labels = torch.tensor([0, 1, 0, 2, 1, 1, 0, 2])
+    gamma, dominant = class_selectivity(layer, labels=labels, return_class=True)
+    assert dominant.tolist() == [0] and gamma.tolist() == [5 / 7]
+
+
+def test_gamma_minus_inf_slots_holding_an_image_take_no_part():
+    # nan="ignore" makes an all-NaN map -inf with its image's id: no image that drives the unit, so K = 2
+    # (classes 0 and 1: M = 2, gamma 0), not K = 4 (gamma 2/3)
+    layer = _layer([[3.0, 2.0, NINF, NINF]], [[0, 1, 2, 3]])
+    assert class_selectivity(layer, labels=torch.tensor([0, 1, 2, 2])).tolist() == [0.0]
+
+
 def test_gamma_tau_one_is_exact_under_rounding():
     """Shares whose float64 cumulative sum ends just under 1.0 must still give M = all classes."""
     g = torch.Generator().manual_seed(0)
@@ -248,6 +265,15 @@ def test_labels_errors(vgg_index):
         class_selectivity(index, labels=data.labels)
     with pytest.raises(TypeError, match="NeuronIndex"):
         class_selectivity("index", "features.5", labels=data.labels)
+    for wrong in ("abcdefg", {0: 1}, b"ab"):
+        with pytest.raises(TypeError, match="labels must be a \\[N\\] int tensor / array / list or a dataset"):
+            class_selectivity(index, "features.5", labels=wrong)
+    # the dataset as a list of (image, label) items is a dataset
+    items = [data[i] for i in range(len(data))]
+    assert torch.equal(class_selectivity(index, "features.5", labels=items).nan_to_num(-1),
+                       class_selectivity(index, "features.5", labels=data.labels).nan_to_num(-1))
+    table = nx.neuron_table(index, ["features.5"], tau=np.float32(0.5))
+    assert table["class_selectivity"].equals(nx.neuron_table(index, ["features.5"], tau=0.5)["class_selectivity"])
 
 
 def test_no_labels_index():

@@ -5,6 +5,7 @@ activation at the same position pos_j on a gray version of top image j."""
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -77,6 +78,30 @@ def _gather(output: torch.Tensor, slots: torch.Tensor, units: torch.Tensor, posi
     return flat[slots[hit], units.expand_as(slots)[hit], positions[hit]], hit
 
 
+def _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast) -> None:
+    """Warn when the model, as called here, does not give back the index's top activations a_j on the
+    top images of one batch: a'_j / a_j would compare two models (another preprocess, autocast or
+    weights than the index's), silently. One more forward of that batch; loose tolerances, so that
+    another device or kernel's rounding passes."""
+    outputs = _forward(capture, model_dtype, images, preprocess, autocast)
+    for name, s in state.items():
+        slots = batch_slots(batch_ids, s["ids"])
+        now, hit = _gather(outputs[name], slots, s["units"], s["positions"])  # s["ids"]: valid slots only
+        hit = hit.cpu()
+        if not bool(hit.any()):
+            continue
+        L = layers[name]
+        then, now = L.values[hit].double(), now.double().cpu()
+        scale = L.values[:, :1].abs().double().expand_as(L.values)[hit]
+        off = ~torch.isclose(now, then, rtol=0.05, atol=0) & ((now - then).abs() > 1e-3 * scale)
+        if bool(off.any()):
+            k = int(off.nonzero()[0])
+            warnings.warn(f"color selectivity of {name!r}: the model does not give back the index's top activations "
+                          f"on {int(off.sum())} of {int(hit.sum())} top-image slots checked (e.g. {float(then[k]):.4g}, "
+                          f"now {float(now[k]):.4g}): pass the preprocess= and autocast_dtype= the index was built "
+                          "with, and the same weights; alpha compares the two", stacklevel=3)
+
+
 def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None, gray: str = "luminance",
                       batch_size: int = 64, preprocess=None, num_workers: int = 0, device=None,
                       autocast_dtype=None, progress: bool = False):
@@ -115,10 +140,12 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
 
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
-        for batch_ids, images in load_top_images(dataset, all_ids, batch_size, num_workers, progress,
-                                                 f"color ({gray})"):
+        for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
+                                                                   progress, f"color ({gray})")):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
             images = pixel_space(images.to(device))
+            if step == 0:
+                _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast)
             if gray == "luminance":
                 outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
                 for name, s in state.items():

@@ -144,6 +144,16 @@ def test_minus_inf_slots_take_no_part(gray):
     assert torch.equal(color_selectivity(model, index, "0", gray=gray), alpha)
 
 
+@pytest.mark.parametrize("gray", ["luminance", "pca"])
+def test_a_model_call_that_does_not_give_back_the_index_is_warned_of(indexed, gray, recwarn):
+    model, dataset, index, layers = indexed
+    color_selectivity(model, index, layers, dataset, gray=gray, preprocess=_normalise)
+    assert not [w for w in recwarn if "give back" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"color selectivity of 'stem': the model does not give back the "
+                                         r"index's top activations.*pass the preprocess= and autocast_dtype="):
+        color_selectivity(model, index, "stem", dataset, gray=gray)  # the index was built with _normalise
+
+
 def test_planted_color_and_gray_units():
     model = Planted().eval()
     dataset = ImageSet(n=12, size=6, seed=1)

@@ -241,7 +241,11 @@ def step_features(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------- selectivity
-def _ablation_frames(out: OutDir, layers):
+def _ablation_frame(out: OutDir, layers):
+    """The ablation columns of every layer of ``layers`` that has them, as one frame (rows of all layers),
+    or None."""
+    import pandas as pd
+
     from .table import read_ablation_csv
 
     frames = []
@@ -250,7 +254,7 @@ def _ablation_frames(out: OutDir, layers):
         if path.exists():
             frame = read_ablation_csv(path)
             frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
-    return frames
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 def step_selectivity(args) -> None:
@@ -263,7 +267,7 @@ def step_selectivity(args) -> None:
     color = color_selectivity(run.model, index, layers, run.dataset, gray=args.gray, batch_size=args.batch_size,
                               preprocess=run.preprocess, num_workers=args.workers, device=run.device,
                               progress=not args.no_progress)
-    table = neuron_table(index, layers, color=color, tau=args.tau, extra=_ablation_frames(run.out, layers) or None)
+    table = neuron_table(index, layers, color=color, tau=args.tau, extra=_ablation_frame(run.out, layers))
     save_table(table, run.out.table_csv)
     plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
     for layer in layers:
@@ -309,9 +313,9 @@ def step_ablate(args) -> None:
     if run.out.table_csv.exists():  # refresh the neuron table's ablation columns
         table = load_table(run.out.table_csv)
         table = table.drop(columns=[c for c in ABLATION_COLUMNS if c in table])
-        frames = _ablation_frames(run.out, list(index.layers))
-        if frames:
-            table = table.merge(pd.concat(frames), on=["layer", "unit"], how="left")
+        frame = _ablation_frame(run.out, list(index.layers))
+        if frame is not None:
+            table = table.merge(frame, on=["layer", "unit"], how="left")
         save_table(table, run.out.table_csv)
 
 

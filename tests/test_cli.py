@@ -66,6 +66,11 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     drops = pd.read_csv(run.ablation_csv("features.8"))
     assert len(drops) == 16 and {"overall_drop", "max_class_drop"} <= set(drops.columns)
     assert "max_class_drop" in pd.read_csv(run.table_csv).columns
+    # a second layer ablated, then the table made again: one set of ablation columns over both layers
+    assert _cli("ablate", "--out", out, "--layers", "features.4", "--no-progress") == 0
+    assert _cli("selectivity", "--out", out, "--no-progress", "--batch-size", 5) == 0
+    table = pd.read_csv(run.table_csv)
+    assert len(table) == 12 + 16 and table["max_class_drop"].notna().all()
     assert _cli("visualize", "--out", out, "--layers", "features.8", "--units", "0,3", "--steps", 4) == 0
     assert run.maximized_png("features.8", 3).exists()
     assert _cli("report", out) == 0

@@ -95,6 +95,22 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def dataset_fingerprint(dataset) -> str | None:
+    """What a dataset says of its own contents through a ``fingerprint()`` method (``ImageFolder``: its
+    file list), also through a Subset (with the positions it takes); None for others. A checkpoint
+    records it: a resume on another file list of the same length would mix two datasets' images."""
+    base, positions = dataset, None
+    while isinstance(base, Subset):
+        positions = [int(i) for i in base.indices] if positions is None else [int(base.indices[i]) for i in positions]
+        base = base.dataset
+    fingerprint = getattr(base, "fingerprint", None)
+    if not callable(fingerprint):
+        return None
+    if positions is None:
+        return str(fingerprint())
+    return f"{fingerprint()}|{hashlib.sha256(repr(positions).encode()).hexdigest()}"
+
+
 def _preprocess_fingerprint(preprocess) -> str | None:
     """What a checkpoint records of ``preprocess``: a module's class and state (its normalisation
     constants), a function's qualified name (what it closes over cannot be checked)."""
@@ -150,7 +166,9 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
     differ = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
     if differ:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
-                            for key in differ if key != "model")
+                            for key in differ if key not in ("model", "data"))
+        if "data" in differ:
+            details = "the dataset's contents differ (its file list changed)" + (f"; {details}" if details else "")
         if "model" in differ:
             details = "the model's weights or structure differ" + (f"; {details}" if details else "")
         raise ValueError(f"checkpoint {path} was made with other arguments ({details}). Use the original "
@@ -287,7 +305,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                   min(length, (rank + 1) * all_batches // world * batch_size))
     device, param_dtype = eval_on_device(model, device)
     # everything that changes the activations: a resume must continue the same computation
-    fingerprint = {"model": model_fingerprint(model), "layers": names, "k": k, "dataset_length": length,
+    fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names, "k": k, "dataset_length": length,
                    "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
                    "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                    "preprocess": _preprocess_fingerprint(preprocess)}

@@ -204,6 +204,13 @@ def step_index(args) -> object:
     record = dict(settings, class_names=list(classes) if classes else None, num_images=len(dataset),
                   data_fingerprint=_data_fingerprint(dataset), model_fingerprint=model_fingerprint(model),
                   created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__)
+    if out.checkpoint.exists() and out.run_json.exists() and not args.force:  # a resume: of the same inputs?
+        old = out.run_settings()
+        for key, what in (("data_fingerprint", f"the files of {settings['data']}"),
+                          ("model_fingerprint", "the model's weights")):
+            if old.get(key) is not None and old[key] != record[key]:
+                raise ValueError(f"{what} changed since this run's index began: the indexed part would mix old and "
+                                 "new; restore them, or index again from the start (--force)")
     write_json(out.run_json, record)
     if preprocess is not None:
         preprocess = preprocess.to(device)

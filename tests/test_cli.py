@@ -247,6 +247,21 @@ def test_later_steps_refuse_a_changed_folder_or_model(folder, tmp_path, capsys):
     assert "weights differ from the indexed ones" in _error(capsys, "features", "--out", out, "--no-progress")
 
 
+def test_an_interrupted_index_refuses_to_resume_on_changed_files(folder, tmp_path, capsys):
+    import shutil
+
+    data, out = tmp_path / "data", tmp_path / "resumed"
+    shutil.copytree(folder, data)
+    assert _cli(*_index_args(data, out, "--checkpoint-every", 1)) == 0
+    shutil.rmtree(OutDir(out).index)  # as if interrupted: a checkpoint, no index
+    OutDir(out).checkpoint.mkdir()
+    victim = data / "dog" / "1.png"
+    Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(victim)  # same count, another image
+    err = _error(capsys, *_index_args(data, out))
+    assert f"the files of {data} changed since this run's index began" in err and "--force" in err
+    assert _cli(*_index_args(data, out, "--force")) == 0
+
+
 def test_unreadable_image_is_named(tmp_path, capsys):
     broken = tmp_path / "broken"
     (broken / "a").mkdir(parents=True)

@@ -211,6 +211,36 @@ def test_a_preprocess_that_moves_positions_is_refused():
     assert index.meta["input_channels"] == 3
 
 
+class _Listed(ImageSet):
+    """ImageSet with a fingerprint of its contents (as ImageFolder's file list), failing at item ``fail``."""
+
+    def __init__(self, tag, fail=None, **kwargs):
+        super().__init__(**kwargs)
+        self.tag, self.fail = tag, fail
+
+    def fingerprint(self):
+        return self.tag
+
+    def __getitem__(self, i):
+        if i == self.fail:
+            raise RuntimeError("disk gone")
+        return super().__getitem__(i)
+
+
+def test_a_checkpoint_resumes_only_on_the_same_dataset_contents(tmp_path):
+    model, checkpoint = make_model("vgg"), str(tmp_path / "ck")
+    args = dict(layers=["features.2"], k=2, batch_size=2, checkpoint=checkpoint, checkpoint_every=1, progress=False)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        nx.index_dataset(model, _Listed("files A", fail=5, n=8), **args)
+    with pytest.raises(ValueError, match=r"the dataset's contents differ \(its file list changed\)"):
+        nx.index_dataset(model, _Listed("files B", n=8), **args)
+    with pytest.raises(ValueError, match="dataset's contents differ"):  # another subset of the same files
+        nx.index_dataset(model, torch.utils.data.Subset(_Listed("files A", n=9), range(1, 9)), **args)
+    resumed = nx.index_dataset(model, _Listed("files A", n=8), **args)
+    whole = nx.index_dataset(model, _Listed("files A", n=8), **{**args, "checkpoint": None})
+    assert torch.equal(resumed["features.2"].values, whole["features.2"].values)
+
+
 def test_nan_activation_names_layer_and_ids():
     model = make_model("vgg")
     with torch.no_grad():

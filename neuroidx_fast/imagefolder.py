@@ -86,11 +86,14 @@ class ImageFolder(Dataset):
         return len(self.samples)
 
     def fingerprint(self) -> str:
-        """SHA-256 of the file list (paths relative to the root, sizes, labels): ids are positions in
-        it, so a file added, removed or replaced with another size changes what every later id names."""
+        """SHA-256 of the file list (paths relative to the root, sizes, modification times, labels): ids
+        are positions in it, so a file added, removed or replaced changes what every later id names, and
+        one edited in place changes the pixels its crops are cut from. (Reading every file's bytes would
+        cost a pass over the dataset; a copy that keeps the times, cp -p, restores it.)"""
         digest = hashlib.sha256()
         for path, label in self.samples:
-            digest.update(f"{os.path.relpath(path, self.root)}|{os.path.getsize(path)}|{label}\n".encode())
+            stat = os.stat(path)
+            digest.update(f"{os.path.relpath(path, self.root)}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
         return digest.hexdigest()
 
     def load(self, i: int) -> torch.Tensor:

@@ -118,8 +118,9 @@ def _check_same_inputs(out: OutDir, settings: dict, run: Run) -> None:
                          "ids no longer name the same images. Restore the folder, or index again (--force)")
     data = settings.get("data_fingerprint")
     if data is not None and data != _data_fingerprint(run.dataset):
-        raise ValueError(f"the files of {settings['data']} changed since the index was made (added, removed or "
-                         "replaced): the ids no longer name the same images. Restore them, or index again (--force)")
+        raise ValueError(f"the files of {settings['data']} changed since the index was made (added, removed, "
+                         "replaced or edited): the ids no longer name the same images. Restore them (with their "
+                         "modification times: cp -p), or index again (--force)")
     weights = settings.get("model_fingerprint")
     if weights is not None and weights != model_fingerprint(run.model):
         source = settings.get("weights") or "the model's definition"

@@ -239,8 +239,13 @@ def test_later_steps_refuse_a_changed_folder_or_model(folder, tmp_path, capsys):
     victim = data / "dog" / "1.png"
     Image.fromarray(np.full((30, 30, 3), 7, np.uint8)).save(victim)  # same count, another image
     assert "changed since the index was made" in _error(capsys, "features", "--out", out, "--no-progress")
-    shutil.copy(folder / "dog" / "1.png", victim)
-    assert _cli("features", "--out", out, "--no-progress") == 0  # restored: fine again
+    shutil.copy2(folder / "dog" / "1.png", victim)
+    assert _cli("features", "--out", out, "--no-progress") == 0  # restored (with its time): fine again
+    # written again in place (by an editor, say): the same size, here even the same bytes, a new time
+    victim.write_bytes(victim.read_bytes())
+    os.utime(victim, ns=(os.stat(victim).st_atime_ns, os.stat(victim).st_mtime_ns + 10**9))
+    assert "changed since the index was made" in _error(capsys, "features", "--out", out, "--no-progress")
+    shutil.copy2(folder / "dog" / "1.png", victim)
     settings = json.loads(OutDir(out).run_json.read_text())
     settings["model_fingerprint"] = "0" * 64  # as if the weights file had been replaced
     OutDir(out).run_json.write_text(json.dumps(settings))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
+import uuid
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -97,8 +98,27 @@ def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object
                                     "(it resumes if it was interrupted)")
         _check_same_inputs(out, settings, run)
         index = NeuronIndex.load(out.index)
+        _check_index_of_run(out, settings, index)
         index.dataset = run.dataset
     return run, index
+
+
+def _check_index_of_run(out: OutDir, settings: dict, index) -> None:
+    """The index in DIR/index is the one this run.json made (not another run's, copied in): the run it
+    records (run.json's run_id), its size, k and layers."""
+    made_by = index.meta.get("run_id")
+    differ = []
+    if made_by != settings.get("run_id"):
+        differ.append(f"made by run {made_by}, not this run {settings.get('run_id')}")
+    if settings.get("num_images") is not None and index.dataset_length != settings["num_images"]:
+        differ.append(f"{index.dataset_length} images indexed, not {settings['num_images']}")
+    if settings.get("k") is not None and index.k != settings["k"]:
+        differ.append(f"k={index.k}, not {settings['k']}")
+    if settings.get("layers") and [str(n) for n in index.layers] != [str(n) for n in settings["layers"]]:
+        differ.append(f"layers {list(index.layers)}, not {list(settings['layers'])}")
+    if differ:
+        raise ValueError(f"{out.index} is not this run's index ({'; '.join(differ)}): put back its own, or index "
+                         "again (--force)")
 
 
 def _data_fingerprint(dataset) -> str | None:
@@ -204,7 +224,8 @@ def step_index(args) -> object:
 
     record = dict(settings, class_names=list(classes) if classes else None, num_images=len(dataset),
                   data_fingerprint=_data_fingerprint(dataset), model_fingerprint=model_fingerprint(model),
-                  created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__)
+                  created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__,
+                  run_id=uuid.uuid4().hex)
     if out.checkpoint.exists() and out.run_json.exists() and not args.force:  # a resume: of the same inputs?
         old = out.run_settings()
         for key, what in (("data_fingerprint", f"the files of {settings['data']}"),
@@ -219,6 +240,7 @@ def step_index(args) -> object:
                           batch_size=args.batch_size, num_workers=args.workers, device=device,
                           checkpoint=str(out.checkpoint), checkpoint_every=args.checkpoint_every,
                           progress=not args.no_progress)
+    index.meta["run_id"] = record["run_id"]  # which run.json this index belongs to
     index.save(out.index)
     if index.labels is not None:
         record["labels"] = index.labels.tolist()

@@ -267,6 +267,19 @@ def test_an_interrupted_index_refuses_to_resume_on_changed_files(folder, tmp_pat
     assert _cli(*_index_args(data, out, "--force")) == 0
 
 
+def test_another_runs_index_copied_in_is_refused(folder, tmp_path, capsys):
+    import shutil
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _cli(*_index_args(folder, first)) == 0
+    assert _cli(*_index_args(folder, second, "--k", 3)) == 0
+    shutil.rmtree(OutDir(second).index)
+    shutil.copytree(OutDir(first).index, OutDir(second).index)
+    err = _error(capsys, "features", "--out", second, "--no-progress")
+    assert f"{OutDir(second).index} is not this run's index (made by run " in err and "k=4, not 3" in err
+    assert _cli("features", "--out", first, "--no-progress") == 0
+
+
 def test_unreadable_image_is_named(tmp_path, capsys):
     broken = tmp_path / "broken"
     (broken / "a").mkdir(parents=True)

@@ -15,6 +15,7 @@ import torch
 
 from ._version import __version__
 from .outdir import OutDir, read_json, write_json
+from .storage import remove_bundle
 
 __all__ = ["Run", "open_run", "step_index", "step_features", "step_selectivity", "step_ablate", "step_visualize",
            "step_report", "run_demo"]
@@ -209,7 +210,9 @@ def step_index(args) -> object:
             print(f"{out.root}: the index is already complete (use --force to index again)")
             return None
     if args.force:  # the old index and everything made from it: features, tables, drops, report
-        for path in [out.index, out.checkpoint] + out.derived():
+        remove_bundle(out.index)
+        remove_bundle(out.checkpoint)
+        for path in out.derived():
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists():
@@ -245,7 +248,7 @@ def step_index(args) -> object:
     if index.labels is not None:
         record["labels"] = index.labels.tolist()
         write_json(out.run_json, record)
-    shutil.rmtree(out.checkpoint, ignore_errors=True)
+    remove_bundle(out.checkpoint)  # with what killed checkpoint writes left beside it
     print(f"indexed {len(dataset)} images, {len(index)} layers -> {out.index}")
     return index
 

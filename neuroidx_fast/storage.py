@@ -54,6 +54,7 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
     try:
         tensor_path = os.path.join(tmp, TENSORS)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tensor_path)
+        os.chmod(tensor_path, public_mode())  # safetensors creates it private (0600), unlike the manifest
         with open(tensor_path, "rb+") as f:
             os.fsync(f.fileno())
         full = {"format": kind, "format_version": version, **manifest, "tensors_sha256": _sha256(tensor_path)}
@@ -77,6 +78,24 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _remove_leftovers(path)
+
+
+def _remove_leftovers(path: str) -> None:
+    """The ``<name>.tmp-*`` and ``<name>.old-*`` folders of earlier writes of ``path`` that were killed
+    (as big as the bundle); ``path`` itself, complete, supersedes them."""
+    parent, name = os.path.split(path)
+    for entry in os.listdir(parent):
+        if entry.startswith((name + ".tmp-", name + ".old-")):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def remove_bundle(path) -> None:
+    """Delete the bundle ``path`` and whatever killed writes of it left beside it."""
+    path = os.path.abspath(os.fspath(path))
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.isdir(os.path.dirname(path)):
+        _remove_leftovers(path)
 
 
 def recover_interrupted_write(path) -> bool:

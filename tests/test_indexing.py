@@ -304,6 +304,19 @@ def test_a_write_killed_between_its_renames_is_recovered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # and the old copy is gone
     write_bundle(path, "test bundle", 1, {"n": 3}, {"x": torch.ones(3)})
     assert read_bundle(path, "test bundle", 1)[0]["n"] == 3
+    # killed mid-write while the bundle itself stayed: a complete .tmp- copy was left beside it; the
+    # next complete write (or remove_bundle) clears such leftovers, not other bundles' (bundle2)
+    import shutil
+
+    from neuroidx_fast.storage import remove_bundle
+
+    shutil.copytree(path, tmp_path / "bundle.tmp-jkl")
+    write_bundle(tmp_path / "bundle2", "test bundle", 1, {"n": 5}, {"x": torch.ones(3)})
+    shutil.copytree(path, tmp_path / "bundle2.tmp-mno")
+    write_bundle(path, "test bundle", 1, {"n": 4}, {"x": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle2", "bundle2.tmp-mno"]
+    remove_bundle(tmp_path / "bundle2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
 def test_outputs_are_not_private(tmp_path):
@@ -316,6 +329,8 @@ def test_outputs_are_not_private(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "bundle").stat().st_mode & 0o777 == 0o755
+    for inside in (tmp_path / "bundle").iterdir():  # the tensors too (safetensors makes them 0600)
+        assert inside.stat().st_mode & 0o777 == 0o644, inside.name
     assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o644
 
 

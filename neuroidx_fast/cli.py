@@ -56,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated layer names (default for later steps: the run's layers)")
 
     source = argparse.ArgumentParser(add_help=False)
-    source.add_argument("--model", required=True,
-                        help="package.module:factory, vgg_m, demo, or a torchvision / timm model name")
+    source.add_argument("--model", default=None,
+                        help="package.module:factory, vgg_m, demo, or a torchvision / timm model name (required, "
+                             "with --data, unless DIR holds a run: then `index --out DIR` alone resumes it)")
     source.add_argument("--model-args", default="{}", help="JSON keyword arguments for the model factory")
     source.add_argument("--weights", default=None, help="a state dict: .safetensors, or a torch file (weights_only)")
-    source.add_argument("--data", required=True, help="an image folder (one subfolder per class), or builtin:shapes")
+    source.add_argument("--data", default=None,
+                        help="an image folder (one subfolder per class), or builtin:shapes")
     source.add_argument("--size", type=_positive_int, default=224, help="images are cropped to SIZE x SIZE")
     source.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the crop (default SIZE)")
     source.add_argument("--no-crop", action="store_true", help="resize to SIZE x SIZE without keeping the aspect")
@@ -141,11 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt:
-        again = {"index": "resumes where it stopped", "features": "skips the layers it finished",
-                 "ablate": "skips the layers it finished", "visualize": "skips the layers it finished"}
-        how = again.get(args.command)
-        print(f"neuroidx: interrupted{f' (run again: `neuroidx {args.command}` {how})' if how else ''}",
-              file=sys.stderr)
+        resumes = {"index": "resumes where it stopped", "features": "skips the layers it finished",
+                   "ablate": "skips the layers it finished", "visualize": "skips the layers it finished"}
+        how = resumes.get(args.command)
+        again = f"neuroidx {args.command} --out {args.out}"
+        print(f"neuroidx: interrupted{f' (run again: `{again}` {how})' if how else ''}", file=sys.stderr)
         return 130
     except Exception as exc:  # every failure is one line for a person; --debug shows the traceback
         if getattr(args, "debug", False):

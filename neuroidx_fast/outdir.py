@@ -128,6 +128,14 @@ class OutDir:
 
     def run_settings(self) -> dict:
         if not self.run_json.exists():
-            raise FileNotFoundError(f"{self.root} holds no run (no run.json): run `neuroidx index --out {self.root}` "
-                                    "first")
-        return read_json(self.run_json)
+            raise FileNotFoundError(f"{self.root} holds no run (no run.json): run `neuroidx index --model ... --data "
+                                    f"... --out {self.root}` first")
+        try:
+            settings = read_json(self.run_json)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{self.run_json} is not valid JSON ({exc}): index again with --force") from None
+        missing = [key for key in ("model", "data", "layers") if not isinstance(settings, dict) or key not in settings]
+        if missing:
+            raise ValueError(f"{self.run_json} is not a run's record (no {', '.join(missing)}): index again with "
+                             "--force")
+        return settings

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -173,17 +174,41 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
 
 
 # ----------------------------------------------------------------------------------------------- index
+def _recorded_settings(out: OutDir) -> dict:
+    """`neuroidx index --out DIR` alone: the settings DIR's run.json records (to resume that run)."""
+    if not out.run_json.exists():
+        raise ValueError(f"--model and --data are required: {out.root} holds no run to resume")
+    old = out.run_settings()
+    return {key: old.get(key) for key in _RECIPE}
+
+
 def _settings_from(args) -> dict:
+    if args.model is None or args.data is None:
+        raise ValueError("--model and --data are required (or neither: `neuroidx index --out DIR` resumes DIR's run)")
     try:
         model_args = json.loads(args.model_args) if isinstance(args.model_args, str) else (args.model_args or {})
     except json.JSONDecodeError as exc:
         raise ValueError(f"--model-args is not JSON: {exc}") from None
     if not args.layers:
         raise ValueError("--layers is required for `index`: comma-separated module names of the model")
-    return {"model": args.model, "model_args": model_args, "weights": args.weights, "data": args.data,
+    return {"model": args.model, "model_args": model_args, "weights": _absolute(args.weights),
+            "data": _absolute(args.data),
             "size": args.size, "resize": args.resize, "no_crop": bool(args.no_crop), "normalize": args.normalize,
             "layers": list(args.layers), "k": args.k, "images": args.images,
             "data_seed": getattr(args, "data_seed", 1)}
+
+
+def _absolute(path):
+    """A file or folder argument as an absolute path, so that later steps run from anywhere read the same
+    files (builtin: data and None pass as they are)."""
+    if path is None or str(path).startswith("builtin:"):
+        return path
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def _comparable(key: str, value):
+    """A recorded setting as it compares with a new one (runs before paths were absolute: relative)."""
+    return _absolute(value) if key in ("data", "weights") else value
 
 
 _RECIPE = ("model", "model_args", "weights", "data", "size", "resize", "no_crop", "normalize", "layers", "k",
@@ -197,16 +222,16 @@ def step_index(args) -> object:
     from .loading import parse_normalize
 
     out = OutDir(args.out)
-    settings = _settings_from(args)
+    settings = _recorded_settings(out) if args.model is None and args.data is None else _settings_from(args)
     started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
-    if out.run_json.exists() and started:  # a run that never wrote anything is simply replaced
+    if out.run_json.exists() and started and not args.force:  # a run that never wrote anything is replaced
         old = out.run_settings()
-        differ = [key for key in _RECIPE if old.get(key) != settings.get(key)]
+        differ = [key for key in _RECIPE if _comparable(key, old.get(key)) != _comparable(key, settings.get(key))]
         finished = (out.index / "manifest.json").exists()
-        if differ and not args.force:
+        if differ:
             raise ValueError(f"{out.root} holds a run made with other settings ({', '.join(differ)}): use another "
                              "--out, or --force to replace it")
-        if finished and not args.force:
+        if finished:
             print(f"{out.root}: the index is already complete (use --force to index again)")
             return None
     if args.force:  # the old index and everything made from it: features, tables, drops, report

@@ -165,15 +165,8 @@ class _Run:
         self.out = OutDir(out_dir)
         if not self.out.root.is_dir():
             raise FileNotFoundError(f"{self.out.root} is not a run directory (it does not exist): run "
-                                    f"`neuroidx index --out {self.out.root}` first")
-        try:
-            settings = self.out.run_settings()
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.out.run_json} is not valid JSON ({exc}): run `neuroidx index` again to "
-                             "rewrite it") from None
-        if not isinstance(settings, dict):
-            raise ValueError(f"{self.out.run_json} must hold a JSON object, got {type(settings).__name__}: run "
-                             "`neuroidx index` again to rewrite it")
+                                    f"`neuroidx index --model ... --data ... --out {self.out.root}` first")
+        settings = self.out.run_settings()  # a clear error for a missing, corrupt or foreign run.json
         self.settings = settings
         self.notes: list[str] = []
         self.index = self._load_index()

@@ -160,7 +160,7 @@ def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch,
 
     counted(features, "neuron_features", fail_on="features.8")
     assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 130
-    assert "interrupted (run again: `neuroidx features` skips the layers it finished)" in capsys.readouterr().err
+    assert f"interrupted (run again: `neuroidx features --out {out}` skips the layers it finished)" in capsys.readouterr().err
     assert calls == [("neuron_features", "features.4")]
     record = OutDir(out).step_record("features", "features.4")
     assert json.loads(record.read_text()) == {"pad": "gray", "keep": 2}
@@ -278,6 +278,25 @@ def test_another_runs_index_copied_in_is_refused(folder, tmp_path, capsys):
     err = _error(capsys, "features", "--out", second, "--no-progress")
     assert f"{OutDir(second).index} is not this run's index (made by run " in err and "k=4, not 3" in err
     assert _cli("features", "--out", first, "--no-progress") == 0
+
+
+def test_index_out_alone_resumes_the_recorded_run_from_anywhere(folder, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(folder, data)
+    monkeypatch.chdir(tmp_path)
+    assert _cli(*_index_args("data", "run", "--checkpoint-every", 1)) == 0  # relative paths
+    assert json.loads(OutDir(out).run_json.read_text())["data"] == str(data)  # recorded absolute
+    shutil.rmtree(OutDir(out).index)  # as if interrupted before the index was saved
+    monkeypatch.chdir(folder)  # elsewhere: "data" means nothing here
+    assert _cli("index", "--out", out, "--no-progress") == 0  # what the interruption message says to run
+    assert NeuronIndex.load(OutDir(out).index).k == 4
+    assert _cli("features", "--out", out, "--no-progress") == 0
+    assert "--model and --data are required (or neither" in _error(capsys, "index", "--out", out, "--model", MODEL)
+    assert "holds no run to resume" in _error(capsys, "index", "--out", tmp_path / "none")
+    OutDir(out).run_json.write_text("{")
+    assert "run.json is not valid JSON" in _error(capsys, "features", "--out", out)
 
 
 def test_unreadable_image_is_named(tmp_path, capsys):

@@ -399,7 +399,10 @@ def test_not_a_run_directory(tmp_path):
         build_report(tmp_path / "broken")
     (tmp_path / "nolayers").mkdir()
     write_json(tmp_path / "nolayers" / "run.json", {"model": "m"})
-    with pytest.raises(ValueError, match="names no layers"):
+    with pytest.raises(ValueError, match=r"run.json is not a run's record \(no data, layers\).*--force"):
+        build_report(tmp_path / "nolayers")
+    write_json(tmp_path / "nolayers" / "run.json", [])
+    with pytest.raises(ValueError, match=r"not a run's record \(no model, data, layers\)"):
         build_report(tmp_path / "nolayers")
 
 

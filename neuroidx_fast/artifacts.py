@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import numbers
 import os
+import shutil
 
 from safetensors.torch import load_file, save_file
 
@@ -56,6 +57,9 @@ def save_features(features: NeuronFeatures, out: OutDir, pngs: bool = True, scal
                                     "input_size": list(rf.input_size), "map_size": list(rf.map_size or (1, 1)),
                                     "whole_image": rf.whole_image, "method": rf.method,
                                     "pad": _pad_to_json(features.pad), "norm": features.norm})
+    # the PNGs of an earlier run of this layer (other units, more crops kept) would stay beside the new ones
+    for folder in (out.nf_png(layer, 0).parent, out.crop_png(layer, 0, 0).parent):
+        shutil.rmtree(folder, ignore_errors=True)
     if not pngs:
         return
     size = max(features.nf.shape[-2:])

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -160,17 +161,31 @@ def _layers(args, index) -> list[str]:
 
 def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> bool:
     """Whether ``layer``'s outputs of ``step`` are complete and were made with ``settings``: a rerun (after
-    an interruption, or with more layers) then skips the layer, saying so; --force makes them again."""
+    an interruption, or with more layers) then skips the layer, saying so; --force makes them again. The
+    record lists the files made (``_record_made``): one deleted since makes the layer again."""
     record = out.step_record(step, layer)
     try:
-        same = not getattr(args, "force", False) and read_json(record) == settings
-    except (OSError, ValueError):  # none yet, or unreadable: make the layer
+        made = read_json(record)
+        same = (not getattr(args, "force", False) and isinstance(made, dict) and made.get("settings") == settings
+                and all((out.root / name).is_file() for name in made.get("files", [None])))
+    except (OSError, ValueError, TypeError):  # none yet, or unreadable: make the layer
         same = False
     if same:
         print(f"{layer}: {step} already made with these settings, skipped (--force makes it again)")
     else:  # the outputs are about to be replaced: until they all are, no record may vouch for them
         record.unlink(missing_ok=True)
     return same
+
+
+def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs) -> None:
+    """Once every output of ``layer``'s ``step`` is saved: the settings it was made with and its files
+    (those in ``outputs``, files or folders), for ``_already_made``."""
+    files = []
+    for path in outputs:
+        path = Path(path)
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files += [p.relative_to(out.root).as_posix() for p in found]
+    write_json(out.step_record(step, layer), {"settings": settings, "files": files})
 
 
 # ----------------------------------------------------------------------------------------------- index
@@ -293,7 +308,7 @@ def step_features(args) -> None:
                                    batch_size=args.batch_size, num_workers=args.workers, device=run.device,
                                    progress=not args.no_progress)
         save_features(features, run.out)
-        write_json(run.out.step_record("features", layer), made_with)
+        _record_made(run.out, "features", layer, made_with, [run.out.features_dir(layer)])
         print(f"{layer}: {features.nf.shape[0]} NFs ({int(features.dead.sum())} dead units), RF "
               f"{features.rf.size[0]}x{features.rf.size[1]} -> {run.out.features_dir(layer)}")
 
@@ -363,7 +378,8 @@ def step_ablate(args) -> None:
         per_class = pd.DataFrame(result.drop.numpy(), columns=names)
         per_class.insert(0, "unit", frame["unit"].to_numpy())
         save_table(per_class, run.out.ablation_classes_csv(layer))
-        write_json(run.out.step_record("ablation", layer), made_with)
+        _record_made(run.out, "ablation", layer, made_with,
+                     [run.out.ablation_csv(layer), run.out.ablation_classes_csv(layer)])
         worst = frame.sort_values("max_class_drop", ascending=False).head(1)
         print(f"{layer}: intact accuracy {float(result.overall_intact_accuracy):.3f}; largest class drop "
               f"{float(worst['max_class_drop'].iloc[0]):.3f} (unit {int(worst['unit'].iloc[0])}, class "
@@ -391,9 +407,10 @@ def step_visualize(args) -> None:
             continue
         images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=run.preprocess,
                           batch_size=args.batch_size, device=run.device)
+        shutil.rmtree(run.out.maximized_png(layer, 0).parent, ignore_errors=True)  # an earlier run's other units
         for unit, image in zip(units, images):
             save_png(image, run.out.maximized_png(layer, unit))
-        write_json(run.out.step_record("visualize", layer), made_with)
+        _record_made(run.out, "visualize", layer, made_with, [run.out.maximized_png(layer, 0).parent])
         print(f"{layer}: {len(units)} maximisation images -> {run.out.maximized_png(layer, units[0]).parent}")
 
 

@@ -163,7 +163,9 @@ def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch,
     assert f"interrupted (run again: `neuroidx features --out {out}` skips the layers it finished)" in capsys.readouterr().err
     assert calls == [("neuron_features", "features.4")]
     record = OutDir(out).step_record("features", "features.4")
-    assert json.loads(record.read_text()) == {"pad": "gray", "keep": 2}
+    made = json.loads(record.read_text())
+    assert made["settings"] == {"pad": "gray", "keep": 2}
+    assert "features/features.4/features.safetensors" in made["files"] and len(made["files"]) == 3 + 12 + 12 * 2
     assert not OutDir(out).step_record("features", "features.8").exists()
 
     counted(features, "neuron_features")
@@ -174,6 +176,14 @@ def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch,
     assert _cli("features", "--out", out, "--keep", 3, "--layers", "features.4", "--no-progress") == 0
     assert _cli("features", "--out", out, "--keep", 3, "--layers", "features.4", "--no-progress", "--force") == 0
     assert calls[2:] == [("neuron_features", "features.4")] * 2
+    # fewer crops kept: the earlier run's extra crop PNGs go; an output deleted since: the layer is made again
+    assert _cli("features", "--out", out, "--keep", 1, "--layers", "features.4", "--no-progress") == 0
+    assert len(list(OutDir(out).crop_png("features.4", 0, 0).parent.iterdir())) == 12
+    OutDir(out).nf_png("features.4", 5).unlink()
+    assert _cli("features", "--out", out, "--keep", 1, "--layers", "features.4", "--no-progress") == 0
+    assert OutDir(out).nf_png("features.4", 5).exists()
+    assert calls[4:] == [("neuron_features", "features.4")] * 2
+    del calls[4:]
 
     # a remake with other settings that is interrupted leaves no record of the old ones behind
     counted(features, "neuron_features", fail_on="features.8")

@@ -44,6 +44,7 @@ Predicted class = ``argmax`` of the logits, the lowest index on ties (as ``torch
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -584,6 +585,10 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
 
     names = getattr(dataset, "classes", None)
     class_names = [str(c) for c in names] if isinstance(names, (list, tuple)) and len(names) == classes else None
+    if isinstance(names, (list, tuple)) and len(names) != classes:
+        warnings.warn(f"the dataset names {len(names)} classes but the model has {classes} outputs: a drop compares "
+                      "output k with label k, which means something only when they are the same classes in the same "
+                      "order; the classes are reported by number", stacklevel=2)
     stats = dict(engine.stats, path="readout" if use_readout else "general",
                  masks_per_batch=None if use_readout else per_call, verify_rtol=None if use_readout else rtol,
                  readout=engine.split.readout.description if use_readout else engine.split.readout_reason)

@@ -479,6 +479,19 @@ def test_result_rates_and_frame():
     assert "drop[c]" in frame.columns
 
 
+def test_dataset_classes_that_are_not_the_models_outputs_are_warned_of(recwarn):
+    model, data = calibrated("vgg")
+    data.classes = ["a", "b", "c"]  # the model has 4 outputs
+    with pytest.warns(UserWarning, match="the dataset names 3 classes but the model has 4 outputs"):
+        result = abl.ablation_drops(model, data, "features.3", units=[0], batch_size=8, progress=False)
+    assert result.class_names is None
+    data.classes = ["a", "b", "c", "d"]
+    recwarn.clear()
+    assert abl.ablation_drops(model, data, "features.3", units=[0], batch_size=8, progress=False).class_names == \
+        ["a", "b", "c", "d"]
+    assert not [w for w in recwarn if "classes but the model" in str(w.message)]
+
+
 def test_weight_l1_of_the_producing_conv():
     model, data = calibrated("vgg", seed=11)
     expected = model.features[3].weight.detach().double().abs().sum(dim=(1, 2, 3))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 __all__ = ["main", "build_parser"]
 
@@ -138,10 +139,18 @@ def _run(args) -> int:
     return 0
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line for a person (--debug keeps Python's form, with the file and line)."""
+    print(f"neuroidx: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            if not getattr(args, "debug", False):
+                warnings.showwarning = _show_warning
+            return _run(args)
     except KeyboardInterrupt:
         resumes = {"index": "resumes where it stopped", "features": "skips the layers it finished",
                    "ablate": "skips the layers it finished", "visualize": "skips the layers it finished"}

@@ -62,7 +62,10 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     table = pd.read_csv(run.table_csv)
     assert len(table) == 12 + 16 and table["color_selectivity"].notna().any()
     assert list(run.plots_dir.glob("*.png"))
+    capsys.readouterr()
     assert _cli("ablate", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    # a warning is one line for a person: 3 class folders, a 4-output test model
+    assert "neuroidx: warning: the dataset names 3 classes but the model has 4 outputs" in capsys.readouterr().err
     drops = pd.read_csv(run.ablation_csv("features.8"))
     assert len(drops) == 16 and {"overall_drop", "max_class_drop"} <= set(drops.columns)
     assert "max_class_drop" in pd.read_csv(run.table_csv).columns

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 
@@ -37,6 +38,9 @@ def parse_normalize(spec: str | None):
         values = [float(v) for v in spec.split(",")]
     except ValueError:
         values = []
+    half = len(values) // 2
+    if len(values) in (2, 6) and (not all(map(math.isfinite, values)) or any(v <= 0 for v in values[half:])):
+        raise ValueError(f"--normalize {spec!r}: the means must be numbers and the standard deviations numbers > 0")
     if len(values) == 2:
         return Normalize((values[0],) * 3, (values[1],) * 3)
     if len(values) == 6:

@@ -43,6 +43,8 @@ def _device(name) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ValueError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1 ...)") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"--device {name!r}: use cpu or cuda (cuda:1 ...)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name} asked for, but torch sees no CUDA device here")
     return device
@@ -204,6 +206,9 @@ def _settings_from(args) -> dict:
         model_args = json.loads(args.model_args) if isinstance(args.model_args, str) else (args.model_args or {})
     except json.JSONDecodeError as exc:
         raise ValueError(f"--model-args is not JSON: {exc}") from None
+    if not isinstance(model_args, dict):
+        raise ValueError(f"--model-args must be a JSON object of keyword arguments ('{{\"num_classes\": 10}}'), got "
+                         f"{args.model_args}")
     if not args.layers:
         raise ValueError("--layers is required for `index`: comma-separated module names of the model")
     return {"model": args.model, "model_args": model_args, "weights": _absolute(args.weights),
@@ -237,6 +242,8 @@ def step_index(args) -> object:
     from .loading import parse_normalize
 
     out = OutDir(args.out)
+    if out.root.exists() and not out.root.is_dir():
+        raise ValueError(f"--out {out.root} is a file: give a directory (new, or a run's)")
     settings = _recorded_settings(out) if args.model is None and args.data is None else _settings_from(args)
     started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
     if out.run_json.exists() and started and not args.force:  # a run that never wrote anything is replaced

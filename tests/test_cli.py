@@ -237,6 +237,14 @@ def test_bad_input_gives_one_line_errors(folder, tmp_path, capsys):
     pickled = tmp_path / "whole.pt"
     torch.save(make_model("vgg"), pickled)
     assert "holds pickled Python objects" in _error(capsys, *_index_args(folder, tmp_path / "p", "--weights", pickled))
+    for spec in ("0.5,0", "nan,1", "0.4,0.4,0.4,1,-1,1"):
+        assert "standard deviations numbers > 0" in _error(capsys, *_index_args(folder, tmp_path / "n"),
+                                                           "--normalize", spec)
+    assert "--model-args must be a JSON object" in _error(capsys, *_index_args(folder, tmp_path / "m"),
+                                                          "--model-args", "[1]")
+    assert "use cpu or cuda" in _error(capsys, *_index_args(folder, tmp_path / "d"), "--device", "meta")
+    (tmp_path / "a_file").write_text("x")
+    assert "is a file: give a directory" in _error(capsys, *_index_args(folder, tmp_path / "a_file"))
 
 
 def test_later_steps_refuse_a_changed_folder_or_model(folder, tmp_path, capsys):

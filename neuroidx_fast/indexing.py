@@ -354,7 +354,15 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                     # the first batch runs the whole forward: a requested module that is called again
                     # later (shared) is an error before anything is recorded
                     run = capture.run_whole if step == first_step else capture.run
-                    outputs = run(x.to(param_dtype))
+                    try:
+                        outputs = run(x.to(param_dtype))
+                    except RuntimeError as exc:
+                        if step != first_step or "out of memory" in str(exc):
+                            raise
+                        raise ValueError(f"the model fails on the first images, {tuple(images.shape[1:])} "
+                                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): "
+                                         "images too small for its layers give this, so use larger ones (the "
+                                         "CLI's --size)") from exc
                 if stats is None:
                     meta["input_size"] = tuple(images.shape[-2:])
                     stats = {}

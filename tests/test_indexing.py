@@ -241,6 +241,11 @@ def test_a_checkpoint_resumes_only_on_the_same_dataset_contents(tmp_path):
     assert torch.equal(resumed["features.2"].values, whole["features.2"].values)
 
 
+def test_images_too_small_for_the_model_say_so():
+    with pytest.raises(ValueError, match=r"fails on the first images, \(3, 2, 2\) \(RuntimeError: .*use larger ones"):
+        nx.index_dataset(make_model("vgg"), ImageSet(n=4, size=2), ["features.8"], k=1, progress=False)
+
+
 def test_nan_activation_names_layer_and_ids():
     model = make_model("vgg")
     with torch.no_grad():

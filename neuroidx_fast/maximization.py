@@ -169,7 +169,8 @@ def _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma):
 def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr: float = 0.05,
              param: str = "fourier", transforms: str | None = "standard", l2: float = 0.0, tv: float = 0.0,
              blur_every: int = 0, blur_sigma: float = 0.5, objective: str = "mean", seed: int = 0,
-             batch_size: int | None = None, device=None, preprocess=None, decorrelate: bool = True) -> torch.Tensor:
+             batch_size: int | None = None, device=None, preprocess=None, decorrelate: bool = True,
+             progress: bool = False) -> torch.Tensor:
     """Images [U, 3, h, w] in [0, 1] (float32, CPU) that maximise each unit of ``units`` (channels of
     ``layer``), one image per unit, all optimised together (``batch_size`` units at a time; None: all).
 
@@ -179,7 +180,8 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     with a fixed colour decorrelation matrix when ``decorrelate``. ``transforms="standard"``: a random
     rotation, scale and jitter of each image at each step, on a mid-gray surround (None: the model sees
     the image as is). ``blur_every`` > 0 blurs the image (std ``blur_sigma`` px) every that many steps.
-    ``preprocess`` (e.g. normalisation) is applied to the [0, 1] image before the model.
+    ``preprocess`` (e.g. normalisation) is applied to the [0, 1] image before the model. ``progress``: a
+    progress bar over the steps of all batches.
 
     Image u depends only on (seed, units[u], the arguments), not on the other units of the batch (up to
     the float rounding of batched convolutions), and is bit-identical from run to run on one device. On
@@ -207,24 +209,36 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     device = model_device(model, device)
     dtype = param_dtype(model)
     results = []
-    with frozen_eval(model, device), UnitObjective(model, name, objective, size, dtype, device) as readout:
-        _check_units(units, readout.width, name)
-        for chunk in _chunks(len(units), batch_size):
-            ids = [units[i] for i in chunk]
-            image = ImageParam.random(param, ids, size, decorrelate=decorrelate, device=device, seed=seed)
-            warp = (RandomTransforms(ids, steps, size, seed=seed, device=device)
-                    if transforms == "standard" else None)
-            unit_objective = readout.for_units(torch.tensor(ids, device=device))
-            optimiser = _adam(image.params, lr)
-            for step in range(steps):
-                optimiser.zero_grad(set_to_none=True)
-                x = image.image()
-                loss = -unit_objective(_model_input(x, warp, step, preprocess, dtype)).sum()
-                if l2:
-                    loss = loss + l2 * (x - 0.5).square().flatten(1).mean(1).sum()
-                _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
-            with torch.no_grad():
-                results.append(image.image().float().cpu())
+    chunks = list(_chunks(len(units), batch_size))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps * len(chunks), unit="step", desc=f"maximize {name}")
+    try:
+        with frozen_eval(model, device), UnitObjective(model, name, objective, size, dtype, device) as readout:
+            _check_units(units, readout.width, name)
+            for chunk in chunks:
+                ids = [units[i] for i in chunk]
+                image = ImageParam.random(param, ids, size, decorrelate=decorrelate, device=device, seed=seed)
+                warp = (RandomTransforms(ids, steps, size, seed=seed, device=device)
+                        if transforms == "standard" else None)
+                unit_objective = readout.for_units(torch.tensor(ids, device=device))
+                optimiser = _adam(image.params, lr)
+                for step in range(steps):
+                    optimiser.zero_grad(set_to_none=True)
+                    x = image.image()
+                    loss = -unit_objective(_model_input(x, warp, step, preprocess, dtype)).sum()
+                    if l2:
+                        loss = loss + l2 * (x - 0.5).square().flatten(1).mean(1).sum()
+                    _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
+                    if bar is not None:
+                        bar.update(1)
+                with torch.no_grad():
+                    results.append(image.image().float().cpu())
+    finally:
+        if bar is not None:
+            bar.close()
     return torch.cat(results)
 
 

@@ -413,7 +413,7 @@ def step_visualize(args) -> None:
         if _already_made(run.out, "visualize", layer, made_with, args):
             continue
         images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=run.preprocess,
-                          batch_size=args.batch_size, device=run.device)
+                          batch_size=args.batch_size, device=run.device, progress=not args.no_progress)
         shutil.rmtree(run.out.maximized_png(layer, 0).parent, ignore_errors=True)  # an earlier run's other units
         for unit, image in zip(units, images):
             save_png(image, run.out.maximized_png(layer, unit))

@@ -126,6 +126,15 @@ def test_deterministic_and_independent_of_the_batch(net):
     assert (alone[0] - a[0]).abs().mean() > 1e-2  # while another unit's image is far away
 
 
+def test_progress_counts_every_step_of_every_batch(net, capsys):
+    quiet = mx.maximize(net, "conv2", [0, 2, 5], size=SIZE, steps=3, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = mx.maximize(net, "conv2", [0, 2, 5], size=SIZE, steps=3, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "maximize conv2" in err and "6/6" in err
+    assert torch.equal(quiet, shown)
+
+
 def test_image_optimiser_is_fused_adam_with_the_plain_update():
     start = torch.randn(4, 3, 8, 5, 2)
     grads = [torch.randn_like(start) for _ in range(3)]

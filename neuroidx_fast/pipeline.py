@@ -344,10 +344,11 @@ def step_selectivity(args) -> None:
 
     run, index = open_run(args.out, args.device)
     layers = _layers(args, index)
+    ablation = _ablation_frame(run.out, layers)  # read first: a broken file is an error before the long part
     color = color_selectivity(run.model, index, layers, run.dataset, gray=args.gray, batch_size=args.batch_size,
                               preprocess=run.preprocess, num_workers=args.workers, device=run.device,
                               progress=not args.no_progress)
-    table = neuron_table(index, layers, color=color, tau=args.tau, extra=_ablation_frame(run.out, layers))
+    table = neuron_table(index, layers, color=color, tau=args.tau, extra=ablation)
     save_table(table, run.out.table_csv)
     plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
     for layer in layers:

@@ -159,7 +159,17 @@ def _read_csv_with_text(path, text_columns):
 
 def read_ablation_csv(path):
     """An ablation summary CSV (ablation/<layer>.csv), ``layer`` and ``max_drop_class_name`` as text."""
-    return _read_csv_with_text(path, ("layer", "max_drop_class_name"))
+    pd = _pandas()
+    try:
+        frame = _read_csv_with_text(path, ("layer", "max_drop_class_name"))
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise ValueError(f"{path} is not an ablation table ({type(exc).__name__}): make it again (neuroidx ablate "
+                         "--force)") from None
+    missing = [c for c in ("layer", "unit") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path} is not an ablation table (no {', '.join(missing)} column): make it again "
+                         "(neuroidx ablate --force)")
+    return frame
 
 
 def load_table(path):

@@ -69,6 +69,10 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     drops = pd.read_csv(run.ablation_csv("features.8"))
     assert len(drops) == 16 and {"overall_drop", "max_class_drop"} <= set(drops.columns)
     assert "max_class_drop" in pd.read_csv(run.table_csv).columns
+    saved = run.ablation_csv("features.8").read_bytes()
+    run.ablation_csv("features.8").write_text("garbage\n1\n")
+    assert "is not an ablation table (no layer, unit column)" in _error(capsys, "selectivity", "--out", out, "--no-progress")
+    run.ablation_csv("features.8").write_bytes(saved)
     # a second layer ablated, then the table made again: one set of ablation columns over both layers
     assert _cli("ablate", "--out", out, "--layers", "features.4", "--no-progress") == 0
     assert _cli("selectivity", "--out", out, "--no-progress", "--batch-size", 5) == 0

@@ -332,7 +332,7 @@ def _ablation_frame(out: OutDir, layers):
     for layer in layers:
         path = out.ablation_csv(layer)
         if path.exists():
-            frame = read_ablation_csv(path)
+            frame = read_ablation_csv(path).assign(layer=layer)  # the file's own name for it, or none
             frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
     return pd.concat(frames, ignore_index=True) if frames else None
 

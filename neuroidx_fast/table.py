@@ -165,10 +165,8 @@ def read_ablation_csv(path):
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
         raise ValueError(f"{path} is not an ablation table ({type(exc).__name__}): make it again (neuroidx ablate "
                          "--force)") from None
-    missing = [c for c in ("layer", "unit") if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path} is not an ablation table (no {', '.join(missing)} column): make it again "
-                         "(neuroidx ablate --force)")
+    if "unit" not in frame.columns:
+        raise ValueError(f"{path} is not an ablation table (no unit column): make it again (neuroidx ablate --force)")
     return frame
 
 

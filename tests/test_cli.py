@@ -71,7 +71,7 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     assert "max_class_drop" in pd.read_csv(run.table_csv).columns
     saved = run.ablation_csv("features.8").read_bytes()
     run.ablation_csv("features.8").write_text("garbage\n1\n")
-    assert "is not an ablation table (no layer, unit column)" in _error(capsys, "selectivity", "--out", out, "--no-progress")
+    assert "is not an ablation table (no unit column)" in _error(capsys, "selectivity", "--out", out, "--no-progress")
     run.ablation_csv("features.8").write_bytes(saved)
     # a second layer ablated, then the table made again: one set of ablation columns over both layers
     assert _cli("ablate", "--out", out, "--layers", "features.4", "--no-progress") == 0

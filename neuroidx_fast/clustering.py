@@ -100,14 +100,17 @@ def _zscore_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - mean) / std.clamp(min=1e-300), ok
 
 
-def _kmeans(points: torch.Tensor, n_clusters: int, seed: int, n_init: int):
+def _kmeans(points: torch.Tensor, n_clusters: int, seed: int, n_init: int, what: str):
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
+    distinct = len(torch.unique(points, dim=0))
+    if distinct < n_clusters:  # k-means would leave clusters empty (sklearn only warns)
+        raise ValueError(f"n_clusters={n_clusters} but the {points.shape[0]} {what} have only {distinct} distinct "
+                         f"feature vectors: ask for at most {distinct} clusters")
     data = points.double().numpy()
     km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(data)
     labels = torch.as_tensor(km.labels_, dtype=torch.int64)
-    distinct = len(torch.unique(points, dim=0))
     score = (float(silhouette_score(data, km.labels_))
              if 2 <= n_clusters < points.shape[0] and distinct > 1 and len(labels.unique()) > 1 else None)
     return labels, score
@@ -120,7 +123,8 @@ def _finish(kind, layer, features, n_clusters, ok, sub_labels, score, reference,
     if reference is not None:
         reference = torch.as_tensor(reference, dtype=torch.int64).reshape(-1)
         if reference.numel() != labels.numel():
-            raise ValueError(f"reference has {reference.numel()} entries for {labels.numel()} {kind}s")
+            raise ValueError(f"reference has {reference.numel()} entries for {labels.numel()} "
+                             f"{'categories' if kind == 'category' else kind + 's'}")
         if ((labels >= 0) & (reference >= 0)).any():
             pur = purity(labels, reference)
     sizes = torch.bincount(sub_labels, minlength=n_clusters).tolist()
@@ -145,7 +149,8 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
     num_units = layer_index.num_units
     if features == "class_profile":
         means = _class_means(index, layer_index, "cluster_units(features='class_profile')")
-        means = means[torch.isfinite(means).all(1)]          # classes without images carry no information
+        classes = torch.isfinite(means).all(1).nonzero().reshape(-1)  # classes without images carry no information
+        means = means[classes]
         if means.shape[0] < 2:
             raise ValueError(f"class profiles need at least 2 classes with images, layer {layer!r} has "
                              f"{means.shape[0]}")
@@ -154,7 +159,8 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
         if normalize is None or normalize:
             points = z
         if reference is None:
-            reference = torch.where(ok, points.nan_to_num(-torch.inf).argmax(1), torch.full((num_units,), -1))
+            preferred = classes[points.nan_to_num(-torch.inf).argmax(1)]  # a class id, not a position in `classes`
+            reference = torch.where(ok, preferred, torch.full((num_units,), -1))
     else:
         if nf is None:
             raise ValueError("features='nf' needs the Neuron Features: pass nf= (the result of "
@@ -171,7 +177,7 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
             points, ok = z, ok & finite
     available = int(ok.sum())
     n_clusters = _check_k(n_clusters, available, "units (with a usable feature)")
-    sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init)
+    sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init, "units")
     names = [f"unit {c}" for c in range(num_units)]
     return _finish("unit", layer, features, n_clusters, ok, sub_labels, score, reference, names)
 
@@ -196,7 +202,7 @@ def cluster_categories(index, layer: str, n_clusters: int, groups=None, normaliz
         points = torch.zeros(means.shape[0], int(usable.sum()), dtype=torch.float64)
         points[ok] = z[usable].T
     n_clusters = _check_k(n_clusters, int(ok.sum()), "classes with images")
-    sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init)
+    sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init, "classes")
     count = means.shape[0]
     names = list(index.class_names) if index.class_names and len(index.class_names) == count else \
         [f"class {k}" for k in range(count)]

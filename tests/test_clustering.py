@@ -138,6 +138,21 @@ def test_clear_errors_without_labels_or_layer(model):
     assert torch.equal(cluster_units(labelled, "1", np.int64(2)).labels, cluster_units(labelled, "1", 2).labels)
 
 
+def test_preferred_class_is_a_class_id_when_a_class_has_no_images():
+    from neuroidx_fast.neuron_index import LayerIndex, NeuronIndex
+
+    count = torch.tensor([5, 0, 5, 5])  # class 1 has no images
+    means = torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.float64)
+    slots = torch.zeros(4, 1, dtype=torch.int64)
+    layer = LayerIndex("L", torch.ones(4, 1), slots, slots, (1, 1), 15, torch.ones(4, dtype=torch.float64),
+                       means * count[:, None], count)
+    index = NeuronIndex({"L": layer}, 1, 15, class_names=["a", "b", "c", "d"])
+    assert cluster_units(index, "L", 2).reference.tolist() == [0, 2, 3, 2]  # it was [0, 1, 2, 1]
+    # fewer distinct profiles than clusters: an error, not empty clusters
+    with pytest.raises(ValueError, match="n_clusters=4 but the 4 units have only 3 distinct .*at most 3"):
+        cluster_units(index, "L", 4)
+
+
 def test_purity():
     assert purity([0, 0, 1, 1], [5, 5, 6, 7]) == 0.75
     assert purity([0, -1, 1, 1], [5, 6, 6, -1]) == 1.0

@@ -61,6 +61,8 @@ def model_device(model: nn.Module, device) -> torch.device:
 
 
 def _one_layer(model, layer) -> str:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(layer, str):
         raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
     return next(iter(resolve_layers(model, [layer])))
@@ -449,6 +451,10 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
         onehot = torch.zeros(clusters, n, dtype=torch.float64)
         onehot[labels, torch.arange(n)] = w
         targets = (onehot @ features.double()).float()                                   # [K, C]
+        if not bool((targets.abs() > 0).any(dim=1).all()):
+            raise ValueError(f"the features of {name!r} are all zero on the images of cluster(s) "
+                             f"{(targets == 0).all(dim=1).nonzero().reshape(-1).tolist()} (a layer dead on them): there "
+                             "is no target to move towards; pick another layer or other images")
         start = torch.einsum("kn,nchw->kchw", onehot, batch.double()).float().clamp(0, 1)
         top = min(top_channels, targets.shape[1])
         top_idx = targets.topk(top, dim=1).indices

@@ -299,6 +299,16 @@ def test_towards_errors(net, two_groups):
         mx.maximize_towards(net, "conv2", broken, steps=1)
     with pytest.raises(ValueError, match="clusters must be a positive int"):
         mx.maximize_towards(net, "conv2", two_groups[:4], clusters=1.0, steps=1)
+    dead = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with torch.no_grad():
+        dead[0].bias.fill_(-100.0)  # never fires on [0, 1] images
+    with pytest.raises(ValueError, match=r"features of '1' are all zero on the images of cluster\(s\) \[0\]"):
+        mx.maximize_towards(dead, "1", two_groups[:4], steps=1)
+    for call in (lambda: mx.maximize_towards(lambda x: x, "conv2", two_groups[:4], steps=1),
+                 lambda: mx.maximize(lambda x: x, "conv2", [0], size=SIZE, steps=1),
+                 lambda: mx.unit_activations(lambda x: x, "conv2", two_groups[:4], 0)):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
+            call()
 
 
 @pytest.mark.gpu

@@ -171,12 +171,13 @@ def read_ablation_csv(path):
 
 
 def load_table(path):
-    """Read a table written by ``save_table``. From CSV, ``layer`` and ``top_class_name`` stay text
-    (layer names such as "3" are not read as numbers, class names such as "NA" not as missing)."""
+    """Read a table written by ``save_table``. From CSV, ``layer`` and the class names (``top_class_name``,
+    ``max_drop_class_name``) stay text (layer names such as "3" are not read as numbers, class names
+    such as "00" or "NA" not as 0 or missing)."""
     pd = _pandas()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no table at {path!r}")
     if _format(path) == ".parquet":
         return pd.read_parquet(path, engine="pyarrow").reset_index(drop=True)
-    return _read_csv_with_text(path, ("layer", "top_class_name"))
+    return _read_csv_with_text(path, ("layer", "top_class_name", "max_drop_class_name"))

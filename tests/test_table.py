@@ -155,6 +155,15 @@ def test_save_load_round_trip(indexed, tmp_path, ext):
     assert load_table(path)["top_class_name"].tolist()[0] in ("NA", "None")
 
 
+def test_class_names_that_look_like_numbers_stay_text(tmp_path):
+    # e.g. GTSRB's folders 00000, 00001, ...: the ablation columns joined into the table too
+    df = pd.DataFrame({"layer": ["3"], "unit": [0], "top_class_name": ["00"], "max_drop_class_name": ["007"],
+                       "max_class_drop": [0.5]})
+    save_table(df, tmp_path / "t.csv")
+    back = load_table(tmp_path / "t.csv")
+    assert back.loc[0, ["layer", "top_class_name", "max_drop_class_name"]].tolist() == ["3", "00", "007"]
+
+
 def test_save_errors(indexed, tmp_path, monkeypatch):
     _, index, _ = indexed
     df = neuron_table(index)

@@ -17,13 +17,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
-from .atomic import write_atomic
+from .atomic import public_mode, write_atomic
 from .outdir import OutDir, read_json
 from .table import read_ablation_csv
 
@@ -426,66 +428,67 @@ def _unit_page(run: _Run, layer: _Layer, position: int, page_dir: Path, root: st
 
 
 # ------------------------------------------------------------------------------------------------ build
-def _remove_stale(folder: Path, keep: set) -> None:
-    """Pages an older report wrote for layers or units this run no longer has."""
-    if not folder.is_dir():
-        return
-    for path in folder.iterdir():
-        if path.is_file() and path.suffix == ".html" and path not in keep:
-            path.unlink()
+def _swap_in(built: Path, final: Path) -> None:
+    """Put the report built in ``built`` (a sibling of ``final``) in place of the old one: two renames, so
+    that readers see the old report or the new one whole, never a mix of their pages; then remove the
+    old one and what killed builds left beside it (``report.tmp-*``, ``report.old-*``)."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=final.name + ".old-", dir=final.parent))
+        old.rmdir()
+        os.replace(final, old)
+    os.replace(built, final)
+    for entry in final.parent.iterdir():
+        if entry.name.startswith((final.name + ".tmp-", final.name + ".old-")) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def build_report(out_dir, title: str | None = None) -> Path:
     """Write the HTML report of the run directory ``out_dir`` under ``out_dir/report/``; returns the path
-    of ``report/index.html``. Rebuilding over an older report replaces it page by page."""
+    of ``report/index.html``. The report is built in a folder beside it and swapped in whole: a build
+    that is interrupted leaves the old report as it was, and no page of a layer or unit the run no
+    longer has survives a rebuild."""
     run = _Run(out_dir)
     out = run.out
     env = _environment()
     s = run.settings
     title = title or f"neuroidx report: {s.get('model', '?')} on {s.get('data', '?')}"
     env.globals.update(title=title, dash=DASH)
-    report = out.report_dir
-    written: set = set()
+    out.root.mkdir(parents=True, exist_ok=True)
+    # a sibling of report/: the pages' relative links to the run's files are the same from both
+    report = Path(tempfile.mkdtemp(prefix=out.report_dir.name + ".tmp-", dir=out.root))
+    try:
+        os.chmod(report, public_mode(directory=True))
+        for name in ("report.css", "report.js"):
+            source = env.loader.get_source(env, name)[0]
+            _write_text(report / "static" / name, source)
 
-    for name in ("report.css", "report.js"):
-        source = env.loader.get_source(env, name)[0]
-        _write_text(report / "static" / name, source)
+        unit_template = env.get_template("unit.html")
+        for layer in run.layers:
+            folder = report / "units" / layer.page
+            for position, unit in enumerate(layer.units):
+                path = folder / f"{unit}.html"
+                _write_text(path, unit_template.render(**_unit_page(run, layer, position, folder, "../../")))
 
-    unit_template = env.get_template("unit.html")
-    for layer in run.layers:
-        folder = report / "units" / layer.page
-        for position, unit in enumerate(layer.units):
-            path = folder / f"{unit}.html"
-            _write_text(path, unit_template.render(**_unit_page(run, layer, position, folder, "../../")))
-            written.add(path)
-        _remove_stale(folder, written)
+        layer_template = env.get_template("layer.html")
+        for layer in run.layers:
+            path = report / "layers" / f"{layer.page}.html"
+            _write_text(path, layer_template.render(**_layer_page(run, layer, path.parent, "../")))
 
-    layer_template = env.get_template("layer.html")
-    for layer in run.layers:
-        path = report / "layers" / f"{layer.page}.html"
-        _write_text(path, layer_template.render(**_layer_page(run, layer, path.parent, "../")))
-        written.add(path)
-    _remove_stale(report / "layers", written)
-    units_root = report / "units"
-    if units_root.is_dir():
-        current = {layer.page for layer in run.layers}
-        for folder in units_root.iterdir():
-            if folder.is_dir() and folder.name not in current:
-                _remove_stale(folder, written)
-                if not any(folder.iterdir()):
-                    folder.rmdir()
-
-    plots = sorted(out.plots_dir.glob("*.png")) if out.plots_dir.is_dir() else []
-    layers = []
-    for layer in run.layers:
-        dead = [layer.dead(u) for u in layer.units]
-        layers.append({"layer": layer, "href": f"layers/{quote(layer.page)}.html", "units": len(layer.units),
-                       "dead": sum(1 for d in dead if d) if any(d is not None for d in dead) else None,
-                       "status": _layer_status(run, layer)})
-    index_path = out.report_index
-    page = env.get_template("index.html").render(
-        root="", summary=_summary(run), layers=layers, notes=run.notes, hints=HINTS,
-        plots=[{"name": p.stem, "src": _url(p, report)} for p in plots], has_table=run.table_columns is not None,
-        has_index=run.index is not None)
-    _write_text(index_path, page)
-    return index_path
+        plots = sorted(out.plots_dir.glob("*.png")) if out.plots_dir.is_dir() else []
+        layers = []
+        for layer in run.layers:
+            dead = [layer.dead(u) for u in layer.units]
+            layers.append({"layer": layer, "href": f"layers/{quote(layer.page)}.html", "units": len(layer.units),
+                           "dead": sum(1 for d in dead if d) if any(d is not None for d in dead) else None,
+                           "status": _layer_status(run, layer)})
+        page = env.get_template("index.html").render(
+            root="", summary=_summary(run), layers=layers, notes=run.notes, hints=HINTS,
+            plots=[{"name": p.stem, "src": _url(p, report)} for p in plots], has_table=run.table_columns is not None,
+            has_index=run.index is not None)
+        _write_text(report / out.report_index.name, page)
+    except BaseException:
+        shutil.rmtree(report, ignore_errors=True)
+        raise
+    _swap_in(report, out.report_dir)
+    return out.report_index

@@ -406,6 +406,45 @@ def test_not_a_run_directory(tmp_path):
         build_report(tmp_path / "nolayers")
 
 
+def test_an_interrupted_rebuild_leaves_the_old_report_whole(run, tmp_path, monkeypatch):
+    import neuroidx_fast.report as report_module
+
+    out = fresh_copy(run, tmp_path)
+    build_report(out.root)
+    before = {p: p.read_bytes() for p in out.report_dir.rglob("*") if p.is_file()}
+    table = pd.read_csv(out.table_csv)
+    table["color_selectivity"] *= 10  # every page showing it would change
+    table.to_csv(out.table_csv, index=False)
+    (out.root / "report.tmp-killed").mkdir()  # what a build killed earlier left
+    write = report_module._write_text
+    pages = []
+
+    def interrupted(path, text):
+        pages.append(path)
+        if len(pages) == 6:
+            raise KeyboardInterrupt
+        write(path, text)
+
+    monkeypatch.setattr(report_module, "_write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_report(out.root)
+    assert {p: p.read_bytes() for p in out.report_dir.rglob("*") if p.is_file()} == before  # its 5 new pages went elsewhere
+    assert sorted(p.name for p in out.root.iterdir() if p.name.startswith("report")) == ["report", "report.tmp-killed"]
+    monkeypatch.setattr(report_module, "_write_text", write)
+    build_report(out.root)
+    assert {p: p.read_bytes() for p in out.report_dir.rglob("*") if p.is_file()} != before
+    assert sorted(p.name for p in out.root.iterdir() if p.name.startswith("report")) == ["report"]
+    assert oct(out.report_dir.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_rebuild_over_an_old_report(run, tmp_path):
     out = fresh_copy(run, tmp_path)
     build_report(out.root)

@@ -135,10 +135,12 @@ def _draw_shares(ax, table, layers, color_threshold, class_threshold, class_colu
             ax.text(xi, (100 * s if s == s else 0) + 1, f"{100 * s:.0f}%" if s == s else "n/a", ha="center",
                     va="bottom", fontsize=7, color="black" if s == s else "gray")
     ax.set_xticks(x, _tick_labels(layers), rotation=30 if len(layers) > 4 else 0)
-    ax.set_ylim(0, 110)
+    # headroom above the 100% bars and their labels for the legend, which must not cover any of them
+    ax.set_ylim(0, 135)
+    ax.set_yticks(range(0, 101, 20))
     ax.set_ylabel("% of units (index defined)")
     ax.set_title("selective units per layer", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", ncol=len(bars), frameon=False)
     ax.grid(axis="y", alpha=0.3)
 
 

@@ -211,6 +211,21 @@ def test_plots_write_pngs(indexed, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["dollars.png", "figs", "morcos.png", "nan.png", "summary.png"]
 
 
+def test_the_share_legend_covers_no_bar_or_label():
+    table = pd.DataFrame({"layer": ["a"] * 2 + ["b"] * 2, "unit": [0, 1, 0, 1], "color_selectivity": [0.9] * 4,
+                          "class_selectivity": [0.9] * 4})  # every bar at 100%, with its "100%" label above
+    fig = plots._figure(4.0, 3.6)
+    ax = fig.subplots()
+    plots._draw_shares(ax, table, ["a", "b"], 0.25, 0.5, "class_selectivity")
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    covered = [artist for artist in list(ax.patches) + list(ax.texts)
+               if artist.get_window_extent(renderer).overlaps(legend)]
+    assert not covered
+    assert legend.y1 <= ax.get_window_extent(renderer).y1  # and it stays inside the axes
+
+
 def test_plot_shares_and_errors(indexed, tmp_path):
     df = pd.DataFrame({"layer": ["a"] * 4 + ["b"] * 3, "unit": [0, 1, 2, 3, 0, 1, 2],
                        "color_selectivity": [0.1, 0.5, np.nan, 0.9, np.nan, np.nan, np.nan],

@@ -231,7 +231,7 @@ def _receptive_fields(model, names, input_size, channels: int) -> dict:
     for name in names:
         try:
             rf = receptive_field(model, name, input_size, channels=channels)
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # the index is complete: a field that cannot be found must not lose it
             warnings.warn(f"no receptive field recorded for {name!r} ({exc}); pass rf= to neuron_features",
                           stacklevel=3)
             continue

@@ -596,9 +596,10 @@ def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:
     tracer = _Tracer(leaves)
     try:
         graph = tracer.trace(module)
+        # its Python code too: fx writes a module named with a quote into a string literal it cannot close
+        return fx.GraphModule(tracer.root, graph)
     except Exception as exc:  # fx raises many types for untraceable Python
         raise _Unsupported(f"torch.fx cannot trace {type(module).__name__} ({type(exc).__name__}: {exc})") from None
-    return fx.GraphModule(tracer.root, graph)
 
 
 class _Walk(fx.Interpreter):

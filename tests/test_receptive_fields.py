@@ -297,6 +297,16 @@ def test_an_input_too_small_for_the_model_is_a_clear_error():
         receptive_field(model, "1", 8)
 
 
+def test_a_module_named_with_a_quote_is_probed():
+    # torch.fx writes module names into string literals of its generated code: a quote breaks it
+    model = nn.Sequential()
+    model.add_module('c"1', nn.Conv2d(3, 4, 3))
+    model.add_module("out", nn.Conv2d(4, 4, 3, stride=2))
+    with pytest.warns(UserWarning, match="graph walk stopped at torch.fx cannot trace"):
+        rf = receptive_field(model.eval(), "out", 16)
+    assert (rf.size, rf.stride, rf.offset, rf.method) == ((5, 5), (2, 2), (0, 0), "probe")
+
+
 def test_a_model_of_other_input_channels_is_told_to_pass_them():
     gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2)).eval()
     with pytest.warns(UserWarning, match="graph walk stopped"), \

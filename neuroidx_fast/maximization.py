@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -250,6 +251,7 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
     one int ``units`` means that unit on every image. No transforms: what the image itself drives."""
     name = _one_layer(model, layer)
     images = _image_batch(images)
+    _check_pixel_range(images)
     units = _units(units)
     if len(units) == 1:
         units = units * images.shape[0]
@@ -301,7 +303,12 @@ def _image_batch(images, ids=None) -> torch.Tensor:
     """A pixel-space batch [N, 3, H, W] (CPU float32) from a tensor, a list of images or a map-style
     dataset yielding images or (image, label) pairs; ``ids`` picks items."""
     if isinstance(images, torch.Tensor):
-        batch = images if ids is None else images[torch.as_tensor(ids, dtype=torch.int64)]
+        picks = None if ids is None else torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
+        outside = picks is not None and picks.numel() and (int(picks.min()) < -len(images)
+                                                           or int(picks.max()) >= len(images))
+        if outside:
+            raise IndexError(f"image ids {picks.tolist()[:8]} out of range: the image set has {len(images)} items")
+        batch = images if picks is None else images[picks]
         if batch.dim() == 3:
             batch = batch[None]
     else:
@@ -421,7 +428,7 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     for label, value in (("activation_weight", activation_weight), ("distance_weight", distance_weight),
                          ("l1", l1), ("tv", tv), ("blur_sigma", blur_sigma)):
         _positive(label, value, zero_ok=True)
-    if not 0 < lr_decay <= 1:
+    if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay (final step / first step) must be in (0, 1], got {lr_decay!r}")
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
@@ -452,9 +459,9 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
         onehot[labels, torch.arange(n)] = w
         targets = (onehot @ features.double()).float()                                   # [K, C]
         if not bool((targets.abs() > 0).any(dim=1).all()):
-            raise ValueError(f"the features of {name!r} are all zero on the images of cluster(s) "
-                             f"{(targets == 0).all(dim=1).nonzero().reshape(-1).tolist()} (a layer dead on them): there "
-                             "is no target to move towards; pick another layer or other images")
+            dead = (targets == 0).all(dim=1).nonzero().reshape(-1).tolist()
+            raise ValueError(f"the features of {name!r} are all zero on the images of cluster(s) {dead} (a layer dead "
+                             "on them): there is no target to move towards; pick another layer or other images")
         start = torch.einsum("kn,nchw->kchw", onehot, batch.double()).float().clamp(0, 1)
         top = min(top_channels, targets.shape[1])
         top_idx = targets.topk(top, dim=1).indices

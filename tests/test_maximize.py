@@ -304,6 +304,14 @@ def test_towards_errors(net, two_groups):
         dead[0].bias.fill_(-100.0)  # never fires on [0, 1] images
     with pytest.raises(ValueError, match=r"features of '1' are all zero on the images of cluster\(s\) \[0\]"):
         mx.maximize_towards(dead, "1", two_groups[:4], steps=1)
+    with pytest.raises(IndexError, match=r"image ids \[1, 9\] out of range: the image set has 4 items"):
+        mx.maximize_towards(net, "conv2", two_groups[:4], ids=[1, 9], steps=1)
+    with pytest.raises(ValueError, match="lr_decay"):
+        mx.maximize_towards(net, "conv2", two_groups[:4], lr_decay="a", steps=1)
+    with pytest.raises(ValueError, match=r"image\(s\) \[2\] of the set hold NaN"):
+        mx.unit_activations(net, "conv2", broken, 0)
+    with pytest.raises(ValueError, match=r"pixel space \[0, 1\]"):
+        mx.unit_activations(net, "conv2", two_groups[:4] * 255, 0)
     for call in (lambda: mx.maximize_towards(lambda x: x, "conv2", two_groups[:4], steps=1),
                  lambda: mx.maximize(lambda x: x, "conv2", [0], size=SIZE, steps=1),
                  lambda: mx.unit_activations(lambda x: x, "conv2", two_groups[:4], 0)):

@@ -31,6 +31,13 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _manifest_sha256(manifest: dict) -> str:
+    """Checksum of a manifest's content (its canonical JSON, without the checksum itself): a flipped digit
+    of images_seen or of a map size would otherwise load as valid JSON, silently wrong."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -58,6 +65,7 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
         with open(tensor_path, "rb+") as f:
             os.fsync(f.fileno())
         full = {"format": kind, "format_version": version, **manifest, "tensors_sha256": _sha256(tensor_path)}
+        full["manifest_sha256"] = _manifest_sha256(full)
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(full, f, indent=1)
             f.flush()
@@ -139,6 +147,10 @@ def read_bundle(path: str, kind: str, max_version: int) -> tuple[dict, dict[str,
             manifest = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path} is corrupt: {exc}") from None
+    # (bundles of earlier versions have no manifest checksum: their tensors are still checked)
+    if isinstance(manifest, dict) and "manifest_sha256" in manifest \
+            and manifest["manifest_sha256"] != _manifest_sha256(manifest):
+        raise BundleError(f"{manifest_path} does not match its checksum: the file is corrupt")
     if not isinstance(manifest, dict) or manifest.get("format") != kind:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{path} holds {found!r}, not a {kind}")

@@ -324,6 +324,27 @@ def test_a_write_killed_between_its_renames_is_recovered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+def test_a_changed_manifest_is_detected(tmp_path):
+    # a flipped digit keeps the JSON valid: images_seen 9 -> 8 would load silently wrong
+    import json
+
+    index = nx.index_dataset(make_model("vgg"), ImageSet(n=9), ["features.2"], k=3, progress=False)
+    index.save(tmp_path / "index")
+    manifest = tmp_path / "index" / "manifest.json"
+    text = manifest.read_text()
+    assert '"images_seen": 9' in text
+    manifest.write_text(text.replace('"images_seen": 9', '"images_seen": 8'))
+    with pytest.raises(BundleError, match="manifest.json does not match its checksum"):
+        nx.NeuronIndex.load(tmp_path / "index")
+    manifest.write_text(text)
+    assert nx.NeuronIndex.load(tmp_path / "index")["features.2"].images_seen == 9
+    # a bundle of an earlier version, without the checksum, still loads
+    old = json.loads(text)
+    del old["manifest_sha256"]
+    manifest.write_text(json.dumps(old))
+    assert nx.NeuronIndex.load(tmp_path / "index")["features.2"].images_seen == 9
+
+
 def test_outputs_are_not_private(tmp_path):
     from neuroidx_fast.outdir import write_json
 

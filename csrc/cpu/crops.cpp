@@ -298,13 +298,11 @@ NX_ALWAYS_INLINE void accumulate_block(double* sums, const T* images, const int6
       prefetch_row(next_a, i, H, W);
       prefetch_row(next_b, i, H, W);
       double* dst = sums + i * rw;
-      if (a.plane != nullptr && b.plane != nullptr) {
+      if (b.plane != nullptr) {  // a always holds a crop (q < n); b not past the last one
         add_row_pair<T>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge),
                         row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
-      } else if (a.plane != nullptr) {
+      } else {
         add_row<T>(dst, row_terms(a, i, H, W, rw, wa, pad_a, edge), rw);
-      } else if (b.plane != nullptr) {
-        add_row<T>(dst, row_terms(b, i, H, W, rw, wb, pad_b, edge), rw);
       }
     }
   }

@@ -27,6 +27,7 @@ import numpy as np
 
 from .atomic import public_mode, write_atomic
 from .outdir import OutDir, read_json
+from .storage import replace_directory
 from .table import read_ablation_csv
 
 __all__ = ["build_report", "HINTS"]
@@ -428,21 +429,6 @@ def _unit_page(run: _Run, layer: _Layer, position: int, page_dir: Path, root: st
 
 
 # ------------------------------------------------------------------------------------------------ build
-def _swap_in(built: Path, final: Path) -> None:
-    """Put the report built in ``built`` (a sibling of ``final``) in place of the old one: two renames, so
-    that readers see the old report or the new one whole, never a mix of their pages; then remove the
-    old one and what killed builds left beside it (``report.tmp-*``, ``report.old-*``)."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=final.name + ".old-", dir=final.parent))
-        old.rmdir()
-        os.replace(final, old)
-    os.replace(built, final)
-    for entry in final.parent.iterdir():
-        if entry.name.startswith((final.name + ".tmp-", final.name + ".old-")) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 def build_report(out_dir, title: str | None = None) -> Path:
     """Write the HTML report of the run directory ``out_dir`` under ``out_dir/report/``; returns the path
     of ``report/index.html``. The report is built in a folder beside it and swapped in whole: a build
@@ -490,5 +476,5 @@ def build_report(out_dir, title: str | None = None) -> Path:
     except BaseException:
         shutil.rmtree(report, ignore_errors=True)
         raise
-    _swap_in(report, out.report_dir)
+    replace_directory(report, out.report_dir)  # whole: the old report, or the new one
     return out.report_index

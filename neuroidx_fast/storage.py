@@ -72,20 +72,31 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         os.chmod(tmp, public_mode(directory=True))
-        old = None
-        if os.path.exists(path):
-            if not os.path.isdir(path) or (os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST))):
-                raise BundleError(f"refusing to overwrite {path}: it exists and is not a neuroidx_fast bundle")
-            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-            os.rmdir(old)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(parent)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(path) and (not os.path.isdir(path)
+                                     or (os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST)))):
+            raise BundleError(f"refusing to overwrite {path}: it exists and is not a neuroidx_fast bundle")
+        replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(new, path) -> None:
+    """Put the finished directory ``new`` (a sibling of ``path``, named ``<name>.tmp-*``) at ``path``: the
+    old one is moved aside (``<name>.old-*``) and ``new`` moved in, two renames, so that readers see the
+    old directory or the new one whole, never a mix; then the old one goes, with what killed writes left
+    beside ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
+        os.rmdir(old)
+        os.replace(path, old)
+    os.replace(new, path)
+    _fsync_dir(parent)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     _remove_leftovers(path)
 
 

@@ -126,23 +126,17 @@ def _check_index_of_run(out: OutDir, settings: dict, index) -> None:
                          "again (--force)")
 
 
-def _data_fingerprint(dataset) -> str | None:
-    """The image folder's file list fingerprint (ImageFolder.fingerprint), None for generated data."""
-    base = getattr(dataset, "dataset", dataset)  # a Subset of the first --images images
-    return base.fingerprint() if hasattr(base, "fingerprint") else None
-
-
 def _check_same_inputs(out: OutDir, settings: dict, run: Run) -> None:
     """Image ids are positions in the dataset and the index holds the model's activations: a later step
     on another file list or other weights would pair them with the wrong images or units, silently."""
-    from .indexing import model_fingerprint
+    from .indexing import dataset_fingerprint, model_fingerprint
 
     recorded = settings.get("num_images")
     if recorded is not None and recorded != len(run.dataset):
         raise ValueError(f"{settings['data']} now holds {len(run.dataset)} images, but {recorded} were indexed: the "
                          "ids no longer name the same images. Restore the folder, or index again (--force)")
     data = settings.get("data_fingerprint")
-    if data is not None and data != _data_fingerprint(run.dataset):
+    if data is not None and data != dataset_fingerprint(run.dataset):
         raise ValueError(f"the files of {settings['data']} changed since the index was made (added, removed, "
                          "replaced or edited): the ids no longer name the same images. Restore them (with their "
                          "modification times: cp -p), or index again (--force)")
@@ -246,8 +240,9 @@ def step_index(args) -> object:
         raise ValueError(f"--out {out.root} is a file: give a directory (new, or a run's)")
     settings = _recorded_settings(out) if args.model is None and args.data is None else _settings_from(args)
     started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
-    if out.run_json.exists() and started and not args.force:  # a run that never wrote anything is replaced
-        old = out.run_settings()
+    # the run DIR holds, unless it never wrote anything (then simply replaced) or --force replaces it
+    old = out.run_settings() if out.run_json.exists() and started and not args.force else None
+    if old is not None:
         differ = [key for key in _RECIPE if _comparable(key, old.get(key)) != _comparable(key, settings.get(key))]
         finished = (out.index / "manifest.json").exists()
         if differ:
@@ -270,14 +265,13 @@ def step_index(args) -> object:
     preprocess = parse_normalize(settings["normalize"])
     device = _device(args.device)
     classes = getattr(dataset, "classes", None)
-    from .indexing import model_fingerprint
+    from .indexing import dataset_fingerprint, model_fingerprint
 
     record = dict(settings, class_names=list(classes) if classes else None, num_images=len(dataset),
-                  data_fingerprint=_data_fingerprint(dataset), model_fingerprint=model_fingerprint(model),
+                  data_fingerprint=dataset_fingerprint(dataset), model_fingerprint=model_fingerprint(model),
                   created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__,
                   run_id=uuid.uuid4().hex)
-    if out.checkpoint.exists() and out.run_json.exists() and not args.force:  # a resume: of the same inputs?
-        old = out.run_settings()
+    if old is not None:  # a resume (a finished index returned above): of the same inputs?
         for key, what in (("data_fingerprint", f"the files of {settings['data']}"),
                           ("model_fingerprint", "the model's weights")):
             if old.get(key) is not None and old[key] != record[key]:

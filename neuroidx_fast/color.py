@@ -97,8 +97,8 @@ def _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, pr
         if bool(off.any()):
             k = int(off.nonzero()[0])
             warnings.warn(f"color selectivity of {name!r}: the model does not give back the index's top activations "
-                          f"on {int(off.sum())} of {int(hit.sum())} top-image slots checked (e.g. {float(then[k]):.4g}, "
-                          f"now {float(now[k]):.4g}): pass the preprocess= and autocast_dtype= the index was built "
+                          f"on {int(off.sum())} of {int(hit.sum())} top-image slots checked (e.g. "
+                          f"{float(then[k]):.4g}, now {float(now[k]):.4g}): pass the preprocess= and autocast_dtype= the index was built "
                           "with, and the same weights; alpha compares the two", stacklevel=3)
 
 

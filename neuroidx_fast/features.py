@@ -186,11 +186,12 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     L = index[layer]
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if as_index(keep_crops) is None or as_index(keep_crops) < 0:
+    keep_int, batch_int = as_index(keep_crops), as_index(batch_size)
+    if keep_int is None or keep_int < 0:
         raise ValueError(f"keep_crops must be an int >= 0, got {keep_crops!r}")
-    if as_index(batch_size) is None or as_index(batch_size) < 1:
+    if batch_int is None or batch_int < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    keep_crops, batch_size = as_index(keep_crops), as_index(batch_size)
+    keep_crops, batch_size = keep_int, batch_int
     dataset = resolve_dataset(index, dataset)
     rf = _resolve_rf(index, layer, rf, model)
     pad = _resolve_pad(pad, index)

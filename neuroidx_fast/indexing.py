@@ -305,8 +305,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                   min(length, (rank + 1) * all_batches // world * batch_size))
     device, param_dtype = eval_on_device(model, device)
     # everything that changes the activations: a resume must continue the same computation
-    fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names, "k": k, "dataset_length": length,
-                   "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
+    fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names, "k": k,
+                   "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
                    "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                    "preprocess": _preprocess_fingerprint(preprocess)}
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
@@ -359,10 +359,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                     except RuntimeError as exc:
                         if step != first_step or "out of memory" in str(exc):
                             raise
+                        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                         raise ValueError(f"the model fails on the first images, {tuple(images.shape[1:])} "
-                                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}): "
-                                         "images too small for its layers give this, so use larger ones (the "
-                                         "CLI's --size)") from exc
+                                         f"({type(exc).__name__}: {first_line}): images too small for its layers "
+                                         "give this, so use larger ones (the CLI's --size)") from exc
                 if stats is None:
                     meta["input_size"] = tuple(images.shape[-2:])
                     stats = {}

@@ -117,11 +117,12 @@ def top_image_labels(index, layer=None, labels=None) -> torch.Tensor:
 
 def _topk_weights(lay: LayerIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w [C, K] float64, valid [C, K] bool, dead [C] bool): weights a_1 times w_j = a_j / a_1 over the
-    valid slots (images at a value above -inf): the shares f(k) are ratios of their sums, and sums of the
-    float32 a_j themselves keep classes that tie exactly tied (a_j / a_1 rounds)."""
+    valid slots (``LayerIndex.live_slots``: images at a value above -inf, of live units): the shares f(k)
+    are ratios of their sums, and sums of the float32 a_j themselves keep classes that tie exactly tied
+    (a_j / a_1 rounds)."""
     dead = lay.dead()
     values = lay.values.to(torch.float64)
-    valid = (lay.ids >= 0) & (values > float("-inf"))
+    valid = lay.live_slots()
     top = torch.where(dead, torch.ones_like(values[:, 0]), values[:, 0])
     # Negative activations (possible in layers without a ReLU) weigh 0, as a ReLU would make them: a
     # negative share would let cumulative shares pass tau and then fall back under it.
@@ -137,8 +138,9 @@ def class_selectivity(index, layer=None, tau: float = 1.0, labels=None, return_c
     """Rafegas et al.'s class selectivity gamma of every unit of ``layer`` (SPEC.md 5.1): [C] float64.
 
     With weights w_j = a_j / a_1 over the unit's valid top-K slots (slots holding an image at a value
-    above -inf; fewer than K when fewer images were seen, or under nan="ignore" with all-NaN maps), f(k) = sum of w_j over the top images of class k / sum_j w_j, and M =
-    the fewest classes whose cumulative f (classes sorted by f, largest first) reaches ``tau``;
+    above -inf; fewer than K when fewer images were seen, or under nan="ignore" with all-NaN maps),
+    f(k) = sum of w_j over the top images of class k / sum_j w_j, and M = the fewest classes whose
+    cumulative f (classes sorted by f, largest first) reaches ``tau``;
     gamma = (K - M) / (K - 1) with K the number of valid slots. 1: every top image has one class; 0: all
     classes differ.
 

@@ -14,6 +14,12 @@ STATE_FORMAT = "neuroidx_fast.TopK/1"
 _NAN_POLICIES = ("raise", "ignore")
 
 
+def _repeated_ids(ids: torch.Tensor) -> torch.Tensor:
+    """[C] bool: the rows of ``ids`` [C, K] that hold some image id (>= 0) twice."""
+    ordered = ids.sort(dim=1).values
+    return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"TopK: {name} must be a positive int, got {value!r}")
@@ -154,9 +160,17 @@ class TopK:
         if (other.num_units, other.k) != (self.num_units, self.k):
             raise ValueError(f"TopK.merge: shapes differ (num_units, k) = {(self.num_units, self.k)} vs "
                              f"{(other.num_units, other.k)}")
+        ids = torch.cat([self.ids, other.ids.to(self.device)], dim=1)
+        shared = _repeated_ids(ids)
+        if bool(shared.any()):
+            unit = int(shared.nonzero()[0, 0])
+            ordered = ids[unit].sort().values
+            image = int(ordered[1:][(ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)][0])
+            raise ValueError(f"TopK.merge: both states hold image id {image} (unit {unit}): the shards overlap, "
+                             "or the same shard is merged twice; merge states of disjoint sets of images")
         merged = topk_merge_rows(
             torch.cat([self.values, other.values.to(self.device)], dim=1),
-            torch.cat([self.ids, other.ids.to(self.device)], dim=1),
+            ids,
             torch.cat([self.positions, other.positions.to(self.device)], dim=1),
             self.k,
         )
@@ -209,6 +223,12 @@ class TopK:
                              "one a position >= 0 (corrupt state)")
         if bool((empty[:, :-1] & ~empty[:, 1:]).any()):
             raise ValueError("TopK state: an empty slot before a filled one (corrupt state)")
+        if bool(_repeated_ids(ids).any()):
+            raise ValueError("TopK state: a unit holds the same image id twice (corrupt state)")
+        filled = int((~empty).sum(dim=1).max())
+        if filled > count:
+            raise ValueError(f"TopK state: a unit holds {filled} images but count says {count} were seen "
+                             "(corrupt state)")
         resorted = topk_merge_rows(values, ids, positions, k)
         if not (torch.equal(resorted[1], ids) and torch.equal(resorted[0], values)):
             raise ValueError("TopK state: rows are not in top-K order (corrupt state)")

@@ -150,6 +150,19 @@ def test_merge_of_shards_equals_whole(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_of_overlapping_shards_is_refused_and_changes_nothing(backend):
+    values = torch.arange(12.0).reshape(4, 3)
+    a = nx.TopK(3, 2, backend=backend).update(values[:2], torch.arange(2))
+    b = nx.TopK(3, 2, backend=backend).update(values[1:3], torch.arange(1, 3))  # image 1 in both tops
+    before = a.result()
+    with pytest.raises(ValueError, match="image id 1 .*overlap"):
+        a.merge(b)
+    with pytest.raises(ValueError, match="overlap"):
+        a.merge(a)  # the same shard twice
+    assert all(torch.equal(x, y) for x, y in zip(a.result(), before)) and a.count == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_round_trip_and_resume(backend, tmp_path):
     g = torch.Generator().manual_seed(4)
     values = torch.randn(30, 5, generator=g)
@@ -174,6 +187,11 @@ def test_corrupt_or_foreign_state_rejected():
         nx.TopK.from_state_dict(dict(state, ids=state["ids"].int()))
     with pytest.raises(ValueError, match="missing"):
         nx.TopK.from_state_dict({k: v for k, v in state.items() if k != "count"})
+    with pytest.raises(ValueError, match="same image id twice"):
+        nx.TopK.from_state_dict(dict(state, values=torch.full((3, 2), 1.0), ids=torch.zeros(3, 2, dtype=torch.int64),
+                                     positions=torch.zeros(3, 2, dtype=torch.int64)))
+    with pytest.raises(ValueError, match="holds 2 images but count says 1"):
+        nx.TopK.from_state_dict(dict(state, count=1))
     # an empty slot (id -1) ahead of a real entry: updates would drop the real one on one backend only
     one_row = {"format": state["format"], "num_units": 1, "k": 2, "count": 1, "values": torch.tensor([[5.0, 3.0]]),
                "ids": torch.tensor([[-1, 0]]), "positions": torch.tensor([[-1, 0]])}

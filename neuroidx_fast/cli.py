@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="the run directory (made by `index`, read by the others)")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
-    common.add_argument("--batch-size", type=_positive_int, default=64)
+    common.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="images per batch (default 64; `index` resuming a run: the run's)")
     common.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -146,6 +147,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "batch_size"):  # (the subcommands with the common options)
+        args.batch_size_given = args.batch_size is not None
+        args.batch_size = 64 if args.batch_size is None else args.batch_size
     try:
         with warnings.catch_warnings():
             if not getattr(args, "debug", False):

@@ -95,6 +95,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def structure_fingerprint(model: nn.Module, preprocess=None) -> str:
+    """SHA-256 of ``repr(model)`` and of ``repr(preprocess)`` when it is a module: the modules, their
+    types and settings, which the state dict does not show (a ReLU swapped for a LeakyReLU; a torchvision
+    Normalize keeps its mean and std as plain attributes). A change of ``forward`` code stays unseen, and
+    so does what a plain function closes over (its repr is its address, another in every process)."""
+    shown = repr(preprocess) if isinstance(preprocess, nn.Module) else ""
+    return hashlib.sha256(f"{model!r}\n{shown}".encode()).hexdigest()
+
+
 def dataset_fingerprint(dataset) -> str | None:
     """What a dataset says of its own contents through a ``fingerprint()`` method (``ImageFolder``: its
     file list), also through a Subset (with the positions it takes); None for others. A checkpoint
@@ -157,20 +166,26 @@ def _distributed():
     return None, 0, 1
 
 
+# fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
+_LATER_FINGERPRINTS = ("structure",)
+
+
 def _load_checkpoint(path, fingerprint, device, nan, backend):
     try:
         manifest, tensors = read_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     except BundleError as exc:
         raise BundleError(f"cannot resume from checkpoint {path}: {exc}. Delete it to start over") from None
     saved = manifest.get("fingerprint", {})
-    differ = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key))
+    differ = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key)
+                    and (key in saved or key not in _LATER_FINGERPRINTS))
     if differ:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
-                            for key in differ if key not in ("model", "data"))
+                            for key in differ if key not in ("model", "data", "structure"))
         if "data" in differ:
             details = "the dataset's contents differ (its file list changed)" + (f"; {details}" if details else "")
-        if "model" in differ:
-            details = "the model's weights or structure differ" + (f"; {details}" if details else "")
+        if "model" in differ or "structure" in differ:
+            what = "weights" if "structure" not in differ else "modules (or the preprocess's settings)"
+            details = f"the model's {what} differ" + (f"; {details}" if details else "")
         raise ValueError(f"checkpoint {path} was made with other arguments ({details}). Use the original "
                          "arguments, or delete the checkpoint to start over")
     index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
@@ -308,7 +323,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names, "k": k,
                    "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
                    "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
-                   "preprocess": _preprocess_fingerprint(preprocess)}
+                   "preprocess": _preprocess_fingerprint(preprocess),
+                   "structure": structure_fingerprint(model, preprocess)}
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}

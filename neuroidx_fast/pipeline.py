@@ -17,7 +17,7 @@ import torch
 
 from ._version import __version__
 from .outdir import OutDir, read_json, write_json
-from .storage import remove_bundle
+from .storage import is_bundle, remove_bundle
 
 __all__ = ["Run", "open_run", "step_index", "step_features", "step_selectivity", "step_ablate", "step_visualize",
            "step_report", "run_demo"]
@@ -129,7 +129,7 @@ def _check_index_of_run(out: OutDir, settings: dict, index) -> None:
 def _check_same_inputs(out: OutDir, settings: dict, run: Run) -> None:
     """Image ids are positions in the dataset and the index holds the model's activations: a later step
     on another file list or other weights would pair them with the wrong images or units, silently."""
-    from .indexing import dataset_fingerprint, model_fingerprint
+    from .indexing import dataset_fingerprint, model_fingerprint, structure_fingerprint
 
     recorded = settings.get("num_images")
     if recorded is not None and recorded != len(run.dataset):
@@ -145,6 +145,10 @@ def _check_same_inputs(out: OutDir, settings: dict, run: Run) -> None:
         source = settings.get("weights") or "the model's definition"
         raise ValueError(f"the model's weights differ from the indexed ones ({source} changed): restore them, or "
                          "index again (--force)")
+    structure = settings.get("model_structure")
+    if structure is not None and structure != structure_fingerprint(run.model, run.preprocess):
+        raise ValueError(f"the model's modules differ from the indexed ones ({settings['model']}'s definition "
+                         "changed: a layer type or setting): restore it, or index again (--force)")
 
 
 def _layers(args, index) -> list[str]:
@@ -251,29 +255,41 @@ def step_index(args) -> object:
         if finished:
             print(f"{out.root}: the index is already complete (use --force to index again)")
             return None
-    if args.force:  # the old index and everything made from it: features, tables, drops, report
-        remove_bundle(out.index)
-        remove_bundle(out.checkpoint)
-        for path in out.derived():
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            elif path.exists():
-                path.unlink()
     model = _model(settings)
     resolve_layers(model, settings["layers"])
     dataset = _dataset(settings)
     preprocess = parse_normalize(settings["normalize"])
     device = _device(args.device)
+    # Only now that the new settings are known to work does anything of the old run go.
+    if args.force:
+        for bundle in (out.index, out.checkpoint):
+            if os.path.lexists(bundle) and not is_bundle(bundle):
+                raise ValueError(f"--force would delete {bundle}, which is not a neuroidx_fast index: move it away, "
+                                 "or use another --out")
+            remove_bundle(bundle)
+    if out.run_json.exists() and (args.force or old is None):
+        # A new index (forced, or its run's old one deleted): everything made from the old one is stale.
+        for path in out.derived():
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+    batch_size = args.batch_size
+    if not getattr(args, "batch_size_given", True) and out.run_json.exists() and (old is not None or args.model is None):
+        # a resume (or `index --out DIR` alone) goes on with the batches the run began with
+        batch_size = out.run_settings().get("batch_size") or batch_size
     classes = getattr(dataset, "classes", None)
-    from .indexing import dataset_fingerprint, model_fingerprint
+    from .indexing import dataset_fingerprint, model_fingerprint, structure_fingerprint
 
     record = dict(settings, class_names=list(classes) if classes else None, num_images=len(dataset),
                   data_fingerprint=dataset_fingerprint(dataset), model_fingerprint=model_fingerprint(model),
-                  created=dt.datetime.now().isoformat(timespec="seconds"), package_version=__version__,
-                  run_id=uuid.uuid4().hex)
+                  model_structure=structure_fingerprint(model, preprocess),
+                  batch_size=batch_size, created=dt.datetime.now().isoformat(timespec="seconds"),
+                  package_version=__version__, run_id=uuid.uuid4().hex)
     if old is not None:  # a resume (a finished index returned above): of the same inputs?
         for key, what in (("data_fingerprint", f"the files of {settings['data']}"),
-                          ("model_fingerprint", "the model's weights")):
+                          ("model_fingerprint", "the model's weights"),
+                          ("model_structure", "the model's modules")):
             if old.get(key) is not None and old[key] != record[key]:
                 raise ValueError(f"{what} changed since this run's index began: the indexed part would mix old and "
                                  "new; restore them, or index again from the start (--force)")
@@ -281,7 +297,7 @@ def step_index(args) -> object:
     if preprocess is not None:
         preprocess = preprocess.to(device)
     index = index_dataset(model, dataset, settings["layers"], k=settings["k"], preprocess=preprocess,
-                          batch_size=args.batch_size, num_workers=args.workers, device=device,
+                          batch_size=batch_size, num_workers=args.workers, device=device,
                           checkpoint=str(out.checkpoint), checkpoint_every=args.checkpoint_every,
                           progress=not args.no_progress)
     index.meta["run_id"] = record["run_id"]  # which run.json this index belongs to

@@ -9,11 +9,11 @@ import shutil
 import tempfile
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from .atomic import public_mode
 
-__all__ = ["write_bundle", "read_bundle", "recover_interrupted_write", "BundleError"]
+__all__ = ["write_bundle", "read_bundle", "recover_interrupted_write", "is_bundle", "BundleError"]
 
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
@@ -38,6 +38,16 @@ def _manifest_sha256(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def is_bundle(path) -> bool:
+    """Whether ``path`` is a directory shaped as ``write_bundle`` makes them, intact or corrupt: it holds
+    nothing but a manifest and a tensors file (or nothing). Anything else is not for this package to
+    replace or delete (another program's folder may hold a manifest.json too)."""
+    try:
+        return set(os.listdir(path)) <= {MANIFEST, TENSORS}
+    except OSError:  # missing, or not a directory
+        return False
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -52,8 +62,9 @@ def _fsync_dir(path: str) -> None:
 
 
 def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``path`` (a directory) atomically: readers see the old bundle or the new one, never a mix."""
-    path = os.path.abspath(os.fspath(path))
+    """Write ``path`` (a directory) atomically: readers see the old bundle or the new one, never a mix.
+    A symbolic link is followed: its target is replaced, the link stays."""
+    path = os.path.realpath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     recover_interrupted_write(path)  # (before this write's own .tmp- folder exists)
@@ -72,9 +83,9 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
             os.fsync(f.fileno())
         _fsync_dir(tmp)
         os.chmod(tmp, public_mode(directory=True))
-        if os.path.exists(path) and (not os.path.isdir(path)
-                                     or (os.listdir(path) and not os.path.exists(os.path.join(path, MANIFEST)))):
-            raise BundleError(f"refusing to overwrite {path}: it exists and is not a neuroidx_fast bundle")
+        if os.path.lexists(path) and not is_bundle(path):
+            raise BundleError(f"refusing to overwrite {path}: it exists and is not a neuroidx_fast bundle (move it "
+                              "away, or save elsewhere)")
         replace_directory(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -86,7 +97,7 @@ def replace_directory(new, path) -> None:
     old one is moved aside (``<name>.old-*``) and ``new`` moved in, two renames, so that readers see the
     old directory or the new one whole, never a mix; then the old one goes, with what killed writes left
     beside ``path``."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))
     parent = os.path.dirname(path)
     old = None
     if os.path.exists(path):
@@ -96,8 +107,18 @@ def replace_directory(new, path) -> None:
     os.replace(new, path)
     _fsync_dir(parent)
     if old:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     _remove_leftovers(path)
+
+
+def _discard(folder: str) -> None:
+    """Delete a folder set aside, its manifest first: a deletion killed half way leaves no folder that
+    ``recover_interrupted_write`` would take for a complete bundle."""
+    try:
+        os.unlink(os.path.join(folder, MANIFEST))
+    except OSError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _remove_leftovers(path: str) -> None:
@@ -111,71 +132,143 @@ def _remove_leftovers(path: str) -> None:
 
 def remove_bundle(path) -> None:
     """Delete the bundle ``path`` and whatever killed writes of it left beside it."""
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.realpath(os.fspath(path))
     shutil.rmtree(path, ignore_errors=True)
     if os.path.isdir(os.path.dirname(path)):
         _remove_leftovers(path)
 
 
-def recover_interrupted_write(path) -> bool:
-    """Put back the bundle that a ``write_bundle`` killed between its two renames left beside ``path``
-    (then missing): the new one if it was complete (``<name>.tmp-*`` with its manifest, written last),
-    else the old one (``<name>.old-*``). True if one was put back."""
-    path = os.path.abspath(os.fspath(path))
+def _interrupted_write(path: str) -> str | None:
+    """The bundle to put back at ``path`` (missing) that a ``write_bundle`` killed between its two renames
+    left beside it: the new one if it was complete (``<name>.tmp-*`` with its manifest, written last),
+    else the old one (``<name>.old-*``). None unless an old one was set aside: a ``.tmp-`` folder alone
+    is a write that never replaced anything (killed before its renames, or the bundle deleted since)."""
     if os.path.lexists(path):
-        return False
+        return None
     parent, name = os.path.split(path)
     try:
         entries = os.listdir(parent)
     except OSError:
-        return False
+        return None
 
     def complete(marker):
         return [os.path.join(parent, e) for e in entries
                 if e.startswith(name + marker) and os.path.exists(os.path.join(parent, e, MANIFEST))]
 
     new, old = complete(".tmp-"), complete(".old-")
-    if not new and not old:
+    if not old:
+        return None
+    return max(new or old, key=os.path.getmtime)
+
+
+def recover_interrupted_write(path) -> bool:
+    """Put back at ``path`` the bundle a killed ``write_bundle`` left beside it (``_interrupted_write``);
+    for a writer (readers only read it where it lies). True if one was put back."""
+    path = os.path.abspath(os.fspath(path))
+    found = _interrupted_write(path)
+    if found is None:
         return False
-    os.replace(max(new or old, key=os.path.getmtime), path)
-    if new:  # the old bundles it replaced are stale now
-        for stale in old:
-            shutil.rmtree(stale, ignore_errors=True)
+    os.replace(found, path)
+    if os.path.basename(found).startswith(os.path.basename(path) + ".tmp-"):  # the old ones are stale now
+        parent, name = os.path.split(path)
+        for entry in os.listdir(parent):
+            if entry.startswith(name + ".old-"):
+                _discard(os.path.join(parent, entry))
     return True
 
 
 def read_bundle(path: str, kind: str, max_version: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify a bundle written by ``write_bundle``; a clear BundleError for anything wrong."""
+    """Read and verify a bundle written by ``write_bundle``; a clear BundleError for anything wrong.
+
+    Both files are read through one open handle of the directory, so a save that replaces the bundle
+    meanwhile (two renames) gives the old bundle or the new one, never the manifest of one with the
+    tensors of the other; a read that loses its files to the replacement is tried again. Nothing is
+    moved: a bundle a killed write left beside ``path`` is read where it lies."""
     path = os.fspath(path)
-    recover_interrupted_write(path)
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
+    for attempt in range(3):
+        try:
+            return _read_bundle_once(path, kind, max_version)
+        except _Replaced:
+            if attempt == 2:
+                raise BundleError(f"{path} kept being replaced while it was read: read it once its writer is done")
+    raise AssertionError("unreachable")
+
+
+class _Replaced(Exception):
+    """A bundle's files went away while it was read (a save replaced the bundle)."""
+
+
+def _read_bundle_once(path: str, kind: str, max_version: int) -> tuple[dict, dict[str, torch.Tensor]]:
+    where = path if os.path.lexists(path) else (_interrupted_write(os.path.abspath(path)) or path)
+    if not os.path.isdir(where):
         raise BundleError(f"{path} is not a directory written by neuroidx_fast ({kind})")
-    if not os.path.exists(manifest_path):
-        raise BundleError(f"{path} has no {MANIFEST}: not a neuroidx_fast {kind}, or an interrupted write")
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest_path} is corrupt: {exc}") from None
-    # (bundles of earlier versions have no manifest checksum: their tensors are still checked)
-    if isinstance(manifest, dict) and "manifest_sha256" in manifest \
-            and manifest["manifest_sha256"] != _manifest_sha256(manifest):
-        raise BundleError(f"{manifest_path} does not match its checksum: the file is corrupt")
-    if not isinstance(manifest, dict) or manifest.get("format") != kind:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise BundleError(f"{path} holds {found!r}, not a {kind}")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > max_version:
-        raise BundleError(f"{path} has format version {version!r}; this neuroidx_fast reads up to {max_version}: "
-                          "upgrade the package")
+        folder = os.open(where, os.O_RDONLY)
+    except FileNotFoundError:
+        raise _Replaced() from None
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be opened: {exc}") from None
+    try:
+        manifest_bytes = _read_in(folder, MANIFEST)
+        if manifest_bytes is None:
+            if _moved(folder, where):  # set aside and being deleted by a save: read the new one
+                raise _Replaced()
+            raise BundleError(f"{path} has no {MANIFEST}: not a {kind} bundle, or an interrupted write")
+        manifest = _parse_manifest(manifest_bytes, os.path.join(path, MANIFEST), kind, max_version)
+        tensor_bytes = _read_in(folder, TENSORS)
+        if tensor_bytes is None:
+            if _moved(folder, where):
+                raise _Replaced()
+            raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete")
+    finally:
+        os.close(folder)
     tensor_path = os.path.join(path, TENSORS)
-    if not os.path.exists(tensor_path):
-        raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete")
-    if _sha256(tensor_path) != manifest.get("tensors_sha256"):
+    if hashlib.sha256(tensor_bytes).hexdigest() != manifest.get("tensors_sha256"):
         raise BundleError(f"{tensor_path} does not match its checksum: the file is corrupt or truncated")
     try:
-        tensors = load_file(tensor_path)
+        tensors = load(tensor_bytes)
     except Exception as exc:  # safetensors raises its own error type for a malformed header
         raise BundleError(f"{tensor_path} is unreadable: {exc}") from None
     return manifest, tensors
+
+
+def _moved(folder: int, where: str) -> bool:
+    """Whether the open directory ``folder`` is no longer the one at ``where`` (a save moved it aside)."""
+    try:
+        return os.stat(where).st_ino != os.fstat(folder).st_ino
+    except OSError:
+        return True
+
+
+def _read_in(folder: int, name: str) -> bytes | None:
+    """The bytes of file ``name`` of the open directory ``folder``; None if there is none."""
+    try:
+        fd = os.open(name, os.O_RDONLY, dir_fd=folder)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a directory in its place, no permission
+        raise BundleError(f"cannot read {name} of the bundle: {exc}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise BundleError(f"cannot read {name} of the bundle: {exc}") from None
+
+
+def _parse_manifest(data: bytes, where: str, kind: str, max_version: int) -> dict:
+    try:
+        manifest = json.loads(data.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{where} is corrupt: {exc}") from None
+    # (bundles of earlier versions have no manifest checksum: their tensors are still checked)
+    if isinstance(manifest, dict) and "manifest_sha256" in manifest \
+            and manifest["manifest_sha256"] != _manifest_sha256(manifest):
+        raise BundleError(f"{where} does not match its checksum: the file is corrupt")
+    if not isinstance(manifest, dict) or manifest.get("format") != kind:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise BundleError(f"{os.path.dirname(where)} holds {found!r}, not a {kind}")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > max_version:
+        raise BundleError(f"{os.path.dirname(where)} has format version {version!r}; this neuroidx_fast reads up to "
+                          f"{max_version}: upgrade the package")
+    return manifest

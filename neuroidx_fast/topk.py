@@ -154,7 +154,9 @@ class TopK:
         return self.values.clone(), self.ids.clone(), self.positions.clone()
 
     def merge(self, other: "TopK") -> "TopK":
-        """Fold in the state of a disjoint set of images (another shard); returns self."""
+        """Fold in the state of a disjoint set of images (another shard); returns self. Shards that share
+        an image that some unit ranks in both top-Ks are refused; an image shared but ranked by no unit
+        cannot be seen here, and counts twice in ``count``."""
         if not isinstance(other, TopK):
             raise TypeError(f"TopK.merge expects a TopK, got {type(other).__name__}")
         if (other.num_units, other.k) != (self.num_units, self.k):
@@ -179,8 +181,9 @@ class TopK:
         return self
 
     def state_dict(self) -> dict:
-        """Plain tensors and ints (CPU): saveable with torch.save or safetensors (ints as 0-d tensors).
-        A snapshot: its tensors are copies, later updates do not change them."""
+        """Plain tensors, ints and strings (CPU): saveable with torch.save and loadable with
+        ``torch.load(weights_only=True)`` (NeuronIndex.save keeps the tensors in safetensors). A snapshot:
+        its tensors are copies, later updates do not change them."""
         return {
             "format": STATE_FORMAT,
             "num_units": self.num_units,

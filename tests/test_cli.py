@@ -84,6 +84,12 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     html = (run.report_dir / "index.html").read_text()
     assert "features.8" in html and "<i>fish&" not in html
 
+    # --force with a wrong argument deletes nothing: the arguments are checked first
+    bad = _index_args(folder, out, "--force")
+    bad[bad.index("--layers") + 1] = "features.4,featurs.8"
+    capsys.readouterr()
+    assert "featurs.8" in _error(capsys, *bad)
+    assert NeuronIndex.load(run.index).k == 4 and run.grid_png("features.8").exists()
     # indexing again with --force: what was made from the old index goes with it
     assert _cli(*_index_args(folder, out, "--force")) == 0
     assert (run.index / "manifest.json").exists()
@@ -133,7 +139,8 @@ def test_index_resumes_after_an_interruption(folder, tmp_path):
     proc.wait()
     assert manifest.exists(), "no checkpoint was written before the kill"
     assert not (OutDir(out).index / "manifest.json").exists()
-    assert _cli(*_index_args(folder, out)) == 0
+    # what the interruption message says to run: the run's own settings, its batch size (4) included
+    assert _cli("index", "--out", out, "--no-progress") == 0
     resumed = NeuronIndex.load(OutDir(out).index)
     fresh_out = tmp_path / "fresh"
     assert _cli(*_index_args(folder, fresh_out)) == 0
@@ -275,6 +282,34 @@ def test_later_steps_refuse_a_changed_folder_or_model(folder, tmp_path, capsys):
     settings["model_fingerprint"] = "0" * 64  # as if the weights file had been replaced
     OutDir(out).run_json.write_text(json.dumps(settings))
     assert "weights differ from the indexed ones" in _error(capsys, "features", "--out", out, "--no-progress")
+
+
+def test_a_new_index_clears_the_old_runs_outputs_and_nothing_else(folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    run = OutDir(out)
+    assert _cli(*_index_args(folder, out, "--images", 12)) == 0
+    assert _cli("features", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    # the index deleted by hand and made again with other settings: the old run's Neuron Features (of
+    # other images) must not be taken for this run's
+    shutil.rmtree(run.index)
+    assert _cli(*_index_args(folder, out, "--images", 8)) == 0
+    assert not run.grid_png("features.8").exists()
+    assert _cli("features", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    assert "already made" not in capsys.readouterr().out
+    # a folder that holds no run: --force leaves what is in it (another program's plots, its index folder)
+    mine = tmp_path / "project"
+    (mine / "plots").mkdir(parents=True)
+    (mine / "plots" / "figure.txt").write_text("mine")
+    assert _cli(*_index_args(folder, mine, "--force")) == 0
+    assert (mine / "plots" / "figure.txt").read_text() == "mine"
+    other = tmp_path / "other"
+    (other / "index").mkdir(parents=True)
+    (other / "index" / "notes.txt").write_text("mine")
+    assert "not a neuroidx_fast index" in _error(capsys, *_index_args(folder, other, "--force"))
+    assert "not a neuroidx_fast bundle" in _error(capsys, *_index_args(folder, other))
+    assert (other / "index" / "notes.txt").read_text() == "mine"
 
 
 def test_an_interrupted_index_refuses_to_resume_on_changed_files(folder, tmp_path, capsys):

@@ -300,20 +300,33 @@ def test_a_write_killed_between_its_renames_is_recovered(tmp_path):
     # killed in between, neither is at the path; the next read or write puts the right one back
     path = tmp_path / "bundle"
     write_bundle(path, "test bundle", 1, {"n": 1}, {"x": torch.zeros(3)})
+    import shutil
+
+    from neuroidx_fast.storage import recover_interrupted_write, remove_bundle
+
     os.replace(path, tmp_path / "bundle.old-abc")
-    assert read_bundle(path, "test bundle", 1)[0]["n"] == 1  # only the old one: it comes back
+    assert read_bundle(path, "test bundle", 1)[0]["n"] == 1  # only the old one: read where it lies
+    assert not path.exists()  # a reader moves nothing (it could be a writer's own folder, mid-swap)
+    assert recover_interrupted_write(path) and read_bundle(path, "test bundle", 1)[0]["n"] == 1  # a writer does
     write_bundle(tmp_path / "next", "test bundle", 1, {"n": 2}, {"x": torch.ones(3)})
     os.replace(path, tmp_path / "bundle.old-def")
     os.replace(tmp_path / "next", tmp_path / "bundle.tmp-ghi")
     assert read_bundle(path, "test bundle", 1)[0]["n"] == 2  # the new one was complete: it wins
+    assert recover_interrupted_write(path) and read_bundle(path, "test bundle", 1)[0]["n"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # and the old copy is gone
     write_bundle(path, "test bundle", 1, {"n": 3}, {"x": torch.ones(3)})
     assert read_bundle(path, "test bundle", 1)[0]["n"] == 3
+    # a .tmp- folder with no old one set aside is a write killed before its renames, or the leftover of
+    # a bundle deleted since: never put back (a deleted checkpoint must stay deleted)
+    shutil.copytree(path, tmp_path / "bundle.tmp-pqr")
+    shutil.rmtree(path)
+    with pytest.raises(BundleError, match="not a directory"):
+        read_bundle(path, "test bundle", 1)
+    assert not recover_interrupted_write(path)
+    write_bundle(path, "test bundle", 1, {"n": 3}, {"x": torch.ones(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     # killed mid-write while the bundle itself stayed: a complete .tmp- copy was left beside it; the
     # next complete write (or remove_bundle) clears such leftovers, not other bundles' (bundle2)
-    import shutil
-
-    from neuroidx_fast.storage import remove_bundle
 
     shutil.copytree(path, tmp_path / "bundle.tmp-jkl")
     write_bundle(tmp_path / "bundle2", "test bundle", 1, {"n": 5}, {"x": torch.ones(3)})
@@ -322,6 +335,50 @@ def test_a_write_killed_between_its_renames_is_recovered(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "bundle2", "bundle2.tmp-mno"]
     remove_bundle(tmp_path / "bundle2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_a_read_racing_a_save_gets_one_bundle_whole(tmp_path, monkeypatch):
+    # the save replaces the bundle after the reader has its manifest, before it has its tensors: the reader
+    # must not pair the old manifest with the new tensors (nor call the bundle corrupt)
+    from neuroidx_fast import storage
+
+    path = tmp_path / "bundle"
+    write_bundle(path, "test bundle", 1, {"n": 1}, {"x": torch.zeros(3)})
+    real_read_in, saves = storage._read_in, []
+
+    def read_in(folder, name):
+        data = real_read_in(folder, name)
+        if name == storage.MANIFEST and not saves:
+            saves.append(2)
+            write_bundle(path, "test bundle", 1, {"n": 2}, {"x": torch.full((3,), 2.0)})
+        return data
+
+    monkeypatch.setattr(storage, "_read_in", read_in)
+    manifest, tensors = read_bundle(path, "test bundle", 1)
+    assert saves and float(tensors["x"][0]) == manifest["n"] == 2
+
+
+def test_foreign_folders_and_links(tmp_path):
+    index = nx.index_dataset(make_model("vgg"), ImageSet(n=6), ["features.5"], k=2, batch_size=3, progress=False)
+    app = tmp_path / "app"
+    (app / "src").mkdir(parents=True)
+    (app / "manifest.json").write_text('{"name": "my app"}')
+    (app / "src" / "main.js").write_text("1")
+    with pytest.raises(BundleError, match="refusing to overwrite"):
+        index.save(app)
+    assert (app / "src" / "main.js").read_text() == "1" and (app / "manifest.json").exists()
+    # a link to an index: the index it points at is replaced, the link stays and nothing is left beside it
+    index.save(tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    bigger = nx.index_dataset(make_model("vgg"), ImageSet(n=6), ["features.5"], k=3, batch_size=3, progress=False)
+    bigger.save(tmp_path / "link")
+    assert os.path.islink(tmp_path / "link") and nx.NeuronIndex.load(tmp_path / "real").k == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app", "link", "real"]
+    # a directory where the tensors file should be: a BundleError, not an OS error
+    (tmp_path / "real" / "tensors.safetensors").unlink()
+    (tmp_path / "real" / "tensors.safetensors").mkdir()
+    with pytest.raises(BundleError, match="tensors.safetensors"):
+        nx.NeuronIndex.load(tmp_path / "link")
 
 
 def test_a_changed_manifest_is_detected(tmp_path):
@@ -383,9 +440,14 @@ def test_kill_and_resume_gives_the_uninterrupted_index(tmp_path):
     with pytest.raises(ValueError, match=r"other arguments \(k: checkpoint 5 vs now 6"):
         nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=6, batch_size=3,
                          checkpoint=ckpt, progress=False)
-    with pytest.raises(ValueError, match="weights or structure differ"):
+    with pytest.raises(ValueError, match="model's weights differ"):
         nx.index_dataset(make_model("resnet", seed=1), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
                          checkpoint=ckpt, progress=False)
+    swapped = make_model("resnet")
+    swapped.layer1.relu = torch.nn.LeakyReLU()  # the same state dict: only the modules tell
+    with pytest.raises(ValueError, match="model's modules"):
+        nx.index_dataset(swapped, ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3, checkpoint=ckpt,
+                         progress=False)
     # what else changes the activations: autocast, and the normalisation applied before the model
     with pytest.raises(ValueError, match=r"autocast_dtype: checkpoint 'None' vs now 'torch.bfloat16'"):
         nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
@@ -393,6 +455,34 @@ def test_kill_and_resume_gives_the_uninterrupted_index(tmp_path):
     with pytest.raises(ValueError, match=r"preprocess: checkpoint None vs now"):
         nx.index_dataset(make_model("resnet"), ImageSet(n=40), ["layer1", "layer2"], k=5, batch_size=3,
                          checkpoint=ckpt, progress=False, preprocess=lambda x: x * 2)
+
+
+class _Scale(torch.nn.Module):
+    """A preprocess whose setting is a plain attribute (as torchvision's Normalize keeps mean and std)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+    def extra_repr(self):
+        return f"factor={self.factor}"
+
+
+def test_a_resume_with_other_preprocess_settings_is_refused(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+
+    def index(factor):
+        return nx.index_dataset(make_model("vgg"), ImageSet(n=8), ["features.5"], k=3, batch_size=4, checkpoint=ckpt,
+                                progress=False, preprocess=_Scale(factor))
+
+    index(2.0)
+    assert os.path.exists(ckpt)
+    index(2.0)  # the same: the finished checkpoint resumes
+    with pytest.raises(ValueError, match="preprocess's settings"):
+        index(3.0)
 
 
 def _distributed_worker(rank, world, init_file, out):

@@ -22,7 +22,15 @@ Exactness (what "the same counts as the naive loop" rests on). The naive loop is
 each batch per ablated set, with a forward hook replacing the layer output by a copy whose ablated
 channels hold the fill (``naive_ablation_counts``). The engine reproduces it as follows:
   * the prefix and the suffix execute the traced graph, i.e. the same calls as ``model.forward``: a
-    suffix run on B images computes bit for bit what the naive forward computes (deterministic kernels);
+    suffix run on B images computes bit for bit what the naive forward computes (deterministic kernels).
+    Where tracing changes what the forward computes, the run is refused: an in-place write whose
+    result is never used (dropped from the graph: ``graph_split``), and, on every batch, intact logits
+    of the two halves that differ from ``model.forward``'s (``h += y`` on a tensor also saved under
+    another name becomes ``h = h + y``). The intact counts are ``model.forward``'s own. NaN in the
+    layer's output or the logits is an error naming the images;
+  * a rest of the forward that mixes the rows of its batch (``F.batch_norm`` with training=True,
+    ``z - z.mean(0)``, a BatchNorm without running statistics) runs one mask at a time: measured on
+    the first image, intact and fully ablated, run together and apart;
   * the masked replicas are bit copies of the layer output, the fill being the same value cast to the
     activation dtype; replicas keep the layer output's memory format, so the same kernels run;
   * the general path batches M masks, i.e. M*B rows instead of B. Where the rest of the forward is
@@ -231,6 +239,19 @@ def _logits(out) -> torch.Tensor:
     return out
 
 
+def _logit_difference(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """The largest |a - b| when it is more than two computations of the same logits can differ by (a
+    few rounding steps of b's dtype at b's scale: the kernels may differ with the batch's shape or
+    cuDNN's autotuner), else None. Equal entries, infinities included, differ by 0."""
+    if a.shape != b.shape:
+        return float("inf")
+    gap = (a.double() - b.double()).abs().masked_fill(a == b, 0.0)
+    difference = float(gap.max()) if gap.numel() else 0.0
+    finite = b.double().abs().masked_fill(~torch.isfinite(b), 0.0)
+    scale = float(finite.max()) if finite.numel() else 0.0
+    return None if difference <= 64 * torch.finfo(b.dtype).eps * max(scale, 1.0) else difference
+
+
 def _fresh(value):
     """A private copy for one suffix run (the suffix may write in place: ReLU(inplace=True), +=)."""
     return value.clone() if isinstance(value, torch.Tensor) else value
@@ -350,22 +371,49 @@ class _Engine:
             if cut.dim() not in (2, 4):
                 raise ValueError(f"layer {self.layer!r} outputs shape {tuple(cut.shape)}: ablate a layer whose "
                                  "output is [B, C, H, W] or [B, C]")
-            # The traced halves must compute what model.forward does: torch.fx drops an in-place op whose
-            # result is not used (a bare h.relu_()) and turns h += y into h = h + y (a saved alias of h
-            # no longer sees the change). Checked here on one image, intact: else the counts would be off.
             traced = _logits(self.split.run_suffix(cut.clone(), [_fresh(v) for v in live]))
-            direct = _logits(self.model(x))
-        # (not bit equality: with cuDNN's autotuner the two runs may pick different kernels)
-        difference = float((traced.double() - direct.double()).abs().max()) if traced.numel() else 0.0
-        scale = float(direct.double().abs().max()) if direct.numel() else 0.0
-        if traced.shape != direct.shape or not difference <= 64 * torch.finfo(direct.dtype).eps * max(scale, 1.0):
+            direct = _logits(self.model(x.clone()))
+        self.check_batch(cut, traced, direct, [0])
+        self.probe_live = live
+        return cut
+
+    def mixes_replicas(self, cut, live, fill) -> bool:
+        """Whether the rest of the forward mixes the rows of a batch (F.batch_norm with training=True,
+        z - z.mean(0)): then replicas of several masks in one run change each other's logits. Measured
+        on the probe image, intact and with every unit ablated, run together and apart."""
+        channels = cut.shape[1]
+        pair = torch.stack([torch.zeros(channels, dtype=torch.bool, device=cut.device),
+                            torch.ones(channels, dtype=torch.bool, device=cut.device)])
+        with torch.no_grad():
+            live_pair = [_replicate(v, 2) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
+            together = _logits(self.split.run_suffix(ops.mask_replicas(cut, pair, fill, backend=self.backend),
+                                                     live_pair))
+            apart = torch.cat([_logits(self.split.run_suffix(
+                ops.mask_replicas(cut, pair[i:i + 1], fill, backend=self.backend), [_fresh(v) for v in live]))
+                for i in range(2)])
+        return _logit_difference(together, apart) is not None
+
+    def check_batch(self, cut, traced, direct, ids) -> None:
+        """Every batch: no NaN in the layer's output or the model's, and the traced halves computing what
+        model.forward computes on it, intact (torch.fx turns h += y into h = h + y: a saved alias of h no
+        longer sees the change, on the images where y is not 0). Else the counts would be off, silently.
+        (Not bit equality: with cuDNN's autotuner the two runs may pick different kernels.)"""
+        if bool(torch.isnan(cut).any()):
+            rows, units = torch.isnan(cut.reshape(cut.shape[0], cut.shape[1], -1)).any(dim=2).nonzero(as_tuple=True)
+            raise ValueError(f"NaN activation in layer {self.layer!r}: unit(s) {sorted(set(units.tolist()))[:8]} on "
+                             f"image id(s) {sorted({ids[r] for r in rows.tolist()})[:16]}; check the model and inputs")
+        if bool(torch.isnan(direct).any()):
+            rows = torch.isnan(direct).any(dim=1).nonzero().flatten().tolist()
+            raise ValueError(f"the model's outputs hold NaN for image id(s) {[ids[r] for r in rows][:16]}: no class is "
+                             "predicted there; check the model and inputs")
+        difference = _logit_difference(traced, direct)
+        if difference is not None:
             raise ValueError(f"cannot ablate {type(self.model).__name__} at layer {self.layer!r}: its forward traced "
                              f"with torch.fx does not compute what model.forward does (max difference {difference:.3g} "
-                             "on an intact image), "
+                             f"on intact image(s) among ids {ids[0]}-{ids[-1]}), "
                              "typically an in-place op whose result is not assigned (h.relu_(), F.relu(h, "
                              "inplace=True)) or h += y on a tensor saved under another name. Assign in-place "
                              "results (h = h.relu()), or count with naive_ablation_counts")
-        return cut
 
     def dataset_means(self) -> torch.Tensor:
         """m_c: mean over images of each unit's spatial mean (float64), from a prefix-only pass."""
@@ -540,6 +588,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         per_replica_set = probe[0].numel() * probe.element_size() * batch_size
         per_call = max(1, min(s, budget // max(1, per_replica_set)))
     per_call = 1 if batch_statistics else min(per_call, s)
+    if not use_readout and per_call > 1 and engine.mixes_replicas(probe, engine.probe_live, fill):
+        per_call = 1  # one mask a run: the batches the naive loop runs
 
     plan_state = None
     if use_readout:
@@ -560,12 +610,19 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     unit_ids = unit_of.clamp(min=0)
 
     correct = intact = counts = None
+    first_id = 0
     with torch.no_grad():
         for batch in engine.batches(f"ablation {layer}"):
             images, labels = _images_labels(batch)
             labels = labels.to(engine.device)
-            cut, live = engine.split.run_prefix(engine.inputs(images))
-            logits = _logits(engine.split.run_suffix(_fresh(cut), [_fresh(v) for v in live]))
+            x = engine.inputs(images)
+            # the intact predictions are the model's own (those of the naive loop), and the traced halves
+            # are checked against them on every batch
+            logits = _logits(model(x.clone()))
+            cut, live = engine.split.run_prefix(x)
+            traced = _logits(engine.split.run_suffix(_fresh(cut), [_fresh(v) for v in live]))
+            engine.check_batch(cut, traced, logits, list(range(first_id, first_id + images.shape[0])))
+            first_id += images.shape[0]
             classes = logits.shape[1]
             if correct is None:
                 correct = torch.zeros((s, classes), dtype=torch.int64, device=engine.device)
@@ -685,6 +742,10 @@ def ablation_correlations(result: AblationResult, table=None):
     if frame.empty:
         raise ValueError("ablation_correlations needs one-unit ablations (units=...); this result holds only "
                          "sets of several units")
+    repeated = sorted(set(frame.loc[frame["unit"].duplicated(), "unit"].tolist()))
+    if repeated:  # each unit counts once in a correlation across units
+        raise ValueError(f"the result ablates unit(s) {repeated[:10]} more than once: a correlation across units "
+                         "counts each once; ablate distinct units")
     attributes = []
     if table is not None:
         if not isinstance(table, pd.DataFrame):

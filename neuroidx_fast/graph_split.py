@@ -151,6 +151,40 @@ def _copy_graph(root: nn.Module, nodes, inputs, outputs_fn) -> fx.GraphModule:
     return fx.GraphModule(root, graph)
 
 
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.ipow, operator.iand, operator.ior, operator.ixor}
+
+
+def _mutates(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` writes into one of its input tensors: ``h.relu_()``, ``F.relu(h, inplace=True)``,
+    ``torch.relu_(h)``, ``h[i] = v``, a module with ``inplace=True``."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_"))
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
+
+
+def _check_no_lost_writes(gm: fx.GraphModule, model: nn.Module, layer: str, nodes, kept: set) -> None:
+    """The prefix and suffix hold only what the output needs, so an in-place op whose result is not used
+    (a bare ``h.relu_()``) is in neither, though the values after it were computed from what it wrote:
+    the parts would compute something else than ``model.forward``, on some images only. Refused."""
+    for node in nodes:
+        if node in kept or node.op in ("placeholder", "output") or not _mutates(gm, node):
+            continue
+        if any(arg in kept for arg in node.all_input_nodes):
+            raise ValueError(
+                f"cannot cut {type(model).__name__} at layer {layer!r}: its forward writes in place into a tensor "
+                f"and never uses the result ({_label(node)}), which torch.fx's graph does not carry to the ops that "
+                "read the tensor later. Assign in-place results (h = h.relu(), h = F.relu(h)), or count with "
+                "naive_ablation_counts")
+
+
 def split_model(model: nn.Module, layer: str) -> SplitModel:
     """Trace ``model`` and cut it right after the (single) call of module ``layer``."""
     layer_module = resolve_layers(model, layer)[layer]
@@ -200,6 +234,7 @@ def split_model(model: nn.Module, layer: str) -> SplitModel:
     if prefix_set & after_cut - {cut}:
         raise AssertionError("graph split: a prefix node depends on the cut")  # cannot happen in a DAG
 
+    _check_no_lost_writes(gm, model, layer, nodes, prefix_set | suffix_set)
     live = [n for n in nodes if n in live_set]
     prefix_nodes = [n for n in nodes if n in prefix_set]
     suffix_nodes = [n for n in nodes if n in suffix_set]

@@ -193,7 +193,8 @@ def class_selectivity_morcos(index, layer=None, eps: float = 1e-12) -> tuple[tor
     without a ReLU, can fall outside [0, 1]).
 
     Returns (si [C] float64, top_class [C] int64: the class of mu_max, lowest index on ties). Dead units
-    (a_1 <= 0 or no image seen): NaN and -1.
+    (a_1 <= 0 or no image seen): NaN and -1; so are units with a NaN class mean (an image whose whole map
+    was NaN, indexed with nan="ignore").
     """
     lay = _layer(index, layer)
     if lay.class_sum is None:
@@ -215,5 +216,6 @@ def class_selectivity_morcos(index, layer=None, eps: float = 1e-12) -> tuple[tor
     top = class_ids[first]
     dead = lay.dead()
     si = torch.where(dead, torch.full_like(si, float("nan")), si)
-    top = torch.where(dead, torch.full_like(top, -1), top)
+    # a NaN mean (nan="ignore" with a map NaN everywhere) makes si NaN: no class is the top one then
+    top = torch.where(dead | torch.isnan(si), torch.full_like(top, -1), top)
     return si, top

@@ -523,6 +523,9 @@ def test_ablation_correlations():
     assert corr.loc["weight_l1", "overall_drop"] == pytest.approx(ranks.corr().iloc[0, 1])
     with pytest.raises(ValueError, match="no rows for layer"):
         abl.ablation_correlations(result, table.assign(layer="x"))
+    twice = abl.ablation_drops(model, data, "features.3", units=[1, 1, 2, 3], batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=r"unit\(s\) \[1\] more than once"):
+        abl.ablation_correlations(twice, table)
 
 
 def test_correlations_with_the_neuron_table():
@@ -709,11 +712,96 @@ class _AliasedAdd(nn.Module):
         return self.fc((h + skip).mean(dim=(2, 3)))
 
 
-@pytest.mark.parametrize("model_class", [_BareInPlace, _AliasedAdd])
-def test_a_forward_that_tracing_changes_is_refused(model_class):
+class _GatedAliasedAdd(_AliasedAdd):
+    """The same aliasing, but y is 0 on dark images: only the later, bright ones tell."""
+
+    def forward(self, x):
+        h = self.a(x)
+        skip = h
+        h += torch.relu(x[:, :1].mean(dim=(1, 2, 3)) - 0.3)[:, None, None, None]
+        return self.fc((h + skip).mean(dim=(2, 3)))
+
+
+def _dark_first(n):
+    data = ImageSet(n=n)
+    data.images[:4] *= 0.1  # mean below 0.3: the gate is 0 on the first batch (the probe's image too)
+    return data
+
+
+@pytest.mark.parametrize("model_class, message", [
+    (_BareInPlace, "writes in place into a tensor and never uses the result \\(call method 'relu_'\\)"),
+    (_AliasedAdd, "traced with torch.fx does not compute what model.forward does"),
+    (_GatedAliasedAdd, "does not compute what model.forward does .* among ids 4-7")])
+def test_a_forward_that_tracing_changes_is_refused(model_class, message):
+    # (the bare in-place op acts on some images only in practice, e.g. a clamp_: refused from the graph,
+    # and every batch is checked against model.forward, not only the first image)
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="traced with torch.fx does not compute what model.forward does"):
-        abl.ablation_drops(model_class().eval(), ImageSet(n=6), "a", progress=False)
+    with pytest.raises(ValueError, match=message):
+        abl.ablation_drops(model_class().eval(), _dark_first(8), "a", batch_size=4, progress=False)
+
+
+class _MixesTheBatch(nn.Module):
+    """The rest of the forward subtracts the batch's mean (like F.batch_norm with training=True): replicas
+    of several masks in one run would change each other's logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
+
+    def forward(self, x):
+        z = self.a(x).mean(dim=(2, 3))
+        return self.fc(z - z.mean(dim=0))
+
+
+def test_a_rest_that_mixes_the_batch_keeps_the_naive_counts():
+    torch.manual_seed(3)
+    model, data = _MixesTheBatch().eval(), ImageSet(n=10)
+    result = abl.ablation_drops(model, data, "a", batch_size=5, masks_per_batch=6, progress=False)
+    assert_equal_to_naive(result, model, data, "a", 5)
+    assert result.stats["masks_per_batch"] == 1
+
+
+class _InfiniteLogit(nn.Module):
+    """+inf for class 0 on the bright images: an ordinary value (SPEC.md section 1), not a refusal."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        z = self.fc(torch.relu(self.a(x)).mean(dim=(2, 3)))
+        big = torch.where(x[:, 0].mean(dim=(1, 2)) > 0.5, float("inf"), 0.0)
+        return z + torch.stack([big, torch.zeros_like(big), torch.zeros_like(big)], dim=1)
+
+
+class _Poison(nn.Module):
+    def forward(self, h, x):
+        return h + torch.where(x[:, 0, 0, 0] == 0.25, float("nan"), 0.0)[:, None, None, None]
+
+
+class _NaNOnImage(nn.Module):
+    """NaN from module p on, on image 5 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.p, self.fc = nn.Conv2d(3, 6, 3), _Poison(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.p(self.a(x), x).mean(dim=(2, 3)))
+
+
+def test_infinite_logits_count_and_nan_is_named():
+    torch.manual_seed(4)
+    model, data = _InfiniteLogit().eval(), ImageSet(n=8, classes=3)
+    data.images[::2] = data.images[::2] * 0.5 + 0.5  # bright: +inf for class 0, on image 0 too
+    result = abl.ablation_drops(model, data, "a", batch_size=4, progress=False)
+    assert_equal_to_naive(result, model, data, "a", 4)
+    data.images[5, 0, 0, 0] = 0.25
+    with pytest.raises(ValueError, match=r"NaN activation in layer 'p': unit\(s\) \[0, 1, 2, 3, 4, 5\] on image "
+                                         r"id\(s\) \[5\]"):
+        abl.ablation_drops(_NaNOnImage().eval(), data, "p", batch_size=4, progress=False)
+    with pytest.raises(ValueError, match=r"the model's outputs hold NaN for image id\(s\) \[5\]"):
+        abl.ablation_drops(_NaNOnImage().eval(), data, "a", batch_size=4, progress=False)
 
 
 class _BatchStatistics(nn.Module):

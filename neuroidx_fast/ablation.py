@@ -336,6 +336,7 @@ class _Engine:
         self.num_workers, self.progress = num_workers, progress
         self.device, self.param_dtype = eval_on_device(model, device)
         self.split: SplitModel = split_model(model, layer)
+        self.layer_module = resolve_layers(model, layer)[layer]
         self.stats = {"batches": 0, "verified_masks": 0, "readout_fallbacks": 0, "suffix_rows": 0}
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -392,6 +393,27 @@ class _Engine:
                 ops.mask_replicas(cut, pair[i:i + 1], fill, backend=self.backend), [_fresh(v) for v in live]))
                 for i in range(2)])
         return _logit_difference(together, apart) is not None
+
+    def intact(self, x):
+        """One batch, intact: ``model.forward``'s logits, the layer's output as that forward computed it
+        (caught by a hook, as the naive loop's hook sees it; a copy: what follows may write into it),
+        and the values the rest of the forward needs from before the layer (from the traced prefix:
+        none in most nets, and then the forward is the only pass)."""
+        caught = []
+
+        def catch(_module, _inputs, output):
+            caught.append(output.clone() if isinstance(output, torch.Tensor) else output)
+
+        handle = self.layer_module.register_forward_hook(catch)
+        try:
+            logits = _logits(self.model(x.clone() if self.split.live_names else x))
+        finally:
+            handle.remove()
+        if len(caught) != 1 or not isinstance(caught[0], torch.Tensor):
+            raise RuntimeError(f"model.forward called layer {self.layer!r} {len(caught)} times or it returned no "
+                               "tensor, where its traced forward calls it once: count with naive_ablation_counts")
+        live = self.split.run_prefix(x)[1] if self.split.live_names else []
+        return logits, caught[0], live
 
     def check_batch(self, cut, traced, direct, ids) -> None:
         """Every batch: no NaN in the layer's output or the model's, and the traced halves computing what
@@ -615,11 +637,9 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         for batch in engine.batches(f"ablation {layer}"):
             images, labels = _images_labels(batch)
             labels = labels.to(engine.device)
-            x = engine.inputs(images)
-            # the intact predictions are the model's own (those of the naive loop), and the traced halves
-            # are checked against them on every batch
-            logits = _logits(model(x.clone()))
-            cut, live = engine.split.run_prefix(x)
+            # the intact predictions are the model's own (those of the naive loop), and the traced rest of
+            # the forward is checked against them on every batch
+            logits, cut, live = engine.intact(engine.inputs(images))
             traced = _logits(engine.split.run_suffix(_fresh(cut), [_fresh(v) for v in live]))
             engine.check_batch(cut, traced, logits, list(range(first_id, first_id + images.shape[0])))
             first_id += images.shape[0]

@@ -120,6 +120,24 @@ def dataset_fingerprint(dataset) -> str | None:
     return f"{fingerprint()}|{hashlib.sha256(repr(positions).encode()).hexdigest()}"
 
 
+def sample_fingerprint(dataset, positions) -> str:
+    """SHA-256 of the items at ``positions`` (image bytes, dtype, shape and label): what a checkpoint
+    records of a dataset that has no ``fingerprint()``, so that a resume on another dataset of the same
+    length (or one with random transforms, whose ids name no fixed image) is refused. Cheap: a few items."""
+    digest = hashlib.sha256()
+    for position in positions:
+        item = dataset[position]
+        image, label = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().contiguous()
+            digest.update(f"{position}|{image.dtype}|{tuple(image.shape)}|".encode())
+            digest.update(image.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{position}|{type(image).__name__}|".encode())
+        digest.update(f"|{label.tolist() if isinstance(label, torch.Tensor) else label!r}\n".encode())
+    return digest.hexdigest()
+
+
 def _preprocess_fingerprint(preprocess) -> str | None:
     """What a checkpoint records of ``preprocess``: a module's class and state (its normalisation
     constants), a function's qualified name (what it closes over cannot be checked)."""
@@ -167,7 +185,7 @@ def _distributed():
 
 
 # fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
-_LATER_FINGERPRINTS = ("structure",)
+_LATER_FINGERPRINTS = ("structure", "data_sample")
 
 
 def _load_checkpoint(path, fingerprint, device, nan, backend):
@@ -180,7 +198,10 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
                     and (key in saved or key not in _LATER_FINGERPRINTS))
     if differ:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
-                            for key in differ if key not in ("model", "data", "structure"))
+                            for key in differ if key not in ("model", "data", "structure", "data_sample"))
+        if "data_sample" in differ:
+            details = ("the dataset's first or last image differs (another dataset of the same length, or random "
+                       "transforms: ids must name fixed images)") + (f"; {details}" if details else "")
         if "data" in differ:
             details = "the dataset's contents differ (its file list changed)" + (f"; {details}" if details else "")
         if "model" in differ or "structure" in differ:
@@ -325,6 +346,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                    "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                    "preprocess": _preprocess_fingerprint(preprocess),
                    "structure": structure_fingerprint(model, preprocess)}
+    if checkpoint is not None and fingerprint["data"] is None and len(shard):
+        fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}

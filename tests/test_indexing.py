@@ -485,6 +485,20 @@ def test_a_resume_with_other_preprocess_settings_is_refused(tmp_path):
         index(3.0)
 
 
+def test_a_resume_on_another_dataset_of_the_same_length_is_refused(tmp_path):
+    # a dataset without fingerprint(): its first and last items stand for it
+    ckpt = str(tmp_path / "ckpt")
+
+    def index(data):
+        return nx.index_dataset(make_model("vgg"), data, ["features.5"], k=3, batch_size=4, checkpoint=ckpt,
+                                progress=False)
+
+    index(ImageSet(n=8, seed=0))
+    index(ImageSet(n=8, seed=0))  # the same images: resumes
+    with pytest.raises(ValueError, match="first or last image differs"):
+        index(ImageSet(n=8, seed=1))
+
+
 def _distributed_worker(rank, world, init_file, out):
     import torch.distributed as dist
 

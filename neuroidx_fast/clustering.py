@@ -137,16 +137,20 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
 
     ``features="class_profile"``: each unit's class-conditional means mu_k (SPEC.md 5.2; the index needs
     labels), z-scored per unit by default (``normalize``) so that the shape of the profile counts, not
-    its scale; units with a constant profile (e.g. never active) get -1. ``features="nf"``: the units'
-    Neuron Features, from ``nf=`` (a ``neuron_features`` result with ``.nf``, or a tensor [C, 3, r, r]);
-    units whose NF is NaN (dead) get -1; not normalised by default.
+    its scale; units with a constant profile get -1. ``features="nf"``: the units' Neuron Features, from
+    ``nf=`` (a ``neuron_features`` result with ``.nf``, or a tensor [C, 3, r, r]); units whose NF is NaN
+    get -1; not normalised by default. In both, dead units (``LayerIndex.dead()``: best activation <= 0)
+    get -1 and take no part in the purity.
     ``reference`` [C] (group per unit, -1 unknown) gives the purity; by default, for class profiles, each
-    unit's preferred class (argmax of mu_k).
+    clustered unit's preferred class (argmax of mu_k), -1 for the units left out.
     """
     layer_index = _layer(index, layer)
     if features not in UNIT_FEATURES:
         raise ValueError(f"features must be one of {UNIT_FEATURES}, got {features!r}")
     num_units = layer_index.num_units
+    # A dead unit (SPEC.md 3: best activation <= 0, or no image seen) has every index NaN: its class
+    # profile, even when not constant (a pre-ReLU unit that is always negative), places it nowhere.
+    live = ~layer_index.dead()
     if features == "class_profile":
         means = _class_means(index, layer_index, "cluster_units(features='class_profile')")
         classes = torch.isfinite(means).all(1).nonzero().reshape(-1)  # classes without images carry no information
@@ -156,6 +160,7 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
                              f"{means.shape[0]}")
         points = means.T.contiguous()                          # [C, classes]
         z, ok = _zscore_rows(points)
+        ok = ok & live
         if normalize is None or normalize:
             points = z
         if reference is None:
@@ -171,12 +176,14 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
         if tensor.shape[0] != num_units:
             raise ValueError(f"nf has {tensor.shape[0]} units but layer {layer!r} has {num_units}")
         points = tensor.detach().double().cpu().reshape(num_units, -1)
-        ok = torch.isfinite(points).all(1)
+        ok = torch.isfinite(points).all(1) & live
         if normalize:
             z, finite = _zscore_rows(points)
             points, ok = z, ok & finite
     available = int(ok.sum())
-    n_clusters = _check_k(n_clusters, available, "units (with a usable feature)")
+    dead = int((~live).sum())
+    n_clusters = _check_k(n_clusters, available,
+                          f"units (with a usable feature{f'; {dead} dead units left out' if dead else ''})")
     sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init, "units")
     names = [f"unit {c}" for c in range(num_units)]
     return _finish("unit", layer, features, n_clusters, ok, sub_labels, score, reference, names)

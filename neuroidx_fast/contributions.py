@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import resolve_layers
+from .hooks import SharedModuleError, resolve_layers
 from .maximization import frozen_eval, model_device
 from .prepare import as_index, pixel_space
 
@@ -62,7 +62,8 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
                   preprocess=None, top: int = 10, device=None) -> Contributions:
     """Contribution of every unit of ``layer`` to the ``target`` logit (default: the predicted class) for one
     pixel-space image [3, H, W] (or [1, 3, H, W]); ``preprocess`` runs before the model. The model runs in
-    eval mode (restored afterwards); the model's output must be logits [1, classes]."""
+    eval mode (restored afterwards); the model's output must be logits [1, classes]. A ``layer`` that runs more
+    than once in the forward (a shared module) raises ``SharedModuleError``, as in ``index_dataset``."""
     modules = resolve_layers(model, [layer]) if isinstance(layer, str) else None
     if modules is None:
         raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
@@ -85,6 +86,10 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
     def hook(mod, inputs, output):
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"layer {layer!r} returned {type(output).__name__}, not a tensor")
+        if "F" in captured:
+            # A module shared by several places of the forward: the contributions of one call (the last,
+            # as a plain overwrite would give) are not the layer's. index_dataset refuses it the same way.
+            raise SharedModuleError(layer)
         leaf = output.detach().requires_grad_(True)
         captured["F"] = leaf
         # The rest of the forward runs on a copy, so that an in-place op after the layer (ReLU(inplace))

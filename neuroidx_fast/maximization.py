@@ -70,12 +70,14 @@ def _one_layer(model, layer) -> str:
 
 
 def _size(size) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if (not isinstance(size, (tuple, list)) or len(size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size)):
+    """(h, w) from one side or a pair; integers as ``as_index`` reads them (NumPy integers and 0-d integer
+    tensors too, as for steps, seed and units), never bools or floats."""
+    side = as_index(size)
+    sides = [side, side] if side is not None else list(size) if isinstance(size, (tuple, list)) else None
+    sides = None if sides is None or len(sides) != 2 else [as_index(s) for s in sides]
+    if sides is None or any(s is None or s < 1 for s in sides):
         raise ValueError(f"size must be a positive int or a pair (h, w) of them, got {size!r}")
-    return int(size[0]), int(size[1])
+    return sides[0], sides[1]
 
 
 def _positive(name, value, integer=False, zero_ok=False):
@@ -135,16 +137,10 @@ def _chunks(n, size):
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
 
 
-def _model_input(images, transforms, step, preprocess, dtype):
-    x = transforms(images, step) if transforms is not None else images
-    if preprocess is not None:
-        x = preprocess(x)
-    x = x.to(dtype)
-    if x.device.type == "cpu" and x.dim() == 4 and x.shape[0] > 1:
-        # oneDNN's convolutions, forward and input-gradient backward, run faster on a channels-last batch
-        # (the layout then carries through the network): 1.3-2x on the benchmark models' first convolutions
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def _model_input(images, transforms, step, readout: UnitObjective):
+    """The model input for pixel-space ``images``: warped by ``transforms`` (at ``step``) if given, then
+    through the readout's one input path (preprocess, dtype, memory layout)."""
+    return readout.model_input(transforms(images, step) if transforms is not None else images)
 
 
 def _adam(params: torch.Tensor, lr: float) -> torch.optim.Adam:
@@ -219,7 +215,8 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
 
         bar = tqdm(total=steps * len(chunks), unit="step", desc=f"maximize {name}")
     try:
-        with frozen_eval(model, device), UnitObjective(model, name, objective, size, dtype, device) as readout:
+        with frozen_eval(model, device), UnitObjective(model, name, objective, size, dtype, device,
+                                                        preprocess=preprocess) as readout:
             _check_units(units, readout.width, name)
             for chunk in chunks:
                 ids = [units[i] for i in chunk]
@@ -231,7 +228,7 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
                 for step in range(steps):
                     optimiser.zero_grad(set_to_none=True)
                     x = image.image()
-                    loss = -unit_objective(_model_input(x, warp, step, preprocess, dtype)).sum()
+                    loss = -unit_objective(_model_input(x, warp, step, readout)).sum()
                     if l2:
                         loss = loss + l2 * (x - 0.5).square().flatten(1).mean(1).sum()
                     _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
@@ -265,11 +262,11 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
     values = []
     size = tuple(images.shape[-2:])
     with (frozen_eval(model, device), torch.no_grad(),
-          UnitObjective(model, name, objective, size, dtype, device, affine=False) as readout):
+          UnitObjective(model, name, objective, size, dtype, device, affine=False, preprocess=preprocess) as readout):
         _check_units(units, readout.width, name)
         target = torch.tensor(units, device=device)
         for chunk in _chunks(images.shape[0], batch_size):
-            x = _model_input(images[chunk.start:chunk.stop].to(device), None, 0, preprocess, dtype)
+            x = _model_input(images[chunk.start:chunk.stop].to(device), None, 0, readout)
             values.append(readout.for_units(target[chunk.start:chunk.stop])(x).cpu())
     return torch.cat(values)
 
@@ -299,11 +296,34 @@ class TowardsResult:
     activation_end: torch.Tensor
 
 
+def _image_ids(ids) -> torch.Tensor:
+    """``ids`` (one int, ints, or an integer tensor / array) as int64 [n]. Bools and floats are refused, as
+    for units: a cast would read a boolean mask as the ids 0 and 1, and truncate 2.7 to 2, with no error."""
+    single = as_index(ids)
+    if single is not None:
+        return torch.tensor([single])
+    shown = repr(ids) if len(repr(ids)) <= 80 else repr(ids)[:77] + "..."
+    refused = ValueError(f"ids must be integer item indices (ints, or an integer tensor or array), got {shown}; "
+                         "for a boolean mask over the images pass its positions, e.g. mask.nonzero().flatten()")
+    if isinstance(ids, torch.Tensor) or hasattr(ids, "__array__"):
+        picks = torch.as_tensor(ids)
+        if picks.numel() and (picks.dtype == torch.bool or picks.is_floating_point() or picks.is_complex()):
+            raise refused
+        return picks.reshape(-1).to(torch.int64)
+    try:
+        picks = [as_index(i) for i in ids]
+    except TypeError:
+        raise refused from None
+    if any(i is None for i in picks):
+        raise refused
+    return torch.tensor(picks, dtype=torch.int64)
+
+
 def _image_batch(images, ids=None) -> torch.Tensor:
     """A pixel-space batch [N, 3, H, W] (CPU float32) from a tensor, a list of images or a map-style
-    dataset yielding images or (image, label) pairs; ``ids`` picks items."""
+    dataset yielding images or (image, label) pairs; ``ids`` picks items (integer indices only)."""
+    picks = None if ids is None else _image_ids(ids)
     if isinstance(images, torch.Tensor):
-        picks = None if ids is None else torch.as_tensor(ids, dtype=torch.int64).reshape(-1)
         outside = picks is not None and picks.numel() and (int(picks.min()) < -len(images)
                                                            or int(picks.max()) >= len(images))
         if outside:
@@ -317,7 +337,7 @@ def _image_batch(images, ids=None) -> torch.Tensor:
         except TypeError:
             raise TypeError("images must be a tensor [N, 3, H, W], a list of [3, H, W] tensors or a map-style "
                             f"dataset, got {type(images).__name__}") from None
-        picks = range(length) if ids is None else [int(i) for i in torch.as_tensor(ids).reshape(-1)]
+        picks = range(length) if picks is None else picks.tolist()
         items = []
         for i in picks:
             if not -length <= i < length:
@@ -400,12 +420,12 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     """The dual objective of Stergiou's "The Mind's Eye" (SPEC.md 7): images [clusters, 3, h, w] in [0, 1]
     showing the class-agnostic features that ``layer`` sees in a set of images.
 
-    ``images``: a tensor [N, 3, h, w], a list of images or a map-style dataset (``ids`` picks items, e.g.
-    a unit's top images from the index). Their global-average-pooled features are clustered with
-    k-means (``clusters`` targets); each cluster's target T is the weighted mean of its images' features
-    (``weights`` per image, or the default: typical images weigh more than outliers). Image k starts from
-    the weighted mean of its images and minimises, with Adam and a step decaying exponentially from ``lr``
-    to ``lr * lr_decay``:
+    ``images``: a tensor [N, 3, h, w], a list of images or a map-style dataset (``ids``, integer indices,
+    picks items, e.g. a unit's top images from the index; for a boolean mask pass mask.nonzero()). Their
+    global-average-pooled features are clustered with k-means (``clusters`` targets); each cluster's
+    target T is the weighted mean of its images' features (``weights`` per image, or the default: typical
+    images weigh more than outliers). Image k starts from the weighted mean of its images and minimises,
+    with Adam and a step decaying exponentially from ``lr`` to ``lr * lr_decay``:
         - activation_weight * sum_{top channels of T} o_ch T_ch / sum T_ch^2      (o = GAP(layer(x)))
         + distance_weight * Charbonnier(o - T)  (scaled by the RMS of T)
         + l1 * mean |x - 0.5| + tv * total variation(x)
@@ -439,10 +459,10 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     size = tuple(batch.shape[-2:])
 
     with (frozen_eval(model, device),
-          UnitObjective(model, name, "mean", size, dtype, device, affine=False) as readout):
+          UnitObjective(model, name, "mean", size, dtype, device, affine=False, preprocess=preprocess) as readout):
         with torch.no_grad():
             features = torch.cat([
-                _gap(readout.layer_output(_model_input(batch[c.start:c.stop].to(device), None, 0, preprocess, dtype)))
+                _gap(readout.layer_output(_model_input(batch[c.start:c.stop].to(device), None, 0, readout)))
                 for c in _chunks(n, batch_size)]).cpu()
         labels, default_weights = _cluster_images(features, clusters, seed)
         if weights is None:
@@ -476,7 +496,7 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
             optimiser = _adam(image.params, lr)
 
             def terms(x, step=0, warped=None):
-                o = _gap(readout.layer_output(_model_input(x, warped, step, preprocess, dtype)))
+                o = _gap(readout.layer_output(_model_input(x, warped, step, readout)))
                 return _activation_term(o, t, idx), _charbonnier(o, t, charbonnier_eps)
 
             with torch.no_grad():

@@ -12,6 +12,7 @@ from torch import nn
 import neuroidx_fast as nx
 from neuroidx_fast.clustering import cluster_categories, cluster_units, purity
 from neuroidx_fast.contributions import contributions
+from neuroidx_fast.hooks import SharedModuleError
 
 GROUPS, COPIES, DEAD = 3, 4, 2
 TINTS = torch.tensor([[1.0, 0.15, 0.15], [0.15, 1.0, 0.15], [0.15, 0.15, 1.0]])
@@ -112,6 +113,22 @@ def test_units_cluster_by_neuron_features_dead_ones_left_out(index):
         cluster_units(index, "1", 3, features="nf", nf=nf[:5])
     with pytest.raises(ValueError, match="features must be one of"):
         cluster_units(index, "1", 3, features="weights")
+
+
+def test_dead_units_are_left_out_even_with_a_varying_profile(model):
+    # Before the ReLU the never-firing units are always negative (LayerIndex.dead()) yet their class
+    # means vary with the tint: SPEC.md 3 makes every index of a dead unit NaN, so no cluster either.
+    pre_relu = nx.index_dataset(model, TintedImages(), ["0"], k=4, batch_size=16, progress=False)
+    live = GROUPS * COPIES
+    assert pre_relu["0"].dead().tolist() == [False] * live + [True] * DEAD
+    assert (pre_relu["0"].class_means()[:, live:].std(0) > 1e-3).all()  # not a constant profile
+    result = cluster_units(pre_relu, "0", 3)
+    assert (result.labels[live:] == -1).all() and (result.reference[live:] == -1).all()
+    assert adjusted_rand_score(planted_groups(), result.labels[:live]) == 1.0 and result.purity == 1.0
+    finite_nf = torch.rand(live + DEAD, 3, 5, 5, generator=torch.Generator().manual_seed(5))
+    assert (cluster_units(pre_relu, "0", 3, features="nf", nf=finite_nf).labels[live:] == -1).all()
+    with pytest.raises(ValueError, match=f"more than the {live} units .*{DEAD} dead units left out"):
+        cluster_units(pre_relu, "0", live + 1)
 
 
 def test_categories_cluster_by_tint(index):
@@ -215,3 +232,26 @@ def test_contributions_errors_and_state():
     assert model.training and model[0].training  # restored
     assert result.values.shape == (GROUPS * COPIES + DEAD,)
     assert 0 < result.domination(3) <= 1
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice in the forward: which call would be the layer?"""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 3, 3, padding=1), nn.Linear(3, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(torch.relu(self.conv(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_contributions_refuse_a_module_called_twice_as_indexing_does():
+    model, image = SharedConv().eval(), torch.rand(3, 8, 8)
+    with pytest.raises(SharedModuleError, match="'conv' runs more than once in one forward"):
+        nx.index_dataset(model, [image], ["conv"], k=1, progress=False)
+    with pytest.raises(SharedModuleError, match="'conv' runs more than once in one forward"):
+        contributions(model, image, "conv", target=0)
+    assert not model.conv._forward_hooks  # the hook is gone after the error
+    assert contributions(model, image, "fc", target=0).values.shape == (2,)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import neuroidx_fast.maximization as mx
+import neuroidx_fast.unit_objective as uo
 from neuroidx_fast.image_param import ImageParam, RandomTransforms, color_matrix, total_variation
 
 SIZE = 32
@@ -159,6 +160,68 @@ def test_preprocess_is_applied_before_the_model(net):
     assert b > r + 0.3 and b > g + 0.3, (r, g, b)
 
 
+class ViewFlattenNet(nn.Module):
+    """LeNet / AlexNet style: conv -> ReLU -> pool -> ``x.view(x.size(0), -1)`` -> fc1 -> ReLU -> fc2. The
+    ``view`` needs contiguous activations: it raises on a channels-last batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.MaxPool2d(2)
+        self.fc1, self.fc2 = nn.Linear(8 * 8 * 8, 10), nn.Linear(10, 4)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = x.view(x.size(0), -1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_models_that_flatten_with_view_take_batches_of_several_images():
+    model = ViewFlattenNet().eval()
+    images = mx.maximize(model, "fc1", [0, 1, 2], size=16, steps=4)
+    alone = torch.cat([mx.maximize(model, "fc1", [u], size=16, steps=4) for u in (0, 1, 2)])
+    torch.testing.assert_close(images, alone, rtol=0, atol=1e-4)
+    x = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        direct = model.fc1(model.pool(torch.relu(model.conv1(x))).reshape(5, -1))
+    torch.testing.assert_close(mx.unit_activations(model, "fc1", x, [0, 1, 2, 3, 4]), direct[range(5), range(5)])
+    assert mx.maximize_towards(model, "fc2", x, clusters=2, steps=2).shape == (2, 3, 16, 16)
+
+
+def test_channels_last_batches_only_where_the_model_runs_them(net):
+    pixels = torch.rand(2, 3, 16, 16)
+    for model, layer, runs in ((net, "conv2", True), (ViewFlattenNet().eval(), "fc1", False)):
+        with mx.frozen_eval(model, torch.device("cpu")), \
+                uo.UnitObjective(model, layer, "mean", (16, 16), torch.float32, "cpu") as readout:
+            assert readout.channels_last is runs
+            x = readout.model_input(pixels)
+            assert x.is_contiguous(memory_format=torch.channels_last) is runs and x.is_contiguous() is not runs
+            assert readout.model_input(pixels[:1]).is_contiguous()  # one image: no layout change
+
+
+def gray_net():
+    """tiny_net for one-channel (grayscale) inputs."""
+    torch.manual_seed(0)
+    m = tiny_net()
+    m.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+    return m.eval()
+
+
+def test_a_preprocess_that_changes_the_channels_is_used_from_the_first_forward():
+    # A grayscale model fed through preprocess=RGB->gray: the layer probe must take that path too.
+    model = gray_net()
+    to_gray = lambda x: x.mean(1, keepdim=True)  # noqa: E731
+    images = mx.maximize(model, "conv2", [0, 1], size=16, steps=3, preprocess=to_gray)
+    assert images.shape == (2, 3, 16, 16)
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        direct = model.conv2(model.pool1(model.relu1(model.conv1(to_gray(x))))).mean(dim=(2, 3))[:, 0]
+    torch.testing.assert_close(mx.unit_activations(model, "conv2", x, 0, preprocess=to_gray), direct)
+    assert mx.maximize_towards(model, "conv2", x, steps=2, preprocess=to_gray).shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="cannot run on 16x16 images after preprocess=.*preprocess that turns"):
+        mx.maximize(model, "conv2", [0], size=16, steps=1, preprocess=lambda x: x)
+
+
 def test_model_state_restored_and_eval_mode_used():
     model = tiny_net(batchnorm=True)
     reference = mx.maximize(model, "conv2", [1, 4], size=SIZE, steps=10)
@@ -201,6 +264,12 @@ def test_errors(net):
     got = mx.maximize(net, "conv1", np.array([0, 3]), size=SIZE, steps=np.int64(2), seed=np.int32(1))
     assert torch.equal(got, want)
     assert torch.equal(mx.maximize(net, "conv1", torch.tensor(3), size=SIZE, steps=2, seed=1), want[1:])
+    # ... for the size too
+    for size in (np.int64(SIZE), (np.int64(SIZE), SIZE), torch.tensor(SIZE), torch.Size([SIZE, SIZE])):
+        assert torch.equal(mx.maximize(net, "conv1", [0, 3], size=size, steps=2, seed=1), want)
+    for bad in (True, 16.0, (16, True), (16, 0), (16,), (16, 16, 16), "16", torch.tensor([16, 16])):
+        with pytest.raises(ValueError, match="size must be a positive int or a pair"):
+            mx.maximize(net, "conv1", [0], size=bad, steps=1)
 
 
 def test_parametrisations_round_trip_and_colour_matrix():
@@ -278,6 +347,20 @@ def test_towards_start_image_weights_and_ids(net, two_groups):
     weights[2] = 1.0
     images = mx.maximize_towards(net, "conv2", dataset, ids=[1, 3, 9, 12], weights=weights, steps=0)
     assert torch.allclose(images[0], two_groups[9].clamp(1e-3, 1 - 1e-3), atol=1e-4)
+
+
+def test_towards_ids_must_be_integer_indices(net, two_groups):
+    # A cast to int64 read the mask [F, F, T, T] as the images [0, 0, 1, 1] and 2.7 as 2, with no error.
+    mask = torch.tensor([False, False, True, True])
+    for source in (two_groups[:4], list(two_groups[:4])):
+        for bad in (mask, [True, True], [0.9, 2.7], torch.tensor([0.0, 2.0]), np.array([1.5]), 2.0):
+            with pytest.raises(ValueError, match=r"ids must be integer item indices.*mask.nonzero\(\)"):
+                mx.maximize_towards(net, "conv2", source, ids=bad, steps=0)
+        want = mx.maximize_towards(net, "conv2", source, ids=[2, 3], steps=0)
+        for good in (mask.nonzero().flatten(), np.array([2, 3]), (np.int64(2), 3), torch.tensor([[2], [3]])):
+            assert torch.equal(mx.maximize_towards(net, "conv2", source, ids=good, steps=0), want)
+        assert torch.equal(mx.maximize_towards(net, "conv2", source, ids=np.int64(3), steps=0),
+                           mx.maximize_towards(net, "conv2", source, ids=[3], steps=0))
 
 
 def test_towards_errors(net, two_groups):

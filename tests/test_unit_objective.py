@@ -109,6 +109,22 @@ def test_layer_output_and_width_on_both_paths():
     torch.testing.assert_close(out_ref, model(x))
 
 
+@pytest.mark.parametrize("preprocess", [
+    lambda x: torch.nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False),
+    lambda x: x[..., 2:-2, 2:-2],
+], ids=["upsample-2x", "crop"])
+def test_the_shortcut_is_sized_by_the_preprocessed_input(preprocess, monkeypatch):
+    # The probe runs the gray image through preprocess, as every step does: a preprocess that resizes sets
+    # the shape of the layer's input, hence of the shortcut's gradient G.
+    model = net_with(nn.Conv2d(6, 10, 3, padding=1))
+    kw = dict(size=16, steps=4, lr=0.1, seed=2, transforms=None, preprocess=preprocess)
+    fast = mx.maximize(model, "target", [1, 5], **kw)
+    with uo.UnitObjective(model, "target", "mean", (16, 16), torch.float32, "cpu", preprocess=preprocess) as readout:
+        assert readout.affine and readout.input_shape == (6,) + tuple(preprocess(torch.zeros(1, 3, 16, 16)).shape[2:])
+    monkeypatch.setattr(uo, "affine_layer", lambda module: False)
+    torch.testing.assert_close(fast, mx.maximize(model, "target", [1, 5], **kw), rtol=0, atol=2e-4)
+
+
 # ---------------------------------------------------------------------------------------------- band LRN
 @pytest.mark.parametrize("size", [1, 2, 4, 5])
 @pytest.mark.parametrize("channels", [1, 3, 24])

@@ -53,7 +53,7 @@ class SharedModuleError(ValueError):
     def __init__(self, name: str):
         super().__init__(f"layer {name!r} runs more than once in one forward (a module shared by several places of "
                          "model.forward, e.g. torchvision's ReLU inside a residual block): its outputs are not one "
-                         "layer. Index a module that is called once, e.g. the block that holds it or the conv / "
+                         "layer. Choose a module that is called once, e.g. the block that holds it or the conv / "
                          "norm before it")
 
 

@@ -49,9 +49,12 @@ class ReceptiveField:
     method: str = "analytic"
 
     def box(self, y: int, x: int) -> tuple[int, int, int, int]:
-        """``(y0, x0, y1, x1)``: the inclusive input box of the unit at map position (y, x)."""
-        y0 = self.offset[0] + int(y) * self.stride[0]
-        x0 = self.offset[1] + int(x) * self.stride[1]
+        """``(y0, x0, y1, x1)``: the inclusive input box of the unit at map position (y, x) (of the map
+        ``map_size``, where known; the box itself may reach past the image, where the network pads)."""
+        y, x = (_map_index(v, axis, self.map_size[a] if self.map_size else None)
+                for a, (v, axis) in enumerate(((y, "y"), (x, "x"))))
+        y0 = self.offset[0] + y * self.stride[0]
+        x0 = self.offset[1] + x * self.stride[1]
         return y0, x0, y0 + self.size[0] - 1, x0 + self.size[1] - 1
 
     def tops(self, positions: torch.Tensor, map_width: int | None = None) -> torch.Tensor:
@@ -59,6 +62,21 @@ class ReceptiveField:
         width = map_width if map_width is not None else (self.map_size[1] if self.map_size else None)
         if width is None:
             raise ValueError("tops() needs the map width: pass map_width or build the RF with a map size")
+        width = _map_index(width, "map_width", None)
+        if width < 1:
+            raise ValueError(f"tops() needs a positive map_width, got {width}")
+        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
+            raise ValueError("tops() takes flat map positions y * W + x as an integer tensor, got "
+                             f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
+        # the map's height is known where the width is the map's own (a width given for another map says
+        # nothing about its height)
+        height = self.map_size[0] if self.map_size and width == self.map_size[1] else None
+        if positions.numel():
+            low, high = int(positions.min()), int(positions.max())
+            if low < 0 or (height is not None and high >= height * width):
+                valid = f"the {height}x{width} map's 0 .. {height * width - 1}" if height is not None else "0 or more"
+                raise ValueError(f"tops() got flat map positions from {low} to {high}, outside {valid}: pass "
+                                 "positions of this layer's map (unused top-K slots hold -1: drop or clamp them first)")
         positions = positions.to(torch.int64)
         y, x = positions // width, positions % width
         return torch.stack([self.offset[0] + y * self.stride[0], self.offset[1] + x * self.stride[1]], dim=-1)
@@ -68,6 +86,24 @@ class ReceptiveField:
             return f"RF whole image {self.size[0]}x{self.size[1]}"
         return (f"RF {self.size[0]}x{self.size[1]}, stride {self.stride[0]}x{self.stride[1]}, "
                 f"offset ({self.offset[0]}, {self.offset[1]}) [{self.method}]")
+
+
+def _map_index(value, axis: str, length: int | None) -> int:
+    """``value`` as a position along an axis of a map of ``length`` positions (None: unknown): an integer
+    (int, NumPy or one-element torch integer) in 0 .. length - 1, else a ValueError that says so (int()
+    would truncate 1.9 to 1 and accept "1", and an out-of-range position has a box of no unit)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{axis} must be an integer map position, got {value!r}")
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{axis} must be an integer map position, got {value!r} ({type(value).__name__})") from None
+    if index < 0:
+        raise ValueError(f"{axis} = {index} is not a map position: positions count from 0")
+    if length is not None and index >= length:
+        raise ValueError(f"{axis} = {index} is outside the layer's map, whose positions along {axis} are "
+                         f"0 .. {length - 1}")
+    return index
 
 
 # --------------------------------------------------------------------------------------------- walk
@@ -96,9 +132,9 @@ class _Unsupported(Exception):
 
 
 class _Reached(Exception):
-    def __init__(self, state, output):
+    def __init__(self, state, output, node=None):
         super().__init__()
-        self.state, self.output = state, output
+        self.state, self.output, self.node = state, output, node
 
 
 def _pair(v) -> tuple[int, int]:
@@ -229,16 +265,60 @@ def _spatial(t):
     return tuple(t.shape[-2:]) if isinstance(t, torch.Tensor) and t.dim() >= 3 else None
 
 
+def _adaptive_windows(in_length: int, out_length: int) -> list[tuple[int, int]]:
+    """The windows [start, end) of torch's adaptive pooling along one axis: output i pools inputs
+    floor(i * in / out) to ceil((i + 1) * in / out) - 1."""
+    return [(i * in_length // out_length, -(-(i + 1) * in_length // out_length)) for i in range(out_length)]
+
+
+def _covering_window(spans, strides) -> tuple[int, int, int]:
+    """(size, stride, origin): evenly spaced windows, ``origin + p * stride`` to ``... + size - 1``, that hold
+    every span (p, start, end) (end exclusive) of position p; of the ``strides`` tried, the one whose
+    windows are the smallest."""
+    best = None
+    for stride in strides:
+        origin = min(start - p * stride for p, start, _ in spans)
+        size = max(end - p * stride for p, _, end in spans) - origin
+        if best is None or size < best[0]:
+            best = (size, stride, origin)
+    return best
+
+
+def _adaptive_axis(in_length: int, out_length: int) -> tuple[int, int, int, bool]:
+    """(kernel, stride, start, exact) of adaptive pooling along one axis: windows that hold every one of
+    torch's, exact where torch's are uniform (where the sizes divide, and in cases such as 8 -> 7 or
+    9 -> 4 too); where they are not (10 -> 4: rows 0-2, 2-4, 5-7, 7-9), the smallest evenly spaced
+    windows that hold them, at a stride between their smallest and largest spacing."""
+    windows = _adaptive_windows(in_length, out_length)
+    if out_length == 1:
+        return in_length, in_length, 0, True
+    spacings = [b[0] - a[0] for a, b in zip(windows, windows[1:])]
+    kernel, stride, start = _covering_window([(i, a, b) for i, (a, b) in enumerate(windows)],
+                                             range(min(spacings), max(spacings) + 1))
+    exact = all(w == (start + i * stride, start + i * stride + kernel) for i, w in enumerate(windows))
+    return kernel, stride, start, exact
+
+
 def _adaptive(state, in_size, out_size):
+    """Adaptive pooling from an ``in_size`` map to ``out_size``: a window of its exact geometry where its
+    windows are uniform; else one whose boxes hold every window (a superset, warned of: SPEC.md 2 wants
+    every pixel a unit sees inside its box, which the probe's approximation, from windows near the centre,
+    does not give)."""
     if state is WHOLE or in_size is None:
         return WHOLE
     out = tuple(in_size[a] if o is None else int(o) for a, o in enumerate(_pair_or_none(out_size)))
     if out == (1, 1):
         return WHOLE  # global pooling mixes every position (SPEC.md 2)
-    if any(in_size[a] % out[a] for a in range(2)):
-        raise _Unsupported(f"adaptive pooling from {in_size} to {out} has windows of unequal sizes")
-    k = tuple(in_size[a] // out[a] for a in range(2))
-    return _window(state, k, k, 0)
+    if any(out[a] > in_size[a] for a in range(2)):
+        # its units repeat input positions (2 -> 6: three units per input row): no stride of whole pixels
+        raise _Unsupported(f"adaptive pooling from {in_size} to {out}, which upsamples (a larger map than its input)")
+    kernel, stride, start, exact = zip(*(_adaptive_axis(in_size[a], out[a]) for a in range(2)))
+    if not all(exact):
+        warnings.warn(f"receptive field: adaptive pooling from {in_size[0]}x{in_size[1]} to {out[0]}x{out[1]} pools "
+                      f"windows of unequal sizes or spacings, which no single size and stride describe; the boxes "
+                      f"hold every window ({kernel[0]}x{kernel[1]} positions of its input, stride "
+                      f"{stride[0]}x{stride[1]}), so they are larger than some units' fields", stacklevel=2)
+    return _window(state, kernel, stride, tuple(-v for v in start))
 
 
 def _pair_or_none(v):
@@ -274,16 +354,16 @@ _MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.Bilinear)
 _POINTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-    torch.clamp, torch.maximum, torch.minimum, torch.exp, torch.abs, torch.where, torch.cat, torch.concat,
-    torch.stack, torch.square, torch.sqrt, torch.pow, operator.pow,
+    torch.clamp, torch.clip, torch.clamp_max, torch.maximum, torch.minimum, torch.exp, torch.abs, torch.where,
+    torch.cat, torch.concat, torch.square, torch.sqrt, torch.pow, operator.pow,
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardtanh, F.hardswish,
     F.hardsigmoid, F.softplus, torch.sigmoid, F.dropout, F.dropout2d, F.batch_norm, F.local_response_norm,
     F.channel_shuffle, torch.channel_shuffle, torch.clone,
 }
 _POINTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_",
-    "clamp", "clamp_", "clamp_min", "clamp_min_", "contiguous", "clone", "float", "half", "bfloat16", "double", "to",
-    "type_as", "detach", "exp", "abs", "neg", "pow", "sqrt", "square",
+    "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "contiguous", "clone",
+    "float", "half", "bfloat16", "double", "to", "type_as", "detach", "exp", "abs", "neg", "pow", "sqrt", "square",
 }
 _MIXING_FUNCTIONS = {F.group_norm, F.instance_norm}
 # Cuts into pieces along one dimension (ShuffleNet's channel split): the box, along a dimension that
@@ -302,7 +382,7 @@ def _avg_pool2d_signature(input, kernel_size, stride=None, padding=0, ceil_mode=
 
 
 def _cat_signature(tensors, dim=0):
-    """Argument names of torch.cat / torch.concat (builtins)."""
+    """Argument names of torch.cat / torch.concat / torch.stack (builtins)."""
 
 
 def _softmax_signature(input, dim=None, dtype=None):
@@ -371,6 +451,88 @@ def _warn_circular(name: str) -> None:
                   "opposite border, which their boxes (and the crops cut from them) leave out", stacklevel=2)
 
 
+@dataclass(frozen=True)
+class _EdgePad:
+    """A padding by reflection or replication on the way to the layer: ``name`` for messages, ``mode``
+    ("reflect" or "replicate"), the box of its input (a _Box, positions last), that input's map size, and
+    the widths padded before (top, left) and after (bottom, right)."""
+
+    name: str
+    mode: str
+    state: _Box
+    length: tuple[int, int]
+    before: tuple[int, int]
+    after: tuple[int, int]
+
+
+def _edge_padding(target, args, kwargs):
+    """(mode, (top, left), (bottom, right)) of a module or function that pads by reflection or
+    replication, else None."""
+    if isinstance(target, nn.Conv2d) and target.padding_mode in ("reflect", "replicate"):
+        before = _conv_padding(target.padding, target.kernel_size, target.dilation)
+        if target.padding == "same":  # torch pads (total // 2) before and the rest after
+            k, d = _pair(target.kernel_size), _pair(target.dilation)
+            return target.padding_mode, before, tuple(d[a] * (k[a] - 1) - before[a] for a in range(2))
+        return target.padding_mode, before, before
+    if isinstance(target, (nn.ReflectionPad2d, nn.ReplicationPad2d)):
+        left, right, top, bottom = target.padding
+        return ("reflect" if isinstance(target, nn.ReflectionPad2d) else "replicate"), (top, left), (bottom, right)
+    if target is F.pad:
+        mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+        pad = args[1] if len(args) > 1 else kwargs.get("pad")
+        if mode in ("reflect", "replicate") and isinstance(pad, (tuple, list)) and len(pad) >= 2:
+            left, right = pad[0], pad[1]
+            top, bottom = (pad[2], pad[3]) if len(pad) >= 4 else (0, 0)
+            return mode, (top, left), (bottom, right)
+    return None
+
+
+def _edge_pad_misses(pad: _EdgePad, rf: ReceptiveField) -> list[str]:
+    """Per axis, where the boxes of ``rf`` leave out pixels that ``pad`` brings in: a unit that reads a
+    padded position sees, through it, the input pixels it copies (reflect: position -k is k), which lie
+    outside the unit's box where the padding is wider than the window after it reaches in (a 3x3 conv
+    after a padding of 2: unit 0 reads positions -2 to 0, so rows 2 and 1 in its box's rows -2 to 0)."""
+    misses = []
+    for a, (row, rows) in enumerate((("row", "rows"), ("column", "columns"))):
+        jump, size, offset = pad.state.jump[a], pad.state.size[a], pad.state.offset[a]
+        length, last = pad.length[a], rf.input_size[a] - 1
+        padded = list(range(-pad.before[a], 0)) + list(range(length, length + pad.after[a]))
+        for u in range(rf.map_size[a]):
+            lo = rf.offset[a] + u * rf.stride[a]
+            hi = lo + rf.size[a] - 1
+            box_lo, box_hi = max(lo, 0), min(hi, last)
+            outside = []  # the input pixels the unit sees through padded positions, outside its box
+            for t in padded:
+                if not (lo <= offset + t * jump and offset + t * jump + size - 1 <= hi):
+                    continue  # the unit does not read padded position t
+                if pad.mode == "reflect":
+                    source = -t if t < 0 else 2 * (length - 1) - t
+                else:
+                    source = min(max(t, 0), length - 1)
+                first = offset + source * jump
+                outside += [p for p in range(max(first, 0), min(first + size, last + 1)) if not box_lo <= p <= box_hi]
+            if outside:
+                misses.append(f"the units of map {row} {u} (boxes over input {rows} {lo} to {hi}) also see input "
+                              f"{rows} {min(outside)} to {max(outside)}")
+                break
+    return misses
+
+
+def _warn_edge_pads(pads, rf: ReceptiveField) -> None:
+    """SPEC.md 2's boxes are the theoretical fields; where a padding by reflection or replication is wider
+    than the window after it reaches into the image, units near a border also see pixels past their
+    boxes (the copies' sources), which no box nor crop holds: said, as for circular padding."""
+    if rf.whole_image:
+        return
+    for pad in pads:
+        misses = _edge_pad_misses(pad, rf)
+        if misses:
+            how = "reflection" if pad.mode == "reflect" else "replication"
+            warnings.warn(f"receptive field: {pad.name} pads by {how} wider than the windows after it reach in, so "
+                          f"units near a border also see pixels that their boxes (and the crops cut from them) leave "
+                          f"out: {'; '.join(misses)}", stacklevel=4)
+
+
 def _softmax_state(state, x, dim):
     """A softmax over ``dim`` of ``x``: pointwise over a dimension that holds no position (dim None:
     torch's implicit choice, the channels of a 4-d input), else every position mixes with its whole
@@ -389,7 +551,8 @@ _SIGNATURES = {
     F.conv2d: _conv2d_signature, F.avg_pool2d: _avg_pool2d_signature, F.max_pool2d: F._max_pool2d,
     torch.max_pool2d: F._max_pool2d, F.max_pool2d_with_indices: F._max_pool2d,
     F.adaptive_max_pool2d: F.adaptive_max_pool2d_with_indices, torch.cat: _cat_signature,
-    torch.concat: _cat_signature, torch.softmax: _softmax_signature, torch.log_softmax: _softmax_signature,
+    torch.concat: _cat_signature, torch.stack: _cat_signature, torch.softmax: _softmax_signature,
+    torch.log_softmax: _softmax_signature,
 }
 
 
@@ -437,13 +600,20 @@ def _function_state(fn, args, kwargs, states, out):
             # a 1 x 1 operand (a per-channel scale, a pooled gate) broadcasts without mixing positions;
             # where it comes from the image, the union of the states above holds it
             shapes = {_spatial(a) for a in _tensor_args(args, kwargs) if _spatial(a) not in (None, (1, 1))}
-            if len(shapes) > 1 and fn not in (torch.cat, torch.concat, torch.stack):
+            if len(shapes) > 1 and fn not in (torch.cat, torch.concat):
                 raise _Unsupported(f"{name} broadcasts maps of different sizes {sorted(shapes)}")
             if fn in (torch.cat, torch.concat):
                 dim = _bind(fn, args, kwargs).get("dim", 0)
                 if out.dim() >= 2 and dim % out.dim() in _axes(merged, out):
                     raise _Unsupported("concatenation along a spatial axis")
         return merged
+    if fn is getattr:
+        # x.shape, x.dtype, x.device (fx records them): sizes and settings, which carry no pixels
+        if not isinstance(out, torch.Tensor) or _union(states) is None:
+            return None
+        raise _Unsupported(f"attribute .{args[1]} of a map")
+    if fn is torch.stack:
+        return _stack_state(_union(states), _bind(fn, args, kwargs), out)
     if fn in _MIXING_FUNCTIONS:
         return WHOLE if _union(states) is not None else None
     if fn in _REDUCING_FUNCTIONS:
@@ -490,6 +660,19 @@ def _function_state(fn, args, kwargs, states, out):
     raise _Unsupported(f"function {name}")
 
 
+def _stack_state(state, arguments, out):
+    """torch.stack(tensors, dim): a new dimension at ``dim``, which moves the positions of the inputs
+    that follow it (stack(..., -1) of maps puts them on dimensions 2 and 3 of a 5-d tensor); every
+    position keeps its box, merged over the inputs as a concatenation's."""
+    if state is None or state is WHOLE:
+        return state
+    tensors = [t for t in arguments.get("tensors", ()) if isinstance(t, torch.Tensor)]
+    if not tensors or not isinstance(out, torch.Tensor):
+        raise _Unsupported("torch.stack of values that are not tensors")
+    new = arguments.get("dim", 0) % out.dim()
+    return _relaid(state, tuple(a + (a >= new) for a in _axes(state, tensors[0])), out.dim())
+
+
 def _squeeze_state(state, args, kwargs, out):
     x = args[0]
     if state is None or state is WHOLE or not isinstance(x, torch.Tensor):
@@ -528,8 +711,11 @@ def _method_state(method, args, kwargs, states, out):
     if isinstance(out, torch.Tensor) and out.shape == self_arg.shape:
         return merged  # a reshape to the same shape
     if merged.axes is None and isinstance(out, torch.Tensor):
-        if out.dim() == self_arg.dim() and _spatial(out) == _spatial(self_arg):
-            return merged  # a reshape that keeps the layout of the positions
+        if out.dim() >= 3 and _spatial(out) == _spatial(self_arg):
+            # the last two sizes kept: in row-major order every element keeps its (y, x) whatever the
+            # leading dimensions become (ShuffleNetV2's channel shuffle views [N, C, H, W] as
+            # [N, g, C / g, H, W], transposes 1 and 2, and views it back)
+            return merged
         if _spatial(out) != _spatial(self_arg) or out.dim() < 3:
             return WHOLE  # positions mixed or flattened together
     raise _Unsupported(f"method .{method}()")
@@ -605,11 +791,34 @@ def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:
 class _Walk(fx.Interpreter):
     """Runs a traced graph on real tensors (for shapes) and carries each value's receptive field."""
 
-    def __init__(self, gm: fx.GraphModule, input_states, target: str | None):
+    def __init__(self, gm: fx.GraphModule, input_states, target: str | None, edge_pads: list | None = None):
         super().__init__(gm)
         self.input_states = list(input_states)
         self.target = target
         self.states: dict[fx.Node, object] = {}
+        # (node, _EdgePad) for every padding by reflection or replication met; node None inside a block
+        # walked for the layer (all of it leads to the layer). Shared with the walks of such blocks.
+        self.edge_pads = [] if edge_pads is None else edge_pads
+
+    def edge_pads_before(self, node: fx.Node) -> list:
+        """The paddings by reflection or replication whose output ``node`` reads, directly or not."""
+        ancestors, todo = {node}, [node]
+        while todo:
+            for a in todo.pop().all_input_nodes:
+                if a not in ancestors:
+                    ancestors.add(a)
+                    todo.append(a)
+        return [pad for where, pad in self.edge_pads if where is None or where in ancestors]
+
+    def _note_edge_pad(self, n: fx.Node, target, args, kwargs, state) -> None:
+        padding = _edge_padding(target, args, kwargs)
+        x = args[0] if args else None
+        if padding is None or not isinstance(state, _Box) or state.axes is not None or _spatial(x) is None:
+            return
+        name = (f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
+                else f"{_node_name(n)}(mode={padding[0]!r})")
+        pad = _EdgePad(name, padding[0], state, _spatial(x), tuple(padding[1]), tuple(padding[2]))
+        self.edge_pads.append((n if self.target is not None else None, pad))
 
     def _input_tensors(self, n: fx.Node):
         """(node, tensor) for the inputs of ``n`` that are tensors already computed."""
@@ -640,13 +849,15 @@ class _Walk(fx.Interpreter):
             if _union(states) is not None and _pads_circularly(target, args, kwargs):
                 _warn_circular(f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
                                else f"{_node_name(n)}(mode='circular')")
+            self._note_edge_pad(n, target, args, kwargs, _union(states))
             if n.op == "call_module":
                 module = target
                 x = args[0] if args else None
                 user_module = (type(module).__module__.split(".")[0] != "torch"
                                and not isinstance(module, _POINTWISE_MODULES))
                 if n.target == self.target and (user_module or isinstance(module, (nn.Sequential, nn.ModuleList))):
-                    state = _module_walk(module, _union(states), x)  # a block: walk through its own graph
+                    # a block: walk through its own graph
+                    state = _module_walk(module, _union(states), x, self.edge_pads)
                 else:
                     state = _module_state(module, _union(states), x, out)
             elif n.op == "call_function":
@@ -660,7 +871,7 @@ class _Walk(fx.Interpreter):
             if t._version != version and self.states.get(a) != state:
                 raise _Unsupported(f"an in-place change of a value that widens its field ({_node_name(n)})")
         if self.target is not None and n.op == "call_module" and n.target == self.target:
-            raise _Reached(state, out)
+            raise _Reached(state, out, n)
         return out
 
 
@@ -668,12 +879,13 @@ def _node_name(n: fx.Node) -> str:
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
-def _module_walk(module: nn.Module, state, x):
-    """The state after a (non-leaf) module, walked through its own graph."""
+def _module_walk(module: nn.Module, state, x, edge_pads: list | None = None):
+    """The state after a (non-leaf) module, walked through its own graph (noting its paddings by reflection
+    or replication in ``edge_pads``)."""
     gm = _trace(module)
     try:
         with torch.no_grad():
-            _Walk(gm, [state], None).run(x)
+            _Walk(gm, [state], None, edge_pads).run(x)
     except _Reached as reached:
         return reached.state
     raise _Unsupported(f"{type(module).__name__} has no output")
@@ -683,9 +895,12 @@ def _as_size(input_size) -> tuple[int, int]:
     if isinstance(input_size, int) and not isinstance(input_size, bool):
         input_size = (input_size, input_size)
     try:
-        h, w = (int(v) for v in input_size)
+        # operator.index, not int(): a size of 16.7 pixels is a mistake to report, not to truncate
+        if any(isinstance(v, bool) for v in input_size):
+            raise TypeError
+        h, w = (operator.index(v) for v in input_size)
     except (TypeError, ValueError):
-        raise ValueError(f"input_size must be an int or (height, width), got {input_size!r}") from None
+        raise ValueError(f"input_size must be an int or (height, width) of whole pixels, got {input_size!r}") from None
     if h < 1 or w < 1:
         raise ValueError(f"input_size must be positive, got {(h, w)}")
     return h, w
@@ -695,12 +910,20 @@ def _blank_input(model: nn.Module, size, channels: int):
     return torch.zeros((1, channels) + tuple(size), device=model_device(model, None), dtype=param_dtype(model))
 
 
-def _to_rf(state, size, out, method) -> ReceptiveField:
+def _to_rf(state, size, out, method, layer: str) -> ReceptiveField:
     map_size = _spatial(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else (1, 1)
     if state is WHOLE or state is None:
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, method)
-    if state.axes is not None or not isinstance(out, torch.Tensor) or out.dim() != 4:
-        raise _Unsupported("the layer's output does not hold its positions on its last two axes")
+    if not isinstance(out, torch.Tensor):
+        raise _Unsupported("the layer's output is not a tensor")
+    if state.axes is not None or out.dim() != 4:
+        # The probe would read this output as [N, C, H, W] and answer for the wrong axes (a channels-last
+        # [N, H, W, C] map: "whole image", with map size (W, C)); the indexing reads maps the same way.
+        axes = _axes(state, out)
+        raise ValueError(f"layer {layer!r} outputs a tensor of shape {list(out.shape)} whose positions lie on its "
+                         f"dimensions {axes[0]} and {axes[1]}, not on the last two of an [N, C, H, W] map (channels "
+                         "last, as inside a ConvNeXt block between permute(0, 2, 3, 1) and the permute back): "
+                         "index the layer whose output is [N, C, H, W], after the permute back")
     return ReceptiveField(state.size, state.jump, state.offset, size, map_size, False, method)
 
 
@@ -716,16 +939,35 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
         gm = _trace(model, leaves=[module])
     if sum(n.op == "call_module" and n.target == layer for n in gm.graph.nodes) > 1:
         raise SharedModuleError(layer)  # as index_dataset: the outputs of several places are not one layer
+    walk = _Walk(gm, [_START], layer)
     try:
         with evaluating(model), torch.no_grad():
-            _Walk(gm, [_START], layer).run(_blank_input(model, size, channels))
+            walk.run(_blank_input(model, size, channels))
     except _Reached as reached:
-        return _to_rf(reached.state, size, reached.output, "analytic")
+        found = reached
     except (_Unsupported, ValueError) as exc:
         raise type(exc)(_without_fx_note(exc)) from None
     except Exception as exc:
         raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {_without_fx_note(exc)})") from None
-    raise _Unsupported("the traced graph has no output")
+    else:
+        raise _Unsupported("the traced graph has no output")
+    rf = _to_rf(found.state, size, found.output, "analytic", layer)
+    _warn_edge_pads(walk.edge_pads_before(found.node), rf)
+    return rf
+
+
+def _layer_module(model: nn.Module, layer: str) -> nn.Module:
+    """The module named ``layer``; for a name like none of the model's (where resolve_layers has no close
+    names to suggest), the error lists some names the model has, so that the user sees how they look."""
+    try:
+        return resolve_layers(model, [layer])[layer]
+    except ValueError as exc:
+        if "closest names" in str(exc) or not str(exc).startswith("unknown layer"):
+            raise
+        names = [name for name, _ in model.named_modules() if name]
+        listed = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        hint = f"; the model's layers include {listed}" if names else "; the model has no submodules to name"
+        raise ValueError(f"{exc}{hint}") from None
 
 
 def receptive_field(model: nn.Module, layer: str, input_size, method: str = "auto",
@@ -734,10 +976,14 @@ def receptive_field(model: nn.Module, layer: str, input_size, method: str = "aut
 
     ``method="auto"`` walks the graph and falls back, with a warning, to the gradient probe when the
     graph holds an operation the walk does not know; "analytic" raises instead; "probe" always probes.
-    Branches whose strides disagree raise ValueError. Boxes are the theoretical fields (SPEC.md 2): a
-    network that pads circularly is warned of, as its border units also see the opposite border.
+    Branches whose strides disagree raise ValueError, as does a layer whose output holds its positions
+    elsewhere than on the last two axes (channels last) and one after an upsampling. Boxes are the
+    theoretical fields (SPEC.md 2): a network that pads circularly, or by reflection or replication wider
+    than the window after the padding reaches in, is warned of, as its border units also see pixels past
+    their boxes. Adaptive pooling whose windows are uneven (10 -> 4) gets boxes that hold every window,
+    larger than some units' fields, with a warning.
     """
-    module = resolve_layers(model, [layer])[layer]
+    module = _layer_module(model, layer)
     size = _as_size(input_size)
     if method not in ("auto", "analytic", "probe"):
         raise ValueError(f"method must be 'auto', 'analytic' or 'probe', got {method!r}")
@@ -753,8 +999,26 @@ def receptive_field(model: nn.Module, layer: str, input_size, method: str = "aut
 
 
 # -------------------------------------------------------------------------------------------- probe
-class _MaxToAvgPool(torch.overrides.TorchFunctionMode):
-    """Inside the probe, max pooling becomes average pooling of the same geometry (SPEC.md 2)."""
+# Clamps, whose upper bound the probe drops (see _ProbeSubstitutions), out of place and in place; the
+# clamp_max forms have no lower bound to keep.
+_CLAMPS = {torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip}
+_CLAMPS_IN_PLACE = {torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_}
+_UPPER_CLAMPS = {torch.clamp_max, torch.Tensor.clamp_max}
+_UPPER_CLAMPS_IN_PLACE = {torch.clamp_max_, torch.Tensor.clamp_max_}
+_MAX_UNPOOLS = {F.max_unpool1d, F.max_unpool2d, F.max_unpool3d}
+
+
+class _ProbeSubstitutions(torch.overrides.TorchFunctionMode):
+    """Inside the probe, the functions whose gradient depends on the values rather than on which pixels a
+    unit reads become ones that do not (SPEC.md 2):
+
+    - max pooling becomes average pooling of the same geometry;
+    - activations that saturate from above (ReLU6, hardtanh, hardsigmoid, clamp's max) lose their upper
+      bound: on the probe's positive input, values grow past it in deep nets (MobileNetV2's ReLU6 after
+      residual sums see values above 6), where the gradient is zero and would hide pixels the unit reads;
+    - max unpooling (SegNet's decoders) is refused: the pooling's indices, which decide where each value
+      goes, are data, and the probe's average pooling has none.
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -769,7 +1033,42 @@ class _MaxToAvgPool(torch.overrides.TorchFunctionMode):
             a = inspect.signature(F.adaptive_max_pool2d_with_indices).bind(*args, **kwargs).arguments
             out = F.adaptive_avg_pool2d(a["input"], a["output_size"])
             return (out, None) if func is not F.adaptive_max_pool2d or a.get("return_indices") else out
-        return func(*args, **kwargs)
+        if func in _MAX_UNPOOLS:
+            raise ValueError("the gradient probe cannot measure a field through max unpooling (nn.MaxUnpool2d, as in "
+                             "SegNet's decoder): where each value goes depends on the pooling's indices, which are "
+                             "data, and the field of a unit after it has no fixed size nor stride; choose a layer "
+                             "before the unpooling")
+        unbounded = _without_upper_bound(func, args, kwargs)
+        return func(*args, **kwargs) if unbounded is NotImplemented else unbounded
+
+
+def _without_upper_bound(func, args, kwargs):
+    """``func(*args, **kwargs)`` without its upper bound where ``func`` is a saturating activation or a
+    clamp of a floating-point tensor (its lower bound kept: ReLU6 becomes ReLU), else NotImplemented.
+    Integer clamps (indices kept in range) stay as they are."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return NotImplemented
+    if func in (F.hardtanh, F.hardtanh_):  # nn.Hardtanh and nn.ReLU6 call F.hardtanh
+        a = inspect.signature(F.hardtanh).bind(*args, **kwargs).arguments
+        floor = a.get("min_val", -1.0)
+        return x.clamp_(min=floor) if func is F.hardtanh_ or a.get("inplace", False) else x.clamp(min=floor)
+    if func is F.relu6:
+        return F.relu(x, inplace=bool(args[1] if len(args) > 1 else kwargs.get("inplace", False)))
+    if func is F.hardsigmoid:  # clamp(x / 6 + 1 / 2, 0, 1)
+        if args[1] if len(args) > 1 else kwargs.get("inplace", False):
+            return x.div_(6).add_(0.5).clamp_(min=0)
+        return (x / 6 + 0.5).clamp(min=0)
+    if func in _CLAMPS or func in _CLAMPS_IN_PLACE:
+        floor = args[1] if len(args) > 1 else kwargs.get("min")
+        if func in _CLAMPS_IN_PLACE:
+            return x if floor is None else x.clamp_(min=floor)
+        return x.clone() if floor is None else x.clamp(min=floor)
+    if func in _UPPER_CLAMPS:
+        return x.clone()
+    if func in _UPPER_CLAMPS_IN_PLACE:
+        return x
+    return NotImplemented
 
 
 def _positive_copy(model: nn.Module) -> nn.Module:
@@ -804,14 +1103,15 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     field is their union). The distinct r_c in [1, 2) keep a layer that normalises over its channels (a
     LayerNorm's outputs sum to 0) from cancelling. Returns [P, H, W] bool."""
     size = _as_size(input_size)
+    _layer_module(model, layer)  # an unknown name: the error that lists the model's names
+    positions = [(_map_index(y, "y", None), _map_index(x, "x", None)) for y, x in positions]
     probe = _positive_copy(model)
-    positions = [(int(y), int(x)) for y, x in positions]
     first = next(probe.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")
     # One image per position, all in one batch: in eval mode the images do not interact, so the
     # gradient of the sum of the chosen outputs holds each position's gradient in its own image.
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
-    with _MaxToAvgPool(), LayerCapture(probe, [layer]) as capture:
+    with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
         out = capture.run(images)[layer]
         flat = out.reshape(out.shape[0], out.shape[1] if out.dim() == 4 else -1, -1)
         coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]
@@ -844,8 +1144,11 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     the map (the centre and its diagonal neighbours), on inputs enlarged until the field of view no
     longer touches the image border. A field that spans the whole input along an axis of a map wider
     than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
-    sizes or spacings (branches merged at different strides) take the largest, with a warning."""
+    sizes or spacings (adaptive pooling's uneven windows, branches merged at different strides) take
+    boxes that hold the fields measured, with a warning. Fields that move by less than a pixel per map
+    position (after an upsampling) have no size and stride: a ValueError says so."""
     size = _as_size(input_size)
+    _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     try:
         out = _layer_output(model, layer, size, channels)
     except RuntimeError as exc:
@@ -889,6 +1192,7 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     probe_size, points, boxes, whole, spans, inside = best
     if whole or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
+    measured = list(zip(points, boxes))  # every field measured, a part of the unit's field where cut
     # the fields the image border does not cut, where there are two; else every field, of which some
     # reach the border at every size tried (their size is a lower bound: warned below)
     if len(inside) >= 2:
@@ -903,14 +1207,20 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     steps = [tuple((sq[a] - sp[a]) / (q[a] - p[a]) if q[a] != p[a] and None not in (sp[a], sq[a]) else None
                    for a in (0, 1))
              for (p, sp), (q, sq) in zip(zip(points, starts), list(zip(points, starts))[1:])]
+    for step in steps:
+        for a in (0, 1):
+            # fields that move by less than a pixel per map position, or by a fraction of one: units that
+            # share input pixels with their neighbours' fields at a finer spacing than the input's
+            if step[a] is not None and (step[a] < 1 or step[a] != int(step[a])):
+                raise ValueError(
+                    f"the gradient probe measured fields of {layer!r} that move by {step[a]:g} input pixels from one "
+                    f"map position to the next along {'y' if a == 0 else 'x'} (boxes {boxes} at map positions "
+                    f"{points}): a stride below one pixel, or a fraction of one, as after an upsampling "
+                    "(nn.Upsample, F.interpolate, ConvTranspose2d, adaptive pooling to a larger map); no size and "
+                    "stride describe such fields: choose a layer before the upsampling")
     # per axis, the spacing of the first two points apart along it (a map 2 wide puts the first two
     # points in one column); 1 where the map has one position along the axis
-    stride = tuple(next((max(1, round(step[a])) for step in steps if step[a] is not None), 1) for a in (0, 1))
-    if len(inside) >= 2 and (len(set(sizes)) > 1 or len(set(steps)) > 1):
-        warnings.warn(f"the gradient probe measured fields of {layer!r} that no single size and stride describe "
-                      f"(boxes {boxes} at map positions {points}: windows of unequal sizes, or branches merged at "
-                      f"different strides); using size {rf_size} and stride {stride}: an approximation, near the "
-                      "centre of the map at best", stacklevel=3)
+    stride = tuple(next((int(step[a]) for step in steps if step[a] is not None), 1) for a in (0, 1))
 
     def origin(a):
         """Where position 0's field starts along axis a (from the first field with a known start)."""
@@ -920,6 +1230,35 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         return boxes[0][a] - points[0][a] * stride[a]
 
     offset = (origin(0), origin(1))
+
+    def holds(a, box, point):
+        """Whether the box at ``point`` holds the field measured there along axis a (clipped to the image,
+        as the measured field is; one that wraps around from border to border, circular padding, is left
+        out: no box holds it)."""
+        if box[a] == 0 and box[a + 2] == last[a]:
+            return True
+        start = offset[a] + point[a] * stride[a]
+        return max(start, 0) <= box[a] and box[a + 2] <= min(start + rf_size[a] - 1, last[a])
+
+    uneven = len(inside) >= 2 and (len(set(sizes)) > 1 or len(set(steps)) > 1)
+    if uneven or not all(holds(a, box, point) for point, box in measured for a in (0, 1)):
+        # boxes that hold every field measured (the walk's, for adaptive pooling's uneven windows, hold
+        # every window), at a stride between the smallest and largest spacing seen: the fields near the
+        # centre alone (10 -> 4 adaptive pooling: rows 2-4 and 5-7) miss the others (rows 0-2)
+        cover = []
+        for a in (0, 1):
+            spacings = {stride[a]} | {(q_box[a] - p_box[a]) // (q[a] - p[a])
+                                      for (p, p_box), (q, q_box) in zip(measured, measured[1:])
+                                      if q[a] != p[a] and q_box[a] > p_box[a]}
+            spans = [(point[a], box[a], box[a + 2] + 1) for point, box in measured
+                     if not (box[a] == 0 and box[a + 2] == last[a])] or [(0, offset[a], offset[a] + rf_size[a])]
+            cover.append(_covering_window(spans, range(max(1, min(spacings)), max(spacings) + 1)))
+        (rf_size, stride, offset) = (tuple(c[i] for c in cover) for i in range(3))
+        warnings.warn(f"the gradient probe measured fields of {layer!r} that no single size and stride describe "
+                      f"(boxes {[b for _, b in measured]} at map positions {[p for p, _ in measured]}: windows of "
+                      f"unequal sizes or spacings, or branches merged at different strides); using size {rf_size}, "
+                      f"stride {stride} and offset {offset}, whose boxes hold the fields measured: an approximation, "
+                      "near the centre of the map at best", stacklevel=3)
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
                       "lower bound", stacklevel=3)

@@ -1,6 +1,8 @@
 """Receptive fields: the analytic graph walk against the gradient probe (SPEC.md section 2)."""
 
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -334,12 +336,16 @@ def test_unknown_operation_falls_back_to_the_probe_with_a_warning():
     assert (rf.size, rf.stride, rf.offset, rf.method) == ((5, 5), (2, 2), (0, 0), "probe")
 
 
-def test_adaptive_pooling_with_unequal_windows_is_probed():
-    model = AlexNetLike().eval()  # at 99 px the features are 2x2 and avgpool stretches them to 6x6
-    with pytest.raises(ValueError, match="unequal sizes"):
+def test_adaptive_pooling_to_a_larger_map_is_an_upsampling_error():
+    # at 99 px the features are 2x2 and avgpool stretches them to 6x6: three units per feature row, which
+    # no stride of whole pixels describes (the probe used to round its step of 0 to a stride of 1)
+    model = AlexNetLike().eval()
+    with pytest.raises(ValueError, match="upsamples"):
         receptive_field(model, "avgpool", 99, method="analytic")
+    with pytest.warns(UserWarning, match="gradient probe"), pytest.raises(ValueError, match="upsampling"):
+        receptive_field(model, "avgpool", 99)
     with pytest.warns(UserWarning, match="gradient probe"):
-        assert receptive_field(model, "avgpool", 99).method == "probe"
+        assert receptive_field(model, "classifier.1", 99).whole_image  # after flatten: mixed anyway
 
 
 def test_untraceable_model_falls_back_to_the_probe():
@@ -638,3 +644,275 @@ def test_an_in_place_change_that_widens_a_field_is_not_missed():
         rf = receptive_field(model, "out", 24)
     assert (rf.size, rf.offset, rf.method) == ((9, 9), (-4, -4), "probe")
     assert receptive_field(AlexNetLike().eval(), "features.3", 224).method == "analytic"  # ReLU(inplace=True)
+
+
+# ------------------------------------------------------------------------------- defects found in review
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expansion, 3x3 depthwise, 1x1 projection, a residual sum."""
+
+    def __init__(self, channels, activation):
+        super().__init__()
+        wide = 2 * channels
+        self.expand, self.depthwise = nn.Conv2d(channels, wide, 1), nn.Conv2d(wide, wide, 3, padding=1, groups=wide)
+        self.project, self.activation = nn.Conv2d(wide, channels, 1), activation
+
+    def forward(self, x):
+        return x + self.project(self.activation(self.depthwise(self.activation(self.expand(x)))))
+
+
+class _SaturatingResidualNet(nn.Module):
+    """A MobileNetV2-like net: on the probe's all-ones input the residual sums grow past 6, where ReLU6's
+    (and its kin's) gradient is zero."""
+
+    def __init__(self, activation):
+        super().__init__()
+        self.stem, self.down = nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, 2, 1)
+        self.blocks = nn.Sequential(*[_InvertedResidual(4, activation) for _ in range(5)])
+        self.out, self.activation = nn.Conv2d(4, 4, 1), activation
+
+    def forward(self, x):
+        return self.out(self.blocks(self.activation(self.down(self.activation(self.stem(x))))))
+
+
+class _Activation(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("activation", [
+    nn.ReLU6(), nn.ReLU6(inplace=True), nn.Hardtanh(0.0, 6.0), _Activation(F.relu6),
+    _Activation(lambda x: torch.clamp(x, 0, 6)), _Activation(lambda x: x.clamp(max=6.0)),
+    _Activation(lambda x: x.clamp_(0, 6)), _Activation(lambda x: x.clamp_max(6.0)),
+    _Activation(lambda x: F.hardsigmoid(4 * x)),  # flat past 3 (the probe's values stay below 3 unscaled)
+])
+def test_the_probe_sees_through_activations_that_saturate(activation):
+    # stem and down 3x3/2: 3 + 2 * 2 = 7, stride 4; five 3x3 depthwise convs: 7 + 5 * 2 * 4 = 47; offset
+    # -1 - 1 * 2 - 5 * 4 = -23. The probe used to lose the pixels whose paths pass values above the bound.
+    model = _SaturatingResidualNet(activation).eval()
+    analytic = receptive_field(model, "out", 64, method="analytic")
+    assert (analytic.size, analytic.stride, analytic.offset) == ((47, 47), (4, 4), (-23, -23))
+    probed = probe_receptive_field(model, "out", 64)
+    assert (probed.size, probed.stride, probed.offset) == (analytic.size, analytic.stride, analytic.offset)
+    assert _bounds(probe_gradient(model, "out", 64, [(8, 8)])[0]) == analytic.box(8, 8)
+
+
+def _adaptive_model(output_size, then_conv=False):
+    layers = [nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(output_size)]
+    return nn.Sequential(*layers, *([nn.Conv2d(2, 2, 3)] if then_conv else [])).eval()
+
+
+@pytest.mark.parametrize("input_size, output_size, expected, uneven", [
+    (8, 7, ((2, 2), (1, 1), (0, 0)), False),     # windows 0-1, 1-2, ..., 6-7: uniform, though 7 does not divide 8
+    (9, 4, ((3, 3), (2, 2), (0, 0)), False),     # 0-2, 2-4, 4-6, 6-8
+    (10, 4, ((4, 4), (2, 2), (0, 0)), True),     # 0-2, 2-4, 5-7, 7-9: boxes 0-3, 2-5, 4-7, 6-9 hold them
+    (10, 7, ((4, 4), (1, 1), (0, 0)), True),     # VGG at 320 px: 0-1, 1-2, 2-4, 4-5, 5-7, 7-8, 8-9
+    ((10, 9), (4, 3), ((4, 3), (2, 3), (0, 0)), True),
+])
+def test_adaptive_pooling_boxes_hold_every_window(input_size, output_size, expected, uneven, recwarn):
+    # torch's adaptive windows run from floor(i * in / out) to ceil((i + 1) * in / out) - 1; the walk
+    # refused every non-divisible case and the probe's approximation (10 -> 4: size 3, stride 3, offset -1)
+    # left out row 2 from unit 0's box
+    model = _adaptive_model(output_size)
+    rf = receptive_field(model, "1", input_size)
+    assert (rf.size, rf.stride, rf.offset, rf.method) == expected + ("analytic",)
+    assert bool([w for w in recwarn if "unequal sizes or spacings" in str(w.message)]) == uneven
+    assert not [w for w in recwarn if "probe" in str(w.message)]
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
+    for then_conv in (False, True):  # the superset composes with the layers after it
+        model = _adaptive_model(output_size, then_conv)
+        layer = "2" if then_conv else "1"
+        rf = receptive_field(model, layer, input_size)
+        positions = [(y, x) for y in range(rf.map_size[0]) for x in range(rf.map_size[1])]
+        for (y, x), mask in zip(positions, probe_gradient(model, layer, input_size, positions)):
+            y0, x0, y1, x1 = _clip(rf.box(y, x), size)
+            inside = torch.zeros(size, dtype=torch.bool)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            assert not (mask & ~inside).any(), f"{layer} at {(y, x)}: gradient outside the box {rf}"
+            if not uneven:
+                assert _bounds(mask) == rf.box(y, x)
+
+
+def test_the_probe_covers_uneven_adaptive_windows_it_measures():
+    model = _adaptive_model(4)  # 10 -> 4: windows 0-2, 2-4, 5-7, 7-9
+    with pytest.warns(UserWarning, match="hold the fields measured"):
+        probed = probe_receptive_field(model, "1", 10)
+    assert (probed.size, probed.stride, probed.offset) == ((4, 4), (2, 2), (0, 0))
+
+
+@pytest.mark.parametrize("layer", ["norm", "pw"])
+def test_a_channels_last_layer_is_refused_not_probed(layer, recwarn):
+    # its output is [N, H, W, C]: the probe read it as [N, C, H, W] and answered "whole image", map (W, C)
+    with pytest.raises(ValueError, match=r"\[1, 20, 20, \d\] whose positions lie on its dimensions 1 and 2.*"
+                                         "after the permute back"):
+        receptive_field(_ChannelsLast(), layer, 20)
+    assert not [w for w in recwarn if "probe" in str(w.message)]
+
+
+@pytest.mark.parametrize("upsample", [
+    nn.Upsample(scale_factor=2), nn.ConvTranspose2d(2, 2, 4, stride=2, padding=1),
+    _Activation(lambda x: F.interpolate(x, scale_factor=2, mode="bilinear")),
+])
+def test_a_layer_after_an_upsampling_is_a_clear_error(upsample):
+    # the probe rounded the measured step of 1/2 pixel to a stride of 1: boxes off the image
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), upsample, nn.Conv2d(2, 2, 3)).eval()
+    with pytest.warns(UserWarning, match="gradient probe"), \
+            pytest.raises(ValueError, match="'2' that move by 0 input pixels.*upsampling"):
+        receptive_field(model, "2", 16)
+    with pytest.raises(ValueError, match="upsampling"):
+        probe_receptive_field(model, "2", 16)
+
+
+class _ReadsShapes(nn.Module):
+    """Sizes read in forward (fx records getattr and size()), a ShuffleNetV2 channel shuffle (a 5-d view,
+    a transpose, a view back) and a classifier flattened by y.reshape(y.shape[0], -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3, stride=2), nn.Linear(2 * 7 * 7, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        y = self.conv(x).reshape(n, 4, x.shape[2] - 2, -1)
+        batch, channels, height, width = y.size()
+        y = torch.transpose(y.view(batch, 2, channels // 2, height, width), 1, 2).contiguous()
+        y = self.out(y.view(batch, -1, height, width))
+        return self.fc(y.reshape(y.shape[0], -1))
+
+
+def test_shapes_read_in_forward_need_no_probe(recwarn):
+    model = _ReadsShapes().eval()
+    rf = receptive_field(model, "out", 17, method="analytic")
+    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (0, 0))
+    assert receptive_field(model, "fc", 17, method="analytic").whole_image
+    probed = probe_receptive_field(model, "out", 17)
+    assert (probed.size, probed.stride, probed.offset) == (rf.size, rf.stride, rf.offset)
+
+
+@pytest.mark.parametrize("stacked, probed_equal", [
+    (lambda a, b: torch.stack([a, b], -1).amax(-1), False),  # the probe's gradient takes one branch: inside only
+    (lambda a, b: torch.stack([a, b], dim=2).mean(2), True),
+    (lambda a, b: torch.stack((a, b), 1).flatten(1, 2)[:, 1:3], True),  # a's channel 1 and b's channel 0
+])
+def test_stack_moves_the_positions(stacked, probed_equal):
+    # stack(..., -1) puts the positions on dimensions 2 and 3 of a 5-d tensor: the walk took it as
+    # pointwise, so the amax over the last dimension reduced a position axis: "whole image"
+    class Stacked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Conv2d(3, 2, 3), nn.Conv2d(3, 2, 5, padding=1), nn.Conv2d(2, 2, 3, stride=2)
+
+        def forward(self, x):
+            return self.out(stacked(self.a(x), self.b(x)))
+
+    # a: 3x3; b: 5x5 padding 1 (offset -1); out 3x3/2: the union 5 + 2 = 7, offset -1
+    model = Stacked().eval()
+    rf = receptive_field(model, "out", 17, method="analytic")
+    assert (rf.size, rf.stride, rf.offset, rf.whole_image) == ((7, 7), (2, 2), (-1, -1), False)
+    seen = _bounds(probe_gradient(model, "out", 17, [(3, 3)])[0])
+    box = rf.box(3, 3)
+    assert seen == box if probed_equal else (box[0] <= seen[0] and box[1] <= seen[1] and seen[2] <= box[2]
+                                             and seen[3] <= box[3])
+
+
+@pytest.mark.parametrize("model, missed", [
+    (nn.Sequential(nn.Conv2d(3, 2, 3, padding=2, padding_mode="reflect"), nn.Conv2d(2, 2, 1)),
+     r"module '0' \(Conv2d\) pads by reflection.*map row 0 \(boxes over input rows -2 to 0\) also see input rows "
+     "1 to 2"),
+    (nn.Sequential(nn.ReflectionPad2d(2), nn.Conv2d(3, 2, 3)), r"module '0' \(ReflectionPad2d\)"),
+    (nn.Sequential(nn.ReflectionPad2d((0, 0, 3, 0)), nn.Conv2d(3, 2, 3)),
+     r"rows -3 to -1\) also see input rows 1 to 3"),
+    (nn.Sequential(nn.ReplicationPad2d((0, 0, 3, 0)), nn.Conv2d(3, 2, 3)), "replication.*also see input rows 0 to 0"),
+    (_Wrapped(lambda x: torch.cat([F.pad(x, (0, 3, 0, 0), mode="reflect")] * 2, 1)),
+     r"pad\(mode='reflect'\).*columns"),
+    (nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 2, 3)), None),
+    (nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(3, 2, 7)), None),  # CycleGAN's first layer
+    (nn.Sequential(nn.Conv2d(3, 2, 3, padding=1, padding_mode="reflect"), nn.Conv2d(2, 2, 3, stride=2)), None),
+    (nn.Sequential(nn.ReplicationPad2d(2), nn.Conv2d(3, 2, 3)), None),  # copies of row 0, inside the box
+])
+def test_reflection_and_replication_wider_than_the_window_are_warned_of(model, missed, recwarn):
+    # Unit 0 of a 3x3 conv after a reflection of 2 reads padded rows -2 to 0, that is rows 2, 1 and 0: outside
+    # its box's rows -2 to 0; only circular padding was warned of.
+    model = model.eval()
+    layer = "out" if isinstance(model, _Wrapped) else "1"
+    rf = receptive_field(model, layer, 12, method="analytic")
+    warned = [str(w.message) for w in recwarn if "pads by" in str(w.message)]
+    assert len(warned) == (missed is not None)
+    if missed:
+        assert re.search(missed, warned[0]), warned[0]
+    # the oracle: where the warning says so, the gradient reaches outside a border unit's box
+    h, w = rf.map_size
+    corners = [(0, 0), (h - 1, w - 1)]
+    outside = False
+    for (y, x), mask in zip(corners, probe_gradient(model, layer, 12, corners)):
+        y0, x0, y1, x1 = _clip(rf.box(y, x), (12, 12))
+        mask = mask.clone()
+        mask[y0:y1 + 1, x0:x1 + 1] = False
+        outside |= bool(mask.any())
+    assert outside == (missed is not None)
+
+
+class _SegNetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 2, 3, padding=1), nn.MaxPool2d(2, return_indices=True)
+        self.unpool, self.out = nn.MaxUnpool2d(2), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        pooled, indices = self.pool(self.conv(x))
+        return self.out(self.unpool(pooled, indices))
+
+
+def test_max_unpooling_is_a_clear_error():
+    # the probe's average pooling has no indices: max_unpool2d raised a raw TypeError
+    with pytest.warns(UserWarning, match="MaxUnpool2d"), pytest.raises(ValueError, match="max unpooling"):
+        receptive_field(_SegNetLike().eval(), "out", 16)
+    with pytest.raises(ValueError, match="MaxUnpool2d"):
+        receptive_field(_SegNetLike().eval(), "out", 16, method="analytic")
+    rf = receptive_field(_SegNetLike().eval(), "conv", 16)  # before the unpooling: measured as ever
+    assert (rf.size, rf.stride, rf.offset) == ((3, 3), (1, 1), (-1, -1))
+
+
+def np_int(value):
+    np = pytest.importorskip("numpy")
+    return np.int64(value)
+
+
+def test_boxes_and_tops_refuse_positions_outside_the_map():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Conv2d(2, 2, 3)).eval()
+    rf = receptive_field(model, "1", 8)  # a 4x4 map
+    assert rf.box(3, 3) == (3, 3, 7, 7) and rf.box(torch.tensor(1), np_int(2)) == (1, 2, 5, 6)
+    for y, x, message in [(100, 100, "y = 100 is outside the layer's map, whose positions along y are 0 .. 3"),
+                          (0, 4, "x = 4 is outside"), (-1, -1, "y = -1 is not a map position"),
+                          (1.9, 0, "y must be an integer map position, got 1.9"), ("1", 0, "got '1' \\(str\\)"),
+                          (True, 0, "integer map position")]:
+        with pytest.raises(ValueError, match=message):
+            rf.box(y, x)
+    assert rf.tops(torch.tensor([0, 15])).tolist() == [[0, 0], [3, 3]]
+    for positions, message in [(torch.tensor([16]), "from 16 to 16, outside the 4x4 map's 0 .. 15"),
+                               (torch.tensor([-1, 3]), "from -1 to 3"), (torch.tensor([1.5]), "integer tensor")]:
+        with pytest.raises(ValueError, match=message):
+            rf.tops(positions)
+    assert rf.tops(torch.tensor([7]), map_width=5).tolist() == [[1, 2]]  # another map's width: no height known
+    assert rf.tops(torch.tensor([], dtype=torch.int64)).shape == (0, 2)
+    # boxes may still lie outside the image where the network pads (documented)
+    padded = receptive_field(nn.Sequential(nn.Conv2d(3, 2, 5, padding=2)).eval(), "0", 8)
+    assert padded.box(0, 0) == (-2, -2, 2, 2)
+
+
+def test_sizes_and_names_are_checked():
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.Conv2d(2, 2, 3)).eval()
+    for size in [(16.7, 16), 16.0, (True, 16), (16, 16, 3)]:
+        with pytest.raises(ValueError, match="input_size must be an int or \\(height, width\\) of whole pixels"):
+            receptive_field(model, "1", size)
+    assert receptive_field(model, "1", (np_int(16), 16)).map_size == (12, 12)
+    for call in (lambda: receptive_field(model, "zzzzqq", 16), lambda: probe_receptive_field(model, "zzzzqq", 16),
+                 lambda: probe_gradient(model, "zzzzqq", 16, [(0, 0)])):
+        with pytest.raises(ValueError, match="unknown layer 'zzzzqq'.*the model's layers include 0, 1$"):
+            call()
+    many = nn.Sequential(*[nn.ReLU() for _ in range(12)])
+    with pytest.raises(ValueError, match=r"include 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. \(12 in all\)"):
+        receptive_field(many, "zzzzqq", 16)

@@ -116,6 +116,13 @@ def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
         raise ValueError(f"the index records no receptive field for {layer!r}: pass model= (to compute it) or rf=")
     if not isinstance(rf, ReceptiveField):
         raise TypeError(f"rf must be a ReceptiveField, got {type(rf).__name__}")
+    if tuple(rf.input_size) != tuple(index.input_size):
+        raise ValueError(f"the receptive field is for {tuple(rf.input_size)} inputs, but the index saw "
+                         f"{tuple(index.input_size)} images: pass the receptive field of {layer!r} at the index's "
+                         f"input size (receptive_field(model, {layer!r}, {tuple(index.input_size)}))")
+    if min(rf.size) < 1 or (not rf.whole_image and min(rf.stride) < 1):
+        raise ValueError(f"the receptive field has size {tuple(rf.size)} and stride {tuple(rf.stride)}: both must be "
+                         "positive (a ReceptiveField made by hand?)")
     map_size = tuple(index[layer].map_size)
     if rf.map_size is not None and tuple(rf.map_size) != map_size:
         raise ValueError(f"the receptive field is of a layer with {tuple(rf.map_size)} maps, but {layer!r} has "
@@ -214,12 +221,20 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     # = -inf would turn a live unit's NF into NaN or, clamped, black; they are not images that drive it.
     valid = L.live_slots()[units]
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
-    weights = values / values[:, :1].clamp_min(torch.finfo(torch.float32).tiny)
+    # w_j = a_j / a_1 (SPEC.md 3), divided in float64: a float32 a_1 below float32's normal range (1e-40) is
+    # exact there, and a_j / a_1 past float32's range (a_1 = 1e-30, a_j = -1e10) does not overflow. (Where
+    # float32 would do, the float64 quotient rounds to the float32 one: 53 >= 2 * 24 + 2 bits.)
+    a1 = values[:, :1].double()
+    weights64 = values.double() / torch.where(a1 > 0, a1, torch.ones_like(a1))  # (a_1 <= 0: dead, no NF)
     # a_1 = +inf (an ordinary value, SPEC.md 1): the limit of a_j / a_1 is 1 for the other +inf, else 0
     # (inf / inf would make the NF of a live unit NaN)
-    infinite = torch.isposinf(values[:, :1])
-    weights = torch.where(infinite, (values == float("inf")).to(weights.dtype), weights)
-    weights = torch.where(valid, weights, torch.zeros_like(values)).to(torch.float32)
+    weights64 = torch.where(torch.isposinf(a1), (values == float("inf")).double(), weights64)
+    weights64 = torch.where(valid, weights64, torch.zeros_like(weights64))
+    # The kernels take float32 weights: a unit's weights beyond 2^64 are scaled by a power of two (exact)
+    # into float32's range; its sums are scaled back before they are divided (norm="k" needs their size).
+    largest = weights64.abs().amax(dim=1)
+    rescale = torch.where(largest > 2.0 ** 64, torch.exp2(-torch.floor(torch.log2(largest))), torch.ones_like(largest))
+    weights = (weights64 * rescale[:, None]).to(torch.float32)
     if rf.whole_image:
         tops = torch.zeros(ids.shape + (2,), dtype=torch.int64)
     else:
@@ -255,12 +270,16 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
             if bool(hit.any()):
                 cut = ops.gather_crops(images, kept[hit], tops_dev[:, :keep][hit], (rh, rw), pad, backend)
                 crops[hit.cpu()] = to_uint8(cut).cpu()
-    weight_sum = weights.double().sum(dim=1)
-    denominator = weight_sum if norm == "sum" else valid.sum(dim=1).double()
+    weight_sum = weights64.sum(dim=1)
+    # (the sums hold rescale * sum_j w_j I_j, with the float32 weights the kernels added)
+    denominator = weights.double().sum(dim=1) if norm == "sum" else valid.sum(dim=1).double() * rescale
     nf = (sums.cpu() / denominator[:, None, None, None]).to(torch.float32).clamp_(0, 1)
     # Negative top activations (pre-activation layers) give negative weights: their sum can be 0 or
     # below, or overflow. NF = sum_j w_j I_j / sum_j w_j as it is where that is a number; NaN where not.
-    undefined = ~dead & ~(torch.isfinite(denominator) & (denominator != 0))
+    defined = torch.isfinite(denominator) & (denominator != 0)
+    if norm == "sum":
+        defined &= torch.isfinite(weight_sum) & (weight_sum != 0)
+    undefined = ~dead & ~defined
     if bool(undefined.any()):
         warnings.warn(f"the Neuron Feature of {int(undefined.sum())} live unit(s) of {layer!r} is undefined (their "
                       f"top weights a_j / a_1 sum to 0 or do not sum to a finite number): NaN images for units "
@@ -300,15 +319,34 @@ def save_grid(features: NeuronFeatures, path, units=None, ncols: int | None = No
     """A PNG grid of the layer's NFs in unit order (dead units drawn dark gray); ``units``: positions in
     ``features.units`` (or a bool mask over them, e.g. ``~features.dead``) to draw only those."""
     nf = features.nf if units is None else features.nf[_grid_rows(features, units)]
+    ncols, scale = _positive_option("ncols", ncols), _positive_option("scale", scale)
     scale = scale or _scale_for(nf.shape[-2:])
     return save_png(image_grid(nf, ncols=ncols, scale=scale), path)
 
 
+def _positive_option(name: str, value) -> int | None:
+    """A drawing option that is None (the default) or a positive int."""
+    if value is None:
+        return None
+    number = as_index(value)
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be a positive int (or None for the default), got {value!r}")
+    return number
+
+
 def save_unit(features: NeuronFeatures, unit: int, path, scale: int | None = None) -> str:
-    """A PNG strip for one unit (its position in ``features.units``): its NF, then its top crops."""
-    row = int(unit)
-    if not 0 <= row < features.nf.shape[0]:
-        raise IndexError(f"unit {unit} is not among the {features.nf.shape[0]} units of these features")
+    """A PNG strip for one unit of the layer (a unit index, one of ``features.units``): its NF, then its
+    top crops."""
+    number = as_index(unit)
+    if number is None:
+        raise ValueError(f"unit must be a unit index of layer {features.layer!r} (an int), got {unit!r}")
+    rows = (features.units == number).nonzero().flatten()
+    if rows.numel() == 0:
+        held = features.units.tolist()
+        raise IndexError(f"unit {number} of layer {features.layer!r} is not among the {len(held)} units of these "
+                         f"features ({held[:10]}{' ...' if len(held) > 10 else ''})")
+    row = int(rows[0])
+    scale = _positive_option("scale", scale)
     tiles = [features.nf[row]] + [c for c, i in zip(features.crops[row], features.crop_ids[row]) if int(i) >= 0]
     scale = scale or _scale_for(features.nf.shape[-2:])
     return save_png(image_grid(tiles, ncols=len(tiles), scale=scale), path)

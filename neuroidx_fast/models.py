@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -25,15 +26,16 @@ def _pool_out(size: int) -> int:
 
 
 def _conv5_pool_size(input_size: int) -> int | None:
-    """fc6's spatial input side for a square input, or None when a pooling window would not fit."""
+    """fc6's spatial input side for an input side, or None where some layer would have no output (a
+    ceil-mode pooling of a 2-pixel map still gives one: its window starts inside the map)."""
     size = (input_size - 7) // 2 + 1          # conv1 7x7 / 2
     for stage in range(3):                    # pool1, (conv2 5x5 / 2 pad 1), pool2, (conv3-5 keep), pool5
-        if size < 3:
+        if size < 1:
             return None
         size = _pool_out(size)
-        if stage == 0:
+        if stage == 0 and size >= 1:
             size = (size + 2 - 5) // 2 + 1
-    return size
+    return size if size >= 1 else None
 
 
 def _lrn_power(div: torch.Tensor, beta: float) -> torch.Tensor:
@@ -154,10 +156,15 @@ class VGGM(nn.Sequential):
         if None in pooled:
             smallest = next(n for n in range(7, 512) if _conv5_pool_size(n))
             raise ValueError(f"VGG-M needs inputs of at least {smallest}x{smallest} pixels, got input_size={input_size}")
-        if width <= 0:
-            raise ValueError(f"width must be positive, got {width}")
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+            raise ValueError(f"width must be a positive number (1.0: the original channel counts), got {width!r}")
+        classes = as_index(num_classes)
+        if classes is None or classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if fc_width is not None and (as_index(fc_width) is None or as_index(fc_width) < 1):
+            raise ValueError(f"fc_width must be a positive int (or None: 4096 * width), got {fc_width!r}")
         c = [max(1, round(n * width)) for n in (96, 256, 512, 512, 512)]
-        fc = fc_width if fc_width is not None else max(1, round(4096 * width))
+        fc = as_index(fc_width) if fc_width is not None else max(1, round(4096 * width))
         layers = OrderedDict()
         layers["conv1"] = nn.Conv2d(3, c[0], 7, stride=2)
         layers["relu1"] = nn.ReLU(inplace=True)
@@ -183,7 +190,7 @@ class VGGM(nn.Sequential):
         layers["fc7"] = nn.Linear(fc, fc)
         layers["relu7"] = nn.ReLU(inplace=True)
         layers["drop7"] = nn.Dropout(dropout)
-        layers["fc8"] = nn.Linear(fc, num_classes)
+        layers["fc8"] = nn.Linear(fc, classes)
         super().__init__(layers)
         self.input_size = input_size
 

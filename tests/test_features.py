@@ -417,3 +417,52 @@ def test_gray_images_made_rgb_by_preprocess(recwarn):
     assert index.image_channels == 1 and index.meta["input_channels"] == 3
     found = neuron_features(index, "3", model=model)  # the field found again, at the model's 3 channels
     assert found.rf.size == (5, 5) and torch.equal(found.nf.nan_to_num(-1), neuron_features(index, "3").nf.nan_to_num(-1))
+
+
+def test_weights_are_exact_for_tiny_and_huge_ratios(indexed):
+    # w_j = a_j / a_1 (SPEC.md 3) where a_1 is below float32's normal range, or a_j / a_1 beyond its range
+    _, _, index = indexed
+    layer = "features.8"
+    unit = int(torch.nonzero((index[layer].values > 0).all(dim=1))[0])  # a live unit, every top value > 0
+    _, dataset, _ = indexed
+    base = neuron_features(index, layer, keep_crops=2, norm="k", units=[unit], backend="torch")
+    values = index[layer].values.clone()
+    values[unit] = (values[unit].double() / values[unit, 0] * 1e-40).float()
+    scaled = neuron_features(_with_values(index, layer, values), layer, dataset, keep_crops=2, norm="k",
+                             units=[unit], backend="torch")
+    torch.testing.assert_close(scaled.weight_sum, base.weight_sum, rtol=1e-3, atol=0)
+    torch.testing.assert_close(scaled.nf, base.nf, rtol=0, atol=2e-3)
+    # a_2 / a_1 = -1e40: NF = (I_1 - 1e40 I_2) / (1 - 1e40), the second top image's crop
+    values = index[layer].values.clone()
+    values[unit] = torch.tensor([1e-30, -1e10] + [float("-inf")] * (index.k - 2))  # (-inf: no weight, no crop)
+    feats = neuron_features(_with_values(index, layer, values), layer, dataset, keep_crops=2, units=[unit],
+                            backend="torch")
+    assert not feats.dead[0] and torch.isfinite(feats.nf).all()
+    torch.testing.assert_close(feats.nf[0], feats.crops[0, 1].float() / 255, rtol=0, atol=0.5 / 255 + 1e-6)  # uint8 crop
+
+
+def test_a_receptive_field_of_another_input_size_is_refused(indexed):
+    model, _, index = indexed
+    other = nx.receptive_field(model, "features.8", (36, 36))
+    with pytest.raises(ValueError, match=r"for \(36, 36\) inputs, but the index saw \(18, 18\)"):
+        neuron_features(index, "features.8", rf=other)
+    import dataclasses
+
+    bad = dataclasses.replace(index.receptive_field("features.8"), stride=(-1, 1))
+    with pytest.raises(ValueError, match="must be positive"):
+        neuron_features(index, "features.8", rf=bad)
+
+
+def test_save_unit_takes_a_unit_index_and_options_are_checked(indexed, tmp_path):
+    _, _, index = indexed
+    feats = neuron_features(index, "features.8", keep_crops=2, units=[5, 2, 11], backend="torch")
+    strip = np.asarray(Image.open(feats.save_unit(11, tmp_path / "u11.png", scale=1)).convert("RGB"))
+    assert torch.equal(torch.from_numpy(strip[:, 20:38].copy()).permute(2, 0, 1), feats.crops[2, 0])  # unit 11
+    with pytest.raises(IndexError, match=r"unit 3 of layer 'features.8' is not among the 3 units .*\[5, 2, 11\]"):
+        feats.save_unit(3, tmp_path / "u3.png")
+    for unit in (1.9, "2", True):
+        with pytest.raises(ValueError, match="unit must be a unit index"):
+            feats.save_unit(unit, tmp_path / "bad.png")
+    for options in ({"ncols": 0}, {"ncols": -1}, {"scale": 0}, {"scale": 2.5}):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            feats.save_grid(tmp_path / "bad.png", **options)

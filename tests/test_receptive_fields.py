@@ -171,10 +171,16 @@ def test_vgg_m_on_rectangular_and_too_small_inputs():
     assert model.fc6.in_features == model.conv5.out_channels * 6 * 2
     rf = receptive_field(model, "conv5", (224, 99))
     assert (rf.size, rf.stride, rf.offset, rf.map_size) == ((139, 139), (16, 16), (-52, -52), (13, 5))
-    with pytest.raises(ValueError, match="at least 57x57"):
-        vgg_m(4, (224, 50))
+    with pytest.raises(ValueError, match="at least 41x41"):
+        vgg_m(4, (224, 40))
     with pytest.raises(ValueError, match="int or \\(height, width\\)"):
         vgg_m(4, (224, 99, 3))
+    # 41 px is the smallest input every layer has an output for (pool5's ceil-mode window on a 2 x 2 map)
+    small = vgg_m(4, 41, width=0.05, fc_width=8).eval()
+    assert small(torch.rand(1, 3, 41, 41)).shape == (1, 4)
+    for bad in (dict(num_classes=0), dict(num_classes=2.5), dict(fc_width=0), dict(width=float("nan"))):
+        with pytest.raises(ValueError, match="must be a positive"):
+            vgg_m(**{"num_classes": 4, "input_size": 64, **bad})
 
 
 @pytest.mark.parametrize("pool_padding, offset", [(0, 0), (1, -1)])

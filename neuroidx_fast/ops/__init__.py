@@ -136,7 +136,9 @@ def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, 
 
     Crop m comes from image row ``slots[m]`` (-1: empty, zeros) with its top-left corner at input pixel
     ``tops[m] = (y0, x0)``, which may lie outside the image; outside pixels take ``pad`` (see
-    ``pad_value``). Returns [M, Ch, rh, rw] float32, bit-identical on every backend. (The cpp backend
+    ``pad_value``). ``slots`` [M] (or any shape, taken flattened, with ``tops`` [..., 2] of the same leading
+    shape: [U, J] slots give the U * J crops unit by unit). Returns [M, Ch, rh, rw] float32, bit-identical
+    on every backend. (The cpp backend
     puts outputs of 8 MiB or more on huge pages: a view into a storage up to 2 MiB larger, which
     ``torch.save`` writes whole; ``.clone()`` gives a tight one.)
     """

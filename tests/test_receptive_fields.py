@@ -10,7 +10,8 @@ from torch import nn
 
 from neuroidx_fast import receptive_field
 from neuroidx_fast.models import vgg_m
-from neuroidx_fast.receptive_fields import _Box, _union, probe_gradient, probe_receptive_field
+from neuroidx_fast.receptive_fields import probe_gradient, probe_receptive_field
+from neuroidx_fast.rf_walk import _Box, _union
 from tests.models import make_model
 
 

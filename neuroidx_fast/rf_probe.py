@@ -1,0 +1,286 @@
+"""The gradient probe (SPEC.md section 2): the receptive field measured, the oracle of the tests and the
+fallback of ``receptive_field`` for graphs the walk does not know."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hooks import LayerCapture
+from .prepare import evaluating
+from .rf_field import ReceptiveField, _as_size, _blank_input, _covering_window, _layer_module, _map_index, _spatial
+from .rf_walk import _pair
+
+__all__ = ["probe_gradient", "probe_receptive_field"]
+
+# -------------------------------------------------------------------------------------------- probe
+# Clamps, whose upper bound the probe drops (see _ProbeSubstitutions), out of place and in place; the
+# clamp_max forms have no lower bound to keep.
+_CLAMPS = {torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip}
+_CLAMPS_IN_PLACE = {torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_}
+_UPPER_CLAMPS = {torch.clamp_max, torch.Tensor.clamp_max}
+_UPPER_CLAMPS_IN_PLACE = {torch.clamp_max_, torch.Tensor.clamp_max_}
+_MAX_UNPOOLS = {F.max_unpool1d, F.max_unpool2d, F.max_unpool3d}
+
+
+class _ProbeSubstitutions(torch.overrides.TorchFunctionMode):
+    """Inside the probe, the functions whose gradient depends on the values rather than on which pixels a
+    unit reads become ones that do not (SPEC.md 2):
+
+    - max pooling becomes average pooling of the same geometry;
+    - activations that saturate from above (ReLU6, hardtanh, hardsigmoid, clamp's max) lose their upper
+      bound: on the probe's positive input, values grow past it in deep nets (MobileNetV2's ReLU6 after
+      residual sums see values above 6), where the gradient is zero and would hide pixels the unit reads;
+    - max unpooling (SegNet's decoders) is refused: the pooling's indices, which decide where each value
+      goes, are data, and the probe's average pooling has none.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d, F._max_pool2d):
+            a = inspect.signature(F._max_pool2d).bind(*args, **kwargs).arguments
+            if _pair(a.get("dilation", 1)) != (1, 1):
+                raise ValueError("the gradient probe cannot model dilated max pooling")
+            out = F.avg_pool2d(a["input"], a["kernel_size"], a.get("stride") or a["kernel_size"],
+                               a.get("padding", 0), a.get("ceil_mode", False), count_include_pad=True)
+            return (out, None) if a.get("return_indices", False) or func is F.max_pool2d_with_indices else out
+        if func in (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices):
+            a = inspect.signature(F.adaptive_max_pool2d_with_indices).bind(*args, **kwargs).arguments
+            out = F.adaptive_avg_pool2d(a["input"], a["output_size"])
+            return (out, None) if func is not F.adaptive_max_pool2d or a.get("return_indices") else out
+        if func in _MAX_UNPOOLS:
+            raise ValueError("the gradient probe cannot measure a field through max unpooling (nn.MaxUnpool2d, as in "
+                             "SegNet's decoder): where each value goes depends on the pooling's indices, which are "
+                             "data, and the field of a unit after it has no fixed size nor stride; choose a layer "
+                             "before the unpooling")
+        unbounded = _without_upper_bound(func, args, kwargs)
+        return func(*args, **kwargs) if unbounded is NotImplemented else unbounded
+
+
+def _without_upper_bound(func, args, kwargs):
+    """``func(*args, **kwargs)`` without its upper bound where ``func`` is a saturating activation or a
+    clamp of a floating-point tensor (its lower bound kept: ReLU6 becomes ReLU), else NotImplemented.
+    Integer clamps (indices kept in range) stay as they are."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return NotImplemented
+    if func in (F.hardtanh, F.hardtanh_):  # nn.Hardtanh and nn.ReLU6 call F.hardtanh
+        a = inspect.signature(F.hardtanh).bind(*args, **kwargs).arguments
+        floor = a.get("min_val", -1.0)
+        return x.clamp_(min=floor) if func is F.hardtanh_ or a.get("inplace", False) else x.clamp(min=floor)
+    if func is F.relu6:
+        return F.relu(x, inplace=bool(args[1] if len(args) > 1 else kwargs.get("inplace", False)))
+    if func is F.hardsigmoid:  # clamp(x / 6 + 1 / 2, 0, 1)
+        if args[1] if len(args) > 1 else kwargs.get("inplace", False):
+            return x.div_(6).add_(0.5).clamp_(min=0)
+        return (x / 6 + 0.5).clamp(min=0)
+    if func in _CLAMPS or func in _CLAMPS_IN_PLACE:
+        floor = args[1] if len(args) > 1 else kwargs.get("min")
+        if func in _CLAMPS_IN_PLACE:
+            return x if floor is None else x.clamp_(min=floor)
+        return x.clone() if floor is None else x.clamp(min=floor)
+    if func in _UPPER_CLAMPS:
+        return x.clone()
+    if func in _UPPER_CLAMPS_IN_PLACE:
+        return x
+    return NotImplemented
+
+
+def _positive_copy(model: nn.Module) -> nn.Module:
+    """The probe's model: positive weights, drawn at random (a fixed seed) in [0.5, 1.5) / fan-in so that
+    channels differ (identical ones cancel in a normalisation over channels: LayerNorm, softmax), zero
+    biases, BatchNorm statistics 0 and 1."""
+    probe = copy.deepcopy(model).to(torch.float64).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in probe.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+            if isinstance(weight, torch.Tensor):
+                fan_in = weight[0].numel() if weight.dim() > 1 else 1
+                drawn = torch.rand(weight.shape, generator=generator, dtype=torch.float64) + 0.5
+                weight.copy_(drawn / fan_in)
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.zero_()
+        for p in probe.parameters():
+            p.requires_grad_(False)
+    return probe
+
+
+def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels: int = 3) -> torch.Tensor:
+    """SPEC.md 2's probe: for each (y, x) of ``positions``, the mask [H, W] of input pixels where
+    d sum_c r_c F_c(0, y, x) / d input is nonzero, on a copy of the model with positive weights and
+    average pooling in place of max pooling, in eval mode, on a positive input: the union of the fields
+    of every unit at (y, x) (the layer's field: a concatenation's channels see different boxes, and its
+    field is their union). The distinct r_c in [1, 2) keep a layer that normalises over its channels (a
+    LayerNorm's outputs sum to 0) from cancelling. Returns [P, H, W] bool."""
+    size = _as_size(input_size)
+    _layer_module(model, layer)  # an unknown name: the error that lists the model's names
+    positions = [(_map_index(y, "y", None), _map_index(x, "x", None)) for y, x in positions]
+    probe = _positive_copy(model)
+    first = next(probe.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    # One image per position, all in one batch: in eval mode the images do not interact, so the
+    # gradient of the sum of the chosen outputs holds each position's gradient in its own image.
+    images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
+    with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
+        out = capture.run(images)[layer]
+        flat = out.reshape(out.shape[0], out.shape[1] if out.dim() == 4 else -1, -1)
+        coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]
+        maps = torch.einsum("bcp,c->bp", flat, coefficients).reshape(
+            (out.shape[0],) + (tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)))
+        for y, x in positions:
+            if not (0 <= y < maps.shape[1] and 0 <= x < maps.shape[2]):
+                raise ValueError(f"position {(y, x)} is outside the {tuple(maps.shape[1:])} map of {layer!r}")
+        ys = torch.tensor([p[0] for p in positions], device=device)
+        xs = torch.tensor([p[1] for p in positions], device=device)
+        (grad,) = torch.autograd.grad(maps[torch.arange(len(positions), device=device), ys, xs].sum(), images)
+    return (grad != 0).any(dim=1).cpu()
+
+
+def _bounds(mask: torch.Tensor):
+    ys = torch.nonzero(mask.any(dim=1)).flatten()
+    xs = torch.nonzero(mask.any(dim=0)).flatten()
+    if ys.numel() == 0:
+        return None
+    return int(ys[0]), int(xs[0]), int(ys[-1]), int(xs[-1])
+
+
+def _layer_output(model, layer, size, channels):
+    with evaluating(model), torch.no_grad(), LayerCapture(model, [layer]) as capture:
+        return capture.run(_blank_input(model, size, channels))[layer]
+
+
+def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
+    """Size, stride and offset measured by the gradient probe at three positions near the centre of
+    the map (the centre and its diagonal neighbours), on inputs enlarged until the field of view no
+    longer touches the image border. A field that spans the whole input along an axis of a map wider
+    than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
+    sizes or spacings (adaptive pooling's uneven windows, branches merged at different strides) take
+    boxes that hold the fields measured, with a warning. Fields that move by less than a pixel per map
+    position (after an upsampling) have no size and stride: a ValueError says so."""
+    size = _as_size(input_size)
+    _layer_module(model, layer)  # an unknown name: the error that lists the model's names
+    try:
+        out = _layer_output(model, layer, size, channels)
+    except RuntimeError as exc:
+        if "never reached" in str(exc):
+            raise
+        message = str(exc).splitlines()[0]
+        # torch's words for an input of the wrong depth (conv: "expected input[...] to have 1 channels")
+        fix = (f"pass channels= (the model's input channels; these inputs have {channels})" if "channels" in message
+               else "choose a larger input_size")
+        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs of {channels} channel(s) up to layer "
+                         f"{layer!r} ({type(exc).__name__}: {message}): {fix}") from None
+    map_size = _spatial(out) if out.dim() == 4 else (1, 1)
+    if out.dim() != 4:
+        return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")  # positions flattened away
+    best, previous_map = None, None
+    for scale in (1, 2, 4):
+        probe_size = (size[0] * scale, size[1] * scale)
+        try:
+            probe_map = out if scale == 1 else _layer_output(model, layer, probe_size, channels)
+        except Exception:
+            break  # the model accepts no larger input
+        h, w = _spatial(probe_map)
+        if previous_map is not None and ((h == previous_map[0] > 1) or (w == previous_map[1] > 1)):
+            break  # the map did not grow along an axis (adaptive pooling): the larger input has another geometry
+        previous_map = (h, w)
+        cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
+        points = sorted({(max(cy - 1, 0), max(cx - 1, 0)), (cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))})
+        boxes = [_bounds(m) for m in probe_gradient(model, layer, probe_size, points, channels)]
+        if any(b is None for b in boxes):
+            raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
+        whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1)
+        # a box from border to border on an axis along which the map has several positions, at the
+        # largest input tried: the unit mixes a whole row or column
+        spans = ((h > 1 and any(b[0] == 0 and b[2] == probe_size[0] - 1 for b in boxes))
+                 or (w > 1 and any(b[1] == 0 and b[3] == probe_size[1] - 1 for b in boxes)))
+        inside = [(p, b) for p, b in zip(points, boxes)
+                  if not (b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1)]
+        best = (probe_size, points, boxes, whole, spans, inside)
+        if whole or len(inside) == len(points) or (len(inside) >= 2 and scale == 1):
+            break
+    probe_size, points, boxes, whole, spans, inside = best
+    if whole or (spans and len(inside) < 2):
+        return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
+    measured = list(zip(points, boxes))  # every field measured, a part of the unit's field where cut
+    # the fields the image border does not cut, where there are two; else every field, of which some
+    # reach the border at every size tried (their size is a lower bound: warned below)
+    if len(inside) >= 2:
+        points, boxes = [p for p, _ in inside], [b for _, b in inside]
+    sizes = [(b[2] - b[0] + 1, b[3] - b[1] + 1) for b in boxes]
+    rf_size = tuple(max(sz[a] for sz in sizes) for a in (0, 1))  # the largest: crops then hold every field
+    last = (probe_size[0] - 1, probe_size[1] - 1)
+    # each field's start along each axis: where the image's border cuts it (a thin input), from its end
+    # and the size; None where the border cuts both
+    starts = [tuple(box[a] if box[a] > 0 else box[a + 2] - rf_size[a] + 1 if box[a + 2] < last[a] else None
+                    for a in (0, 1)) for box in boxes]
+    steps = [tuple((sq[a] - sp[a]) / (q[a] - p[a]) if q[a] != p[a] and None not in (sp[a], sq[a]) else None
+                   for a in (0, 1))
+             for (p, sp), (q, sq) in zip(zip(points, starts), list(zip(points, starts))[1:])]
+    for step in steps:
+        for a in (0, 1):
+            # fields that move by less than a pixel per map position, or by a fraction of one: units that
+            # share input pixels with their neighbours' fields at a finer spacing than the input's
+            if step[a] is not None and (step[a] < 1 or step[a] != int(step[a])):
+                raise ValueError(
+                    f"the gradient probe measured fields of {layer!r} that move by {step[a]:g} input pixels from one "
+                    f"map position to the next along {'y' if a == 0 else 'x'} (boxes {boxes} at map positions "
+                    f"{points}): a stride below one pixel, or a fraction of one, as after an upsampling "
+                    "(nn.Upsample, F.interpolate, ConvTranspose2d, adaptive pooling to a larger map); no size and "
+                    "stride describe such fields: choose a layer before the upsampling")
+    # per axis, the spacing of the first two points apart along it (a map 2 wide puts the first two
+    # points in one column); 1 where the map has one position along the axis
+    stride = tuple(next((int(step[a]) for step in steps if step[a] is not None), 1) for a in (0, 1))
+
+    def origin(a):
+        """Where position 0's field starts along axis a (from the first field with a known start)."""
+        for point, start in zip(points, starts):
+            if start[a] is not None:
+                return start[a] - point[a] * stride[a]
+        return boxes[0][a] - points[0][a] * stride[a]
+
+    offset = (origin(0), origin(1))
+
+    def holds(a, box, point):
+        """Whether the box at ``point`` holds the field measured there along axis a (clipped to the image,
+        as the measured field is; one that wraps around from border to border, circular padding, is left
+        out: no box holds it)."""
+        if box[a] == 0 and box[a + 2] == last[a]:
+            return True
+        start = offset[a] + point[a] * stride[a]
+        return max(start, 0) <= box[a] and box[a + 2] <= min(start + rf_size[a] - 1, last[a])
+
+    uneven = len(inside) >= 2 and (len(set(sizes)) > 1 or len(set(steps)) > 1)
+    if uneven or not all(holds(a, box, point) for point, box in measured for a in (0, 1)):
+        # boxes that hold every field measured (the walk's, for adaptive pooling's uneven windows, hold
+        # every window), at a stride between the smallest and largest spacing seen: the fields near the
+        # centre alone (10 -> 4 adaptive pooling: rows 2-4 and 5-7) miss the others (rows 0-2)
+        cover = []
+        for a in (0, 1):
+            spacings = {stride[a]} | {(q_box[a] - p_box[a]) // (q[a] - p[a])
+                                      for (p, p_box), (q, q_box) in zip(measured, measured[1:])
+                                      if q[a] != p[a] and q_box[a] > p_box[a]}
+            spans = [(point[a], box[a], box[a + 2] + 1) for point, box in measured
+                     if not (box[a] == 0 and box[a + 2] == last[a])] or [(0, offset[a], offset[a] + rf_size[a])]
+            cover.append(_covering_window(spans, range(max(1, min(spacings)), max(spacings) + 1)))
+        (rf_size, stride, offset) = (tuple(c[i] for c in cover) for i in range(3))
+        warnings.warn(f"the gradient probe measured fields of {layer!r} that no single size and stride describe "
+                      f"(boxes {[b for _, b in measured]} at map positions {[p for p, _ in measured]}: windows of "
+                      f"unequal sizes or spacings, or branches merged at different strides); using size {rf_size}, "
+                      f"stride {stride} and offset {offset}, whose boxes hold the fields measured: an approximation, "
+                      "near the centre of the map at best", stacklevel=3)
+    if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
+        warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
+                      "lower bound", stacklevel=3)
+    return ReceptiveField(rf_size, stride, offset, size, map_size, False, "probe")

@@ -63,8 +63,8 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, split_model
 from .hooks import resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space, restores_modes,
-                      split_batch)
+from .prepare import (canonical_device, check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space,
+                      restores_modes, split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -688,7 +688,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
     masks = torch.as_tensor(masks, dtype=torch.bool)
     if masks.dim() != 2 or masks.shape[0] == 0:
         raise ValueError(f"masks must be a bool tensor [S, C] with S >= 1, got shape {tuple(masks.shape)}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = canonical_device(device) if device is not None else next(model.parameters()).device
     model.to(device).eval()
     param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     current: dict = {"mask": None}

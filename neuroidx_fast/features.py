@@ -13,7 +13,7 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import as_index, check_pixel_batch, collate_images, nonfinite_images, split_batch
+from .prepare import as_index, canonical_device, check_pixel_batch, collate_images, nonfinite_images, split_batch
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -202,7 +202,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     dataset = resolve_dataset(index, dataset)
     rf = _resolve_rf(index, layer, rf, model)
     pad = _resolve_pad(pad, index)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = canonical_device(device) if device is not None else torch.device("cpu")
     if units is None:
         units = torch.arange(L.num_units)
     else:

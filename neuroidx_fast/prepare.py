@@ -79,10 +79,21 @@ def restores_modes(function):
     return run
 
 
+def canonical_device(device) -> torch.device:
+    """``device`` as tensors report theirs: "cuda" with the current device's index (a tensor made on
+    "cuda" is on "cuda:0", and torch.device("cuda") != torch.device("cuda:0")), "cpu" without one."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu" and device.index is not None:
+        return torch.device("cpu")
+    return device
+
+
 def model_device(model: nn.Module, device) -> torch.device:
     """``device``, the model moved there; without one, where the model's parameters are (CPU if it has none)."""
     if device is not None:
-        device = torch.device(device)
+        device = canonical_device(device)
         model.to(device)
         return device
     first = next(iter(model.parameters()), None)

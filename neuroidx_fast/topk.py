@@ -7,6 +7,7 @@ import torch
 from . import backends
 from .ops import spatial_reduce
 from .ops.reference import topk_merge_rows
+from .prepare import canonical_device
 
 __all__ = ["TopK", "STATE_FORMAT"]
 
@@ -48,7 +49,7 @@ class TopK:
             raise ValueError(f"TopK: nan must be one of {_NAN_POLICIES}, got {nan!r}")
         self.nan = nan
         self.name = name
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = canonical_device(device) if device is not None else torch.device("cpu")
         self.backend = backends.resolve_name(backend, self.device)
         self._ops = backends.get(self.backend, self.device)
         self.values = torch.full((num_units, k), float("-inf"), dtype=torch.float32, device=self.device)

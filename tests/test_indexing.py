@@ -529,3 +529,9 @@ def test_two_gloo_processes_equal_one(tmp_path):
         assert torch.allclose(a.mean_sum, b.mean_sum, rtol=1e-12) and torch.allclose(a.class_sum, b.class_sum, rtol=1e-12)
     assert torch.equal(merged.labels, single.labels) and (single.labels >= 0).all()
     assert torch.allclose(torch.tensor(merged.meta["pixel_mean"]), torch.tensor(single.meta["pixel_mean"]), rtol=1e-12)
+
+
+def test_index_on_a_device_named_with_an_index():
+    index = nx.index_dataset(make_model("vgg"), ImageSet(n=6), ["features.5"], k=2, batch_size=3, device="cpu:0",
+                             progress=False)
+    assert index.k == 2 and index["features.5"].images_seen == 6

@@ -259,3 +259,10 @@ def test_backend_choice(monkeypatch):
         nx.TopK(2, 2, backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         nx.spatial_reduce(torch.zeros(1, 1, 1, 1), backend="cudnn")
+
+
+def test_a_device_named_with_or_without_an_index_is_the_tensors_device():
+    # "cpu:0" (and on a GPU "cuda", whose tensors report "cuda:0"): batches on the device must be accepted
+    top = nx.TopK(3, 2, device="cpu:0")
+    top.update(torch.randn(2, 3), torch.arange(2))
+    assert top.device == torch.device("cpu") and top.count == 2

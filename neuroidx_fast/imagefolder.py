@@ -96,6 +96,11 @@ class ImageFolder(Dataset):
             digest.update(f"{os.path.relpath(path, self.root)}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
         return digest.hexdigest()
 
+    def geometry(self) -> str:
+        """How files become images (size, resize, crop): the same files made otherwise are other pixels,
+        which a checkpoint's resume must not mix (``fingerprint`` covers the files themselves)."""
+        return f"size={self.size}|resize={self.resize}|crop={self.crop}"
+
     def load(self, i: int) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
 

@@ -120,6 +120,15 @@ def dataset_fingerprint(dataset) -> str | None:
     return f"{fingerprint()}|{hashlib.sha256(repr(positions).encode()).hexdigest()}"
 
 
+def dataset_geometry(dataset) -> str | None:
+    """What a dataset says through a ``geometry()`` method (``ImageFolder``: its size, resize and crop), also
+    through a Subset; None for others."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    geometry = getattr(dataset, "geometry", None)
+    return str(geometry()) if callable(geometry) else None
+
+
 def sample_fingerprint(dataset, positions) -> str:
     """SHA-256 of the items at ``positions`` (image bytes, dtype, shape and label): what a checkpoint
     records of a dataset that has no ``fingerprint()``, so that a resume on another dataset of the same
@@ -185,7 +194,7 @@ def _distributed():
 
 
 # fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
-_LATER_FINGERPRINTS = ("structure", "data_sample")
+_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry")
 
 
 def _load_checkpoint(path, fingerprint, device, nan, backend):
@@ -198,7 +207,11 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
                     and (key in saved or key not in _LATER_FINGERPRINTS))
     if differ:
         details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
-                            for key in differ if key not in ("model", "data", "structure", "data_sample"))
+                            for key in differ if key not in ("model", "data", "structure", "data_sample",
+                                                             "data_geometry"))
+        if "data_geometry" in differ:
+            details = (f"the images are made otherwise from the files (checkpoint {saved.get('data_geometry')}, now "
+                       f"{fingerprint.get('data_geometry')})") + (f"; {details}" if details else "")
         if "data_sample" in differ:
             details = ("the dataset's first or last image differs (another dataset of the same length, or random "
                        "transforms: ids must name fixed images)") + (f"; {details}" if details else "")
@@ -345,7 +358,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                    "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
                    "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                    "preprocess": _preprocess_fingerprint(preprocess),
-                   "structure": structure_fingerprint(model, preprocess)}
+                   "structure": structure_fingerprint(model, preprocess), "data_geometry": dataset_geometry(dataset)}
     if checkpoint is not None and fingerprint["data"] is None and len(shard):
         fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None

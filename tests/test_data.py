@@ -156,3 +156,30 @@ def test_image_folder_as_uint8_gives_the_same_pixels(tmp_path):
         (image, label), (code, code_label) = floats[i], codes[i]
         assert code.dtype == torch.uint8 and code.shape == (3, 24, 24) and code.is_contiguous()
         assert label == code_label and torch.equal(decode_pixels(code[None])[0], image)  # k / 255 exactly
+
+
+def test_a_resume_with_other_image_geometry_is_refused(tmp_path):
+    # the same files resized or cropped otherwise are other pixels: a checkpoint must not mix them
+    import numpy as np
+    from PIL import Image
+
+    import neuroidx_fast as nx
+    from neuroidx_fast.imagefolder import ImageFolder
+    from tests.models import make_model
+
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.random.default_rng(i).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+    ckpt = str(tmp_path / "ckpt")
+
+    def index(**geometry):
+        return nx.index_dataset(make_model("vgg"), ImageFolder(tmp_path / "data", **geometry), ["features.5"], k=2,
+                                batch_size=3, checkpoint=ckpt, progress=False)
+
+    index(size=24)
+    index(size=24, uint8=True)  # the same pixels (k / 255 either way): resumes
+    for other in ({"size": 24, "resize": 30}, {"size": 24, "crop": False}):
+        with pytest.raises(ValueError, match="images are made otherwise from the files"):
+            index(**other)

@@ -102,6 +102,16 @@ def load_model(spec: str, kwargs: dict | None = None) -> nn.Module:
                      f"{', '.join(tried)}")
 
 
+def _is_safetensors(path: str) -> bool:
+    """A safetensors file, by its name (any case) or its first bytes: an 8-byte little-endian header
+    length, then the JSON header's "{" (torch files begin with a zip's "PK" or a pickle's 0x80)."""
+    if path.lower().endswith(".safetensors"):
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
+
+
 def load_weights(model: nn.Module, path) -> nn.Module:
     """Load a state dict (safetensors, or a torch file read with weights_only=True) into ``model``,
     strictly: missing, unexpected or mis-shaped tensors are a one-line error naming a few of them."""
@@ -109,14 +119,14 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     try:
-        if path.endswith(".safetensors"):
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             state = load_file(path)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        if "Weights only load failed" in str(exc):  # torch's long message about pickled code
+        if "Unsupported global" in str(exc):  # torch's long message about pickled code
             raise ValueError(f"cannot read weights {path!r}: it holds pickled Python objects, not just tensors (a "
                              "whole model saved with torch.save(model)?); save model.state_dict() instead (or a "
                              "safetensors file), after loading it yourself if you trust its source") from None
@@ -126,7 +136,8 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights {path!r} hold no state dict of tensors")
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # (a BatchNorm's step counter: absent from many converted checkpoints, and load_state_dict fills it in)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and state[k].shape != own[k].shape]

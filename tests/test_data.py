@@ -183,3 +183,25 @@ def test_a_resume_with_other_image_geometry_is_refused(tmp_path):
     for other in ({"size": 24, "resize": 30}, {"size": 24, "crop": False}):
         with pytest.raises(ValueError, match="images are made otherwise from the files"):
             index(**other)
+
+
+def test_load_weights_formats_and_batchnorm_counters(tmp_path):
+    from safetensors.torch import save_file
+
+    from neuroidx_fast.loading import load_weights
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+
+    source = net()
+    torch.nn.init.normal_(source[0].weight)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for name in ("w.SAFETENSORS", "w.bin"):  # the format from the name (any case) or the bytes
+        save_file(state, str(tmp_path / name))
+        loaded = load_weights(net(), tmp_path / name)  # no counter: converted checkpoints often lack it
+        assert torch.equal(loaded[0].weight, source[0].weight)
+    torch.save(source.state_dict(), tmp_path / "w.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:200])
+    with pytest.raises(ValueError, match="cannot read weights") as caught:
+        load_weights(net(), tmp_path / "cut.pt")
+    assert "pickled Python objects" not in str(caught.value)  # a truncated file is not a pickled model

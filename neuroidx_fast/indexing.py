@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space, restores_modes,
-                      split_batch)
+from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images, pixel_space,
+                      restores_modes, split_batch)
 from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -157,11 +157,16 @@ def _preprocess_fingerprint(preprocess) -> str | None:
     return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', type(preprocess).__qualname__)}"
 
 
-def _check_images(images: torch.Tensor, first: bool) -> None:
+def _check_images(images: torch.Tensor, first_id: int) -> None:
     check_pixel_batch(images, "index_dataset")
     if images.dtype == torch.uint8:
         return  # 8-bit pixels: k / 255 (pixel_space)
-    if first and images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
+    bad = nonfinite_images(images)
+    if bad.numel():  # (nan="ignore" is for activations: a NaN pixel would also spoil the pixel mean)
+        raise ValueError(f"images {[first_id + int(i) for i in bad[:16]]} hold NaN or infinite pixels: the dataset "
+                         "must give finite pixel-space images")
+    # every batch (a dataset may turn to 0..255 further on); the warning shows once
+    if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
         warnings.warn("images are outside [0, 1]: index_dataset expects pixel-space images and applies "
                       "normalisation through preprocess= (crops are cut from these images later)", stacklevel=3)
 
@@ -388,7 +393,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
             first_step = batches_done
             for step, batch in enumerate(loader, start=batches_done):
                 images, labels = split_batch(batch)
-                _check_images(images, first=step == 0)
+                _check_images(images, shard.start + step * batch_size)
                 if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
                     raise ValueError("some dataset items have labels and others do not")
                 if labels is not None and labels.numel() and int(labels.min()) < 0:

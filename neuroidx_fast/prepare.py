@@ -25,6 +25,11 @@ def check_pixel_batch(images: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: images must be float tensors [3, H, W] in pixel space [0, 1] (or uint8 tensors "
                          f"of 8-bit pixels); got a batch {shape} {getattr(images, 'dtype', '')}: convert them "
                          "(e.g. to_tensor) and put normalisation in preprocess=")
+    if images.shape[1] not in (1, 3):
+        last = " (channels last, as numpy and PIL arrays are: permute(2, 0, 1) each image)" \
+            if images.shape[-1] in (1, 3) else ""
+        raise ValueError(f"{what}: images must be [3, H, W] (RGB) or [1, H, W] (gray), channels first; got a batch "
+                         f"{tuple(images.shape)}{last}")
 
 
 def pixel_space(images: torch.Tensor) -> torch.Tensor:

@@ -535,3 +535,19 @@ def test_index_on_a_device_named_with_an_index():
     index = nx.index_dataset(make_model("vgg"), ImageSet(n=6), ["features.5"], k=2, batch_size=3, device="cpu:0",
                              progress=False)
     assert index.k == 2 and index["features.5"].images_seen == 6
+
+
+def test_pixel_batches_are_checked_on_every_batch():
+    model = make_model("vgg")
+    data = ImageSet(n=8)
+    data.images[5, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"images \[5\] hold NaN or infinite pixels"):
+        nx.index_dataset(model, data, ["features.5"], k=2, batch_size=3, progress=False)
+    data = ImageSet(n=8)
+    data.images[4:] *= 255  # 0..255 from the second batch on
+    with pytest.warns(UserWarning, match=r"outside \[0, 1\]"):
+        nx.index_dataset(model, data, ["features.5"], k=2, batch_size=3, progress=False)
+    channels_last = ImageSet(n=4)
+    channels_last.images = channels_last.images.permute(0, 2, 3, 1).contiguous()  # [H, W, 3] images
+    with pytest.raises(ValueError, match=r"channels last"):
+        nx.index_dataset(model, channels_last, ["features.5"], k=2, batch_size=2, progress=False)

@@ -3,7 +3,8 @@ indexes, ablation drops, maximisation images and an HTML report in one run direc
 
     neuroidx demo [--out DIR]                       everything, on the built-in model and data
     neuroidx index --model M --data D --layers L --out DIR [--weights W] [--k K] ...
-    neuroidx features | selectivity | ablate | visualize | report  --out DIR
+    neuroidx features | selectivity | ablate | visualize  --out DIR
+    neuroidx report DIR
     neuroidx info
 
 Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceback).
@@ -12,6 +13,7 @@ Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 
@@ -37,9 +39,13 @@ def _layers(text: str) -> list[str]:
 
 def _units(text: str) -> list[int]:
     try:
-        return [int(u) for u in text.split(",") if u.strip()]
+        units = [int(u) for u in text.split(",") if u.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"units must be comma-separated integers, got {text!r}") from None
+    repeated = sorted({u for u in units if units.count(u) > 1})
+    if repeated:  # a unit twice would be two rows of one (layer, unit) in every table made from them
+        raise argparse.ArgumentTypeError(f"units {repeated} are given more than once in {text!r}")
+    return units
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,15 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", default=None,
                         help="package.module:factory, vgg_m, demo, or a torchvision / timm model name (required, "
                              "with --data, unless DIR holds a run: then `index --out DIR` alone resumes it)")
-    source.add_argument("--model-args", default="{}", help="JSON keyword arguments for the model factory")
+    source.add_argument("--model-args", default=None, help="JSON keyword arguments for the model factory")
     source.add_argument("--weights", default=None, help="a state dict: .safetensors, or a torch file (weights_only)")
     source.add_argument("--data", default=None,
                         help="an image folder (one subfolder per class), or builtin:shapes")
-    source.add_argument("--size", type=_positive_int, default=224, help="images are cropped to SIZE x SIZE")
+    source.add_argument("--size", type=_positive_int, default=None, help="images are cropped to SIZE x SIZE (224)")
     source.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the crop (default SIZE)")
     source.add_argument("--no-crop", action="store_true", help="resize to SIZE x SIZE without keeping the aspect")
-    source.add_argument("--normalize", default="imagenet", help="imagenet | none | mean,std | m1,m2,m3,s1,s2,s3")
-    source.add_argument("--k", type=_positive_int, default=100, help="top images kept per unit")
+    source.add_argument("--normalize", default=None,
+                        help="imagenet (default) | none | mean,std | m1,m2,m3,s1,s2,s3")
+    source.add_argument("--k", type=_positive_int, default=None, help="top images kept per unit (100)")
     source.add_argument("--images", type=_positive_int, default=None, help="index only the first N images")
 
     index = sub.add_parser("index", parents=[common, source], help="stream the images once; resumable")
@@ -159,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         resumes = {"index": "resumes where it stopped", "features": "skips the layers it finished",
                    "ablate": "skips the layers it finished", "visualize": "skips the layers it finished"}
         how = resumes.get(args.command)
-        again = f"neuroidx {args.command} --out {args.out}"
+        # the same command with its options (features --keep 2 ...), less --force, which would remake what
+        # is done; index resumes from its recorded settings
+        given = [str(a) for a in (sys.argv[1:] if argv is None else argv) if str(a) != "--force"]
+        again = "neuroidx " + shlex.join(["index", "--out", str(args.out)] if args.command == "index" else given)
         print(f"neuroidx: interrupted{f' (run again: `{again}` {how})' if how else ''}", file=sys.stderr)
         return 130
     except Exception as exc:  # every failure is one line for a person; --debug shows the traceback

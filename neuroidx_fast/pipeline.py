@@ -72,6 +72,8 @@ def _dataset(settings: dict):
 
 
 def _model(settings: dict):
+    import sys
+
     from .loading import load_model, load_weights
 
     if settings["model"] == "demo":
@@ -79,7 +81,14 @@ def _model(settings: dict):
 
         model = demo_model()
     else:
-        model = load_model(settings["model"], settings.get("model_args") or {})
+        root = settings.get("import_root")  # where `index` was run: a package.module:factory found from there
+        if root and root not in sys.path:
+            sys.path.append(root)
+        # Seeded: a model without --weights (vgg_m, a torchvision name) gets the same initial weights every
+        # time it is built, so that the later steps rebuild the model the index saw (the global RNG is kept)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = load_model(settings["model"], settings.get("model_args") or {})
     if settings.get("weights"):
         load_weights(model, settings["weights"])
     return model.eval()
@@ -189,12 +198,19 @@ def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs) ->
 
 
 # ----------------------------------------------------------------------------------------------- index
-def _recorded_settings(out: OutDir) -> dict:
+def _recorded_settings(out: OutDir, args) -> dict:
     """`neuroidx index --out DIR` alone: the settings DIR's run.json records (to resume that run)."""
     if not out.run_json.exists():
         raise ValueError(f"--model and --data are required: {out.root} holds no run to resume")
+    given = [f"--{key.replace('_', '-')}" for key in ("model_args", "weights", "size", "resize", "no_crop",
+                                                       "normalize", "layers", "k", "images")
+             if getattr(args, key, None) not in (None, False)]
+    if given:  # they would be ignored: the run's own settings are resumed
+        raise ValueError(f"{' '.join(given)} given without --model and --data: `index --out DIR` alone resumes the "
+                         "run's recorded settings; to index with others, give --model and --data too (and --force "
+                         "to replace the run)")
     old = out.run_settings()
-    return {key: old.get(key) for key in _RECIPE}
+    return {key: old.get(key) for key in _RECIPE + ("import_root",)}
 
 
 def _settings_from(args) -> dict:
@@ -211,9 +227,9 @@ def _settings_from(args) -> dict:
         raise ValueError("--layers is required for `index`: comma-separated module names of the model")
     return {"model": args.model, "model_args": model_args, "weights": _absolute(args.weights),
             "data": _absolute(args.data),
-            "size": args.size, "resize": args.resize, "no_crop": bool(args.no_crop), "normalize": args.normalize,
-            "layers": list(args.layers), "k": args.k, "images": args.images,
-            "data_seed": getattr(args, "data_seed", 1)}
+            "size": args.size or 224, "resize": args.resize, "no_crop": bool(args.no_crop),
+            "normalize": args.normalize or "imagenet", "layers": list(args.layers), "k": args.k or 100,
+            "images": args.images, "data_seed": getattr(args, "data_seed", 1), "import_root": os.getcwd()}
 
 
 def _absolute(path):
@@ -233,6 +249,18 @@ _RECIPE = ("model", "model_args", "weights", "data", "size", "resize", "no_crop"
            "images", "data_seed")
 
 
+def _finish_index_record(out: OutDir, record: dict) -> None:
+    """What a finished index step does after saving the index (labels into run.json, the checkpoint gone),
+    where an interruption right after the save left it undone."""
+    from .neuron_index import NeuronIndex
+
+    if record.get("labels") is None:
+        labels = NeuronIndex.load(out.index).labels
+        if labels is not None:
+            write_json(out.run_json, dict(record, labels=labels.tolist()))
+    remove_bundle(out.checkpoint)
+
+
 def step_index(args) -> object:
     """Index the run's layers (resuming from DIR/index.checkpoint) and save DIR/index."""
     from .hooks import resolve_layers
@@ -242,7 +270,7 @@ def step_index(args) -> object:
     out = OutDir(args.out)
     if out.root.exists() and not out.root.is_dir():
         raise ValueError(f"--out {out.root} is a file: give a directory (new, or a run's)")
-    settings = _recorded_settings(out) if args.model is None and args.data is None else _settings_from(args)
+    settings = _recorded_settings(out, args) if args.model is None and args.data is None else _settings_from(args)
     started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
     # the run DIR holds, unless it never wrote anything (then simply replaced) or --force replaces it
     old = out.run_settings() if out.run_json.exists() and started and not args.force else None
@@ -253,6 +281,7 @@ def step_index(args) -> object:
             raise ValueError(f"{out.root} holds a run made with other settings ({', '.join(differ)}): use another "
                              "--out, or --force to replace it")
         if finished:
+            _finish_index_record(out, old)
             print(f"{out.root}: the index is already complete (use --force to index again)")
             return None
     model = _model(settings)
@@ -260,6 +289,9 @@ def step_index(args) -> object:
     dataset = _dataset(settings)
     preprocess = parse_normalize(settings["normalize"])
     device = _device(args.device)
+    if settings["k"] > len(dataset):
+        raise ValueError(f"--k {settings['k']} is larger than the dataset ({len(dataset)} images); choose k <= "
+                         f"{len(dataset)}")
     # Only now that the new settings are known to work does anything of the old run go.
     if args.force:
         for bundle in (out.index, out.checkpoint):
@@ -275,9 +307,14 @@ def step_index(args) -> object:
             elif path.exists():
                 path.unlink()
     batch_size = args.batch_size
-    if not getattr(args, "batch_size_given", True) and out.run_json.exists() and (old is not None or args.model is None):
+    recorded = out.run_settings().get("batch_size") if out.run_json.exists() else None
+    if recorded and (old is not None or args.model is None):
         # a resume (or `index --out DIR` alone) goes on with the batches the run began with
-        batch_size = out.run_settings().get("batch_size") or batch_size
+        if not getattr(args, "batch_size_given", True):
+            batch_size = recorded
+        elif args.batch_size != recorded and old is not None:  # refused before run.json is rewritten
+            raise ValueError(f"{out.root}'s index began in batches of {recorded}: resume with --batch-size {recorded} "
+                             "(or without --batch-size), or index again from the start (--force)")
     classes = getattr(dataset, "classes", None)
     from .indexing import dataset_fingerprint, model_fingerprint, structure_fingerprint
 
@@ -341,10 +378,29 @@ def _ablation_frame(out: OutDir, layers):
     frames = []
     for layer in layers:
         path = out.ablation_csv(layer)
-        if path.exists():
+        if path.exists() and out.step_record("ablation", layer).exists():  # complete (not an interrupted remake)
             frame = read_ablation_csv(path).assign(layer=layer)  # the file's own name for it, or none
             frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
     return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _with_other_layers(out: OutDir, table, layers, order):
+    """``table`` (rows of ``layers``) with the rows the run's neuron table holds for its other layers
+    (`selectivity --layers X` remakes X's rows only), in the index's layer order."""
+    import pandas as pd
+
+    from .table import load_table
+
+    if not out.table_csv.exists():
+        return table
+    old = load_table(out.table_csv)
+    kept = old[~old["layer"].isin(layers) & old["layer"].isin(order)]
+    if kept.empty:
+        return table
+    merged = pd.concat([kept, table], ignore_index=True)
+    rank = merged["layer"].map({name: i for i, name in enumerate(order)})
+    return merged.assign(_rank=rank).sort_values(["_rank", "unit"], kind="stable").drop(columns="_rank") \
+        .reset_index(drop=True)
 
 
 def step_selectivity(args) -> None:
@@ -352,6 +408,8 @@ def step_selectivity(args) -> None:
     from .plots import plot_all
     from .table import save_table, neuron_table
 
+    if not args.tau > 0 or args.tau > 1:  # before the long part
+        raise ValueError(f"--tau must be in (0, 1], got {args.tau}")
     run, index = open_run(args.out, args.device)
     layers = _layers(args, index)
     ablation = _ablation_frame(run.out, layers)  # read first: a broken file is an error before the long part
@@ -359,6 +417,7 @@ def step_selectivity(args) -> None:
                               preprocess=run.preprocess, num_workers=args.workers, device=run.device,
                               progress=not args.no_progress)
     table = neuron_table(index, layers, color=color, tau=args.tau, extra=ablation)
+    table = _with_other_layers(run.out, table, layers, list(index.layers))
     save_table(table, run.out.table_csv)
     plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
     for layer in layers:
@@ -389,13 +448,15 @@ def step_ablate(args) -> None:
             continue
         result = ablation_drops(run.model, run.dataset, layer, units=args.units, mode=args.mode,
                                 preprocess=run.preprocess, batch_size=args.batch_size, device=run.device,
-                                progress=not args.no_progress, index=index if args.mode == "mean" else None)
+                                progress=not args.no_progress, index=index if args.mode == "mean" else None,
+                                num_workers=args.workers)
         frame = result.to_frame()
-        save_table(frame, run.out.ablation_csv(layer))
         names = [result.class_name(k) for k in range(result.drop.shape[1])]
         per_class = pd.DataFrame(result.drop.numpy(), columns=names)
-        per_class.insert(0, "unit", frame["unit"].to_numpy())
+        # the first column is the unit, whatever the class names (a class folder may be named "unit")
+        per_class.insert(0, "unit", frame["unit"].to_numpy(), allow_duplicates=True)
         save_table(per_class, run.out.ablation_classes_csv(layer))
+        save_table(frame, run.out.ablation_csv(layer))
         _record_made(run.out, "ablation", layer, made_with,
                      [run.out.ablation_csv(layer), run.out.ablation_classes_csv(layer)])
         worst = frame.sort_values("max_class_drop", ascending=False).head(1)
@@ -446,6 +507,10 @@ def run_demo(out_dir="neuroidx-demo", device=None, images=None, quick: bool = Fa
     from .demo_model import DEMO_DATA, DEMO_LAYERS
 
     n = images or (120 if quick else 600)
+    out = OutDir(out_dir)
+    if out.run_json.exists() and out.run_settings().get("model") != "demo":
+        raise ValueError(f"{out.root} holds a run of model {out.run_settings().get('model')!r}, not the demo's: give "
+                         "the demo another --out")
     common = dict(out=out_dir, device=device, workers=0, no_progress=not progress, debug=False)
     step_index(SimpleNamespace(**common, model="demo", model_args={}, weights=None, data=BUILTIN_SHAPES,
                                size=DEMO_DATA["size"], resize=None, no_crop=False, normalize="none",

@@ -14,6 +14,7 @@ table, ablation, maximisation images, the index itself) is left out, and the pag
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -285,7 +286,11 @@ class _Run:
         import pandas as pd
 
         summary, per_class = self.out.ablation_csv(layer.name), self.out.ablation_classes_csv(layer.name)
-        layer.has_ablation = summary.exists() or per_class.exists()
+        # complete files only: an interrupted remake leaves new and old files side by side, and no record
+        layer.has_ablation = (summary.exists() or per_class.exists()) \
+            and self.out.step_record("ablation", layer.name).exists()
+        if not layer.has_ablation:
+            return
         try:
             if summary.exists():
                 df = read_ablation_csv(summary)
@@ -293,13 +298,16 @@ class _Run:
                     for record in df.to_dict("records"):
                         layer.ablation[int(record.pop("unit"))] = record
             if per_class.exists():
-                df = pd.read_csv(per_class)
-                if "unit" not in df.columns:
-                    raise ValueError("no 'unit' column")
-                classes = [str(c) for c in df.columns if c != "unit"]
-                drops = df[[c for c in df.columns if c != "unit"]].apply(pd.to_numeric, errors="coerce")
-                matrix = drops.to_numpy(dtype=np.float64)
-                for unit, row in zip(df["unit"].astype(int).tolist(), matrix):
+                # the unit, then one column per class: the header read as written (a class may be named
+                # "unit", which pandas would rename)
+                with open(per_class, newline="", encoding="utf-8") as f:
+                    header = next(csv.reader(f), [])
+                if not header or header[0] != "unit":
+                    raise ValueError("no 'unit' column first")
+                df = pd.read_csv(per_class, header=None, skiprows=1)
+                classes = header[1:]
+                matrix = df.iloc[:, 1:].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+                for unit, row in zip(df.iloc[:, 0].astype(int).tolist(), matrix):
                     order = [i for i in np.argsort(-np.nan_to_num(row, nan=-np.inf), kind="stable")
                              if not math.isnan(row[i])][:TOP_DROPS]
                     layer.drops[unit] = [(classes[i], float(row[i])) for i in order]

@@ -174,7 +174,9 @@ def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch,
 
     counted(features, "neuron_features", fail_on="features.8")
     assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 130
-    assert f"interrupted (run again: `neuroidx features --out {out}` skips the layers it finished)" in capsys.readouterr().err
+    # the same command, its options kept (without them the finished layers would be remade otherwise)
+    assert (f"interrupted (run again: `neuroidx features --out {out} --keep 2 --no-progress` skips the layers it "
+            "finished)") in capsys.readouterr().err
     assert calls == [("neuron_features", "features.4")]
     record = OutDir(out).step_record("features", "features.4")
     made = json.loads(record.read_text())
@@ -386,3 +388,72 @@ def test_demo_reduced_setting(tmp_path, capsys):
     table = pd.read_csv(run.table_csv)
     assert set(table["layer"]) == {"conv1", "conv2", "conv3", "conv4", "conv5"}
     assert "demo finished" in capsys.readouterr().out
+
+
+def test_index_arguments_and_resumes_from_a_review(folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    run = OutDir(out)
+    assert _cli(*_index_args(folder, out, "--checkpoint-every", 1)) == 0
+    # --force with a k larger than the dataset: refused before the finished run is deleted
+    assert "larger than the dataset (15 images)" in _error(capsys, *_index_args(folder, out, "--force", "--k", 99))
+    assert NeuronIndex.load(run.index).k == 4
+    # index options without --model and --data would be ignored (the recorded run is resumed): refused
+    err = _error(capsys, "index", "--out", out, "--force", "--k", 7, "--layers", "features.8")
+    assert "--layers --k given without --model and --data" in err
+    # interrupted right after the index was saved: the rerun finishes what the step left undone
+    record = json.loads(run.run_json.read_text())
+    run.run_json.write_text(json.dumps({k: v for k, v in record.items() if k != "labels"}))
+    run.checkpoint.mkdir()
+    assert _cli("index", "--out", out, "--no-progress") == 0
+    assert json.loads(run.run_json.read_text())["labels"] == record["labels"] and not run.checkpoint.exists()
+    # a resume with another batch size is refused before run.json is rewritten
+    shutil.rmtree(run.index)
+    run.checkpoint.mkdir()  # as if interrupted: a checkpoint, no index
+    assert "began in batches of 4" in _error(capsys, "index", "--out", out, "--batch-size", 3)
+    assert json.loads(run.run_json.read_text())["batch_size"] == 4
+    # the demo does not replace another model's run
+    assert "not the demo's" in _error(capsys, "demo", "--out", out, "--quick", "--no-progress")
+
+
+def test_a_model_without_weights_is_rebuilt_the_same_by_later_steps(folder, tmp_path):
+    # vgg_m (or a torchvision name) without --weights: its random initial weights must be the index's
+    out = tmp_path / "vggm"
+    args = ["index", "--model", "vgg_m", "--model-args", '{"num_classes": 3, "width": 0.05, "fc_width": 8, '
+            '"input_size": 48}', "--data", folder, "--size", 48, "--normalize", "none", "--layers", "conv2",
+            "--k", 3, "--out", out, "--no-progress"]
+    assert _cli(*args) == 0
+    assert _cli("features", "--out", out, "--no-progress") == 0
+
+
+def test_selectivity_and_ablation_tables_from_a_review(folder, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    os.rename(data / "cat", data / "unit")  # a class named like the per-class table's first column
+    shutil.copytree(data / "dog", data / "fox")  # 4 classes, as the test model's 4 outputs: named columns
+    out = tmp_path / "run"
+    run = OutDir(out)
+    assert _cli(*_index_args(data, out)) == 0
+    assert "--tau must be in (0, 1]" in _error(capsys, "selectivity", "--out", out, "--tau", 0)
+    with pytest.raises(SystemExit):
+        _cli("ablate", "--out", out, "--units", "1,1")
+    assert "given more than once" in capsys.readouterr().err
+    assert _cli("ablate", "--out", out, "--layers", "features.8", "--units", "0,1", "--no-progress") == 0
+    assert _cli("selectivity", "--out", out, "--no-progress") == 0
+    assert _cli("selectivity", "--out", out, "--layers", "features.4", "--no-progress") == 0
+    table = pd.read_csv(run.table_csv)
+    assert sorted(set(table["layer"])) == ["features.4", "features.8"] and len(table) == 12 + 16  # both kept
+    assert table.loc[table["layer"] == "features.8", "max_class_drop"].notna().sum() == 2
+    header = run.ablation_classes_csv("features.8").read_text().splitlines()[0].split(",")
+    assert header[0] == "unit" and "unit" in header[1:]  # the unit first, then every class, "unit" too
+    assert _cli("report", out) == 0
+    pages = "".join(p.read_text() for p in run.report_dir.rglob("*.html"))
+    unit_page = (run.report_dir / "units" / "features.8" / "0.html").read_text()
+    assert "could not be read" not in pages and 'class="drops"' in unit_page
+    # an ablation remade and interrupted (no record): its files are not read as complete
+    run.step_record("ablation", "features.8").unlink()
+    assert _cli("selectivity", "--out", out, "--no-progress") == 0
+    assert "max_class_drop" not in pd.read_csv(run.table_csv).columns

@@ -150,6 +150,10 @@ def _make_run(root: Path):
     pd.DataFrame({"unit": np.arange(n8), "overall_drop": matrix.mean(1), "max_class_drop": matrix.max(1),
                   "max_drop_class": matrix.argmax(1), "max_drop_class_name": [CLASSES[i] for i in matrix.argmax(1)]}
                  ).to_csv(out.ablation_csv("features.8"), index=False)
+    from neuroidx_fast.pipeline import _record_made
+
+    _record_made(out, "ablation", "features.8", {"mode": "zero"},  # complete: as `neuroidx ablate` records it
+                 [out.ablation_csv("features.8"), out.ablation_classes_csv("features.8")])
 
     save_png(torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1)), out.maximized_png(*VISUALIZED))
     save_png(Image.new("RGB", (40, 30), (200, 30, 30)), out.plots_dir / "layer_summary.png")

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .prepare import as_index
+
 __all__ = ["Shapes", "Digits", "SHAPES_COLORS", "SHAPES_SHAPES", "SHAPES_DEFAULT_CLASSES", "SHAPES_BACKGROUNDS"]
 
 # Base colors (RGB in [0, 1]); every item jitters its color a little around the base.
@@ -65,10 +67,10 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 
 def _check_index(i, length: int, what: str) -> int:
-    if isinstance(i, torch.Tensor) and i.numel() == 1:
-        i = int(i)
-    if isinstance(i, bool) or not isinstance(i, int):
-        raise TypeError(f"{what} indices must be ints, got {type(i).__name__}")
+    index = as_index(i)  # ints, NumPy integers (a Subset of np.arange), 0-d integer tensors; no bools, floats
+    if index is None:
+        raise TypeError(f"{what} indices must be ints, got {type(i).__name__} {i!r}")
+    i = index
     if i < 0:
         i += length
     if not 0 <= i < length:
@@ -120,8 +122,8 @@ class Shapes(Dataset):
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
         self.scale = (lo, hi)
-        if noise < 0 or color_jitter < 0:
-            raise ValueError(f"noise and color_jitter must be >= 0, got {noise!r}, {color_jitter!r}")
+        if not (noise >= 0 and color_jitter >= 0 and math.isfinite(noise) and math.isfinite(color_jitter)):
+            raise ValueError(f"noise and color_jitter must be finite and >= 0, got {noise!r}, {color_jitter!r}")
         self.noise, self.color_jitter = float(noise), float(color_jitter)
         self.targets = torch.arange(self.n, dtype=torch.int64) % len(names)
         # Pixel-centre coordinates in [-1, 1], shared by every item.

@@ -171,6 +171,20 @@ def _check_images(images: torch.Tensor, first_id: int) -> None:
                       "normalisation through preprocess= (crops are cut from these images later)", stacklevel=3)
 
 
+MAX_CLASSES = 1 << 20  # (the index keeps a row of sums per class: a label of 2^40 would ask for terabytes)
+
+
+def _check_labels(labels: torch.Tensor, class_names, first_id: int) -> None:
+    """Class indices: >= 0, below the dataset's number of classes where it names them (``classes``)."""
+    low, high = int(labels.min()), int(labels.max())
+    limit = len(class_names) if class_names else MAX_CLASSES
+    if low < 0 or high >= limit:
+        bad = first_id + int(((labels < 0) | (labels >= limit)).nonzero()[0])
+        named = f"the dataset names {limit} classes" if class_names else f"at most {MAX_CLASSES} classes"
+        raise ValueError(f"image {bad} has label {int(labels[bad - first_id])}: labels must be class indices in "
+                         f"[0, {limit}) ({named})")
+
+
 def _check_image_size(images: torch.Tensor, input_size, first_id: int) -> None:
     """Every image has the size of the first: the positions of the index, and the receptive field that
     maps them to crops, are those of one input size (another size can give the same maps)."""
@@ -396,8 +410,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 _check_images(images, shard.start + step * batch_size)
                 if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
                     raise ValueError("some dataset items have labels and others do not")
-                if labels is not None and labels.numel() and int(labels.min()) < 0:
-                    raise ValueError(f"labels must be class indices >= 0, got {int(labels.min())}")
+                if labels is not None and labels.numel():
+                    _check_labels(labels, meta["class_names"], first_id=shard.start + step * batch_size)
                 first_id = shard.start + step * batch_size
                 _check_image_size(images, meta["input_size"], first_id)
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)

@@ -156,9 +156,13 @@ def split_batch(batch):
         return batch, None
     if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
         labels = batch[1]
-        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() != 1:
+        if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]  # one-element label tensors, [1] each
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool \
+                or labels.is_complex() or labels.dim() != 1:
+            shape = f" of shape {tuple(labels.shape)} for the batch" if isinstance(labels, torch.Tensor) else ""
             raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
-                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}")
+                             f"{type(labels).__name__} {getattr(labels, 'dtype', '')}{shape}")
         return batch[0], labels.to(torch.int64)
     raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
                      f"a batch of {type(batch).__name__}")

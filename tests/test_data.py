@@ -205,3 +205,20 @@ def test_load_weights_formats_and_batchnorm_counters(tmp_path):
     with pytest.raises(ValueError, match="cannot read weights") as caught:
         load_weights(net(), tmp_path / "cut.pt")
     assert "pickled Python objects" not in str(caught.value)  # a truncated file is not a pickled model
+
+
+def test_builtin_datasets_take_numpy_indices_and_refuse_floats_and_nan_settings():
+    import numpy as np
+
+    import neuroidx_fast as nx
+
+    shapes = nx.Shapes(6, size=16)
+    assert torch.equal(shapes[np.int64(2)][0], shapes[2][0]) and torch.equal(shapes[torch.tensor(3)][0], shapes[3][0])
+    subset = torch.utils.data.Subset(shapes, np.arange(3))  # what index_dataset gets from a Subset of np.arange
+    assert torch.equal(subset[1][0], shapes[1][0])
+    for bad in (torch.tensor(2.9), torch.tensor(True), 1.5):
+        with pytest.raises(TypeError, match="indices must be ints"):
+            shapes[bad]
+    for setting in ({"noise": float("nan")}, {"color_jitter": float("inf")}):
+        with pytest.raises(ValueError, match="finite and >= 0"):
+            nx.Shapes(4, **setting)

@@ -551,3 +551,32 @@ def test_pixel_batches_are_checked_on_every_batch():
     channels_last.images = channels_last.images.permute(0, 2, 3, 1).contiguous()  # [H, W, 3] images
     with pytest.raises(ValueError, match=r"channels last"):
         nx.index_dataset(model, channels_last, ["features.5"], k=2, batch_size=2, progress=False)
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """ImageSet's images with the labels given (any type)."""
+
+    def __init__(self, labels, classes=None):
+        self.images, self.labels = ImageSet(n=len(labels)).images, labels
+        if classes is not None:
+            self.classes = classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+
+def test_labels_are_class_indices_of_the_dataset():
+    def index(data):
+        return nx.index_dataset(make_model("vgg"), data, ["features.5"], k=2, batch_size=2, progress=False)
+
+    with pytest.raises(ValueError, match=r"image 3 has label 7: labels must be class indices in \[0, 2\)"):
+        index(_Labelled([0, 1, 0, 7], classes=["a", "b"]))
+    with pytest.raises(ValueError, match=r"at most 1048576 classes"):
+        index(_Labelled([0, 1, 2 ** 40, 0]))
+    with pytest.raises(ValueError, match="labels must be integer class indices .* torch.bool"):
+        index(_Labelled([True, False, True, False]))
+    one_element = index(_Labelled([torch.tensor([1]), torch.tensor([0]), torch.tensor([1]), torch.tensor([0])]))
+    assert one_element.labels.tolist() == [1, 0, 1, 0]

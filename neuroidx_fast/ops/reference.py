@@ -236,8 +236,8 @@ def empty_replicas(x: torch.Tensor, m: int) -> torch.Tensor:
 def mask_replicas(x, masks, fill):
     m = masks.shape[0]
     out = empty_replicas(x, m)
-    picked = torch.where(masks[:, None, :, None, None], fill[None, None, :, None, None], x[None])
-    out.view(m, *x.shape).copy_(picked)
+    # written once, in place (a where into a new [m, B, C, H, W] tensor and a copy would write it twice)
+    torch.where(masks[:, None, :, None, None], fill[None, None, :, None, None], x[None], out=out.view(m, *x.shape))
     return out
 
 

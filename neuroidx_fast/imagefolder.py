@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 
 import torch
 from torch.utils.data import Dataset
@@ -60,11 +61,20 @@ class ImageFolder(Dataset):
         subfolders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
                             and not d.startswith("."))
         self.samples: list[tuple[str, int]] = []
+        loose = [f for f in sorted(os.listdir(root)) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+                 and os.path.isfile(os.path.join(root, f))]
         if subfolders:
             self.classes: list[str] | None = subfolders
             for label, name in enumerate(subfolders):
                 for path in self._images(os.path.join(root, name)):
                     self.samples.append((path, label))
+            if loose and not self.samples:
+                raise ValueError(f"the subfolders of {root!r} ({', '.join(subfolders[:5])}) hold no images, and its "
+                                 f"{len(loose)} images lie beside them: put the images in one subfolder per class, "
+                                 "or remove the subfolders to index them as one unlabelled set")
+            if loose:
+                warnings.warn(f"{len(loose)} images at the top of {root!r} ({', '.join(loose[:3])}"
+                              f"{' ...' if len(loose) > 3 else ''}) are in no class folder: left out", stacklevel=2)
         else:
             self.classes = None
             self.samples = [(path, -1) for path in self._images(root)]
@@ -117,7 +127,7 @@ class ImageFolder(Dataset):
                 else:
                     image = image.resize((self.size, self.size), Image.BILINEAR)
                 data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             raise ValueError(f"cannot read image {path!r}: {exc}") from None
         image = data.reshape(self.size, self.size, 3).permute(2, 0, 1)
         return image.contiguous() if self.uint8 else image.float().div_(255)

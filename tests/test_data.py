@@ -222,3 +222,21 @@ def test_builtin_datasets_take_numpy_indices_and_refuse_floats_and_nan_settings(
     for setting in ({"noise": float("nan")}, {"color_jitter": float("inf")}):
         with pytest.raises(ValueError, match="finite and >= 0"):
             nx.Shapes(4, **setting)
+
+
+def test_image_folder_says_what_it_leaves_out(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from neuroidx_fast.imagefolder import ImageFolder
+
+    def image(path):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+
+    (tmp_path / "thumbs").mkdir()  # an empty subfolder beside the images
+    image(tmp_path / "a.png")
+    with pytest.raises(ValueError, match="hold no images, and its 1 images lie beside them"):
+        ImageFolder(tmp_path, size=8)
+    image(tmp_path / "thumbs" / "b.png")
+    with pytest.warns(UserWarning, match="1 images at the top of .* are in no class folder: left out"):
+        assert len(ImageFolder(tmp_path, size=8)) == 1

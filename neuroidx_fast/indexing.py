@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images, pixel_space,
-                      restores_modes, split_batch)
+from .prepare import (as_index, check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images,
+                      pixel_space, restores_modes, split_batch)
 from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -356,8 +356,9 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = list(resolve_layers(model, layers))
     for label, value in (("k", k), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if as_index(value) is None or as_index(value) < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
+    k, batch_size, checkpoint_every = as_index(k), as_index(batch_size), as_index(checkpoint_every)
     length = dataset_length(dataset, "index")
     if k > length:
         raise ValueError(f"k={k} is larger than the dataset ({length} images); choose k <= {length}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import sys
 
@@ -30,16 +29,18 @@ class Normalize(nn.Module):
 
 def parse_normalize(spec: str | None):
     """``imagenet``, ``none``, ``mean,std`` (one value each) or six values ``m1,m2,m3,s1,s2,s3``."""
-    if spec is None or spec == "none":
+    if spec is None or spec.strip().lower() == "none":
         return None
-    if spec == "imagenet":
+    if spec.strip().lower() == "imagenet":
         return Normalize(IMAGENET_MEAN, IMAGENET_STD)
     try:
         values = [float(v) for v in spec.split(",")]
     except ValueError:
         values = []
     half = len(values) // 2
-    if len(values) in (2, 6) and (not all(map(math.isfinite, values)) or any(v <= 0 for v in values[half:])):
+    # as the float32 they become: a std of 1e-46 is 0 there, and 1e39 infinite
+    stored = torch.tensor(values, dtype=torch.float32) if values else torch.zeros(0)
+    if len(values) in (2, 6) and (not bool(torch.isfinite(stored).all()) or bool((stored[half:] <= 0).any())):
         raise ValueError(f"--normalize {spec!r}: the means must be numbers and the standard deviations numbers > 0")
     if len(values) == 2:
         return Normalize((values[0],) * 3, (values[1],) * 3)
@@ -62,6 +63,9 @@ def _from_factory(spec: str, kwargs: dict) -> nn.Module:
         if not hasattr(factory, part):
             raise ValueError(f"{module_name!r} has no {attr!r} (from --model {spec!r})")
         factory = getattr(factory, part)
+    if isinstance(factory, nn.Module) and kwargs:
+        raise ValueError(f"--model {spec!r} names a model already built, which takes no --model-args ({kwargs}): name "
+                         "a factory function instead, or drop --model-args")
     model = factory(**kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec!r} gave a {type(model).__name__}, not a torch.nn.Module")

@@ -48,8 +48,8 @@ def nonfinite_images(batch: torch.Tensor) -> torch.Tensor:
 def as_index(value):
     """``value`` as a Python int when it is an integer (int, NumPy integer, 0-d integer tensor: anything
     with ``__index__``) other than a bool; None otherwise (floats, bools, None, strings)."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.dtype == torch.bool or value.dim())):
+        return None  # (a [[3]] tensor has an __index__ too: not a number but a tensor of one)
     try:
         return operator.index(value)
     except TypeError:

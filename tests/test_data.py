@@ -240,3 +240,25 @@ def test_image_folder_says_what_it_leaves_out(tmp_path):
     image(tmp_path / "thumbs" / "b.png")
     with pytest.warns(UserWarning, match="1 images at the top of .* are in no class folder: left out"):
         assert len(ImageFolder(tmp_path, size=8)) == 1
+
+
+def test_small_argument_checks_from_a_review(tmp_path):
+    import numpy as np
+
+    import neuroidx_fast as nx
+    from neuroidx_fast.imagefolder import ImageFolder
+    from neuroidx_fast.loading import parse_normalize
+    from neuroidx_fast.prepare import as_index
+    from tests.models import ImageSet, make_model
+
+    for spec in ("0.5,1e-46", "0.5,1e39"):  # 0 and infinite as the float32 they become
+        with pytest.raises(ValueError, match="standard deviations numbers > 0"):
+            parse_normalize(spec)
+    assert parse_normalize(" None ") is None and parse_normalize(" ImageNet") is not None
+    assert as_index(torch.tensor(3)) == 3 and as_index(np.int64(3)) == 3 and as_index(torch.tensor([[3]])) is None
+    index = nx.index_dataset(make_model("vgg"), ImageSet(n=6), ["features.5"], k=np.int64(2), batch_size=np.int64(3),
+                             progress=False)
+    assert index.k == 2
+    (tmp_path / "a").mkdir()
+    with pytest.raises(ValueError, match="resize must be a positive int"):
+        ImageFolder(tmp_path, size=8, resize=0)

@@ -95,13 +95,27 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _module_lines(module: nn.Module) -> str:
+    """Every submodule's name, type and settings (``extra_repr``), one per line: what ``repr`` shows, less
+    the parameter lists' entries, which name their device (the state dict covers their values)."""
+    lines = []
+    for name, sub in module.named_modules():
+        kind = f"{type(sub).__module__}.{type(sub).__qualname__}"
+        shown = "" if isinstance(sub, (nn.ParameterList, nn.ParameterDict)) else sub.extra_repr()
+        if type(sub).__repr__ is not nn.Module.__repr__:  # its own repr (torchvision's Normalize: mean, std)
+            shown += "|" + repr(sub)
+        lines.append(f"{name}|{kind}|{shown}")
+    return "\n".join(lines)
+
+
 def structure_fingerprint(model: nn.Module, preprocess=None) -> str:
-    """SHA-256 of ``repr(model)`` and of ``repr(preprocess)`` when it is a module: the modules, their
-    types and settings, which the state dict does not show (a ReLU swapped for a LeakyReLU; a torchvision
-    Normalize keeps its mean and std as plain attributes). A change of ``forward`` code stays unseen, and
-    so does what a plain function closes over (its repr is its address, another in every process)."""
-    shown = repr(preprocess) if isinstance(preprocess, nn.Module) else ""
-    return hashlib.sha256(f"{model!r}\n{shown}".encode()).hexdigest()
+    """SHA-256 of the model's modules, their types and settings (``_module_lines``), and of a module
+    ``preprocess``'s: what the state dict does not show (a ReLU swapped for a LeakyReLU; a torchvision
+    Normalize keeps its mean and std as plain attributes), on any device. A change of ``forward`` code
+    stays unseen, and so does what a plain function closes over (its repr is its address, another in
+    every process)."""
+    shown = _module_lines(preprocess) if isinstance(preprocess, nn.Module) else ""
+    return hashlib.sha256(f"{_module_lines(model)}\n{shown}".encode()).hexdigest()
 
 
 def dataset_fingerprint(dataset) -> str | None:
@@ -161,12 +175,15 @@ def _check_images(images: torch.Tensor, first_id: int) -> None:
     check_pixel_batch(images, "index_dataset")
     if images.dtype == torch.uint8:
         return  # 8-bit pixels: k / 255 (pixel_space)
-    bad = nonfinite_images(images)
-    if bad.numel():  # (nan="ignore" is for activations: a NaN pixel would also spoil the pixel mean)
+    if not images.numel():
+        return
+    low, high = (float(v) for v in torch.aminmax(images))  # one pass; the images are named only where needed
+    if not (math.isfinite(low) and math.isfinite(high)):  # (nan="ignore" is for activations: a NaN pixel would
+        bad = nonfinite_images(images)                     # also spoil the pixel mean)
         raise ValueError(f"images {[first_id + int(i) for i in bad[:16]]} hold NaN or infinite pixels: the dataset "
                          "must give finite pixel-space images")
     # every batch (a dataset may turn to 0..255 further on); the warning shows once
-    if images.numel() and (float(images.min()) < -1e-3 or float(images.max()) > 1 + 1e-3):
+    if low < -1e-3 or high > 1 + 1e-3:
         warnings.warn("images are outside [0, 1]: index_dataset expects pixel-space images and applies "
                       "normalisation through preprocess= (crops are cut from these images later)", stacklevel=3)
 

@@ -151,5 +151,8 @@ def load_weights(model: nn.Module, path) -> nn.Module:
             if items:
                 parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
         raise ValueError(f"weights {path!r} do not fit the model ({'; '.join(parts)})")
+    for key in own:  # the counters left out above: the model's own (torch's strict load of a file that
+        if key not in state:  # keeps _metadata would refuse them as missing)
+            state[key] = own[key]
     model.load_state_dict(state)
     return model

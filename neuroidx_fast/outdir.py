@@ -13,8 +13,9 @@
     ablation/<layer>.csv              per unit: overall_drop, max_class_drop, max_drop_class, max_drop_class_name
     ablation/per_class/<layer>.csv    per unit (rows) and class (columns): accuracy drop
     visualize/<layer>/<unit>.png      the unit's activation-maximisation image
-    <step>/.done/<layer>.json         features, ablation, visualize: the settings a layer's outputs were
-                                      made with, written once they are complete (a rerun skips the layer)
+    <step>/.done/<layer>.json         features, selectivity, ablation, visualize: the settings a layer's
+                                      outputs were made with, written once they are complete (a rerun skips
+                                      the layer)
     report/index.html                 the HTML report (report/layers/<layer>.html, report/units/<layer>/<unit>.html)
 """
 
@@ -109,8 +110,8 @@ class OutDir:
         return self.root / "visualize" / safe_name(layer) / f"{int(unit)}.png"
 
     def step_record(self, step: str, layer: str) -> Path:
-        """The settings ``layer``'s outputs of ``step`` ("features", "ablation", "visualize") were made with,
-        written once they are all saved. A dot folder: no layer's own file or folder name starts with a dot."""
+        """The settings ``layer``'s outputs of ``step`` ("features", "selectivity", "ablation", "visualize") were
+        made with, written once they are all saved. A dot folder: no layer's own file or folder name starts with a dot."""
         return self.root / step / ".done" / f"{safe_name(layer)}.json"
 
     @property
@@ -124,7 +125,7 @@ class OutDir:
     def derived(self) -> list[Path]:
         """Everything the later steps make from the index: stale once the index is made again."""
         return [self.root / "features", self.table_csv, self.plots_dir, self.root / "ablation",
-                self.root / "visualize", self.report_dir]
+                self.root / "visualize", self.report_dir, self.root / "selectivity"]
 
     def run_settings(self) -> dict:
         if not self.run_json.exists():

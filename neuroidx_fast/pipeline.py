@@ -168,6 +168,14 @@ def _layers(args, index) -> list[str]:
     return layers
 
 
+def _forget_made(out: OutDir, step: str, layers, args) -> None:
+    """--force: every selected layer's record goes before the first is made again, so that a forced remake
+    interrupted half way and run again without --force does not skip the layers not yet remade."""
+    if getattr(args, "force", False):
+        for layer in layers:
+            out.step_record(step, layer).unlink(missing_ok=True)
+
+
 def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> bool:
     """Whether ``layer``'s outputs of ``step`` are complete and were made with ``settings``: a rerun (after
     an interruption, or with more layers) then skips the layer, saying so; --force makes them again. The
@@ -184,6 +192,15 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
     else:  # the outputs are about to be replaced: until they all are, no record may vouch for them
         record.unlink(missing_ok=True)
     return same
+
+
+def _record_settings(out: OutDir, step: str, layer: str):
+    """The settings ``layer``'s ``step`` was last made with (its record), or None."""
+    try:
+        made = read_json(out.step_record(step, layer))
+        return made.get("settings") if isinstance(made, dict) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs) -> None:
@@ -249,6 +266,14 @@ _RECIPE = ("model", "model_args", "weights", "data", "size", "resize", "no_crop"
            "images", "data_seed")
 
 
+def _checkpoint_batch_size(out: OutDir):
+    """The batch size DIR's checkpoint was made with (run.json records it only since 2026-11-22)."""
+    try:
+        return read_json(out.checkpoint / "manifest.json")["fingerprint"]["batch_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _finish_index_record(out: OutDir, record: dict) -> None:
     """What a finished index step does after saving the index (labels into run.json, the checkpoint gone),
     where an interruption right after the save left it undone."""
@@ -294,10 +319,11 @@ def step_index(args) -> object:
                          f"{len(dataset)}")
     # Only now that the new settings are known to work does anything of the old run go.
     if args.force:
-        for bundle in (out.index, out.checkpoint):
+        for bundle in (out.index, out.checkpoint):  # both checked before either goes
             if os.path.lexists(bundle) and not is_bundle(bundle):
                 raise ValueError(f"--force would delete {bundle}, which is not a neuroidx_fast index: move it away, "
                                  "or use another --out")
+        for bundle in (out.index, out.checkpoint):
             remove_bundle(bundle)
     if out.run_json.exists() and (args.force or old is None):
         # A new index (forced, or its run's old one deleted): everything made from the old one is stale.
@@ -307,7 +333,7 @@ def step_index(args) -> object:
             elif path.exists():
                 path.unlink()
     batch_size = args.batch_size
-    recorded = out.run_settings().get("batch_size") if out.run_json.exists() else None
+    recorded = (out.run_settings().get("batch_size") or _checkpoint_batch_size(out)) if out.run_json.exists() else None
     if recorded and (old is not None or args.model is None):
         # a resume (or `index --out DIR` alone) goes on with the batches the run began with
         if not getattr(args, "batch_size_given", True):
@@ -354,6 +380,7 @@ def step_features(args) -> None:
 
     run, index = open_run(args.out, args.device)
     pad = args.pad
+    _forget_made(run.out, "features", _layers(args, index), args)
     for layer in _layers(args, index):
         made_with = {"pad": pad, "keep": args.keep}
         if _already_made(run.out, "features", layer, made_with, args):
@@ -384,9 +411,10 @@ def _ablation_frame(out: OutDir, layers):
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _with_other_layers(out: OutDir, table, layers, order):
+def _with_other_layers(out: OutDir, table, layers, order, made_with: dict):
     """``table`` (rows of ``layers``) with the rows the run's neuron table holds for its other layers
-    (`selectivity --layers X` remakes X's rows only), in the index's layer order."""
+    (`selectivity --layers X` remakes X's rows only), in the index's layer order: those made with the
+    same settings (``made_with``); the others are dropped, said so (one table, one tau and gray)."""
     import pandas as pd
 
     from .table import load_table
@@ -394,7 +422,12 @@ def _with_other_layers(out: OutDir, table, layers, order):
     if not out.table_csv.exists():
         return table
     old = load_table(out.table_csv)
-    kept = old[~old["layer"].isin(layers) & old["layer"].isin(order)]
+    others = [name for name in order if name not in layers and name in set(old["layer"])]
+    same = [name for name in others if _record_settings(out, "selectivity", name) == made_with]
+    if len(same) < len(others):
+        print(f"rows of {', '.join(n for n in others if n not in same)} dropped from the table: made with other "
+              "settings (or before they were recorded); run selectivity for them with these")
+    kept = old[old["layer"].isin(same)]
     if kept.empty:
         return table
     merged = pd.concat([kept, table], ignore_index=True)
@@ -417,8 +450,11 @@ def step_selectivity(args) -> None:
                               preprocess=run.preprocess, num_workers=args.workers, device=run.device,
                               progress=not args.no_progress)
     table = neuron_table(index, layers, color=color, tau=args.tau, extra=ablation)
-    table = _with_other_layers(run.out, table, layers, list(index.layers))
+    made_with = {"tau": args.tau, "gray": args.gray}
+    table = _with_other_layers(run.out, table, layers, list(index.layers), made_with)
     save_table(table, run.out.table_csv)
+    for layer in layers:
+        _record_made(run.out, "selectivity", layer, made_with, [run.out.table_csv])
     plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
     for layer in layers:
         rows = table[table["layer"] == layer]
@@ -441,6 +477,7 @@ def step_ablate(args) -> None:
         raise ValueError("ablation needs labelled images: this run's data has no classes (use one subfolder per "
                          "class)")
     layers = _layers(args, index)
+    _forget_made(run.out, "ablation", layers, args)
     for layer in layers:
         # the batch size too: a convolution's rounding, and so a borderline prediction, can depend on it
         made_with = {"mode": args.mode, "units": args.units, "batch_size": args.batch_size}
@@ -479,6 +516,7 @@ def step_visualize(args) -> None:
 
     run, index = open_run(args.out, args.device)
     size = args.image_size or run.settings["size"]
+    _forget_made(run.out, "visualize", _layers(args, index), args)
     for layer in _layers(args, index):
         units = args.units if args.units is not None else list(range(min(args.max_units, index[layer].num_units)))
         made_with = {"units": list(units), "size": size, "steps": args.steps, "batch_size": args.batch_size}

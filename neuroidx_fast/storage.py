@@ -9,7 +9,7 @@ import shutil
 import tempfile
 
 import torch
-from safetensors.torch import load, save_file
+from safetensors.torch import load, load_file, save_file
 
 from .atomic import public_mode
 
@@ -215,21 +215,47 @@ def _read_bundle_once(path: str, kind: str, max_version: int) -> tuple[dict, dic
                 raise _Replaced()
             raise BundleError(f"{path} has no {MANIFEST}: not a {kind} bundle, or an interrupted write")
         manifest = _parse_manifest(manifest_bytes, os.path.join(path, MANIFEST), kind, max_version)
-        tensor_bytes = _read_in(folder, TENSORS)
-        if tensor_bytes is None:
+        tensor_path = os.path.join(path, TENSORS)
+        try:
+            fd = os.open(TENSORS, os.O_RDONLY, dir_fd=folder)
+        except FileNotFoundError:
             if _moved(folder, where):
-                raise _Replaced()
-            raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete")
+                raise _Replaced() from None
+            raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete") from None
+        except OSError as exc:  # a directory in its place, no permission
+            raise BundleError(f"cannot read {TENSORS} of {path}: {exc}") from None
+        try:
+            # streamed, then loaded from the same open file: memory mapped where the system names open
+            # files (/proc/self/fd), else read whole
+            digest = hashlib.sha256()
+            with os.fdopen(os.dup(fd), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            if digest.hexdigest() != manifest.get("tensors_sha256"):
+                raise BundleError(f"{tensor_path} does not match its checksum: the file is corrupt or truncated")
+            tensors = _load_tensors(fd, tensor_path)
+        except OSError as exc:
+            raise BundleError(f"cannot read {TENSORS} of {path}: {exc}") from None
+        finally:
+            os.close(fd)
     finally:
         os.close(folder)
-    tensor_path = os.path.join(path, TENSORS)
-    if hashlib.sha256(tensor_bytes).hexdigest() != manifest.get("tensors_sha256"):
-        raise BundleError(f"{tensor_path} does not match its checksum: the file is corrupt or truncated")
-    try:
-        tensors = load(tensor_bytes)
-    except Exception as exc:  # safetensors raises its own error type for a malformed header
-        raise BundleError(f"{tensor_path} is unreadable: {exc}") from None
     return manifest, tensors
+
+
+def _load_tensors(fd: int, shown: str) -> dict[str, torch.Tensor]:
+    """The tensors of the open safetensors file ``fd``."""
+    by_fd = f"/proc/self/fd/{fd}"
+    try:
+        if os.path.exists(by_fd):
+            return load_file(by_fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return load(f.read())
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type for a malformed header
+        raise BundleError(f"{shown} is unreadable: {exc}") from None
 
 
 def _moved(folder: int, where: str) -> bool:

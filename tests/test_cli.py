@@ -409,10 +409,19 @@ def test_index_arguments_and_resumes_from_a_review(folder, tmp_path, capsys):
     assert _cli("index", "--out", out, "--no-progress") == 0
     assert json.loads(run.run_json.read_text())["labels"] == record["labels"] and not run.checkpoint.exists()
     # a resume with another batch size is refused before run.json is rewritten
+    shutil.copytree(run.index, tmp_path / "kept-index")
     shutil.rmtree(run.index)
     run.checkpoint.mkdir()  # as if interrupted: a checkpoint, no index
     assert "began in batches of 4" in _error(capsys, "index", "--out", out, "--batch-size", 3)
     assert json.loads(run.run_json.read_text())["batch_size"] == 4
+    shutil.rmtree(run.checkpoint)
+    shutil.copytree(tmp_path / "kept-index", run.index)
+    # --force checks both bundles before deleting either: a stray file in the checkpoint folder keeps the index
+    (run.checkpoint / "notes.txt").parent.mkdir(exist_ok=True)
+    (run.checkpoint / "notes.txt").write_text("mine")
+    assert "not a neuroidx_fast index" in _error(capsys, *_index_args(folder, out, "--force"))
+    assert (run.index / "manifest.json").exists() and (run.checkpoint / "notes.txt").exists()
+    shutil.rmtree(run.checkpoint)
     # the demo does not replace another model's run
     assert "not the demo's" in _error(capsys, "demo", "--out", out, "--quick", "--no-progress")
 
@@ -446,6 +455,12 @@ def test_selectivity_and_ablation_tables_from_a_review(folder, tmp_path, capsys)
     assert _cli("selectivity", "--out", out, "--layers", "features.4", "--no-progress") == 0
     table = pd.read_csv(run.table_csv)
     assert sorted(set(table["layer"])) == ["features.4", "features.8"] and len(table) == 12 + 16  # both kept
+    # another tau for one layer: the other layer's rows (of the old tau) are not mixed in
+    capsys.readouterr()
+    assert _cli("selectivity", "--out", out, "--layers", "features.4", "--tau", 0.5, "--no-progress") == 0
+    assert "rows of features.8 dropped" in capsys.readouterr().out
+    assert set(pd.read_csv(run.table_csv)["layer"]) == {"features.4"}
+    assert _cli("selectivity", "--out", out, "--no-progress") == 0
     assert table.loc[table["layer"] == "features.8", "max_class_drop"].notna().sum() == 2
     header = run.ablation_classes_csv("features.8").read_text().splitlines()[0].split(",")
     assert header[0] == "unit" and "unit" in header[1:]  # the unit first, then every class, "unit" too
@@ -457,3 +472,27 @@ def test_selectivity_and_ablation_tables_from_a_review(folder, tmp_path, capsys)
     run.step_record("ablation", "features.8").unlink()
     assert _cli("selectivity", "--out", out, "--no-progress") == 0
     assert "max_class_drop" not in pd.read_csv(run.table_csv).columns
+
+
+def test_a_forced_remake_interrupted_and_run_again_remakes_every_layer(folder, tmp_path, capsys, monkeypatch):
+    import neuroidx_fast.features as features_module
+
+    out = tmp_path / "run"
+    assert _cli(*_index_args(folder, out)) == 0
+    assert _cli("features", "--out", out, "--no-progress") == 0
+    real, calls = features_module.neuron_features, []
+
+    def interrupted(index, layer, *args, **kwargs):
+        calls.append(layer)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(index, layer, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "neuron_features", interrupted)
+    assert _cli("features", "--out", out, "--keep", 2, "--force", "--no-progress") == 130
+    monkeypatch.setattr(features_module, "neuron_features", real)
+    capsys.readouterr()
+    assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    # the first layer was remade under --force: skipped; the second was not: made now, not kept from before
+    assert "features.4: features already made" in printed and "features.8: features already made" not in printed

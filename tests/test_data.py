@@ -200,6 +200,10 @@ def test_load_weights_formats_and_batchnorm_counters(tmp_path):
         save_file(state, str(tmp_path / name))
         loaded = load_weights(net(), tmp_path / name)  # no counter: converted checkpoints often lack it
         assert torch.equal(loaded[0].weight, source[0].weight)
+    without = source.state_dict()
+    del without["1.num_batches_tracked"]  # a torch file keeps _metadata: torch's strict load wants the counter
+    torch.save(without, tmp_path / "nocount.pt")
+    assert torch.equal(load_weights(net(), tmp_path / "nocount.pt")[0].weight, source[0].weight)
     torch.save(source.state_dict(), tmp_path / "w.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "w.pt").read_bytes()[:200])
     with pytest.raises(ValueError, match="cannot read weights") as caught:

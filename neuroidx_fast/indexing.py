@@ -372,10 +372,13 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = list(resolve_layers(model, layers))
+    checked = []
     for label, value in (("k", k), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        if as_index(value) is None or as_index(value) < 1:
+        number = as_index(value)
+        if number is None or number < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
-    k, batch_size, checkpoint_every = as_index(k), as_index(batch_size), as_index(checkpoint_every)
+        checked.append(number)
+    k, batch_size, checkpoint_every = checked
     length = dataset_length(dataset, "index")
     if k > length:
         raise ValueError(f"k={k} is larger than the dataset ({length} images); choose k <= {length}")
@@ -425,12 +428,12 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
             first_step = batches_done
             for step, batch in enumerate(loader, start=batches_done):
                 images, labels = split_batch(batch)
-                _check_images(images, shard.start + step * batch_size)
+                first_id = shard.start + step * batch_size
+                _check_images(images, first_id)
                 if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
                     raise ValueError("some dataset items have labels and others do not")
                 if labels is not None and labels.numel():
-                    _check_labels(labels, meta["class_names"], first_id=shard.start + step * batch_size)
-                first_id = shard.start + step * batch_size
+                    _check_labels(labels, meta["class_names"], first_id)
                 _check_image_size(images, meta["input_size"], first_id)
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
                 x = pixel_space(images.to(device, non_blocking=True))

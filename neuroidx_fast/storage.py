@@ -24,10 +24,15 @@ class BundleError(ValueError):
 
 
 def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        return _stream_sha256(f)
+
+
+def _stream_sha256(f) -> str:
+    """SHA-256 of what is left to read of the binary file ``f``, a MiB at a time."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -216,22 +221,17 @@ def _read_bundle_once(path: str, kind: str, max_version: int) -> tuple[dict, dic
             raise BundleError(f"{path} has no {MANIFEST}: not a {kind} bundle, or an interrupted write")
         manifest = _parse_manifest(manifest_bytes, os.path.join(path, MANIFEST), kind, max_version)
         tensor_path = os.path.join(path, TENSORS)
-        try:
-            fd = os.open(TENSORS, os.O_RDONLY, dir_fd=folder)
-        except FileNotFoundError:
+        fd = _open_in(folder, TENSORS, path)
+        if fd is None:
             if _moved(folder, where):
-                raise _Replaced() from None
-            raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete") from None
-        except OSError as exc:  # a directory in its place, no permission
-            raise BundleError(f"cannot read {TENSORS} of {path}: {exc}") from None
+                raise _Replaced()
+            raise BundleError(f"{path} lacks {TENSORS}: the bundle is incomplete")
         try:
             # streamed, then loaded from the same open file: memory mapped where the system names open
             # files (/proc/self/fd), else read whole
-            digest = hashlib.sha256()
             with os.fdopen(os.dup(fd), "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != manifest.get("tensors_sha256"):
+                checksum = _stream_sha256(f)
+            if checksum != manifest.get("tensors_sha256"):
                 raise BundleError(f"{tensor_path} does not match its checksum: the file is corrupt or truncated")
             tensors = _load_tensors(fd, tensor_path)
         except OSError as exc:
@@ -266,14 +266,22 @@ def _moved(folder: int, where: str) -> bool:
         return True
 
 
-def _read_in(folder: int, name: str) -> bytes | None:
-    """The bytes of file ``name`` of the open directory ``folder``; None if there is none."""
+def _open_in(folder: int, name: str, bundle: str = "the bundle") -> int | None:
+    """A descriptor of file ``name`` of the open directory ``folder`` (``bundle``, for messages); None if
+    there is none."""
     try:
-        fd = os.open(name, os.O_RDONLY, dir_fd=folder)
+        return os.open(name, os.O_RDONLY, dir_fd=folder)
     except FileNotFoundError:
         return None
     except OSError as exc:  # a directory in its place, no permission
-        raise BundleError(f"cannot read {name} of the bundle: {exc}") from None
+        raise BundleError(f"cannot read {name} of {bundle}: {exc}") from None
+
+
+def _read_in(folder: int, name: str) -> bytes | None:
+    """The bytes of file ``name`` of the open directory ``folder``; None if there is none."""
+    fd = _open_in(folder, name)
+    if fd is None:
+        return None
     try:
         with os.fdopen(fd, "rb") as f:
             return f.read()

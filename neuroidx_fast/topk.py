@@ -15,10 +15,15 @@ STATE_FORMAT = "neuroidx_fast.TopK/1"
 _NAN_POLICIES = ("raise", "ignore")
 
 
-def _repeated_ids(ids: torch.Tensor) -> torch.Tensor:
-    """[C] bool: the rows of ``ids`` [C, K] that hold some image id (>= 0) twice."""
+def _repeated_id(ids: torch.Tensor) -> tuple[int, int] | None:
+    """(row, image id) of the first row of ``ids`` [C, K] that holds some image id (>= 0) twice; None if
+    none does."""
     ordered = ids.sort(dim=1).values
-    return ((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any(dim=1)
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if not bool(repeated.any()):
+        return None
+    row = int(repeated.any(dim=1).nonzero()[0, 0])
+    return row, int(ordered[row, 1:][repeated[row]][0])
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -164,11 +169,9 @@ class TopK:
             raise ValueError(f"TopK.merge: shapes differ (num_units, k) = {(self.num_units, self.k)} vs "
                              f"{(other.num_units, other.k)}")
         ids = torch.cat([self.ids, other.ids.to(self.device)], dim=1)
-        shared = _repeated_ids(ids)
-        if bool(shared.any()):
-            unit = int(shared.nonzero()[0, 0])
-            ordered = ids[unit].sort().values
-            image = int(ordered[1:][(ordered[1:] == ordered[:-1]) & (ordered[1:] >= 0)][0])
+        shared = _repeated_id(ids)
+        if shared is not None:
+            unit, image = shared
             raise ValueError(f"TopK.merge: both states hold image id {image} (unit {unit}): the shards overlap, "
                              "or the same shard is merged twice; merge states of disjoint sets of images")
         merged = topk_merge_rows(
@@ -227,7 +230,7 @@ class TopK:
                              "one a position >= 0 (corrupt state)")
         if bool((empty[:, :-1] & ~empty[:, 1:]).any()):
             raise ValueError("TopK state: an empty slot before a filled one (corrupt state)")
-        if bool(_repeated_ids(ids).any()):
+        if _repeated_id(ids) is not None:
             raise ValueError("TopK state: a unit holds the same image id twice (corrupt state)")
         filled = int((~empty).sum(dim=1).max())
         if filled > count:

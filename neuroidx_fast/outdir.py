@@ -114,6 +114,11 @@ class OutDir:
         made with, written once they are all saved. A dot folder: no layer's own file or folder name starts with a dot."""
         return self.root / step / ".done" / f"{safe_name(layer)}.json"
 
+    def made(self, step: str, layer: str) -> bool:
+        """Whether ``layer``'s outputs of ``step`` are complete: its record exists (an interrupted remake
+        leaves new and old files side by side, and none)."""
+        return self.step_record(step, layer).exists()
+
     @property
     def report_dir(self) -> Path:
         return self.root / "report"

@@ -181,11 +181,11 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
     an interruption, or with more layers) then skips the layer, saying so; --force makes them again. The
     record lists the files made (``_record_made``): one deleted since makes the layer again."""
     record = out.step_record(step, layer)
+    made = _read_record(out, step, layer)
     try:
-        made = read_json(record)
-        same = (not getattr(args, "force", False) and isinstance(made, dict) and made.get("settings") == settings
+        same = (not getattr(args, "force", False) and made is not None and made.get("settings") == settings
                 and all((out.root / name).is_file() for name in made.get("files", [None])))
-    except (OSError, ValueError, TypeError):  # none yet, or unreadable: make the layer
+    except TypeError:  # a record that lists no files: make the layer
         same = False
     if same:
         print(f"{layer}: {step} already made with these settings, skipped (--force makes it again)")
@@ -194,13 +194,18 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
     return same
 
 
-def _record_settings(out: OutDir, step: str, layer: str):
-    """The settings ``layer``'s ``step`` was last made with (its record), or None."""
+def _read_record(out: OutDir, step: str, layer: str) -> dict | None:
+    """``layer``'s record of ``step`` (``_record_made``), or None: none yet, or unreadable."""
     try:
         made = read_json(out.step_record(step, layer))
-        return made.get("settings") if isinstance(made, dict) else None
     except (OSError, ValueError):
         return None
+    return made if isinstance(made, dict) else None
+
+
+def _record_settings(out: OutDir, step: str, layer: str):
+    """The settings ``layer``'s ``step`` was last made with (its record), or None."""
+    return (_read_record(out, step, layer) or {}).get("settings")
 
 
 def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs) -> None:
@@ -405,7 +410,7 @@ def _ablation_frame(out: OutDir, layers):
     frames = []
     for layer in layers:
         path = out.ablation_csv(layer)
-        if path.exists() and out.step_record("ablation", layer).exists():  # complete (not an interrupted remake)
+        if path.exists() and out.made("ablation", layer):  # complete (not an interrupted remake)
             frame = read_ablation_csv(path).assign(layer=layer)  # the file's own name for it, or none
             frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
     return pd.concat(frames, ignore_index=True) if frames else None
@@ -546,9 +551,9 @@ def run_demo(out_dir="neuroidx-demo", device=None, images=None, quick: bool = Fa
 
     n = images or (120 if quick else 600)
     out = OutDir(out_dir)
-    if out.run_json.exists() and out.run_settings().get("model") != "demo":
-        raise ValueError(f"{out.root} holds a run of model {out.run_settings().get('model')!r}, not the demo's: give "
-                         "the demo another --out")
+    model = out.run_settings().get("model") if out.run_json.exists() else "demo"
+    if model != "demo":
+        raise ValueError(f"{out.root} holds a run of model {model!r}, not the demo's: give the demo another --out")
     common = dict(out=out_dir, device=device, workers=0, no_progress=not progress, debug=False)
     step_index(SimpleNamespace(**common, model="demo", model_args={}, weights=None, data=BUILTIN_SHAPES,
                                size=DEMO_DATA["size"], resize=None, no_crop=False, normalize="none",

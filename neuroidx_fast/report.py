@@ -288,7 +288,7 @@ class _Run:
         summary, per_class = self.out.ablation_csv(layer.name), self.out.ablation_classes_csv(layer.name)
         # complete files only: an interrupted remake leaves new and old files side by side, and no record
         layer.has_ablation = (summary.exists() or per_class.exists()) \
-            and self.out.step_record("ablation", layer.name).exists()
+            and self.out.made("ablation", layer.name)
         if not layer.has_ablation:
             return
         try:

@@ -366,17 +366,20 @@ class _Engine:
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"the dataset must yield image tensors [3, H, W] (or (image, label)); got "
                              f"{type(image).__name__}")
-        x = self.inputs(image[None])
         with torch.no_grad():
-            cut, live = self.split.run_prefix(x)
-            if cut.dim() not in (2, 4):
-                raise ValueError(f"layer {self.layer!r} outputs shape {tuple(cut.shape)}: ablate a layer whose "
-                                 "output is [B, C, H, W] or [B, C]")
-            traced = _logits(self.split.run_suffix(cut.clone(), [_fresh(v) for v in live]))
-            direct = _logits(self.model(x.clone()))
-        self.check_batch(cut, traced, direct, [0])
-        self.probe_live = live
+            _, cut, self.probe_live = self.checked_intact(self.inputs(image[None]), [0])
         return cut
+
+    def checked_intact(self, x, ids):
+        """``intact`` of the batch ``x`` (its images' ids ``ids``), checked (``check_batch``) against the
+        traced rest of the forward run on it: (logits, layer output, values from before the layer)."""
+        logits, cut, live = self.intact(x)
+        if cut.dim() not in (2, 4):
+            raise ValueError(f"layer {self.layer!r} outputs shape {tuple(cut.shape)}: ablate a layer whose "
+                             "output is [B, C, H, W] or [B, C]")
+        traced = _logits(self.split.run_suffix(_fresh(cut), [_fresh(v) for v in live]))
+        self.check_batch(cut, traced, logits, ids)
+        return logits, cut, live
 
     def mixes_replicas(self, cut, live, fill) -> bool:
         """Whether the rest of the forward mixes the rows of a batch (F.batch_norm with training=True,
@@ -409,9 +412,12 @@ class _Engine:
             logits = _logits(self.model(x.clone() if self.split.live_names else x))
         finally:
             handle.remove()
-        if len(caught) != 1 or not isinstance(caught[0], torch.Tensor):
-            raise RuntimeError(f"model.forward called layer {self.layer!r} {len(caught)} times or it returned no "
-                               "tensor, where its traced forward calls it once: count with naive_ablation_counts")
+        if len(caught) != 1:
+            raise RuntimeError(f"model.forward called layer {self.layer!r} {len(caught)} times, where its traced "
+                               "forward calls it once: count with naive_ablation_counts")
+        if not isinstance(caught[0], torch.Tensor):
+            raise TypeError(f"layer {self.layer!r} returned {type(caught[0]).__name__}, not a tensor: ablate a module "
+                            "whose output is a [B, C, H, W] or [B, C] tensor")
         live = self.split.run_prefix(x)[1] if self.split.live_names else []
         return logits, caught[0], live
 
@@ -639,9 +645,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             labels = labels.to(engine.device)
             # the intact predictions are the model's own (those of the naive loop), and the traced rest of
             # the forward is checked against them on every batch
-            logits, cut, live = engine.intact(engine.inputs(images))
-            traced = _logits(engine.split.run_suffix(_fresh(cut), [_fresh(v) for v in live]))
-            engine.check_batch(cut, traced, logits, list(range(first_id, first_id + images.shape[0])))
+            logits, cut, live = engine.checked_intact(engine.inputs(images),
+                                                      list(range(first_id, first_id + images.shape[0])))
             first_id += images.shape[0]
             classes = logits.shape[1]
             if correct is None:

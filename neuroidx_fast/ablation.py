@@ -64,7 +64,7 @@ from .graph_split import SplitModel, incoming_weight_l1, split_model
 from .hooks import resolve_layers
 from .ops.reference import replica_memory_format
 from .prepare import (canonical_device, check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space,
-                      restores_modes, split_batch)
+                      positive_int, restores_modes, split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -318,13 +318,6 @@ def _layer_means(index, layer: str):
     return index.mean_activation()
 
 
-def _check_positive(label: str, value, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{label} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 # ------------------------------------------------------------------------------------------ engine
 
 class _Engine:
@@ -559,8 +552,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         raise ValueError("means= and index= give the fill of mode='mean'; they do not apply to mode='zero'")
     if path not in ("auto", "general", "readout"):
         raise ValueError(f"path must be 'auto', 'general' or 'readout', got {path!r}")
-    _check_positive("batch_size", batch_size)
-    _check_positive("masks_per_batch", masks_per_batch, allow_none=True)
+    batch_size = positive_int("batch_size", batch_size)
+    masks_per_batch = positive_int("masks_per_batch", masks_per_batch, none_means="as many as fit a memory budget")
     verify_off = verify is None or verify is False
     if not (verify_off or (isinstance(verify, str) and verify == "auto")
             or (isinstance(verify, (int, float)) and not isinstance(verify, bool) and verify >= 0)):

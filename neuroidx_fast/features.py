@@ -13,7 +13,8 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import as_index, canonical_device, check_pixel_batch, collate_images, nonfinite_images, split_batch
+from .prepare import (as_index, canonical_device, check_pixel_batch, collate_images, nonfinite_images, positive_int,
+                      split_batch)
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -193,12 +194,8 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     L = index[layer]
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    keep_int, batch_int = as_index(keep_crops), as_index(batch_size)
-    if keep_int is None or keep_int < 0:
-        raise ValueError(f"keep_crops must be an int >= 0, got {keep_crops!r}")
-    if batch_int is None or batch_int < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    keep_crops, batch_size = keep_int, batch_int
+    keep_crops = positive_int("keep_crops", keep_crops, zero_ok=True)
+    batch_size = positive_int("batch_size", batch_size)
     dataset = resolve_dataset(index, dataset)
     rf = _resolve_rf(index, layer, rf, model)
     pad = _resolve_pad(pad, index)
@@ -319,19 +316,10 @@ def save_grid(features: NeuronFeatures, path, units=None, ncols: int | None = No
     """A PNG grid of the layer's NFs in unit order (dead units drawn dark gray); ``units``: positions in
     ``features.units`` (or a bool mask over them, e.g. ``~features.dead``) to draw only those."""
     nf = features.nf if units is None else features.nf[_grid_rows(features, units)]
-    ncols, scale = _positive_option("ncols", ncols), _positive_option("scale", scale)
+    ncols = positive_int("ncols", ncols, none_means="the default")
+    scale = positive_int("scale", scale, none_means="the default")
     scale = scale or _scale_for(nf.shape[-2:])
     return save_png(image_grid(nf, ncols=ncols, scale=scale), path)
-
-
-def _positive_option(name: str, value) -> int | None:
-    """A drawing option that is None (the default) or a positive int."""
-    if value is None:
-        return None
-    number = as_index(value)
-    if number is None or number < 1:
-        raise ValueError(f"{name} must be a positive int (or None for the default), got {value!r}")
-    return number
 
 
 def save_unit(features: NeuronFeatures, unit: int, path, scale: int | None = None) -> str:
@@ -346,7 +334,7 @@ def save_unit(features: NeuronFeatures, unit: int, path, scale: int | None = Non
         raise IndexError(f"unit {number} of layer {features.layer!r} is not among the {len(held)} units of these "
                          f"features ({held[:10]}{' ...' if len(held) > 10 else ''})")
     row = int(rows[0])
-    scale = _positive_option("scale", scale)
+    scale = positive_int("scale", scale, none_means="the default")
     tiles = [features.nf[row]] + [c for c, i in zip(features.crops[row], features.crop_ids[row]) if int(i) >= 0]
     scale = scale or _scale_for(features.nf.shape[-2:])
     return save_png(image_grid(tiles, ncols=len(tiles), scale=scale), path)

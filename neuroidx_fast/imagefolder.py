@@ -9,6 +9,8 @@ import warnings
 import torch
 from torch.utils.data import Dataset
 
+from .prepare import positive_int
+
 __all__ = ["ImageFolder", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -50,10 +52,8 @@ class ImageFolder(Dataset):
         root = os.fspath(root)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist (or is not a directory)")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
-        if resize is not None and (isinstance(resize, bool) or not isinstance(resize, int) or resize < 1):
-            raise ValueError(f"resize must be a positive int (or None: size), got {resize!r}")
+        size = positive_int("size", size)
+        resize = positive_int("resize", resize, none_means="size")
         if resize is not None and not crop:
             raise ValueError("resize (the shorter side before the centre crop) applies only with cropping: drop "
                              "resize, or keep the crop")

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import (as_index, check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images,
-                      pixel_space, restores_modes, split_batch)
+from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images, pixel_space,
+                      positive_int, restores_modes, split_batch)
 from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -372,13 +372,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = list(resolve_layers(model, layers))
-    checked = []
-    for label, value in (("k", k), ("batch_size", batch_size), ("checkpoint_every", checkpoint_every)):
-        number = as_index(value)
-        if number is None or number < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-        checked.append(number)
-    k, batch_size, checkpoint_every = checked
+    k, batch_size = positive_int("k", k), positive_int("batch_size", batch_size)
+    checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
     length = dataset_length(dataset, "index")
     if k > length:
         raise ValueError(f"k={k} is larger than the dataset ({length} images); choose k <= {length}")

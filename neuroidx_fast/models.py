@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import backends
-from .prepare import as_index
+from .prepare import as_index, positive_int
 
 __all__ = ["VGGM", "vgg_m", "VGG_M_CONV_LAYERS", "BandLocalResponseNorm"]
 
@@ -158,13 +158,10 @@ class VGGM(nn.Sequential):
             raise ValueError(f"VGG-M needs inputs of at least {smallest}x{smallest} pixels, got input_size={input_size}")
         if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
             raise ValueError(f"width must be a positive number (1.0: the original channel counts), got {width!r}")
-        classes = as_index(num_classes)
-        if classes is None or classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if fc_width is not None and (as_index(fc_width) is None or as_index(fc_width) < 1):
-            raise ValueError(f"fc_width must be a positive int (or None: 4096 * width), got {fc_width!r}")
+        classes = positive_int("num_classes", num_classes)
+        fc_width = positive_int("fc_width", fc_width, none_means="4096 * width")
         c = [max(1, round(n * width)) for n in (96, 256, 512, 512, 512)]
-        fc = as_index(fc_width) if fc_width is not None else max(1, round(4096 * width))
+        fc = fc_width if fc_width is not None else max(1, round(4096 * width))
         layers = OrderedDict()
         layers["conv1"] = nn.Conv2d(3, c[0], 7, stride=2)
         layers["relu1"] = nn.ReLU(inplace=True)

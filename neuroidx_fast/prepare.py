@@ -14,7 +14,8 @@ from torch.utils.data import default_collate
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "collate_images", "as_index", "nonfinite_images", "check_pixel_batch", "pixel_space"]
+           "split_batch", "collate_images", "as_index", "positive_int", "nonfinite_images", "check_pixel_batch",
+           "pixel_space"]
 
 
 def check_pixel_batch(images: torch.Tensor, what: str) -> None:
@@ -54,6 +55,21 @@ def as_index(value):
         return operator.index(value)
     except TypeError:
         return None
+
+
+def positive_int(name: str, value, *, zero_ok: bool = False, none_means: str | None = None):
+    """``value`` as a Python int, checked: an integer (``as_index``: NumPy and 0-d tensor integers too, not
+    a bool or a float) >= 1, or >= 0 with ``zero_ok``. With ``none_means`` (what None stands for, said in
+    the error), None is allowed and returned. Else a ValueError naming ``name``, what it must be and what
+    it got."""
+    if value is None and none_means is not None:
+        return None
+    number = as_index(value)
+    if number is None or number < (0 if zero_ok else 1):
+        kind = "an int >= 0" if zero_ok else "a positive int"
+        alternative = f" (or None: {none_means})" if none_means is not None else ""
+        raise ValueError(f"{name} must be {kind}{alternative}, got {value!r}")
+    return number
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """Built-in datasets: Shapes (procedural, per-item deterministic) and Digits (scikit-learn)."""
 
+import re
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -266,3 +268,35 @@ def test_small_argument_checks_from_a_review(tmp_path):
     (tmp_path / "a").mkdir()
     with pytest.raises(ValueError, match="resize must be a positive int"):
         ImageFolder(tmp_path, size=8, resize=0)
+
+
+def test_integer_arguments_are_checked_alike_everywhere(tmp_path):
+    """One checker (prepare.positive_int) for the integer arguments of the API: NumPy and 0-d tensor
+    integers pass as the ints they are (before, TopK, ImageFolder, ablation and color refused
+    np.int64(3) where index_dataset took it); bools, floats and values below the bound are refused,
+    naming the argument."""
+    import numpy as np
+    from PIL import Image
+
+    from neuroidx_fast.imagefolder import ImageFolder
+    from neuroidx_fast.models import vgg_m
+    from neuroidx_fast.prepare import positive_int
+
+    assert positive_int("k", np.int64(3)) == 3 and type(positive_int("k", torch.tensor(4))) is int
+    assert positive_int("keep", 0, zero_ok=True) == 0 and positive_int("x", None, none_means="the default") is None
+    for bad in (True, 2.0, 0, -1, "3", torch.tensor([3]), None):
+        with pytest.raises(ValueError, match=f"k must be a positive int, got {re.escape(repr(bad))}"):
+            positive_int("k", bad)
+    with pytest.raises(ValueError, match=r"keep must be an int >= 0 \(or None: all\), got -1"):
+        positive_int("keep", -1, zero_ok=True, none_means="all")
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (12, 10), (200, 10, 10)).save(tmp_path / "a" / "x.png")
+    folder = ImageFolder(tmp_path, size=np.int64(8), resize=np.int32(9))
+    assert folder.size == 8 and type(folder.size) is int and folder[0][0].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="size must be a positive int, got True"):
+        ImageFolder(tmp_path, size=True)
+    model = vgg_m(num_classes=np.int64(5), input_size=64, width=0.05, fc_width=np.int64(16))
+    assert model.fc8.out_features == 5 and model.fc8.in_features == 16
+    with pytest.raises(ValueError, match=r"fc_width must be a positive int \(or None: 4096 \* width\), got 0"):
+        vgg_m(num_classes=5, input_size=64, width=0.05, fc_width=0)

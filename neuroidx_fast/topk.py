@@ -7,12 +7,13 @@ import torch
 from . import backends
 from .ops import spatial_reduce
 from .ops.reference import topk_merge_rows
-from .prepare import canonical_device
+from .prepare import canonical_device, positive_int
 
 __all__ = ["TopK", "STATE_FORMAT"]
 
 STATE_FORMAT = "neuroidx_fast.TopK/1"
 _NAN_POLICIES = ("raise", "ignore")
+_MAX_ID = torch.iinfo(torch.int64).max
 
 
 def _repeated_id(ids: torch.Tensor) -> tuple[int, int] | None:
@@ -24,12 +25,6 @@ def _repeated_id(ids: torch.Tensor) -> tuple[int, int] | None:
         return None
     row = int(repeated.any(dim=1).nonzero()[0, 0])
     return row, int(ordered[row, 1:][repeated[row]][0])
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"TopK: {name} must be a positive int, got {value!r}")
-    return value
 
 
 class TopK:
@@ -48,8 +43,8 @@ class TopK:
 
     def __init__(self, num_units: int, k: int, device=None, nan: str = "raise", backend: str | None = "auto",
                  name: str | None = None):
-        self.num_units = _check_positive_int("num_units", num_units)
-        self.k = _check_positive_int("k", k)
+        self.num_units = positive_int("TopK: num_units", num_units)
+        self.k = positive_int("TopK: k", k)
         if nan not in _NAN_POLICIES:
             raise ValueError(f"TopK: nan must be one of {_NAN_POLICIES}, got {nan!r}")
         self.nan = nan
@@ -57,9 +52,10 @@ class TopK:
         self.device = canonical_device(device) if device is not None else torch.device("cpu")
         self.backend = backends.resolve_name(backend, self.device)
         self._ops = backends.get(self.backend, self.device)
-        self.values = torch.full((num_units, k), float("-inf"), dtype=torch.float32, device=self.device)
-        self.ids = torch.full((num_units, k), -1, dtype=torch.int64, device=self.device)
-        self.positions = torch.full((num_units, k), -1, dtype=torch.int64, device=self.device)
+        shape = (self.num_units, self.k)
+        self.values = torch.full(shape, float("-inf"), dtype=torch.float32, device=self.device)
+        self.ids = torch.full(shape, -1, dtype=torch.int64, device=self.device)
+        self.positions = torch.full(shape, -1, dtype=torch.int64, device=self.device)
         self.count = 0
 
     def __repr__(self) -> str:
@@ -100,12 +96,21 @@ class TopK:
                 raise TypeError(f"{self._where()}: positions must be integers (int64), got {positions.dtype}")
             positions = positions.to(torch.int64).contiguous()
         if check_ids and ids.numel():  # (each check is a device sync on a GPU)
-            if int(ids.min()) < 0:
-                raise ValueError(f"{self._where()}: image ids must be >= 0 (their dataset positions), "
-                                 f"got {int(ids.min())}")
+            lowest, highest = (int(v) for v in torch.aminmax(ids))
+            if lowest < 0 or highest == _MAX_ID:  # (the largest int64 sorts with the empty slots' -1 ids)
+                raise ValueError(f"{self._where()}: image ids must lie in [0, 2^63 - 1) (their dataset positions), "
+                                 f"got {lowest if lowest < 0 else highest}")
             if torch.unique(ids).numel() != ids.numel():
                 raise ValueError(f"{self._where()}: a batch holds the same image id twice; each image must be "
                                  "seen once (ids are dataset positions)")
+            again = torch.isin(self.ids, ids)
+            if bool(again.any()):
+                unit, slot = (int(i) for i in again.nonzero()[0])
+                raise ValueError(f"{self._where()}: image id {int(self.ids[unit, slot])} was added before (unit "
+                                 f"{unit} ranks it); each image must be seen once (ids are dataset positions)")
+            if positions.numel() and int(positions.min()) < 0:
+                raise ValueError(f"{self._where()}: positions must be flat indices >= 0 of the maxima, got "
+                                 f"{int(positions.min())}")
         # detached: the state keeps values, not the graph that made them (and every batch's inputs)
         return values.detach().float().contiguous(), ids, positions
 
@@ -127,8 +132,10 @@ class TopK:
 
     def update(self, values: torch.Tensor, ids, positions=None, check_ids: bool = True) -> "TopK":
         """Add a batch: ``values`` [B, C] (each image's per-unit activation), ``ids`` [B] int64 image ids,
-        ``positions`` [B, C] int64 flat positions of the maxima (zeros if None). ``check_ids=False``
-        skips checking that the ids are distinct and >= 0 (for callers that generate them)."""
+        ``positions`` [B, C] int64 flat positions of the maxima (zeros if None). Each image must be added
+        once: the ids are checked to be distinct, >= 0, and not among the images the state ranks (an image
+        added before that no unit ranks cannot be seen, and counts twice in ``count``), the positions to
+        be >= 0; ``check_ids=False`` skips those checks (for callers that generate ids and positions)."""
         values, ids, positions = self._check_batch(values, ids, positions, check_ids)
         if values.shape[0] == 0:
             return self

@@ -380,7 +380,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
 
     dist, rank, world = _distributed()
     # Shards are whole batches of the single-process run, so that every image meets the same batch
-    # composition (a convolution's rounding can depend on it) and the merged index equals it exactly.
+    # composition (a convolution's rounding can depend on it) and the merged top-K equals it exactly (the
+    # float64 sums of spatial means, added in another grouping, to their last bits).
     all_batches = math.ceil(length / batch_size)
     if world > all_batches:
         raise ValueError(f"{all_batches} batches of {batch_size} cannot feed {world} processes; "

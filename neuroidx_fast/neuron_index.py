@@ -23,7 +23,8 @@ class LayerIndex:
 
     ``values`` [C, K] float32, ``ids`` [C, K] int64 (dataset positions), ``positions`` [C, K] int64
     (flat ``y * W + x`` in the activation map; -1 in unused slots), ``map_size`` (H, W),
-    ``images_seen``, ``mean_sum`` [C] float64 (sum over images of each unit's spatial mean),
+    ``images_seen``, ``mean_sum`` [C] float64 (sum over images of each unit's spatial mean: float64 sums of
+    batches' sums, whose last bits depend on the batch size and on how shards were merged),
     ``class_sum`` [num_classes, C] float64 and ``class_count`` [num_classes] int64 (None without labels).
     """
 

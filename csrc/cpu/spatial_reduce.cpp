@@ -49,16 +49,25 @@ struct Float16 {
 };
 
 // A contiguous map (stride_w == 1, stride_h == W): vectorised max + sum, then a scan for the first max.
+// The sum runs in float32 vector lanes over chunks of kSumChunk elements, whose sums add up in float64
+// (one float32 lane sum over a whole 224 x 224 map drifted to a relative error of 2e-6).
+constexpr int64_t kSumChunk = 1024;
+
 template <class T>
 void reduce_contiguous_map(const typename T::Storage* p, int64_t n, float* out_max, int64_t* out_arg,
                            float* out_mean) {
   float m = kNegInf;
-  float s = 0.0f;
-#pragma omp simd reduction(max : m) reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = T::load(p[i]);
-    m = v > m ? v : m;
-    s += v;
+  double s = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kSumChunk) {
+    const int64_t i1 = std::min(n, i0 + kSumChunk);
+    float chunk = 0.0f;
+#pragma omp simd reduction(max : m) reduction(+ : chunk)
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = T::load(p[i]);
+      m = v > m ? v : m;
+      chunk += v;
+    }
+    s += static_cast<double>(chunk);
   }
   if (std::isnan(s)) {  // a NaN in the map (or +inf + -inf): the first NaN, if any, is the answer
     for (int64_t i = 0; i < n; ++i) {
@@ -80,7 +89,7 @@ void reduce_contiguous_map(const typename T::Storage* p, int64_t n, float* out_m
   }
   *out_max = T::load(p[arg]);
   *out_arg = arg;
-  *out_mean = s / static_cast<float>(n);
+  *out_mean = static_cast<float>(s / static_cast<double>(n));
 }
 
 // Any strides, one map at a time.
@@ -89,8 +98,9 @@ void reduce_strided_map(const typename T::Storage* p, int64_t H, int64_t W, int6
                         int64_t* out_arg, float* out_mean) {
   float m = kNegInf;
   int64_t arg = -1, first_nan = -1;
-  float s = 0.0f;
+  double s = 0.0;  // of the rows' float32 sums (as reduce_channels_last_block)
   for (int64_t y = 0; y < H; ++y) {
+    float row = 0.0f;
     for (int64_t x = 0; x < W; ++x) {
       const float v = T::load(p[y * sh + x * sw]);
       if (v > m) {
@@ -99,8 +109,9 @@ void reduce_strided_map(const typename T::Storage* p, int64_t H, int64_t W, int6
       } else if (std::isnan(v) && first_nan < 0) {
         first_nan = y * W + x;
       }
-      s += v;
+      row += v;
     }
+    s += static_cast<double>(row);
   }
   if (first_nan >= 0) {
     *out_max = std::numeric_limits<float>::quiet_NaN();
@@ -111,19 +122,26 @@ void reduce_strided_map(const typename T::Storage* p, int64_t H, int64_t W, int6
   if (arg < 0) arg = 0;  // every value is -inf
   *out_max = m;
   *out_arg = arg;
-  *out_mean = s / static_cast<float>(H * W);
+  *out_mean = static_cast<float>(s / static_cast<double>(H * W));
 }
 
 // Channels innermost (stride_c == 1, channels_last): walk positions, update a block of channels at once.
+// Each channel's sum runs in float32 along a row of the map, and the rows' sums add up in float64: a
+// float32 sum over the whole map, one position after another, drifted (relative error 8e-6 on maps of
+// 224 x 224, against 1e-7 for the contiguous maps' vector sums), for a float64 add per channel and row.
 template <class T>
 void reduce_channels_last_block(const typename T::Storage* p, int64_t nc, int64_t H, int64_t W, int64_t sh,
                                 int64_t sw, float* out_max, int64_t* out_arg, float* out_mean) {
   std::vector<float> m(nc, kNegInf), s(nc, 0.0f);
+  std::vector<double> total(nc, 0.0);
   std::vector<int64_t> arg(nc, -1);
   float* mp = m.data();
   float* sp = s.data();
+  double* tp = total.data();
   int64_t* ap = arg.data();
   for (int64_t y = 0; y < H; ++y) {
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) sp[c] = 0.0f;
     for (int64_t x = 0; x < W; ++x) {
       const typename T::Storage* row = p + y * sh + x * sw;
       const int64_t flat = y * W + x;
@@ -136,15 +154,17 @@ void reduce_channels_last_block(const typename T::Storage* p, int64_t nc, int64_
         sp[c] += v;
       }
     }
+#pragma omp simd
+    for (int64_t c = 0; c < nc; ++c) tp[c] += static_cast<double>(sp[c]);
   }
   for (int64_t c = 0; c < nc; ++c) {
-    if (std::isnan(sp[c])) {  // rare: redo this channel with the NaN-aware scalar loop
+    if (std::isnan(tp[c])) {  // rare: redo this channel with the NaN-aware scalar loop
       reduce_strided_map<T>(p + c, H, W, sh, sw, out_max + c, out_arg + c, out_mean + c);
       continue;
     }
     out_max[c] = mp[c];
     out_arg[c] = ap[c] < 0 ? 0 : ap[c];
-    out_mean[c] = sp[c] / static_cast<float>(H * W);
+    out_mean[c] = static_cast<float>(tp[c] / static_cast<double>(H * W));
   }
 }
 

@@ -8,7 +8,8 @@ contract:
     ``x``: [B, C, H, W] float32 / float16 / bfloat16, any strides (contiguous, channels_last, sliced).
     ``vmax`` [B, C] float32: the map's maximum, bit-identical to the element cast to float32;
     ``argmax`` [B, C] int64: its flat index ``y * W + x``, the lowest one on ties;
-    ``vmean`` [B, C] float32: the map's mean (accumulated in float32 or wider).
+    ``vmean`` [B, C] float32: the map's mean (accumulated in float32 or wider; not bit-exact across
+    backends and layouts, which sum in different orders: equal to float32 rounding).
     A map holding NaN gives ``vmax = NaN``, ``argmax`` = the flat index of its first NaN and a NaN mean.
 
 ``topk_update(state_values, state_ids, state_positions, values, ids, positions) -> None``

@@ -41,15 +41,17 @@ def _device_ctx(t: torch.Tensor):
 @triton.jit
 def _mask_replicas_kernel(
     x_ptr, masks_ptr, fill_ptr, out_ptr,
-    B, C, W, HW,
+    B, C, W, HW, TOTAL,
     stride_b, stride_c, stride_h, stride_w,
     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # TOTAL = C * HW from the host: an int64 argument from 2^31 on, where C * HW of two int32 arguments
+    # wrapped (a [1, 32768, 256, 256] input came back unwritten)
     r = tl.program_id(0).to(tl.int64)  # output row m * B + b
     m = r // B
     b = r % B
     i = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = i < C * HW
+    live = i < TOTAL
     if CHANNELS_LAST:
         p = i // C
         c = i % C
@@ -62,7 +64,7 @@ def _mask_replicas_kernel(
     keep = live & ~ablate
     v = tl.load(x_ptr + b * stride_b + c * stride_c + y * stride_h + xx * stride_w, mask=keep, other=0)
     f = tl.load(fill_ptr + c, mask=live & ablate, other=0)
-    tl.store(out_ptr + r * C * HW + i, tl.where(ablate, f, v), mask=live)
+    tl.store(out_ptr + r * TOTAL + i, tl.where(ablate, f, v), mask=live)
 
 
 def mask_replicas(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,7 @@ def mask_replicas(x: torch.Tensor, masks: torch.Tensor, fill: torch.Tensor) -> t
         _mask_replicas_kernel[grid](
             x.view(bits), masks.contiguous().view(torch.uint8), fill.to(x.dtype).contiguous().view(bits),
             out.view(bits),
-            b, c, w, h * w,
+            b, c, w, h * w, total,
             *x.stride(),
             CHANNELS_LAST=not out.is_contiguous(), BLOCK=block,
             num_warps=4 if block >= 512 else 1,

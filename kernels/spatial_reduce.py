@@ -145,8 +145,6 @@ def spatial_reduce(x: torch.Tensor):
         return vmax, argmax, vmean
     if hw == 0:
         raise ValueError(f"spatial_reduce got an empty activation map (H={h}, W={w})")
-    if hw >= _BIG:
-        raise ValueError(f"spatial_reduce: maps of {hw} positions exceed the 2**31 - 1 index range")
     sb, sc, sh, sw = x.stride()
     s_hw = _flat_hw_stride(h, w, sh, sw)
     flat = s_hw is not None
@@ -154,6 +152,9 @@ def spatial_reduce(x: torch.Tensor):
     span = (c - 1) * sc + (h - 1) * sh + (w - 1) * sw
     off64 = span >= 2**31 - 1 or (flat and (hw - 1) * s_hw >= 2**31 - 1)
     block_c, block_hw, num_warps = pick_blocks(x.shape, x.stride())
+    if hw + block_hw >= _BIG:  # the kernel's int32 position counter steps past hw by up to a block
+        raise ValueError(f"spatial_reduce: maps of {hw} positions exceed the kernel's int32 index range "
+                         f"(2**31 - 1 - {block_hw})")
     n_cblocks = triton.cdiv(c, block_c)
     grid = (b * n_cblocks,)
     # Launch on the tensor's GPU, not on whichever one is current.

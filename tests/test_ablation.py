@@ -170,6 +170,22 @@ def _explicit_readout(logits, f, w, ablated, units, scale, err_rel):
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not load here")
+def test_triton_mask_replicas_rows_of_2_to_the_31_elements_are_written():
+    """The kernel's row length C * H * W comes from the host (an int64 argument from 2^31 on): C * HW of
+    two int32 arguments wrapped, and rows of [1, 32768, 256, 256] inputs came back unwritten. Launched
+    with such a row's sizes on one-element buffers (every stride 0), its first block only."""
+    from neuroidx_fast.kernels.ablation import _mask_replicas_kernel
+
+    x, fill = torch.full((1,), 7, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    masks = torch.zeros(1, dtype=torch.uint8)  # unit 0 kept
+    for c, hw in ((4, 65536), (32768, 65536), (65536, 65536)):
+        out = torch.full((16,), -1, dtype=torch.int32)  # -1: never written
+        _mask_replicas_kernel[(1, 1)](x, masks, fill, out, 1, c, 256, hw, c * hw, 0, 0, 0, 0,
+                                      CHANNELS_LAST=False, BLOCK=16)
+        assert out.tolist() == [7] * 16, (c, hw)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not load here")
 def test_triton_readout_launches_units_in_chunks_of_the_grid_limit(monkeypatch):
     import neuroidx_fast.kernels.ablation as triton_ablation
 

@@ -130,3 +130,13 @@ def test_bad_input(x, error, words):
     with pytest.raises(error, match=None) as info:
         ops.spatial_reduce(x)
     assert words in str(info.value)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not load here")
+def test_triton_refuses_maps_its_int32_position_counter_would_overflow():
+    """The kernel's int32 counter steps past H * W by up to a block: a map within a block of 2^31 - 1
+    positions looped forever on wrapped (negative) positions; it is refused before the launch (a
+    stride-0 view: no memory behind it)."""
+    x = torch.zeros(1, 1, 1, 1).expand(1, 1, 1, 2**31 - 10)
+    with pytest.raises(ValueError, match="exceed the kernel's int32 index range"):
+        ops.spatial_reduce(x, backend="triton")

@@ -36,9 +36,10 @@ __device__ __forceinline__ void nx_mask_replicas(const T* __restrict__ x, const 
     const int xx = p - y * W;
     const long long offset = (long long)c * sC + (long long)y * sH + (long long)xx * sW;
     const T value = fill[c];
-    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const int m = r / B;
-        const int b = r - m * B;
+    // long long: r + gridDim.y passes INT_MAX (undefined behaviour) for rows near 2^31
+    for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+        const long long m = r / B;
+        const long long b = r - m * B;
         out[(long long)r * row_len + j] = masks[(long long)m * C + c] ? value : x[(long long)b * sB + offset];
     }
 }
@@ -74,7 +75,7 @@ extern "C" __global__ void __launch_bounds__(NX_RO_THREADS)
     const long long c = units[u];
     const double a = ablated[c];
     const double neg_inf = __longlong_as_double(0xfff0000000000000LL);
-    for (int b = blockIdx.y; b < B; b += gridDim.y) {
+    for (long long b = blockIdx.y; b < B; b += gridDim.y) {
         const double f = features[(long long)b * C + c];
         const double d = __dsub_rn(a, f);
         const double ad = __dsub_rn(nx_dabs(a), nx_dabs(f));

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import InputCapture, LayerCapture, resolve_layers
+from .hooks import InputCapture, LayerCapture, SharedModuleError, resolve_layers
 
 __all__ = ["UnitObjective", "unit_maps_objective", "affine_layer", "OBJECTIVES"]
 
@@ -69,7 +69,8 @@ class UnitObjective:
     channels-last layout for a batch of several images where the model runs it. On entering, one gray
     image of ``size`` takes that path and runs to the layer: ``width`` is then its number of channels, and
     in affine mode ``input_shape`` the shape of the layer's input. ``affine=False`` (or a layer that is not
-    plainly affine) reads the layer's output every step.
+    plainly affine) reads the layer's output every step. A layer that runs more than once in one forward
+    (a shared module) raises ``SharedModuleError``, as in ``index_dataset``.
     """
 
     def __init__(self, model: nn.Module, name: str, objective: str, size, dtype, device, affine: bool = True,
@@ -78,6 +79,7 @@ class UnitObjective:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if preprocess is not None and not callable(preprocess):
             raise TypeError(f"preprocess must be a function of a batch of images, got {type(preprocess).__name__}")
+        self.model = model
         self.name, self.module = next(iter(resolve_layers(model, [name]).items()))
         self.objective, self.size, self.dtype, self.device = objective, tuple(size), dtype, torch.device(device)
         self.preprocess = preprocess
@@ -89,6 +91,7 @@ class UnitObjective:
         self.channels_last = False
 
     def __enter__(self):
+        self._refuse_shared_module()  # before the capture's hooks, which stop the forward at the layer
         self.capture.__enter__()
         try:
             self.width = self._probe()
@@ -117,6 +120,32 @@ class UnitObjective:
         """The layer's output [B, C, ...] for the model input ``x``."""
         out = self._run(x)
         return _affine_forward(self.module, out) if self.affine else out
+
+    def _refuse_shared_module(self) -> None:
+        """Raise ``SharedModuleError`` when the layer runs more than once in one forward of the gray image
+        (torchvision's BasicBlock calls one ReLU twice). Every step stops the forward at the layer's first
+        call, so such a layer would silently be its first call, not the layer ``index_dataset`` and
+        ``contributions`` refuse. The forward runs to its end here, the only way to see a later call; an
+        error in it that comes before a second call is left to the probe, which names what is wrong."""
+        calls = 0
+
+        def count(module, inputs, output):
+            nonlocal calls
+            calls += 1
+            if calls > 1:
+                raise SharedModuleError(self.name)
+
+        gray = torch.full((1, 3) + self.size, 0.5, device=self.device)
+        handle = self.module.register_forward_hook(count)
+        try:
+            with torch.no_grad():
+                self.model(self.model_input(gray))
+        except SharedModuleError:
+            raise
+        except Exception:  # a size or preprocess the model refuses (the probe says so), or a head after the layer
+            pass
+        finally:
+            handle.remove()
 
     def _probe(self) -> int:
         # The gray image takes the very path of the images optimised or measured (preprocess included): a

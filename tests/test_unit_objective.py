@@ -7,6 +7,7 @@ from torch import nn
 
 import neuroidx_fast.maximization as mx
 import neuroidx_fast.unit_objective as uo
+from neuroidx_fast.hooks import SharedModuleError
 from neuroidx_fast.models import BandLocalResponseNorm, vgg_m
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -123,6 +124,37 @@ def test_the_shortcut_is_sized_by_the_preprocessed_input(preprocess, monkeypatch
         assert readout.affine and readout.input_shape == (6,) + tuple(preprocess(torch.zeros(1, 3, 16, 16)).shape[2:])
     monkeypatch.setattr(uo, "affine_layer", lambda module: False)
     torch.testing.assert_close(fast, mx.maximize(model, "target", [1, 5], **kw), rtol=0, atol=2e-4)
+
+
+class SharedModules(nn.Module):
+    """torchvision BasicBlock style: one ReLU called twice, and one conv (a plain Conv2d, read through the
+    affine shortcut) applied twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.conv, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.relu(self.stem(x))
+        x = self.relu(self.conv(self.conv(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("layer", ["relu", "conv"])  # read through its output / through the shortcut
+def test_a_module_called_twice_is_refused_as_indexing_does(layer):
+    # Every step stops at the layer's first call: without the check the second call was silently ignored
+    model, x = SharedModules().eval(), torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    match = f"{layer!r} runs more than once in one forward"
+    with pytest.raises(SharedModuleError, match=match):
+        mx.maximize(model, layer, [0], size=8, steps=1)
+    with pytest.raises(SharedModuleError, match=match):
+        mx.unit_activations(model, layer, x, 0)
+    with pytest.raises(SharedModuleError, match=match):
+        mx.maximize_towards(model, layer, x, steps=1)
+    assert not getattr(model, layer)._forward_hooks and not getattr(model, layer)._forward_pre_hooks
+    assert mx.maximize(model, "stem", [0], size=8, steps=1).shape == (1, 3, 8, 8)  # called once: fine
 
 
 # ---------------------------------------------------------------------------------------------- band LRN

@@ -153,7 +153,9 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
     live = ~layer_index.dead()
     if features == "class_profile":
         means = _class_means(index, layer_index, "cluster_units(features='class_profile')")
-        classes = torch.isfinite(means).all(1).nonzero().reshape(-1)  # classes without images carry no information
+        # Classes without images carry no information. A NaN mean of one unit (nan="ignore") is that unit's
+        # problem: it gets -1 (its row is not finite), every other unit keeps the class in its profile.
+        classes = (layer_index.class_count > 0).nonzero().reshape(-1)
         means = means[classes]
         if means.shape[0] < 2:
             raise ValueError(f"class profiles need at least 2 classes with images, layer {layer!r} has "
@@ -194,16 +196,23 @@ def cluster_categories(index, layer: str, n_clusters: int, groups=None, normaliz
     """k-means clusters of the image categories (classes) of the index by their mean activation vectors
     over the units of ``layer`` (rows of class_means, [classes, C]; Dai 2020). ``normalize``: each unit is
     z-scored across classes first (so that a few large units do not decide alone; constant units are
-    dropped). Classes without images get -1. ``groups`` [classes] (e.g. super-categories) gives the
-    purity. Needs an index built with labels.
+    dropped). Classes without images get -1. Units with a NaN or infinite mean on a class with images
+    (maps NaN on whole images under nan="ignore", or infinite activations) are dropped for every class:
+    dropping the class instead would leave it out for one unit's sake. ``groups`` [classes] (e.g.
+    super-categories) gives the purity. Needs an index built with labels.
     """
     layer_index = _layer(index, layer)
     means = _class_means(index, layer_index, "cluster_categories")      # [classes, C]
-    ok = torch.isfinite(means).all(1)
-    points = means.clone()
+    ok = layer_index.class_count > 0
+    units = torch.isfinite(means[ok]).all(0)
+    if not units.any():
+        raise ValueError(f"every unit of layer {layer!r} has a NaN or infinite mean on some class with images (maps "
+                         "NaN on whole images, indexed with nan='ignore', or infinite activations): no unit to cluster "
+                         "the classes by; index again with nan='raise' to find the images")
+    points = torch.zeros(means.shape[0], int(units.sum()), dtype=torch.float64)
+    points[ok] = means[ok][:, units]
     if normalize:
-        kept = means[ok]
-        z, usable = _zscore_rows(kept.T.contiguous())                  # per unit across classes
+        z, usable = _zscore_rows(points[ok].T.contiguous())              # per unit across classes
         if not usable.any():
             raise ValueError(f"every unit of layer {layer!r} has the same mean on every class: nothing to cluster")
         points = torch.zeros(means.shape[0], int(usable.sum()), dtype=torch.float64)

@@ -170,6 +170,44 @@ def test_preferred_class_is_a_class_id_when_a_class_has_no_images():
         cluster_units(index, "L", 4)
 
 
+def one_layer_index(means, count):
+    """A NeuronIndex of one layer "L", every unit live, whose class means are ``means`` [classes, C] (NaN
+    where a unit's maps were NaN on whole images, indexed with nan="ignore") over ``count`` images per class."""
+    from neuroidx_fast.neuron_index import LayerIndex, NeuronIndex
+
+    units, count = means.shape[1], torch.as_tensor(count)
+    slots = torch.zeros(units, 1, dtype=torch.int64)
+    class_sum = torch.where(count[:, None] > 0, means * count[:, None], torch.zeros_like(means))
+    layer = LayerIndex("L", torch.ones(units, 1), slots, slots, (1, 1), int(count.sum()),
+                       torch.ones(units, dtype=torch.float64), class_sum, count)
+    return NeuronIndex({"L": layer}, 1, int(count.sum()))
+
+
+def test_a_nan_class_mean_of_one_unit_leaves_that_unit_out_not_the_class():
+    # 6 classes in 3 tint groups (+ class 6 without images); units 2g, 2g+1 prefer the second class of group g.
+    # Unit 6's mean is NaN on class 1: cluster_units dropped class 1 from every unit's profile (units 0, 1
+    # then preferred class 0), cluster_categories gave class 1 the label -1.
+    group = torch.tensor([0, 0, 1, 1, 2, 2, 0])
+    means = torch.ones(7, 7, dtype=torch.float64)
+    for u in range(6):
+        means[:6, u] += 3.0 * (group[:6] == u // 2) + 1.0 * (torch.arange(6) == 2 * (u // 2) + 1) + 0.01 * u
+    means[:, 6] = torch.tensor([2.0, float("nan"), 2.5, 9.0, 1.0, 4.0, 0.0])
+    count = [5, 5, 5, 5, 5, 5, 0]
+    with_nan, without = one_layer_index(means, count), one_layer_index(means[:, :6], count)
+    units = cluster_units(with_nan, "L", 3)
+    assert units.reference.tolist() == [1, 1, 3, 3, 5, 5, -1] and units.labels[6] == -1
+    assert torch.equal(units.labels[:6], cluster_units(without, "L", 3).labels)
+    assert adjusted_rand_score([0, 0, 1, 1, 2, 2], units.labels[:6]) == 1.0
+    for normalize in (True, False):
+        categories = cluster_categories(with_nan, "L", 3, normalize=normalize)
+        assert categories.labels[6] == -1 and (categories.labels[:6] >= 0).all()
+        assert torch.equal(categories.labels, cluster_categories(without, "L", 3, normalize=normalize).labels)
+        assert adjusted_rand_score([0, 0, 1, 1, 2, 2], categories.labels[:6]) == 1.0
+    means[1] = float("nan")  # no unit is finite on class 1
+    with pytest.raises(ValueError, match="every unit of layer 'L' has a NaN or infinite mean on some class"):
+        cluster_categories(one_layer_index(means, count), "L", 3)
+
+
 def test_purity():
     assert purity([0, 0, 1, 1], [5, 5, 6, 7]) == 0.75
     assert purity([0, -1, 1, 1], [5, 6, 6, -1]) == 1.0

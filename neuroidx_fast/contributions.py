@@ -11,7 +11,7 @@ from torch import nn
 
 from .hooks import SharedModuleError, resolve_layers
 from .maximization import frozen_eval, model_device
-from .prepare import as_index, pixel_space
+from .prepare import as_index, pixel_space, positive_int
 
 __all__ = ["contributions", "Contributions"]
 
@@ -47,10 +47,11 @@ class Contributions:
 
     def domination(self, top: int | None = None) -> float:
         """Share of the total positive contribution held by the ``top`` (default ``self.top``) first units."""
-        top = self.top if top is None else top
-        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.values.numel():
-            raise ValueError(f"top must be an int in 1..{self.values.numel()}, got {top!r}")
-        return float(self.domination_curve()[top - 1])
+        count = self.values.numel()
+        number = self.top if top is None else positive_int("top", top)
+        if number > count:
+            raise ValueError(f"top must be an int in 1..{count} (the layer's units), got {top!r}")
+        return float(self.domination_curve()[number - 1])
 
     def top_units(self, n: int | None = None) -> list[tuple[int, float]]:
         """(unit, contribution) of the ``n`` (default ``self.top``) largest contributors."""
@@ -77,8 +78,7 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
         raise ValueError(f"image must be one image [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
     if not bool(torch.isfinite(image).all()):
         raise ValueError("image holds NaN or infinite pixels: give a finite pixel-space image")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive int, got {top!r}")
+    top = positive_int("top", top)
     device = model_device(model, device)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     captured = {}
@@ -115,9 +115,15 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
                 raise ValueError(f"target must be a class index in 0..{logits.numel() - 1}, got {target!r}")
             target = index
             F = captured["F"]
+            # Logits that depend on no captured output carry no graph at all: autograd.grad would fail with
+            # "element 0 of tensors does not require grad" before allow_unused could say so.
+            unused = ValueError(f"the logits do not depend on layer {layer!r} (its output does not reach them, or "
+                                "only through non-differentiable steps): choose a layer on the way to the logits")
+            if not logits.requires_grad:
+                raise unused
             (grad,) = torch.autograd.grad(logits[target], F, allow_unused=True)
             if grad is None:
-                raise ValueError(f"the logits do not depend on layer {layer!r}")
+                raise unused
     finally:
         handle.remove()
     if F.dim() not in (2, 4):

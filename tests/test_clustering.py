@@ -272,6 +272,40 @@ def test_contributions_errors_and_state():
     assert 0 < result.domination(3) <= 1
 
 
+class SideBranch(nn.Module):
+    """``aux`` runs in the forward, but the logits do not use its output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.aux, self.fc = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 2, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        self.aux(x)
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_contributions_of_a_layer_the_logits_do_not_use_is_a_clear_error():
+    # it was autograd's "element 0 of tensors does not require grad and does not have a grad_fn"
+    with pytest.raises(ValueError, match="the logits do not depend on layer 'aux'"):
+        contributions(SideBranch().eval(), torch.rand(3, 8, 8), "aux")
+
+
+def test_contributions_top_takes_numpy_integers():
+    model, image = SideBranch().eval(), torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(1))
+    result = contributions(model, image, "conv", top=np.int64(2))
+    assert result.top == 2 and type(result.top) is int
+    assert result.domination(np.int64(3)) == result.domination(3) == float(result.domination_curve()[2])
+    assert result.domination(torch.tensor(3)) == result.domination(3)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"top must be a positive int, got {bad!r}"):
+            contributions(model, image, "conv", top=bad)
+        with pytest.raises(ValueError, match=f"top must be a positive int, got {bad!r}"):
+            result.domination(bad)
+    with pytest.raises(ValueError, match=r"top must be an int in 1..4 \(the layer's units\), got 5"):
+        result.domination(5)
+
+
 class SharedConv(nn.Module):
     """One conv applied twice in the forward: which call would be the layer?"""
 

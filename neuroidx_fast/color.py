@@ -10,10 +10,10 @@ import warnings
 import torch
 from torch import nn
 
-from .features import batch_slots, check_top_images_size, load_top_images, resolve_dataset
+from .features import _check_top_images, batch_slots, check_top_images_size, load_top_images, resolve_dataset
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
-from .prepare import evaluating, model_device, param_dtype, pixel_space
+from .prepare import evaluating, model_device, param_dtype, pixel_space, positive_int
 from .receptive_fields import ReceptiveField
 
 __all__ = ["color_selectivity", "luminance", "pca_gray_crops", "GRAY_MODES"]
@@ -22,8 +22,23 @@ GRAY_MODES = ("luminance", "pca")
 LUMA = (0.299, 0.587, 0.114)
 
 
+def _floating_pixels(images: torch.Tensor, what: str) -> torch.Tensor:
+    """Floating pixel-space images: uint8 ones are 8-bit pixels, made k / 255 (prepare.pixel_space, the
+    values to_tensor gives); other integer dtypes have no agreed scale, so they are refused (the gray
+    weights cast to an integer dtype would be 0, and a [0, 1] gray cast back to one would be 0 or 1)."""
+    if images.dtype == torch.uint8:
+        return pixel_space(images)
+    if not images.is_floating_point():
+        raise ValueError(f"{what}: images must be floating pixel-space images in [0, 1] or uint8 8-bit pixels, got "
+                         f"{images.dtype}: convert them (e.g. images.float() / 255 for 8-bit codes held wider)")
+    return images
+
+
 def luminance(images: torch.Tensor) -> torch.Tensor:
-    """0.299 R + 0.587 G + 0.114 B of [B, 3, H, W] images, replicated to 3 channels."""
+    """0.299 R + 0.587 G + 0.114 B of [B, 3, H, W] images, replicated to 3 channels. Floating images
+    keep their dtype; uint8 images are 8-bit pixels and give float32 images in [0, 1] (k / 255 first, as
+    ``prepare.pixel_space``); other integer dtypes raise a ValueError."""
+    images = _floating_pixels(images, "luminance")
     weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
     return torch.einsum("bchw,c->bhw", images, weights)[:, None].expand(-1, 3, -1, -1).contiguous()
 
@@ -33,7 +48,10 @@ def pca_gray_crops(images: torch.Tensor, tops: torch.Tensor, size) -> torch.Tens
     ``size`` (rh, rw), clipped to the image) the pixel colors are projected on their first principal
     component, min-max rescaled to [0, 1] and replicated to 3 channels; outside the box the image is
     unchanged. The component's sign is the one that correlates positively with luminance, so that
-    bright stays bright; a box of one uniform color (no principal direction) takes its luminance."""
+    bright stays bright; a box of one uniform color (no principal direction) takes its luminance.
+    Floating images keep their dtype; uint8 images are 8-bit pixels and give float32 images in [0, 1]
+    (k / 255 first, as ``prepare.pixel_space``); other integer dtypes raise a ValueError."""
+    images = _floating_pixels(images, "pca_gray_crops")
     P, _, H, W = images.shape
     rh, rw = size
     ys = torch.arange(H, device=images.device)
@@ -78,6 +96,19 @@ def _gather(output: torch.Tensor, slots: torch.Tensor, units: torch.Tensor, posi
     return flat[slots[hit], units.expand_as(slots)[hit], positions[hit]], hit
 
 
+def _nan_gray_error(name: str, values: torch.Tensor, units: torch.Tensor, image_ids: torch.Tensor) -> ValueError:
+    """A NaN a'_j would make a live unit's alpha NaN, which SPEC.md keeps for dead units: an error (as NaN
+    activations are when indexing), naming the layer, the units and the images (``units``, ``image_ids``:
+    those of each entry of ``values``)."""
+    nan = torch.isnan(values)
+    bad_units = torch.unique(units[nan].cpu()).tolist()
+    bad_ids = torch.unique(image_ids[nan].cpu()).tolist()
+    return ValueError(f"color selectivity of {name!r}: the model gives NaN activations on the gray version of top "
+                      f"image(s) {bad_ids[:5]} for unit(s) {bad_units[:10]} ({int(nan.sum())} in all): alpha would "
+                      "be NaN for live units; check the model (e.g. a division that is 0 / 0 on gray pixels) and "
+                      "its inputs")
+
+
 def _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast) -> None:
     """Warn when the model, as called here, does not give back the index's top activations a_j on the
     top images of one batch: a'_j / a_j would compare two models (another preprocess, autocast or
@@ -93,7 +124,8 @@ def _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, pr
         L = layers[name]
         then, now = L.values[hit].double(), now.double().cpu()
         scale = L.values[:, :1].abs().double().expand_as(L.values)[hit]
-        off = ~torch.isclose(now, then, rtol=0.05, atol=0) & ((now - then).abs() > 1e-3 * scale)
+        # written as "not close" so that a NaN now (no comparison holds) counts as a mismatch
+        off = ~(torch.isclose(now, then, rtol=0.05, atol=0) | ((now - then).abs() <= 1e-3 * scale))
         if bool(off.any()):
             k = int(off.nonzero()[0])
             warnings.warn(f"color selectivity of {name!r}: the model does not give back the index's top activations "
@@ -114,13 +146,14 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     made gray by ``pca_gray_crops``; the pairs are run in batches. ``preprocess`` and ``autocast_dtype``
     should be those the index was built with. The model runs in eval mode (its mode is restored after).
     Dead units (SPEC.md 3) give NaN. The index is not clamped: a gray image may excite a unit more.
+    NaN is for dead units only: a NaN or infinite pixel in a top image, or a NaN activation of a live
+    unit on a gray image, is a ValueError (naming the images, and the layer and units).
     """
     names = [layer] if isinstance(layer, str) else list(layer)
     resolve_layers(model, names)
     if gray not in GRAY_MODES:
         raise ValueError(f"gray must be one of {GRAY_MODES}, got {gray!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = positive_int("batch_size", batch_size)
     layers = {name: index[name] for name in names}
     dataset = resolve_dataset(index, dataset)
     if index.image_channels not in (None, 3):
@@ -138,11 +171,13 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
                        "gray": torch.zeros(L.values.shape, dtype=torch.float64),
                        "units": torch.arange(L.num_units, device=device)[:, None]}
     all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
+    warned = [True]  # _check_top_images' range warning speaks of NF crops: only its finite check is for here
 
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
                                                                    progress, f"color ({gray})")):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
+            _check_top_images(images, batch_ids, warned)  # a NaN pixel would make a live unit's alpha NaN
             images = pixel_space(images.to(device))
             if step == 0:
                 _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast)
@@ -151,6 +186,9 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
                 for name, s in state.items():
                     slots = batch_slots(batch_ids, s["ids"])
                     values, hit = _gather(outputs[name], slots, s["units"], s["positions"])
+                    if bool(torch.isnan(values).any()):
+                        raise _nan_gray_error(name, values, s["units"].expand_as(slots)[hit],
+                                              batch_ids.to(slots.device)[slots[hit]])
                     s["gray"][hit.cpu()] = values.double().cpu()
             else:
                 for name, s in state.items():
@@ -189,4 +227,8 @@ def _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preproce
         out = _forward(capture, model_dtype, grayed, preprocess, autocast)[name]
         flat = out.reshape(out.shape[0], out.shape[1], -1).float()
         rows = torch.arange(pairs.shape[0], device=flat.device)
-        s["gray"][pairs[:, 0].cpu(), pairs[:, 1].cpu()] = flat[rows, pairs[:, 0], positions[part]].double().cpu()
+        values = flat[rows, pairs[:, 0], positions[part]]
+        if bool(torch.isnan(values).any()):
+            image_ids = batch_ids.to(slots.device)[slots[pairs[:, 0], pairs[:, 1]]]
+            raise _nan_gray_error(name, values, pairs[:, 0], image_ids)
+        s["gray"][pairs[:, 0].cpu(), pairs[:, 1].cpu()] = values.double().cpu()

@@ -1,12 +1,14 @@
 """Color selectivity (SPEC.md section 4) against the authors' loop: every top image re-run one at a time."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import neuroidx_fast as nx
-from neuroidx_fast.color import color_selectivity, luminance
+from neuroidx_fast.color import color_selectivity, luminance, pca_gray_crops
 from neuroidx_fast.hooks import LayerCapture
 from tests.models import ImageSet, make_model
 
@@ -188,3 +190,85 @@ def test_model_mode_is_restored_and_bad_input(indexed, tmp_path):
         color_selectivity(model, loaded, "stem", ImageSet(n=len(dataset), size=dataset[0][0].shape[-1] + 4))
     assert torch.allclose(color_selectivity(model, loaded, "stem", dataset, preprocess=_normalise),
                           color_selectivity(model, index, "stem", preprocess=_normalise), equal_nan=True)
+
+
+class _NaNWhere(nn.Module):
+    """Units R and G of each pixel; with ``nan_on`` "gray" (or "color"), unit 0 is NaN at the gray pixels
+    (R == G == B), or at the others."""
+
+    nan_on = None
+
+    def forward(self, x):
+        out = x[:, :2].clone()
+        gray = (x[:, 0] == x[:, 1]) & (x[:, 1] == x[:, 2])
+        if self.nan_on is not None:
+            out[:, 0][gray if self.nan_on == "gray" else ~gray] = float("nan")
+        return out
+
+
+@pytest.fixture(scope="module")
+def nan_where():
+    torch.manual_seed(0)
+    model = nn.Sequential(_NaNWhere()).eval()
+    data = [(image, i % 2) for i, image in enumerate(torch.rand(6, 3, 5, 5))]
+    return model, data, nx.index_dataset(model, data, ["0"], k=3, progress=False)
+
+
+@pytest.mark.parametrize("gray", ["luminance", "pca"])
+def test_nan_gray_activations_and_pixels_are_errors(nan_where, gray, monkeypatch):
+    # SPEC.md 3 keeps NaN for dead units: a NaN a'_j of a live unit gave a NaN alpha silently
+    model, data, index = nan_where
+    monkeypatch.setattr(model[0], "nan_on", "gray")
+    top = re.escape(str(sorted(index["0"].ids[0].tolist())))
+    with pytest.raises(ValueError, match=rf"'0': the model gives NaN .* top image\(s\) {top} for unit\(s\) \[0\] .*"
+                                         "check the model"):
+        color_selectivity(model, index, "0", gray=gray)
+    monkeypatch.setattr(model[0], "nan_on", None)
+    poisoned = [(image.clone().index_put_((torch.tensor(0),) * 3, torch.tensor(float("nan"))), label)
+                for image, label in data]
+    with pytest.raises(ValueError, match="hold NaN or infinite pixels"):
+        color_selectivity(model, index, "0", poisoned, gray=gray)
+
+
+def test_a_model_that_gives_nan_on_the_top_images_is_warned_of(nan_where, monkeypatch):
+    model, _, index = nan_where
+    monkeypatch.setattr(model[0], "nan_on", "color")  # NaN on the color images only: the gray ones pass
+    with pytest.warns(UserWarning, match=r"does not give back the index's top activations on 3 of 6"):
+        color_selectivity(model, index, "0")
+
+
+def test_luminance_and_pca_of_8_bit_pixels():
+    # uint8 images are 8-bit pixels (k / 255): the weights cast to uint8 were 0, the pca gray cast back to 0 or 1
+    codes = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = codes.float() / 255
+    tops = torch.tensor([[0, 1], [2, 2]])
+    assert torch.equal(luminance(codes), luminance(pixels)) and luminance(codes).dtype == torch.float32
+    assert torch.equal(pca_gray_crops(codes, tops, (2, 3)), pca_gray_crops(pixels, tops, (2, 3)))
+    for function in (luminance, lambda x: pca_gray_crops(x, tops, (2, 3))):
+        with pytest.raises(ValueError, match="pixel-space images in .* or uint8 8-bit pixels, got torch.int64"):
+            function(codes.long())
+
+
+@pytest.mark.parametrize("gray", ["luminance", "pca"])
+def test_a_training_model_gives_the_eval_alpha(gray):
+    # eval mode matters (SPEC.md 4): BatchNorm's batch statistics and Dropout would change a'_j
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          nn.ReLU())
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.2, 0.2)
+        model[1].running_var.uniform_(0.5, 2.0)
+    index = nx.index_dataset(model.eval(), ImageSet(n=10, size=8), ["5"], k=3, progress=False)
+    expected = color_selectivity(model, index, "5", gray=gray)
+    alpha = color_selectivity(model.train(), index, "5", gray=gray, batch_size=4)
+    assert model.training
+    torch.testing.assert_close(alpha, expected, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+def test_batch_size_takes_numpy_integers(nan_where):
+    model, _, index = nan_where
+    assert torch.equal(color_selectivity(model, index, "0", batch_size=np.int64(2)),
+                       color_selectivity(model, index, "0", batch_size=2))
+    for bad in (0, 2.0, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            color_selectivity(model, index, "0", batch_size=bad)

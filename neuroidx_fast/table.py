@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import numbers
 import os
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -45,13 +46,32 @@ def _per_unit(values, name: str, layer: str, units: int) -> np.ndarray:
     return t.to(torch.float64).numpy()
 
 
+def _color_by_layer(color, names: list) -> dict:
+    """``color`` as {layer: alphas}: a dict as it is; one [C] tensor or array (what ``color_selectivity``
+    returns for one layer name) belongs to the table's one layer, and to no layer when there are several."""
+    if color is None:
+        return {}
+    if isinstance(color, Mapping):
+        return dict(color)
+    given = f"a {type(color).__name__}" + (f" of shape {tuple(color.shape)}" if hasattr(color, "shape") else "")
+    if isinstance(color, (torch.Tensor, np.ndarray)):
+        if len(names) == 1:
+            return {names[0]: color}
+        raise TypeError(f"color must be a dict {{layer: [C] tensor}} (as color_selectivity returns for a list of "
+                        f"layers) when the table has several layers {names}; got {given}: pass "
+                        "{layer: alphas}, or layers= the one layer they belong to")
+    raise TypeError(f"color must be a dict {{layer: [C] tensor}} (as color_selectivity returns for a list of layers), "
+                    f"or one [C] tensor for a table of one layer; got {given}")
+
+
 def neuron_table(index: NeuronIndex, layers=None, color=None, labels=None, tau: float = 1.0, extra=None):
     """One row per (layer, unit) of ``index``, in layer then unit order. Columns:
 
     - ``layer`` (str), ``unit`` (int64), ``top_activation`` (a_1, NaN when no image was seen), ``dead``
       (bool, SPEC.md section 3), ``mean_activation`` (mean of the spatial means over the dataset);
     - ``color_selectivity``: from ``color``, a dict {layer: [C] tensor} (e.g. computed by the color
-      selectivity module); NaN for layers it does not cover;
+      selectivity module), or one [C] tensor when the table has one layer (``layers="conv4"``, as
+      ``color_selectivity(model, index, "conv4")`` returns it); NaN for layers it does not cover;
     - ``class_selectivity``: Rafegas gamma at ``tau`` (``selectivity.class_selectivity``); needs
       ``labels`` (a [N] int tensor or the dataset) unless the index recorded its images' labels
       (``NeuronIndex.labels``); NaN when neither gives them;
@@ -74,7 +94,7 @@ def neuron_table(index: NeuronIndex, layers=None, color=None, labels=None, tau: 
         index[name]  # raises a KeyError naming the indexed layers
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) <= 1:
         raise ValueError(f"tau must be a number in (0, 1], got {tau!r}")
-    color = dict(color or {})
+    color = _color_by_layer(color, names)
     unknown = [k for k in color if k not in index.layers]
     if unknown:
         raise ValueError(f"color has layers that are not in the index: {unknown}; indexed layers: {list(index.layers)}")

@@ -244,3 +244,18 @@ def test_plot_shares_and_errors(indexed, tmp_path):
     with pytest.raises(ValueError, match="threshold"):
         plots.plot_selective_share(df, tmp_path / "x.png", class_threshold=float("nan"))
     assert not os.listdir(tmp_path)
+
+
+def test_color_as_one_layers_tensor(indexed):
+    # color_selectivity(model, index, "layer") returns a [C] tensor: `dict(color or {})` failed on it with
+    # "Boolean value of Tensor with more than one value is ambiguous"
+    _, index, color = indexed
+    alpha = color["features.8"]
+    expected = neuron_table(index, layers="features.8", color={"features.8": alpha})
+    pd.testing.assert_frame_equal(neuron_table(index, layers="features.8", color=alpha), expected)
+    pd.testing.assert_frame_equal(neuron_table(index, layers=["features.8"], color=alpha.numpy()), expected)
+    with pytest.raises(TypeError, match=r"color must be a dict \{layer: \[C\] tensor\}.*several layers.*got a Tensor "
+                                        r"of shape \(16,\)"):
+        neuron_table(index, color=alpha)
+    with pytest.raises(TypeError, match=r"color must be a dict .*got a list"):
+        neuron_table(index, layers="features.8", color=alpha.tolist())

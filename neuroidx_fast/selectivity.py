@@ -13,6 +13,7 @@ Gamma needs the label of every top image: an index built from a labelled dataset
 
 from __future__ import annotations
 
+import math
 import numbers
 import numpy as np
 import torch
@@ -187,15 +188,19 @@ def class_selectivity_morcos(index, layer=None, eps: float = 1e-12) -> tuple[tor
 
     From the class-conditional means mu_k of each unit's spatial mean (recorded by the index over the
     whole dataset): SI = (mu_max - mu_rest) / (mu_max + mu_rest + eps), mu_max = max_k mu_k, mu_rest = the
-    mean of the other classes' mu_k. Classes with no image in the dataset (a class name with no item, or a
-    label never used) have no mean and are left out of both mu_max and mu_rest. The index needs at least
-    two classes with images. Values are reported as computed (units with negative means, in layers
-    without a ReLU, can fall outside [0, 1]).
+    mean of the other classes' mu_k; ``eps``, a finite number >= 0, keeps the denominator off 0. Classes
+    with no image in the dataset (a class name with no item, or a label never used) have no mean and are
+    left out of both mu_max and mu_rest. The index needs at least two classes with images. Values are
+    reported as computed (units with negative means, in layers without a ReLU, can fall outside [0, 1]).
 
     Returns (si [C] float64, top_class [C] int64: the class of mu_max, lowest index on ties). Dead units
     (a_1 <= 0 or no image seen): NaN and -1; so are units with a NaN class mean (an image whose whole map
     was NaN, indexed with nan="ignore").
     """
+    # a NaN eps would make every SI NaN, a negative one can take the denominator through 0 (SI's sign flips)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not math.isfinite(float(eps)) or float(eps) < 0:
+        raise ValueError(f"eps must be a finite number >= 0 (a small one keeps the denominator off 0), got {eps!r}")
+    eps = float(eps)
     lay = _layer(index, layer)
     if lay.class_sum is None:
         raise ValueError(f"layer {lay.name!r} was indexed without labels: Morcos selectivity needs the class "

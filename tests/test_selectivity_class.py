@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 from fractions import Fraction
 
 import numpy as np
@@ -347,3 +348,14 @@ def test_layer_index_by_name_mismatch():
         class_selectivity(layer, "b", labels=torch.tensor([0, 1]))
     index = NeuronIndex({"a": layer}, k=2, dataset_length=2)
     assert class_selectivity(index, "a", labels=torch.tensor([0, 1])).item() == 0.0
+
+
+def test_morcos_eps_must_be_a_finite_number_at_least_zero():
+    # eps=nan gave NaN for every unit, eps=-1 negative SIs, eps="a" a TypeError from inside the arithmetic
+    layer = _layer([[2.0, 1.0]], [[0, 1]])
+    layer.class_sum, layer.class_count = torch.tensor([[3.0], [1.0]], dtype=torch.float64), torch.tensor([1, 1])
+    for bad in (float("nan"), float("inf"), -1.0, "a", True, None):
+        with pytest.raises(ValueError, match=f"eps must be a finite number >= 0.*got {re.escape(repr(bad))}"):
+            class_selectivity_morcos(layer, eps=bad)
+    assert class_selectivity_morcos(layer, eps=np.float32(0))[0].item() == 0.5
+    assert class_selectivity_morcos(layer, eps=0)[0].item() == 0.5

@@ -31,6 +31,8 @@ __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized",
 @contextlib.contextmanager
 def frozen_eval(model: nn.Module, device: torch.device):
     """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored.
+    Gradients are on even inside the caller's ``torch.inference_mode()``, which ``enable_grad`` alone does
+    not leave (nothing would be recorded).
     Meanwhile, on the CPU, convolutions that read the image compute their pixel gradient by phases
     (image_conv_grad.py) and freed memory is kept for reuse (heap.py: the steps of an optimisation
     allocate and free the same large temporaries, which glibc would otherwise fault in anew each step)."""
@@ -45,7 +47,8 @@ def frozen_eval(model: nn.Module, device: torch.device):
         if device.type == "cuda":  # cuDNN may pick non-deterministic (atomic) backward algorithms otherwise
             cudnn.deterministic, cudnn.benchmark = True, False
         cpu = device.type == "cpu"
-        with torch.enable_grad(), reuse_freed_memory(enabled=cpu), image_conv_gradients(model, enabled=cpu):
+        with torch.inference_mode(False), torch.enable_grad(), reuse_freed_memory(enabled=cpu), \
+                image_conv_gradients(model, enabled=cpu):
             yield
     finally:
         cudnn.deterministic, cudnn.benchmark = saved_cudnn
@@ -58,7 +61,8 @@ def frozen_eval(model: nn.Module, device: torch.device):
 def model_device(model: nn.Module, device) -> torch.device:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return _model_device(model, device)
+    with torch.inference_mode(False):  # a move inside the caller's inference_mode would make inference tensors
+        return _model_device(model, device)  # of the parameters, which autograd then refuses to save
 
 
 def _one_layer(model, layer) -> str:

@@ -306,6 +306,15 @@ def test_contributions_top_takes_numpy_integers():
         result.domination(5)
 
 
+def test_contributions_inside_inference_mode():
+    # Inside torch.inference_mode() it failed with "element 0 of tensors does not require grad"
+    model = linear_head_model()
+    image = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(4))
+    want = contributions(model, image, "0").values
+    with torch.inference_mode():
+        assert torch.equal(contributions(model, image.clone(), "0").values, want)
+
+
 class SharedConv(nn.Module):
     """One conv applied twice in the forward: which call would be the layer?"""
 

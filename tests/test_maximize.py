@@ -237,6 +237,31 @@ def test_model_state_restored_and_eval_mode_used():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_runs_inside_inference_mode_as_outside(net):
+    # torch.enable_grad does not leave inference mode: every step failed with "element 0 of tensors does
+    # not require grad". Images made inside the block are inference tensors, which autograd cannot save.
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    want = (mx.maximize(net, "conv2", [0, 5], size=16, steps=2), mx.unit_activations(net, "relu2", x, 1),
+            mx.maximize_towards(net, "relu2", x, clusters=2, steps=2))
+    with torch.inference_mode():
+        images = x.clone()
+        assert images.is_inference()
+        got = (mx.maximize(net, "conv2", [0, 5], size=16, steps=2), mx.unit_activations(net, "relu2", images, 1),
+               mx.maximize_towards(net, "relu2", images, clusters=2, steps=2))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert not any(p.requires_grad is False for p in net.parameters())  # restored
+
+
+def test_moving_the_model_inside_inference_mode_keeps_its_parameters_for_autograd():
+    # model.to(device) inside inference mode made inference tensors of them, which no backward may save
+    # (the meta device stands for a GPU here: any move shows it)
+    model = nn.Conv2d(3, 3, 1)
+    with torch.inference_mode():
+        assert mx.model_device(model, "meta") == torch.device("meta")
+    assert model.weight.device.type == "meta" and not model.weight.is_inference()
+
+
 def test_errors(net):
     with pytest.raises(ValueError, match="unknown layer 'conv3'.*conv"):
         mx.maximize(net, "conv3", [0], size=SIZE, steps=1)

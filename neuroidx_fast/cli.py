@@ -48,6 +48,18 @@ def _units(text: str) -> list[int]:
     return units
 
 
+def _pad(text: str):
+    """--pad: a mode name as it is, else a number or comma-separated numbers (one per channel)."""
+    if text.strip() in ("gray", "zero", "mean", "edge"):
+        return text.strip()
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected gray, zero, mean, edge, a number or comma-separated numbers "
+                                         f"(one per channel), got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neuroidx", description="Index what the units of a trained CNN respond to.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     redo.add_argument("--force", action="store_true",
                       help="make every layer again (by default a layer made with the same settings is skipped)")
     features = sub.add_parser("features", parents=[common, redo], help="Neuron Features and top crops (PNG)")
-    features.add_argument("--pad", default="gray", help="gray | zero | mean | edge")
+    features.add_argument("--pad", type=_pad, default="gray",
+                          help="gray | zero | mean | edge | a pixel value | one value per channel (r,g,b)")
     features.add_argument("--keep", type=int, default=9, help="top crops kept per unit")
 
     selectivity = sub.add_parser("selectivity", parents=[common], help="color and class selectivity, table, plots")
@@ -163,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.showwarning = _show_warning
             return _run(args)
     except KeyboardInterrupt:
-        resumes = {"index": "resumes where it stopped", "features": "skips the layers it finished",
+        resumes = {"index": f"resumes from its last checkpoint (one every {getattr(args, 'checkpoint_every', 50)} "
+                            "batches; from the start if none was written yet)",
+                   "features": "skips the layers it finished",
                    "ablate": "skips the layers it finished", "visualize": "skips the layers it finished"}
         how = resumes.get(args.command)
         # the same command with its options (features --keep 2 ...), less --force, which would remake what

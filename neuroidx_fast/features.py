@@ -164,14 +164,19 @@ def resolve_dataset(index: NeuronIndex, dataset):
     return dataset
 
 
-def _resolve_pad(pad, index: NeuronIndex):
+def resolve_pad(pad, index: NeuronIndex):
+    """``pad`` as the crop ops take it (pad="mean": the index's pixel mean), checked."""
+    if isinstance(pad, str) and pad not in ("gray", "zero", "edge", "mean"):
+        raise ValueError(f"unknown pad mode {pad!r}; use 'gray', 'zero', 'edge', 'mean', a number or one number "
+                         "per channel")
     if isinstance(pad, str) and pad == "mean":
         mean = index.meta.get("pixel_mean")
         if mean is None:
             raise ValueError("pad='mean' needs the dataset's pixel mean, which this index does not record; pass "
                              "pad=(r, g, b) with the mean yourself")
         mean = tuple(float(v) for v in mean)
-        return mean * 3 if len(mean) == 1 else mean  # gray images are made RGB (as_rgb)
+        pad = mean * 3 if len(mean) == 1 else mean  # gray images are made RGB (as_rgb)
+    ops.pad_value(pad, 3, "cpu")  # a bad value is an error now, not after a pass over the images
     return pad
 
 
@@ -198,7 +203,7 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     batch_size = positive_int("batch_size", batch_size)
     dataset = resolve_dataset(index, dataset)
     rf = _resolve_rf(index, layer, rf, model)
-    pad = _resolve_pad(pad, index)
+    pad = resolve_pad(pad, index)
     device = canonical_device(device) if device is not None else torch.device("cpu")
     if units is None:
         units = torch.arange(L.num_units)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import uuid
@@ -168,6 +169,16 @@ def _layers(args, index) -> list[str]:
     return layers
 
 
+def _check_units(units, index, layers) -> None:
+    """--units lie in every selected layer (checked before the first layer's long part)."""
+    for layer in layers if units else ():
+        count = index[layer].num_units
+        outside = [u for u in units if not 0 <= u < count]
+        if outside:
+            raise ValueError(f"--units {outside[:5]} out of range for layer {layer!r}, which has {count} units "
+                             f"(0 .. {count - 1})")
+
+
 def _forget_made(out: OutDir, step: str, layers, args) -> None:
     """--force: every selected layer's record goes before the first is made again, so that a forced remake
     interrupted half way and run again without --force does not skip the layers not yet remade."""
@@ -180,7 +191,6 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
     """Whether ``layer``'s outputs of ``step`` are complete and were made with ``settings``: a rerun (after
     an interruption, or with more layers) then skips the layer, saying so; --force makes them again. The
     record lists the files made (``_record_made``): one deleted since makes the layer again."""
-    record = out.step_record(step, layer)
     made = _read_record(out, step, layer)
     try:
         same = (not getattr(args, "force", False) and made is not None and made.get("settings") == settings
@@ -189,9 +199,14 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
         same = False
     if same:
         print(f"{layer}: {step} already made with these settings, skipped (--force makes it again)")
-    else:  # the outputs are about to be replaced: until they all are, no record may vouch for them
-        record.unlink(missing_ok=True)
     return same
+
+
+def _replacing(out: OutDir, step: str, layer: str) -> None:
+    """``layer``'s outputs of ``step`` are about to be written: until they all are, no record may vouch
+    for them. (Not sooner: a remake that fails before it writes, e.g. on a bad option, keeps the layer's
+    finished outputs and their record.)"""
+    out.step_record(step, layer).unlink(missing_ok=True)
 
 
 def _read_record(out: OutDir, step: str, layer: str) -> dict | None:
@@ -279,6 +294,16 @@ def _checkpoint_batch_size(out: OutDir):
         return None
 
 
+def _check_out_outside_data(out: OutDir, data) -> None:
+    """A run directory inside the image folder it indexes would be read as a class of it (its PNGs)."""
+    if data is None or str(data).startswith("builtin:"):
+        return
+    root, folder = os.path.realpath(out.root), os.path.realpath(str(data))
+    if os.path.commonpath([root, folder]) == folder:
+        raise ValueError(f"--out {out.root} lies inside --data {data}: the run's images would be read as images of "
+                         "the dataset; put the run directory elsewhere")
+
+
 def _finish_index_record(out: OutDir, record: dict) -> None:
     """What a finished index step does after saving the index (labels into run.json, the checkpoint gone),
     where an interruption right after the save left it undone."""
@@ -300,7 +325,11 @@ def step_index(args) -> object:
     out = OutDir(args.out)
     if out.root.exists() and not out.root.is_dir():
         raise ValueError(f"--out {out.root} is a file: give a directory (new, or a run's)")
+    if out.root.is_dir() and not out.run_json.exists() and any(out.root.iterdir()):
+        # a run replaces its index/, features/, plots/, report/ ... (a user's files among them would go)
+        raise ValueError(f"--out {out.root} holds files but no run (no run.json): give a new or empty directory")
     settings = _recorded_settings(out, args) if args.model is None and args.data is None else _settings_from(args)
+    _check_out_outside_data(out, settings.get("data"))
     started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
     # the run DIR holds, unless it never wrote anything (then simply replaced) or --force replaces it
     old = out.run_settings() if out.run_json.exists() and started and not args.force else None
@@ -381,10 +410,11 @@ def step_index(args) -> object:
 # -------------------------------------------------------------------------------------------- features
 def step_features(args) -> None:
     from .artifacts import save_features
-    from .features import neuron_features
+    from .features import neuron_features, resolve_pad
 
     run, index = open_run(args.out, args.device)
     pad = args.pad
+    resolve_pad(pad, index)  # a bad --pad is an error before any layer's record goes
     _forget_made(run.out, "features", _layers(args, index), args)
     for layer in _layers(args, index):
         made_with = {"pad": pad, "keep": args.keep}
@@ -393,6 +423,7 @@ def step_features(args) -> None:
         features = neuron_features(index, layer, run.dataset, pad=pad, keep_crops=args.keep,
                                    batch_size=args.batch_size, num_workers=args.workers, device=run.device,
                                    progress=not args.no_progress)
+        _replacing(run.out, "features", layer)
         save_features(features, run.out)
         _record_made(run.out, "features", layer, made_with, [run.out.features_dir(layer)])
         print(f"{layer}: {features.nf.shape[0]} NFs ({int(features.dead.sum())} dead units), RF "
@@ -448,6 +479,9 @@ def step_selectivity(args) -> None:
 
     if not args.tau > 0 or args.tau > 1:  # before the long part
         raise ValueError(f"--tau must be in (0, 1], got {args.tau}")
+    for name in ("color_threshold", "class_threshold"):
+        if not math.isfinite(getattr(args, name)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number, got {getattr(args, name)}")
     run, index = open_run(args.out, args.device)
     layers = _layers(args, index)
     ablation = _ablation_frame(run.out, layers)  # read first: a broken file is an error before the long part
@@ -457,6 +491,8 @@ def step_selectivity(args) -> None:
     table = neuron_table(index, layers, color=color, tau=args.tau, extra=ablation)
     made_with = {"tau": args.tau, "gray": args.gray}
     table = _with_other_layers(run.out, table, layers, list(index.layers), made_with)
+    for layer in layers:
+        _replacing(run.out, "selectivity", layer)
     save_table(table, run.out.table_csv)
     for layer in layers:
         _record_made(run.out, "selectivity", layer, made_with, [run.out.table_csv])
@@ -482,6 +518,7 @@ def step_ablate(args) -> None:
         raise ValueError("ablation needs labelled images: this run's data has no classes (use one subfolder per "
                          "class)")
     layers = _layers(args, index)
+    _check_units(args.units, index, layers)
     _forget_made(run.out, "ablation", layers, args)
     for layer in layers:
         # the batch size too: a convolution's rounding, and so a borderline prediction, can depend on it
@@ -497,6 +534,7 @@ def step_ablate(args) -> None:
         per_class = pd.DataFrame(result.drop.numpy(), columns=names)
         # the first column is the unit, whatever the class names (a class folder may be named "unit")
         per_class.insert(0, "unit", frame["unit"].to_numpy(), allow_duplicates=True)
+        _replacing(run.out, "ablation", layer)
         save_table(per_class, run.out.ablation_classes_csv(layer))
         save_table(frame, run.out.ablation_csv(layer))
         _record_made(run.out, "ablation", layer, made_with,
@@ -521,6 +559,7 @@ def step_visualize(args) -> None:
 
     run, index = open_run(args.out, args.device)
     size = args.image_size or run.settings["size"]
+    _check_units(args.units, index, _layers(args, index))
     _forget_made(run.out, "visualize", _layers(args, index), args)
     for layer in _layers(args, index):
         units = args.units if args.units is not None else list(range(min(args.max_units, index[layer].num_units)))
@@ -529,6 +568,7 @@ def step_visualize(args) -> None:
             continue
         images = maximize(run.model, layer, units, size=size, steps=args.steps, preprocess=run.preprocess,
                           batch_size=args.batch_size, device=run.device, progress=not args.no_progress)
+        _replacing(run.out, "visualize", layer)
         shutil.rmtree(run.out.maximized_png(layer, 0).parent, ignore_errors=True)  # an earlier run's other units
         for unit, image in zip(units, images):
             save_png(image, run.out.maximized_png(layer, unit))
@@ -551,9 +591,10 @@ def run_demo(out_dir="neuroidx-demo", device=None, images=None, quick: bool = Fa
 
     n = images or (120 if quick else 600)
     out = OutDir(out_dir)
-    model = out.run_settings().get("model") if out.run_json.exists() else "demo"
-    if model != "demo":
-        raise ValueError(f"{out.root} holds a run of model {model!r}, not the demo's: give the demo another --out")
+    made = out.run_settings() if out.run_json.exists() else {"model": "demo", "data": BUILTIN_SHAPES}
+    if (made.get("model"), made.get("data")) != ("demo", BUILTIN_SHAPES):
+        raise ValueError(f"{out.root} holds a run of model {made.get('model')!r} on {made.get('data')!r}, not the "
+                         "demo's (the demo model on its built-in images): give the demo another --out")
     common = dict(out=out_dir, device=device, workers=0, no_progress=not progress, debug=False)
     step_index(SimpleNamespace(**common, model="demo", model_args={}, weights=None, data=BUILTIN_SHAPES,
                                size=DEMO_DATA["size"], resize=None, no_crop=False, normalize="none",

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from neuroidx_fast import NeuronIndex
-from neuroidx_fast.cli import main
+from neuroidx_fast.cli import build_parser, main
 from neuroidx_fast.outdir import OutDir, safe_name
 from tests.models import make_model
 
@@ -201,10 +201,27 @@ def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch,
     assert calls[4:] == [("neuron_features", "features.4")] * 2
     del calls[4:]
 
-    # a remake with other settings that is interrupted leaves no record of the old ones behind
+    # a remake with other settings interrupted before it writes keeps the layer's finished outputs and their
+    # record (before, the record went first: a failed remake, e.g. on a bad option, lost the layer); one
+    # interrupted while it writes leaves no record of the old settings behind
     counted(features, "neuron_features", fail_on="features.8")
     assert _cli("features", "--out", out, "--keep", 5, "--layers", "features.8", "--no-progress") == 130
+    made = json.loads(OutDir(out).step_record("features", "features.8").read_text())
+    assert made["settings"] == {"pad": "gray", "keep": 2} and all((out / name).is_file() for name in made["files"])
+    capsys.readouterr()
+    assert "out of range for layer 'features.4'" in _error(capsys, "ablate", "--out", out, "--units", "0,999")
+    counted(features, "neuron_features")
+    from neuroidx_fast import artifacts
+
+    def interrupted_save(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    save_features = artifacts.save_features
+    monkeypatch.setattr(artifacts, "save_features", interrupted_save)
+    assert _cli("features", "--out", out, "--keep", 5, "--layers", "features.8", "--no-progress") == 130
     assert not OutDir(out).step_record("features", "features.8").exists()
+    monkeypatch.setattr(artifacts, "save_features", save_features)
+    del calls[4:]
 
     counted(ablation, "ablation_drops")
     counted(maximization, "maximize")
@@ -215,6 +232,19 @@ def test_per_layer_steps_skip_layers_already_made(folder, tmp_path, monkeypatch,
     assert _cli("ablate", "--out", out, "--layers", "features.8", "--units", "0,2", "--no-progress") == 0
     assert _cli("visualize", "--out", out, "--layers", "features.8", "--units", "1", "--steps", 3) == 0
     assert calls[6:] == [("ablation_drops", "features.8"), ("maximize", "features.8")]
+
+    # --pad takes numbers (it offered them, and argparse passed them on as strings: 'unknown pad mode 0.3')
+    for pad, recorded in (("0.3", 0.3), ("0.1,0.2,0.3", [0.1, 0.2, 0.3])):
+        assert _cli("features", "--out", out, "--pad", pad, "--layers", "features.4", "--keep", 1, "--no-progress") == 0
+        made = json.loads(OutDir(out).step_record("features", "features.4").read_text())
+        assert made["settings"]["pad"] == recorded
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["features", "--out", str(out), "--pad", "grey"])
+    assert "mean" in capsys.readouterr().err
+    # thresholds checked before the long part: the table is not rewritten
+    assert "--color-threshold must be a number" in _error(capsys, "selectivity", "--out", out, "--color-threshold",
+                                                          "nan")
+    assert not OutDir(out).table_csv.exists()
 
     # indexing again (--force) removes the records with everything made from the old index
     assert _cli(*_index_args(folder, out, "--force")) == 0
@@ -300,18 +330,26 @@ def test_a_new_index_clears_the_old_runs_outputs_and_nothing_else(folder, tmp_pa
     assert not run.grid_png("features.8").exists()
     assert _cli("features", "--out", out, "--layers", "features.8", "--no-progress") == 0
     assert "already made" not in capsys.readouterr().out
-    # a folder that holds no run: --force leaves what is in it (another program's plots, its index folder)
+    # a folder that holds files but no run is refused, --force or not, and keeps them (before, a first index
+    # that failed there left a run.json, and the next one deleted the folder's plots/, features/, report/ ...)
     mine = tmp_path / "project"
     (mine / "plots").mkdir(parents=True)
     (mine / "plots" / "figure.txt").write_text("mine")
-    assert _cli(*_index_args(folder, mine, "--force")) == 0
-    assert (mine / "plots" / "figure.txt").read_text() == "mine"
+    (mine / "neurons.csv").write_text("mine")
+    for force in ((), ("--force",)):
+        assert "holds files but no run (no run.json)" in _error(capsys, *_index_args(folder, mine, *force))
+        assert "holds files but no run" in _error(capsys, "demo", "--quick", "--out", mine)
+    assert (mine / "plots" / "figure.txt").read_text() == "mine" and (mine / "neurons.csv").read_text() == "mine"
+    assert sorted(p.name for p in mine.iterdir()) == ["neurons.csv", "plots"]
     other = tmp_path / "other"
     (other / "index").mkdir(parents=True)
     (other / "index" / "notes.txt").write_text("mine")
+    OutDir(other).run_json.write_text("{}")  # (a run's directory whose index folder is not an index)
     assert "not a neuroidx_fast index" in _error(capsys, *_index_args(folder, other, "--force"))
-    assert "not a neuroidx_fast bundle" in _error(capsys, *_index_args(folder, other))
     assert (other / "index" / "notes.txt").read_text() == "mine"
+    # a run directory inside the image folder would be read as a class of it
+    assert "lies inside --data" in _error(capsys, *_index_args(folder, folder / "run"))
+    assert not (folder / "run").exists()
 
 
 def test_an_interrupted_index_refuses_to_resume_on_changed_files(folder, tmp_path, capsys):
@@ -422,8 +460,13 @@ def test_index_arguments_and_resumes_from_a_review(folder, tmp_path, capsys):
     assert "not a neuroidx_fast index" in _error(capsys, *_index_args(folder, out, "--force"))
     assert (run.index / "manifest.json").exists() and (run.checkpoint / "notes.txt").exists()
     shutil.rmtree(run.checkpoint)
-    # the demo does not replace another model's run
+    # the demo does not replace another model's run, nor a run of the demo model on the user's images
     assert "not the demo's" in _error(capsys, "demo", "--out", out, "--quick", "--no-progress")
+    settings = json.loads(run.run_json.read_text())
+    run.run_json.write_text(json.dumps(dict(settings, model="demo")))
+    assert f"of model 'demo' on '{folder}', not the demo's" in _error(capsys, "demo", "--out", out, "--quick",
+                                                                      "--no-progress")
+    assert (run.index / "manifest.json").exists()
 
 
 def test_a_model_without_weights_is_rebuilt_the_same_by_later_steps(folder, tmp_path):

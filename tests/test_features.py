@@ -260,8 +260,15 @@ def test_bad_arguments(indexed):
         neuron_features(index, "features.7")
     with pytest.raises(ValueError, match="norm"):
         neuron_features(index, "features.8", norm="mean")
-    with pytest.raises(ValueError, match="pad mode"):
+    with pytest.raises(ValueError, match="pad mode 'blue'; use 'gray', 'zero', 'edge', 'mean', a number"):
         neuron_features(index, "features.8", pad="blue")
+
+    class Unread(ImageSet):  # a bad pad value is refused before the pass over the top images
+        def __getitem__(self, i):
+            raise AssertionError("read an image")
+
+    with pytest.raises(ValueError, match="pad has 2 values for 3-channel images"):
+        neuron_features(index, "features.8", Unread(n=21, size=18), pad=(0.1, 0.2))
     with pytest.raises(IndexError, match="units"):
         neuron_features(index, "features.8", units=[16])
     with pytest.raises(ValueError, match="keep_crops"):

@@ -62,9 +62,10 @@ class Contributions:
 def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int | None = None,
                   preprocess=None, top: int = 10, device=None) -> Contributions:
     """Contribution of every unit of ``layer`` to the ``target`` logit (default: the predicted class) for one
-    pixel-space image [3, H, W] (or [1, 3, H, W]); ``preprocess`` runs before the model. The model runs in
-    eval mode (restored afterwards); the model's output must be logits [1, classes]. A ``layer`` that runs more
-    than once in the forward (a shared module) raises ``SharedModuleError``, as in ``index_dataset``."""
+    pixel-space image [3, H, W] (or [1, 3, H, W]); ``preprocess`` runs before the model. The model (and a
+    preprocess that is a module) runs in eval mode (restored afterwards); the model's output must be logits
+    [1, classes]. A ``layer`` that runs more than once in the forward (a shared module) raises
+    ``SharedModuleError``, as in ``index_dataset``."""
     modules = resolve_layers(model, [layer]) if isinstance(layer, str) else None
     if modules is None:
         raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
@@ -98,7 +99,7 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
 
     handle = module.register_forward_hook(hook)
     try:
-        with frozen_eval(model, device):
+        with frozen_eval(model, device, preprocess):
             x = image.detach().to(device)
             if preprocess is not None:
                 x = preprocess(x)

@@ -29,19 +29,23 @@ __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized",
 
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
-def frozen_eval(model: nn.Module, device: torch.device):
+def frozen_eval(model: nn.Module, device: torch.device, preprocess=None):
     """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored.
-    Gradients are on even inside the caller's ``torch.inference_mode()``, which ``enable_grad`` alone does
-    not leave (nothing would be recorded).
+    A ``preprocess`` that is a module (a learnt colour adapter, a normalisation layer) is part of the path
+    to the model and is frozen the same way: else a Dropout in train mode would make runs differ and the
+    image's gradient would pile up in its parameters' ``.grad``. Gradients are on even inside the caller's
+    ``torch.inference_mode()``, which ``enable_grad`` alone does not leave (nothing would be recorded).
     Meanwhile, on the CPU, convolutions that read the image compute their pixel gradient by phases
     (image_conv_grad.py) and freed memory is kept for reuse (heap.py: the steps of an optimisation
     allocate and free the same large temporaries, which glibc would otherwise fault in anew each step)."""
-    training = {m: m.training for m in model.modules()}
-    requires = {p: p.requires_grad for p in model.parameters()}
+    roots = [model] + ([preprocess] if isinstance(preprocess, nn.Module) else [])
+    training = {m: m.training for root in roots for m in root.modules()}
+    requires = {p: p.requires_grad for root in roots for p in root.parameters()}
     cudnn = torch.backends.cudnn
     saved_cudnn = (cudnn.deterministic, cudnn.benchmark)
     try:
-        model.eval()
+        for root in roots:
+            root.eval()
         for p in requires:
             p.requires_grad_(False)
         if device.type == "cuda":  # cuDNN may pick non-deterministic (atomic) backward algorithms otherwise
@@ -183,8 +187,8 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     with a fixed colour decorrelation matrix when ``decorrelate``. ``transforms="standard"``: a random
     rotation, scale and jitter of each image at each step, on a mid-gray surround (None: the model sees
     the image as is). ``blur_every`` > 0 blurs the image (std ``blur_sigma`` px) every that many steps.
-    ``preprocess`` (e.g. normalisation) is applied to the [0, 1] image before the model. ``progress``: a
-    progress bar over the steps of all batches.
+    ``preprocess`` (e.g. normalisation) is applied to the [0, 1] image before the model (a module is put in
+    eval mode and frozen, as the model is). ``progress``: a progress bar over the steps of all batches.
 
     Image u depends only on (seed, units[u], the arguments), not on the other units of the batch (up to
     the float rounding of batched convolutions), and is bit-identical from run to run on one device. On
@@ -219,7 +223,7 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
 
         bar = tqdm(total=steps * len(chunks), unit="step", desc=f"maximize {name}")
     try:
-        with frozen_eval(model, device), UnitObjective(model, name, objective, size, dtype, device,
+        with frozen_eval(model, device, preprocess), UnitObjective(model, name, objective, size, dtype, device,
                                                         preprocess=preprocess) as readout:
             _check_units(units, readout.width, name)
             for chunk in chunks:
@@ -265,7 +269,7 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
     dtype = param_dtype(model)
     values = []
     size = tuple(images.shape[-2:])
-    with (frozen_eval(model, device), torch.no_grad(),
+    with (frozen_eval(model, device, preprocess), torch.no_grad(),
           UnitObjective(model, name, objective, size, dtype, device, affine=False, preprocess=preprocess) as readout):
         _check_units(units, readout.width, name)
         target = torch.tensor(units, device=device)
@@ -462,7 +466,7 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     dtype = param_dtype(model)
     size = tuple(batch.shape[-2:])
 
-    with (frozen_eval(model, device),
+    with (frozen_eval(model, device, preprocess),
           UnitObjective(model, name, "mean", size, dtype, device, affine=False, preprocess=preprocess) as readout):
         with torch.no_grad():
             features = torch.cat([

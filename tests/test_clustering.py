@@ -306,13 +306,19 @@ def test_contributions_top_takes_numpy_integers():
         result.domination(5)
 
 
-def test_contributions_inside_inference_mode():
-    # Inside torch.inference_mode() it failed with "element 0 of tensors does not require grad"
+def test_contributions_inside_inference_mode_and_with_a_module_preprocess():
+    # Inside torch.inference_mode() it failed with "element 0 of tensors does not require grad"; a module
+    # preprocess was left in train mode (its Dropout made runs differ)
     model = linear_head_model()
     image = torch.rand(3, 10, 10, generator=torch.Generator().manual_seed(4))
     want = contributions(model, image, "0").values
     with torch.inference_mode():
         assert torch.equal(contributions(model, image.clone(), "0").values, want)
+    torch.manual_seed(0)
+    pre = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.5)).train()
+    first = contributions(model, image, "0", preprocess=pre).values
+    assert torch.equal(contributions(model, image, "0", preprocess=pre).values, first)
+    assert pre.training and pre[1].training and pre[0].weight.requires_grad
 
 
 class SharedConv(nn.Module):

@@ -237,6 +237,25 @@ def test_model_state_restored_and_eval_mode_used():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_module_preprocess_is_frozen_in_eval_mode_like_the_model(net):
+    # It was left as it came: a Dropout in train mode made runs differ, gradients piled up in its weights
+    torch.manual_seed(0)
+    pre = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Dropout(0.5)).train()
+    pre[0].bias.requires_grad_(False)
+    kw = dict(size=16, steps=3, transforms=None, preprocess=pre)
+    images = mx.maximize(net, "conv2", [0, 1], **kw)
+    assert torch.equal(images, mx.maximize(net, "conv2", [0, 1], **kw))
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(mx.unit_activations(net, "conv2", x, 0, preprocess=pre),
+                       mx.unit_activations(net, "conv2", x, 0, preprocess=pre))
+    assert torch.equal(mx.maximize_towards(net, "relu2", x, steps=2, preprocess=pre),
+                       mx.maximize_towards(net, "relu2", x, steps=2, preprocess=pre))
+    assert pre[0].weight.grad is None
+    with pytest.raises(ValueError, match="out of range"):  # restored after an error too
+        mx.maximize(net, "conv2", [99], **kw)
+    assert pre.training and pre[1].training and pre[0].weight.requires_grad and not pre[0].bias.requires_grad
+
+
 def test_runs_inside_inference_mode_as_outside(net):
     # torch.enable_grad does not leave inference mode: every step failed with "element 0 of tensors does
     # not require grad". Images made inside the block are inference tensors, which autograd cannot save.

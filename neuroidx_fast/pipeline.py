@@ -499,10 +499,11 @@ def step_selectivity(args) -> None:
     plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
     for layer in layers:
         rows = table[table["layer"] == layer]
-        print(f"{layer}: {int((rows['color_selectivity'] > args.color_threshold).sum())} of {len(rows)} units "
-              f"color selective (> {args.color_threshold}), "
-              f"{int((rows['class_selectivity'] > args.class_threshold).sum())} class selective "
-              f"(gamma > {args.class_threshold})")
+        color, gamma = rows["color_selectivity"], rows["class_selectivity"]
+        # out of the units whose index is defined (not dead), as the plots count them
+        print(f"{layer}: {int((color > args.color_threshold).sum())} of {int(color.notna().sum())} live units "
+              f"color selective (> {args.color_threshold}), {int((gamma > args.class_threshold).sum())} of "
+              f"{int(gamma.notna().sum())} class selective (gamma > {args.class_threshold})")
     print(f"table -> {run.out.table_csv}; plots -> {run.out.plots_dir}")
 
 

@@ -58,9 +58,14 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
 
     assert _cli("features", "--out", out, "--keep", 3, "--no-progress") == 0
     assert run.grid_png("features.8").exists() and run.nf_png("features.4", 0).exists()
+    capsys.readouterr()
     assert _cli("selectivity", "--out", out, "--no-progress", "--batch-size", 5) == 0
     table = pd.read_csv(run.table_csv)
     assert len(table) == 12 + 16 and table["color_selectivity"].notna().any()
+    # counted out of the units whose index is defined, as the plots count them (not out of dead ones too)
+    alpha = table[table["layer"] == "features.8"]["color_selectivity"]
+    assert (f"features.8: {int((alpha > 0.25).sum())} of {int(alpha.notna().sum())} live units color selective"
+            in capsys.readouterr().out)
     assert list(run.plots_dir.glob("*.png"))
     capsys.readouterr()
     assert _cli("ablate", "--out", out, "--layers", "features.8", "--no-progress") == 0

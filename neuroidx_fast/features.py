@@ -3,6 +3,7 @@ receptive-field crops of each unit's top-K images, made in one second pass over 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ class NeuronFeatures:
     each unit's best ``keep`` top images (zeros where there is none; a dead unit has none: with a_1 <= 0
     its top images are not ones that drive it, e.g. every image ties at 0 after a ReLU); ``crop_ids`` and
     ``crop_values`` [C, keep]: their dataset ids (-1: none) and activations; ``dead`` [C] bool;
-    ``weight_sum`` [C]: sum of the weights a_j / a_1; ``units`` [C]: which units of the layer these are.
+    ``weight_sum`` [C]: sum of the weights a_j / a_1 (NaN for dead units); ``units`` [C]: which units of the layer these are.
     """
 
     layer: str
@@ -223,20 +224,18 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     # = -inf would turn a live unit's NF into NaN or, clamped, black; they are not images that drive it.
     valid = L.live_slots()[units]
     ids = torch.where(valid, ids, torch.full_like(ids, -1))
-    # w_j = a_j / a_1 (SPEC.md 3), divided in float64: a float32 a_1 below float32's normal range (1e-40) is
-    # exact there, and a_j / a_1 past float32's range (a_1 = 1e-30, a_j = -1e10) does not overflow. (Where
-    # float32 would do, the float64 quotient rounds to the float32 one: 53 >= 2 * 24 + 2 bits.)
-    a1 = values[:, :1].double()
-    weights64 = values.double() / torch.where(a1 > 0, a1, torch.ones_like(a1))  # (a_1 <= 0: dead, no NF)
+    # NF = sum_j w_j I_j / sum_j w_j with w_j = a_j / a_1 (SPEC.md 3) is sum_j a_j I_j / sum_j a_j: the kernels
+    # add a_j I_j, the top activations themselves as weights (float32: each product with a pixel is exact in
+    # float64, whatever their range), and the sums are divided by sum_j a_j summed exactly, which is 0
+    # where the NF is undefined (weights a_j / a_1 rounded first made a = 3, -1, -2 sum to 1e-16, and the NF
+    # of rounding noise, clamped, black). norm="k": (1/K) sum_j w_j I_j = sum_j a_j I_j / (K a_1).
     # a_1 = +inf (an ordinary value, SPEC.md 1): the limit of a_j / a_1 is 1 for the other +inf, else 0
-    # (inf / inf would make the NF of a live unit NaN)
-    weights64 = torch.where(torch.isposinf(a1), (values == float("inf")).double(), weights64)
-    weights64 = torch.where(valid, weights64, torch.zeros_like(weights64))
-    # The kernels take float32 weights: a unit's weights beyond 2^64 are scaled by a power of two (exact)
-    # into float32's range; its sums are scaled back before they are divided (norm="k" needs their size).
-    largest = weights64.abs().amax(dim=1)
-    rescale = torch.where(largest > 2.0 ** 64, torch.exp2(-torch.floor(torch.log2(largest))), torch.ones_like(largest))
-    weights = (weights64 * rescale[:, None]).to(torch.float32)
+    # (inf / inf would make the NF of a live unit NaN), so those weights are 1 and the scale a_1 is 1.
+    infinite_top = torch.isposinf(values[:, :1])
+    weights = torch.where(infinite_top, (values == float("inf")).float(), values)
+    weights = torch.where(valid, weights, torch.zeros_like(weights)).contiguous()
+    top_scale = torch.where(infinite_top[:, 0], 1.0, values[:, 0].double())
+    exact_sum = torch.tensor([math.fsum(row) for row in weights.double().tolist()], dtype=torch.float64)
     if rf.whole_image:
         tops = torch.zeros(ids.shape + (2,), dtype=torch.int64)
     else:
@@ -272,19 +271,17 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
             if bool(hit.any()):
                 cut = ops.gather_crops(images, kept[hit], tops_dev[:, :keep][hit], (rh, rw), pad, backend)
                 crops[hit.cpu()] = to_uint8(cut).cpu()
-    weight_sum = weights64.sum(dim=1)
-    # (the sums hold rescale * sum_j w_j I_j, with the float32 weights the kernels added)
-    denominator = weights.double().sum(dim=1) if norm == "sum" else valid.sum(dim=1).double() * rescale
+    # sum_j w_j (NaN for a dead unit: it has no NF, SPEC.md 3)
+    weight_sum = torch.where(dead, float("nan"), exact_sum / top_scale)
+    denominator = exact_sum if norm == "sum" else valid.sum(dim=1).double() * top_scale
     nf = (sums.cpu() / denominator[:, None, None, None]).to(torch.float32).clamp_(0, 1)
     # Negative top activations (pre-activation layers) give negative weights: their sum can be 0 or
-    # below, or overflow. NF = sum_j w_j I_j / sum_j w_j as it is where that is a number; NaN where not.
+    # below. NF = sum_j w_j I_j / sum_j w_j as it is where that is a number; NaN where not.
     defined = torch.isfinite(denominator) & (denominator != 0)
-    if norm == "sum":
-        defined &= torch.isfinite(weight_sum) & (weight_sum != 0)
     undefined = ~dead & ~defined
     if bool(undefined.any()):
         warnings.warn(f"the Neuron Feature of {int(undefined.sum())} live unit(s) of {layer!r} is undefined (their "
-                      f"top weights a_j / a_1 sum to 0 or do not sum to a finite number): NaN images for units "
+                      f"top weights a_j / a_1 sum to 0): NaN images for units "
                       f"{units[undefined].tolist()[:10]}", stacklevel=2)
     nf[dead | undefined] = float("nan")
     return NeuronFeatures(layer, nf, crops, ids[:, :keep].clone(), torch.where(valid, values,

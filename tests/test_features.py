@@ -209,11 +209,16 @@ def test_negative_weights_and_minus_infinity_slots(indexed):
     values[0] = torch.tensor([1.0, 0.5, -2.0, -2.0, 0.25, 0.25])  # weights sum to -2
     values[1] = torch.tensor([1.0, 0.5, -1.0, -0.25, -0.25, 0.0])  # weights sum to 0
     values[2, 3:] = float("-inf")
+    # weights 1, -1/3, -2/3: a sum of 0 that weights rounded before they were added made 1e-16 (the NF of
+    # rounding noise, clamped black, and no warning)
+    values[3] = torch.tensor([3.0, -1.0, -2.0] + [float("-inf")] * 3)
+    values[4] = -torch.arange(1.0, 7.0)  # dead (a_1 <= 0): no NF, a NaN weight sum
     changed = _with_values(index, "features.8", values)
     expected, _ = _brute_force(changed, "features.8", dataset, "gray")
-    with pytest.warns(UserWarning, match=r"undefined .* units \[1\]"):
+    with pytest.warns(UserWarning, match=r"undefined .* units \[1, 3\]"):
         feats = neuron_features(changed, "features.8", dataset, keep_crops=6)
-    assert not feats.dead[:3].any()
+    assert not feats.dead[:4].any() and feats.dead[4] and feats.weight_sum[4].isnan()
+    assert feats.nf[3].isnan().all() and feats.weight_sum[3] == 0
     torch.testing.assert_close(feats.nf[0], expected[0], atol=1e-6, rtol=0)
     assert 0 < float(feats.nf[0].mean()) < 1  # not the clamp of a huge number
     assert feats.nf[1].isnan().all() and torch.isfinite(feats.nf[2]).all()

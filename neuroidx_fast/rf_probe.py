@@ -134,7 +134,12 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
     with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
         out = capture.run(images)[layer]
-        flat = out.reshape(out.shape[0], out.shape[1] if out.dim() == 4 else -1, -1)
+        if out.dim() not in (2, 4):
+            # as index_dataset: a [B, C] output is a map of one position (SPEC.md 1), and any other shape has
+            # no [H, W] map whose positions the probe could name
+            raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}: the gradient probe measures a layer "
+                             "whose output is [B, C, H, W] or [B, C]")
+        flat = out.reshape(out.shape[0], out.shape[1], -1)
         coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]
         maps = torch.einsum("bcp,c->bp", flat, coefficients).reshape(
             (out.shape[0],) + (tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)))

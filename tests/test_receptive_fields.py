@@ -405,6 +405,26 @@ def test_the_probe_sees_a_unit_that_mixes_a_whole_row_as_the_whole_image():
     assert receptive_field(model, "out", 20).whole_image
 
 
+class _Picked(nn.Module):
+    """A [B, C] layer fed by one map position: conv 3x3 (no padding), then a Linear on position (3, 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.tokens = nn.Conv2d(3, 4, 3), nn.Linear(4, 2), nn.Identity()
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.tokens(y.flatten(2))  # a [B, C, L] output: no map
+        return self.fc(y[:, :, 3, 4])
+
+
+def test_the_probe_measures_a_layer_of_two_dimensional_output():
+    model = _Picked().eval()
+    assert _bounds(probe_gradient(model, "fc", 10, [(0, 0)])[0]) == (3, 4, 5, 6)  # SPEC.md 1: H = W = 1
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 64\).*\[B, C, H, W\] or \[B, C\]"):
+        probe_gradient(model, "tokens", 10, [(0, 0)])
+
+
 def test_bad_arguments():
     model = make_model("vgg")
     with pytest.raises(ValueError, match="closest names: features.0"):

@@ -18,6 +18,7 @@ trace). A model that neither trace can cut raises ``TypeError`` naming the reaso
 
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 
@@ -45,7 +46,8 @@ _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
 _SHAPE_METHODS = {"flatten", "view", "reshape", "squeeze"}
 _METADATA_METHODS = {"size", "dim", "numel"}
 _METADATA_ATTRS = {"shape", "ndim", "dtype", "device"}
-_SCALAR_OPERATORS = {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv, operator.neg}
+_SCALAR_OPERATORS = {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv, operator.truediv,
+                     operator.mod, operator.pow, operator.neg}
 
 
 @dataclass
@@ -107,14 +109,26 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def _default_keywords(model: nn.Module) -> dict:
+    """The forward's parameters with a default value, as the engine calls it (``model(x)``): traced as
+    those constants (``forward(self, x, return_features=False)`` has a branch on the flag)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _trace(model: nn.Module, layer: str, layer_module: nn.Module):
     parts = layer.split(".")
     ancestors = {".".join(parts[:i]) for i in range(len(parts))}
     errors = []
+    concrete = _default_keywords(model)
     for minimal in (False, True):
         tracer = _Tracer(layer_module, ancestors, minimal)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as exc:  # data-dependent control flow, unsupported Python, ...
             errors.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             continue
@@ -185,6 +199,17 @@ def _check_no_lost_writes(gm: fx.GraphModule, model: nn.Module, layer: str, node
                 "naive_ablation_counts")
 
 
+def _logits_element(value):
+    """The part of the forward's return value that holds the logits, as the ablation engine reads it (the
+    first element of a tuple / list, a dict's 'logits'): the suffix computes only that, so that other
+    entries (an auxiliary scalar computed from the input, features) need not cross the cut."""
+    if isinstance(value, (tuple, list)) and value:
+        return value[0]
+    if isinstance(value, dict) and "logits" in value:
+        return value["logits"]
+    return value
+
+
 def split_model(model: nn.Module, layer: str) -> SplitModel:
     """Trace ``model`` and cut it right after the (single) call of module ``layer``."""
     layer_module = resolve_layers(model, layer)[layer]
@@ -199,6 +224,9 @@ def split_model(model: nn.Module, layer: str) -> SplitModel:
                          "conv or norm before it)")
     cut = cuts[0]
     output = next(n for n in nodes if n.op == "output")
+    result = _logits_element(output.args[0])
+    result_nodes: list[fx.Node] = []
+    fx.node.map_arg(result, result_nodes.append)
 
     after_cut, from_input = set(), set()
     for n in nodes:
@@ -206,14 +234,14 @@ def split_model(model: nn.Module, layer: str) -> SplitModel:
             after_cut.add(n)
         if n.op == "placeholder" or any(a in from_input for a in n.all_input_nodes):
             from_input.add(n)
-    if not any(a in after_cut for a in output.all_input_nodes):
+    if not any(a in after_cut for a in result_nodes):
         raise ValueError(f"layer {layer!r} does not affect the output of {type(model).__name__}: ablating it "
                          "changes nothing")
 
     # The suffix: what the output needs that depends on the cut, with shape queries and parameters
     # pulled along; everything else it needs crosses the cut as a live value.
     suffix_set, live_set = set(), set()
-    stack = list(output.all_input_nodes)
+    stack = list(result_nodes)
     while stack:
         n = stack.pop()
         if n is cut or n in suffix_set or n in live_set:
@@ -240,7 +268,7 @@ def split_model(model: nn.Module, layer: str) -> SplitModel:
     suffix_nodes = [n for n in nodes if n in suffix_set]
     prefix = _copy_graph(gm, prefix_nodes, [], lambda env: tuple(env[n] for n in [cut] + live))
     suffix = _copy_graph(gm, suffix_nodes, [(cut, "cut")] + [(n, f"live_{n.name}") for n in live],
-                         lambda env: fx.node.map_arg(output.args[0], lambda n: env[n]))
+                         lambda env: fx.node.map_arg(result, lambda n: env[n]))
     split = SplitModel(layer, prefix, suffix, [n.name for n in live], [n in from_input for n in live],
                        traced=gm, cut_node=cut)
     split.readout, split.readout_reason = _find_readout(gm, suffix, bool(live))

@@ -868,3 +868,37 @@ def test_a_mean_over_dim_minus_two_of_a_flat_map_is_not_a_read_out():
     intact, correct, _ = abl.naive_ablation_counts(model, data, "a", masks)
     assert result.stats["path"] == "general"
     assert torch.equal(result.intact_correct, intact) and torch.equal(result.correct, correct)
+
+
+class _KeywordFlag(nn.Module):
+    """forward(x, return_features=False): a branch on a keyword that the engine never passes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
+
+    def forward(self, x, return_features: bool = False):
+        f = torch.relu(self.a(x)).mean(dim=(2, 3))
+        return (self.fc(f), f) if return_features else self.fc(f)
+
+
+class _AuxiliaryScalar(_KeywordFlag):
+    """A dict output with an extra scalar entry from the input: only 'logits' is the rest of the forward."""
+
+    def forward(self, x):
+        return {"logits": self.fc(torch.relu(self.a(x)).mean(dim=(2, 3))), "energy": x.pow(2).mean()}
+
+
+class _ShapeScale(_KeywordFlag):
+    """A Python float from the input's shape (operator.truediv) used after the cut."""
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.a(x)).mean(dim=(2, 3)) * (x.shape[-1] / 8))
+
+
+@pytest.mark.parametrize("model_class", [_KeywordFlag, _AuxiliaryScalar, _ShapeScale])
+def test_valid_forwards_that_were_refused(model_class):
+    torch.manual_seed(5)
+    model, data = model_class().eval(), ImageSet(n=6)
+    result = abl.ablation_drops(model, data, "a", batch_size=3, progress=False)
+    assert_equal_to_naive(result, model, data, "a", 3)

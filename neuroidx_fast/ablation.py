@@ -61,7 +61,7 @@ from torch.utils.data import DataLoader
 
 from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, split_model
-from .hooks import resolve_layers
+from .hooks import LayerCapture, resolve_layers
 from .ops.reference import replica_memory_format
 from .prepare import (canonical_device, check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space,
                       positive_int, restores_modes, split_batch)
@@ -437,12 +437,14 @@ class _Engine:
                              "results (h = h.relu()), or count with naive_ablation_counts")
 
     def dataset_means(self) -> torch.Tensor:
-        """m_c: mean over images of each unit's spatial mean (float64), from a prefix-only pass."""
+        """m_c: mean over images of each unit's spatial mean (float64), from the layer output that
+        model.forward computes (a hook, the forward stopped there), as the naive loop's hook sees it: the
+        traced prefix may compute something else (an aliased h += y before the layer)."""
         total, count = None, 0
-        with torch.no_grad():
+        with torch.no_grad(), LayerCapture(self.model, self.layer) as capture:
             for batch in self.batches("ablation: unit means"):
                 images = batch[0] if isinstance(batch, (list, tuple)) else batch
-                cut, _ = self.split.run_prefix(self.inputs(images))
+                cut = capture.run(self.inputs(images))[self.layer]
                 means = cut.double().mean(dim=(2, 3)) if cut.dim() == 4 else cut.double()
                 total = means.sum(dim=0) if total is None else total + means.sum(dim=0)
                 count += cut.shape[0]

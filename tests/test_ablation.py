@@ -902,3 +902,30 @@ def test_valid_forwards_that_were_refused(model_class):
     model, data = model_class().eval(), ImageSet(n=6)
     result = abl.ablation_drops(model, data, "a", batch_size=3, progress=False)
     assert_equal_to_naive(result, model, data, "a", 3)
+
+
+class _AliasedBeforeTheLayer(nn.Module):
+    """h += b(h) with h saved as skip before the layer: the traced prefix gives the layer another input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.layer = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        skip = h
+        h += 3.0 * self.b(h)[:, :, :1, :1]
+        return self.fc(self.layer(skip).mean(dim=(2, 3)))
+
+
+def test_mean_mode_takes_the_means_of_model_forward():
+    torch.manual_seed(6)
+    model, data = _AliasedBeforeTheLayer().eval(), ImageSet(n=6)
+    outputs = []
+    handle = model.layer.register_forward_hook(lambda _m, _i, out: outputs.append(out.double().mean(dim=(2, 3))))
+    with torch.no_grad():
+        model(data.images)
+    handle.remove()
+    result = abl.ablation_drops(model, data, "layer", mode="mean", batch_size=3, progress=False)
+    torch.testing.assert_close(result.fill, torch.cat(outputs).mean(dim=0), rtol=1e-12, atol=1e-12)

@@ -165,6 +165,28 @@ def _layer_output(model, layer, size, channels):
         return capture.run(_blank_input(model, size, channels))[layer]
 
 
+def _one_position_field(model, layer, size, channels) -> ReceptiveField:
+    """The field of a [B, C] layer, a map of one position (SPEC.md 1), measured at ``size``: the whole image
+    after global pooling or a flatten before a linear, but a box where the layer reads fixed positions of a
+    map (``conv(x)[:, :, 3, 4]``). Whole where the box spans the image, or where it grows with the input (a
+    unit that mixes every position of a map whose pooling leaves the image's last rows unread: AlexNet's
+    classifier at 99 px sees rows 0 to 96); else the box at this size, which no other input size has."""
+    box = _bounds(probe_gradient(model, layer, size, [(0, 0)], channels)[0])
+    if box is None:
+        raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
+    whole = box == (0, 0, size[0] - 1, size[1] - 1)
+    if not whole:
+        try:
+            grown = _bounds(probe_gradient(model, layer, (2 * size[0], 2 * size[1]), [(0, 0)], channels)[0])
+        except Exception:
+            grown = None  # the model accepts no larger input (a flatten before a linear)
+        whole = grown is not None and any(grown[a + 2] - grown[a] > box[a + 2] - box[a] for a in (0, 1))
+    if whole:
+        return ReceptiveField(size, (0, 0), (0, 0), size, (1, 1), True, "probe")
+    return ReceptiveField((box[2] - box[0] + 1, box[3] - box[1] + 1), (1, 1), (box[0], box[1]), size, (1, 1), False,
+                          "probe")
+
+
 def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
     """Size, stride and offset measured by the gradient probe at three positions near the centre of
     the map (the centre and its diagonal neighbours), on inputs enlarged until the field of view no
@@ -172,7 +194,8 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
     sizes or spacings (adaptive pooling's uneven windows, branches merged at different strides) take
     boxes that hold the fields measured, with a warning. Fields that move by less than a pixel per map
-    position (after an upsampling) have no size and stride: a ValueError says so."""
+    position (after an upsampling) have no size and stride: a ValueError says so. A [B, C] layer is a map
+    of one position, measured at ``input_size`` (see _one_position_field)."""
     size = _as_size(input_size)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     try:
@@ -186,9 +209,12 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
                else "choose a larger input_size")
         raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs of {channels} channel(s) up to layer "
                          f"{layer!r} ({type(exc).__name__}: {message}): {fix}") from None
-    map_size = _spatial(out) if out.dim() == 4 else (1, 1)
-    if out.dim() != 4:
-        return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")  # positions flattened away
+    if out.dim() not in (2, 4):
+        raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}: the gradient probe measures a layer "
+                         "whose output is [B, C, H, W] or [B, C]")
+    if out.dim() == 2:
+        return _one_position_field(model, layer, size, channels)
+    map_size = _spatial(out)
     best, previous_map = None, None
     for scale in (1, 2, 4):
         probe_size = (size[0] * scale, size[1] * scale)

@@ -425,6 +425,14 @@ def test_the_probe_measures_a_layer_of_two_dimensional_output():
         probe_gradient(model, "tokens", 10, [(0, 0)])
 
 
+def test_a_layer_of_two_dimensional_output_fed_by_one_position_is_measured_not_whole():
+    model = _Picked().eval()
+    with pytest.warns(UserWarning, match="gradient probe instead"):  # the walk stops at the indexing
+        rf = receptive_field(model, "fc", 10)
+    assert not rf.whole_image and rf.map_size == (1, 1) and rf.method == "probe"
+    assert rf.box(0, 0) == (3, 4, 5, 6) and rf.tops(torch.tensor([0])).tolist() == [[3, 4]]  # the NF's crop
+
+
 def test_bad_arguments():
     model = make_model("vgg")
     with pytest.raises(ValueError, match="closest names: features.0"):

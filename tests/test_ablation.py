@@ -929,3 +929,16 @@ def test_mean_mode_takes_the_means_of_model_forward():
     handle.remove()
     result = abl.ablation_drops(model, data, "layer", mode="mean", batch_size=3, progress=False)
     torch.testing.assert_close(result.fill, torch.cat(outputs).mean(dim=0), rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_checks_are_bit_for_bit_on_cpu():
+    # a tolerance of 64 bfloat16 rounding steps (half the logit scale) let both through
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="does not compute what model.forward does"):
+        abl.ablation_drops(_AliasedAdd().to(torch.bfloat16).eval(), _dark_first(8), "a", batch_size=4,
+                           progress=False)
+    torch.manual_seed(3)
+    model, data = _MixesTheBatch().to(torch.bfloat16).eval(), ImageSet(n=10)
+    result = abl.ablation_drops(model, data, "a", batch_size=5, masks_per_batch=6, progress=False)
+    assert_equal_to_naive(result, model, data, "a", 5)
+    assert result.stats["masks_per_batch"] == 1

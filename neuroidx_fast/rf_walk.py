@@ -167,9 +167,18 @@ def _last_dims_state(state, x, count: int):
     return state
 
 
+# A map's positions flattened into one axis of tokens, its channels kept apart (x.flatten(2).transpose(1, 2)
+# before a Linear over the channels, then a reshape back: SegFormer's Mix-FFN, PVT): each token keeps its
+# box until a layer mixes the tokens, which the walk, following two position axes, cannot tell from a layer
+# over the channels; "whole image" would be wrong for the per-token layers, so the probe measures it.
+_TOKENS = ("a flatten of the map's positions into one axis of tokens (as in SegFormer and PVT), which the walk "
+           "does not follow")
+
+
 def _flatten_state(state, args, kwargs, out):
     """flatten(x, start_dim, end_dim) (the function, the method, nn.Flatten's arguments): the box where
-    the flattened dimensions hold no position, else the whole image."""
+    the flattened dimensions hold no position, unsupported where they are the positions alone (tokens,
+    see _TOKENS), else (channels and positions together, before a linear) the whole image."""
     x = args[0]
     if state is None or state is WHOLE or not isinstance(x, torch.Tensor):
         return state if state is None else WHOLE
@@ -177,6 +186,8 @@ def _flatten_state(state, args, kwargs, out):
     end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
     start, end = start % max(x.dim(), 1), end % max(x.dim(), 1)
     axes = _axes(state, x)
+    if set(range(start, end + 1)) == set(axes):
+        _raise(_TOKENS)
     if any(start <= a <= end for a in axes) or not isinstance(out, torch.Tensor):
         return WHOLE
     return _relaid(state, tuple(a - (end - start) if a > end else a for a in axes), out.dim())
@@ -624,6 +635,8 @@ def _method_state(method, args, kwargs, states, out):
             # leading dimensions become (ShuffleNetV2's channel shuffle views [N, C, H, W] as
             # [N, g, C / g, H, W], transposes 1 and 2, and views it back)
             return merged
+        if out.shape == self_arg.shape[:-2] + (self_arg.shape[-2] * self_arg.shape[-1],):
+            _raise(_TOKENS)  # x.view(B, C, H * W): the positions alone flattened
         if _spatial(out) != _spatial(self_arg) or out.dim() < 3:
             return WHOLE  # positions mixed or flattened together
     raise _Unsupported(f"method .{method}()")

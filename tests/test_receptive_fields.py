@@ -490,6 +490,33 @@ def test_channels_last_layers_and_channel_reductions_keep_the_box(recwarn):
     assert (rf.size, rf.stride, rf.offset) == (probed.size, probed.stride, probed.offset) == ((7, 7), (2, 2), (-3, -3))
 
 
+class _MixFFN(nn.Module):
+    """SegFormer's Mix-FFN: the positions flattened into tokens, a Linear over each token's channels (it
+    mixes no position), the tokens reshaped back into a map, a depthwise 3x3 conv."""
+
+    def __init__(self, flatten):
+        super().__init__()
+        self.flatten = flatten
+        self.stem, self.fc = nn.Conv2d(3, 8, 3, 2, 1), nn.Linear(8, 8)
+        self.dw = nn.Conv2d(8, 8, 3, 1, 1, groups=8)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        tokens = self.fc(self.flatten(x).transpose(1, 2))
+        return self.dw(tokens.transpose(1, 2).reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("flatten", [lambda x: x.flatten(2), lambda x: x.view(x.shape[0], x.shape[1], -1)])
+def test_positions_flattened_into_tokens_are_probed_not_whole(flatten):
+    model = _MixFFN(flatten).eval()
+    with pytest.raises(ValueError, match="axis of tokens"):
+        receptive_field(model, "dw", 16, method="analytic")
+    with pytest.warns(UserWarning, match="axis of tokens"):
+        rf = receptive_field(model, "dw", 16)
+    assert (rf.size, rf.stride, rf.offset, rf.whole_image) == ((7, 7), (2, 2), (-3, -3), False)
+
+
 class _PositionsMixedAfterPermute(nn.Module):
     def __init__(self, mix):
         super().__init__()

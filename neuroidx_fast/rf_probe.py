@@ -189,8 +189,9 @@ def _one_position_field(model, layer, size, channels) -> ReceptiveField:
 
 def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
     """Size, stride and offset measured by the gradient probe at three positions near the centre of
-    the map (the centre and its diagonal neighbours), on inputs enlarged until the field of view no
-    longer touches the image border. A field that spans the whole input along an axis of a map wider
+    the map (the centre and its diagonal neighbours; two more off the diagonal check that each axis of the
+    fields follows the same axis of the map, which a transpose breaks: a ValueError), on inputs enlarged
+    until the field of view no longer touches the image border. A field that spans the whole input along an axis of a map wider
     than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
     sizes or spacings (adaptive pooling's uneven windows, branches merged at different strides) take
     boxes that hold the fields measured, with a warning. Fields that move by less than a pixel per map
@@ -228,8 +229,13 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         previous_map = (h, w)
         cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
         points = sorted({(max(cy - 1, 0), max(cx - 1, 0)), (cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))})
-        boxes = [_bounds(m) for m in probe_gradient(model, layer, probe_size, points, channels)]
-        if any(b is None for b in boxes):
+        # off the diagonal too, where a net that swaps its axes (a transpose) shows: on the diagonal, a field
+        # that moves along x from one map row to the next looks like one that moves along y
+        across = sorted({(cy, min(cx + 1, w - 1)), (min(cy + 1, h - 1), cx)} - set(points))
+        masks = probe_gradient(model, layer, probe_size, points + across, channels)
+        boxes = [_bounds(m) for m in masks[:len(points)]]
+        across = list(zip(across, (_bounds(m) for m in masks[len(points):])))
+        if any(b is None for b in boxes + [b for _, b in across]):
             raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
         whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1)
         # a box from border to border on an axis along which the map has several positions, at the
@@ -238,13 +244,14 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
                  or (w > 1 and any(b[1] == 0 and b[3] == probe_size[1] - 1 for b in boxes)))
         inside = [(p, b) for p, b in zip(points, boxes)
                   if not (b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1)]
-        best = (probe_size, points, boxes, whole, spans, inside)
+        best = (probe_size, points, boxes, whole, spans, inside, across)
         if whole or len(inside) == len(points) or (len(inside) >= 2 and scale == 1):
             break
-    probe_size, points, boxes, whole, spans, inside = best
+    probe_size, points, boxes, whole, spans, inside, across = best
     if whole or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
     measured = list(zip(points, boxes))  # every field measured, a part of the unit's field where cut
+    _check_per_axis(layer, measured + across)
     # the fields the image border does not cut, where there are two; else every field, of which some
     # reach the border at every size tried (their size is a lower bound: warned below)
     if len(inside) >= 2:
@@ -311,7 +318,31 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
                       f"unequal sizes or spacings, or branches merged at different strides); using size {rf_size}, "
                       f"stride {stride} and offset {offset}, whose boxes hold the fields measured: an approximation, "
                       "near the centre of the map at best", stacklevel=3)
+    for point, box in measured + across:
+        if not all(holds(a, box, point) for a in (0, 1)):
+            raise _not_per_axis(layer, measured + across)
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
                       "lower bound", stacklevel=3)
     return ReceptiveField(rf_size, stride, offset, size, map_size, False, "probe")
+
+
+def _check_per_axis(layer, measured) -> None:
+    """A receptive field places the rows of a unit's box by its map row alone and the columns by its map
+    column alone (SPEC.md 2: a stride and an offset per axis). Fields measured at positions that share a row
+    (or a column) must then span the same input rows (or columns), cut by the image's border or not; where
+    they do not (a net that transposes its map: the rows of a box follow the map column), no size and stride
+    describe them, and boxes on the wrong axes would pass unnoticed."""
+    for a in (0, 1):
+        extents = {}
+        for point, box in measured:
+            if extents.setdefault(point[a], (box[a], box[a + 2])) != (box[a], box[a + 2]):
+                raise _not_per_axis(layer, measured)
+
+
+def _not_per_axis(layer, measured) -> ValueError:
+    return ValueError(f"the layer's positions do not map to input positions by a stride and an offset per axis (a "
+                      f"transpose of its height and width?): the gradient probe measured fields of {layer!r} whose "
+                      f"rows do not follow the map's rows alone, or whose columns do not follow its columns alone "
+                      f"(boxes {[b for _, b in measured]} at map positions {[p for p, _ in measured]}): no receptive "
+                      "field describes it; choose a layer before the transpose, or transpose the map back")

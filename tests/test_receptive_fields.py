@@ -433,6 +433,23 @@ def test_a_layer_of_two_dimensional_output_fed_by_one_position_is_measured_not_w
     assert rf.box(0, 0) == (3, 4, 5, 6) and rf.tops(torch.tensor([0])).tolist() == [[3, 4]]  # the NF's crop
 
 
+class _Transposed(nn.Module):
+    """A 3x1 conv at stride 2x1, then its map's height and width swapped: the rows of a unit's field follow
+    its map column. On the diagonal (2, 2), (3, 3) the fields move as a 3x1 field at stride 2x1 would."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(3, 4, (3, 1), (2, 1)), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x).transpose(2, 3))
+
+
+def test_the_probe_refuses_a_map_whose_height_and_width_are_swapped():
+    with pytest.raises(ValueError, match=r"stride and an offset per axis \(a transpose"):
+        probe_receptive_field(_Transposed().eval(), "out", (11, 7))
+
+
 def test_bad_arguments():
     model = make_model("vgg")
     with pytest.raises(ValueError, match="closest names: features.0"):

@@ -28,9 +28,13 @@ channels hold the fill (``naive_ablation_counts``). The engine reproduces it as 
     of the two halves that differ from ``model.forward``'s (``h += y`` on a tensor also saved under
     another name becomes ``h = h + y``). The intact counts are ``model.forward``'s own. NaN in the
     layer's output or the logits is an error naming the images;
-  * a rest of the forward that mixes the rows of its batch (``F.batch_norm`` with training=True,
-    ``z - z.mean(0)``, a BatchNorm without running statistics) runs one mask at a time: measured on
-    the first image, intact and fully ablated, run together and apart;
+  * several masks share a run of the rest of the forward only where that is shown exact: on the
+    first batch of each size, replicas of that batch under masks spread over the set, run together
+    at every run size used and each alone (the naive shape), must give the same logits bit for bit
+    (CPU; a few float32 rounding steps on a GPU). Else (a rest that mixes the rows of its batch:
+    ``F.batch_norm`` with training=True, ``z - z.mean(0)``, a branch on the batch's sum; or rounds
+    differently with the number of rows, as a CPU ``Linear`` on 1 to 3 rows) one mask a run, the
+    naive loop's shape. The check costs about two runs of the masks of one chunk per batch size;
   * the masked replicas are bit copies of the layer output, the fill being the same value cast to the
     activation dtype; replicas keep the layer output's memory format, so the same kernels run;
   * the general path batches M masks, i.e. M*B rows instead of B. Where the rest of the forward is
@@ -381,21 +385,39 @@ class _Engine:
         self.check_batch(cut, traced, logits, ids)
         return logits, cut, live
 
-    def mixes_replicas(self, cut, live, fill) -> bool:
-        """Whether the rest of the forward mixes the rows of a batch (F.batch_norm with training=True,
-        z - z.mean(0)): then replicas of several masks in one run change each other's logits. Measured
-        on the probe image, intact and with every unit ablated, run together and apart."""
-        channels = cut.shape[1]
-        pair = torch.stack([torch.zeros(channels, dtype=torch.bool, device=cut.device),
-                            torch.ones(channels, dtype=torch.bool, device=cut.device)])
-        with torch.no_grad():
-            live_pair = [_replicate(v, 2) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
-            together = _logits(self.split.run_suffix(ops.mask_replicas(cut, pair, fill, backend=self.backend),
-                                                     live_pair))
-            apart = torch.cat([_logits(self.split.run_suffix(
-                ops.mask_replicas(cut, pair[i:i + 1], fill, backend=self.backend), [_fresh(v) for v in live]))
-                for i in range(2)])
-        return _logit_difference(together, apart, self.exact) is not None
+    def batches_exactly(self, cut, live, masks, fill, counts) -> bool:
+        """Whether k masked replicas of this batch run together through the rest of the forward give
+        what each gives alone (the naive loop's shape), for every k in ``counts``, compared bit for bit
+        (on a GPU, to a few float32 rounding steps). Else the rest mixes the rows of its batch
+        (F.batch_norm with training=True, z - z.mean(0), a branch on the whole batch's sum) or rounds
+        differently with the number of rows (a CPU Linear on 1 to 3 rows), and masks run one at a time.
+        The replicas are real: this batch's layer output under masks spread over the set (first, last,
+        between), replica j with the batch's rows rotated by j, so that replicas differ even where the
+        masked units equal the fill on every image (which would hide the mixing)."""
+        m, b = max(counts), cut.shape[0]
+        picks = torch.linspace(0, masks.shape[0] - 1, m).round().long().unique().tolist()
+        picks += [picks[-1]] * (m - len(picks))
+        alone = []
+        replicas = _replicate(cut, m)
+        blocks = replicas.view((m,) + tuple(cut.shape))
+        try:
+            with torch.no_grad():
+                for j, pick in enumerate(picks):
+                    rotated = torch.empty_like(cut)
+                    rotated.copy_(torch.roll(cut, j % max(b, 1), 0))
+                    replica = ops.mask_replicas(rotated, masks[pick:pick + 1], fill, backend=self.backend)
+                    blocks[j].copy_(replica)
+                    alone.append(_logits(self.split.run_suffix(replica, [_fresh(v) for v in live])))
+                for k in sorted(set(counts)):
+                    if k < 2:
+                        continue
+                    live_k = [_replicate(v, k) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
+                    together = _logits(self.split.run_suffix(replicas[:k * b].clone(), live_k))
+                    if _logit_difference(together, torch.cat(alone[:k]), self.exact) is not None:
+                        return False
+        except RuntimeError:  # e.g. a reshape to the batch size: the rest cannot take several masks
+            return False
+        return True
 
     def intact(self, x):
         """One batch, intact: ``model.forward``'s logits, the layer's output as that forward computed it
@@ -619,8 +641,10 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         per_replica_set = probe[0].numel() * probe.element_size() * batch_size
         per_call = max(1, min(s, budget // max(1, per_replica_set)))
     per_call = 1 if batch_statistics else min(per_call, s)
-    if not use_readout and per_call > 1 and engine.mixes_replicas(probe, engine.probe_live, fill):
-        per_call = 1  # one mask a run: the batches the naive loop runs
+    # masks per run for each batch size: several only where that is shown exact on the first batch of
+    # that size (checked at the run sizes used: full chunks and the last one), else one, as the naive loop
+    per_call_of: dict[int, int] = {}
+    chunk_sizes = {per_call, s % per_call or per_call}
 
     plan_state = None
     if use_readout:
@@ -664,7 +688,11 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             if use_readout:
                 pred = engine.readout(cut, live, masks, unit_ids, fill, plan_state)
             else:
-                pred = engine.general(cut, live, masks, fill, per_call, rtol)
+                rows = cut.shape[0]
+                if rows not in per_call_of:
+                    per_call_of[rows] = (per_call if per_call > 1 and engine.batches_exactly(cut, live, masks, fill, chunk_sizes)
+                                         else 1)
+                pred = engine.general(cut, live, masks, fill, per_call_of[rows], rtol)
             correct.index_add_(1, labels, (pred == labels[None, :]).to(torch.int64))
             engine.stats["batches"] += 1
 
@@ -675,7 +703,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
                       "output k with label k, which means something only when they are the same classes in the same "
                       "order; the classes are reported by number", stacklevel=2)
     stats = dict(engine.stats, path="readout" if use_readout else "general",
-                 masks_per_batch=None if use_readout else per_call, verify_rtol=None if use_readout else rtol,
+                 masks_per_batch=None if use_readout else min(per_call_of.values(), default=per_call), verify_rtol=None if use_readout else rtol,
                  readout=engine.split.readout.description if use_readout else engine.split.readout_reason)
     return AblationResult(
         layer=layer, mode=mode, masks=masks.cpu(), units=unit_of.cpu(), correct=correct.cpu(),

@@ -942,3 +942,43 @@ def test_bfloat16_checks_are_bit_for_bit_on_cpu():
     result = abl.ablation_drops(model, data, "a", batch_size=5, masks_per_batch=6, progress=False)
     assert_equal_to_naive(result, model, data, "a", 5)
     assert result.stats["masks_per_batch"] == 1
+
+
+class _MixesTheBatchBlackFirst(nn.Module):
+    """z - 0.7 z.mean(0) after a bias-free conv: on a black first image the layer output is the fill."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.fc = nn.Conv2d(3, 6, 3, bias=False), nn.Linear(6, 4)
+
+    def forward(self, x):
+        z = torch.relu(self.a(x)).mean(dim=(2, 3))
+        return self.fc(z - 0.7 * z.mean(dim=0))
+
+
+class _BatchSumBranch(nn.Module):
+    """A branch on the whole batch's sum (untraceable, so kept opaque): more rows, other branch."""
+
+    def forward(self, h):
+        return -h if h.abs().sum() > 3000.0 else 2.0 * h  # a batch of 4 images sums to ~1100
+
+
+class _BranchesOnTheBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.branch, self.fc = nn.Conv2d(3, 6, 3), _BatchSumBranch(), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.branch(self.a(x))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("model_class", [_MixesTheBatchBlackFirst, _BranchesOnTheBatch])
+def test_mixing_is_measured_on_real_batches_at_the_run_size(model_class):
+    torch.manual_seed(7)
+    model, data = model_class().eval(), ImageSet(n=12)
+    data.images[0] = 0.0
+    with torch.no_grad():
+        data.labels = model(data.images).argmax(dim=1)
+    result = abl.ablation_drops(model, data, "a", batch_size=4, masks_per_batch=6, progress=False)
+    assert_equal_to_naive(result, model, data, "a", 4)
+    assert result.stats["masks_per_batch"] == 1

@@ -26,7 +26,10 @@ channels hold the fill (``naive_ablation_counts``). The engine reproduces it as 
     Where tracing changes what the forward computes, the run is refused: an in-place write whose
     result is never used (dropped from the graph: ``graph_split``), and, on every batch, intact logits
     of the two halves that differ from ``model.forward``'s (``h += y`` on a tensor also saved under
-    another name becomes ``h = h + y``). The intact counts are ``model.forward``'s own. NaN in the
+    another name becomes ``h = h + y``); on the first batch, also under ablation, against the naive
+    loop's own hooked forward, for up to 8 masks spread over the set (``h += g`` with g = 0 on intact
+    images only; up to 8 full forwards of one batch, small next to S passes of the rest of the forward
+    over the data). The intact counts are ``model.forward``'s own. NaN in the
     layer's output or the logits is an error naming the images;
   * several masks share a run of the rest of the forward only where that is shown exact: on the
     first batch of each size, replicas of that batch under masks spread over the set, run together
@@ -466,6 +469,40 @@ class _Engine:
                              "inplace=True)) or h += y on a tensor saved under another name. Assign in-place "
                              "results (h = h.relu()), or count with naive_ablation_counts")
 
+    def check_ablated(self, x, cut, live, masks, fill, ids) -> None:
+        """First batch: the traced rest of the forward under ablation against the naive loop's own
+        forward (model.forward, the layer's output replaced by a hook), for up to 8 masks spread over
+        the set (first, last, between). The intact check cannot see a traced graph that differs only
+        under ablation (h += g with g = 0 on intact images). Costs up to 8 full forwards of one batch."""
+        picks = torch.linspace(0, masks.shape[0] - 1, min(8, masks.shape[0])).round().long().unique().tolist()
+        for pick in picks:
+            mask = masks[pick]
+
+            def write(_module, _inputs, output):
+                out = output.clone()
+                out[:, mask] = fill[mask].view((1, -1) + (1,) * (out.dim() - 2))
+                return out
+
+            handle = self.layer_module.register_forward_hook(write)
+            try:
+                direct = _logits(self.model(x.clone() if self.split.live_names else x))
+            finally:
+                handle.remove()
+            traced = _logits(self.split.run_suffix(self.replica(cut, mask, fill), [_fresh(v) for v in live]))
+            difference = _logit_difference(traced, direct, self.exact)
+            if difference is not None:
+                units = mask.nonzero().flatten().tolist()
+                raise ValueError(
+                    f"cannot ablate {type(self.model).__name__} at layer {self.layer!r}: under ablation (set {pick}, "
+                    f"unit(s) {units[:8]}) its forward traced with torch.fx does not compute what model.forward "
+                    f"does (max difference {difference:.3g} on image(s) among ids {ids[0]}-{ids[-1]}), typically "
+                    "h += y on a tensor saved under another name, with y = 0 on intact images. Assign in-place "
+                    "results (h = h + y), or count with naive_ablation_counts (one full forward per set)")
+
+    def replica(self, cut, mask_row, fill):
+        """The layer output of this batch with one mask applied, as the naive loop's hook writes it."""
+        return ops.mask_replicas(cut, mask_row[None], fill, backend=self.backend)
+
     def dataset_means(self) -> torch.Tensor:
         """m_c: mean over images of each unit's spatial mean (float64), from the layer output that
         model.forward computes (a hook, the forward stopped there), as the naive loop's hook sees it: the
@@ -483,7 +520,7 @@ class _Engine:
     # --- per batch -----------------------------------------------------------------------------------
     def naive_shape(self, cut, live, mask_row, fill):
         """Predictions of one mask on this batch, computed at the naive loop's shape [B]."""
-        replica = ops.mask_replicas(cut, mask_row[None], fill, backend=self.backend)
+        replica = self.replica(cut, mask_row, fill)
         self.stats["suffix_rows"] += cut.shape[0]
         return _logits(self.split.run_suffix(replica, [_fresh(v) for v in live])).argmax(dim=1)
 
@@ -672,8 +709,10 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             labels = labels.to(engine.device)
             # the intact predictions are the model's own (those of the naive loop), and the traced rest of
             # the forward is checked against them on every batch
-            logits, cut, live = engine.checked_intact(engine.inputs(images),
-                                                      list(range(first_id, first_id + images.shape[0])))
+            x, ids = engine.inputs(images), list(range(first_id, first_id + images.shape[0]))
+            logits, cut, live = engine.checked_intact(x, ids)
+            if first_id == 0:
+                engine.check_ablated(x, cut, live, masks, fill, ids)
             first_id += images.shape[0]
             classes = logits.shape[1]
             if correct is None:

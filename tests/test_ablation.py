@@ -982,3 +982,27 @@ def test_mixing_is_measured_on_real_batches_at_the_run_size(model_class):
     result = abl.ablation_drops(model, data, "a", batch_size=4, masks_per_batch=6, progress=False)
     assert_equal_to_naive(result, model, data, "a", 4)
     assert result.stats["masks_per_batch"] == 1
+
+
+class _AliasedOnlyUnderAblation(nn.Module):
+    """h += g on a tensor saved as skip, with g = 0 while unit 0 (a constant 3) is intact."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 4)
+        with torch.no_grad():
+            self.a.weight[0], self.a.bias[0] = 0.0, 3.0
+            self.b.weight[:, 0] = 0.0
+
+    def forward(self, x):
+        r = torch.relu(self.a(x))
+        h = self.b(r)
+        skip = h
+        h += torch.relu(1.0 - r.amax(dim=1, keepdim=True))
+        return self.fc((h + skip).mean(dim=(2, 3)))
+
+
+def test_a_forward_that_tracing_changes_only_under_ablation_is_refused():
+    torch.manual_seed(8)
+    with pytest.raises(ValueError, match=r"under ablation \(set 0, unit\(s\) \[0\]\).*naive_ablation_counts"):
+        abl.ablation_drops(_AliasedOnlyUnderAblation().eval(), ImageSet(n=8), "a", batch_size=4, progress=False)

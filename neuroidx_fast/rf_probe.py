@@ -245,7 +245,10 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         inside = [(p, b) for p, b in zip(points, boxes)
                   if not (b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1)]
         best = (probe_size, points, boxes, whole, spans, inside, across)
-        if whole or len(inside) == len(points) or (len(inside) >= 2 and scale == 1):
+        # enlarged until every field is clear of the border: two clear ones at the input size are not enough,
+        # as a third, cut, spaces the fields wrongly (VGG-M's conv3 at 100x140: 12 px, not 16), and a field
+        # may be cut without touching the border, by the last rows that the net's pooling leaves unread
+        if whole or len(inside) == len(points):
             break
     probe_size, points, boxes, whole, spans, inside, across = best
     if whole or (spans and len(inside) < 2):

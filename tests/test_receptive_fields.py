@@ -701,6 +701,17 @@ def test_the_probe_on_thin_inputs_places_fields_cut_by_the_border(input_size):
     assert (probed.size, probed.stride, probed.offset) == (analytic.size, analytic.stride, analytic.offset)
 
 
+def test_the_probe_spaces_fields_the_input_does_not_cut():
+    # at 100x140 the fields of conv3 (75 px) near the map's centre are cut: one by the top border, one by the
+    # bottom rows that the net's pooling leaves unread (its box ends at row 98 of 99); their spacing (12) is
+    # not the stride (16), which fields measured on a larger input show
+    model = vgg_m(10, input_size=(100, 140), width=0.02, fc_width=4).eval()
+    analytic = receptive_field(model, "conv3", (100, 140), method="analytic")
+    probed = probe_receptive_field(model, "conv3", (100, 140))
+    assert (probed.size, probed.stride, probed.offset) == ((75, 75), (16, 16), (-20, -20))
+    assert (analytic.size, analytic.stride, analytic.offset) == (probed.size, probed.stride, probed.offset)
+
+
 class _WidenedInPlace(nn.Module):
     """The layer's input changed in place by a wider branch: h.add_(9x9 conv of x)."""
 

@@ -39,7 +39,9 @@ channels hold the fill (``naive_ablation_counts``). The engine reproduces it as 
     differently with the number of rows, as a CPU ``Linear`` on 1 to 3 rows) one mask a run, the
     naive loop's shape. The check costs about two runs of the masks of one chunk per batch size;
   * the masked replicas are bit copies of the layer output, the fill being the same value cast to the
-    activation dtype; replicas keep the layer output's memory format, so the same kernels run;
+    activation dtype; replicas keep the layer output's memory format, so the same kernels run; a
+    layer output that is neither contiguous nor channels_last (a permuted conv(x).transpose(2, 3)) is
+    masked as the naive hook masks it, in a clone with its strides, one mask a run;
   * the general path batches M masks, i.e. M*B rows instead of B. Where the rest of the forward is
     batch-size invariant (as torch's CPU convolutions, pooling and norms are on the test models; a
     CPU ``Linear`` on 1 to 3 rows is not) the counts are exact by construction. Otherwise rows can
@@ -268,6 +270,11 @@ def _logit_difference(a: torch.Tensor, b: torch.Tensor, exact: bool) -> float | 
 def _fresh(value):
     """A private copy for one suffix run (the suffix may write in place: ReLU(inplace=True), +=)."""
     return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _odd_layout(t: torch.Tensor) -> bool:
+    """Whether a clone of t (the naive hook's copy) has other strides than masked replicas of t get."""
+    return torch.empty_like(t).stride() != torch.empty_like(t, memory_format=replica_memory_format(t)).stride()
 
 
 def _replicate(t: torch.Tensor, m: int) -> torch.Tensor:
@@ -500,7 +507,14 @@ class _Engine:
                     "results (h = h + y), or count with naive_ablation_counts (one full forward per set)")
 
     def replica(self, cut, mask_row, fill):
-        """The layer output of this batch with one mask applied, as the naive loop's hook writes it."""
+        """The layer output of this batch with one mask applied, as the naive loop's hook writes it: in
+        its strides (a clone), where mask_replicas' memory format (contiguous or channels_last) is not
+        the clone's (a permuted layer output, conv(x).transpose(2, 3): reductions would add in another
+        order)."""
+        if _odd_layout(cut):
+            out = cut.clone()
+            out[:, mask_row] = fill[mask_row].view((1, -1) + (1,) * (out.dim() - 2))
+            return out
         return ops.mask_replicas(cut, mask_row[None], fill, backend=self.backend)
 
     def dataset_means(self) -> torch.Tensor:
@@ -530,7 +544,8 @@ class _Engine:
         for s0 in range(0, s, per_call):
             chunk = masks[s0:s0 + per_call]
             m = chunk.shape[0]
-            replicas = ops.mask_replicas(cut, chunk, fill, backend=self.backend)
+            replicas = (self.replica(cut, chunk[0], fill) if m == 1
+                        else ops.mask_replicas(cut, chunk, fill, backend=self.backend))
             live_m = [_replicate(v, m) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
             logits = _logits(self.split.run_suffix(replicas, live_m))
             if logits.shape[0] != m * b:
@@ -729,8 +744,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             else:
                 rows = cut.shape[0]
                 if rows not in per_call_of:
-                    per_call_of[rows] = (per_call if per_call > 1 and engine.batches_exactly(cut, live, masks, fill, chunk_sizes)
-                                         else 1)
+                    per_call_of[rows] = (per_call if per_call > 1 and not _odd_layout(cut)
+                                         and engine.batches_exactly(cut, live, masks, fill, chunk_sizes) else 1)
                 pred = engine.general(cut, live, masks, fill, per_call_of[rows], rtol)
             correct.index_add_(1, labels, (pred == labels[None, :]).to(torch.int64))
             engine.stats["batches"] += 1

@@ -1006,3 +1006,35 @@ def test_a_forward_that_tracing_changes_only_under_ablation_is_refused():
     torch.manual_seed(8)
     with pytest.raises(ValueError, match=r"under ablation \(set 0, unit\(s\) \[0\]\).*naive_ablation_counts"):
         abl.ablation_drops(_AliasedOnlyUnderAblation().eval(), ImageSet(n=8), "a", batch_size=4, progress=False)
+
+
+class _Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).transpose(2, 3)
+
+
+class _SumsInTwoOrders(nn.Module):
+    """A permuted layer output summed in its own layout and over a contiguous copy: the two logits
+    differ by rounding, by image, only in the layout the naive hook's clone keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = _Transposed()
+
+    def forward(self, x):
+        p = self.layer(x)[:, 0]
+        return torch.stack([p.sum(dim=(1, 2)), p.contiguous().sum(dim=(1, 2))], dim=1)
+
+
+def test_a_permuted_layer_output_keeps_its_strides_in_the_replicas():
+    torch.manual_seed(0)
+    model, data = _SumsInTwoOrders().eval(), ImageSet(n=32, size=24, classes=2)
+    data.labels = torch.ones(32, dtype=torch.int64)
+    masks = torch.tensor([[False, False, True, False], [False, False, True, True]])
+    result = abl.ablation_drops(model, data, "layer", masks=masks, batch_size=16, progress=False)
+    correct = assert_equal_to_naive(result, model, data, "layer", 16)
+    assert correct.sum() > 0

@@ -55,7 +55,7 @@ class Contributions:
 
     def top_units(self, n: int | None = None) -> list[tuple[int, float]]:
         """(unit, contribution) of the ``n`` (default ``self.top``) largest contributors."""
-        n = self.top if n is None else n
+        n = self.top if n is None else positive_int("n", n)
         return [(int(u), float(self.values[u])) for u in self.order[:n]]
 
 

@@ -54,7 +54,8 @@ def image_grid(images, ncols: int | None = None, gap: int = 2, scale: int = 1, b
     w, h = tiles[0].size
     if any(t.size != (w, h) for t in tiles):
         raise ValueError("image_grid needs images of one size")
-    ncols = ncols or math.ceil(math.sqrt(len(tiles)))
+    # no more columns than tiles: ncols=50 for 3 tiles drew a 2500 px wide, mostly blank image
+    ncols = min(ncols or math.ceil(math.sqrt(len(tiles))), len(tiles))
     nrows = math.ceil(len(tiles) / ncols)
     grid = Image.new("RGB", (ncols * w + (ncols - 1) * gap, nrows * h + (nrows - 1) * gap), background)
     for i, tile in enumerate(tiles):

@@ -243,7 +243,9 @@ def test_contributions_sum_to_the_logit_change_against_zero(layer):
     positive = result.values.clamp(min=0)
     assert curve[-1] == pytest.approx(1.0) and (curve[1:] >= curve[:-1]).all()
     assert result.domination() == pytest.approx(float(positive.sort(descending=True).values[:2].sum() / positive.sum()))
-    assert result.top_units()[0][0] == int(result.values.argmax())
+    assert result.top_units()[0][0] == int(result.values.argmax()) and len(result.top_units(np.int64(2))) == 2
+    with pytest.raises(ValueError, match="n must be a positive int, got 2.0"):
+        result.top_units(2.0)
     other = contributions(model, image, layer, target=(result.target + 1) % 3)
     assert other.total == pytest.approx(float(logits[other.target]) - float(head.bias[other.target].detach()), abs=1e-5)
 

@@ -346,6 +346,8 @@ def test_png_outputs(indexed, tmp_path):
     feats = neuron_features(index, "features.8", keep_crops=3, backend="torch")
     grid = Image.open(save_grid(feats, tmp_path / "grid.png", ncols=4, scale=2))
     assert grid.size == (4 * 36 + 3 * 2, 4 * 36 + 3 * 2)  # 16 units, 18 px NFs at scale 2, 2 px gaps
+    # no more columns than tiles (ncols=50 for 3 units drew a 2500 px wide, mostly blank image)
+    assert Image.open(save_grid(feats, tmp_path / "wide.png", units=[0, 1, 2], ncols=50, scale=1)).size == (58, 18)
     alive = int(torch.nonzero(~feats.dead)[0])
     strip = Image.open(feats.save_unit(alive, tmp_path / "unit.png", scale=1))
     shown = 1 + int((feats.crop_ids[alive] >= 0).sum())

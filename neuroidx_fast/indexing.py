@@ -40,6 +40,7 @@ class _LayerStats:
         self.mean_sum = torch.zeros(num_units, dtype=torch.float64, device=device)
         self.class_sum = None
         self.class_count = None
+        self.nan_means_said = False
 
     def update(self, activations, ids, labels, num_classes):
         size = tuple(activations.shape[2:]) if activations.dim() == 4 else (1, 1)
@@ -47,9 +48,23 @@ class _LayerStats:
             raise ValueError(f"layer {self.name!r}: activation map size changed from {self.map_size} to {size}; "
                              "every image must have the same size")
         means = self.top.observe(activations, ids, check_ids=False).double()
+        self._warn_of_nan_means(means, ids)
         self.mean_sum += means.sum(dim=0)
         if labels is not None:
             self._add_classes(means, labels, num_classes)
+
+    def _warn_of_nan_means(self, means, ids) -> None:
+        """A NaN spatial mean (a map of NaN only, under nan="ignore"; a map holding both +inf and -inf)
+        makes the unit's mean activation and its class's mean NaN for good: said once per layer, not
+        left to surprise (Morcos selectivity, clustering and mode="mean" ablation then skip the unit)."""
+        if self.nan_means_said or not bool(torch.isnan(means).any()):
+            return
+        self.nan_means_said = True
+        rows, units = torch.isnan(means).nonzero(as_tuple=True)
+        warnings.warn(f"layer {self.name!r}: the spatial mean of unit(s) {sorted(set(units.tolist()))[:8]} is NaN on "
+                      f"image id(s) {sorted(set(ids[rows].tolist()))[:8]} (a map of NaN only, under "
+                      "nan='ignore', or one holding both +inf and -inf): those units' mean activation and class "
+                      "means are NaN", stacklevel=4)
 
     def _add_classes(self, means, labels, needed):
         if self.class_sum is None:

@@ -136,9 +136,12 @@ def test_minus_inf_slots_take_no_part(gray):
     images = torch.rand(8, 3, 10, 10) * 0.9
     images[:2, 0, 0, 0] = 1.0
     data = [(images[i], i % 2) for i in range(8)]
-    index = nx.index_dataset(model, data, ["0"], k=8, progress=False, nan="ignore")
+    # (said, where it makes the unit's mean activation NaN for good)
+    with pytest.warns(UserWarning, match=r"'0': the spatial mean of unit\(s\) \[0\] is NaN on image id\(s\) \[0, 1\]"):
+        index = nx.index_dataset(model, data, ["0"], k=8, progress=False, nan="ignore")
     L = index["0"]
     assert L.values[0, -2:].tolist() == [float("-inf")] * 2 and bool((L.ids[0] >= 0).all())
+    assert L.mean_activation()[0].isnan() and not L.mean_activation()[1:].isnan().any()
     alpha = color_selectivity(model, index, "0", gray=gray)
     assert torch.isfinite(alpha).all()
     # the same as with those slots empty

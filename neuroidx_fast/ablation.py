@@ -28,8 +28,8 @@ channels hold the fill (``naive_ablation_counts``). The engine reproduces it as 
     of the two halves that differ from ``model.forward``'s (``h += y`` on a tensor also saved under
     another name becomes ``h = h + y``); on the first batch, also under ablation, against the naive
     loop's own hooked forward, for up to 8 masks spread over the set (``h += g`` with g = 0 on intact
-    images only; up to 8 full forwards of one batch, small next to S passes of the rest of the forward
-    over the data). The intact counts are ``model.forward``'s own. NaN in the
+    images only; up to 8 full forwards of the batch's first 8 images, small next to S passes of the
+    rest of the forward over the data). The intact counts are ``model.forward``'s own. NaN in the
     layer's output or the logits is an error naming the images;
   * several masks share a run of the rest of the forward only where that is shown exact: on the
     first batch of each size, replicas of that batch under masks spread over the set, run together
@@ -37,7 +37,8 @@ channels hold the fill (``naive_ablation_counts``). The engine reproduces it as 
     (CPU; a few float32 rounding steps on a GPU). Else (a rest that mixes the rows of its batch:
     ``F.batch_norm`` with training=True, ``z - z.mean(0)``, a branch on the batch's sum; or rounds
     differently with the number of rows, as a CPU ``Linear`` on 1 to 3 rows) one mask a run, the
-    naive loop's shape. The check costs about two runs of the masks of one chunk per batch size;
+    naive loop's shape. The check costs a run of the masks of one chunk, and eight masks run alone, per
+    batch size and run size;
   * the masked replicas are bit copies of the layer output, the fill being the same value cast to the
     activation dtype; replicas keep the layer output's memory format, so the same kernels run; a
     layer output that is neither contiguous nor channels_last (a permuted conv(x).transpose(2, 3)) is
@@ -69,7 +70,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import ops
-from .graph_split import SplitModel, incoming_weight_l1, split_model
+from .graph_split import SplitModel, incoming_weight_l1, logits_element, split_model
 from .hooks import LayerCapture, resolve_layers
 from .ops.reference import replica_memory_format
 from .prepare import (canonical_device, check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space,
@@ -235,10 +236,8 @@ def _images_labels(batch, need_labels: bool = True):
 
 
 def _logits(out) -> torch.Tensor:
-    if isinstance(out, (tuple, list)) and out:
-        out = out[0]
-    elif isinstance(out, dict) and "logits" in out:
-        out = out["logits"]
+    if isinstance(out, (tuple, list, dict)):
+        out = logits_element(out)  # the element the traced rest of the forward computes
     elif not isinstance(out, torch.Tensor) and isinstance(getattr(out, "logits", None), torch.Tensor):
         out = out.logits
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
@@ -270,6 +269,19 @@ def _logit_difference(a: torch.Tensor, b: torch.Tensor, exact: bool) -> float | 
 def _fresh(value):
     """A private copy for one suffix run (the suffix may write in place: ReLU(inplace=True), +=)."""
     return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """Up to ``count`` distinct indices in [0, n), spread evenly from the first to the last."""
+    return torch.linspace(0, n - 1, min(count, n)).round().long().unique().tolist()
+
+
+def _masked_clone(output: torch.Tensor, mask: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """The naive loop's ablation of a layer output: a clone (in its strides) whose channels under
+    ``mask`` [C] hold ``fill`` [C] (in the output's dtype)."""
+    out = output.clone()
+    out[:, mask] = fill[mask].view((1, -1) + (1,) * (out.dim() - 2))
+    return out
 
 
 def _odd_layout(t: torch.Tensor) -> bool:
@@ -407,7 +419,7 @@ class _Engine:
         first two, the last two and four between are also run alone (each alone run costs what the
         naive loop's rest does for one mask: all k of them made the check cost as much as the batch)."""
         m, b = max(counts), cut.shape[0]
-        picks = torch.linspace(0, masks.shape[0] - 1, m).round().long().unique().tolist()
+        picks = _spread(masks.shape[0], m)
         picks += [picks[-1]] * (m - len(picks))
         alone = {}
         replicas = _replicate(cut, m)
@@ -421,10 +433,9 @@ class _Engine:
                 for k in sorted(set(counts)):
                     if k < 2:
                         continue
-                    live_k = [_replicate(v, k) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
-                    together = _logits(self.split.run_suffix(replicas[:k * b].clone(), live_k))
+                    together = _logits(self.split.run_suffix(replicas[:k * b].clone(), self.live_for(live, k)))
                     together = together.reshape((k, b) + tuple(together.shape[1:]))
-                    for j in sorted({0, 1, k - 2, k - 1} | set(torch.linspace(0, k - 1, 6).round().long().tolist())):
+                    for j in sorted({0, 1, k - 2, k - 1} | set(_spread(k, 6))):
                         if j not in alone:
                             alone[j] = _logits(self.split.run_suffix(blocks[j].clone(), [_fresh(v) for v in live]))
                         if _logit_difference(together[j], alone[j], self.exact) is not None:
@@ -489,16 +500,10 @@ class _Engine:
         n = min(8, cut.shape[0])
         x, cut, ids = x[:n], cut[:n], ids[:n]
         live = [v[:n] if batched else v for v, batched in zip(live, self.split.batched)]
-        picks = torch.linspace(0, masks.shape[0] - 1, min(8, masks.shape[0])).round().long().unique().tolist()
-        for pick in picks:
+        for pick in _spread(masks.shape[0], 8):
             mask = masks[pick]
-
-            def write(_module, _inputs, output):
-                out = output.clone()
-                out[:, mask] = fill[mask].view((1, -1) + (1,) * (out.dim() - 2))
-                return out
-
-            handle = self.layer_module.register_forward_hook(write)
+            handle = self.layer_module.register_forward_hook(
+                lambda _module, _inputs, output: _masked_clone(output, mask, fill))
             try:
                 direct = _logits(self.model(x.clone() if self.split.live_names else x))
             finally:
@@ -514,15 +519,18 @@ class _Engine:
                     "h += y on a tensor saved under another name, with y = 0 on intact images. Assign in-place "
                     "results (h = h + y), or count with naive_ablation_counts (one full forward per set)")
 
+    def live_for(self, live, m: int) -> list:
+        """The values from before the layer for a run of ``m`` masked replicas: those computed from the
+        input repeated m times along the batch, as the replicas are; the others (constants) as they are."""
+        return [_replicate(v, m) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
+
     def replica(self, cut, mask_row, fill):
         """The layer output of this batch with one mask applied, as the naive loop's hook writes it: in
         its strides (a clone), where mask_replicas' memory format (contiguous or channels_last) is not
         the clone's (a permuted layer output, conv(x).transpose(2, 3): reductions would add in another
         order)."""
         if _odd_layout(cut):
-            out = cut.clone()
-            out[:, mask_row] = fill[mask_row].view((1, -1) + (1,) * (out.dim() - 2))
-            return out
+            return _masked_clone(cut, mask_row, fill)
         return ops.mask_replicas(cut, mask_row[None], fill, backend=self.backend)
 
     def dataset_means(self) -> torch.Tensor:
@@ -554,8 +562,7 @@ class _Engine:
             m = chunk.shape[0]
             replicas = (self.replica(cut, chunk[0], fill) if m == 1
                         else ops.mask_replicas(cut, chunk, fill, backend=self.backend))
-            live_m = [_replicate(v, m) if batched else _fresh(v) for v, batched in zip(live, self.split.batched)]
-            logits = _logits(self.split.run_suffix(replicas, live_m))
+            logits = _logits(self.split.run_suffix(replicas, self.live_for(live, m)))
             if logits.shape[0] != m * b:
                 raise RuntimeError(f"the forward after layer {self.layer!r} returned {logits.shape[0]} rows for "
                                    f"{m * b} masked replicas: it mixes images of a batch, so it cannot be ablated "
@@ -765,7 +772,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
                       "output k with label k, which means something only when they are the same classes in the same "
                       "order; the classes are reported by number", stacklevel=2)
     stats = dict(engine.stats, path="readout" if use_readout else "general",
-                 masks_per_batch=None if use_readout else min(per_call_of.values(), default=per_call), verify_rtol=None if use_readout else rtol,
+                 masks_per_batch=None if use_readout else min(per_call_of.values(), default=per_call),
+                 verify_rtol=None if use_readout else rtol,
                  readout=engine.split.readout.description if use_readout else engine.split.readout_reason)
     return AblationResult(
         layer=layer, mode=mode, masks=masks.cpu(), units=unit_of.cpu(), correct=correct.cpu(),
@@ -795,11 +803,9 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
         mask = current["mask"]
         if mask is None:
             return None
-        out = output.clone()
-        values = (torch.zeros(out.shape[1]) if fill is None else torch.as_tensor(fill)).to(out.device, torch.float64)
-        values = values.to(out.dtype)[mask]
-        out[:, mask] = values.view((1, -1) + (1,) * (out.dim() - 2))
-        return out
+        values = (torch.zeros(output.shape[1]) if fill is None else torch.as_tensor(fill)).to(output.device,
+                                                                                               torch.float64)
+        return _masked_clone(output, mask, values.to(output.dtype))
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     results = []

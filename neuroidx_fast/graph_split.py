@@ -199,7 +199,7 @@ def _check_no_lost_writes(gm: fx.GraphModule, model: nn.Module, layer: str, node
                 "naive_ablation_counts")
 
 
-def _logits_element(value):
+def logits_element(value):
     """The part of the forward's return value that holds the logits, as the ablation engine reads it (the
     first element of a tuple / list, a dict's 'logits'): the suffix computes only that, so that other
     entries (an auxiliary scalar computed from the input, features) need not cross the cut."""
@@ -224,7 +224,7 @@ def split_model(model: nn.Module, layer: str) -> SplitModel:
                          "conv or norm before it)")
     cut = cuts[0]
     output = next(n for n in nodes if n.op == "output")
-    result = _logits_element(output.args[0])
+    result = logits_element(output.args[0])
     result_nodes: list[fx.Node] = []
     fx.node.map_arg(result, result_nodes.append)
 

@@ -127,25 +127,14 @@ class UnitObjective:
         call, so such a layer would silently be its first call, not the layer ``index_dataset`` and
         ``contributions`` refuse. The forward runs to its end here, the only way to see a later call; an
         error in it that comes before a second call is left to the probe, which names what is wrong."""
-        calls = 0
-
-        def count(module, inputs, output):
-            nonlocal calls
-            calls += 1
-            if calls > 1:
-                raise SharedModuleError(self.name)
-
         gray = torch.full((1, 3) + self.size, 0.5, device=self.device)
-        handle = self.module.register_forward_hook(count)
         try:
-            with torch.no_grad():
-                self.model(self.model_input(gray))
+            with torch.no_grad(), LayerCapture(self.model, [self.name]) as whole:
+                whole.run_whole(self.model_input(gray))  # (an error after the layer's call ends the forward)
         except SharedModuleError:
             raise
-        except Exception:  # a size or preprocess the model refuses (the probe says so), or a head after the layer
+        except Exception:  # a size or preprocess the model refuses, or a layer it never reaches: the probe says so
             pass
-        finally:
-            handle.remove()
 
     def _probe(self) -> int:
         # The gray image takes the very path of the images optimised or measured (preprocess included): a

@@ -10,7 +10,8 @@ import warnings
 import torch
 from torch import nn
 
-from .features import _check_top_images, batch_slots, check_top_images_size, load_top_images, resolve_dataset
+from .features import (batch_slots, check_finite_top_images, check_top_images_size, load_top_images,
+                       resolve_dataset)
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
 from .prepare import evaluating, model_device, param_dtype, pixel_space, positive_int
@@ -171,13 +172,12 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
                        "gray": torch.zeros(L.values.shape, dtype=torch.float64),
                        "units": torch.arange(L.num_units, device=device)[:, None]}
     all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
-    warned = [True]  # _check_top_images' range warning speaks of NF crops: only its finite check is for here
 
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
                                                                    progress, f"color ({gray})")):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
-            _check_top_images(images, batch_ids, warned)  # a NaN pixel would make a live unit's alpha NaN
+            check_finite_top_images(images, batch_ids)  # a NaN pixel would make a live unit's alpha NaN
             images = pixel_space(images.to(device))
             if step == 0:
                 _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast)

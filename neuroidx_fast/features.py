@@ -133,17 +133,23 @@ def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
     return rf
 
 
-def _check_top_images(images: torch.Tensor, batch_ids: torch.Tensor, warned: list) -> None:
-    """Finite pixels (a NaN pixel would make a live unit's NF NaN: undefined is for dead units only), in
-    [0, 1] (else warn once: the NF is clamped to [0, 1], so normalised images give a washed-out NF); 8-bit
-    pixels (uint8) are both."""
+def check_finite_top_images(images: torch.Tensor, batch_ids: torch.Tensor) -> None:
+    """A ValueError naming the top images (``batch_ids``) of a batch that hold NaN or infinite pixels: a
+    NaN pixel would make a live unit's NF (or color selectivity) NaN, which is for dead units only.
+    8-bit pixels (uint8) are finite."""
     if images.dtype == torch.uint8:
         return
     bad = batch_ids[nonfinite_images(images).cpu()][:5].tolist()
     if bad:
         raise ValueError(f"top images {bad} hold NaN or infinite pixels: the dataset must give finite pixel-space "
                          "images in [0, 1]")
-    if not warned and images.numel():
+
+
+def _check_top_images(images: torch.Tensor, batch_ids: torch.Tensor, warned: list) -> None:
+    """Finite pixels (check_finite_top_images), in [0, 1] (else warn once: the NF is clamped to [0, 1], so
+    normalised images give a washed-out NF); 8-bit pixels (uint8) are both."""
+    check_finite_top_images(images, batch_ids)
+    if images.dtype != torch.uint8 and not warned and images.numel():
         low, high = torch.aminmax(images)  # one pass over the batch, not two
         if float(low) >= -1e-3 and float(high) <= 1 + 1e-3:
             return

@@ -415,8 +415,9 @@ def step_features(args) -> None:
     run, index = open_run(args.out, args.device)
     pad = args.pad
     resolve_pad(pad, index)  # a bad --pad is an error before any layer's record goes
-    _forget_made(run.out, "features", _layers(args, index), args)
-    for layer in _layers(args, index):
+    layers = _layers(args, index)
+    _forget_made(run.out, "features", layers, args)
+    for layer in layers:
         made_with = {"pad": pad, "keep": args.keep}
         if _already_made(run.out, "features", layer, made_with, args):
             continue
@@ -560,9 +561,10 @@ def step_visualize(args) -> None:
 
     run, index = open_run(args.out, args.device)
     size = args.image_size or run.settings["size"]
-    _check_units(args.units, index, _layers(args, index))
-    _forget_made(run.out, "visualize", _layers(args, index), args)
-    for layer in _layers(args, index):
+    layers = _layers(args, index)
+    _check_units(args.units, index, layers)
+    _forget_made(run.out, "visualize", layers, args)
+    for layer in layers:
         units = args.units if args.units is not None else list(range(min(args.max_units, index[layer].num_units)))
         made_with = {"units": list(units), "size": size, "steps": args.steps, "batch_size": args.batch_size}
         if _already_made(run.out, "visualize", layer, made_with, args):

@@ -134,11 +134,7 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
     with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
         out = capture.run(images)[layer]
-        if out.dim() not in (2, 4):
-            # as index_dataset: a [B, C] output is a map of one position (SPEC.md 1), and any other shape has
-            # no [H, W] map whose positions the probe could name
-            raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}: the gradient probe measures a layer "
-                             "whose output is [B, C, H, W] or [B, C]")
+        _check_map_shape(layer, out)
         flat = out.reshape(out.shape[0], out.shape[1], -1)
         coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]
         maps = torch.einsum("bcp,c->bp", flat, coefficients).reshape(
@@ -163,6 +159,14 @@ def _bounds(mask: torch.Tensor):
 def _layer_output(model, layer, size, channels):
     with evaluating(model), torch.no_grad(), LayerCapture(model, [layer]) as capture:
         return capture.run(_blank_input(model, size, channels))[layer]
+
+
+def _check_map_shape(layer, out) -> None:
+    """As index_dataset: a [B, C] output is a map of one position (SPEC.md 1), and any other shape than
+    that and [B, C, H, W] has no [H, W] map whose positions the probe could name."""
+    if out.dim() not in (2, 4):
+        raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}: the gradient probe measures a layer "
+                         "whose output is [B, C, H, W] or [B, C]")
 
 
 def _one_position_field(model, layer, size, channels) -> ReceptiveField:
@@ -210,9 +214,7 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
                else "choose a larger input_size")
         raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs of {channels} channel(s) up to layer "
                          f"{layer!r} ({type(exc).__name__}: {message}): {fix}") from None
-    if out.dim() not in (2, 4):
-        raise ValueError(f"layer {layer!r} outputs shape {tuple(out.shape)}: the gradient probe measures a layer "
-                         "whose output is [B, C, H, W] or [B, C]")
+    _check_map_shape(layer, out)
     if out.dim() == 2:
         return _one_position_field(model, layer, size, channels)
     map_size = _spatial(out)

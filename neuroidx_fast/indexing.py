@@ -257,20 +257,21 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
     differ = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key)
                     and (key in saved or key not in _LATER_FINGERPRINTS))
     if differ:
-        details = "; ".join(f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
-                            for key in differ if key not in ("model", "data", "structure", "data_sample",
-                                                             "data_geometry"))
-        if "data_geometry" in differ:
-            details = (f"the images are made otherwise from the files (checkpoint {saved.get('data_geometry')}, now "
-                       f"{fingerprint.get('data_geometry')})") + (f"; {details}" if details else "")
-        if "data_sample" in differ:
-            details = ("the dataset's first or last image differs (another dataset of the same length, or random "
-                       "transforms: ids must name fixed images)") + (f"; {details}" if details else "")
-        if "data" in differ:
-            details = "the dataset's contents differ (its file list changed)" + (f"; {details}" if details else "")
+        notes = []  # the named differences first, in this order, then the other settings as they are
         if "model" in differ or "structure" in differ:
             what = "weights" if "structure" not in differ else "modules (or the preprocess's settings)"
-            details = f"the model's {what} differ" + (f"; {details}" if details else "")
+            notes.append(f"the model's {what} differ")
+        if "data" in differ:
+            notes.append("the dataset's contents differ (its file list changed)")
+        if "data_sample" in differ:
+            notes.append("the dataset's first or last image differs (another dataset of the same length, or random "
+                         "transforms: ids must name fixed images)")
+        if "data_geometry" in differ:
+            notes.append(f"the images are made otherwise from the files (checkpoint {saved.get('data_geometry')}, now "
+                         f"{fingerprint.get('data_geometry')})")
+        notes += [f"{key}: checkpoint {saved.get(key)!r} vs now {fingerprint.get(key)!r}"
+                  for key in differ if key not in ("model", "data") + _LATER_FINGERPRINTS]
+        details = "; ".join(notes)
         raise ValueError(f"checkpoint {path} was made with other arguments ({details}). Use the original "
                          "arguments, or delete the checkpoint to start over")
     index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
@@ -404,14 +405,18 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     shard = range(min(length, rank * all_batches // world * batch_size),
                   min(length, (rank + 1) * all_batches // world * batch_size))
     device, param_dtype = eval_on_device(model, device)
-    # everything that changes the activations: a resume must continue the same computation
-    fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names, "k": k,
-                   "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world, "nan": nan,
-                   "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
-                   "preprocess": _preprocess_fingerprint(preprocess),
-                   "structure": structure_fingerprint(model, preprocess), "data_geometry": dataset_geometry(dataset)}
-    if checkpoint is not None and fingerprint["data"] is None and len(shard):
-        fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
+    # everything that changes the activations: a resume must continue the same computation (only a checkpoint
+    # reads it: without one, no weight is hashed and no image file stat-ed)
+    fingerprint = None
+    if checkpoint is not None:
+        fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names,
+                       "k": k, "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world,
+                       "nan": nan, "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
+                       "preprocess": _preprocess_fingerprint(preprocess),
+                       "structure": structure_fingerprint(model, preprocess),
+                       "data_geometry": dataset_geometry(dataset)}
+        if fingerprint["data"] is None and len(shard):
+            fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
     class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}

@@ -393,7 +393,7 @@ class _Engine:
             raise ValueError(f"the dataset must yield image tensors [3, H, W] (or (image, label)); got "
                              f"{type(image).__name__}")
         with torch.no_grad():
-            _, cut, self.probe_live = self.checked_intact(self.inputs(image[None]), [0])
+            _, cut, _ = self.checked_intact(self.inputs(image[None]), [0])
         return cut
 
     def checked_intact(self, x, ids):

@@ -304,13 +304,14 @@ def _check_out_outside_data(out: OutDir, data) -> None:
                          "the dataset; put the run directory elsewhere")
 
 
-def _finish_index_record(out: OutDir, record: dict) -> None:
-    """What a finished index step does after saving the index (labels into run.json, the checkpoint gone),
-    where an interruption right after the save left it undone."""
+def _finish_index_record(out: OutDir, record: dict, index=None) -> None:
+    """What a finished index step does after saving ``index`` (labels into run.json, the checkpoint gone,
+    with what killed checkpoint writes left beside it); also where an interruption right after the save
+    left it undone (``index`` None: read from DIR/index)."""
     from .neuron_index import NeuronIndex
 
     if record.get("labels") is None:
-        labels = NeuronIndex.load(out.index).labels
+        labels = (index if index is not None else NeuronIndex.load(out.index)).labels
         if labels is not None:
             write_json(out.run_json, dict(record, labels=labels.tolist()))
     remove_bundle(out.checkpoint)
@@ -399,10 +400,7 @@ def step_index(args) -> object:
                           progress=not args.no_progress)
     index.meta["run_id"] = record["run_id"]  # which run.json this index belongs to
     index.save(out.index)
-    if index.labels is not None:
-        record["labels"] = index.labels.tolist()
-        write_json(out.run_json, record)
-    remove_bundle(out.checkpoint)  # with what killed checkpoint writes left beside it
+    _finish_index_record(out, record, index)
     print(f"indexed {len(dataset)} images, {len(index)} layers -> {out.index}")
     return index
 

@@ -150,7 +150,16 @@ def collate_images(items: list):
     uint8 and float images together as floats, the 8-bit ones then 0-255 instead of k / 255: wrong
     activations and crops, with no error."""
     images = [item[0] if isinstance(item, (tuple, list)) and item else item for item in items]
-    tensors = [image for image in images if isinstance(image, torch.Tensor)]
+    for image in images:
+        if not isinstance(image, torch.Tensor):  # default_collate would stack numpy arrays, refuse PIL images
+            raise ValueError(f"the dataset gives a {type(image).__name__} image: datasets must yield image tensors "
+                             "[3, H, W] (float pixels in [0, 1], or uint8 8-bit pixels): add a transform such as "
+                             "to_tensor or PILToTensor")
+    for item in items:
+        if isinstance(item, (tuple, list)) and len(item) >= 2 and item[1] is None:
+            raise ValueError("the dataset gives (image, None) pairs: give an int class label with each image, or "
+                             "the image alone (a dataset without labels)")
+    tensors = images
     if tensors:
         dtypes = sorted({str(image.dtype) for image in tensors})
         if len(dtypes) > 1:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import collate_images, evaluating, model_device, pixel_space
+from .prepare import (check_pixel_batch, collate_images, evaluating, model_device, nonfinite_images, param_dtype,
+                      pixel_space, split_batch)
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -54,9 +55,32 @@ def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
     loader = DataLoader(dataset, batch_size=batch_size, sampler=order.tolist(), num_workers=num_workers,
                         collate_fn=collate_images, generator=torch.Generator().manual_seed(0))
     for batch in loader:
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+        images, labels = split_batch(batch)  # integer labels, or an error
+        if labels is None:
             raise ValueError("the dataset must yield (image, label) pairs to train a classifier")
-        yield batch[0], batch[1].to(torch.int64)
+        yield images, labels
+
+
+def _model_input(images: torch.Tensor, device, dtype, preprocess) -> torch.Tensor:
+    """A batch as the model takes it: finite pixel-space images (checked: NaN pixels would make NaN logits,
+    whose argmax is class 0), on the device, in the model's dtype, preprocessed."""
+    check_pixel_batch(images, "the classifier's dataset")
+    bad = nonfinite_images(images)[:5].tolist()
+    if bad:
+        raise ValueError(f"images at batch rows {bad} hold NaN or infinite pixels: give finite pixel-space images")
+    x = pixel_space(images.to(device)).to(dtype)
+    return preprocess(x) if preprocess is not None else x
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Logits [B, classes] and labels that are classes of them: a label past the outputs would count as
+    an error (or, negative, crash the loss) instead of being refused."""
+    if logits.dim() != 2:
+        raise ValueError(f"the model must output logits [B, classes], got {tuple(logits.shape)}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= logits.shape[1]:
+        raise ValueError(f"label {low if low < 0 else high} is not a class of the model, which has "
+                         f"{logits.shape[1]} outputs: labels must be class indices in [0, {logits.shape[1]})")
 
 
 @contextlib.contextmanager
@@ -97,7 +121,7 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
         raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}")
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: nothing to train on")
-    device = model_device(model, device)
+    device, dtype = model_device(model, device), param_dtype(model)
     if cache is None:
         cache = len(dataset) <= 20_000
     cached = _materialise(dataset) if cache else None
@@ -123,14 +147,9 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
                 model.train()
                 total, correct, loss_sum = 0, 0, 0.0
                 for images, labels in _batches(dataset, batch_size, True, generator, cached, num_workers):
-                    x, y = pixel_space(images.to(device)), labels.to(device)
-                    if preprocess is not None:
-                        x = preprocess(x)
+                    x, y = _model_input(images, device, dtype, preprocess), labels.to(device)
                     logits = model(x)
-                    if logits.dim() != 2:
-                        raise ValueError(f"the model must output logits [B, classes], got {tuple(logits.shape)}")
-                    if int(y.max()) >= logits.shape[1]:
-                        raise ValueError(f"label {int(y.max())} but the model has {logits.shape[1]} outputs")
+                    _check_logits(logits, y)
                     loss = loss_fn(logits, y)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -157,14 +176,13 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
 
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 256, device=None, preprocess=None) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on a dataset of (image, label) pairs."""
-    device = model_device(model, device)
+    device, dtype = model_device(model, device), param_dtype(model)
     correct = total = 0
     with evaluating(model), torch.no_grad():
         for images, labels in _batches(dataset, batch_size, False, None, None, 0):
-            x = pixel_space(images.to(device))
-            if preprocess is not None:
-                x = preprocess(x)
-            correct += int((model(x).argmax(1) == labels.to(device)).sum())
+            logits, labels = model(_model_input(images, device, dtype, preprocess)), labels.to(device)
+            _check_logits(logits, labels)
+            correct += int((logits.argmax(1) == labels).sum())
             total += len(labels)
     if total == 0:
         raise ValueError("the evaluation dataset is empty")

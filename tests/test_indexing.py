@@ -580,3 +580,16 @@ def test_labels_are_class_indices_of_the_dataset():
         index(_Labelled([True, False, True, False]))
     one_element = index(_Labelled([torch.tensor([1]), torch.tensor([0]), torch.tensor([1]), torch.tensor([0])]))
     assert one_element.labels.tolist() == [1, 0, 1, 0]
+
+
+def test_pil_images_and_none_labels_are_refused_naming_the_fix():
+    """default_collate's own TypeError named neither the dataset nor the fix."""
+    from PIL import Image
+
+    model = make_model("vgg")
+    pil = [Image.new("RGB", (16, 16))] * 4
+    with pytest.raises(ValueError, match="Image image.*to_tensor or PILToTensor"):
+        nx.index_dataset(model, pil, ["features.5"], k=2, batch_size=2, progress=False)
+    unlabelled = [(img, None) for img in ImageSet(n=4).images]
+    with pytest.raises(ValueError, match=r"\(image, None\) pairs"):
+        nx.index_dataset(model, unlabelled, ["features.5"], k=2, batch_size=2, progress=False)

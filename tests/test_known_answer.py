@@ -65,6 +65,38 @@ def test_training_is_deterministic_and_keeps_global_rng(one_thread):
         train_classifier(small_cnn(), data, epochs=0)
 
 
+
+def test_training_and_evaluation_refuse_bad_labels_and_pixels(one_thread):
+    """Float labels are not cut to ints, labels past the outputs or negative are refused (they had counted
+    as errors or crashed the loss), NaN pixels are refused (NaN logits argmax to class 0), and a float64
+    model takes float64 inputs."""
+    image = torch.rand(3, 32, 32)
+
+    def run(items, **kw):
+        model = small_cnn(classes=3)
+        train_classifier(model, items, epochs=1, batch_size=2, **kw)
+        return evaluate_classifier(model, items)
+
+    for cache in (True, False):
+        with pytest.raises(ValueError, match="label"):
+            run([(image, 1.9)] * 2, cache=cache)
+        for label in (7, -1):
+            with pytest.raises(ValueError, match=f"label {label}"):
+                run([(image, label)] * 2, cache=cache)
+        with pytest.raises(ValueError, match="NaN"):
+            run([(torch.full((3, 32, 32), float("nan")), 0)] * 2, cache=cache)
+    model = small_cnn(classes=3)
+    for bad, message in (([(image, 1.9)] * 2, "label"), ([(image, 7)] * 2, "label 7 is not a class"),
+                         ([(image.clone().fill_(float("nan")), 0)] * 2, "NaN")):
+        with pytest.raises(ValueError, match=message):
+            evaluate_classifier(model, bad)
+    double = small_cnn(classes=3).double()
+    train_classifier(double, [(image, 1), (image, 2)], epochs=1, batch_size=2)
+    assert 0.0 <= evaluate_classifier(double, [(image, 1), (image, 2)]) <= 1.0
+    with pytest.raises(ValueError, match="PIL|to_tensor"):
+        from PIL import Image
+        evaluate_classifier(model, [(Image.new("RGB", (32, 32)), 0)])
+
 # The softmax is not a layer the receptive-field walk knows; its RF (the whole image) is not used here.
 def test_trained_net_is_class_selective(one_thread):
     train, test = Shapes(1000, size=48, seed=1), Shapes(400, size=48, seed=2)

@@ -163,9 +163,12 @@ def class_selectivity(index, layer=None, tau: float = 1.0, labels=None, return_c
     lay = _layer(index, layer)
     classes = top_image_labels(index, layer, labels)
     w, valid, dead = _topk_weights(lay)
-    num_classes = int(classes.max()) + 1 if classes.numel() and int(classes.max()) >= 0 else 1
-    shares = torch.zeros(lay.num_units, num_classes, dtype=torch.float64)
-    shares.scatter_add_(1, classes.clamp(min=0), w)  # invalid slots add weight 0 to class 0
+    # f(k) over the classes present among the top images only (a label of 2^40 would otherwise ask for
+    # a row of 2^40 shares per unit); `found` is sorted, so the lowest class still wins ties below.
+    found, present = torch.unique(classes.clamp(min=0), return_inverse=True)  # invalid slots: weight 0, class 0
+    found = found if found.numel() else torch.zeros(1, dtype=torch.int64)
+    shares = torch.zeros(lay.num_units, found.numel(), dtype=torch.float64)
+    shares.scatter_add_(1, present.reshape(classes.shape), w)
     positive = (shares > 0).sum(dim=1)
     if tau == 1.0:
         m = positive
@@ -179,7 +182,7 @@ def class_selectivity(index, layer=None, tau: float = 1.0, labels=None, return_c
     gamma = torch.where(undefined, torch.full_like(gamma, float("nan")), gamma)
     if not return_class:
         return gamma
-    dominant = shares.argmax(dim=1)  # first maximum: the lowest class on ties
+    dominant = found[shares.argmax(dim=1)]  # first maximum: the lowest class on ties
     return gamma, torch.where(dead, torch.full_like(dominant, -1), dominant)
 
 

@@ -156,6 +156,18 @@ def test_gamma_dominant_class():
     assert dominant.dtype == torch.int64
 
 
+
+def test_gamma_huge_class_labels_cost_no_more_than_small_ones():
+    """Shares are kept over the classes present only: labels of 2^40 asked for terabytes (an allocator
+    error), and gamma and the dominant class are those of the same labels made small."""
+    layer = _layer([u[0] for u in HAND_UNITS], [u[1] for u in HAND_UNITS])
+    huge = LABELS * (1 << 40) + 3
+    for tau in (0.4, 1.0):
+        small_gamma, small_dominant = class_selectivity(layer, tau=tau, labels=LABELS, return_class=True)
+        gamma, dominant = class_selectivity(layer, tau=tau, labels=huge, return_class=True)
+        assert torch.equal(gamma.nan_to_num(-7), small_gamma.nan_to_num(-7))
+        assert dominant.tolist() == [-1 if d < 0 else d * (1 << 40) + 3 for d in small_dominant.tolist()]
+
 def test_gamma_dominant_class_ties_survive_rounding():
     # classes 0 and 1 both sum to 6 (3 + 2 + 1 and 3 + 1.5 + 1.5): as sums of a_j / a_1 they differed in
     # the last bit, and class 1 won

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .prepare import as_index
@@ -116,15 +117,31 @@ def _kmeans(points: torch.Tensor, n_clusters: int, seed: int, n_init: int, what:
     return labels, score
 
 
+_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _group_indices(values, argument: str, what: str) -> torch.Tensor:
+    """``values`` as int64 [n]: integers only (casting floats would cut 0.7 to group 0, silently)."""
+    try:
+        tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
+    except (TypeError, ValueError, RuntimeError):
+        tensor = None
+    if tensor is None or not (tensor.dtype in _INTEGER_DTYPES):
+        got = getattr(tensor, "dtype", type(values).__name__)
+        raise ValueError(f"{argument} must hold one int group index per {what} (-1: none), got {got} values")
+    return tensor.to(torch.int64).reshape(-1).cpu()
+
+
+
 def _finish(kind, layer, features, n_clusters, ok, sub_labels, score, reference, names):
     labels = torch.full((ok.numel(),), -1, dtype=torch.int64)
     labels[ok] = sub_labels
     pur = None
     if reference is not None:
-        reference = torch.as_tensor(reference, dtype=torch.int64).reshape(-1)
+        what, argument = ("categories", "groups") if kind == "category" else (kind + "s", "reference")
+        reference = _group_indices(reference, argument, what)
         if reference.numel() != labels.numel():
-            raise ValueError(f"reference has {reference.numel()} entries for {labels.numel()} "
-                             f"{'categories' if kind == 'category' else kind + 's'}")
+            raise ValueError(f"{argument} has {reference.numel()} entries for {labels.numel()} {what}")
         if ((labels >= 0) & (reference >= 0)).any():
             pur = purity(labels, reference)
     sizes = torch.bincount(sub_labels, minlength=n_clusters).tolist()

@@ -141,6 +141,18 @@ def test_categories_cluster_by_tint(index):
         cluster_categories(index, "1", 7)
 
 
+
+def test_float_or_text_groups_are_refused_not_cut_to_ints(index):
+    """groups=[0.7, 1.2, ...] had become [0, 1, ...] and a purity of the wrong grouping."""
+    import numpy as np
+
+    for groups in ([0.7, 0.2, 1.2, 1.9, 2.5, 2.1], np.array([0.0, 0, 1, 1, 2, 2]), ["a"] * 6):
+        with pytest.raises(ValueError, match="groups must hold one int group index per categories"):
+            cluster_categories(index, "1", 3, groups=groups)
+    with pytest.raises(ValueError, match="reference must hold one int group index per units"):
+        cluster_units(index, "1", 2, reference=[0.5] * index["1"].num_units)
+    assert cluster_categories(index, "1", 3, groups=np.array([0, 0, 1, 1, 2, 2], dtype=np.int32)).purity == 1.0
+
 def test_clear_errors_without_labels_or_layer(model):
     unlabelled = nx.index_dataset(model, TintedImages(labels=False), ["1"], k=4, batch_size=16, progress=False)
     with pytest.raises(ValueError, match="indexed without labels"):

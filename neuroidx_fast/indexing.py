@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import warnings
@@ -22,7 +23,7 @@ from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
 from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images, pixel_space,
                       positive_int, restores_modes, split_batch)
-from .storage import BundleError, read_bundle, recover_interrupted_write, write_bundle
+from .storage import MANIFEST, BundleError, is_bundle, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
 __all__ = ["index_dataset", "model_fingerprint"]
@@ -248,10 +249,26 @@ def _distributed():
 _LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry")
 
 
+def _holds_other_than_checkpoint(path) -> bool:
+    """Whether ``path`` holds something other than an index checkpoint (another program's folder, a saved
+    NeuronIndex), which must not be deleted to start over, unlike a corrupt or older checkpoint."""
+    if not is_bundle(path):
+        return True
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            kind = json.load(f).get("format")
+    except (OSError, ValueError, AttributeError):  # missing or unreadable: a checkpoint's interrupted write
+        return False
+    return kind != CHECKPOINT_FORMAT
+
+
 def _load_checkpoint(path, fingerprint, device, nan, backend):
     try:
         manifest, tensors = read_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     except BundleError as exc:
+        if _holds_other_than_checkpoint(path):
+            raise BundleError(f"checkpoint={os.fspath(path)!r} is not an index checkpoint ({exc}): give checkpoint= a "
+                              "path of its own, a new directory that index_dataset fills") from None
         raise BundleError(f"cannot resume from checkpoint {path}: {exc}. Delete it to start over") from None
     saved = manifest.get("fingerprint", {})
     differ = sorted(key for key in set(saved) | set(fingerprint) if saved.get(key) != fingerprint.get(key)
@@ -424,7 +441,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         checkpoint = f"{os.fspath(checkpoint)}.rank{rank}"
 
     stats, batches_done, pixel_sum, all_labels = None, 0, None, None
-    if checkpoint is not None and (os.path.exists(checkpoint) or recover_interrupted_write(checkpoint)):
+    fresh = checkpoint is not None and os.path.isdir(checkpoint) and not os.listdir(checkpoint)  # e.g. just made
+    if checkpoint is not None and not fresh and (os.path.exists(checkpoint) or recover_interrupted_write(checkpoint)):
         stats, batches_done, meta["input_size"], saved_names, pixel_sum, all_labels = _load_checkpoint(
             checkpoint, fingerprint, device, nan, backend)
         meta["class_names"] = saved_names if saved_names is not None else class_names

@@ -593,3 +593,31 @@ def test_pil_images_and_none_labels_are_refused_naming_the_fix():
     unlabelled = [(img, None) for img in ImageSet(n=4).images]
     with pytest.raises(ValueError, match=r"\(image, None\) pairs"):
         nx.index_dataset(model, unlabelled, ["features.5"], k=2, batch_size=2, progress=False)
+
+
+def test_a_checkpoint_path_holding_something_else_is_not_to_be_deleted(tmp_path):
+    """A saved index or a user's folder at checkpoint= is refused with "give it a path of its own" (the
+    message had said "Delete it to start over"); an empty directory starts a fresh run; a corrupt
+    checkpoint is still one to delete."""
+    model, data = make_model("vgg"), ImageSet(n=6)
+    args = dict(layers=["features.2"], k=2, batch_size=2, progress=False)
+    index = nx.index_dataset(model, data, **args)
+    index.save(tmp_path / "saved")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for path in (tmp_path / "saved", user):
+        with pytest.raises(BundleError, match="is not an index checkpoint .* a path of its own") as info:
+            nx.index_dataset(model, data, checkpoint=str(path), **args)
+        assert "Delete it" not in str(info.value)
+    assert (user / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    resumed = nx.index_dataset(model, data, checkpoint=str(empty), **args)
+    assert torch.equal(resumed["features.2"].values, index["features.2"].values)
+    ckpt = tmp_path / "ck"
+    nx.index_dataset(model, data, checkpoint=str(ckpt), checkpoint_every=1, **args)
+    with open(ckpt / "tensors.safetensors", "r+b") as f:  # the finished checkpoint stays
+        f.truncate(10)
+    with pytest.raises(BundleError, match="Delete it to start over"):
+        nx.index_dataset(model, data, checkpoint=str(ckpt), **args)

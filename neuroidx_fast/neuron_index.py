@@ -90,6 +90,25 @@ class LayerIndex:
                 for j in range(self.k) if self.ids[unit, j] >= 0]
 
 
+def _check_class_stats(class_sum, class_count, num_units: int, what: str) -> None:
+    """class_sum [classes, C] float64 and class_count [classes] int64, both or neither."""
+    if class_sum is None and class_count is None:
+        return
+    if class_sum is None or class_count is None or class_sum.dtype != torch.float64 or class_count.dtype != torch.int64 \
+            or class_sum.dim() != 2 or class_sum.shape[1] != num_units or tuple(class_count.shape) != class_sum.shape[:1]:
+        shapes = [None if t is None else f"{tuple(t.shape)} {t.dtype}" for t in (class_sum, class_count)]
+        raise BundleError(f"{what}: class statistics {shapes[0]} / {shapes[1]}, not [classes, {num_units}] float64 / "
+                          "[classes] int64")
+
+
+def _check_slots(ids, positions, map_size, what: str) -> None:
+    """Top-K slots that name images and map positions: ids >= -1, positions in [-1, H * W)."""
+    if ids.numel() and (int(ids.min()) < -1 or int(positions.min()) < -1
+                        or int(positions.max()) >= map_size[0] * map_size[1]):
+        raise BundleError(f"{what}: top-K ids or positions out of range (ids >= -1, positions in [-1, "
+                          f"{map_size[0] * map_size[1]}) for a {map_size[0]}x{map_size[1]} map)")
+
+
 @dataclass
 class NeuronIndex:
     """Every indexed layer of one model over one dataset; ``index[name]`` is its ``LayerIndex``."""
@@ -183,11 +202,24 @@ class NeuronIndex:
                         raise BundleError(f"{where}: tensor {name}.{key} missing or of the wrong shape/dtype")
                 if entry.get("labels") and (get["class_sum"] is None or get["class_count"] is None):
                     raise BundleError(f"{where}: class statistics of {name} are missing")
-                layers[name] = LayerIndex(name, get["values"], get["ids"], get["positions"],
-                                          tuple(entry["map_size"]), int(entry["images_seen"]), get["mean_sum"],
-                                          get["class_sum"], get["class_count"])
+                if name in layers:
+                    raise BundleError(f"{where}: layer {name!r} is recorded twice")
+                _check_class_stats(get["class_sum"], get["class_count"], num_units, f"{where}: layer {name!r}")
+                map_size = tuple(entry["map_size"])
+                if len(map_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                 for v in map_size):
+                    raise BundleError(f"{where}: layer {name!r} has map size {list(map_size)}, not two positive ints")
+                _check_slots(get["ids"], get["positions"], map_size, f"{where}: layer {name!r}")
+                layers[name] = LayerIndex(name, get["values"], get["ids"], get["positions"], map_size,
+                                          int(entry["images_seen"]), get["mean_sum"], get["class_sum"],
+                                          get["class_count"])
             input_size = tuple(manifest["input_size"]) if manifest.get("input_size") else None
             length = int(manifest["dataset_length"])
+            if k < 0 or length < 0:
+                raise BundleError(f"{where}: k {k} and dataset length {length} must be >= 0")
+            highest = max((int(layer.ids.max()) for layer in layers.values() if layer.ids.numel()), default=-1)
+            if highest >= length:
+                raise BundleError(f"{where}: image id {highest} is ranked in a dataset of {length} images")
             labels = tensors.get("labels")
             if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != (length,)):
                 raise BundleError(f"{where}: tensor labels has the wrong shape/dtype")

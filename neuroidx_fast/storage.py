@@ -302,6 +302,9 @@ def _parse_manifest(data: bytes, where: str, kind: str, max_version: int) -> dic
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise BundleError(f"{os.path.dirname(where)} holds {found!r}, not a {kind}")
     version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version < 1:
+        raise BundleError(f"{os.path.dirname(where)} has format version {version!r}: no neuroidx_fast writes it (the "
+                          "first is 1), so the file was not written by this package")
     if not isinstance(version, int) or version > max_version:
         raise BundleError(f"{os.path.dirname(where)} has format version {version!r}; this neuroidx_fast reads up to "
                           f"{max_version}: upgrade the package")

@@ -621,3 +621,56 @@ def test_a_checkpoint_path_holding_something_else_is_not_to_be_deleted(tmp_path)
         f.truncate(10)
     with pytest.raises(BundleError, match="Delete it to start over"):
         nx.index_dataset(model, data, checkpoint=str(ckpt), **args)
+
+
+def _tamper_duplicate(manifest, tensors):
+    manifest["layers"][1]["name"] = manifest["layers"][0]["name"]
+
+
+def _tamper_class_sum(manifest, tensors):
+    tensors["1.class_sum"] = tensors["1.class_sum"][:, :2].contiguous()
+
+
+def _tamper_class_count(manifest, tensors):
+    tensors["1.class_count"] = tensors["1.class_count"].double()
+
+
+def _tamper_map_size(manifest, tensors):
+    manifest["layers"][1]["map_size"] = [0, 0]
+
+
+def _tamper_map_rank(manifest, tensors):
+    manifest["layers"][1]["map_size"] = [8]
+
+
+def _tamper_length(manifest, tensors):
+    manifest["dataset_length"] = 3
+    tensors.pop("labels", None)
+
+
+def _tamper_positions(manifest, tensors):
+    tensors["1.positions"] = tensors["1.positions"] + 1000
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (_tamper_duplicate, "recorded twice"), (_tamper_class_sum, "class statistics"),
+    (_tamper_class_count, "class statistics"), (_tamper_map_size, "two positive ints"),
+    (_tamper_map_rank, "two positive ints"), (_tamper_length, "image id .* in a dataset of 3 images"),
+    (_tamper_positions, "positions out of range"), (None, "format version 0")])
+def test_load_refuses_a_bundle_whose_parts_disagree(tmp_path, tamper, message):
+    """Bundles with valid checksums (another program's, another version's) whose parts disagree had
+    loaded: a layer silently dropped, or a crash later in Morcos / yx() / neuron_features."""
+    from neuroidx_fast.neuron_index import INDEX_FORMAT, INDEX_VERSION
+
+    index = nx.index_dataset(make_model("vgg"), _Labelled([0, 1, 2, 0, 1, 2]), ["features.2", "features.5"], k=2,
+                             batch_size=3, progress=False)
+    index.save(tmp_path / "good")
+    manifest, tensors = read_bundle(tmp_path / "good", INDEX_FORMAT, INDEX_VERSION)
+    manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "tensors_sha256",
+                                                                "manifest_sha256")}
+    tensors = dict(tensors)
+    if tamper is not None:
+        tamper(manifest, tensors)
+    write_bundle(str(tmp_path / "bad"), INDEX_FORMAT, INDEX_VERSION if tamper else 0, manifest, tensors)
+    with pytest.raises(BundleError, match=message):
+        nx.NeuronIndex.load(tmp_path / "bad")

@@ -262,7 +262,7 @@ def _drop_nan_elements(activations, vmax, argmax, vmean):
     filled = maps.masked_fill(nan, float("-inf"))
     m, a = filled.max(dim=1)
     kept = (~nan).sum(dim=1)
-    mean = maps.masked_fill(nan, 0.0).sum(dim=1) / kept
+    mean = (maps.masked_fill(nan, 0.0).sum(dim=1, dtype=torch.float64) / kept).float()  # (float32 sums can overflow)
     vmax, argmax, vmean = vmax.clone(), argmax.clone(), vmean.clone()
     vmax[rows, units], argmax[rows, units], vmean[rows, units] = m, a, mean
     return vmax, argmax, vmean

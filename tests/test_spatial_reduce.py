@@ -64,6 +64,22 @@ def test_means_of_large_maps_stay_close_to_exact(backend):
         assert error < 5e-7, f"{name}: relative error {error:.1e}"
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_maps_whose_float32_sum_overflows_have_finite_means(backend):
+    """Finite values near float32's limit: a float32 sum passes 3.4e38 and the mean was inf (a live
+    unit's Morcos index then NaN); maps that hold inf keep an infinite mean."""
+    x = torch.full((2, 3, 4, 5), 3e38)
+    x[0, 1] = torch.linspace(-3e38, 3e38, 20, dtype=torch.float64).reshape(4, 5).float()  # a float32 sum: inf - inf
+    x[1, 2, 0, 0] = float("inf")
+    x[1, 0] = -3e38
+    for name, view in layouts(x):
+        vmean = ops.spatial_reduce(view, backend=backend)[2]
+        assert torch.equal(vmean, view.double().mean(dim=(2, 3)).float()), name
+        assert torch.isfinite(vmean).sum() == 5 and vmean[1, 2] == float("inf"), name
+    big = torch.full((1, 1, 224, 224), 1e34, dtype=torch.float32)  # the sum passes 3.4e38 at 224 x 224
+    assert ops.spatial_reduce(big, backend=backend)[2].item() == pytest.approx(1e34, rel=1e-5)
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_input(backend):
     x = torch.randn(5, 7)

@@ -40,7 +40,23 @@ def spatial_reduce(x: torch.Tensor, backend: str | None = "auto"):
         return empty, x.new_empty((b, c), dtype=torch.int64), empty.clone()
     if x.dtype == torch.float64:
         name = "torch"
-    return backends.get(name, x.device).spatial_reduce(x)
+    vmax, argmax, vmean = backends.get(name, x.device).spatial_reduce(x)
+    return vmax, argmax, _overflowed_means_again(x, vmax, vmean)
+
+
+def _overflowed_means_again(x: torch.Tensor, vmax: torch.Tensor, vmean: torch.Tensor) -> torch.Tensor:
+    """The backends sum a map in float32 (in pieces): finite values whose sum passes 3.4e38 (e.g. 1e34 on
+    a 224 x 224 map) made the mean of a live unit inf (or NaN, inf - inf), and its class selectivity NaN.
+    Those maps (a mean that is not finite, in a map without NaN: rare) are summed again in float64; a map
+    that holds inf keeps it."""
+    overflow = ~torch.isfinite(vmean) & ~torch.isnan(vmax)
+    if not bool(overflow.any()):
+        return vmean
+    rows, units = overflow.nonzero(as_tuple=True)
+    maps = x[rows, units].reshape(rows.numel(), -1)
+    vmean = vmean.clone()
+    vmean[rows, units] = maps.mean(dim=1, dtype=torch.float64).float()
+    return vmean
 
 
 PAD_NAMES = {"gray": 0.5, "zero": 0.0}

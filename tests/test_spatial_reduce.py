@@ -80,6 +80,23 @@ def test_finite_maps_whose_float32_sum_overflows_have_finite_means(backend):
     big = torch.full((1, 1, 224, 224), 1e34, dtype=torch.float32)  # the sum passes 3.4e38 at 224 x 224
     assert ops.spatial_reduce(big, backend=backend)[2].item() == pytest.approx(1e34, rel=1e-5)
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_keeps_its_bits_in_every_layout(backend, dtype):
+    """The max and mean of a map holding NaN are that NaN's own bits (the cpp strided and channels-last
+    paths wrote the default quiet NaN instead)."""
+    x = torch.zeros(1, 2, 3, 4)
+    x.view(torch.int32)[0, 1, 1, 2] = -0x3FFFFF  # NaN 0xffc00001: sign and payload set
+    x = x.to(dtype)
+    expected = x.float()[0, 1, 1, 2].view(torch.int32).item()
+    for name, view in layouts(x):
+        if name == "broadcast":
+            continue
+        vmax, argmax, vmean = ops.spatial_reduce(view, backend=backend)
+        assert vmax[0, 1].view(torch.int32).item() == expected, name
+        assert vmean[0, 1].view(torch.int32).item() == expected and argmax[0, 1].item() == 6, name
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_input(backend):
     x = torch.randn(5, 7)

@@ -113,10 +113,11 @@ void reduce_strided_map(const typename T::Storage* p, int64_t H, int64_t W, int6
     }
     s += static_cast<double>(row);
   }
-  if (first_nan >= 0) {
-    *out_max = std::numeric_limits<float>::quiet_NaN();
+  if (first_nan >= 0) {  // that NaN itself, its bits as the other paths and backends give them
+    const float v = T::load(p[first_nan / W * sh + first_nan % W * sw]);
+    *out_max = v;
     *out_arg = first_nan;
-    *out_mean = std::numeric_limits<float>::quiet_NaN();
+    *out_mean = v;
     return;
   }
   if (arg < 0) arg = 0;  // every value is -inf

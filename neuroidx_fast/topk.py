@@ -232,7 +232,7 @@ class TopK:
             raise ValueError("TopK state: NaN values (corrupt state)")
         empty = ids < 0
         if bool(((values != float("-inf")) & empty).any() or (positions[empty] != -1).any()
-                or (positions[~empty] < 0).any()):
+                or (ids[empty] != -1).any() or (positions[~empty] < 0).any()):
             raise ValueError("TopK state: an empty slot (id -1) must hold value -inf and position -1, and a filled "
                              "one a position >= 0 (corrupt state)")
         if bool((empty[:, :-1] & ~empty[:, 1:]).any()):

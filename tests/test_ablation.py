@@ -123,6 +123,16 @@ def test_mask_replicas_is_a_bit_copy_and_keeps_channels_last(backend):
     assert got[2, 0, 0, 0].item() == 0.0 and torch.signbit(got[2, 0, 0, 0])
 
 
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_replicas_of_inputs_that_require_grad_is_a_detached_copy(backend):
+    """The torch reference raised (autograd refuses where(out=)) where the other backends copy bits."""
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    fill = torch.randn(3, requires_grad=True)
+    got = ops.mask_replicas(x, torch.tensor([[True, False, False]]), fill, backend=backend)
+    assert not got.requires_grad
+    assert torch.equal(got[:, 0], fill.detach()[0].expand(2, 4, 4)) and torch.equal(got[:, 1:], x.detach()[:, 1:])
+
 def test_mask_replicas_rejects_bad_input():
     x = torch.randn(2, 3, 4, 4)
     with pytest.raises(TypeError, match="bool"):

@@ -200,6 +200,9 @@ def test_corrupt_or_foreign_state_rejected():
     with pytest.raises(ValueError, match="empty slot"):
         nx.TopK.from_state_dict(dict(one_row, values=torch.tensor([[3.0, float("-inf")]]), ids=torch.tensor([[0, -1]]),
                                      positions=torch.tensor([[0, 4]])))
+    with pytest.raises(ValueError, match="empty slot"):  # empty slots hold id -1, not any negative id
+        nx.TopK.from_state_dict(dict(one_row, values=torch.tensor([[3.0, float("-inf")]]), ids=torch.tensor([[0, -7]]),
+                                     positions=torch.tensor([[0, -1]])))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

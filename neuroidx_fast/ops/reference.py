@@ -237,8 +237,10 @@ def empty_replicas(x: torch.Tensor, m: int) -> torch.Tensor:
 def mask_replicas(x, masks, fill):
     m = masks.shape[0]
     out = empty_replicas(x, m)
-    # written once, in place (a where into a new [m, B, C, H, W] tensor and a copy would write it twice)
-    torch.where(masks[:, None, :, None, None], fill[None, None, :, None, None], x[None], out=out.view(m, *x.shape))
+    # written once, in place (a where into a new [m, B, C, H, W] tensor and a copy would write it twice); a
+    # copy of bits, detached as the other backends' outputs are (out= refuses inputs that require grad)
+    torch.where(masks[:, None, :, None, None], fill.detach()[None, None, :, None, None], x.detach()[None],
+                out=out.view(m, *x.shape))
     return out
 
 

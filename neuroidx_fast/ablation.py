@@ -173,18 +173,21 @@ class AblationResult:
 
     @property
     def max_drop_class(self) -> torch.Tensor:
-        """[S] int64: the class of the largest per-class drop (lowest index on ties; -1 if no class has images)."""
+        """[S] int64: the class of the largest per-class drop; -1 where several classes share it (no one
+        class: most often a unit whose ablation changes nothing, every class at 0, where naming the lowest
+        class made up an answer) or no class has images."""
         d = self.drop
         filled = torch.where(torch.isnan(d), torch.full_like(d, float("-inf")), d)
         best = filled.argmax(dim=1)
-        return torch.where(torch.isnan(d).all(dim=1), torch.full_like(best, -1), best)
+        shared = (filled == filled.max(dim=1, keepdim=True).values).sum(dim=1) > 1
+        return torch.where(torch.isnan(d).all(dim=1) | shared, torch.full_like(best, -1), best)
 
     @property
     def max_drop(self) -> torch.Tensor:
-        """[S] float64: max_k d_k over the classes with images."""
-        cls = self.max_drop_class
-        d = self.drop.gather(1, cls.clamp(min=0)[:, None]).squeeze(1)
-        return torch.where(cls >= 0, d, torch.full_like(d, float("nan")))
+        """[S] float64: max_k d_k over the classes with images (NaN if none has)."""
+        d = self.drop
+        largest = torch.where(torch.isnan(d), torch.full_like(d, float("-inf")), d).max(dim=1).values
+        return torch.where(torch.isnan(d).all(dim=1), torch.full_like(largest, float("nan")), largest)
 
     def class_name(self, k: int) -> str:
         if k < 0:

@@ -540,9 +540,10 @@ def step_ablate(args) -> None:
         _record_made(run.out, "ablation", layer, made_with,
                      [run.out.ablation_csv(layer), run.out.ablation_classes_csv(layer)])
         worst = frame.sort_values("max_class_drop", ascending=False).head(1)
+        name = worst["max_drop_class_name"].iloc[0]  # empty where classes share the drop (e.g. all at 0)
         print(f"{layer}: intact accuracy {float(result.overall_intact_accuracy):.3f}; largest class drop "
-              f"{float(worst['max_class_drop'].iloc[0]):.3f} (unit {int(worst['unit'].iloc[0])}, class "
-              f"{worst['max_drop_class_name'].iloc[0]}) -> {run.out.ablation_csv(layer)}")
+              f"{float(worst['max_class_drop'].iloc[0]):.3f} (unit {int(worst['unit'].iloc[0])}, "
+              f"{'class ' + name if name else 'no single class'}) -> {run.out.ablation_csv(layer)}")
     if run.out.table_csv.exists():  # refresh the neuron table's ablation columns
         table = load_table(run.out.table_csv)
         table = table.drop(columns=[c for c in ABLATION_COLUMNS if c in table])

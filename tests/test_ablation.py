@@ -495,15 +495,28 @@ def test_result_rates_and_frame():
         weight_l1=torch.tensor([1.5, 2.5], dtype=torch.float64))
     assert torch.isnan(result.intact_accuracy[1])
     torch.testing.assert_close(result.drop[0, [0, 2]], torch.tensor([0.0, 0.8], dtype=torch.float64))
-    assert result.max_drop_class.tolist() == [2, 0, 0]  # class b has no images; ties go to the lower class
+    # class b has no images; classes a and c share the largest drop of the last set: no one class
+    assert result.max_drop_class.tolist() == [2, 0, -1]
     torch.testing.assert_close(result.max_drop, torch.tensor([0.8, 0.5, 1.0], dtype=torch.float64))
     torch.testing.assert_close(result.overall_drop, torch.tensor([4 / 9, 2 / 9, 1.0], dtype=torch.float64))
     frame = result.to_frame(per_class=True)
     assert list(frame["unit"]) == [0, 1, -1] and list(frame["units"]) == ["0", "1", "0,1"]
-    assert list(frame["max_drop_class_name"]) == ["c", "a", "a"]
+    assert list(frame["max_drop_class_name"]) == ["c", "a", ""]
     assert frame["weight_l1"].iloc[1] == 2.5 and pd.isna(frame["weight_l1"].iloc[2])
     assert "drop[c]" in frame.columns
 
+
+
+def test_a_set_that_changes_nothing_names_no_class():
+    """Every class at drop 0 (the ablation changes nothing): no one class, not the lowest (the demo named
+    "red disk" for 143 such units); a unique largest drop, even at 0 or below, keeps its class."""
+    result = abl.AblationResult(
+        layer="l", mode="zero", masks=torch.tensor([[True, False], [False, True]]), units=torch.tensor([0, 1]),
+        correct=torch.tensor([[3, 5], [3, 4]]), intact_correct=torch.tensor([3, 5]), class_counts=torch.tensor([5, 5]),
+        class_names=["a", "b"])
+    assert result.max_drop_class.tolist() == [-1, 1]
+    torch.testing.assert_close(result.max_drop, torch.tensor([0.0, 0.2], dtype=torch.float64))
+    assert list(result.to_frame()["max_drop_class_name"]) == ["", "b"]
 
 def test_dataset_classes_that_are_not_the_models_outputs_are_warned_of(recwarn):
     model, data = calibrated("vgg")

@@ -239,6 +239,22 @@ def test_batch_size_and_unit_subsets_do_not_change_the_result(indexed):
     assert torch.equal(split.crops, whole.crops[[5, 2, 11]]) and split.units.tolist() == [5, 2, 11]
 
 
+
+def test_kept_crops_cut_a_few_at_a_time_are_the_same(indexed, monkeypatch):
+    """The kept crops are cut and converted in chunks (all of a batch's at once took 22 GB for 256 units'
+    427 px crops): chunks of one crop give the same crops, each in its (unit, slot)."""
+    import neuroidx_fast.features as features
+
+    _, _, index = indexed
+    whole = neuron_features(index, "features.8", batch_size=64, backend="cpp")
+    calls = []
+    cut = features.ops.gather_crops
+    monkeypatch.setattr(features, "KEPT_CROP_CHUNK_BYTES", 1)
+    monkeypatch.setattr(features.ops, "gather_crops", lambda *a, **k: calls.append(a[1].numel()) or cut(*a, **k))
+    chunked = neuron_features(index, "features.8", batch_size=64, backend="cpp")
+    assert set(calls) == {1} and len(calls) == int((whole.crop_ids >= 0).sum())
+    assert torch.equal(chunked.crops, whole.crops) and torch.equal(chunked.nf.nan_to_num(), whole.nf.nan_to_num())
+
 def test_loaded_index_needs_the_dataset_and_keeps_receptive_fields(indexed, tmp_path):
     model, dataset, index = indexed
     index.save(tmp_path / "idx")

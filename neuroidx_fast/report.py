@@ -51,6 +51,9 @@ CARD_COLUMNS = (("color_selectivity", "color"), ("class_selectivity", "class"),
 MIN_FILTER_COLUMNS = ("color_selectivity", "class_selectivity", "class_selectivity_morcos", "overall_drop",
                       "max_class_drop")
 SUMMARY_KEYS = ("model", "data", "layers", "k", "num_images", "created")
+# Columns that hold a class number, -1 where there is none (a dead unit's top class, a unit whose ablation
+# lowers no class): a negative one is shown and sorted as missing, not as a class number.
+CLASS_COLUMNS = ("top_class", "max_drop_class")
 TOP_DROPS = 5
 
 
@@ -87,6 +90,14 @@ def _sort_key(value) -> str:
             return "Infinity" if value > 0 else "-Infinity"
         return f"{float(value):.9g}"
     return str(value)
+
+
+def _shown(column, value):
+    """What a page shows of ``column``'s ``value``: None (missing) for a class column's negative sentinel."""
+    if column in CLASS_COLUMNS and isinstance(value, (int, float, np.integer, np.floating)) \
+            and not isinstance(value, (bool, np.bool_)) and value < 0:
+        return None
+    return value
 
 
 def _missing(value) -> bool:
@@ -320,7 +331,7 @@ class _Run:
 def _value_cells(record: dict | None):
     """The card indices of one unit: [(label, text)], '–' where the table or the column is missing."""
     record = record or {}
-    return [(label, fmt(record.get(column))) for column, label in CARD_COLUMNS]
+    return [(label, fmt(_shown(column, record.get(column)))) for column, label in CARD_COLUMNS]
 
 
 def _summary(run: _Run):
@@ -359,7 +370,7 @@ def _table_columns(run: _Run, layer: _Layer):
     columns = [c for c in (run.table_columns or []) if c != "layer"]
     kinds = []
     for column in columns:
-        values = [r.get(column) for r in layer.table.values() if not _missing(r.get(column))]
+        values = [v for v in (_shown(column, r.get(column)) for r in layer.table.values()) if not _missing(v)]
         numeric = all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
                       for v in values)
         kinds.append((column, "num" if numeric else "text"))
@@ -380,7 +391,7 @@ def _layer_page(run: _Run, layer: _Layer, page_dir: Path, root: str):
         record = layer.table[unit]
         cells = []
         for column, _ in columns:
-            value = record.get(column)
+            value = _shown(column, record.get(column))
             text, key = fmt(value), _sort_key(value)
             if key == text or (key == "" and text == DASH):
                 key = None  # the JS sorts by the cell's text (a dash: missing), which says the same
@@ -418,8 +429,8 @@ def _unit_page(run: _Run, layer: _Layer, position: int, page_dir: Path, root: st
             top.append({"value": fmt(value), "image_id": image_id, "class_name": run.image_class(image_id),
                         "where": f"({y}, {x})"})
     record = layer.table.get(unit)
-    details = [(k, fmt(v)) for k, v in record.items() if k not in ("layer", "unit")] if record else []
-    ablation = [(k, fmt(v)) for k, v in layer.ablation.get(unit, {}).items()]
+    details = [(k, fmt(_shown(k, v))) for k, v in record.items() if k not in ("layer", "unit")] if record else []
+    ablation = [(k, fmt(_shown(k, v))) for k, v in layer.ablation.get(unit, {}).items()]
     drops = [(name, fmt(drop)) for name, drop in layer.drops.get(unit, [])]
     prev_unit = layer.units[position - 1] if position > 0 else None
     next_unit = layer.units[position + 1] if position + 1 < len(layer.units) else None

@@ -353,6 +353,80 @@ def test_layer_without_features_says_so(run, built):
     assert "neuroidx features" in page_of(out, "classifier.2", 0).read_text(encoding="utf-8")
 
 
+def _layer_intro(page: Path) -> str:
+    """The layer page's line under its title: unit count and receptive field."""
+    return " ".join(parse(page).find("main").find("p").text().split())
+
+
+def test_whole_image_layer_shows_no_stride(run, tmp_path):
+    out = fresh_copy(run, tmp_path)
+    features = nx.neuron_features(run["index"], "classifier.2", keep_crops=2, batch_size=8, backend="torch")
+    assert features.rf.whole_image  # a fully connected layer: rf.json says stride [0, 0], whole_image true
+    save_features(features, out)
+    assert read_json(out.rf_json("classifier.2"))["stride"] == [0, 0]
+    build_report(out.root)
+    h, w = features.rf.size
+    intro = _layer_intro(page_of(out, "classifier.2"))
+    assert f"receptive field: the whole image ({h}\u00d7{w} px)" in intro, intro
+    assert "stride" not in intro, intro
+    # a convolutional layer still shows its receptive field's size and stride
+    rf8 = read_json(out.rf_json("features.8"))
+    intro8 = _layer_intro(page_of(out, "features.8"))
+    assert f"receptive field {rf8['size'][0]}\u00d7{rf8['size'][1]} px, stride " \
+        f"{rf8['stride'][0]}\u00d7{rf8['stride'][1]}" in intro8 and "whole image" not in intro8, intro8
+
+
+def _with_class_sentinels(run, tmp_path):
+    """A copy of the run whose neuron table gives features.8's dead units (and unit 1) top_class -1, as
+    `neuroidx selectivity` writes for a unit with no top class, and whose ablation gives unit 1
+    max_drop_class -1; returns (out, the units with top_class -1)."""
+    out = fresh_copy(run, tmp_path)
+    table = pd.read_csv(out.table_csv)
+    rows8 = table["layer"] == "features.8"
+    sentinel = sorted(set(table[rows8 & table["dead"]]["unit"].tolist()) | {1})
+    where = rows8 & table["unit"].isin(sentinel)
+    table.loc[where, "top_class"] = -1
+    table.loc[where, "top_class_name"] = np.nan
+    table.to_csv(out.table_csv, index=False)
+    ablation = pd.read_csv(out.ablation_csv("features.8"))
+    ablation.loc[ablation["unit"] == 1, "max_drop_class"] = -1
+    ablation.loc[ablation["unit"] == 1, "max_drop_class_name"] = np.nan
+    ablation.to_csv(out.ablation_csv("features.8"), index=False)
+    return out, sentinel
+
+
+def test_class_sentinel_is_shown_and_sorted_as_missing(run, tmp_path):
+    out, sentinel = _with_class_sentinels(run, tmp_path)
+    build_report(out.root)
+    table = run["table"]
+    top_class = table[table["layer"] == "features.8"]["top_class"].tolist()
+    # the layer's neuron table: a dash, sorted as missing (no key of -1), like a NaN
+    neurons = parse(page_of(out, "features.8")).find("table", id="neurons")
+    headers = [th.attrs["data-name"] for th in neurons.find("thead").find_all("th")]
+    col = headers.index("top_class")
+    for row in neurons.find("tbody").find_all("tr"):
+        unit = int(row.attrs["data-unit"])
+        cell = row.find_all("td")[col]
+        key = cell.attrs.get("data-sort", cell.text())  # what the JS sorts and filters by
+        if unit in sentinel:
+            assert cell.text() == DASH and key == DASH, (unit, cell.text(), key)
+        else:
+            assert cell.text() == str(top_class[unit]) and key == str(top_class[unit]), (unit, cell.text())
+    # the unit page: every column of the neuron table, and the ablation values
+    unit_page = parse(page_of(out, "features.8", 1))
+    details = {tr.find("th").text(): tr.find("td").text()
+               for tr in unit_page.find("table", cls="summary").find_all("tr")}
+    assert details["top_class"] == DASH and details["top_class_name"] == DASH, details
+    ablation = {d.find("dt").text(): d.find("dd").text()
+                for d in unit_page.find_all("dl", cls="values")[1].find_all("div")}
+    assert ablation["max_drop_class"] == DASH and ablation["max_drop_class_name"] == DASH, ablation
+    assert "-1" not in details.values() and "-1" not in ablation.values()
+    # a unit with a class keeps its number
+    live = parse(page_of(out, "features.8", 2)).find("table", cls="summary")
+    assert {tr.find("th").text(): tr.find("td").text() for tr in live.find_all("tr")}["top_class"] == \
+        str(top_class[2])
+
+
 def test_missing_parts_degrade_with_hints(run, tmp_path):
     out = fresh_copy(run, tmp_path)
     out.table_csv.unlink()
@@ -516,3 +590,52 @@ def test_layer_page_in_headless_chromium(run, built, tmp_path):
     with Image.open(shot) as image:
         assert image.size == (1200, 900)
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 10
+
+
+def _dump_dom(binary, tmp_path, url) -> Node:
+    done = _browser(binary, tmp_path, "--virtual-time-budget=5000", "--dump-dom", url)
+    assert done.returncode == 0, done.stderr[-2000:]
+    dom = TreeBuilder()
+    dom.feed(done.stdout)
+    assert dom.root.find("body") is not None, done.stdout[:500]
+    return dom.root
+
+
+@pytest.mark.browser
+def test_malformed_deep_link_still_applies_in_headless_chromium(run, built, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium found on PATH (chromium, chromium-browser, google-chrome)")
+    page = page_of(run["out"], "features.8").resolve()
+    # "5%" is no valid percent-encoding (decodeURIComponent throws): the filter is taken as written and
+    # the link's other parameters still apply
+    dom = _dump_dom(binary, tmp_path, page.as_uri() + "#sort=unit&desc=1&filter=5%")
+    rows = dom.find("table", id="neurons").find("tbody").find_all("tr")
+    assert [int(r.attrs["data-unit"]) for r in rows] == list(range(15, -1, -1))
+    assert all("hidden" in r.attrs for r in rows)  # no cell holds the text "5%"
+    assert dom.find("span", cls="f-count").text() == "0 of 16 units shown"
+    # a valid encoding is still decoded: "%2E" is "."
+    dom = _dump_dom(binary, tmp_path, page.as_uri() + "#sort=unit&desc=1&min.color_selectivity=0%2E5")
+    rows = dom.find("table", id="neurons").find("tbody").find_all("tr")
+    assert [int(r.attrs["data-unit"]) for r in rows] == list(range(15, -1, -1))
+    color = run["table"].set_index(["layer", "unit"])["color_selectivity"]["features.8"]
+    shown = {int(r.attrs["data-unit"]) for r in rows if "hidden" not in r.attrs}
+    assert shown == {u for u in range(16) if color[u] >= 0.5} and 0 < len(shown) < 16
+
+
+@pytest.mark.browser
+def test_class_sentinel_sorts_last_in_headless_chromium(run, tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("no Chromium found on PATH (chromium, chromium-browser, google-chrome)")
+    out, sentinel = _with_class_sentinels(run, tmp_path)
+    build_report(out.root)
+    table = run["table"]
+    top_class = table[table["layer"] == "features.8"]["top_class"].tolist()
+    page = page_of(out, "features.8").resolve()
+    for desc in (False, True):
+        dom = _dump_dom(binary, tmp_path, page.as_uri() + f"#sort=top_class&desc={int(desc)}")
+        units = [int(r.attrs["data-unit"]) for r in dom.find("table", id="neurons").find("tbody").find_all("tr")]
+        # by class number (stable: by unit within one class), the units without a class last either way
+        known = sorted((u for u in range(16) if u not in sentinel), key=lambda u: -top_class[u] if desc else top_class[u])
+        assert units == known + sentinel, (desc, units)

@@ -78,6 +78,16 @@
     if (count) count.textContent = shown + " of " + rows.length + " units shown";
   }
 
+  // A deep link's percent-encoded text; the text as written where it is not valid encoding (a lone "%"),
+  // which decodeURIComponent refuses with a URIError.
+  function decode(text) {
+    try {
+      return decodeURIComponent(text);
+    } catch (e) {
+      return text;
+    }
+  }
+
   // Deep links: #sort=<column>&desc=1&filter=<text>&min.<column>=<value>&hidedead=1
   function fromHash(box, table) {
     var hash = window.location.hash.replace(/^#/, "");
@@ -85,7 +95,7 @@
     var params = {};
     hash.split("&").forEach(function (part) {
       var eq = part.indexOf("=");
-      if (eq > 0) params[decodeURIComponent(part.slice(0, eq))] = decodeURIComponent(part.slice(eq + 1));
+      if (eq > 0) params[decode(part.slice(0, eq))] = decode(part.slice(eq + 1));
     });
     if (box) {
       if (params.filter !== undefined) box.querySelector(".f-text").value = params.filter;

@@ -132,7 +132,14 @@ def _trace(model: nn.Module, layer: str, layer_module: nn.Module):
         except Exception as exc:  # data-dependent control flow, unsupported Python, ...
             errors.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             continue
-        return fx.GraphModule(tracer.root, graph), graph
+        try:
+            return fx.GraphModule(tracer.root, graph), graph
+        except SyntaxError:  # torch.fx writes getattr(self, "<name>") with the name's quotes unescaped
+            odd = sorted({n.target for n in graph.nodes if n.op in ("call_module", "get_attr")
+                          and any(c in n.target for c in "\"'\\\n")})
+            raise TypeError(f"cannot cut {type(model).__name__} at layer {layer!r}: torch.fx cannot write code for "
+                            f"modules whose names hold quotes or backslashes ({odd[:3]}). Rename those modules, or "
+                            "count with naive_ablation_counts (one full forward per set)") from None
     chain = " > ".join(["model"] + [".".join(parts[:i]) for i in range(1, len(parts))])
     raise TypeError(
         f"cannot cut {type(model).__name__} at layer {layer!r}: torch.fx could not trace the forward of the modules "

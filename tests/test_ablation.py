@@ -636,6 +636,12 @@ def test_bad_input_raises_clearly():
         abl.ablation_drops(model, bad_labels, "features.3", batch_size=12, progress=False)
     with pytest.raises(TypeError, match="torch.fx could not trace"):
         abl.ablation_drops(_Untraceable(), data, "conv", progress=False)
+    quoted = nn.Sequential()  # torch.fx wrote getattr(self, "a"b"): a SyntaxError naming no module
+    for name, module in (("conv", nn.Conv2d(3, 4, 3)), ('re"lu', nn.ReLU()), ("pool", nn.AdaptiveAvgPool2d(1)),
+                         ("flat", nn.Flatten()), ("fc", nn.Linear(4, 4))):
+        quoted.add_module(name, module)
+    with pytest.raises(TypeError, match=r"names hold quotes or backslashes \(\['re\"lu'\]\).*naive_ablation_counts"):
+        abl.ablation_drops(quoted, data, "conv", progress=False)
     with pytest.raises(ValueError, match="called 2 times"):
         abl.ablation_drops(_SharedRelu(), data, "relu", progress=False)
 

@@ -207,6 +207,22 @@ def _check_images(images: torch.Tensor, first_id: int) -> None:
 MAX_CLASSES = 1 << 20  # (the index keeps a row of sums per class: a label of 2^40 would ask for terabytes)
 
 
+def _first_batch_failure(exc: RuntimeError, image_shape: tuple, model_channels: int) -> str:
+    """What to say when the model fails on the first batch: the likely cause where torch's message names
+    one (channels, a kernel larger than the map), else torch's first line as it is, with no guess."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    said = f"the model fails on the first images, {image_shape} ({type(exc).__name__}: {first_line})"
+    text = str(exc).lower()
+    if "channels" in text and "expected" in text:
+        fix = ("gray images [1, H, W] need a preprocess= that makes them RGB (e.g. x.expand(-1, 3, -1, -1)), "
+               if model_channels == 1 else "")
+        return f"{said}: the images have {model_channels} channel(s) as the model gets them; {fix}give the model " \
+               "images with the channels its first layer takes"
+    if "kernel size can't be greater than actual input size" in text or "output size is too small" in text:
+        return f"{said}: images too small for its layers give this, so use larger ones (the CLI's --size)"
+    return f"{said}: check that the model takes images of this size and number of channels (the CLI's --size)"
+
+
 def _check_labels(labels: torch.Tensor, class_names, first_id: int) -> None:
     """Class indices: >= 0, below the dataset's number of classes where it names them (``classes``)."""
     low, high = int(labels.min()), int(labels.max())
@@ -485,10 +501,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                     except RuntimeError as exc:
                         if step != first_step or "out of memory" in str(exc):
                             raise
-                        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                        raise ValueError(f"the model fails on the first images, {tuple(images.shape[1:])} "
-                                         f"({type(exc).__name__}: {first_line}): images too small for its layers "
-                                         "give this, so use larger ones (the CLI's --size)") from exc
+                        raise ValueError(_first_batch_failure(exc, tuple(images.shape[1:]), x.shape[1])) from exc
                 if stats is None:
                     meta["input_size"] = tuple(images.shape[-2:])
                     stats = {}

@@ -246,6 +246,20 @@ def test_images_too_small_for_the_model_say_so():
         nx.index_dataset(make_model("vgg"), ImageSet(n=4, size=2), ["features.8"], k=1, progress=False)
 
 
+
+def test_other_first_batch_failures_are_not_blamed_on_the_image_size():
+    """Any failure of the first batch had been called "images too small ... use larger ones"."""
+    gray = ImageSet(n=4)
+    gray.images = gray.images[:, :1]
+    with pytest.raises(ValueError, match=r"have 1 channel\(s\).*preprocess= that makes them RGB") as info:
+        nx.index_dataset(make_model("vgg"), gray, ["features.2"], k=1, progress=False)
+    assert "larger" not in str(info.value)
+    head = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(10, 2))
+    with pytest.raises(ValueError, match=r"mat1 and mat2.*check that the model takes images of this size") as info:
+        nx.index_dataset(head, ImageSet(n=4), ["2"], k=1, progress=False)
+    assert "too small" not in str(info.value)
+
+
 def test_nan_activation_names_layer_and_ids():
     model = make_model("vgg")
     with torch.no_grad():

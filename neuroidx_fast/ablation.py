@@ -73,8 +73,8 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, logits_element, split_model
 from .hooks import LayerCapture, resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import (canonical_device, check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space,
-                      positive_int, restores_modes, split_batch)
+from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space, positive_int,
+                      restores_modes, split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -597,6 +597,12 @@ class _Engine:
         return pred
 
 
+def _check_label_range(labels: torch.Tensor, classes: int) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        raise ValueError(f"labels must be class indices in [0, {classes}) (the model has {classes} outputs); "
+                         f"got labels in [{int(labels.min())}, {int(labels.max())}]")
+
+
 def _build_masks(units, masks, channels: int, layer: str, device) -> torch.Tensor:
     if units is not None and masks is not None:
         raise ValueError("give units= (one unit per ablation) or masks= (sets of units), not both")
@@ -752,9 +758,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
                 correct = torch.zeros((s, classes), dtype=torch.int64, device=engine.device)
                 intact = torch.zeros(classes, dtype=torch.int64, device=engine.device)
                 counts = torch.zeros(classes, dtype=torch.int64, device=engine.device)
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-                raise ValueError(f"labels must be class indices in [0, {classes}) (the model has {classes} outputs); "
-                                 f"got labels in [{int(labels.min())}, {int(labels.max())}]")
+            _check_label_range(labels, classes)
             counts.index_add_(0, labels, torch.ones_like(labels))
             intact.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
             if use_readout:
@@ -794,21 +798,24 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
     dtype; zeros by default). Returns ``(intact_correct [K], correct [S, K], class_counts [K])`` int64.
     ``pass_times``: a list that receives the seconds of each pass (the intact one first)."""
     module = resolve_layers(model, layer)[layer]
-    masks = torch.as_tensor(masks, dtype=torch.bool)
+    masks = torch.as_tensor(masks)
+    if masks.dtype != torch.bool:  # (a cast would make 0.5 an ablation)
+        raise TypeError(f"masks must be a bool tensor [S, C] (True: ablate the unit), got {masks.dtype}")
     if masks.dim() != 2 or masks.shape[0] == 0:
         raise ValueError(f"masks must be a bool tensor [S, C] with S >= 1, got shape {tuple(masks.shape)}")
-    device = canonical_device(device) if device is not None else next(model.parameters()).device
-    model.to(device).eval()
-    param_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    device, param_dtype = eval_on_device(model, device)
     current: dict = {"mask": None}
 
     def hook(_module, _inputs, output):
         mask = current["mask"]
         if mask is None:
             return None
-        values = (torch.zeros(output.shape[1]) if fill is None else torch.as_tensor(fill)).to(output.device,
-                                                                                               torch.float64)
-        return _masked_clone(output, mask, values.to(output.dtype))
+        channels = output.shape[1]
+        values = torch.zeros(channels) if fill is None else torch.as_tensor(fill, dtype=torch.float64).reshape(-1)
+        if mask.numel() != channels or values.numel() != channels:
+            raise ValueError(f"layer {layer!r} has {channels} units: masks must be [S, {channels}] and fill "
+                             f"[{channels}], got masks {tuple(masks.shape)} and fill [{values.numel()}]")
+        return _masked_clone(output, mask, values.to(output.device, torch.float64).to(output.dtype))
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     results = []
@@ -826,6 +833,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                     if preprocess is not None:
                         x = preprocess(x)
                     logits = _logits(model(x.to(param_dtype)))
+                    _check_label_range(labels, logits.shape[1])
                     if correct is None:
                         correct = torch.zeros(logits.shape[1], dtype=torch.int64, device=device)
                         counts = torch.zeros_like(correct)

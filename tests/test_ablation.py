@@ -1060,3 +1060,20 @@ def test_a_permuted_layer_output_keeps_its_strides_in_the_replicas():
     result = abl.ablation_drops(model, data, "layer", masks=masks, batch_size=16, progress=False)
     correct = assert_equal_to_naive(result, model, data, "layer", 16)
     assert correct.sum() > 0
+
+
+def test_naive_ablation_counts_checks_its_arguments():
+    """masks of the wrong width, a fill of the wrong length and labels past the outputs raised torch's
+    IndexError; float masks were cast (0.5 ablating the unit)."""
+    model, data = calibrated("vgg")
+    channels = abl.ablation_drops(model, data, "features.3", units=[0], progress=False).masks.shape[1]
+    with pytest.raises(ValueError, match=f"has {channels} units: masks must be \\[S, {channels}\\]"):
+        abl.naive_ablation_counts(model, data, "features.3", torch.ones(1, channels - 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"fill \[2\]"):
+        abl.naive_ablation_counts(model, data, "features.3", torch.eye(channels, dtype=torch.bool)[:1],
+                                  fill=[1.0, 2.0])
+    with pytest.raises(TypeError, match="bool tensor"):
+        abl.naive_ablation_counts(model, data, "features.3", torch.full((1, channels), 0.5))
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\)"):
+        abl.naive_ablation_counts(model, ImageSet(n=12, size=16, classes=9), "features.3",
+                                  torch.eye(channels, dtype=torch.bool)[:1])

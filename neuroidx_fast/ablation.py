@@ -616,7 +616,10 @@ def _build_masks(units, masks, channels: int, layer: str, device) -> torch.Tenso
         return masks.to(device)
     if units is None:
         return torch.eye(channels, dtype=torch.bool, device=device)
-    ids = torch.as_tensor(units).reshape(-1)
+    try:
+        ids = torch.as_tensor(units).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError):  # strings, ints past int64
+        raise TypeError(f"units must be integer unit indices, got {str(units)[:80]}") from None
     if ids.numel() == 0:
         raise ValueError("units= is empty: give at least one unit index, or None for every unit")
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:

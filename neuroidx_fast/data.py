@@ -14,6 +14,7 @@ in any DataLoader worker, and is the same every time.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,7 @@ class Shapes(Dataset):
         self.n = _check_int("n", n, 0)
         self.size = _check_int("size", size, 8)
         self.seed = _check_int("seed", seed, 0)
-        names = list(SHAPES_DEFAULT_CLASSES if classes is None else classes)
+        names = list(SHAPES_DEFAULT_CLASSES if classes is None else [classes] if isinstance(classes, str) else classes)
         if not names:
             raise ValueError("classes is empty: give at least one '<color> <shape>' name")
         if len(set(names)) != len(names):
@@ -122,7 +123,8 @@ class Shapes(Dataset):
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
         self.scale = (lo, hi)
-        if not (noise >= 0 and color_jitter >= 0 and math.isfinite(noise) and math.isfinite(color_jitter)):
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (noise, color_jitter)) or \
+                not (noise >= 0 and color_jitter >= 0 and math.isfinite(noise) and math.isfinite(color_jitter)):
             raise ValueError(f"noise and color_jitter must be finite and >= 0, got {noise!r}, {color_jitter!r}")
         self.noise, self.color_jitter = float(noise), float(color_jitter)
         self.targets = torch.arange(self.n, dtype=torch.int64) % len(names)
@@ -232,14 +234,17 @@ class Digits(Dataset):
         self.seed = _check_int("seed", seed, 0)
         if split not in ("all", "train", "test"):
             raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
-        if not 0 < test_fraction < 1:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not 0 < test_fraction < 1:
+            raise ValueError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
         self.colorize, self.split = bool(colorize), split
         digits = load_digits()
         images = torch.as_tensor(digits.images, dtype=torch.float32) / 16.0  # [1797, 8, 8] in [0, 1]
         labels = torch.as_tensor(digits.target, dtype=torch.int64)
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         n_test = int(round(len(labels) * test_fraction))
+        if n_test in (0, len(labels)):
+            raise ValueError(f"test_fraction={test_fraction!r} of {len(labels)} images leaves the "
+                             f"{'test' if n_test == 0 else 'train'} split empty")
         chosen = {"all": torch.arange(len(labels)), "test": order[:n_test].sort().values,
                   "train": order[n_test:].sort().values}[split]
         self.source_index = chosen  # position of each item in load_digits()

@@ -14,8 +14,8 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import (as_index, canonical_device, check_pixel_batch, collate_images, nonfinite_images, positive_int,
-                      split_batch)
+from .prepare import (as_index, canonical_device, check_pixel_batch, collate_images, integer_tensor, nonfinite_images,
+                      positive_int, split_batch)
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -218,6 +218,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     at -inf (all-NaN maps under ``nan="ignore"``) take no part: no weight, no crop. Gray (1-channel)
     images are cropped as the RGB images (g, g, g) they show: their NFs and crops are RGB too.
     """
+    if not isinstance(index, NeuronIndex):
+        raise TypeError(f"index must be a NeuronIndex (index_dataset's result, or NeuronIndex.load), got "
+                        f"{type(index).__name__}")
     L = index[layer]
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -230,12 +233,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     if units is None:
         units = torch.arange(L.num_units)
     else:
-        units = torch.as_tensor(units).reshape(-1)
+        units = integer_tensor("units (channel indices)", units).reshape(-1)
         if units.numel() == 0:
             raise ValueError("units is empty: name at least one unit, or pass units=None for all of them")
-        if units.is_floating_point() or units.is_complex() or units.dtype == torch.bool:
-            raise ValueError(f"units must be integer channel indices, got {units.dtype} values")
-        units = units.to(torch.int64)
     if units.numel() and (int(units.min()) < 0 or int(units.max()) >= L.num_units):
         raise IndexError(f"units must lie in [0, {L.num_units}) for layer {layer!r}")
 

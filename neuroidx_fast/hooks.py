@@ -13,8 +13,12 @@ __all__ = ["resolve_layers", "LayerCapture", "InputCapture", "SharedModuleError"
 
 def resolve_layers(model: nn.Module, layers) -> dict[str, nn.Module]:
     """Map layer names (from ``model.named_modules()``) to modules; unknown names list the closest ones."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(layers, str):
         layers = [layers]
+    if layers is None or not hasattr(layers, "__iter__"):
+        raise TypeError(f"layers must be a module name or a list of them, got {layers!r}")
     layers = list(layers)
     if not layers:
         raise ValueError("no layers given: name at least one module of model.named_modules()")

@@ -22,7 +22,7 @@ from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
-from .prepare import as_index, model_device as _model_device, nonfinite_images, param_dtype, pixel_space
+from .prepare import as_index, model_device as _model_device, nonfinite_images, param_dtype, pixel_space, positive_int
 from .unit_objective import OBJECTIVES, UnitObjective
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
@@ -541,6 +541,9 @@ def save_maximized(images: torch.Tensor, path, titles=None, ncols: int | None = 
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise ValueError(f"expected images [N, 3, h, w] with N >= 1, got {getattr(images, 'shape', images)!r}")
+    ncols = positive_int("ncols", ncols, none_means="a square grid")
+    scale, gap = positive_int("scale", scale), positive_int("gap", gap, zero_ok=True)
+    ncols = min(ncols, images.shape[0]) if ncols else None
     if titles is None:
         return save_png(image_grid(images, ncols=ncols, gap=gap, scale=scale), path)
     titles = [str(t) for t in titles]

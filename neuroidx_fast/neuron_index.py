@@ -10,6 +10,7 @@ from ._version import __version__
 from .receptive_fields import ReceptiveField
 from .storage import BundleError, read_bundle, write_bundle
 from .topk import STATE_FORMAT
+from .prepare import as_index
 
 __all__ = ["LayerIndex", "NeuronIndex", "INDEX_FORMAT", "INDEX_VERSION"]
 
@@ -83,8 +84,12 @@ class LayerIndex:
 
     def top(self, unit: int) -> list[tuple[float, int, int, int]]:
         """The top images of one unit as (value, image id, y, x), best first, unused slots left out."""
-        if not 0 <= unit < self.num_units:
+        index = as_index(unit)
+        if index is None:
+            raise TypeError(f"unit must be an int channel index, got {unit!r}")
+        if not 0 <= index < self.num_units:
             raise IndexError(f"unit {unit} out of range: layer {self.name!r} has {self.num_units} units")
+        unit = index
         y, x = self.yx()
         return [(float(self.values[unit, j]), int(self.ids[unit, j]), int(y[unit, j]), int(x[unit, j]))
                 for j in range(self.k) if self.ids[unit, j] >= 0]

@@ -14,8 +14,8 @@ from torch.utils.data import default_collate
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "collate_images", "as_index", "positive_int", "nonfinite_images", "check_pixel_batch",
-           "pixel_space"]
+           "split_batch", "collate_images", "as_index", "integer_tensor", "positive_int", "nonfinite_images",
+           "check_pixel_batch", "pixel_space"]
 
 
 def check_pixel_batch(images: torch.Tensor, what: str) -> None:
@@ -55,6 +55,22 @@ def as_index(value):
         return operator.index(value)
     except TypeError:
         return None
+
+
+def integer_tensor(name: str, values) -> torch.Tensor:
+    """``values`` (a tensor, array, list or number of integers) as an int64 tensor; a ValueError naming
+    ``name`` for anything else (strings, floats, bools, None, integers past int64), where torch's own
+    errors ("too many dimensions 'str'", "Overflow when unpacking long long") named neither."""
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        tensor = None
+    if tensor is not None and tensor.numel() == 0:
+        return tensor.to(torch.int64)  # ([] is a float tensor to torch)
+    if tensor is None or tensor.dtype.is_floating_point or tensor.is_complex() or tensor.dtype == torch.bool:
+        got = type(values).__name__ if tensor is None else f"{tensor.dtype} values"
+        raise ValueError(f"{name} must be integers (int64), got {got}: {str(values)[:80]}")
+    return tensor.to(torch.int64)
 
 
 def positive_int(name: str, value, *, zero_ok: bool = False, none_means: str | None = None):
@@ -103,7 +119,10 @@ def restores_modes(function):
 def canonical_device(device) -> torch.device:
     """``device`` as tensors report theirs: "cuda" with the current device's index (a tensor made on
     "cuda" is on "cuda:0", and torch.device("cuda") != torch.device("cuda:0")), "cpu" without one."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device or its name, e.g. 'cpu', 'cuda' or 'cuda:1'; got {device!r}") from None
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and device.index is not None:

@@ -200,4 +200,12 @@ def load_table(path):
         raise FileNotFoundError(f"no table at {path!r}")
     if _format(path) == ".parquet":
         return pd.read_parquet(path, engine="pyarrow").reset_index(drop=True)
-    return _read_csv_with_text(path, ("layer", "top_class_name", "max_drop_class_name"))
+    try:
+        frame = _read_csv_with_text(path, ("layer", "top_class_name", "max_drop_class_name"))
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        raise ValueError(f"{path} is not a neuron table ({type(exc).__name__}: {str(exc)[:120]}): make it again "
+                         "(save_table, or neuroidx selectivity)") from None
+    if not {"layer", "unit"} <= set(frame.columns):
+        raise ValueError(f"{path} is not a neuron table (no layer and unit columns): make it again (save_table, "
+                         "or neuroidx selectivity)")
+    return frame

@@ -76,7 +76,10 @@ class TopK:
         if values.device != self.device:
             raise ValueError(f"{self._where()}: values are on {values.device} but the state is on {self.device}; "
                              f"move them with .to({str(self.device)!r}) or build the TopK with that device")
-        ids = torch.as_tensor(ids, device=self.device)
+        try:
+            ids = torch.as_tensor(ids, device=self.device)
+        except (TypeError, ValueError, RuntimeError, OverflowError):  # None, strings, ints past int64
+            raise TypeError(f"{self._where()}: ids must be integers (int64), got {str(ids)[:80]}") from None
         if ids.numel() == 0:
             ids = ids.to(torch.int64)  # [] is a float tensor to torch
         if ids.dim() != 1 or ids.shape[0] != values.shape[0]:
@@ -88,7 +91,11 @@ class TopK:
         if positions is None:
             positions = torch.zeros(values.shape, dtype=torch.int64, device=self.device)
         else:
-            positions = torch.as_tensor(positions, device=self.device)
+            try:
+                positions = torch.as_tensor(positions, device=self.device)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise TypeError(f"{self._where()}: positions must be integers (int64), got {str(positions)[:80]}") \
+                    from None
             if positions.shape != values.shape:
                 raise ValueError(f"{self._where()}: positions must have the shape of values "
                                  f"{tuple(values.shape)}, got {tuple(positions.shape)}")

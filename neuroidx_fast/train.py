@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .prepare import (check_pixel_batch, collate_images, evaluating, model_device, nonfinite_images, param_dtype,
-                      pixel_space, split_batch)
+                      pixel_space, positive_int, split_batch)
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -112,9 +112,8 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
+    epochs, batch_size = positive_int("epochs", epochs), positive_int("batch_size", batch_size)
+    seed = positive_int("seed", seed, zero_ok=True)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if schedule not in ("cosine", None):
@@ -176,6 +175,9 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
 
 def evaluate_classifier(model: nn.Module, dataset, batch_size: int = 256, device=None, preprocess=None) -> float:
     """Top-1 accuracy of ``model`` (in eval mode) on a dataset of (image, label) pairs."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    batch_size = positive_int("batch_size", batch_size)
     device, dtype = model_device(model, device), param_dtype(model)
     correct = total = 0
     with evaluating(model), torch.no_grad():

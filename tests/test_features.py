@@ -294,7 +294,7 @@ def test_bad_arguments(indexed):
         neuron_features(index, "features.8", units=[16])
     with pytest.raises(ValueError, match="keep_crops"):
         neuron_features(index, "features.8", keep_crops=-1)
-    with pytest.raises(ValueError, match="integer channel indices"):
+    with pytest.raises(ValueError, match=r"units \(channel indices\) must be integers"):
         neuron_features(index, "features.8", units=[1.5])
     with pytest.raises(ValueError, match="units is empty.*units=None"):
         neuron_features(index, "features.8", units=[])

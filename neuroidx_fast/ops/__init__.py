@@ -77,7 +77,10 @@ def pad_value(pad, channels: int, device) -> torch.Tensor | None:
         return torch.full((channels,), PAD_NAMES[pad], dtype=torch.float32, device=device)
     if isinstance(pad, bool) or pad is None:
         raise TypeError(f"pad must be a mode name, a number or a sequence of numbers, not {pad!r}")
-    wide = torch.as_tensor(pad, dtype=torch.float64).reshape(-1)
+    try:
+        wide = torch.as_tensor(pad, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"pad must be 'gray', 'zero', 'edge', a number or one number per channel, not {pad!r}") from None
     if not torch.isfinite(wide).all() or bool((wide.abs() > torch.finfo(torch.float32).max).any()):
         raise ValueError(f"pad values must be finite float32 numbers, got {wide.tolist()}")
     value = wide.to(torch.float32)
@@ -241,9 +244,13 @@ def mask_replicas(x: torch.Tensor, masks: torch.Tensor, fill=None, backend: str 
     if fill is None:
         fill_t = torch.zeros(c, dtype=x.dtype, device=x.device)
     else:
-        if isinstance(fill, bool):
-            raise TypeError("mask_replicas: fill must be None, a number or one number per unit, not a bool")
-        fill_t = torch.as_tensor(fill).to(device=x.device, dtype=x.dtype).reshape(-1)
+        try:
+            fill_t = None if isinstance(fill, (bool, str)) else torch.as_tensor(fill)
+        except (TypeError, ValueError, RuntimeError):
+            fill_t = None
+        if fill_t is None or fill_t.dtype == torch.bool:
+            raise TypeError(f"mask_replicas: fill must be None, a number or one number per unit, not {fill!r}")
+        fill_t = fill_t.to(device=x.device, dtype=x.dtype).reshape(-1)
         if fill_t.numel() == 1:
             fill_t = fill_t.expand(c)
         if fill_t.numel() != c:

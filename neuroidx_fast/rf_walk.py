@@ -714,6 +714,10 @@ class _Walk(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, input_states, target: str | None, edge_pads: list | None = None):
         super().__init__(gm)
+        # The walk ends by raising _Reached; with extra_traceback, fx's handler of a raising node imports
+        # torch._inductor (and sympy) there, ~1 s the first time, during which a Ctrl-C was lost inside
+        # torch and the walk fell back to the probe with sympy half imported.
+        self.extra_traceback = False
         self.input_states = list(input_states)
         self.target = target
         self.states: dict[fx.Node, object] = {}

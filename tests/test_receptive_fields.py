@@ -1006,3 +1006,20 @@ def test_sizes_and_names_are_checked():
     many = nn.Sequential(*[nn.ReLU() for _ in range(12)])
     with pytest.raises(ValueError, match=r"include 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. \(12 in all\)"):
         receptive_field(many, "zzzzqq", 16)
+
+
+def test_the_walk_does_not_import_the_compiler_on_its_way_out():
+    """The walk ends by raising from a node; fx's extra traceback for it imported torch._inductor and
+    sympy (about a second, the first time), during which a Ctrl-C was lost and the walk fell back to the
+    probe. Run in a fresh interpreter, where nothing else has imported them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "import neuroidx_fast as nx\n"
+            "from neuroidx_fast.demo_model import demo_model\n"
+            "rf = nx.receptive_field(demo_model().eval(), 'conv2', 48)\n"
+            "print(rf.method, 'torch._inductor' in sys.modules, 'sympy' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["analytic", "False", "False"]

@@ -395,8 +395,19 @@ class _Engine:
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"the dataset must yield image tensors [3, H, W] (or (image, label)); got "
                              f"{type(image).__name__}")
+        x = self.inputs(image[None])
         with torch.no_grad():
-            _, cut, _ = self.checked_intact(self.inputs(image[None]), [0])
+            try:
+                self.intact(x)
+            except RuntimeError as exc:  # (torch's message named neither the images nor the fix)
+                if "out of memory" in str(exc):
+                    raise
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ValueError(f"the model's whole forward fails on the dataset's images, {tuple(image.shape)} "
+                                 f"({type(exc).__name__}: {first_line}): ablation runs the whole model up to its "
+                                 "logits, so give images of a size it takes (an index may have been made at a size "
+                                 "only its layers take: the CLI's --size)") from exc
+            _, cut, _ = self.checked_intact(x, [0])
         return cut
 
     def checked_intact(self, x, ids):

@@ -1077,3 +1077,12 @@ def test_naive_ablation_counts_checks_its_arguments():
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 4\)"):
         abl.naive_ablation_counts(model, ImageSet(n=12, size=16, classes=9), "features.3",
                                   torch.eye(channels, dtype=torch.bool)[:1])
+
+
+def test_a_model_that_cannot_run_on_the_images_says_so():
+    """Indexing runs the model only up to its deepest layer, so an index can be made at a size the whole
+    model does not take; ablation then failed with torch's 'mat1 and mat2 shapes cannot be multiplied'."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 4)).eval()
+    with pytest.raises(ValueError, match=r"whole forward fails on the dataset's images, \(3, 20, 20\).*mat1.*--size"):
+        abl.ablation_drops(model, ImageSet(n=4, size=20, classes=4), "0", progress=False)
+    assert abl.ablation_drops(model, ImageSet(n=4, size=16, classes=4), "0", progress=False).masks.shape == (4, 4)

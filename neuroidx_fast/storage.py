@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 
 import torch
 from safetensors.torch import load, load_file, save_file
 
 from .atomic import public_mode
+
+try:
+    import fcntl
+except ImportError:  # (not on Windows: writers of one path are then not serialised)
+    fcntl = None
 
 __all__ = ["write_bundle", "read_bundle", "recover_interrupted_write", "is_bundle", "BundleError"]
 
@@ -68,10 +75,17 @@ def _fsync_dir(path: str) -> None:
 
 def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Write ``path`` (a directory) atomically: readers see the old bundle or the new one, never a mix.
-    A symbolic link is followed: its target is replaced, the link stays."""
+    A symbolic link is followed: its target is replaced, the link stays. Writers of one path (processes
+    or threads) take turns (``writer_lock``): each would otherwise delete the other's temporary folder
+    as the leftover of a killed write."""
     path = os.path.realpath(os.fspath(path))
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
+    with writer_lock(path):
+        _write_bundle_locked(path, parent, kind, version, manifest, tensors)
+
+
+def _write_bundle_locked(path, parent, kind, version, manifest, tensors) -> None:
     recover_interrupted_write(path)  # (before this write's own .tmp- folder exists)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
@@ -97,12 +111,83 @@ def write_bundle(path: str, kind: str, version: int, manifest: dict, tensors: di
         raise
 
 
+_held = threading.local()  # the paths whose writer lock this thread holds (taken again: no wait)
+
+
+def _lock_file(path: str) -> str:
+    """The lock file of writers of ``path`` (a real path): ``.<name>.lock`` beside it, hidden, outside the
+    bundle, and named unlike the ``<name>.tmp-*`` / ``<name>.old-*`` folders that writes leave."""
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.lock")
+
+
+@contextlib.contextmanager
+def writer_lock(path):
+    """Hold the advisory lock (``flock``) of writers of ``path`` for the block: writes, recoveries and
+    removals of one bundle take turns, so that none deletes another's live ``.tmp-`` / ``.old-`` folder
+    as debris. Readers take no lock (a write's renames keep them whole). The lock file is deleted by its
+    holder on release; one left by a killed holder (whose lock the system released) is taken by the
+    next writer and deleted then. Re-entrant in one thread; no lock where the system offers none
+    (``fcntl`` missing, a folder that cannot hold the file): writers then run as before, unserialised."""
+    path = os.path.realpath(os.fspath(path))
+    held = _held.__dict__.setdefault("paths", set())
+    if fcntl is None or path in held:
+        yield
+        return
+    lock_path, fd = _lock_file(path), None
+    while True:
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except PermissionError:  # (another user's lock file, in a folder this process cannot write to)
+            try:
+                fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                fd = None
+                break
+        except OSError:  # no such folder, read-only, a directory in the way: as without the lock
+            fd = None
+            break
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # the holder before deletes the file on release: if it did after this open, a writer may
+            # have locked a new file of that name meanwhile, so lock that one instead
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        except OSError:  # no flock on this file system
+            os.close(fd)
+            fd = None
+            break
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    held.add(path)
+    try:
+        yield
+    finally:
+        held.discard(path)
+        if fd is not None:
+            try:
+                os.unlink(lock_path)  # (before the unlock: a writer waiting on this file then looks again)
+            except OSError:
+                pass
+            os.close(fd)
+
+
 def replace_directory(new, path) -> None:
     """Put the finished directory ``new`` (a sibling of ``path``, named ``<name>.tmp-*``) at ``path``: the
     old one is moved aside (``<name>.old-*``) and ``new`` moved in, two renames, so that readers see the
     old directory or the new one whole, never a mix; then the old one goes, with what killed writes left
-    beside ``path``."""
+    beside ``path``. Under the writer lock of ``path`` (``writer_lock``)."""
     path = os.path.realpath(os.fspath(path))
+    with writer_lock(path):
+        _replace_directory_locked(new, path)
+
+
+def _replace_directory_locked(new: str, path: str) -> None:
     parent = os.path.dirname(path)
     old = None
     if os.path.exists(path):
@@ -128,7 +213,8 @@ def _discard(folder: str) -> None:
 
 def _remove_leftovers(path: str) -> None:
     """The ``<name>.tmp-*`` and ``<name>.old-*`` folders of earlier writes of ``path`` that were killed
-    (as big as the bundle); ``path`` itself, complete, supersedes them."""
+    (as big as the bundle); ``path`` itself, complete, supersedes them. Only under the writer lock: no
+    other write of ``path`` is under way then, so none of them is live."""
     parent, name = os.path.split(path)
     for entry in os.listdir(parent):
         if entry.startswith((name + ".tmp-", name + ".old-")):
@@ -138,9 +224,10 @@ def _remove_leftovers(path: str) -> None:
 def remove_bundle(path) -> None:
     """Delete the bundle ``path`` and whatever killed writes of it left beside it."""
     path = os.path.realpath(os.fspath(path))
-    shutil.rmtree(path, ignore_errors=True)
-    if os.path.isdir(os.path.dirname(path)):
-        _remove_leftovers(path)
+    with writer_lock(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(os.path.dirname(path)):
+            _remove_leftovers(path)
 
 
 def _interrupted_write(path: str) -> str | None:
@@ -160,25 +247,36 @@ def _interrupted_write(path: str) -> str | None:
         return [os.path.join(parent, e) for e in entries
                 if e.startswith(name + marker) and os.path.exists(os.path.join(parent, e, MANIFEST))]
 
+    def mtime(folder):
+        try:
+            return os.path.getmtime(folder)
+        except OSError:  # gone since it was listed (a save under way moved it in, or deleted it)
+            return None
+
     new, old = complete(".tmp-"), complete(".old-")
     if not old:
         return None
-    return max(new or old, key=os.path.getmtime)
+    found = [(when, folder) for folder in new or old if (when := mtime(folder)) is not None]
+    return max(found, key=lambda pair: pair[0])[1] if found else None
 
 
 def recover_interrupted_write(path) -> bool:
     """Put back at ``path`` the bundle a killed ``write_bundle`` left beside it (``_interrupted_write``);
-    for a writer (readers only read it where it lies). True if one was put back."""
+    for a writer (readers only read it where it lies). True if one was put back. Under the writer lock of
+    ``path``: a live write's folders are not taken for a killed one's."""
     path = os.path.abspath(os.fspath(path))
-    found = _interrupted_write(path)
-    if found is None:
+    if _interrupted_write(path) is None:  # (the usual case, seen without making a lock file)
         return False
-    os.replace(found, path)
-    if os.path.basename(found).startswith(os.path.basename(path) + ".tmp-"):  # the old ones are stale now
-        parent, name = os.path.split(path)
-        for entry in os.listdir(parent):
-            if entry.startswith(name + ".old-"):
-                _discard(os.path.join(parent, entry))
+    with writer_lock(path):
+        found = _interrupted_write(path)
+        if found is None:
+            return False
+        os.replace(found, path)
+        if os.path.basename(found).startswith(os.path.basename(path) + ".tmp-"):  # the old ones are stale now
+            parent, name = os.path.split(path)
+            for entry in os.listdir(parent):
+                if entry.startswith(name + ".old-"):
+                    _discard(os.path.join(parent, entry))
     return True
 
 
@@ -204,8 +302,18 @@ class _Replaced(Exception):
 
 
 def _read_bundle_once(path: str, kind: str, max_version: int) -> tuple[dict, dict[str, torch.Tensor]]:
-    where = path if os.path.lexists(path) else (_interrupted_write(os.path.abspath(path)) or path)
+    existed = os.path.lexists(path)
+    where = path if existed else (_interrupted_write(os.path.abspath(path)) or path)
     if not os.path.isdir(where):
+        # the folder of a write found beside the missing path and moved in (or deleted) since, or the
+        # path moved aside or put back since it was looked at: a save is under way, look again
+        if where != path or os.path.isdir(path) or os.path.lexists(path) != existed:
+            raise _Replaced()
+        # still none: unless saves came and went between those looks (each makes the path missing a
+        # moment), which only a look while none is under way tells (under the writers' lock)
+        with writer_lock(path):
+            if os.path.isdir(path) or _interrupted_write(os.path.abspath(path)) is not None:
+                raise _Replaced()
         raise BundleError(f"{path} is not a directory written by neuroidx_fast ({kind})")
     try:
         folder = os.open(where, os.O_RDONLY)

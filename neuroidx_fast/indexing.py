@@ -8,10 +8,13 @@ initialised torch.distributed, each rank indexes a contiguous shard; rank 0 merg
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
+import numbers
 import os
+import types
 import warnings
 
 import torch
@@ -128,8 +131,7 @@ def structure_fingerprint(model: nn.Module, preprocess=None) -> str:
     """SHA-256 of the model's modules, their types and settings (``_module_lines``), and of a module
     ``preprocess``'s: what the state dict does not show (a ReLU swapped for a LeakyReLU; a torchvision
     Normalize keeps its mean and std as plain attributes), on any device. A change of ``forward`` code
-    stays unseen, and so does what a plain function closes over (its repr is its address, another in
-    every process)."""
+    stays unseen; a plain function ``preprocess`` is recorded by ``_preprocess_code``."""
     shown = _module_lines(preprocess) if isinstance(preprocess, nn.Module) else ""
     return hashlib.sha256(f"{_module_lines(model)}\n{shown}".encode()).hexdigest()
 
@@ -179,12 +181,81 @@ def sample_fingerprint(dataset, positions) -> str:
 
 def _preprocess_fingerprint(preprocess) -> str | None:
     """What a checkpoint records of ``preprocess``: a module's class and state (its normalisation
-    constants), a function's qualified name (what it closes over cannot be checked)."""
+    constants), a function's qualified name (the rule of the first checkpoints, kept as it was; its code
+    and what it closes over: ``_preprocess_code``)."""
     if preprocess is None:
         return None
     if isinstance(preprocess, nn.Module):
         return f"{type(preprocess).__qualname__}:{model_fingerprint(preprocess)}"
     return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', type(preprocess).__qualname__)}"
+
+
+def _preprocess_code(preprocess) -> str | None:
+    """What a checkpoint records of a function ``preprocess`` besides its name (``_preprocess_fingerprint``,
+    which is ``<lambda>`` for every lambda and ``partial`` for every ``functools.partial``): SHA-256 of its
+    code (``_describe``), its defaults and what it closes over, of a partial's function and arguments, of
+    a callable object's ``__call__`` and settings. The same in every process for the same function (no
+    addresses); another Python version compiles other bytecode. None for a module (its class and state
+    stand for it) and for no preprocess."""
+    if preprocess is None or isinstance(preprocess, nn.Module):
+        return None
+    return hashlib.sha256(_describe(preprocess, 0).encode()).hexdigest()
+
+
+def _describe(value, depth: int) -> str:
+    """A text for what ``value`` computes or holds, without addresses: numbers, strings, bytes and None
+    as their repr; tuples, lists, sets and dicts of them element by element; a tensor's (or numpy
+    array's) dtype, shape and bytes; a function's code (bytecode, constants, names), defaults and
+    closure cells; a partial's function and arguments; a bound method's function; a module's submodules,
+    settings and state; a callable object's ``__call__`` and attributes; anything else its type alone
+    (what it holds cannot be told apart without its address). Globals a function reads are named, not
+    looked into."""
+    kind = f"{type(value).__module__}.{type(value).__qualname__}"
+    if depth > 8:
+        return kind
+    deeper = functools.partial(_describe, depth=depth + 1)
+    if value is None or value is Ellipsis or isinstance(value, (bool, numbers.Number, str, bytes)):
+        return f"{kind}:{value!r}"
+    if isinstance(value, torch.Tensor):
+        try:
+            raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        except (RuntimeError, TypeError, NotImplementedError):  # sparse, quantised, meta: its kind and shape
+            raw = b""
+        return f"tensor:{value.dtype}:{tuple(value.shape)}:{hashlib.sha256(raw).hexdigest()}"
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        raw = value.tobytes() if value.dtype != object else repr(value.tolist()).encode()
+        return f"ndarray:{value.dtype}:{value.shape}:{hashlib.sha256(raw).hexdigest()}"
+    if isinstance(value, (tuple, list)):
+        return f"{kind}({','.join(deeper(v) for v in value)})"
+    if isinstance(value, (set, frozenset)):
+        return f"{kind}({','.join(sorted(deeper(v) for v in value))})"
+    if isinstance(value, dict):
+        return f"{kind}({','.join(sorted(f'{deeper(k)}={deeper(v)}' for k, v in value.items()))})"
+    if isinstance(value, types.CodeType):
+        return (f"code({value.co_code.hex()};{deeper(value.co_consts)};{','.join(value.co_names)};"
+                f"{value.co_argcount},{value.co_kwonlyargcount},{value.co_flags})")
+    if isinstance(value, functools.partial):
+        return f"partial({deeper(value.func)};{deeper(value.args)};{deeper(value.keywords)})"
+    if isinstance(value, types.MethodType):
+        return f"method({deeper(value.__func__)};{type(value.__self__).__qualname__})"
+    if isinstance(value, types.FunctionType):
+        cells = []
+        for cell in value.__closure__ or ():
+            try:
+                cells.append(deeper(cell.cell_contents))
+            except ValueError:  # an empty cell
+                cells.append("<empty>")
+        return (f"function({value.__module__}.{value.__qualname__};{deeper(value.__code__)};"
+                f"{deeper(value.__defaults__)};{deeper(value.__kwdefaults__)};cells({','.join(cells)}))")
+    if isinstance(value, nn.Module):  # (one held by a function or object: a Compose's Normalize)
+        return f"module({_module_lines(value)};{model_fingerprint(value)})"
+    if isinstance(value, (types.BuiltinFunctionType, type)):
+        return f"{kind}:{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', '?')}"
+    call = getattr(type(value), "__call__", None)
+    if isinstance(call, types.FunctionType):  # a callable object
+        settings = getattr(value, "__dict__", {})
+        return f"{kind}({deeper(call)};{deeper(dict(settings) if isinstance(settings, dict) else {})})"
+    return kind
 
 
 def _check_images(images: torch.Tensor, first_id: int) -> None:
@@ -262,7 +333,7 @@ def _distributed():
 
 
 # fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
-_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry")
+_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code")
 
 
 def _holds_other_than_checkpoint(path) -> bool:
@@ -299,6 +370,9 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
         if "data_sample" in differ:
             notes.append("the dataset's first or last image differs (another dataset of the same length, or random "
                          "transforms: ids must name fixed images)")
+        if "preprocess_code" in differ:
+            notes.append("the preprocess function differs (its code, defaults, arguments or the values it closes "
+                         "over; or this Python version compiles it otherwise)")
         if "data_geometry" in differ:
             notes.append(f"the images are made otherwise from the files (checkpoint {saved.get('data_geometry')}, now "
                          f"{fingerprint.get('data_geometry')})")
@@ -374,12 +448,48 @@ def _receptive_fields(model, names, input_size, channels: int) -> dict:
     return found
 
 
-def _merge_ranks(dist, stats, meta, pixel_sum, labels):
-    """Gather every rank's layer indexes on every rank; rank 0 folds them in rank order."""
+def _check_ranks_agree(gathered, shards) -> None:
+    """The checks a single process makes from batch to batch, between the ranks' shards (each rank
+    checks only its own): one image size, one map size per layer, one number of channels, labels on
+    all or none. Made alike on every rank, from what all gathered, so that all raise the same error
+    (none is left waiting for the others)."""
+    def images(rank):
+        return f"{shards[rank][0]}..{shards[rank][1] - 1}"
+
+    seen = [rank for rank, g in enumerate(gathered) if g[1] is not None]  # (ranks that saw images)
+    if not seen:
+        return
+    first = seen[0]
+    for rank in seen[1:]:
+        size, first_size = tuple(gathered[rank][1]), tuple(gathered[first][1])
+        if size != first_size:
+            raise ValueError(f"images {images(rank)} are {size} but the first ones are {first_size}: give every "
+                             "image of the dataset one size (e.g. a Resize and CenterCrop transform)")
+        channels, first_channels = gathered[rank][2].numel(), gathered[first][2].numel()
+        if channels != first_channels:
+            raise ValueError(f"images {images(rank)} have {channels} channel(s) but the first ones have "
+                             f"{first_channels}: give every image of the dataset the same channels")
+        for name, layer in gathered[rank][0].items():
+            first_map = tuple(gathered[first][0][name].map_size)
+            if tuple(layer.map_size) != first_map:
+                raise ValueError(f"layer {name!r}: activation map size changed from {first_map} to "
+                                 f"{tuple(layer.map_size)} (images {images(rank)}); every image must have the same "
+                                 "size")
+        if (gathered[rank][3] is None) != (gathered[first][3] is None):
+            with_labels = [images(r) for r in seen if gathered[r][3] is not None]
+            without = [images(r) for r in seen if gathered[r][3] is None]
+            raise ValueError(f"some dataset items have labels and others do not (images {', '.join(with_labels)} "
+                             f"have labels, images {', '.join(without)} do not)")
+
+
+def _merge_ranks(dist, stats, meta, pixel_sum, labels, shard):
+    """Gather every rank's layer indexes on every rank, check that the ranks' shards agree
+    (``_check_ranks_agree``, on every rank); rank 0 folds them in rank order."""
     local = {name: s.to_layer_index() for name, s in stats.items()}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, (local, meta["input_size"], pixel_sum.cpu(),
-                                      labels.cpu() if labels is not None else None))
+                                      labels.cpu() if labels is not None else None, (shard.start, shard.stop)))
+    _check_ranks_agree(gathered, [g[4] for g in gathered])
     if dist.get_rank() != 0:
         return None
     merged = {}
@@ -446,11 +556,16 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                        "k": k, "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world,
                        "nan": nan, "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                        "preprocess": _preprocess_fingerprint(preprocess),
+                       "preprocess_code": _preprocess_code(preprocess),
                        "structure": structure_fingerprint(model, preprocess),
                        "data_geometry": dataset_geometry(dataset)}
         if fingerprint["data"] is None and len(shard):
             fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
-    class_names = [str(c) for c in dataset.classes] if isinstance(getattr(dataset, "classes", None), (list, tuple)) else None
+    named = dataset
+    while isinstance(named, Subset):  # a Subset keeps its dataset's classes (those it has no image of too)
+        named = named.dataset
+    classes = getattr(named, "classes", None)
+    class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}
     if checkpoint is not None and world > 1:
@@ -488,6 +603,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
                 x = pixel_space(images.to(device, non_blocking=True))
                 pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
+                if pixel_sum is not None and pixels.shape != pixel_sum.shape:  # (they would broadcast)
+                    raise ValueError(f"images {first_id}..{first_id + images.shape[0] - 1} have {pixels.numel()} "
+                                     f"channel(s) but the first ones have {pixel_sum.numel()}: give every image of "
+                                     "the dataset the same channels")
                 pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
                 if preprocess is not None:
                     x = preprocess(x)
@@ -533,7 +652,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     meta["receptive_fields"] = (_receptive_fields(model, names, meta["input_size"], meta["input_channels"])
                                 if rank == 0 else {})
     if dist is not None and world > 1:
-        index = _merge_ranks(dist, stats, meta, pixel_sum, all_labels)
+        index = _merge_ranks(dist, stats, meta, pixel_sum, all_labels, shard)
     else:
         index = _build_index(stats, meta, pixel_sum, all_labels)
     if index is not None:

@@ -1,4 +1,6 @@
+import functools
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils.data import Subset
 
 import neuroidx_fast as nx
 from neuroidx_fast.storage import BundleError, read_bundle, write_bundle
@@ -688,3 +691,170 @@ def test_load_refuses_a_bundle_whose_parts_disagree(tmp_path, tamper, message):
     write_bundle(str(tmp_path / "bad"), INDEX_FORMAT, INDEX_VERSION if tamper else 0, manifest, tensors)
     with pytest.raises(BundleError, match=message):
         nx.NeuronIndex.load(tmp_path / "bad")
+
+
+class _Mixed(torch.utils.data.Dataset):
+    """16 images, labelled; from id 8 on (the second rank's shard of two, in batches of 4) they are 20 px
+    instead of 16 (mode "size"), unlabelled ("labels"), or gray ("channels")."""
+
+    def __init__(self, mode):
+        self.mode, self.images = mode, ImageSet(n=16).images
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        image, label = self.images[i], i % 3
+        if i < 8:
+            return image, label
+        if self.mode == "size":
+            return torch.nn.functional.pad(image, (2, 2, 2, 2)), label
+        if self.mode == "labels":
+            return image
+        return image[:1], label
+
+
+def _to_rgb(x):
+    return x.expand(-1, 3, -1, -1)  # (gray images to RGB; RGB ones stay)
+
+
+_MIXED_SAID = {"size": r"images 8..15 are \(20, 20\) but the first ones are \(16, 16\): give every image",
+               "labels": "some dataset items have labels and others do not",
+               "channels": r"images 8..15 have 1 channel\(s\) but the first ones have 3"}
+
+
+def _mismatch_worker(rank, world, init_file, out):
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+        said = {}
+        for mode in _MIXED_SAID:
+            try:
+                nx.index_dataset(model, _Mixed(mode), ["1"], k=2, batch_size=4, preprocess=_to_rgb, progress=False)
+                said[mode] = "no error"
+            except ValueError as exc:
+                said[mode] = str(exc)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(said, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_whose_shards_disagree_are_refused_on_every_rank(tmp_path):
+    """Each rank compared its images only with its own first ones, and rank 0 took its own image and map
+    sizes, and class statistics from the ranks with labels: positions of 20 px maps were labelled 16 px
+    (the saved index then failed to load), labels -1 for half the data. Now every rank raises what a
+    single process does (none left waiting in a collective)."""
+    import json
+
+    out = str(tmp_path / "said")
+    mp.spawn(_mismatch_worker, args=(2, str(tmp_path / "init"), out), nprocs=2, join=True)
+    said = [json.loads(open(f"{out}.{rank}").read()) for rank in range(2)]
+    assert said[0] == said[1]
+    for mode, message in _MIXED_SAID.items():
+        assert re.search(message, said[0][mode]), (mode, said[0][mode])
+
+
+def test_images_whose_channels_change_are_refused():
+    # the per-channel pixel sums of gray and RGB images broadcast into nonsense
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"images 8..11 have 1 channel\(s\) but the first ones have 3"):
+        nx.index_dataset(model, _Mixed("channels"), ["1"], k=2, batch_size=4, preprocess=_to_rgb, progress=False)
+
+
+def test_a_read_that_finds_a_save_between_its_renames_looks_again(tmp_path, monkeypatch):
+    """A reader that finds the path missing reads the folder a write left beside it; the write may move it
+    in (or delete it) before the reader opens it: that is a bundle being replaced, to read again, not
+    "not a directory written by neuroidx_fast"."""
+    from neuroidx_fast import storage
+
+    path = tmp_path / "bundle"
+    write_bundle(path, "test bundle", 1, {"n": 1}, {"x": torch.zeros(3)})
+    write_bundle(tmp_path / "next", "test bundle", 1, {"n": 2}, {"x": torch.full((3,), 2.0)})
+    os.replace(path, tmp_path / "bundle.old-abc")  # a save between its two renames
+    os.replace(tmp_path / "next", tmp_path / "bundle.tmp-def")
+    real = storage._interrupted_write
+
+    def interrupted_write(where):
+        found = real(where)
+        if found is not None and not path.exists():  # the save goes on meanwhile: its second rename, cleanup
+            os.replace(tmp_path / "bundle.tmp-def", path)
+            storage._discard(str(tmp_path / "bundle.old-abc"))
+        return found
+
+    monkeypatch.setattr(storage, "_interrupted_write", interrupted_write)
+    manifest, tensors = read_bundle(path, "test bundle", 1)
+    assert manifest["n"] == 2 and float(tensors["x"][0]) == 2.0
+    # what stays no directory is still said so, at once
+    (tmp_path / "file").write_text("x")
+    for where in (tmp_path / "file", tmp_path / "missing"):
+        with pytest.raises(BundleError, match="is not a directory written by neuroidx_fast"):
+            read_bundle(where, "test bundle", 1)
+
+
+def _add(x, by):
+    return x + by
+
+
+def _adder(by):
+    return lambda x: x + by
+
+
+def test_a_resume_with_another_preprocess_function_is_refused(tmp_path):
+    """A function preprocess was recorded by its name alone: <lambda> for every lambda, partial for every
+    functools.partial; a run resumed with another one returned a mix of two computations."""
+    model = make_model("vgg")
+    args = dict(layers=["features.2"], k=2, batch_size=2, checkpoint_every=1, progress=False)
+    cases = [(lambda x: x * 2, [lambda x: x * 3, lambda x: x.sin()], lambda x: x * 2),  # code, constants, names
+             (_adder(0.5), [_adder(1.0), _adder(torch.tensor(0.5))], _adder(0.5)),  # what it closes over
+             (functools.partial(_add, by=0.5), [functools.partial(_add, by=1.0), functools.partial(_add, 0.5)],
+              functools.partial(_add, by=0.5))]  # a partial's arguments
+    for case, (first, others, same) in enumerate(cases):
+        ckpt = str(tmp_path / f"ckpt{case}")
+        with pytest.raises(RuntimeError, match="disk gone"):
+            nx.index_dataset(model, _Listed("files A", fail=5, n=8), preprocess=first, checkpoint=ckpt, **args)
+        for other in others:
+            with pytest.raises(ValueError, match="the preprocess function differs"):
+                nx.index_dataset(model, _Listed("files A", n=8), preprocess=other, checkpoint=ckpt, **args)
+        resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=same, checkpoint=ckpt, **args)
+        whole = nx.index_dataset(model, _Listed("files A", n=8), preprocess=same, **args)
+        for key in ("values", "ids", "positions"):
+            assert torch.equal(getattr(resumed["features.2"], key), getattr(whole["features.2"], key)), (case, key)
+
+
+def test_checkpoints_without_the_preprocess_code_still_resume(tmp_path):
+    """Checkpoints of earlier versions record the preprocess by name only: they resume as before."""
+    from neuroidx_fast.indexing import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    model, ckpt = make_model("vgg"), str(tmp_path / "ckpt")
+    args = dict(layers=["features.2"], k=2, batch_size=2, checkpoint=ckpt, checkpoint_every=1, progress=False)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        nx.index_dataset(model, _Listed("files A", fail=5, n=8), preprocess=_adder(0.5), **args)
+    manifest, tensors = read_bundle(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    assert manifest["fingerprint"]["preprocess_code"] is not None
+    del manifest["fingerprint"]["preprocess_code"]
+    manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "tensors_sha256",
+                                                                "manifest_sha256")}
+    write_bundle(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, manifest, tensors)
+    with pytest.raises(ValueError, match=r"preprocess: checkpoint '.*_adder.<locals>.<lambda>' vs now 'functools"):
+        nx.index_dataset(model, _Listed("files A", n=8), preprocess=functools.partial(_add, by=0.5), **args)
+    resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=_adder(0.5), **args)
+    assert resumed["features.2"].images_seen == 8
+
+
+def test_a_subset_keeps_the_class_names_of_its_dataset():
+    """index_dataset read ``classes`` of the Subset itself (it has none): the names were lost, and classes
+    without an image in the subset got no row of class statistics."""
+    data = ImageSet(n=12, classes=4)
+    assert 3 in data.labels.tolist()
+    kept = [i for i in range(12) if int(data.labels[i]) != 3]
+    counts = [data.labels[kept].tolist().count(c) for c in range(4)]
+    for subset in (Subset(data, kept), Subset(Subset(data, range(12)), kept)):
+        index = nx.index_dataset(make_model("vgg"), subset, ["features.2"], k=2, batch_size=4, progress=False)
+        assert index.class_names == data.classes
+        assert index["features.2"].class_count.tolist() == counts and counts[3] == 0

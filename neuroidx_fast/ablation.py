@@ -73,8 +73,8 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, logits_element, split_model
 from .hooks import LayerCapture, resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, pixel_space, positive_int,
-                      restores_modes, split_batch)
+from .prepare import (check_pixel_batch, check_preprocess, collate_images, dataset_length, eval_on_device,
+                      pixel_space, positive_int, restores_modes, split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -675,6 +675,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     if path not in ("auto", "general", "readout"):
         raise ValueError(f"path must be 'auto', 'general' or 'readout', got {path!r}")
     batch_size = positive_int("batch_size", batch_size)
+    check_preprocess(preprocess)
     masks_per_batch = positive_int("masks_per_batch", masks_per_batch, none_means="as many as fit a memory budget")
     verify_off = verify is None or verify is False
     if not (verify_off or (isinstance(verify, str) and verify == "auto")

@@ -14,7 +14,7 @@ from .features import (batch_slots, check_finite_top_images, check_top_images_si
                        resolve_dataset)
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
-from .prepare import evaluating, model_device, param_dtype, pixel_space, positive_int
+from .prepare import check_preprocess, evaluating, model_device, param_dtype, pixel_space, positive_int
 from .receptive_fields import ReceptiveField
 
 __all__ = ["color_selectivity", "luminance", "pca_gray_crops", "GRAY_MODES"]
@@ -155,6 +155,7 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     if gray not in GRAY_MODES:
         raise ValueError(f"gray must be one of {GRAY_MODES}, got {gray!r}")
     batch_size = positive_int("batch_size", batch_size)
+    check_preprocess(preprocess)
     layers = {name: index[name] for name in names}
     dataset = resolve_dataset(index, dataset)
     if index.image_channels not in (None, 3):

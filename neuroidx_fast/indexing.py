@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Subset
 from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import (check_pixel_batch, collate_images, dataset_length, eval_on_device, nonfinite_images, pixel_space,
-                      positive_int, restores_modes, split_batch)
+from .prepare import (check_pixel_batch, check_preprocess, collate_images, dataset_length, eval_on_device,
+                      nonfinite_images, pixel_space, positive_int, restores_modes, split_batch)
 from .storage import MANIFEST, BundleError, is_bundle, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -532,6 +532,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     names = list(resolve_layers(model, layers))
     k, batch_size = positive_int("k", k), positive_int("batch_size", batch_size)
+    check_preprocess(preprocess)
     checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
     length = dataset_length(dataset, "index")
     if k > length:

@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "collate_images", "as_index", "integer_tensor", "positive_int", "nonfinite_images",
+           "split_batch", "collate_images", "as_index", "integer_tensor", "check_preprocess", "positive_int", "nonfinite_images",
            "check_pixel_batch", "pixel_space"]
 
 
@@ -71,6 +71,14 @@ def integer_tensor(name: str, values) -> torch.Tensor:
         got = type(values).__name__ if tensor is None else f"{tensor.dtype} values"
         raise ValueError(f"{name} must be integers (int64), got {got}: {str(values)[:80]}")
     return tensor.to(torch.int64)
+
+
+def check_preprocess(preprocess) -> None:
+    """``preprocess``: None or a callable (a function, a module, e.g. torchvision's Normalize) that takes
+    and returns a batch of images on the device; a name such as "imagenet" is the CLI's --normalize."""
+    if preprocess is not None and not callable(preprocess):
+        raise TypeError(f"preprocess must be None or a callable that takes a batch [B, 3, H, W] and returns the "
+                        f"model's input (e.g. torchvision.transforms.Normalize(mean, std)), got {preprocess!r}")
 
 
 def positive_int(name: str, value, *, zero_ok: bool = False, none_means: str | None = None):

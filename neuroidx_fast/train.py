@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import (check_pixel_batch, collate_images, evaluating, model_device, nonfinite_images, param_dtype,
-                      pixel_space, positive_int, split_batch)
+from .prepare import (check_pixel_batch, check_preprocess, collate_images, evaluating, model_device,
+                      nonfinite_images, param_dtype, pixel_space, positive_int, split_batch)
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -113,6 +113,7 @@ def train_classifier(model: nn.Module, dataset, epochs: int = 10, lr: float = 1e
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     epochs, batch_size = positive_int("epochs", epochs), positive_int("batch_size", batch_size)
+    check_preprocess(preprocess)
     seed = positive_int("seed", seed, zero_ok=True)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")

@@ -108,3 +108,14 @@ def test_training_counts_accept_numpy_ints():
     data = [(torch.rand(3, 8, 8), i % 2) for i in range(4)]
     history = train_classifier(model, data, epochs=np.int64(1), batch_size=np.int32(2))
     assert len(history["loss"]) == 1
+
+
+def test_a_preprocess_that_is_not_callable():
+    """preprocess="imagenet" (the CLI's --normalize word) failed with "'str' object is not callable"."""
+    model, data = make_model("vgg"), ImageSet(n=4, size=16, classes=4)
+    calls = (lambda: nx.index_dataset(model, data, ["features.2"], k=1, preprocess="imagenet", progress=False),
+             lambda: nx.ablation_drops(model, data, "features.2", preprocess="imagenet", progress=False),
+             lambda: train_classifier(model, data, epochs=1, preprocess="imagenet"))
+    for call in calls:
+        with pytest.raises(TypeError, match="preprocess must be None or a callable"):
+            call()

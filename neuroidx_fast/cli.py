@@ -13,6 +13,7 @@ Errors are one line on stderr and a non-zero exit (``--debug`` shows the traceba
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import warnings
@@ -165,6 +166,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     print(f"neuroidx: warning: {message}", file=file or sys.stderr)
 
 
+_ORIGINAL_TRACEBACK = "Original Traceback (most recent call last):"
+
+
+def _worker_error(text: str) -> str | None:
+    """The error a DataLoader worker process raised, from the message torch re-raises it with in the main
+    process ("Caught ValueError in DataLoader worker process 0." first, then the worker's traceback): the
+    first line of the traceback's last exception, without its type name (as with --workers 0, e.g.
+    "cannot read image '...': image file is truncated"). None for any other message."""
+    if _ORIGINAL_TRACEBACK not in text:
+        return None
+    lines = text.split(_ORIGINAL_TRACEBACK, 1)[1].splitlines()
+    # the frames ("  File ...", then the code) are indented; the exception line after the last one is not
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    after = lines[frames[-1] + 1:] if frames else lines
+    head = next((line.strip() for line in after if line.strip() and not line[0].isspace()), None)
+    if head is None:
+        return None
+    kind, colon, rest = head.partition(":")
+    if re.fullmatch(r"[A-Za-z_][\w.]*", kind):  # "ValueError: message" (or "ValueError" alone)
+        head = rest.strip() if colon and rest.strip() else kind
+    if kind == "KeyError" and len(head) > 1 and head[0] in "'\"" and head.endswith(head[0]):  # the quoted key
+        head = head[1:-1]
+    return head
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "batch_size"):  # (the subcommands with the common options)
@@ -190,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure is one line for a person; --debug shows the traceback
         if getattr(args, "debug", False):
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = _worker_error(str(exc)) or (str(exc).strip().splitlines()[0] if str(exc).strip()
+                                              else type(exc).__name__)
         if isinstance(exc, KeyError) and message.startswith(("'", '"')):
             message = message[1:-1]
         print(f"neuroidx: error: {message}", file=sys.stderr)

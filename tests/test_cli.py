@@ -544,3 +544,29 @@ def test_a_forced_remake_interrupted_and_run_again_remakes_every_layer(folder, t
     printed = capsys.readouterr().out
     # the first layer was remade under --force: skipped; the second was not: made now, not kept from before
     assert "features.4: features already made" in printed and "features.8: features already made" not in printed
+
+
+def test_an_error_in_a_dataloader_worker_is_shown_as_the_workers_own(tmp_path, capsys):
+    # before: "neuroidx: error: Caught ValueError in DataLoader worker process 0." (torch's first line),
+    # naming no file; with --workers 0 the same image gave "cannot read image '<path>': ..."
+    broken = tmp_path / "broken"
+    (broken / "a").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        Image.fromarray((rng.random((20, 20, 3)) * 255).astype(np.uint8)).save(broken / "a" / f"ok{i}.png")
+    whole = (broken / "a" / "ok3.png").read_bytes()
+    (broken / "a" / "ok3.png").write_bytes(whole[:len(whole) // 2])  # cut short: "image file is truncated"
+    shown = [_error(capsys, *_index_args(broken, tmp_path / f"out{workers}", "--workers", workers))
+             for workers in (0, 1)]
+    assert shown[1] == shown[0] and f"cannot read image '{broken / 'a' / 'ok3.png'}'" in shown[1]
+    # torch's re-raised message: the last exception of the worker's traceback, a chained one's too
+    from neuroidx_fast.cli import _worker_error
+
+    text = ("Caught KeyError in DataLoader worker process 2.\nOriginal Traceback (most recent call last):\n"
+            '  File "w.py", line 1, in f\n    x = d["a: b"]\n        ~^^^\nValueError: inner: cause\n\n'
+            "During handling of the above exception, another exception occurred:\n\n"
+            "Traceback (most recent call last):\n"
+            '  File "w.py", line 3, in f\n    raise KeyError("no such key")\nKeyError: \'no such key\'\n')
+    assert _worker_error(text) == "no such key"
+    assert _worker_error(text.replace("KeyError: 'no such key'", "mod.Custom")) == "mod.Custom"
+    assert _worker_error("a message: with a colon\nOriginal text") is None

@@ -18,7 +18,7 @@ import torch
 
 from ._version import __version__
 from .outdir import OutDir, read_json, write_json
-from .storage import is_bundle, remove_bundle
+from .storage import BundleError, is_bundle, remove_bundle
 
 __all__ = ["Run", "open_run", "step_index", "step_features", "step_selectivity", "step_ablate", "step_visualize",
            "step_report", "run_demo"]
@@ -112,10 +112,19 @@ def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object
             raise FileNotFoundError(f"{out.root} holds no finished index: run `neuroidx index --out {out.root}` "
                                     "(it resumes if it was interrupted)")
         _check_same_inputs(out, settings, run)
-        index = NeuronIndex.load(out.index)
+        try:
+            index = NeuronIndex.load(out.index)
+        except BundleError as exc:  # (corrupt or truncated: `index` removes it and makes it again)
+            raise BundleError(f"{out.index} is damaged ({_first_line(exc)}): run `neuroidx index --out {out.root}` "
+                              "to remake it") from None
         _check_index_of_run(out, settings, index)
         index.dataset = run.dataset
     return run, index
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_index_of_run(out: OutDir, settings: dict, index) -> None:
@@ -190,16 +199,51 @@ def _forget_made(out: OutDir, step: str, layers, args) -> None:
 def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> bool:
     """Whether ``layer``'s outputs of ``step`` are complete and were made with ``settings``: a rerun (after
     an interruption, or with more layers) then skips the layer, saying so; --force makes them again. The
-    record lists the files made (``_record_made``): one deleted since makes the layer again."""
+    record lists the files made with their sizes and SHA-256 (``_record_made``): one deleted, cut short
+    or changed since makes the layer again, said so; so does a record of an earlier version, which lists
+    the files without their checksums (nothing vouches for their content)."""
     made = _read_record(out, step, layer)
-    try:
-        same = (not getattr(args, "force", False) and made is not None and made.get("settings") == settings
-                and all((out.root / name).is_file() for name in made.get("files", [None])))
-    except TypeError:  # a record that lists no files: make the layer
-        same = False
-    if same:
-        print(f"{layer}: {step} already made with these settings, skipped (--force makes it again)")
-    return same
+    if getattr(args, "force", False) or made is None or made.get("settings") != settings:
+        return False
+    changed = _changed_output(out, made)
+    if changed is not None:
+        print(f"{layer}: {step} outputs {changed}: made again")
+        return False
+    print(f"{layer}: {step} already made with these settings, skipped (--force makes it again)")
+    return True
+
+
+def _file_check(path: Path) -> dict:
+    """A file's size and SHA-256, as a step's record keeps them (``_record_made``)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _changed_output(out: OutDir, made: dict) -> str | None:
+    """None where every file of a step's record ``made`` is as it was saved (its size and SHA-256), else
+    what differs, e.g. "changed since they were made (ablation/conv5.csv is 812 bytes, not 9046)"."""
+    files, checks = made.get("files"), made.get("checks")
+    if not isinstance(files, list) or not files or not all(isinstance(name, str) for name in files):
+        return "are not listed in their record"
+    if not isinstance(checks, dict):
+        return "were recorded without checksums (by an earlier version)"
+    for name in files:
+        path, check = out.root / name, checks.get(name)
+        if not path.is_file():
+            return f"changed since they were made ({name} is missing)"
+        if not isinstance(check, dict):
+            return f"were recorded without the checksum of {name}"
+        size = path.stat().st_size
+        if size != check.get("size"):
+            return f"changed since they were made ({name} is {size} bytes, not {check.get('size')})"
+        if _file_check(path)["sha256"] != check.get("sha256"):
+            return f"changed since they were made ({name} does not match its checksum)"
+    return None
 
 
 def _replacing(out: OutDir, step: str, layer: str) -> None:
@@ -223,15 +267,20 @@ def _record_settings(out: OutDir, step: str, layer: str):
     return (_read_record(out, step, layer) or {}).get("settings")
 
 
-def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs) -> None:
+def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs, checks: bool = True) -> None:
     """Once every output of ``layer``'s ``step`` is saved: the settings it was made with and its files
-    (those in ``outputs``, files or folders), for ``_already_made``."""
+    (those in ``outputs``, files or folders), each with its size and SHA-256 (``checks``), for
+    ``_already_made``. Without ``checks`` for a file other steps rewrite (neurons.csv, of every layer):
+    its record names it, but vouches for no content."""
     files = []
     for path in outputs:
         path = Path(path)
         found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         files += [p.relative_to(out.root).as_posix() for p in found]
-    write_json(out.step_record(step, layer), {"settings": settings, "files": files})
+    record = {"settings": settings, "files": files}
+    if checks:
+        record["checks"] = {name: _file_check(out.root / name) for name in files}
+    write_json(out.step_record(step, layer), record)
 
 
 # ----------------------------------------------------------------------------------------------- index
@@ -317,6 +366,27 @@ def _finish_index_record(out: OutDir, record: dict, index=None) -> None:
     remove_bundle(out.checkpoint)
 
 
+def _saved_index(out: OutDir):
+    """DIR/index, read back whole (its checksums verified), or None where it is damaged (corrupt or
+    truncated files): then it is removed, said so, and the caller indexes again, from the checkpoint if
+    one is left, else from the start, with the run's recorded settings and inputs (checked against the
+    fingerprints in run.json), so what was made from the old index still holds. Only a folder shaped as
+    an index (``is_bundle``) is removed: one holding other files is the user's to move."""
+    from .neuron_index import NeuronIndex
+
+    try:
+        return NeuronIndex.load(out.index)
+    except BundleError as exc:
+        reason = _first_line(exc)
+        if not is_bundle(out.index):
+            raise BundleError(f"{out.index} is damaged ({reason}) and holds files that are not an index's: move it "
+                              f"away, then run `neuroidx index --out {out.root}` again") from None
+        remove_bundle(out.index)
+        start = "its checkpoint" if out.checkpoint.exists() else "the start"
+        print(f"{out.index} is damaged ({reason}): removed, indexing again from {start}")
+        return None
+
+
 def step_index(args) -> object:
     """Index the run's layers (resuming from DIR/index.checkpoint) and save DIR/index."""
     from .hooks import resolve_layers
@@ -340,8 +410,9 @@ def step_index(args) -> object:
         if differ:
             raise ValueError(f"{out.root} holds a run made with other settings ({', '.join(differ)}): use another "
                              "--out, or --force to replace it")
-        if finished:
-            _finish_index_record(out, old)
+        saved = _saved_index(out) if finished else None  # None: damaged, removed: made again below
+        if saved is not None:
+            _finish_index_record(out, old, saved)
             print(f"{out.root}: the index is already complete (use --force to index again)")
             return None
     model = _model(settings)
@@ -430,9 +501,12 @@ def step_features(args) -> None:
 
 
 # ----------------------------------------------------------------------------------------- selectivity
-def _ablation_frame(out: OutDir, layers):
+def _ablation_frame(out: OutDir, layers, index):
     """The ablation columns of every layer of ``layers`` that has them, as one frame (rows of all layers),
-    or None."""
+    or None. A file changed since it was made (its record's checksum), or that does not hold one row
+    per ablated unit of the layer (every unit of ``index[layer]``, or the record's --units), is an error
+    naming the command that remakes it: its rows are never merged, cut short or not."""
+    import numpy as np
     import pandas as pd
 
     from .table import read_ablation_csv
@@ -440,30 +514,83 @@ def _ablation_frame(out: OutDir, layers):
     frames = []
     for layer in layers:
         path = out.ablation_csv(layer)
-        if path.exists() and out.made("ablation", layer):  # complete (not an interrupted remake)
-            frame = read_ablation_csv(path).assign(layer=layer)  # the file's own name for it, or none
-            frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
+        if not (path.exists() and out.made("ablation", layer)):  # complete (not an interrupted remake)
+            continue
+        again = f"run `neuroidx ablate --out {out.root} --layers {layer}` to remake it"
+        made = _read_record(out, "ablation", layer) or {}
+        name = path.relative_to(out.root).as_posix()
+        frame = read_ablation_csv(path).assign(layer=layer)  # the file's own name for it, or none
+        check = (made.get("checks") or {}).get(name) if isinstance(made.get("checks"), dict) else None
+        if isinstance(check, dict) and (path.stat().st_size != check.get("size")
+                                        or _file_check(path)["sha256"] != check.get("sha256")):
+            raise ValueError(f"{path} changed since it was made (cut short or edited): {again}")
+        units = (made.get("settings") or {}).get("units")
+        expected = sorted(units) if isinstance(units, list) else list(range(index[layer].num_units))
+        found = pd.to_numeric(frame["unit"], errors="coerce").to_numpy(dtype=np.float64)
+        if not path.read_bytes().endswith(b"\n") or sorted(found.tolist()) != [float(u) for u in expected]:
+            raise ValueError(f"{path} does not hold one row per ablated unit of {layer} ({len(frame)} rows for "
+                             f"{len(expected)} units): the file is damaged; {again}")
+        frame = frame.assign(unit=found.astype(np.int64))
+        frames.append(frame[["layer", "unit"] + [c for c in ABLATION_COLUMNS if c in frame]])
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _with_other_layers(out: OutDir, table, layers, order, made_with: dict):
-    """``table`` (rows of ``layers``) with the rows the run's neuron table holds for its other layers
-    (`selectivity --layers X` remakes X's rows only), in the index's layer order: those made with the
-    same settings (``made_with``); the others are dropped, said so (one table, one tau and gray)."""
+def _run_table(out: OutDir, index, layers=None):
+    """DIR's neuron table (neurons.csv), checked before any of it is kept: a file cut short (it does not
+    end with a newline, as every CSV written whole does) or a layer of ``layers`` (default: every layer it
+    holds) that has not exactly one row per unit 0 .. C-1 of ``index[layer]`` is an error naming the
+    command that remakes the table; never merged and saved again as if whole."""
+    import numpy as np
     import pandas as pd
 
     from .table import load_table
 
-    if not out.table_csv.exists():
-        return table
-    old = load_table(out.table_csv)
-    others = [name for name in order if name not in layers and name in set(old["layer"])]
+    path = out.table_csv
+    again = f"run `neuroidx selectivity --out {out.root}` (all layers) to remake it"
+    try:
+        with open(path, "rb") as f:
+            whole = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n"
+        table = load_table(path)
+    except ValueError:
+        raise ValueError(f"{path} is damaged (not a readable neuron table): {again}") from None
+    if not whole:
+        raise ValueError(f"{path} is damaged (cut short: its last row is incomplete): {again}")
+    names = table["layer"].astype(str)
+    for layer in dict.fromkeys(names) if layers is None else [n for n in layers if (names == n).any()]:
+        if layer not in index.layers:
+            raise ValueError(f"{path} is damaged (rows of layer {layer!r}, which this run did not index): {again}")
+        units = pd.to_numeric(table.loc[names == layer, "unit"], errors="coerce").to_numpy(dtype=np.float64)
+        count = index[layer].num_units
+        if not np.array_equal(np.sort(units), np.arange(count, dtype=np.float64)):
+            raise ValueError(f"{path} is damaged ({layer} has {len(units)} rows, not one per unit 0 .. {count - 1}): "
+                             f"{again}")
+    return table
+
+
+def _other_layers_rows(out: OutDir, index, layers, made_with: dict):
+    """The rows the run's neuron table holds for the indexed layers other than ``layers`` (`selectivity
+    --layers X` remakes X's rows only), of those made with the same settings (``made_with``); the others
+    are dropped, said so (one table, one tau and gray). None when there are none; the table is then not
+    read (a damaged one is simply replaced). Read before the long part: a damaged table is an error then."""
+    if not out.table_csv.exists() or set(index.layers) <= set(layers):
+        return None
+    others = [name for name in index.layers if name not in layers]
+    old = _run_table(out, index, others)
+    others = [name for name in others if name in set(old["layer"])]
     same = [name for name in others if _record_settings(out, "selectivity", name) == made_with]
     if len(same) < len(others):
         print(f"rows of {', '.join(n for n in others if n not in same)} dropped from the table: made with other "
               "settings (or before they were recorded); run selectivity for them with these")
     kept = old[old["layer"].isin(same)]
-    if kept.empty:
+    return None if kept.empty else kept
+
+
+def _with_other_layers(table, kept, order):
+    """``table`` (rows of the layers just made) with the rows ``kept`` of the others
+    (``_other_layers_rows``), in the index's layer ``order``."""
+    import pandas as pd
+
+    if kept is None:
         return table
     merged = pd.concat([kept, table], ignore_index=True)
     rank = merged["layer"].map({name: i for i, name in enumerate(order)})
@@ -483,18 +610,19 @@ def step_selectivity(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a number, got {getattr(args, name)}")
     run, index = open_run(args.out, args.device)
     layers = _layers(args, index)
-    ablation = _ablation_frame(run.out, layers)  # read first: a broken file is an error before the long part
+    ablation = _ablation_frame(run.out, layers, index)  # read first: a broken file is an error before the long part
+    made_with = {"tau": args.tau, "gray": args.gray}
+    kept = _other_layers_rows(run.out, index, layers, made_with)  # (so is a damaged neurons.csv)
     color = color_selectivity(run.model, index, layers, run.dataset, gray=args.gray, batch_size=args.batch_size,
                               preprocess=run.preprocess, num_workers=args.workers, device=run.device,
                               progress=not args.no_progress)
     table = neuron_table(index, layers, color=color, tau=args.tau, extra=ablation)
-    made_with = {"tau": args.tau, "gray": args.gray}
-    table = _with_other_layers(run.out, table, layers, list(index.layers), made_with)
+    table = _with_other_layers(table, kept, list(index.layers))
     for layer in layers:
         _replacing(run.out, "selectivity", layer)
     save_table(table, run.out.table_csv)
     for layer in layers:
-        _record_made(run.out, "selectivity", layer, made_with, [run.out.table_csv])
+        _record_made(run.out, "selectivity", layer, made_with, [run.out.table_csv], checks=False)
     plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
     for layer in layers:
         rows = table[table["layer"] == layer]
@@ -511,7 +639,7 @@ def step_ablate(args) -> None:
     import pandas as pd
 
     from .ablation import ablation_drops
-    from .table import load_table, save_table
+    from .table import save_table
 
     run, index = open_run(args.out, args.device)
     if index.labels is None:
@@ -545,9 +673,9 @@ def step_ablate(args) -> None:
               f"{float(worst['max_class_drop'].iloc[0]):.3f} (unit {int(worst['unit'].iloc[0])}, "
               f"{'class ' + name if name else 'no single class'}) -> {run.out.ablation_csv(layer)}")
     if run.out.table_csv.exists():  # refresh the neuron table's ablation columns
-        table = load_table(run.out.table_csv)
+        table = _run_table(run.out, index)  # (a damaged one is an error: never saved again as if whole)
         table = table.drop(columns=[c for c in ABLATION_COLUMNS if c in table])
-        frame = _ablation_frame(run.out, list(index.layers))
+        frame = _ablation_frame(run.out, list(index.layers), index)
         if frame is not None:
             table = table.merge(frame, on=["layer", "unit"], how="left")
         save_table(table, run.out.table_csv)

@@ -211,7 +211,8 @@ class _Run:
         try:
             return NeuronIndex.load(self.out.index)
         except (OSError, ValueError) as exc:
-            self.notes.append(f"the index could not be read ({exc}); run `neuroidx {HINTS['index']}` again")
+            self.notes.append(f"the index could not be read ({exc}); run `neuroidx {HINTS['index']} --out "
+                              f"{self.out.root}` to remake it")
             return None
 
     def _load_table(self):

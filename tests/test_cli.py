@@ -546,6 +546,141 @@ def test_a_forced_remake_interrupted_and_run_again_remakes_every_layer(folder, t
     assert "features.4: features already made" in printed and "features.8: features already made" not in printed
 
 
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_index_is_remade_by_the_command_its_messages_name(folder, tmp_path, capsys):
+    # before, `index --out DIR` took an index with a manifest for finished ("already complete") and every
+    # message pointed to it: a corrupt index could not be repaired without --force (which loses the outputs)
+    from neuroidx_fast.report import build_report
+
+    out = tmp_path / "run"
+    run = OutDir(out)
+    assert _cli(*_index_args(folder, out)) == 0
+    assert _cli("features", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    good = NeuronIndex.load(run.index)["features.8"].ids.clone()  # (not a view of the file damaged below)
+    for damage in (lambda: _flip_byte(run.index / "tensors.safetensors"),
+                   lambda: os.truncate(run.index / "manifest.json", 100)):
+        damage()
+        err = _error(capsys, "features", "--out", out, "--no-progress")
+        assert f"{run.index} is damaged (" in err and f"run `neuroidx index --out {out}` to remake it" in err
+        build_report(out)
+        assert f"run `neuroidx index --out {out}` to remake it" in (run.report_dir / "index.html").read_text()
+        assert _cli("index", "--out", out, "--no-progress") == 0
+        printed = capsys.readouterr().out
+        assert f"{run.index} is damaged (" in printed and "removed, indexing again from the start" in printed
+        assert "already complete" not in printed
+        remade = NeuronIndex.load(run.index)  # the same inputs: the same index
+        assert torch.equal(remade["features.8"].ids, good)
+        assert _cli("index", "--out", out, "--no-progress") == 0
+        assert "already complete" in capsys.readouterr().out
+        # the outputs made from it stay (the same images and weights, checked), and the steps run again
+        assert run.grid_png("features.8").exists()
+        assert _cli("features", "--out", out, "--no-progress") == 0
+        assert "features.8: features already made" in capsys.readouterr().out
+    # a damaged index folder that holds other files too is not this package's to delete
+    _flip_byte(run.index / "tensors.safetensors")
+    (run.index / "notes.txt").write_text("mine")
+    err = _error(capsys, "index", "--out", out, "--no-progress")
+    assert "is damaged" in err and "move it away" in err and (run.index / "notes.txt").read_text() == "mine"
+
+
+def test_outputs_damaged_after_their_step_are_made_again_not_skipped(folder, tmp_path, capsys):
+    # before, a layer whose record listed existing files was skipped: a cut-short ablation CSV was merged
+    # into neurons.csv as NaN drops, a cut-short features file or PNG stayed (the report could not read it)
+    out = tmp_path / "run"
+    run = OutDir(out)
+    assert _cli(*_index_args(folder, out)) == 0
+    assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 0
+    assert _cli("selectivity", "--out", out, "--no-progress") == 0
+    assert _cli("ablate", "--out", out, "--no-progress") == 0
+    table = pd.read_csv(run.table_csv)
+    saved = run.ablation_csv("features.8").read_bytes()
+    os.truncate(run.ablation_csv("features.8"), len(saved) // 3)
+    capsys.readouterr()
+    assert _cli("ablate", "--out", out, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "features.4: ablation already made with these settings, skipped" in printed
+    assert (f"features.8: ablation outputs changed since they were made (ablation/features.8.csv is "
+            f"{len(saved) // 3} bytes, not {len(saved)}): made again") in printed
+    assert run.ablation_csv("features.8").read_bytes() == saved
+    pd.testing.assert_frame_equal(pd.read_csv(run.table_csv), table)
+    assert table["overall_drop"].notna().all()
+    made = json.loads(run.step_record("ablation", "features.8").read_text())
+    assert made["checks"]["ablation/features.8.csv"]["size"] == len(saved)
+    # the same bytes edited in place (same size): the checksum tells
+    _flip_byte(run.ablation_csv("features.8"))
+    assert _cli("ablate", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    assert "does not match its checksum): made again" in capsys.readouterr().out
+    assert run.ablation_csv("features.8").read_bytes() == saved
+
+    features = run.features_file("features.8").read_bytes()
+    os.truncate(run.features_file("features.8"), 1000)
+    nf = run.nf_png("features.4", 3).read_bytes()
+    os.truncate(run.nf_png("features.4", 3), 40)
+    os.truncate(run.crop_png("features.4", 5, 1), 40)
+    assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    assert "features.4: features outputs changed since they were made" in printed
+    assert "features.8: features outputs changed since they were made (features/features.8/features.safetensors is" \
+        in printed and "skipped" not in printed
+    assert run.features_file("features.8").read_bytes() == features and run.nf_png("features.4", 3).read_bytes() == nf
+    assert _cli("features", "--out", out, "--keep", 2, "--no-progress") == 0
+    assert capsys.readouterr().out.count("already made with these settings, skipped") == 2
+
+    # a record of an earlier version (file names, no sizes nor checksums): nothing vouches for the files,
+    # so the layer is made again, said so; its ablation CSV is read for the table only if it holds one row
+    # per unit of the layer (a file cut at a line end, here)
+    record = run.step_record("ablation", "features.8")
+    old = json.loads(record.read_text())
+    record.write_text(json.dumps({"settings": old["settings"], "files": old["files"]}))
+    lines = saved.decode().splitlines(keepends=True)
+    run.ablation_csv("features.8").write_text("".join(lines[:-3]))
+    err = _error(capsys, "selectivity", "--out", out, "--no-progress")
+    assert (f"{run.ablation_csv('features.8')} does not hold one row per ablated unit of features.8 (13 rows for 16 "
+            f"units): the file is damaged; run `neuroidx ablate --out {out} --layers features.8` to remake it") in err
+    pd.testing.assert_frame_equal(pd.read_csv(run.table_csv), table)
+    assert _cli("ablate", "--out", out, "--layers", "features.8", "--no-progress") == 0
+    assert "were recorded without checksums (by an earlier version): made again" in capsys.readouterr().out
+    assert run.ablation_csv("features.8").read_bytes() == saved and "checks" in json.loads(record.read_text())
+    # a finished file changed under a finished record: not merged into the table either
+    run.ablation_csv("features.8").write_bytes(saved[:-1])
+    assert "changed since it was made (cut short or edited)" in _error(capsys, "selectivity", "--out", out,
+                                                                        "--no-progress")
+
+
+def test_a_damaged_neuron_table_is_never_merged_and_saved_again(folder, tmp_path, capsys):
+    # before, `selectivity --layers X` and ablate's refresh of the table kept the rows of a cut-short
+    # neurons.csv (a layer with half its units, a cut "-0." read as -0.0) and saved them as whole
+    out = tmp_path / "run"
+    run = OutDir(out)
+    assert _cli(*_index_args(folder, out)) == 0
+    assert _cli("selectivity", "--out", out, "--no-progress") == 0
+    assert _cli("ablate", "--out", out, "--layers", "features.8", "--units", "0,1", "--no-progress") == 0
+    whole = run.table_csv.read_bytes()
+    lines = whole.decode().splitlines(keepends=True)
+    again = f"run `neuroidx selectivity --out {out}` (all layers) to remake it"
+    for cut, why in ((len("".join(lines[:8])) + 5, "cut short: its last row is incomplete"),
+                     (len("".join(lines[:8])), "features.4 has 7 rows, not one per unit 0 .. 11")):
+        run.table_csv.write_bytes(whole[:cut])
+        for argv in (("selectivity", "--out", out, "--layers", "features.8", "--no-progress"),
+                     ("ablate", "--out", out, "--layers", "features.8", "--units", "0,1", "--no-progress")):
+            assert _cli(*argv) == 2  # (ablate warns first: 3 class folders, a 4-output test model)
+            err = capsys.readouterr().err.splitlines()
+            assert err[-1] == f"neuroidx: error: {run.table_csv} is damaged ({why}): {again}"
+            assert run.table_csv.read_bytes() == whole[:cut]  # not saved again as if whole
+    # the command named remakes it (every layer: the damaged file is not read)
+    assert _cli("selectivity", "--out", out, "--no-progress") == 0
+    assert run.table_csv.read_bytes() == whole
+    # rows of a layer the run did not index
+    run.table_csv.write_bytes(whole + whole.decode().splitlines(keepends=True)[-1].replace("features.8", "x").encode())
+    assert _cli("ablate", "--out", out, "--units", "0,1", "--layers", "features.8", "--no-progress") == 2
+    assert "rows of layer 'x', which this run did not index" in capsys.readouterr().err
+
+
 def test_an_error_in_a_dataloader_worker_is_shown_as_the_workers_own(tmp_path, capsys):
     # before: "neuroidx: error: Caught ValueError in DataLoader worker process 0." (torch's first line),
     # naming no file; with --workers 0 the same image gave "cannot read image '<path>': ..."

@@ -14,8 +14,9 @@
     ablation/per_class/<layer>.csv    per unit (rows) and class (columns): accuracy drop
     visualize/<layer>/<unit>.png      the unit's activation-maximisation image
     <step>/.done/<layer>.json         features, selectivity, ablation, visualize: the settings a layer's
-                                      outputs were made with, written once they are complete (a rerun skips
-                                      the layer)
+                                      outputs were made with and each output file's size and sha256, written
+                                      once they are complete (a rerun skips the layer while they match, and
+                                      remakes it, saying why, where a file changed)
     report/index.html                 the HTML report (report/layers/<layer>.html, report/units/<layer>/<unit>.html)
 """
 

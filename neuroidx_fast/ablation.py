@@ -73,8 +73,8 @@ from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, logits_element, split_model
 from .hooks import LayerCapture, resolve_layers
 from .ops.reference import replica_memory_format
-from .prepare import (check_pixel_batch, check_preprocess, collate_images, dataset_length, eval_on_device,
-                      pixel_space, positive_int, restores_modes, split_batch)
+from .prepare import (check_label_range, check_pixel_batch, check_preprocess, collate_images, dataset_length,
+                      eval_on_device, first_line, pixel_space, positive_int, restores_modes, split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -402,9 +402,8 @@ class _Engine:
             except RuntimeError as exc:  # (torch's message named neither the images nor the fix)
                 if "out of memory" in str(exc):
                     raise
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise ValueError(f"the model's whole forward fails on the dataset's images, {tuple(image.shape)} "
-                                 f"({type(exc).__name__}: {first_line}): ablation runs the whole model up to its "
+                                 f"({type(exc).__name__}: {first_line(exc)}): ablation runs the whole model up to its "
                                  "logits, so give images of a size it takes (an index may have been made at a size "
                                  "only its layers take: the CLI's --size)") from exc
             _, cut, _ = self.checked_intact(x, [0])
@@ -608,12 +607,6 @@ class _Engine:
         return pred
 
 
-def _check_label_range(labels: torch.Tensor, classes: int) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
-        raise ValueError(f"labels must be class indices in [0, {classes}) (the model has {classes} outputs); "
-                         f"got labels in [{int(labels.min())}, {int(labels.max())}]")
-
-
 def _build_masks(units, masks, channels: int, layer: str, device) -> torch.Tensor:
     if units is not None and masks is not None:
         raise ValueError("give units= (one unit per ablation) or masks= (sets of units), not both")
@@ -773,7 +766,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
                 correct = torch.zeros((s, classes), dtype=torch.int64, device=engine.device)
                 intact = torch.zeros(classes, dtype=torch.int64, device=engine.device)
                 counts = torch.zeros(classes, dtype=torch.int64, device=engine.device)
-            _check_label_range(labels, classes)
+            check_label_range(labels, classes)
             counts.index_add_(0, labels, torch.ones_like(labels))
             intact.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
             if use_readout:
@@ -848,7 +841,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                     if preprocess is not None:
                         x = preprocess(x)
                     logits = _logits(model(x.to(param_dtype)))
-                    _check_label_range(labels, logits.shape[1])
+                    check_label_range(labels, logits.shape[1])
                     if correct is None:
                         correct = torch.zeros(logits.shape[1], dtype=torch.int64, device=device)
                         counts = torch.zeros_like(correct)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import resolve_layers
+from .prepare import first_line
 
 __all__ = ["SplitModel", "ReadoutPlan", "split_model", "incoming_weight_l1"]
 
@@ -130,7 +131,7 @@ def _trace(model: nn.Module, layer: str, layer_module: nn.Module):
         try:
             graph = tracer.trace(model, concrete_args=concrete or None)
         except Exception as exc:  # data-dependent control flow, unsupported Python, ...
-            errors.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+            errors.append(f"{type(exc).__name__}: {first_line(exc)}")
             continue
         try:
             return fx.GraphModule(tracer.root, graph), graph

@@ -25,7 +25,7 @@ from .hooks import LayerCapture, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
 from .prepare import (check_pixel_batch, check_preprocess, collate_images, dataset_length, eval_on_device,
-                      nonfinite_images, pixel_space, positive_int, restores_modes, split_batch)
+                      first_line, nonfinite_images, pixel_space, positive_int, restores_modes, split_batch)
 from .storage import MANIFEST, BundleError, is_bundle, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -152,12 +152,17 @@ def dataset_fingerprint(dataset) -> str | None:
     return f"{fingerprint()}|{hashlib.sha256(repr(positions).encode()).hexdigest()}"
 
 
+def _base_dataset(dataset):
+    """The dataset under any Subsets of it (what says its classes, geometry and contents)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
 def dataset_geometry(dataset) -> str | None:
     """What a dataset says through a ``geometry()`` method (``ImageFolder``: its size, resize and crop), also
     through a Subset; None for others."""
-    while isinstance(dataset, Subset):
-        dataset = dataset.dataset
-    geometry = getattr(dataset, "geometry", None)
+    geometry = getattr(_base_dataset(dataset), "geometry", None)
     return str(geometry()) if callable(geometry) else None
 
 
@@ -281,8 +286,7 @@ MAX_CLASSES = 1 << 20  # (the index keeps a row of sums per class: a label of 2^
 def _first_batch_failure(exc: RuntimeError, image_shape: tuple, model_channels: int) -> str:
     """What to say when the model fails on the first batch: the likely cause where torch's message names
     one (channels, a kernel larger than the map), else torch's first line as it is, with no guess."""
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    said = f"the model fails on the first images, {image_shape} ({type(exc).__name__}: {first_line})"
+    said = f"the model fails on the first images, {image_shape} ({type(exc).__name__}: {first_line(exc)})"
     text = str(exc).lower()
     if "channels" in text and "expected" in text:
         fix = ("gray images [1, H, W] need a preprocess= that makes them RGB (e.g. x.expand(-1, 3, -1, -1)), "
@@ -308,10 +312,20 @@ def _check_labels(labels: torch.Tensor, class_names, first_id: int) -> None:
 def _check_image_size(images: torch.Tensor, input_size, first_id: int) -> None:
     """Every image has the size of the first: the positions of the index, and the receptive field that
     maps them to crops, are those of one input size (another size can give the same maps)."""
-    if input_size is not None and tuple(images.shape[-2:]) != tuple(input_size):
-        raise ValueError(f"images {first_id}..{first_id + images.shape[0] - 1} are {tuple(images.shape[-2:])} but the "
-                         f"first ones are {tuple(input_size)}: give every image of the dataset one size (e.g. a "
-                         "Resize and CenterCrop transform)")
+    if input_size is not None:
+        _check_same(f"images {first_id}..{first_id + images.shape[0] - 1}", "size", tuple(images.shape[-2:]),
+                    tuple(input_size))
+
+
+def _check_same(images: str, what: str, value, first) -> None:
+    """``images`` (e.g. "images 8..11") have the ``what`` ("size", or "channels": a count) of the first ones."""
+    if value == first:
+        return
+    if what == "size":
+        raise ValueError(f"{images} are {value} but the first ones are {first}: give every image of the dataset "
+                         "one size (e.g. a Resize and CenterCrop transform)")
+    raise ValueError(f"{images} have {value} channel(s) but the first ones have {first}: give every image of the "
+                     "dataset the same channels")
 
 
 def _check_preprocess_size(images: torch.Tensor, x: torch.Tensor) -> None:
@@ -461,14 +475,8 @@ def _check_ranks_agree(gathered, shards) -> None:
         return
     first = seen[0]
     for rank in seen[1:]:
-        size, first_size = tuple(gathered[rank][1]), tuple(gathered[first][1])
-        if size != first_size:
-            raise ValueError(f"images {images(rank)} are {size} but the first ones are {first_size}: give every "
-                             "image of the dataset one size (e.g. a Resize and CenterCrop transform)")
-        channels, first_channels = gathered[rank][2].numel(), gathered[first][2].numel()
-        if channels != first_channels:
-            raise ValueError(f"images {images(rank)} have {channels} channel(s) but the first ones have "
-                             f"{first_channels}: give every image of the dataset the same channels")
+        _check_same(f"images {images(rank)}", "size", tuple(gathered[rank][1]), tuple(gathered[first][1]))
+        _check_same(f"images {images(rank)}", "channels", gathered[rank][2].numel(), gathered[first][2].numel())
         for name, layer in gathered[rank][0].items():
             first_map = tuple(gathered[first][0][name].map_size)
             if tuple(layer.map_size) != first_map:
@@ -562,10 +570,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                        "data_geometry": dataset_geometry(dataset)}
         if fingerprint["data"] is None and len(shard):
             fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
-    named = dataset
-    while isinstance(named, Subset):  # a Subset keeps its dataset's classes (those it has no image of too)
-        named = named.dataset
-    classes = getattr(named, "classes", None)
+    classes = getattr(_base_dataset(dataset), "classes", None)  # (a Subset's too, those it has no image of)
     class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}
@@ -604,10 +609,9 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
                 x = pixel_space(images.to(device, non_blocking=True))
                 pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
-                if pixel_sum is not None and pixels.shape != pixel_sum.shape:  # (they would broadcast)
-                    raise ValueError(f"images {first_id}..{first_id + images.shape[0] - 1} have {pixels.numel()} "
-                                     f"channel(s) but the first ones have {pixel_sum.numel()}: give every image of "
-                                     "the dataset the same channels")
+                if pixel_sum is not None:  # (sums of other channels would broadcast)
+                    _check_same(f"images {first_id}..{first_id + images.shape[0] - 1}", "channels", pixels.numel(),
+                                pixel_sum.numel())
                 pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
                 if preprocess is not None:
                     x = preprocess(x)

@@ -14,8 +14,8 @@ from torch.utils.data import default_collate
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "collate_images", "as_index", "integer_tensor", "check_preprocess", "positive_int", "nonfinite_images",
-           "check_pixel_batch", "pixel_space"]
+           "split_batch", "collate_images", "as_index", "integer_tensor", "check_preprocess", "check_label_range",
+           "positive_int", "nonfinite_images", "check_pixel_batch", "pixel_space", "first_line"]
 
 
 def check_pixel_batch(images: torch.Tensor, what: str) -> None:
@@ -81,6 +81,21 @@ def check_preprocess(preprocess) -> None:
                         f"model's input (e.g. torchvision.transforms.Normalize(mean, std)), got {preprocess!r}")
 
 
+def check_label_range(labels: torch.Tensor, classes: int) -> None:
+    """Labels that are classes of a model with ``classes`` outputs: a label past them would count as an
+    error (or, negative, fail an index_add) instead of being refused."""
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+        bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+        raise ValueError(f"label {bad} is not a class of the model, which has {classes} outputs: labels must be class "
+                         f"indices in [0, {classes}); got labels in [{int(labels.min())}, {int(labels.max())}]")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" for none): what one-line errors quote of torch's."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def positive_int(name: str, value, *, zero_ok: bool = False, none_means: str | None = None):
     """``value`` as a Python int, checked: an integer (``as_index``: NumPy and 0-d tensor integers too, not
     a bool or a float) >= 1, or >= 0 with ``zero_ok``. With ``none_means`` (what None stands for, said in
@@ -130,7 +145,8 @@ def canonical_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device must be a torch device or its name, e.g. 'cpu', 'cuda' or 'cuda:1'; got {device!r}") from None
+        raise ValueError(f"device must be a torch device or its name, e.g. 'cpu', 'cuda' or 'cuda:1'; got "
+                         f"{device!r}") from None
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     if device.type == "cpu" and device.index is not None:
@@ -186,14 +202,13 @@ def collate_images(items: list):
         if isinstance(item, (tuple, list)) and len(item) >= 2 and item[1] is None:
             raise ValueError("the dataset gives (image, None) pairs: give an int class label with each image, or "
                              "the image alone (a dataset without labels)")
-    tensors = images
-    if tensors:
-        dtypes = sorted({str(image.dtype) for image in tensors})
+    if images:
+        dtypes = sorted({str(image.dtype) for image in images})
         if len(dtypes) > 1:
             raise ValueError(f"the dataset gives images of different dtypes in one batch ({', '.join(dtypes)}): give "
                              "every image the same type, all uint8 8-bit pixels or all float pixels in [0, 1] (e.g. "
                              "to_tensor, or PILToTensor, for every image)")
-        shapes = sorted({tuple(image.shape) for image in tensors})
+        shapes = sorted({tuple(image.shape) for image in images})
         if len(shapes) > 1:
             listed = ", ".join(map(str, shapes[:4])) + (", ..." if len(shapes) > 4 else "")
             raise ValueError(f"the dataset gives images of different shapes in one batch ({listed}): give every image "

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import (check_pixel_batch, check_preprocess, collate_images, evaluating, model_device,
-                      nonfinite_images, param_dtype, pixel_space, positive_int, split_batch)
+from .prepare import (check_label_range, check_pixel_batch, check_preprocess, collate_images, evaluating,
+                      model_device, nonfinite_images, param_dtype, pixel_space, positive_int, split_batch)
 
 __all__ = ["train_classifier", "evaluate_classifier"]
 
@@ -73,14 +73,10 @@ def _model_input(images: torch.Tensor, device, dtype, preprocess) -> torch.Tenso
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
-    """Logits [B, classes] and labels that are classes of them: a label past the outputs would count as
-    an error (or, negative, crash the loss) instead of being refused."""
+    """Logits [B, classes] and labels that are classes of them (``check_label_range``)."""
     if logits.dim() != 2:
         raise ValueError(f"the model must output logits [B, classes], got {tuple(logits.shape)}")
-    low, high = int(labels.min()), int(labels.max())
-    if low < 0 or high >= logits.shape[1]:
-        raise ValueError(f"label {low if low < 0 else high} is not a class of the model, which has "
-                         f"{logits.shape[1]} outputs: labels must be class indices in [0, {logits.shape[1]})")
+    check_label_range(labels, logits.shape[1])
 
 
 @contextlib.contextmanager

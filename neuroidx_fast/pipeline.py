@@ -123,8 +123,9 @@ def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object
 
 
 def _first_line(exc) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    from .prepare import first_line
+
+    return first_line(exc) or type(exc).__name__
 
 
 def _check_index_of_run(out: OutDir, settings: dict, index) -> None:
@@ -238,12 +239,29 @@ def _changed_output(out: OutDir, made: dict) -> str | None:
             return f"changed since they were made ({name} is missing)"
         if not isinstance(check, dict):
             return f"were recorded without the checksum of {name}"
-        size = path.stat().st_size
-        if size != check.get("size"):
-            return f"changed since they were made ({name} is {size} bytes, not {check.get('size')})"
-        if _file_check(path)["sha256"] != check.get("sha256"):
-            return f"changed since they were made ({name} does not match its checksum)"
+        differs = _differs_from(path, check)
+        if differs is not None:
+            return f"changed since they were made ({name} {differs})"
     return None
+
+
+def _differs_from(path: Path, check: dict) -> str | None:
+    """How the file ``path`` differs from its record's ``check`` (``_file_check``): None where it does not."""
+    size = path.stat().st_size
+    if size != check.get("size"):
+        return f"is {size} bytes, not {check.get('size')}"
+    if _file_check(path)["sha256"] != check.get("sha256"):
+        return "does not match its checksum"
+    return None
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether a CSV ends as every one written whole does (a file cut short ends inside a row)."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _replacing(out: OutDir, step: str, layer: str) -> None:
@@ -521,13 +539,12 @@ def _ablation_frame(out: OutDir, layers, index):
         name = path.relative_to(out.root).as_posix()
         frame = read_ablation_csv(path).assign(layer=layer)  # the file's own name for it, or none
         check = (made.get("checks") or {}).get(name) if isinstance(made.get("checks"), dict) else None
-        if isinstance(check, dict) and (path.stat().st_size != check.get("size")
-                                        or _file_check(path)["sha256"] != check.get("sha256")):
+        if isinstance(check, dict) and _differs_from(path, check) is not None:
             raise ValueError(f"{path} changed since it was made (cut short or edited): {again}")
         units = (made.get("settings") or {}).get("units")
         expected = sorted(units) if isinstance(units, list) else list(range(index[layer].num_units))
         found = pd.to_numeric(frame["unit"], errors="coerce").to_numpy(dtype=np.float64)
-        if not path.read_bytes().endswith(b"\n") or sorted(found.tolist()) != [float(u) for u in expected]:
+        if not _ends_with_newline(path) or sorted(found.tolist()) != [float(u) for u in expected]:
             raise ValueError(f"{path} does not hold one row per ablated unit of {layer} ({len(frame)} rows for "
                              f"{len(expected)} units): the file is damaged; {again}")
         frame = frame.assign(unit=found.astype(np.int64))
@@ -548,8 +565,7 @@ def _run_table(out: OutDir, index, layers=None):
     path = out.table_csv
     again = f"run `neuroidx selectivity --out {out.root}` (all layers) to remake it"
     try:
-        with open(path, "rb") as f:
-            whole = f.seek(0, os.SEEK_END) > 0 and f.seek(-1, os.SEEK_END) >= 0 and f.read(1) == b"\n"
+        whole = _ends_with_newline(path)
         table = load_table(path)
     except ValueError:
         raise ValueError(f"{path} is damaged (not a readable neuron table): {again}") from None

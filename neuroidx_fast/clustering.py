@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from .prepare import as_index
+from .prepare import as_index, integer_tensor
 
 __all__ = ["cluster_units", "cluster_categories", "Clusters", "purity"]
 
@@ -117,19 +116,12 @@ def _kmeans(points: torch.Tensor, n_clusters: int, seed: int, n_init: int, what:
     return labels, score
 
 
-_INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
 def _group_indices(values, argument: str, what: str) -> torch.Tensor:
     """``values`` as int64 [n]: integers only (casting floats would cut 0.7 to group 0, silently)."""
     try:
-        tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
-    except (TypeError, ValueError, RuntimeError):
-        tensor = None
-    if tensor is None or not (tensor.dtype in _INTEGER_DTYPES):
-        got = getattr(tensor, "dtype", type(values).__name__)
-        raise ValueError(f"{argument} must hold one int group index per {what} (-1: none), got {got} values")
-    return tensor.to(torch.int64).reshape(-1).cpu()
+        return integer_tensor(argument, values).reshape(-1).cpu()
+    except ValueError as exc:
+        raise ValueError(f"{argument} must hold one int group index per {what} (-1: none); {exc}") from None
 
 
 

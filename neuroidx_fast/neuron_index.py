@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ._version import __version__
+from .prepare import as_index
 from .receptive_fields import ReceptiveField
 from .storage import BundleError, read_bundle, write_bundle
 from .topk import STATE_FORMAT
-from .prepare import as_index
 
 __all__ = ["LayerIndex", "NeuronIndex", "INDEX_FORMAT", "INDEX_VERSION"]
 

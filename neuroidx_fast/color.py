@@ -37,11 +37,14 @@ def _floating_pixels(images: torch.Tensor, what: str) -> torch.Tensor:
 
 def luminance(images: torch.Tensor) -> torch.Tensor:
     """0.299 R + 0.587 G + 0.114 B of [B, 3, H, W] images, replicated to 3 channels. Floating images
-    keep their dtype; uint8 images are 8-bit pixels and give float32 images in [0, 1] (k / 255 first, as
+    keep their dtype (float16 and bfloat16 ones are weighted in float32, then rounded once); uint8
+    images are 8-bit pixels and give float32 images in [0, 1] (k / 255 first, as
     ``prepare.pixel_space``); other integer dtypes raise a ValueError."""
     images = _floating_pixels(images, "luminance")
-    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device)
-    return torch.einsum("bchw,c->bhw", images, weights)[:, None].expand(-1, 3, -1, -1).contiguous()
+    work = torch.promote_types(images.dtype, torch.float32)
+    weights = torch.tensor(LUMA, dtype=work, device=images.device)
+    gray = torch.einsum("bchw,c->bhw", images.to(work), weights).to(images.dtype)
+    return gray[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
 def pca_gray_crops(images: torch.Tensor, tops: torch.Tensor, size) -> torch.Tensor:
@@ -147,8 +150,10 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     made gray by ``pca_gray_crops``; the pairs are run in batches. ``preprocess`` and ``autocast_dtype``
     should be those the index was built with. The model runs in eval mode (its mode is restored after).
     Dead units (SPEC.md 3) give NaN. The index is not clamped: a gray image may excite a unit more.
-    NaN is for dead units only: a NaN or infinite pixel in a top image, or a NaN activation of a live
-    unit on a gray image, is a ValueError (naming the images, and the layer and units).
+    NaN is otherwise only for live units whose top activations sum to 0 or less (a layer without a
+    ReLU: the ratio is undefined), with a warning naming them; a NaN or infinite pixel in a top image,
+    or a NaN activation of a live unit on a gray image, is a ValueError (naming the images, and the
+    layer and units).
     """
     names = [layer] if isinstance(layer, str) else list(layer)
     resolve_layers(model, names)
@@ -203,8 +208,23 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
         gray_sum = torch.where(s["valid"], s["gray"], torch.zeros((), dtype=torch.float64)).sum(dim=1)
         alpha = (1 - gray_sum / top).float()
         alpha[s["dead"]] = float("nan")
+        _undefined_where_no_positive_sum(alpha, top, s["dead"], name)
         result[name] = alpha
     return result[names[0]] if isinstance(layer, str) else result
+
+
+def _undefined_where_no_positive_sum(alpha, top, dead, name) -> None:
+    """alpha = NaN, with a warning, for the live units whose top activations sum to 0 or less (a layer
+    without a ReLU): SPEC.md 4's ratio then has no meaning (a zero denominator gives +-inf, a negative
+    one flips the index's sign)."""
+    undefined = ~dead & (top <= 0)
+    if bool(undefined.any()):
+        units = undefined.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, units[:10])) + (", ..." if len(units) > 10 else "")
+        warnings.warn(f"color selectivity of {name!r}: {len(units)} live unit(s) ({shown}) have top activations "
+                      "that sum to 0 or less, so 1 - sum a'_j / sum a_j is undefined for them: NaN (index a "
+                      "layer after its ReLU to get positive activations)", stacklevel=3)
+        alpha[undefined] = float("nan")
 
 
 def _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast, batch_size):

@@ -275,3 +275,45 @@ def test_batch_size_takes_numpy_integers(nan_where):
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="batch_size must be a positive int"):
             color_selectivity(model, index, "0", batch_size=bad)
+
+
+class _RedMinusGreenPlusBlue(nn.Module):
+    """A 1x1 conv without a ReLU: R - G + B, so a red image gives +1 and a green one -1."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0, 1.0]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _flat(r, g, b):
+    return torch.tensor([r, g, b]).view(3, 1, 1).expand(3, 4, 4).clone()
+
+
+def test_a_live_unit_whose_top_activations_sum_to_zero_or_less_is_nan_and_named():
+    # a_1 = 1 > 0 (live), a_2 = -1: sum_j a_j = 0, and 1 - sum a' / sum a was -inf without a word
+    model = _RedMinusGreenPlusBlue().eval()
+    data = [(_flat(1.0, 0.0, 0.0), 0), (_flat(0.0, 1.0, 0.0), 1)]
+    index = nx.index_dataset(model, data, ["conv"], k=2, progress=False)
+    assert index["conv"].values.tolist() == [[1.0, -1.0]] and not bool(index["conv"].dead()[0])
+    with pytest.warns(UserWarning, match=r"'conv': 1 live unit\(s\) \(0\) have top activations that sum to 0 or less"):
+        alpha = color_selectivity(model, index, "conv", data)
+    assert torch.isnan(alpha).all()
+    # a positive sum keeps its value: red (+1) and blue (+1) tops, whose gray images give 1/3 and -0.473
+    data = [(_flat(1.0, 0.0, 0.0), 0), (_flat(0.0, 0.0, 1.0), 1)]
+    index = nx.index_dataset(model, data, ["conv"], k=2, progress=False)
+    alpha = color_selectivity(model, index, "conv", data)
+    assert torch.isfinite(alpha).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_luminance_of_half_images_is_rounded_once(dtype):
+    images = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+    in_float32 = torch.einsum("bchw,c->bhw", images.float(), torch.tensor([0.299, 0.587, 0.114]))
+    gray = luminance(images)
+    assert gray.dtype == dtype
+    assert torch.equal(gray[:, 0], in_float32.to(dtype))  # weighted in float32, then one rounding to the half dtype

@@ -59,24 +59,44 @@ class Contributions:
         return [(int(u), float(self.values[u])) for u in self.order[:n]]
 
 
+def _check_no_nan(layer: str, F: torch.Tensor, grad: torch.Tensor, logits: torch.Tensor) -> None:
+    """A ValueError naming the layer and its units where the layer's output or the gradient of the logit
+    holds NaN, or the logits do."""
+    def nan_units(tensor):
+        units = torch.isnan(tensor[0]).reshape(tensor.shape[1], -1).any(1).nonzero().flatten().tolist()
+        return ", ".join(map(str, units[:10])) + (", ..." if len(units) > 10 else "")
+
+    if nan_units(F):
+        raise ValueError(f"NaN in layer {layer!r}'s output on this image, unit(s) {nan_units(F)}: their "
+                         "contributions are undefined; check the model and the image (preprocess)")
+    if bool(torch.isnan(logits).any()):
+        raise ValueError(f"the model's logits hold NaN on this image (layer {layer!r}'s output is finite): check "
+                         "the layers after it")
+    if nan_units(grad):
+        raise ValueError(f"NaN in the gradient of the target logit with respect to layer {layer!r}'s output, "
+                         f"unit(s) {nan_units(grad)}: their contributions are undefined; check the layers after it")
+
+
 def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int | None = None,
                   preprocess=None, top: int = 10, device=None) -> Contributions:
     """Contribution of every unit of ``layer`` to the ``target`` logit (default: the predicted class) for one
-    pixel-space image [3, H, W] (or [1, 3, H, W]); ``preprocess`` runs before the model. The model (and a
+    pixel-space image [C, H, W] (or [1, C, H, W]; C the model's input channels: 3 for RGB, 1 for gray);
+    ``preprocess`` runs before the model. The model (and a
     preprocess that is a module) runs in eval mode (restored afterwards); the model's output must be logits
     [1, classes]. A ``layer`` that runs more than once in the forward (a shared module) raises
-    ``SharedModuleError``, as in ``index_dataset``."""
+    ``SharedModuleError``, as in ``index_dataset``. NaN in the layer's output, the logits or the gradient
+    is a ValueError naming the layer and the units (a NaN contribution would rank first)."""
     modules = resolve_layers(model, [layer]) if isinstance(layer, str) else None
     if modules is None:
         raise TypeError(f"layer must be one module name (a str), got {type(layer).__name__}")
     module = modules[layer]
     image = pixel_space(image) if isinstance(image, torch.Tensor) else image
     if not isinstance(image, torch.Tensor) or not image.is_floating_point():
-        raise ValueError(f"image must be a float tensor [3, H, W] in pixel space, got {type(image).__name__}")
+        raise ValueError(f"image must be a float tensor [C, H, W] in pixel space, got {type(image).__name__}")
     if image.dim() == 3:
         image = image[None]
-    if image.dim() != 4 or image.shape[0] != 1 or image.shape[1] != 3:
-        raise ValueError(f"image must be one image [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"image must be one image [C, H, W] or [1, C, H, W], got {tuple(image.shape)}")
     if not bool(torch.isfinite(image).all()):
         raise ValueError("image holds NaN or infinite pixels: give a finite pixel-space image")
     top = positive_int("top", top)
@@ -129,6 +149,7 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
         handle.remove()
     if F.dim() not in (2, 4):
         raise ValueError(f"layer {layer!r} outputs shape {tuple(F.shape)}: expected [1, C, H, W] or [1, C]")
+    _check_no_nan(layer, F.detach(), grad, logits.detach())
     prod = (F.detach().double() * grad.double())[0]
     values = prod.flatten(1).sum(1) if prod.dim() == 3 else prod
     values = values.cpu()

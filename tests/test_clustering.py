@@ -356,3 +356,45 @@ def test_contributions_refuse_a_module_called_twice_as_indexing_does():
         contributions(model, image, "conv", target=0)
     assert not model.conv._forward_hooks  # the hook is gone after the error
     assert contributions(model, image, "fc", target=0).values.shape == (2,)
+
+
+class _NaNCorner(nn.Module):
+    def forward(self, x):
+        x = x.clone()
+        x[:, 0, 0, 0] = float("nan")
+        return x
+
+
+class _CropCorner(nn.Module):
+    def forward(self, x):
+        return x[:, :, 1:, 1:]
+
+
+def test_contributions_of_a_layer_holding_nan_name_the_units():
+    # the NaN sits where the rest of the model crops it away: finite logits, yet unit 0's contribution was
+    # NaN (NaN * 0), ranked first without a word
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _NaNCorner(), _CropCorner(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match=r"NaN in layer '1''s output on this image, unit\(s\) 0:"):
+        contributions(model, torch.rand(3, 8, 8), "1")
+    assert contributions(model, torch.rand(3, 8, 8), "2").values.isfinite().all()  # cropped: no NaN there
+    everywhere = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 3), _NaNLogits()).eval()
+    with pytest.raises(ValueError, match="the model's logits hold NaN on this image"):
+        contributions(everywhere, torch.rand(3, 8, 8), "0", target=0)
+
+
+class _NaNLogits(nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_contributions_of_a_gray_model():
+    # the image had to have 3 channels, though gray models index
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    image = torch.rand(1, 8, 8)
+    result = contributions(model, image, "1", target=1)
+    with torch.no_grad():
+        pooled = model[:4](image[None])[0]
+    assert torch.allclose(result.values, (model[4].weight[1] * pooled).double(), atol=1e-6)

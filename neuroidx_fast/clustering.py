@@ -66,6 +66,8 @@ def purity(labels, reference) -> float:
     labels, reference = labels[keep], reference[keep]
     if labels.numel() == 0:
         raise ValueError("no item has both a cluster and a reference group")
+    # groups by their rank among those present: any int may name one (bincount of 10**12 wanted 8 TB)
+    reference = torch.unique(reference, return_inverse=True)[1]
     total = sum(int(torch.bincount(reference[labels == k]).max()) for k in labels.unique())
     return total / labels.numel()
 
@@ -218,15 +220,18 @@ def cluster_categories(index, layer: str, n_clusters: int, groups=None, normaliz
         raise ValueError(f"every unit of layer {layer!r} has a NaN or infinite mean on some class with images (maps "
                          "NaN on whole images, indexed with nan='ignore', or infinite activations): no unit to cluster "
                          "the classes by; index again with nan='raise' to find the images")
+    n_clusters = _check_k(n_clusters, int(ok.sum()), "classes with images")
     points = torch.zeros(means.shape[0], int(units.sum()), dtype=torch.float64)
     points[ok] = means[ok][:, units]
     if normalize:
         z, usable = _zscore_rows(points[ok].T.contiguous())              # per unit across classes
+        if int(ok.sum()) < 2:
+            raise ValueError(f"only one class has images in the index of layer {layer!r}: z-scoring each unit "
+                             "across classes needs two (index images of several classes, or pass normalize=False)")
         if not usable.any():
             raise ValueError(f"every unit of layer {layer!r} has the same mean on every class: nothing to cluster")
         points = torch.zeros(means.shape[0], int(usable.sum()), dtype=torch.float64)
         points[ok] = z[usable].T
-    n_clusters = _check_k(n_clusters, int(ok.sum()), "classes with images")
     sub_labels, score = _kmeans(points[ok], n_clusters, seed, n_init, "classes")
     count = means.shape[0]
     names = list(index.class_names) if index.class_names and len(index.class_names) == count else \

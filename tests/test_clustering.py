@@ -225,6 +225,19 @@ def test_purity():
     assert purity([0, -1, 1, 1], [5, 6, 6, -1]) == 1.0
     with pytest.raises(ValueError, match="3 labels for 2"):
         purity([0, 0, 1], [0, 1])
+    # any int names a group: bincount of the raw ids asked for 8 TB
+    assert purity([0, 0, 1, 1], [10**12, 10**12, 7, 7]) == 1.0
+    assert purity([0, 0, 1, 1], [2**40, 3, 3, 3]) == 0.75
+
+
+def test_categories_of_an_index_with_one_class_say_so():
+    # it said "every unit has the same mean on every class", even for n_clusters=1
+    index = one_layer_index(torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], dtype=torch.float64), [4, 0])
+    with pytest.raises(ValueError, match="only one class has images in the index of layer 'L'.*normalize=False"):
+        cluster_categories(index, "L", 1)
+    with pytest.raises(ValueError, match="n_clusters=2 is more than the 1 classes with images"):
+        cluster_categories(index, "L", 2)
+    assert cluster_categories(index, "L", 1, normalize=False).labels.tolist() == [0, -1]
 
 
 # ---------------------------------------------------------------------------------------------- contributions

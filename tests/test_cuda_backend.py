@@ -89,6 +89,50 @@ def test_assembled_source_defines_every_launched_kernel(tmp_path, monkeypatch, f
     assert set(launcher.KERNELS[filename]) <= entries
 
 
+@needs_nvcc
+def test_topk_update_opts_in_wherever_static_and_dynamic_shared_memory_pass_48_kib(tmp_path, monkeypatch):
+    # Dynamic bytes just below 48 KiB were launched without the opt-in, though the kernel's own static
+    # shared memory takes the block past 48 KiB: cudaErrorInvalidValue (e.g. K = 128, B = 2304).
+    out = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "--cubin", "-Xptxas", "-v", "-o",
+                          str(tmp_path / "topk.cubin"), str(CUDA_SRC / "topk_update.cu")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    static = max(int(n) for n in re.findall(r"(\d+) bytes smem", out.stderr))
+    launcher = _launcher_without_cupy(monkeypatch)
+    assert static <= launcher._STATIC_SHARED
+    events = []
+    monkeypatch.setattr(launcher, "_info", lambda device: (132, 227 * 1024))  # an H100
+    monkeypatch.setattr(launcher, "_kernel", lambda *args: "kernel")
+    monkeypatch.setattr(launcher, "_allow_shared", lambda kernel, name, device, nbytes: events.append("opt-in"))
+    monkeypatch.setattr(launcher, "_launch", lambda *args, shared_mem: events.append(shared_mem))
+    for k, batch in [(128, 2304), (100, 2337), (2047, 1), (1, 2456), (100, 2000)]:
+        events.clear()
+        state = (_OnCuda(2, k), _OnCuda(2, k, dtype=torch.int64), _OnCuda(2, k, dtype=torch.int64))
+        launcher.topk_update(*state, _OnCuda(batch, 2), _OnCuda(batch, dtype=torch.int64),
+                             _OnCuda(batch, 2, dtype=torch.int64))
+        dynamic = launcher._topk_shared_bytes(k, batch)
+        assert events[-1] == dynamic  # launched, not handed to the reference
+        assert ("opt-in" in events) == (dynamic + static > 48 * 1024), (k, batch, dynamic, events)
+
+
+class _OnCuda:
+    """A stand-in for a contiguous CUDA tensor of this shape and dtype, enough for a launcher's checks."""
+
+    device = torch.device("cuda", 0)
+
+    def __init__(self, *shape, dtype=torch.float32):
+        self.shape, self.dtype = torch.Size(shape), dtype
+
+    def is_contiguous(self):
+        return True
+
+    def contiguous(self):
+        return self
+
+    def data_ptr(self):
+        return 0
+
+
 @pytest.mark.skipif(_cupy_installed(), reason="CuPy is installed here")
 def test_import_without_cupy_is_a_clean_import_error():
     sys.modules.pop("neuroidx_fast.ops.cuda", None)
@@ -280,6 +324,7 @@ TOPK_CASES = [  # (C, K, B, batches)
     (32, 10, 128, 20),  # warm: most batches admit nothing
     (16, 1000, 1024, 3),  # ~44 KiB of shared memory
     (8, 2000, 1024, 2),  # ~68 KiB: opts in to more shared memory
+    (4, 128, 2304, 1),  # 48 KiB dynamic: with the static bytes, past 48 KiB (opts in)
     (4, 8000, 8192, 1),  # beyond any shared memory: handed to the reference
 ]
 TOPK_KINDS = ["normal", "ties", "inf", "repeat", "dup_ids"]

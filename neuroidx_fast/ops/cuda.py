@@ -48,7 +48,9 @@ KERNELS = {
 
 _NVRTC_OPTIONS = ("--std=c++17",)
 _MAX_MAP_ELEMENTS = 1 << 30  # the kernels index a map with int32
-_DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a kernel gets without opting in
+_DEFAULT_SHARED = 48 * 1024  # shared memory (static + dynamic) a block gets without opting in
+_STATIC_SHARED = 1024  # kept for a kernel's static shared memory (nx_topk_update's s_scan: 48 bytes)
+_SHARED_WITHOUT_OPT_IN = _DEFAULT_SHARED - _STATIC_SHARED  # dynamic bytes launched without the opt-in
 _INCLUDE_COMMON = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"common\.cuh"[ \t]*$', re.MULTILINE)
 
 _lock = threading.Lock()
@@ -232,12 +234,12 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
     shared = _topk_shared_bytes(k, batch)
     if (device.type != "cuda" or any(t.device != device for t in tensors) or not state_ok
             or any(t.dtype != d for t, d in zip(tensors, dtypes))
-            or shared > _info(device.index)[1] - 1024):  # 1 KiB left for the static shared memory
+            or shared > _info(device.index)[1] - _STATIC_SHARED):
         reference.topk_update(*tensors)
         return
     values, ids, positions = values.contiguous(), ids.contiguous(), positions.contiguous()
     kernel = _kernel("topk_update.cu", "nx_topk_update", device.index)
-    if shared > _DEFAULT_SHARED:
+    if shared > _SHARED_WITHOUT_OPT_IN:  # (dynamic + static above 48 KiB fails to launch without it)
         _allow_shared(kernel, "nx_topk_update", device.index, shared)
     args = (
         _ptr(state_values), _ptr(state_ids), _ptr(state_positions),
@@ -250,11 +252,11 @@ def topk_update(state_values, state_ids, state_positions, values, ids, positions
 def _allow_shared(kernel, name: str, device: int, nbytes: int) -> None:
     """Opt the kernel in to more than 48 KiB of dynamic shared memory on ``device``."""
     key = (name, device)
-    if _opted_in.get(key, _DEFAULT_SHARED) >= nbytes:
+    if _opted_in.get(key, _SHARED_WITHOUT_OPT_IN) >= nbytes:
         return
     with _lock:
-        if _opted_in.get(key, _DEFAULT_SHARED) < nbytes:
-            allowed = _info(device)[1] - 1024
+        if _opted_in.get(key, _SHARED_WITHOUT_OPT_IN) < nbytes:
+            allowed = _info(device)[1] - _STATIC_SHARED
             with cupy.cuda.Device(device):
                 kernel.max_dynamic_shared_size_bytes = allowed
             _opted_in[key] = allowed

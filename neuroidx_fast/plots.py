@@ -13,6 +13,7 @@ written atomically (a temporary file, then a rename). Each function returns the 
 from __future__ import annotations
 
 import io
+import numbers
 import os
 
 import numpy as np
@@ -146,7 +147,11 @@ def _draw_shares(ax, table, layers, color_threshold, class_threshold, class_colu
 
 def _index_columns(table, columns) -> list[str]:
     if columns is None:
-        return [c for c in INDEX_LABELS if c in table.columns]
+        present = [c for c in INDEX_LABELS if c in table.columns]
+        if not present:
+            raise ValueError(f"the table has none of the index columns {list(INDEX_LABELS)}: compute them first "
+                             "(index.table(color=...), or neuroidx selectivity), or name columns=")
+        return present
     columns = [columns] if isinstance(columns, str) else list(columns)
     if not columns:
         raise ValueError("no index columns given")
@@ -154,7 +159,7 @@ def _index_columns(table, columns) -> list[str]:
 
 
 def _check_threshold(name, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 

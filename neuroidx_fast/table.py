@@ -190,6 +190,16 @@ def read_ablation_csv(path):
     return frame
 
 
+def _read_parquet(pd, path):
+    """A Parquet file's frame; a file pyarrow cannot read (not Parquet, truncated) is a ValueError."""
+    import pyarrow
+
+    try:
+        return pd.read_parquet(path, engine="pyarrow").reset_index(drop=True)
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise ValueError(str(exc)) from None
+
+
 def load_table(path):
     """Read a table written by ``save_table``. From CSV, ``layer`` and the class names (``top_class_name``,
     ``max_drop_class_name``) stay text (layer names such as "3" are not read as numbers, class names
@@ -198,10 +208,11 @@ def load_table(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no table at {path!r}")
-    if _format(path) == ".parquet":
-        return pd.read_parquet(path, engine="pyarrow").reset_index(drop=True)
     try:
-        frame = _read_csv_with_text(path, ("layer", "top_class_name", "max_drop_class_name"))
+        if _format(path) == ".parquet":
+            frame = _read_parquet(pd, path)
+        else:
+            frame = _read_csv_with_text(path, ("layer", "top_class_name", "max_drop_class_name"))
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
         raise ValueError(f"{path} is not a neuron table ({type(exc).__name__}: {str(exc)[:120]}): make it again "
                          "(save_table, or neuroidx selectivity)") from None

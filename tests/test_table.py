@@ -155,6 +155,15 @@ def test_save_load_round_trip(indexed, tmp_path, ext):
     assert load_table(path)["top_class_name"].tolist()[0] in ("NA", "None")
 
 
+def test_a_foreign_or_corrupt_parquet_file_is_not_a_neuron_table(tmp_path):
+    # the CSV path checked both; Parquet returned any frame, or raised pyarrow's own error
+    pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "foreign.parquet")
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    for name, why in (("foreign", "no layer and unit columns"), ("corrupt", "ArrowInvalid|ValueError|OSError")):
+        with pytest.raises(ValueError, match=rf"{name}.parquet is not a neuron table \(({why})"):
+            load_table(tmp_path / f"{name}.parquet")
+
+
 def test_class_names_that_look_like_numbers_stay_text(tmp_path):
     # e.g. GTSRB's folders 00000, 00001, ...: the ablation columns joined into the table too
     df = pd.DataFrame({"layer": ["3"], "unit": [0], "top_class_name": ["00"], "max_drop_class_name": ["007"],
@@ -243,7 +252,15 @@ def test_plot_shares_and_errors(indexed, tmp_path):
         plots.plot_layer_summary(df.iloc[:0], tmp_path / "x.png")
     with pytest.raises(ValueError, match="threshold"):
         plots.plot_selective_share(df, tmp_path / "x.png", class_threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold"):
+        plots.plot_selective_share(df, tmp_path / "x.png", class_threshold=np.bool_(True))
+    # (it failed inside matplotlib: "Number of columns must be a positive integer, not 0")
+    with pytest.raises(ValueError, match="the table has none of the index columns.*compute them first"):
+        plots.plot_index_distributions(df[["layer", "unit"]], tmp_path / "x.png")
     assert not os.listdir(tmp_path)
+    # NumPy numbers are numbers (np.float32(0.5) was "must be a finite number")
+    _check_png(plots.plot_selective_share(df, tmp_path / "np.png", color_threshold=np.float32(0.4),
+                                          class_threshold=np.int64(0)))
 
 
 def test_color_as_one_layers_tensor(indexed):

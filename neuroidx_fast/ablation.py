@@ -154,8 +154,10 @@ class AblationResult:
 
     @property
     def drop(self) -> torch.Tensor:
-        """[S, K] float64: d_k = acc_k(intact) - acc_k(ablated)."""
-        return self.intact_accuracy[None, :] - self.accuracy
+        """[S, K] float64: d_k = acc_k(intact) - acc_k(ablated), as (intact_correct_k - correct_k) / count_k:
+        one rounding, so that equal drops are equal numbers (a difference of two rounded rates made 1/3 of
+        one class and 1/3 of another differ in the last bit, and ``max_drop_class`` named one of them)."""
+        return self._rate(self.intact_correct[None, :] - self.correct)
 
     @property
     def overall_intact_accuracy(self) -> float:
@@ -168,8 +170,8 @@ class AblationResult:
 
     @property
     def overall_drop(self) -> torch.Tensor:
-        """[S] float64: overall accuracy drop."""
-        return self.overall_intact_accuracy - self.overall_accuracy
+        """[S] float64: overall accuracy drop, from the difference of the counts (one rounding, as ``drop``)."""
+        return (self.intact_correct.sum() - self.correct.sum(dim=1)).double() / max(1, self.num_images)
 
     @property
     def max_drop_class(self) -> torch.Tensor:

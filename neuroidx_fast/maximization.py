@@ -29,7 +29,7 @@ __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized",
 
 # ---------------------------------------------------------------------------------------------- helpers
 @contextlib.contextmanager
-def frozen_eval(model: nn.Module, device: torch.device, preprocess=None):
+def frozen_eval(model: nn.Module, device: torch.device, preprocess=None, image_gradients: bool = True):
     """Eval mode, no parameter gradients, gradients enabled, deterministic cuDNN on CUDA; all restored.
     A ``preprocess`` that is a module (a learnt colour adapter, a normalisation layer) is part of the path
     to the model and is frozen the same way: else a Dropout in train mode would make runs differ and the
@@ -37,8 +37,13 @@ def frozen_eval(model: nn.Module, device: torch.device, preprocess=None):
     ``torch.inference_mode()``, which ``enable_grad`` alone does not leave (nothing would be recorded).
     Meanwhile, on the CPU, convolutions that read the image compute their pixel gradient by phases
     (image_conv_grad.py) and freed memory is kept for reuse (heap.py: the steps of an optimisation
-    allocate and free the same large temporaries, which glibc would otherwise fault in anew each step)."""
+    allocate and free the same large temporaries, which glibc would otherwise fault in anew each step).
+    With ``image_gradients`` (a backward to the image will run), parameters or buffers made inside
+    ``torch.inference_mode()`` are refused up front: autograd cannot save them, and the error it gives
+    names neither the cause nor the fix."""
     roots = [model] + ([preprocess] if isinstance(preprocess, nn.Module) else [])
+    if image_gradients:
+        _refuse_inference_tensors(roots)
     training = {m: m.training for root in roots for m in root.modules()}
     requires = {p: p.requires_grad for root in roots for p in root.parameters()}
     cudnn = torch.backends.cudnn
@@ -58,8 +63,23 @@ def frozen_eval(model: nn.Module, device: torch.device, preprocess=None):
         cudnn.deterministic, cudnn.benchmark = saved_cudnn
         for m, flag in training.items():
             m.training = flag
-        for p, flag in requires.items():
-            p.requires_grad_(flag)
+        # inside inference mode, where torch sets requires_grad on inference tensors too: outside it refuses
+        # True for them, and that refusal stopped the loop with the other parameters left frozen
+        with torch.inference_mode():
+            for p, flag in requires.items():
+                p.requires_grad_(flag)
+
+
+def _refuse_inference_tensors(roots) -> None:
+    """A ValueError when a parameter or buffer of ``roots`` is an inference tensor (made or loaded inside
+    ``torch.inference_mode()``), which no backward may save."""
+    for root in roots:
+        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+            if tensor.is_inference():
+                what = "the model's" if root is roots[0] else "the preprocess module's"
+                raise ValueError(f"{what} parameters are inference tensors ({name!r} among them), which autograd "
+                                 "cannot use for the image's gradient: build or load it outside "
+                                 "torch.inference_mode() (torch.no_grad() is enough there)")
 
 
 def model_device(model: nn.Module, device) -> torch.device:
@@ -269,7 +289,7 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
     dtype = param_dtype(model)
     values = []
     size = tuple(images.shape[-2:])
-    with (frozen_eval(model, device, preprocess), torch.no_grad(),
+    with (frozen_eval(model, device, preprocess, image_gradients=False), torch.no_grad(),
           UnitObjective(model, name, objective, size, dtype, device, affine=False, preprocess=preprocess) as readout):
         _check_units(units, readout.width, name)
         target = torch.tensor(units, device=device)

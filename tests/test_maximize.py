@@ -281,6 +281,23 @@ def test_moving_the_model_inside_inference_mode_keeps_its_parameters_for_autogra
     assert model.weight.device.type == "meta" and not model.weight.is_inference()
 
 
+def test_a_model_built_inside_inference_mode_is_refused_by_name_and_left_as_it_came(net):
+    # Its parameters are inference tensors: the restore's own error ("Setting requires_grad=True on
+    # inference tensor") hid the cause and left every parameter frozen. A forward alone (unit_activations)
+    # can use them, and does.
+    with torch.inference_mode():
+        built = tiny_net()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(mx.unit_activations(built, "relu2", x, 1), mx.unit_activations(net, "relu2", x, 1))
+    assert all(p.requires_grad for p in built.parameters())
+    for run in (lambda: mx.maximize(built, "conv2", [0], size=16, steps=2),
+                lambda: mx.maximize_towards(built, "relu2", x, steps=2)):
+        with pytest.raises(ValueError, match=r"model's parameters are inference tensors \('conv1.weight'.*outside "
+                                             r"torch.inference_mode\(\)"):
+            run()
+        assert all(p.requires_grad for p in built.parameters())
+
+
 def test_errors(net):
     with pytest.raises(ValueError, match="unknown layer 'conv3'.*conv"):
         mx.maximize(net, "conv3", [0], size=SIZE, steps=1)

@@ -72,6 +72,7 @@ from torch.utils.data import DataLoader
 from . import ops
 from .graph_split import SplitModel, incoming_weight_l1, logits_element, split_model
 from .hooks import LayerCapture, resolve_layers
+from .indexing import _base_dataset
 from .ops.reference import replica_memory_format
 from .prepare import (check_label_range, check_pixel_batch, check_preprocess, collate_images, dataset_length,
                       eval_on_device, first_line, pixel_space, positive_int, restores_modes, split_batch)
@@ -667,6 +668,8 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         raise ValueError(f"mode must be 'zero' or 'mean' (SPEC.md section 6), got {mode!r}")
     if mode == "zero" and (means is not None or index is not None):
         raise ValueError("means= and index= give the fill of mode='mean'; they do not apply to mode='zero'")
+    if means is not None and index is not None:
+        raise ValueError("give means= or index= (two sources of the fill of mode='mean'), not both")
     if path not in ("auto", "general", "readout"):
         raise ValueError(f"path must be 'auto', 'general' or 'readout', got {path!r}")
     batch_size = positive_int("batch_size", batch_size)
@@ -692,7 +695,11 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     fill64 = None
     if mode == "mean":
         if means is not None:
-            fill64 = torch.as_tensor(means, dtype=torch.float64).reshape(-1).cpu()
+            try:
+                fill64 = torch.as_tensor(means, dtype=torch.float64).reshape(-1).cpu()
+            except (TypeError, ValueError, RuntimeError):  # (torch said "too many dimensions 'str'")
+                raise TypeError(f"means= must be numbers, one mean per unit ([C] floats), got "
+                                f"{str(means)[:80]}") from None
         elif index is not None:
             fill64 = torch.as_tensor(_layer_means(index, layer), dtype=torch.float64).reshape(-1).cpu()
         else:
@@ -782,7 +789,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             correct.index_add_(1, labels, (pred == labels[None, :]).to(torch.int64))
             engine.stats["batches"] += 1
 
-    names = getattr(dataset, "classes", None)
+    names = getattr(_base_dataset(dataset), "classes", None)  # (through Subsets, as indexing reads them)
     class_names = [str(c) for c in names] if isinstance(names, (list, tuple)) and len(names) == classes else None
     if isinstance(names, (list, tuple)) and len(names) != classes:
         warnings.warn(f"the dataset names {len(names)} classes but the model has {classes} outputs: a drop compares "
@@ -808,6 +815,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
     dtype; zeros by default). Returns ``(intact_correct [K], correct [S, K], class_counts [K])`` int64.
     ``pass_times``: a list that receives the seconds of each pass (the intact one first)."""
     module = resolve_layers(model, layer)[layer]
+    dataset_length(dataset, "measure")
     masks = torch.as_tensor(masks)
     if masks.dtype != torch.bool:  # (a cast would make 0.5 an ablation)
         raise TypeError(f"masks must be a bool tensor [S, C] (True: ablate the unit), got {masks.dtype}")

@@ -55,3 +55,31 @@ def test_equal_drops_are_a_tie():
     # overall: 4 of 6 correct -> 2 of 6, exactly 1/3
     assert one_set_result([2, 0], [3, 1], [3, 3]).overall_drop.tolist() == [1 / 3]
     assert one_set_result([1, 0], [3, 1], [3, 3]).max_drop_class.tolist() == [0]
+
+
+def small_head(seed: int = 0, channels: int = 4, classes: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, channels, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, classes)).eval()
+
+
+def test_naive_loop_on_an_empty_dataset_says_so():
+    empty = Pairs(torch.zeros(0, 3, 5, 5), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(ValueError, match="the dataset is empty: nothing to measure"):
+        abl.naive_ablation_counts(small_head(), empty, "1", torch.eye(4, dtype=torch.bool))
+
+
+def test_subset_keeps_the_class_names():
+    data = Pairs(torch.rand(8, 3, 5, 5), torch.arange(8) % 2, classes=["cat", "dog"])
+    result = abl.ablation_drops(small_head(), Subset(data, range(6)), "1", units=[0], batch_size=4, progress=False)
+    assert result.class_names == ["cat", "dog"]
+    assert [c for c in result.to_frame(per_class=True).columns if c.startswith("drop[")] == ["drop[cat]", "drop[dog]"]
+    assert result.class_counts.tolist() == [3, 3]
+
+
+def test_mean_fill_arguments_are_checked():
+    data = Pairs(torch.rand(6, 3, 5, 5), torch.tensor([0, 1] * 3))
+    with pytest.raises(ValueError, match="give means= or index=.*not both"):
+        abl.ablation_drops(small_head(), data, "1", mode="mean", means=[0.0] * 4, index=object(), progress=False)
+    with pytest.raises(TypeError, match=r"means= must be numbers, one mean per unit .*\['a', 'a'"):
+        abl.ablation_drops(small_head(), data, "1", mode="mean", means=["a"] * 4, progress=False)

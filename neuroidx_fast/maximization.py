@@ -423,7 +423,8 @@ def _cluster_images(features: torch.Tensor, clusters: int, seed: int) -> tuple[t
     else:
         from sklearn.cluster import KMeans
 
-        km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(unit.double().numpy())
+        # (scikit-learn takes seeds in [0, 2**32) only; maximize takes any int, and so does this)
+        km = KMeans(n_clusters=clusters, n_init=10, random_state=seed % 2 ** 32).fit(unit.double().numpy())
         labels = torch.as_tensor(km.labels_, dtype=torch.int64)
     weights = torch.zeros(n, dtype=torch.float64)
     for k in range(clusters):

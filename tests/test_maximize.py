@@ -424,6 +424,15 @@ def test_towards_ids_must_be_integer_indices(net, two_groups):
                            mx.maximize_towards(net, "conv2", source, ids=[3], steps=0))
 
 
+def test_towards_takes_every_int_seed_that_maximize_takes(net, two_groups):
+    # scikit-learn's KMeans refused random_state -1 or 2**32 with its own parameter error
+    labels = {seed: mx.maximize_towards(net, "conv2", two_groups, clusters=2, steps=0, seed=seed,
+                                        return_targets=True)[1].labels for seed in (0, -1, 2 ** 32, 2 ** 40)}
+    assert torch.equal(labels[2 ** 32], labels[0])  # (seeds are taken modulo 2**32 there)
+    for got in labels.values():
+        assert got[:8].unique().numel() == 1 and got[8:].unique().numel() == 1 and got[0] != got[8]
+
+
 def test_towards_errors(net, two_groups):
     with pytest.raises(ValueError, match="clusters=5 is more than the 4 images"):
         mx.maximize_towards(net, "conv2", two_groups[:4], clusters=5, steps=1)

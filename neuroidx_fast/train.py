@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .prepare import (check_label_range, check_pixel_batch, check_preprocess, collate_images, evaluating,
+from .prepare import (as_index, check_label_range, check_pixel_batch, check_preprocess, collate_images, evaluating,
                       model_device, nonfinite_images, param_dtype, pixel_space, positive_int, split_batch)
 
 __all__ = ["train_classifier", "evaluate_classifier"]
@@ -24,10 +24,11 @@ def _labelled(item, i):
         raise ValueError(f"dataset item {i} is not an (image, label) pair: training a classifier needs labels")
     label = item[1]
     if isinstance(label, torch.Tensor) and label.numel() == 1:
-        label = label.item()
-    if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+        label = label.reshape(())
+    index = as_index(label)  # int, NumPy integer, 0-d integer tensor (as the DataLoader of cache=False takes)
+    if index is None or index < 0:
         raise ValueError(f"dataset item {i} has label {label!r}: labels must be int class indices >= 0")
-    return item[0], label
+    return item[0], index
 
 
 def _materialise(dataset):
@@ -63,13 +64,14 @@ def _batches(dataset, batch_size, shuffle, generator, cached, num_workers):
 
 def _model_input(images: torch.Tensor, device, dtype, preprocess) -> torch.Tensor:
     """A batch as the model takes it: finite pixel-space images (checked: NaN pixels would make NaN logits,
-    whose argmax is class 0), on the device, in the model's dtype, preprocessed."""
+    whose argmax is class 0), on the device, preprocessed, then in the model's dtype (the order of
+    indexing and ablation: a preprocess with float32 constants takes the float32 pixels)."""
     check_pixel_batch(images, "the classifier's dataset")
     bad = nonfinite_images(images)[:5].tolist()
     if bad:
         raise ValueError(f"images at batch rows {bad} hold NaN or infinite pixels: give finite pixel-space images")
-    x = pixel_space(images.to(device)).to(dtype)
-    return preprocess(x) if preprocess is not None else x
+    x = pixel_space(images.to(device))
+    return (preprocess(x) if preprocess is not None else x).to(dtype)
 
 
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:

@@ -83,3 +83,44 @@ def test_mean_fill_arguments_are_checked():
         abl.ablation_drops(small_head(), data, "1", mode="mean", means=[0.0] * 4, index=object(), progress=False)
     with pytest.raises(TypeError, match=r"means= must be numbers, one mean per unit .*\['a', 'a'"):
         abl.ablation_drops(small_head(), data, "1", mode="mean", means=["a"] * 4, progress=False)
+
+
+class NumpyLabels(torch.utils.data.Dataset):
+    def __init__(self):
+        self.images = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        self.labels = np.arange(8) % 2
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]  # a numpy.int64 label
+
+
+def test_training_takes_numpy_labels_cached_or_not():
+    histories = []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+        histories.append(train_classifier(model, NumpyLabels(), epochs=2, batch_size=4, cache=cache))
+    assert histories[0] == histories[1]
+    assert len(histories[1]["loss"]) == 2
+
+
+def test_training_preprocesses_before_the_model_dtype():
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def normalize(x):  # float32 constants, as the usual ImageNet normalisation
+        return (x - mean) / std
+
+    model = small_head(channels=4).to(torch.bfloat16)
+    images, labels = torch.rand(6, 3, 5, 5), torch.tensor([0, 1] * 3)
+    with torch.no_grad():
+        expected = (model(normalize(images).to(torch.bfloat16)).argmax(1) == labels).double().mean().item()
+    data = Pairs(images, labels)
+    assert evaluate_classifier(model, data, preprocess=normalize) == expected
+    ablated = abl.ablation_drops(model, data, "1", units=[0], preprocess=normalize, batch_size=3, progress=False)
+    assert ablated.overall_intact_accuracy == expected
+    history = train_classifier(model, data, epochs=1, batch_size=3, preprocess=normalize)
+    assert len(history["loss"]) == 1 and next(model.parameters()).dtype == torch.bfloat16

@@ -14,8 +14,8 @@ from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import (as_index, canonical_device, check_pixel_batch, collate_images, integer_tensor, nonfinite_images,
-                      positive_int, split_batch)
+from .prepare import (as_index, canonical_device, check_pixel_batch, collate_images, dataset_length, integer_tensor,
+                      nonfinite_images, positive_int, split_batch)
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -165,7 +165,7 @@ def resolve_dataset(index: NeuronIndex, dataset):
     if dataset is None:
         raise ValueError("no dataset: this index was loaded from disk, so pass the dataset it was built from "
                          "(dataset=...)")
-    if len(dataset) < index.dataset_length:
+    if dataset_length(dataset, "read") < index.dataset_length:
         raise ValueError(f"the dataset has {len(dataset)} images but the index was built on {index.dataset_length}: "
                          "pass the dataset the index was built from")
     return dataset
@@ -183,7 +183,11 @@ def resolve_pad(pad, index: NeuronIndex):
                              "pad=(r, g, b) with the mean yourself")
         mean = tuple(float(v) for v in mean)
         pad = mean * 3 if len(mean) == 1 else mean  # gray images are made RGB (as_rgb)
-    ops.pad_value(pad, 3, "cpu")  # a bad value is an error now, not after a pass over the images
+    value = ops.pad_value(pad, 3, "cpu")  # a bad value is an error now, not after a pass over the images
+    if not isinstance(pad, str) and value is not None and bool(((value < 0) | (value > 1)).any()):
+        # e.g. a mean in 0-255 units: white padding, with no word
+        raise ValueError(f"pad values are pixels in [0, 1] (crops are cut from pixel-space images; 8-bit values "
+                         f"are k / 255), got {value.tolist()}")
     return pad
 
 
@@ -212,8 +216,9 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     batches at once. ``pad``: "gray" (0.5), "zero", "mean" (the dataset's pixel mean, recorded by
     ``index_dataset``), "edge", or numbers. ``norm``: "sum" (NF = sum_j w_j I_j / sum_j w_j) or "k"
     (the paper's (1/K) sum_j w_j I_j, K = the unit's top images). The receptive field comes from
-    ``rf``, else from ``model``, else from the index. NF values are clamped to [0, 1]; this only matters
-    where some top activations are negative (pre-activation layers), which gives negative weights. Where
+    ``rf``, else from ``model``, else from the index. NF values are clamped to [0, 1]; with images in
+    [0, 1], this only matters where some top activations are negative (pre-activation layers), which
+    gives negative weights. Where
     those weights sum to 0 (or to no finite number) the NF is undefined: NaN, with a warning. Top slots
     at -inf (all-NaN maps under ``nan="ignore"``) take no part: no weight, no crop. Gray (1-channel)
     images are cropped as the RGB images (g, g, g) they show: their NFs and crops are RGB too.

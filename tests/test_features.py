@@ -267,6 +267,8 @@ def test_loaded_index_needs_the_dataset_and_keeps_receptive_fields(indexed, tmp_
     assert torch.equal(again.nf.nan_to_num(-1), first.nf.nan_to_num(-1))
     with pytest.raises(ValueError, match="was built on 21"):
         neuron_features(loaded, "features.8", ImageSet(n=5, size=18))
+    with pytest.raises(TypeError, match="map-style dataset with __len__"):  # (was "has no len()")
+        neuron_features(loaded, "features.8", iter(dataset))
     with pytest.raises(ValueError, match="built on 3 x"):
         neuron_features(loaded, "features.8", ImageSet(n=21, size=20))
     loaded.meta.pop("receptive_fields")
@@ -277,6 +279,10 @@ def test_loaded_index_needs_the_dataset_and_keeps_receptive_fields(indexed, tmp_
 
 def test_bad_arguments(indexed):
     _, _, index = indexed
+    # a mean in 0-255 units padded white, silently
+    for pad in ((124, 116, 104), -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"pad values are pixels in \[0, 1\].*k / 255"):
+            neuron_features(index, "features.8", pad=pad)
     with pytest.raises(KeyError, match="indexed layers"):
         neuron_features(index, "features.7")
     with pytest.raises(ValueError, match="norm"):

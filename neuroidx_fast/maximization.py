@@ -110,9 +110,10 @@ def _size(size) -> tuple[int, int]:
 
 def _positive(name, value, integer=False, zero_ok=False):
     """``value`` checked (a positive, or with ``zero_ok`` non-negative, number; an int when ``integer``:
-    NumPy integers too) and returned as a Python int or float."""
+    NumPy integers too) and returned as a Python int or float. Strings are refused, numeric ones too: the
+    caller computes with the number, and a "0.05" that passed here failed later with torch's TypeError."""
     number = as_index(value)
-    if number is None and not integer and not isinstance(value, bool):
+    if number is None and not integer and not isinstance(value, (bool, str, bytes)):
         try:
             number = float(value)
         except (TypeError, ValueError):
@@ -220,13 +221,13 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     units = _units(units)
     size = _size(size)
     seed = _seed(seed)
-    _positive("steps", steps, integer=True, zero_ok=True)
-    _positive("lr", lr)
-    for label, value in (("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)):
-        _positive(label, value, zero_ok=True)
-    _positive("blur_every", blur_every, integer=True, zero_ok=True)
+    steps = _positive("steps", steps, integer=True, zero_ok=True)
+    lr = _positive("lr", lr)
+    l2, tv, blur_sigma = (_positive(label, value, zero_ok=True)
+                          for label, value in (("l2", l2), ("tv", tv), ("blur_sigma", blur_sigma)))
+    blur_every = _positive("blur_every", blur_every, integer=True, zero_ok=True)
     if batch_size is not None:
-        _positive("batch_size", batch_size, integer=True)
+        batch_size = _positive("batch_size", batch_size, integer=True)
     if param not in PARAMS:
         raise ValueError(f"param must be one of {PARAMS}, got {param!r}")
     if transforms not in ("standard", None):
@@ -284,7 +285,7 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
         raise ValueError(f"{len(units)} units for {images.shape[0]} images: give one unit per image or one unit")
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    _positive("batch_size", batch_size, integer=True)
+    batch_size = _positive("batch_size", batch_size, integer=True)
     device = model_device(model, device)
     dtype = param_dtype(model)
     values = []
@@ -468,15 +469,16 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     clusters = _positive("clusters", clusters, integer=True)
     if clusters > n:
         raise ValueError(f"clusters={clusters} is more than the {n} images given: choose clusters <= {n}")
-    _positive("top_channels", top_channels, integer=True)
-    _positive("steps", steps, integer=True, zero_ok=True)
-    _positive("lr", lr)
-    _positive("batch_size", batch_size, integer=True)
-    _positive("blur_every", blur_every, integer=True, zero_ok=True)
-    _positive("charbonnier_eps", charbonnier_eps)
-    for label, value in (("activation_weight", activation_weight), ("distance_weight", distance_weight),
-                         ("l1", l1), ("tv", tv), ("blur_sigma", blur_sigma)):
+    top_channels = _positive("top_channels", top_channels, integer=True)
+    steps = _positive("steps", steps, integer=True, zero_ok=True)
+    lr = _positive("lr", lr)
+    batch_size = _positive("batch_size", batch_size, integer=True)
+    blur_every = _positive("blur_every", blur_every, integer=True, zero_ok=True)
+    charbonnier_eps = _positive("charbonnier_eps", charbonnier_eps)
+    activation_weight, distance_weight, l1, tv, blur_sigma = (
         _positive(label, value, zero_ok=True)
+        for label, value in (("activation_weight", activation_weight), ("distance_weight", distance_weight),
+                             ("l1", l1), ("tv", tv), ("blur_sigma", blur_sigma)))
     if isinstance(lr_decay, bool) or not isinstance(lr_decay, numbers.Real) or not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay (final step / first step) must be in (0, 1], got {lr_decay!r}")
     if param not in PARAMS:

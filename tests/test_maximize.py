@@ -281,6 +281,18 @@ def test_moving_the_model_inside_inference_mode_keeps_its_parameters_for_autogra
     assert model.weight.device.type == "meta" and not model.weight.is_inference()
 
 
+def test_numeric_strings_are_refused_naming_the_argument(net):
+    # float("0.05") passed the check, then the string itself reached Adam or the loss: raw TypeErrors
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    for label, value in (("lr", "0.05"), ("l2", "0.1"), ("tv", "0"), ("blur_sigma", b"1")):
+        with pytest.raises(ValueError, match=f"{label} must be a (positive|non-negative) number, got {value!r}"):
+            mx.maximize(net, "conv2", [0], size=16, steps=1, **{label: value})
+    for label, value in (("l1", "0.1"), ("activation_weight", "1"), ("charbonnier_eps", "1e-3")):
+        with pytest.raises(ValueError, match=f"{label} must be a (positive|non-negative) number, got {value!r}"):
+            mx.maximize_towards(net, "conv2", x, steps=1, **{label: value})
+    assert mx._positive("lr", np.float32(0.5)) == 0.5 and type(mx._positive("lr", torch.tensor(2))) is int
+
+
 def test_a_model_built_inside_inference_mode_is_refused_by_name_and_left_as_it_came(net):
     # Its parameters are inference tensors: the restore's own error ("Setting requires_grad=True on
     # inference tensor") hid the cause and left every parameter frozen. A forward alone (unit_activations)

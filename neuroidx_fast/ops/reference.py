@@ -10,7 +10,10 @@ contract:
     ``argmax`` [B, C] int64: its flat index ``y * W + x``, the lowest one on ties;
     ``vmean`` [B, C] float32: the map's mean (accumulated in float32 or wider; not bit-exact across
     backends and layouts, which sum in different orders: equal to float32 rounding).
-    A map holding NaN gives ``vmax = NaN``, ``argmax`` = the flat index of its first NaN and a NaN mean.
+    A map holding NaN gives ``vmax = NaN``, ``argmax`` = the flat index of its first NaN and a NaN mean,
+    that NaN's own bits for float32 and bfloat16 maps; a float16 NaN's bits are unspecified (torch on
+    CPU makes every float16 NaN 0x7fffffff, the CUDA and Triton kernels keep its payload). NaN is an
+    error of the index by default (SPEC.md 1).
 
 ``topk_update(state_values, state_ids, state_positions, values, ids, positions) -> None``
     In place. ``state_values`` [C, K] float32, ``state_ids`` / ``state_positions`` [C, K] int64, all

@@ -27,6 +27,19 @@ _CLAMPS_IN_PLACE = {torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor
 _UPPER_CLAMPS = {torch.clamp_max, torch.Tensor.clamp_max}
 _UPPER_CLAMPS_IN_PLACE = {torch.clamp_max_, torch.Tensor.clamp_max_}
 _MAX_UNPOOLS = {F.max_unpool1d, F.max_unpool2d, F.max_unpool3d}
+# Reductions that pick values (a maximum, a minimum, an order statistic) send the gradient to the chosen
+# element alone; the probe makes each of their outputs the mean along the reduced dimension(s): the name
+# of the dimension argument, its default (None: every dimension) and its place among the arguments.
+_PICKING = {
+    **dict.fromkeys((torch.max, torch.Tensor.max, torch.min, torch.Tensor.min, torch.median, torch.Tensor.median,
+                     torch.nanmedian, torch.Tensor.nanmedian), ("dim", None, 1)),
+    **dict.fromkeys((torch.amax, torch.Tensor.amax, torch.amin, torch.Tensor.amin), ("dim", None, 1)),
+    **dict.fromkeys((torch.sort, torch.Tensor.sort, torch.mode, torch.Tensor.mode), ("dim", -1, 1)),
+    **dict.fromkeys((torch.topk, torch.Tensor.topk, torch.kthvalue, torch.Tensor.kthvalue), ("dim", -1, 2)),
+}
+# Element-wise picks between tensors, which send the gradient to one of them: the probe sums them.
+_PAIRWISE_PICKING = {torch.maximum, torch.Tensor.maximum, torch.minimum, torch.Tensor.minimum, torch.fmax,
+                     torch.Tensor.fmax, torch.fmin, torch.Tensor.fmin}
 
 
 class _ProbeSubstitutions(torch.overrides.TorchFunctionMode):
@@ -37,6 +50,10 @@ class _ProbeSubstitutions(torch.overrides.TorchFunctionMode):
     - activations that saturate from above (ReLU6, hardtanh, hardsigmoid, clamp's max) lose their upper
       bound: on the probe's positive input, values grow past it in deep nets (MobileNetV2's ReLU6 after
       residual sums see values above 6), where the gradient is zero and would hide pixels the unit reads;
+    - reductions that pick an element (max, min, amax, amin, topk, sort, median, kthvalue, mode) become means
+      along the same dimensions, and element-wise picks (torch.maximum, torch.max(a, b), minimum, fmax,
+      fmin) sums: the gradient of a pick reaches the element picked alone, and a unit's field would miss
+      the pixels that another input (an image where another position holds the maximum) makes it read;
     - max unpooling (SegNet's decoders) is refused: the pooling's indices, which decide where each value
       goes, are data, and the probe's average pooling has none.
     """
@@ -60,7 +77,41 @@ class _ProbeSubstitutions(torch.overrides.TorchFunctionMode):
                              "data, and the field of a unit after it has no fixed size nor stride; choose a layer "
                              "before the unpooling")
         unbounded = _without_upper_bound(func, args, kwargs)
+        if unbounded is NotImplemented:
+            unbounded = _without_picking(func, args, kwargs)
         return func(*args, **kwargs) if unbounded is NotImplemented else unbounded
+
+
+def _without_picking(func, args, kwargs):
+    """``func(*args, **kwargs)`` where ``func`` picks elements of a floating-point tensor (see _PICKING and
+    _PAIRWISE_PICKING), with every value picked replaced by the mean along the reduced dimension(s), or
+    by the sum of the tensors picked from; the indices, where it returns some, are the real ones (code that
+    gathers with them still runs). Else NotImplemented."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or "out" in kwargs:
+        return NotImplemented
+    if func in _PAIRWISE_PICKING:
+        other = args[1] if len(args) > 1 else kwargs.get("other")
+        return x + other
+    if func not in _PICKING:
+        return NotImplemented
+    name, default, place = _PICKING[func]
+    dim = args[place] if len(args) > place else kwargs.get(name, default)
+    if isinstance(dim, torch.Tensor):  # torch.max(a, b): an element-wise pick
+        return x + dim
+    if "other" in kwargs:
+        return x + kwargs["other"]
+    real = func(*args, **kwargs)
+    values = real[0] if isinstance(real, tuple) else real
+    if x.dim() == 0:
+        mean = x.clone()
+    elif dim is None or (isinstance(dim, (tuple, list)) and len(dim) == 0):
+        mean = x.mean().reshape((1,) * x.dim())
+    else:
+        mean = x.mean(dim=dim, keepdim=True)
+    # kept dimensions (keepdim, topk, sort): every element along them the mean; dropped ones: squeezed
+    mean = mean.expand(values.shape).contiguous() if values.dim() == x.dim() else mean.reshape(values.shape)
+    return type(real)((mean,) + tuple(real[1:])) if isinstance(real, tuple) else mean
 
 
 def _without_upper_bound(func, args, kwargs):

@@ -883,7 +883,7 @@ def test_shapes_read_in_forward_need_no_probe(recwarn):
 
 
 @pytest.mark.parametrize("stacked, probed_equal", [
-    (lambda a, b: torch.stack([a, b], -1).amax(-1), False),  # the probe's gradient takes one branch: inside only
+    (lambda a, b: torch.stack([a, b], -1).amax(-1), True),  # the probe's amax is a mean: both branches
     (lambda a, b: torch.stack([a, b], dim=2).mean(2), True),
     (lambda a, b: torch.stack((a, b), 1).flatten(1, 2)[:, 1:3], True),  # a's channel 1 and b's channel 0
 ])
@@ -1023,3 +1023,42 @@ def test_the_walk_does_not_import_the_compiler_on_its_way_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["analytic", "False", "False"]
+
+
+class _Picks(nn.Module):
+    """A 3x3 and a 7x7 branch of ``channels`` channels each, merged by ``pick``, then an output named "out"."""
+
+    def __init__(self, pick, out=None, channels=1):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, channels, 3, padding=1), nn.Conv2d(3, channels, 7, padding=3)
+        self.pick, self.out = pick, out or nn.Identity()
+
+    def forward(self, x):
+        return self.out(self.pick(self.a(x), self.b(x)))
+
+
+@pytest.mark.parametrize("pick", [
+    torch.maximum,  # the probe's gradient went to the branch that won, the 3x3 one: 3x3
+    torch.max,
+    lambda a, b: torch.minimum(-a, -b),
+    lambda a, b: torch.stack([a, b]).max(0).values,
+    lambda a, b: torch.cat([a, b], 1).topk(1, dim=1).values,
+    lambda a, b: torch.cat([a, b], 1).sort(1, descending=True)[0][:, :1],
+    lambda a, b: torch.stack([a, b], 2).median(2).values,
+])
+def test_the_probe_reads_every_input_of_a_pick(pick):
+    rf = probe_receptive_field(_Picks(pick).eval(), "out", 16)
+    assert (rf.size, rf.stride, rf.offset, rf.whole_image) == ((7, 7), (1, 1), (-3, -3), False)
+
+
+@pytest.mark.parametrize("global_max", [
+    lambda y: y.flatten(2).max(-1).values[:, :, None, None],  # the probe saw the position that won: 3x3
+    lambda y: y.flatten(2).amax(2, keepdim=True).unsqueeze(-1),
+    lambda y: y.view(y.shape[0], y.shape[1], -1).max(dim=2, keepdim=True)[0].unsqueeze(-1),
+    lambda y: y.flatten(2).topk(1, dim=-1).values.unsqueeze(-1),
+    lambda y: y.amin(dim=(2, 3), keepdim=True),
+])
+def test_the_probe_sees_a_global_max_over_positions_mix_them(global_max):
+    model = _Picks(lambda a, b: a * global_max(b), nn.Conv2d(4, 2, 1), channels=4).eval()
+    assert probe_receptive_field(model, "out", 12).whole_image
+    assert probe_gradient(model, "out", 12, [(5, 5)])[0].all()

@@ -377,6 +377,10 @@ def _image_batch(images, ids=None) -> torch.Tensor:
             raise ValueError("the image set is empty: give at least one image")
         if not all(isinstance(t, torch.Tensor) and t.dim() == 3 for t in items):
             raise ValueError("every image must be a tensor [3, H, W] in pixel space [0, 1]")
+        dtypes = sorted({str(t.dtype) for t in items})
+        if len(dtypes) > 1:  # a stack would make floats of all, the 8-bit ones 0-255 instead of k / 255
+            raise ValueError(f"images of different dtypes ({', '.join(dtypes)}): give every image the same type, "
+                             "all uint8 8-bit pixels or all float pixels in [0, 1]")
         if len({tuple(t.shape) for t in items}) != 1:
             raise ValueError(f"images of several sizes: {sorted({tuple(t.shape) for t in items})[:4]}; resize them "
                              "to one size")

@@ -445,6 +445,21 @@ def test_towards_takes_every_int_seed_that_maximize_takes(net, two_groups):
         assert got[:8].unique().numel() == 1 and got[8:].unique().numel() == 1 and got[0] != got[8]
 
 
+def test_a_list_mixing_uint8_and_float_images_is_refused_naming_the_dtypes(net, two_groups):
+    # torch.stack made 0-255 floats of the uint8 ones: a misleading "pixel space [0, 1]" error
+    floats = two_groups[:4]
+    bytes_ = (floats * 255).round().to(torch.uint8)
+    mixed = [floats[0], bytes_[1], floats[2], bytes_[3]]
+    for call in (lambda images: mx.unit_activations(net, "conv2", images, 1),
+                 lambda images: mx.maximize_towards(net, "conv2", images, steps=0)):
+        with pytest.raises(ValueError, match=r"different dtypes \(torch.float32, torch.uint8\).*all uint8"):
+            call(mixed)
+        with pytest.raises(ValueError, match="different dtypes"):
+            call([(im, 0) for im in mixed])
+    assert torch.equal(mx.unit_activations(net, "conv2", list(bytes_), 1),
+                       mx.unit_activations(net, "conv2", bytes_.float() / 255, 1))
+
+
 def test_towards_errors(net, two_groups):
     with pytest.raises(ValueError, match="clusters=5 is more than the 4 images"):
         mx.maximize_towards(net, "conv2", two_groups[:4], clusters=5, steps=1)

@@ -42,6 +42,9 @@ def color_matrix_from_images(images: torch.Tensor) -> torch.Tensor:
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise ValueError(f"expected images [N, 3, H, W] with N >= 1, got {tuple(images.shape)}")
     pixels = images.detach().double().permute(1, 0, 2, 3).reshape(3, -1)
+    if pixels.shape[1] < 2:  # the covariance of one pixel is NaN (0 / 0), on which eigh fails to converge
+        raise ValueError(f"a colour covariance needs at least 2 pixels, got images {tuple(images.shape)} (one "
+                         "pixel): give more or larger images, or use color_matrix()")
     cov = torch.cov(pixels)
     vals, vecs = torch.linalg.eigh(cov)
     root = vecs @ torch.diag(vals.clamp(min=1e-12).sqrt()) @ vecs.T

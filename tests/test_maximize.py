@@ -7,7 +7,8 @@ from torch import nn
 
 import neuroidx_fast.maximization as mx
 import neuroidx_fast.unit_objective as uo
-from neuroidx_fast.image_param import ImageParam, RandomTransforms, color_matrix, total_variation
+from neuroidx_fast.image_param import (ImageParam, RandomTransforms, color_matrix, color_matrix_from_images,
+                                      total_variation)
 
 SIZE = 32
 
@@ -354,6 +355,14 @@ def test_parametrisations_round_trip_and_colour_matrix():
     for method in ("sample", "fft"):  # identity draws give the image back
         warp = RandomTransforms([0, 1], steps=3, size=(20, 24), degrees=0.0, scale=0.0, jitter=0, method=method)
         assert torch.allclose(warp(images, 0), images, atol=1e-5)
+
+
+def test_colour_matrix_from_images_needs_two_pixels():
+    # the covariance of a single 1x1 image was NaN, and eigh then failed to converge
+    with pytest.raises(ValueError, match=r"at least 2 pixels, got images \(1, 3, 1, 1\).*color_matrix\(\)"):
+        color_matrix_from_images(torch.rand(1, 3, 1, 1))
+    two = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])[:, :, None, None]  # gray pixels: luminance only
+    assert torch.allclose(color_matrix_from_images(two), torch.full((3, 3), 3 ** -0.5), atol=1e-4)
 
 
 def test_the_two_warps_agree():

@@ -472,7 +472,7 @@ class _Engine:
 
         handle = self.layer_module.register_forward_hook(catch)
         try:
-            logits = _logits(self.model(x.clone() if self.split.live_names else x))
+            logits = _logits(self.model(x.clone()))  # (a forward may write into its input: x.sub_(0.5))
         finally:
             handle.remove()
         if len(caught) != 1:
@@ -481,7 +481,7 @@ class _Engine:
         if not isinstance(caught[0], torch.Tensor):
             raise TypeError(f"layer {self.layer!r} returned {type(caught[0]).__name__}, not a tensor: ablate a module "
                             "whose output is a [B, C, H, W] or [B, C] tensor")
-        live = self.split.run_prefix(x)[1] if self.split.live_names else []
+        live = self.split.run_prefix(x.clone())[1] if self.split.live_names else []
         return logits, caught[0], live
 
     def check_batch(self, cut, traced, direct, ids) -> None:
@@ -507,24 +507,30 @@ class _Engine:
                              "inplace=True)) or h += y on a tensor saved under another name. Assign in-place "
                              "results (h = h.relu()), or count with naive_ablation_counts")
 
-    def check_ablated(self, x, cut, live, masks, fill, ids) -> None:
+    def check_ablated(self, x, masks, fill, ids) -> None:
         """First batch: the traced rest of the forward under ablation against the naive loop's own
         forward (model.forward, the layer's output replaced by a hook), for up to 8 masks spread over
         the set (first, last, between), on the batch's first 8 images. The intact check cannot see a traced
         graph that differs only under ablation (h += g with g = 0 on intact images). Costs up to 8 full
-        forwards of 8 images (of the whole batch, they were a third of the run on 64 images)."""
-        n = min(8, cut.shape[0])
-        x, cut, ids = x[:n], cut[:n], ids[:n]
-        live = [v[:n] if batched else v for v, batched in zip(live, self.split.batched)]
+        forwards of 8 images (of the whole batch, they were a third of the run on 64 images). Both sides
+        start from one forward of those 8 images alone: the layer output the hook sees there (a slice of
+        the whole batch's output may round otherwise: a convolution's kernel depends on the batch size)."""
+        n = min(8, x.shape[0])
+        x, ids = x[:n], ids[:n]
+        live = self.split.run_prefix(x.clone())[1] if self.split.live_names else []
         for pick in _spread(masks.shape[0], 8):
-            mask = masks[pick]
-            handle = self.layer_module.register_forward_hook(
-                lambda _module, _inputs, output: _masked_clone(output, mask, fill))
+            mask, caught = masks[pick], []
+
+            def ablate(_module, _inputs, output):
+                caught.append(output.clone())
+                return _masked_clone(output, mask, fill)
+
+            handle = self.layer_module.register_forward_hook(ablate)
             try:
-                direct = _logits(self.model(x.clone() if self.split.live_names else x))
+                direct = _logits(self.model(x.clone()))
             finally:
                 handle.remove()
-            traced = _logits(self.split.run_suffix(self.replica(cut, mask, fill), [_fresh(v) for v in live]))
+            traced = _logits(self.split.run_suffix(self.replica(caught[0], mask, fill), [_fresh(v) for v in live]))
             difference = _logit_difference(traced, direct, self.exact)
             if difference is not None:
                 units = mask.nonzero().flatten().tolist()
@@ -768,7 +774,7 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             x, ids = engine.inputs(images), list(range(first_id, first_id + images.shape[0]))
             logits, cut, live = engine.checked_intact(x, ids)
             if first_id == 0:
-                engine.check_ablated(x, cut, live, masks, fill, ids)
+                engine.check_ablated(x, masks, fill, ids)
             first_id += images.shape[0]
             classes = logits.shape[1]
             if correct is None:

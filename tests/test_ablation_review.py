@@ -124,3 +124,45 @@ def test_training_preprocesses_before_the_model_dtype():
     assert ablated.overall_intact_accuracy == expected
     history = train_classifier(model, data, epochs=1, batch_size=3, preprocess=normalize)
     assert len(history["loss"]) == 1 and next(model.parameters()).dtype == torch.bfloat16
+
+
+def naive(result, model, data, layer, batch_size):
+    return abl.naive_ablation_counts(model, data, layer, result.masks, fill=result.fill, batch_size=batch_size)
+
+
+def test_default_batch_size_is_not_refused_where_convolutions_round_with_the_batch_size():
+    # a 1x1 conv to 512 channels on 2x2 images: on 64 images, rows 0-7 of its output are not bit for bit
+    # its output on those 8 images alone; the check under ablation compared the two and refused the model
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 512, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(512, 10)).eval()
+    data = Pairs(torch.rand(64, 3, 2, 2), torch.arange(64) % 10)
+    for path in ("readout", "general"):
+        result = abl.ablation_drops(model, data, "1", units=range(4), progress=False, path=path)
+        intact, correct, counts = naive(result, model, data, "1", 64)
+        assert torch.equal(result.correct, correct) and torch.equal(result.intact_correct, intact)
+        assert result.class_counts.tolist() == [7, 7, 7, 7] + [6] * 6
+
+
+class NormalisesInPlace(nn.Module):
+    """Normalises its input in place (as Normalize(..., inplace=True) inside a model does)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.pool, self.fc = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = x.sub_(0.5).div_(0.25)
+        return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+def test_a_forward_that_writes_into_its_input():
+    torch.manual_seed(0)
+    data = Pairs(torch.rand(6, 3, 5, 5), torch.tensor([0, 1] * 3))
+    model = NormalisesInPlace().eval()
+    for path in ("readout", "general"):
+        result = abl.ablation_drops(model, data, "relu", batch_size=3, progress=False, path=path)
+        intact, correct, _ = naive(result, model, data, "relu", 3)
+        assert result.correct.tolist() == correct.tolist() == [[3, 1], [1, 3], [2, 1], [3, 0]]
+        assert result.intact_correct.tolist() == intact.tolist() == [3, 1]

@@ -146,13 +146,14 @@ def _without_upper_bound(func, args, kwargs):
 def _positive_copy(model: nn.Module) -> nn.Module:
     """The probe's model: positive weights, drawn at random (a fixed seed) in [0.5, 1.5) / fan-in so that
     channels differ (identical ones cancel in a normalisation over channels: LayerNorm, softmax), zero
-    biases, BatchNorm statistics 0 and 1."""
+    biases, running statistics of batch and instance norms 0 and 1."""
     probe = copy.deepcopy(model).to(torch.float64).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in probe.modules():
             weight = getattr(module, "weight", None)
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # (none where the norm takes the input's statistics: BatchNorm(track_running_stats=False))
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.running_mean is not None:
                 module.running_mean.zero_()
                 module.running_var.fill_(1.0)
             if isinstance(weight, torch.Tensor):

@@ -266,9 +266,10 @@ _RESHAPING_METHODS = {"view", "reshape", "view_as", "reshape_as", "flatten", "sq
 _SOFTMAX_METHODS = {"softmax", "log_softmax"}
 # Methods that move, drop or mix the dimensions of a map: what they do to its positions is worked out.
 _LAYOUT_METHODS = _RESHAPING_METHODS | _PERMUTING_METHODS | _REDUCING_METHODS | _SOFTMAX_METHODS
-# Normalisations whose statistics are taken over all positions of an image mix the whole map. (Linear
+# Normalisations whose statistics are taken over all positions of an image mix the whole map (batch and
+# instance norms, whose statistics depend on their settings: _norm_state). (Linear
 # and LayerNorm act on the last dimensions: pointwise where the positions are elsewhere, channels last.)
-_MIXING_MODULES = (nn.GroupNorm, nn.InstanceNorm2d, nn.Bilinear)
+_MIXING_MODULES = (nn.GroupNorm, nn.Bilinear)
 
 _POINTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.iadd, operator.imul,
@@ -276,7 +277,7 @@ _POINTWISE_FUNCTIONS = {
     torch.clamp, torch.clip, torch.clamp_max, torch.maximum, torch.minimum, torch.exp, torch.abs, torch.where,
     torch.cat, torch.concat, torch.square, torch.sqrt, torch.pow, operator.pow,
     F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.gelu, F.silu, F.mish, F.hardtanh, F.hardswish,
-    F.hardsigmoid, F.softplus, torch.sigmoid, F.dropout, F.dropout2d, F.batch_norm, F.local_response_norm,
+    F.hardsigmoid, F.softplus, torch.sigmoid, F.dropout, F.dropout2d, F.local_response_norm,
     F.channel_shuffle, torch.channel_shuffle, torch.clone,
 }
 _POINTWISE_METHODS = {
@@ -284,7 +285,7 @@ _POINTWISE_METHODS = {
     "clamp", "clamp_", "clamp_min", "clamp_min_", "clamp_max", "clamp_max_", "clip", "clip_", "contiguous", "clone",
     "float", "half", "bfloat16", "double", "to", "type_as", "detach", "exp", "abs", "neg", "pow", "sqrt", "square",
 }
-_MIXING_FUNCTIONS = {F.group_norm, F.instance_norm}
+_MIXING_FUNCTIONS = {F.group_norm}
 # Cuts into pieces along one dimension (ShuffleNet's channel split): the box, along a dimension that
 # holds no position.
 _SPLITTING_FUNCTIONS = {torch.chunk, torch.split, torch.tensor_split}
@@ -482,7 +483,19 @@ def _bind(fn, args, kwargs):
         raise _Unsupported(f"cannot read the arguments of {getattr(fn, '__name__', fn)}") from None
 
 
+def _norm_state(state, batch_statistics: bool):
+    """A batch or instance normalisation: pointwise with running statistics (a per-channel scale and shift),
+    but statistics of the input itself are taken over every position of the map: the whole image."""
+    return WHOLE if batch_statistics and state is not None else state
+
+
 def _module_state(module: nn.Module, state, x, out):
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        # BatchNorm in eval mode without running statistics (track_running_stats=False) normalises by
+        # the batch's; InstanceNorm by the image's unless it tracks running statistics (torch's rules)
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+            return _norm_state(state, module.training or not module.track_running_stats)
+        return _norm_state(state, module.training or (module.running_mean is None and module.running_var is None))
     if isinstance(module, nn.Conv2d):
         return _window(state, module.kernel_size, module.stride,
                        _conv_padding(module.padding, module.kernel_size, module.dilation), module.dilation)
@@ -513,6 +526,10 @@ def _module_state(module: nn.Module, state, x, out):
 
 def _function_state(fn, args, kwargs, states, out):
     name = getattr(fn, "__name__", str(fn))
+    if fn is F.batch_norm:
+        return _norm_state(_union(states), bool(_bind(fn, args, kwargs).get("training", False)))
+    if fn is F.instance_norm:
+        return _norm_state(_union(states), bool(_bind(fn, args, kwargs).get("use_input_stats", True)))
     if fn in _POINTWISE_FUNCTIONS:
         merged = _union(states)
         if merged is not None and merged is not WHOLE and isinstance(out, torch.Tensor):

@@ -1062,3 +1062,42 @@ def test_the_probe_sees_a_global_max_over_positions_mix_them(global_max):
     model = _Picks(lambda a, b: a * global_max(b), nn.Conv2d(4, 2, 1), channels=4).eval()
     assert probe_receptive_field(model, "out", 12).whole_image
     assert probe_gradient(model, "out", 12, [(5, 5)])[0].all()
+
+
+class _FunctionalNorm(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.conv, self.out, self.kwargs = nn.Conv2d(3, 4, 3), nn.Identity(), kwargs
+        self.register_buffer("mean", torch.zeros(4))
+        self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        if "training" in self.kwargs:
+            return self.out(F.batch_norm(self.conv(x), self.mean, self.var, **self.kwargs))
+        stats = (None, None) if self.kwargs["use_input_stats"] else (self.mean, self.var)
+        return self.out(F.instance_norm(self.conv(x), *stats, **self.kwargs))
+
+
+@pytest.mark.parametrize("model, whole", [
+    # eval mode without running statistics normalises by the batch's: the walk said 3x3, the probe crashed
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), True),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), False),
+    # with running statistics, pointwise in eval mode: the walk said whole image
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True)), False),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4)), True),
+    (_FunctionalNorm(training=True), True),
+    (_FunctionalNorm(training=False), False),
+    (_FunctionalNorm(use_input_stats=False), False),
+    (_FunctionalNorm(use_input_stats=True), True),
+])
+def test_norms_mix_positions_where_they_take_the_input_statistics(model, whole):
+    model, layer = model.eval(), "out" if isinstance(model, _FunctionalNorm) else "1"
+    for method in ("analytic", "probe"):
+        rf = receptive_field(model, layer, 9, method=method)
+        assert rf.whole_image == whole and (whole or (rf.size, rf.stride, rf.offset) == ((3, 3), (1, 1), (0, 0)))
+    # the real model's gradient, on a random positive input, agrees
+    x = torch.rand(1, 3, 9, 9, requires_grad=True)
+    out = model(x) if isinstance(model, _FunctionalNorm) else model[:2](x)
+    out[0, :, 3, 3].sum().backward()
+    rows = (x.grad[0] != 0).any(0).any(1).nonzero().flatten().tolist()
+    assert rows == (list(range(9)) if whole else [3, 4, 5])

@@ -51,10 +51,15 @@ def affine_layer(module: nn.Module) -> bool:
     return type(module) in (nn.Conv2d, nn.Linear) and not module._forward_hooks and not module._forward_pre_hooks
 
 
-def _affine_forward(module: nn.Module, a: torch.Tensor) -> torch.Tensor:
-    """The layer's output for input ``a``, computed in ``a``'s dtype (weights cast to it)."""
+def _affine_forward(module: nn.Module, a: torch.Tensor, channel: int | None = None) -> torch.Tensor:
+    """The layer's output for input ``a``, computed in ``a``'s dtype (weights cast to it); with ``channel``,
+    the weights and bias of every other output channel are zeros (a layer of that one unit)."""
     weight = module.weight.to(a.dtype)
     bias = None if module.bias is None else module.bias.to(a.dtype)
+    if channel is not None:
+        keep = torch.arange(weight.shape[0], device=weight.device) == channel
+        weight = torch.where(keep.reshape((-1,) + (1,) * (weight.dim() - 1)), weight, 0)
+        bias = None if bias is None else torch.where(keep, bias, 0)
     if isinstance(module, nn.Conv2d):
         return module._conv_forward(a, weight, bias)
     return F.linear(a, weight, bias)
@@ -197,11 +202,21 @@ class UnitObjective:
 
     def _affine_terms(self, units: torch.Tensor):
         """G [U, *input_shape] (the objective's gradient with respect to the layer's input) and c [U]
-        (its value at a zero input)."""
+        (its value at a zero input). Row u depends on the weights of unit units[u] alone: a NaN weight of
+        one unit would make every row NaN in the batched backward (0 * NaN), so the rows are then redone
+        one unit at a time, and only that unit's row stays NaN."""
+        gradient, constant = self._affine_terms_of(units)
+        if not bool(torch.isfinite(gradient).all()):
+            rows = [self._affine_terms_of(units[u:u + 1], channel=int(units[u])) for u in range(units.numel())]
+            gradient, constant = torch.cat([g for g, _ in rows]), torch.cat([c for _, c in rows])
+        return gradient, constant
+
+    def _affine_terms_of(self, units: torch.Tensor, channel: int | None = None):
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         zero = torch.zeros((units.numel(),) + self.input_shape, dtype=dtype, device=self.device, requires_grad=True)
         with torch.enable_grad():
-            value = unit_maps_objective(_affine_forward(self.module, zero), units, self.objective, dtype)
+            out = _affine_forward(self.module, zero, channel)
+            value = unit_maps_objective(out, units, self.objective, dtype)
             (gradient,) = torch.autograd.grad(value.sum(), zero)
         return gradient, value.detach().float()
 

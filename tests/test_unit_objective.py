@@ -1,6 +1,8 @@
 """The objective maximize raises: the affine shortcut (stop before a plain Conv2d / Linear, dot product
 with its input) equals reading the layer's output, in value and in gradient."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -56,6 +58,36 @@ def test_affine_shortcut_equals_the_layer_output(kind, objective):
     torch.testing.assert_close(v_affine, v_layer, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_affine, g_layer, rtol=1e-5, atol=1e-6)
     assert g_layer.abs().max() > 0
+
+
+def linear_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(75, 12), nn.Tanh(), nn.Linear(12, 10)).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(LAYERS) + ["linear"])
+def test_a_nan_unit_leaves_the_shortcut_of_the_other_units_as_it_was(kind):
+    # The batched backward that builds G mixed every unit's weights (0 * NaN): one NaN weight made every
+    # unit's objective NaN, and the NaN check would have named them all
+    size, target = ((5, 5), "3") if kind == "linear" else ((13, 11), "target")
+    model = linear_net() if kind == "linear" else net_with(LAYERS[kind]())
+    models = [model, copy.deepcopy(model)]
+    with torch.no_grad():
+        models[1].get_submodule(target).weight[9].view(-1)[0] = float("nan")
+    units = torch.tensor([3, 9, 0, 9, 7])
+    x = torch.rand(len(units), 3, *size, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    results = []
+    for model in models:
+        with mx.frozen_eval(model, torch.device("cpu")), \
+                uo.UnitObjective(model, target, "mean", size, torch.float32, "cpu") as readout:
+            assert readout.affine
+            values = readout.for_units(units)(x)
+            results.append((values.detach(), torch.autograd.grad(values[[0, 2, 4]].sum(), x)[0]))
+    (clean, clean_grad), (values, grad) = results
+    assert values.isnan().tolist() == [False, True, False, True, False]
+    torch.testing.assert_close(values[[0, 2, 4]], clean[[0, 2, 4]], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad[[0, 2, 4]], clean_grad[[0, 2, 4]], rtol=1e-6, atol=1e-7)
+    assert clean_grad[[0, 2, 4]].abs().amax(dim=(1, 2, 3)).gt(0).all()
 
 
 def test_affine_shortcut_on_linear_and_in_float64():

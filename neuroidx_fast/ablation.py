@@ -490,10 +490,7 @@ class _Engine:
         longer sees the change, on the images where y is not 0). Else the counts would be off, silently.
         (Bit equality on CPU; on a GPU a few float32 rounding steps: with cuDNN's autotuner the two runs
         may pick different kernels.)"""
-        if bool(torch.isnan(cut).any()):
-            rows, units = torch.isnan(cut.reshape(cut.shape[0], cut.shape[1], -1)).any(dim=2).nonzero(as_tuple=True)
-            raise ValueError(f"NaN activation in layer {self.layer!r}: unit(s) {sorted(set(units.tolist()))[:8]} on "
-                             f"image id(s) {sorted({ids[r] for r in rows.tolist()})[:16]}; check the model and inputs")
+        self.check_activation(cut, ids)
         if bool(torch.isnan(direct).any()):
             rows = torch.isnan(direct).any(dim=1).nonzero().flatten().tolist()
             raise ValueError(f"the model's outputs hold NaN for image id(s) {[ids[r] for r in rows][:16]}: no class is "
@@ -506,6 +503,29 @@ class _Engine:
                              "typically an in-place op whose result is not assigned (h.relu_(), F.relu(h, "
                              "inplace=True)) or h += y on a tensor saved under another name. Assign in-place "
                              "results (h = h.relu()), or count with naive_ablation_counts")
+
+    def check_activation(self, cut, ids) -> None:
+        """No NaN in the layer's output of the batch of images ``ids``: the error names the units and images."""
+        if bool(torch.isnan(cut).any()):
+            rows, units = torch.isnan(cut.reshape(cut.shape[0], cut.shape[1], -1)).any(dim=2).nonzero(as_tuple=True)
+            raise ValueError(f"NaN activation in layer {self.layer!r}: unit(s) {sorted(set(units.tolist()))[:8]} on "
+                             f"image id(s) {sorted({ids[r] for r in rows.tolist()})[:16]}; check the model and inputs")
+
+    def check_ablated_logits(self, logits, masks, first_set: int, ids) -> None:
+        """No NaN in the logits of the replicas of sets ``first_set``, ... (mask-major, ``len(ids)`` rows
+        each): argmax would count NaN logits as a prediction of class 0. The error names the set, its
+        units and the images."""
+        nan = torch.isnan(logits).any(dim=1)
+        if not bool(nan.any()):
+            return
+        nan = nan.view(-1, len(ids))
+        j = int(nan.any(dim=1).nonzero()[0])
+        units = masks[first_set + j].nonzero().flatten().tolist()
+        raise ValueError(f"the model's outputs hold NaN with unit(s) {units[:8]} of layer {self.layer!r} ablated (set "
+                         f"{first_set + j}) for image id(s) {[ids[r] for r in nan[j].nonzero().flatten().tolist()][:16]}: "
+                         "no class is predicted there (the intact outputs are finite); the forward after the layer "
+                         "cannot take those units at the fill (e.g. it divides by their sum), so ablate other sets "
+                         "or fix the model")
 
     def check_ablated(self, x, masks, fill, ids) -> None:
         """First batch: the traced rest of the forward under ablation against the naive loop's own
@@ -564,19 +584,22 @@ class _Engine:
             for batch in self.batches("ablation: unit means"):
                 images = batch[0] if isinstance(batch, (list, tuple)) else batch
                 cut = capture.run(self.inputs(images))[self.layer]
+                self.check_activation(cut, list(range(count, count + cut.shape[0])))
                 means = cut.double().mean(dim=(2, 3)) if cut.dim() == 4 else cut.double()
                 total = means.sum(dim=0) if total is None else total + means.sum(dim=0)
                 count += cut.shape[0]
         return (total / count).cpu()
 
     # --- per batch -----------------------------------------------------------------------------------
-    def naive_shape(self, cut, live, mask_row, fill):
-        """Predictions of one mask on this batch, computed at the naive loop's shape [B]."""
-        replica = self.replica(cut, mask_row, fill)
+    def naive_shape(self, cut, live, masks, s: int, fill, ids):
+        """Predictions of mask ``s`` on this batch (images ``ids``), computed at the naive loop's shape [B]."""
+        replica = self.replica(cut, masks[s], fill)
         self.stats["suffix_rows"] += cut.shape[0]
-        return _logits(self.split.run_suffix(replica, [_fresh(v) for v in live])).argmax(dim=1)
+        logits = _logits(self.split.run_suffix(replica, [_fresh(v) for v in live]))
+        self.check_ablated_logits(logits, masks, s, ids)
+        return logits.argmax(dim=1)
 
-    def general(self, cut, live, masks, fill, per_call: int, rtol):
+    def general(self, cut, live, masks, fill, per_call: int, rtol, ids):
         s, b = masks.shape[0], cut.shape[0]
         pred = torch.empty((s, b), dtype=torch.int64, device=cut.device)
         for s0 in range(0, s, per_call):
@@ -590,15 +613,16 @@ class _Engine:
                                    f"{m * b} masked replicas: it mixes images of a batch, so it cannot be ablated "
                                    "in batches (use masks_per_batch=1)")
             self.stats["suffix_rows"] += m * b
+            self.check_ablated_logits(logits, masks, s0, ids)
             p = logits.argmax(dim=1).view(m, b)
             if rtol is not None and m > 1:
                 for j in _near_tie(logits, rtol).view(m, b).any(dim=1).nonzero().flatten().tolist():
-                    p[j] = self.naive_shape(cut, live, chunk[j], fill)
+                    p[j] = self.naive_shape(cut, live, masks, s0 + j, fill, ids)
                     self.stats["verified_masks"] += 1
             pred[s0:s0 + m] = p
         return pred
 
-    def readout(self, cut, live, masks, unit_ids, fill, plan_state):
+    def readout(self, cut, live, masks, unit_ids, fill, plan_state, ids):
         plan = self.split.readout
         weight64, bias64, ablated64, err_rel = plan_state
         p = plan.pre(_fresh(cut))
@@ -611,7 +635,7 @@ class _Engine:
         pred = ops.readout_ablation_argmax(logits64, f64, weight64, ablated64, unit_ids, scale64, err_rel,
                                            backend=self.backend)
         for j in (pred < 0).any(dim=1).nonzero().flatten().tolist():
-            pred[j] = self.naive_shape(cut, live, masks[j], fill)
+            pred[j] = self.naive_shape(cut, live, masks, j, fill, ids)
             self.stats["readout_fallbacks"] += 1
         return pred
 
@@ -785,13 +809,13 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
             counts.index_add_(0, labels, torch.ones_like(labels))
             intact.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
             if use_readout:
-                pred = engine.readout(cut, live, masks, unit_ids, fill, plan_state)
+                pred = engine.readout(cut, live, masks, unit_ids, fill, plan_state, ids)
             else:
                 rows = cut.shape[0]
                 if rows not in per_call_of:
                     per_call_of[rows] = (per_call if per_call > 1 and not _odd_layout(cut)
                                          and engine.batches_exactly(cut, live, masks, fill, chunk_sizes) else 1)
-                pred = engine.general(cut, live, masks, fill, per_call_of[rows], rtol)
+                pred = engine.general(cut, live, masks, fill, per_call_of[rows], rtol, ids)
             correct.index_add_(1, labels, (pred == labels[None, :]).to(torch.int64))
             engine.stats["batches"] += 1
 

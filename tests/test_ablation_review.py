@@ -4,6 +4,8 @@ errors (NaN under ablation, empty datasets, bad arguments)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,43 @@ def test_a_forward_that_writes_into_its_input():
         intact, correct, _ = naive(result, model, data, "relu", 3)
         assert result.correct.tolist() == correct.tolist() == [[3, 1], [1, 3], [2, 1], [3, 0]]
         assert result.intact_correct.tolist() == intact.tolist() == [3, 1]
+
+
+class SumNormalised(nn.Module):
+    """The layer's units divided by their sum over channels: with every unit ablated, 0 / 0 = NaN logits."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.relu, self.fc = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Linear(4, 3)
+        with torch.no_grad():
+            self.conv.bias.fill_(1.0)
+
+    def forward(self, x):
+        h = self.relu(self.conv(x))
+        return self.fc((h / h.sum(1, keepdim=True)).mean((2, 3)))
+
+
+def test_nan_logits_under_ablation_name_the_set_and_images():
+    data = Pairs(torch.rand(9, 3, 5, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2] * 3))
+    model = SumNormalised().eval()
+    masks = torch.tensor([[True, False, False, False], [True, True, True, True]])
+    for masks_per_batch in (1, 2):
+        with pytest.raises(ValueError, match=re.escape(
+                "the model's outputs hold NaN with unit(s) [0, 1, 2, 3] of layer 'relu' ablated (set 1) for image "
+                "id(s) [0, 1, 2, 3]: no class is predicted there")):
+            abl.ablation_drops(model, data, "relu", masks=masks, batch_size=4, masks_per_batch=masks_per_batch,
+                               progress=False)
+    # the sets whose outputs stay finite count as the naive loop does
+    result = abl.ablation_drops(model, data, "relu", masks=masks[:1], batch_size=4, progress=False)
+    assert torch.equal(result.correct, naive(result, model, data, "relu", 4)[1])
+
+
+def test_mean_mode_names_nan_activations():
+    images = torch.rand(6, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    images[4, 0, 2, 2] = float("nan")
+    data = Pairs(images, torch.tensor([0, 1] * 3))
+    for mode in ("zero", "mean"):
+        with pytest.raises(ValueError, match=re.escape("NaN activation in layer '1': unit(s) [0, 1, 2, 3] on image "
+                                                       "id(s) [4]; check the model and inputs")):
+            abl.ablation_drops(small_head(), data, "1", mode=mode, batch_size=2, progress=False)

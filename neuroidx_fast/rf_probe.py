@@ -11,6 +11,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm as _OldSpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
 
 from .hooks import LayerCapture
 from .prepare import evaluating
@@ -147,7 +150,12 @@ def _positive_copy(model: nn.Module) -> nn.Module:
     """The probe's model: positive weights, drawn at random (a fixed seed) in [0.5, 1.5) / fan-in so that
     channels differ (identical ones cancel in a normalisation over channels: LayerNorm, softmax), zero
     biases, running statistics of batch and instance norms 0 and 1."""
-    probe = copy.deepcopy(model).to(torch.float64).eval()
+    # tensors computed by a forward that kept the graph (old-style weight_norm's weight, after a forward
+    # with gradients) refuse deepcopy: copied detached (the hook computes them anew anyway)
+    computed = {id(v): v.detach().clone() for m in model.modules() for v in vars(m).values()
+                if isinstance(v, torch.Tensor) and not v.is_leaf}
+    probe = copy.deepcopy(model, computed).to(torch.float64).eval()
+    _fix_computed_weights(probe)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in probe.modules():
@@ -166,6 +174,30 @@ def _positive_copy(model: nn.Module) -> nn.Module:
         for p in probe.parameters():
             p.requires_grad_(False)
     return probe
+
+
+def _fix_computed_weights(probe: nn.Module) -> None:
+    """Weights that each forward recomputes (weight_norm, spectral_norm, parametrizations) made plain
+    parameters of their current value: the probe's positive weights, copied into ``module.weight``, would
+    otherwise land in a temporary that the next forward rebuilds from the original (negative) ones."""
+    for module in list(probe.modules()):
+        if parametrize.is_parametrized(module):
+            # by hand: remove_parametrizations deletes the property from the module's class, which a deep
+            # copy shares with the user's model (whose weights would then be gone)
+            with torch.no_grad():
+                values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            kinds = {name: any(True for _ in plist.parameters()) for name, plist in module.parametrizations.items()}
+            module.__class__ = parametrize.type_before_parametrizations(module)
+            del module._modules["parametrizations"]
+            for name, value in values.items():
+                if kinds[name]:
+                    module.register_parameter(name, nn.Parameter(value))
+                else:
+                    module.register_buffer(name, value)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(hook, (_OldWeightNorm, _OldSpectralNorm)):  # torch.nn.utils.weight_norm and the like
+                hook.remove(module)
+                del module._forward_pre_hooks[key]
 
 
 def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels: int = 3) -> torch.Tensor:

@@ -1101,3 +1101,33 @@ def test_norms_mix_positions_where_they_take_the_input_statistics(model, whole):
     out[0, :, 3, 3].sum().backward()
     rows = (x.grad[0] != 0).any(0).any(1).nonzero().flatten().tolist()
     assert rows == (list(range(9)) if whole else [3, 4, 5])
+
+
+def _negative_conv(cin, cout, k):
+    conv = nn.Conv2d(cin, cout, k)
+    with torch.no_grad():
+        conv.weight.copy_(-conv.weight.abs() - 0.01)  # as a trained conv may be, in part
+        conv.bias.zero_()
+    return conv
+
+
+@pytest.mark.parametrize("normalised", [
+    lambda conv: torch.nn.utils.parametrizations.weight_norm(conv),
+    lambda conv: torch.nn.utils.parametrizations.spectral_norm(conv),
+    lambda conv: torch.nn.utils.weight_norm(conv),  # the old hook, deprecated
+    lambda conv: torch.nn.utils.spectral_norm(conv),
+])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+def test_the_probe_makes_computed_weights_positive(normalised):
+    # weight_norm recomputes the weight each forward: the probe's positive weights went into a temporary,
+    # the negative ones stayed, the ReLU zeroed everything: "no input pixel reaches '2'"
+    model = nn.Sequential(normalised(_negative_conv(3, 4, 3)), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    x = torch.ones(1, 3, 9, 9)
+    model(x)  # with gradients: the old weight_norm's weight is then a tensor that deepcopy refuses
+    with torch.no_grad():
+        before = model(x)
+    rf = probe_receptive_field(model, "2", 9)
+    assert (rf.size, rf.stride, rf.offset) == ((5, 5), (1, 1), (0, 0))
+    assert probe_gradient(model, "2", 9, [(2, 2)])[0].sum() == 25
+    with torch.no_grad():  # the user's model untouched (removing a parametrization edits its shared class)
+        assert torch.equal(model(x), before)

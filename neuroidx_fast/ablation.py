@@ -12,7 +12,8 @@ The engine, per batch of B images:
      in one pass (``ops.mask_replicas``), replicates the values that cross the cut and runs only the
      rest of the forward on them;
   3. read-out path (chosen automatically when the layer feeds a linear read-out through per-channel
-     ops only, e.g. global average pooling then a linear layer, and each mask is one unit): computes
+     ops only, e.g. global average pooling then a linear layer, all torch's own modules without forward
+     hooks, pooling at the input ranks it pools per channel, and each mask is one unit): computes
      the intact read-out input p [B, C] once and, for every unit c and image at once, the argmax of
      the logits with feature c replaced (``ops.readout_ablation_argmax``: float64, fused, certified
      against a rounding-error bound of the model's own matmul); the rare (unit, batch) with an
@@ -70,7 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import ops
-from .graph_split import SplitModel, incoming_weight_l1, logits_element, split_model
+from .graph_split import SplitModel, incoming_weight_l1, logits_element, readout_rank_problem, split_model
 from .hooks import LayerCapture, resolve_layers
 from .indexing import _base_dataset
 from .ops.reference import replica_memory_format
@@ -718,6 +719,10 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
     engine = _Engine(model, dataset, layer, preprocess, batch_size, device, backend, num_workers, progress)
     probe = engine.probe()
     channels, act_dtype = probe.shape[1], probe.dtype
+    if engine.split.readout is not None:  # (pooling is per channel at some input ranks only: known now)
+        problem = readout_rank_problem(engine.split.readout, probe)
+        if problem:
+            engine.split.readout, engine.split.readout_reason = None, problem
     masks = _build_masks(units, masks, channels, layer, engine.device)
     sizes = masks.sum(dim=1)
     unit_of = torch.where(sizes == 1, masks.to(torch.int64).argmax(dim=1), torch.full_like(sizes, -1))

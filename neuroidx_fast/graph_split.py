@@ -30,7 +30,7 @@ from torch import nn
 from .hooks import resolve_layers
 from .prepare import first_line
 
-__all__ = ["SplitModel", "ReadoutPlan", "split_model", "incoming_weight_l1"]
+__all__ = ["SplitModel", "ReadoutPlan", "split_model", "incoming_weight_l1", "readout_rank_problem"]
 
 # Modules that act on each channel separately (eval mode): read-out chains and weight walks pass them.
 PER_CHANNEL_MODULES = (
@@ -38,6 +38,13 @@ PER_CHANNEL_MODULES = (
     nn.Mish, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d,
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
 )
+# Pooling acts on each channel of a batched input only: torch takes an input one dim short as unbatched,
+# and a [B, C] input of a 1-D pooling as one [C_in=B, L=C] signal (it pools neighbouring channels).
+_POOLING_RANK = {
+    nn.MaxPool1d: 3, nn.AvgPool1d: 3, nn.AdaptiveAvgPool1d: 3, nn.AdaptiveMaxPool1d: 3,
+    nn.MaxPool2d: 4, nn.AvgPool2d: 4, nn.AdaptiveAvgPool2d: 4, nn.AdaptiveMaxPool2d: 4,
+    F.adaptive_avg_pool1d: 3, F.adaptive_avg_pool2d: 4, F.adaptive_max_pool2d: 4,
+}
 _ELEMENTWISE_FUNCTIONS = {
     F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.mish, torch.sigmoid,
     torch.tanh, F.dropout, torch.nn.functional.dropout2d,
@@ -301,16 +308,32 @@ def _spatial_dims(dims) -> bool:
     return bool(dims) and all(isinstance(d, int) and (d >= 2 or d in (-1, -2)) for d in dims)
 
 
+def _plain(m: nn.Module, classes) -> bool:
+    """Whether ``m`` is one of ``classes`` with that class's own forward (a subclass may compute anything)."""
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether a call of ``m`` runs forward hooks (its own or global ones): code the read-out's arithmetic
+    does not run."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(m._forward_hooks or m._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 def _per_channel_step(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """A short name if ``node`` maps a [B, C, ...] tensor (its first argument) channel by channel, else None."""
+    """A short name if ``node`` maps a [B, C, ...] tensor (its first argument) channel by channel, else None
+    (pooling: given an input of the rank it takes as batched, which ``readout_rank_problem`` checks)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if isinstance(m, PER_CHANNEL_MODULES):
+        if _plain(m, PER_CHANNEL_MODULES):
             return type(m).__name__
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)) \
+        if _plain(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)) \
                 and _all_ones(m.output_size):
             return type(m).__name__
-        if isinstance(m, nn.Flatten) and m.start_dim == 1:
+        if _plain(m, nn.Flatten) and m.start_dim == 1:
             return "Flatten"
         return None
     if node.op == "call_function":
@@ -357,6 +380,8 @@ def _find_readout(gm: fx.GraphModule, suffix: fx.GraphModule, has_live: bool):
     weight = bias = None
     if head.op == "call_module" and isinstance(suffix.get_submodule(head.target), nn.Linear):
         linear = suffix.get_submodule(head.target)
+        if not _plain(linear, nn.Linear):
+            return None, f"the read-out {type(linear).__name__} is an nn.Linear with its own forward"
         weight, bias = linear.weight, linear.bias
         source = head.args[0] if head.args else None
         if len(head.args) != 1 or head.kwargs:
@@ -384,6 +409,9 @@ def _find_readout(gm: fx.GraphModule, suffix: fx.GraphModule, has_live: bool):
         node = node.args[0] if node.args else None
     if not (isinstance(node, fx.Node) and node.op == "placeholder"):
         return None, "the linear read-out's input does not come from the ablated layer"
+    hooked = [n for n in chain + [head] if n.op == "call_module" and _hooked(suffix.get_submodule(n.target))]
+    if hooked:
+        return None, f"{_label(hooked[0])} after the layer runs forward hooks"
     compute = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr") and not _is_metadata(n)]
     if set(compute) != set(chain) | {head}:
         return None, "the forward after the layer computes more than a per-channel chain into one linear layer"
@@ -398,6 +426,39 @@ def _find_readout(gm: fx.GraphModule, suffix: fx.GraphModule, has_live: bool):
                       else env[placeholder])
     description = " -> ".join([_per_channel_step(suffix, n) for n in reversed(chain)] + ["Linear"])
     return ReadoutPlan(pre, weight.detach(), None if bias is None else bias.detach(), description), ""
+
+
+class _RankCheck(fx.Interpreter):
+    """Runs a read-out chain, recording the first step that is not per channel at the ranks it gets."""
+
+    problem = ""
+
+    def run_node(self, n: fx.Node):
+        if not self.problem and n.op in ("call_module", "call_function", "call_method"):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            value = args[0] if args else None
+            if isinstance(value, torch.Tensor):
+                op = self.module.get_submodule(n.target) if n.op == "call_module" else n.target
+                rank = next((r for kind, r in _POOLING_RANK.items()
+                             if (isinstance(op, kind) if isinstance(kind, type) else op is kind)), None)
+                if rank is not None and value.dim() != rank:
+                    self.problem = (f"{_label(n)} gets a {value.dim()}-D input, which torch pools as one unbatched "
+                                    f"signal across channels (it pools each channel of a {rank}-D input)")
+                if (n.op, n.target) in (("call_function", torch.mean), ("call_method", "mean")):
+                    dims = args[1] if len(args) > 1 else kwargs.get("dim")
+                    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+                    if not all(isinstance(d, int) and d % value.dim() >= 2 for d in dims):
+                        self.problem = f"{_label(n)} averages over the batch or the channels of a {value.dim()}-D input"
+        return super().run_node(n)
+
+
+def readout_rank_problem(plan: ReadoutPlan, cut: torch.Tensor) -> str:
+    """Why ``plan``'s chain is not per channel on layer outputs shaped as ``cut`` (a 1-D pooling on [B, C]
+    pools across channels, a mean over dim -1 of [B, C] averages the channels); "" where it is."""
+    check = _RankCheck(plan.pre)
+    with torch.no_grad():
+        check.run(cut.clone())
+    return check.problem
 
 
 # ---------------------------------------------------------------------------------------------- weights

@@ -208,3 +208,79 @@ def test_mean_mode_names_nan_activations():
         with pytest.raises(ValueError, match=re.escape("NaN activation in layer '1': unit(s) [0, 1, 2, 3] on image "
                                                        "id(s) [4]; check the model and inputs")):
             abl.ablation_drops(small_head(), data, "1", mode=mode, batch_size=2, progress=False)
+
+
+class CosineLinear(nn.Linear):
+    """A cosine classifier: an nn.Linear subclass with its own forward (normalised features and weights)."""
+
+    def forward(self, x):
+        assert x.dim() == 2, "features must be [B, C]"  # (torch.fx cannot trace it: the module stays one call)
+        return 10.0 * F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1))
+
+
+class Flatten2(nn.Module):
+    def forward(self, x):
+        return x.flatten(2)
+
+
+def labelled_by_model(model, n=24, classes=3, seed=1):
+    images = torch.rand(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+    return Pairs(images, torch.where(torch.arange(n) % 3 == 0, torch.arange(n) % classes, predicted))
+
+
+def readout_case(name):
+    torch.manual_seed(0)
+    if name == "subclass":
+        return nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             CosineLinear(6, 3)).eval(), "1"
+    if name == "pool1d_on_2d":  # torch pools a [B, C] input as one unbatched [B, L=C] signal: across channels
+        return nn.Sequential(nn.Flatten(), nn.Linear(108, 6), nn.AvgPool1d(3, stride=1, padding=1),
+                             nn.Linear(6, 3)).eval(), "1"
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)).eval()
+
+    def restrict(_module, _inputs, out):
+        out = out.clone()
+        out[:, 2] = out[:, 2] * 0.5 - 1.0
+        return out
+
+    if name == "head_hook":
+        model[4].register_forward_hook(restrict)
+    elif name == "chain_pre_hook":
+        model[2].register_forward_pre_hook(lambda _module, inputs: (inputs[0] * torch.linspace(0.5, 2, 6).view(1, 6, 1, 1),))
+    return model, "0"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("subclass", "the read-out CosineLinear is an nn.Linear with its own forward"),
+    ("pool1d_on_2d", "call module '2' gets a 2-D input, which torch pools as one unbatched signal across channels"),
+    ("head_hook", "call module '4' after the layer runs forward hooks"),
+    ("chain_pre_hook", "call module '2' after the layer runs forward hooks"),
+])
+def test_readout_path_only_where_the_head_is_a_plain_linear(name, reason):
+    model, layer = readout_case(name)
+    data = labelled_by_model(model)
+    result = abl.ablation_drops(model, data, layer, batch_size=8, progress=False)
+    assert result.stats["path"] == "general" and result.stats["readout"].startswith(reason)
+    intact, correct, _ = naive(result, model, data, layer, 8)
+    assert torch.equal(result.correct, correct) and torch.equal(result.intact_correct, intact)
+    with pytest.raises(ValueError, match="path='readout' does not apply"):
+        abl.ablation_drops(model, data, layer, batch_size=8, progress=False, path="readout")
+
+
+def test_readout_path_with_per_channel_1d_pooling_and_global_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), Flatten2(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                          nn.Linear(6, 3)).eval()
+    data = labelled_by_model(model)
+    result = abl.ablation_drops(model, data, "1", batch_size=8, progress=False)
+    assert result.stats["path"] == "readout"
+    assert torch.equal(result.correct, naive(result, model, data, "1", 8)[1])
+    handle = nn.modules.module.register_module_forward_hook(lambda _module, _inputs, out: None)
+    try:
+        hooked = abl.ablation_drops(model, data, "1", batch_size=8, progress=False)
+    finally:
+        handle.remove()
+    assert hooked.stats["path"] == "general" and "runs forward hooks" in hooked.stats["readout"]
+    assert torch.equal(hooked.correct, result.correct)

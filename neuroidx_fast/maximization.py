@@ -172,6 +172,39 @@ def _model_input(images, transforms, step, readout: UnitObjective):
     return readout.model_input(transforms(images, step) if transforms is not None else images)
 
 
+def _note_bad(first: torch.Tensor, bad: torch.Tensor, step: int) -> torch.Tensor:
+    """``first`` [U] (the step at which each row first went ``bad``; -1: not yet) updated at ``step``. It
+    stays on the device: a check at every step would make every step wait for the device."""
+    return torch.where((first < 0) & bad, step, first)
+
+
+def _nan_gradient(image: ImageParam) -> torch.Tensor:
+    """[U] whether the gradient of each image's parameters holds NaN."""
+    return image.params.grad.isnan().flatten(1).any(1)
+
+
+def _check_finite_run(name, what, labels, first_objective, first_gradient, steps, nonfinite="NaN"):
+    """A ValueError naming layer ``name``, the rows (``what`` ``labels[row]``) and the step where a run first
+    went wrong (as ``_note_bad`` keeps them; step 0 is the start image, steps + 1 the result): its objective
+    went ``nonfinite``, or before that its image's gradient went NaN. Only the rows at that earliest step
+    are named: the others may have caught it from them (0 * NaN in the batched backward, then NaN images)."""
+    firsts = {"objective": first_objective.cpu(), "gradient": first_gradient.cpu()}
+    met = {kind: first[first >= 0] for kind, first in firsts.items()}
+    if not any(m.numel() for m in met.values()):
+        return
+    step = min(int(m.min()) for m in met.values() if m.numel())
+    kind = "objective" if bool((firsts["objective"] == step).any()) else "gradient"  # (the objective comes first)
+    bad = [labels[r] for r in (firsts[kind] == step).nonzero().reshape(-1).tolist()][:8]
+    when = "on the start image" if step == 0 else "on the result" if step > steps else f"at step {step} of {steps}"
+    if kind == "objective":
+        raise ValueError(f"{nonfinite} in the objective of layer {name!r} for {what} {bad} {when}: the model's "
+                         f"activations there are {nonfinite} (NaN weights, or an overflow in float16); no image can "
+                         "be made for them: check the model, or leave them out")
+    raise ValueError(f"NaN in the gradient to the image of {what} {bad} of layer {name!r} {when}, though the "
+                     "objective was finite: a layer up to that one has NaN weights (its backward mixes channels) "
+                     "or a NaN derivative; check the model")
+
+
 def _adam(params: torch.Tensor, lr: float) -> torch.optim.Adam:
     """Adam on the image parameters, fused (one kernel per step) where torch has it for the device: on
     the CPU at batch 64 its step takes 0.7 ms instead of 3.5 ms for the default form's eight passes
@@ -215,7 +248,8 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     the float rounding of batched convolutions), and is bit-identical from run to run on one device. On
     CUDA that holds when the modules up to ``layer`` have deterministic backwards (convolutions under
     the deterministic cuDNN set here, max-pooling, BatchNorm, ReLU do; AdaptiveAvgPool2d and bilinear
-    interpolate do not). ``steps=0`` returns the starting images (near-uniform gray).
+    interpolate do not). ``steps=0`` returns the starting images (near-uniform gray). A NaN objective, or
+    NaN in an image's gradient, is a ValueError naming the layer, the units and the step (SPEC.md 1).
     """
     name = _one_layer(model, layer)
     units = _units(units)
@@ -254,17 +288,23 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
                         if transforms == "standard" else None)
                 unit_objective = readout.for_units(torch.tensor(ids, device=device))
                 optimiser = _adam(image.params, lr)
+                first_nan = torch.full((len(ids),), -1, dtype=torch.int64, device=device)
+                first_nan_gradient = first_nan.clone()
                 for step in range(steps):
                     optimiser.zero_grad(set_to_none=True)
                     x = image.image()
-                    loss = -unit_objective(_model_input(x, warp, step, readout)).sum()
+                    values = unit_objective(_model_input(x, warp, step, readout))
+                    first_nan = _note_bad(first_nan, values.detach().isnan(), step + 1)
+                    loss = -values.sum()
                     if l2:
                         loss = loss + l2 * (x - 0.5).square().flatten(1).mean(1).sum()
                     _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
+                    first_nan_gradient = _note_bad(first_nan_gradient, _nan_gradient(image), step + 1)
                     if bar is not None:
                         bar.update(1)
                 with torch.no_grad():
                     results.append(image.image().float().cpu())
+                _check_finite_run(name, "unit(s)", ids, first_nan, first_nan_gradient, steps)
     finally:
         if bar is not None:
             bar.close()
@@ -274,7 +314,8 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
 def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, objective: str = "mean",
                      preprocess=None, batch_size: int = 64, device=None) -> torch.Tensor:
     """[N] float32: the ``objective`` activation of unit units[n] on image n (pixel-space [N, 3, H, W]);
-    one int ``units`` means that unit on every image. No transforms: what the image itself drives."""
+    one int ``units`` means that unit on every image. No transforms: what the image itself drives. NaN
+    values are a ValueError naming the layer, the images and the units (SPEC.md 1)."""
     name = _one_layer(model, layer)
     images = _image_batch(images)
     _check_pixel_range(images)
@@ -297,7 +338,13 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
         for chunk in _chunks(images.shape[0], batch_size):
             x = _model_input(images[chunk.start:chunk.stop].to(device), None, 0, readout)
             values.append(readout.for_units(target[chunk.start:chunk.stop])(x).cpu())
-    return torch.cat(values)
+    values = torch.cat(values)
+    bad = values.isnan().nonzero().reshape(-1).tolist()
+    if bad:
+        raise ValueError(f"NaN activations of layer {name!r} on image(s) {bad[:8]} (unit(s) "
+                         f"{sorted({units[i] for i in bad})[:8]}): the model's activations there are NaN (NaN "
+                         "weights, or an overflow in float16); check the model")
+    return values
 
 
 # ---------------------------------------------------------------------------------------------- dual objective
@@ -404,6 +451,19 @@ def _check_pixel_range(batch: torch.Tensor) -> None:
                          "images before normalisation and put the normalisation in preprocess=")
 
 
+def _check_finite_features(name: str, features: torch.Tensor, ids) -> None:
+    """A ValueError naming the layer, the images (by their ids, as given) and the channels where the pooled
+    ``features`` [N, C] hold NaN or infinity: they can be neither clustered nor a target."""
+    bad = ~torch.isfinite(features)
+    rows = bad.any(1).nonzero().reshape(-1).tolist()
+    if rows:
+        names = _image_ids(ids).tolist() if ids is not None else list(range(features.shape[0]))
+        channels = bad.any(0).nonzero().reshape(-1).tolist()
+        raise ValueError(f"NaN or infinite features of layer {name!r} on image(s) {[names[r] for r in rows][:8]} "
+                         f"(channel(s) {channels[:8]}): the model's activations there are not finite (NaN "
+                         "weights, or an overflow in float16); check the model, or leave those images out")
+
+
 def _charbonnier(o: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
     """[K]: mean over channels of sqrt(r^2 + eps^2) - eps, r the difference scaled by the RMS of the target
     (a robust distance: quadratic near 0, linear for outliers; scale-free across layers)."""
@@ -464,6 +524,8 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
         + distance_weight * Charbonnier(o - T)  (scaled by the RMS of T)
         + l1 * mean |x - 0.5| + tv * total variation(x)
     and is blurred every ``blur_every`` steps. ``return_targets=True`` also returns a ``TowardsResult``.
+    Non-finite features (of the images, or of an image being optimised) are a ValueError naming the layer
+    and the image ids or clusters: they can be neither clustered nor a target.
     """
     name = _one_layer(model, layer)
     seed = _seed(seed)
@@ -499,6 +561,7 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
             features = torch.cat([
                 _gap(readout.layer_output(_model_input(batch[c.start:c.stop].to(device), None, 0, readout)))
                 for c in _chunks(n, batch_size)]).cpu()
+        _check_finite_features(name, features, ids)
         labels, default_weights = _cluster_images(features, clusters, seed)
         if weights is None:
             w = default_weights
@@ -534,24 +597,34 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
                 o = _gap(readout.layer_output(_model_input(x, warped, step, readout)))
                 return _activation_term(o, t, idx), _charbonnier(o, t, charbonnier_eps)
 
+            def nonfinite(act, dist):
+                return ~(torch.isfinite(act) & torch.isfinite(dist)).detach()
+
             with torch.no_grad():
                 act, dist = terms(image.image())
                 a0.append(act.cpu()), d0.append(dist.cpu())
+                first_bad = _note_bad(torch.full_like(act, -1, dtype=torch.int64), nonfinite(act, dist), 0)
+                first_nan_gradient = torch.full_like(first_bad, -1)
             for step in range(steps):
                 for group in optimiser.param_groups:
                     group["lr"] = lr * lr_decay ** (step / max(1, steps - 1))
                 optimiser.zero_grad(set_to_none=True)
                 x = image.image()
                 act, dist = terms(x, step, warp)
+                first_bad = _note_bad(first_bad, nonfinite(act, dist), step + 1)
                 loss = (-activation_weight * act + distance_weight * dist).sum()
                 if l1:
                     loss = loss + l1 * (x - 0.5).abs().flatten(1).mean(1).sum()
                 _descend(loss, x, tv, optimiser, image, step, blur_every, blur_sigma)
+                first_nan_gradient = _note_bad(first_nan_gradient, _nan_gradient(image), step + 1)
             with torch.no_grad():
                 x = image.image()
                 act, dist = terms(x)
+                first_bad = _note_bad(first_bad, nonfinite(act, dist), steps + 1)
                 a1.append(act.cpu()), d1.append(dist.cpu())
                 out_images.append(x.float().cpu())
+            _check_finite_run(name, "cluster(s)", list(chunk), first_bad, first_nan_gradient, steps,
+                              nonfinite="NaN or infinity")
     result = torch.cat(out_images)
     if not return_targets:
         return result

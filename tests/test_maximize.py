@@ -282,6 +282,34 @@ def test_moving_the_model_inside_inference_mode_keeps_its_parameters_for_autogra
     assert model.weight.device.type == "meta" and not model.weight.is_inference()
 
 
+def test_nan_activations_are_an_error_naming_the_layer_units_images_and_step():
+    # maximize returned all-NaN images, unit_activations NaN values, maximize_towards NaN images (or
+    # scikit-learn's "Input X contains NaN", naming neither layer nor unit)
+    model = tiny_net()
+    with torch.no_grad():
+        model.conv2.weight[3, 0, 0, 0] = float("nan")  # unit 3 of conv2 is NaN on every image
+    kw = dict(size=16, steps=3)
+    for layer in ("conv2", "relu2"):  # the shortcut and the layer's output
+        with pytest.raises(ValueError, match=rf"NaN in the objective of layer '{layer}' for unit\(s\) \[3, 3\] at "
+                                             r"step 1 of 3: .*NaN weights"):
+            mx.maximize(model, layer, [0, 3, 5, 3], **kw)
+    with pytest.raises(ValueError, match=r"layer 'fc' for unit\(s\) \[0\] at step 1 of 3"):
+        mx.maximize(model, "fc", [0], **kw)
+    # a healthy unit of the shortcut is the same as in the model without NaN (its G has only its weights)
+    assert torch.equal(mx.maximize(model, "conv2", [0, 5], **kw), mx.maximize(tiny_net(), "conv2", [0, 5], **kw))
+    # through relu2 the backward of conv2 mixes its channels (0 * NaN): a finite objective, a NaN image
+    with pytest.raises(ValueError, match=r"NaN in the gradient to the image of unit\(s\) \[0\] of layer 'relu2' at "
+                                         r"step 1 of 3, though the objective was finite"):
+        mx.maximize(model, "relu2", [0], **kw)
+    x = torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"NaN activations of layer 'relu2' on image\(s\) \[1, 4\] \(unit\(s\) \[3\]\)"):
+        mx.unit_activations(model, "relu2", x, [0, 3, 2, 2, 3, 5])
+    for clusters in (1, 2):
+        with pytest.raises(ValueError, match=r"NaN or infinite features of layer 'relu2' on image\(s\) \[5, 0, 2\] "
+                                             r"\(channel\(s\) \[3\]\)"):
+            mx.maximize_towards(model, "relu2", x, ids=[5, 0, 2], clusters=clusters, steps=2)
+
+
 def test_numeric_strings_are_refused_naming_the_argument(net):
     # float("0.05") passed the check, then the string itself reached Adam or the loss: raw TypeErrors
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))

@@ -641,6 +641,9 @@ def save_maximized(images: torch.Tensor, path, titles=None, ncols: int | None = 
 
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise ValueError(f"expected images [N, 3, h, w] with N >= 1, got {getattr(images, 'shape', images)!r}")
+    bad = nonfinite_images(images).tolist()
+    if bad:  # (the PNG would show them as black, or as whatever the cast to 8 bits made of NaN)
+        raise ValueError(f"image(s) {bad[:8]} hold NaN or infinite pixels: there is nothing to draw for them")
     ncols = positive_int("ncols", ncols, none_means="a square grid")
     scale, gap = positive_int("scale", scale), positive_int("gap", gap, zero_ok=True)
     ncols = min(ncols, images.shape[0]) if ncols else None

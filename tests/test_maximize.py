@@ -421,6 +421,11 @@ def test_save_maximized(tmp_path, net):
     assert height > 32 and width >= 2 * 32
     with pytest.raises(ValueError, match="2 titles for 3 images"):
         mx.save_maximized(images, tmp_path / "bad.png", titles=["a", "b"])
+    broken = images.clone()
+    broken[1, 0, 2, 3] = float("nan")  # a NaN image was written as a PNG
+    with pytest.raises(ValueError, match=r"image\(s\) \[1\] hold NaN"):
+        mx.save_maximized(broken, tmp_path / "nan.png")
+    assert not (tmp_path / "nan.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------- dual objective

@@ -206,7 +206,8 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     average pooling in place of max pooling, in eval mode, on a positive input: the union of the fields
     of every unit at (y, x) (the layer's field: a concatenation's channels see different boxes, and its
     field is their union). The distinct r_c in [1, 2) keep a layer that normalises over its channels (a
-    LayerNorm's outputs sum to 0) from cancelling. Returns [P, H, W] bool."""
+    LayerNorm's outputs sum to 0) from cancelling. A module that runs more than once in a forward raises
+    SharedModuleError. Returns [P, H, W] bool."""
     size = _as_size(input_size)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     positions = [(_map_index(y, "y", None), _map_index(x, "x", None)) for y, x in positions]
@@ -217,7 +218,9 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     # gradient of the sum of the chosen outputs holds each position's gradient in its own image.
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
     with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
-        out = capture.run(images)[layer]
+        # the whole forward, not one stopped at the layer: a module called again later (shared by several
+        # places) is a SharedModuleError, as in the walk and the indexing, not its first call measured
+        out = capture.run_whole(images)[layer]
         _check_map_shape(layer, out)
         flat = out.reshape(out.shape[0], out.shape[1], -1)
         coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]

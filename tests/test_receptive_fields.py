@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroidx_fast import receptive_field
+from neuroidx_fast.hooks import SharedModuleError
 from neuroidx_fast.models import vgg_m
 from neuroidx_fast.receptive_fields import probe_gradient, probe_receptive_field
 from neuroidx_fast.rf_walk import _Box, _union
@@ -1131,3 +1132,27 @@ def test_the_probe_makes_computed_weights_positive(normalised):
     assert probe_gradient(model, "2", 9, [(2, 2)])[0].sum() == 25
     with torch.no_grad():  # the user's model untouched (removing a parametrization edits its shared class)
         assert torch.equal(model(x), before)
+
+
+class _SharedUntraceable(nn.Module):
+    """A conv called twice, behind a branch on the data that torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        if x.sum() >= 0:
+            x = x * 1
+        return self.c(self.c(x))
+
+
+def test_the_probe_refuses_a_shared_module():
+    # the probe measured the first call (3x3) where the walk and the indexing refuse a shared module
+    model = _SharedUntraceable().eval()
+    with pytest.warns(UserWarning, match="gradient probe"), pytest.raises(SharedModuleError, match="'c' runs more"):
+        receptive_field(model, "c", 9)
+    with pytest.raises(SharedModuleError):
+        probe_receptive_field(model, "c", 9)
+    with pytest.raises(SharedModuleError):
+        probe_gradient(model, "c", 9, [(1, 1)])

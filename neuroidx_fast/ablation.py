@@ -843,6 +843,16 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
 # ------------------------------------------------------------------------------------------ naive loop
 
 @restores_modes
+def _check_naive_logits(logits, layer: str, mask, first_id: int) -> None:
+    """No NaN in the naive loop's logits (argmax would count them as class 0), as the engine checks."""
+    nan = torch.isnan(logits).any(dim=1)
+    if bool(nan.any()):
+        ids = (nan.nonzero().flatten() + first_id).tolist()[:16]
+        what = "intact" if mask is None else f"with unit(s) {mask.nonzero().flatten().tolist()[:8]} of layer {layer!r} ablated"
+        raise ValueError(f"the model's outputs hold NaN {what} for image id(s) {ids}: no class is predicted there; "
+                         "fix the model or the images")
+
+
 def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=None, preprocess=None,
                           batch_size: int = 64, device=None, pass_times: list | None = None):
     """The slow oracle: one full pass over ``dataset`` per ablated set, each forward with a hook that
@@ -879,6 +889,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                 start = time.perf_counter()
                 current["mask"] = None if s is None else masks[s].to(device)
                 correct = counts = None
+                seen = 0
                 for batch in loader:
                     images, labels = _images_labels(batch)
                     labels = labels.to(device)
@@ -887,6 +898,8 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                         x = preprocess(x)
                     logits = _logits(model(x.to(param_dtype)))
                     check_label_range(labels, logits.shape[1])
+                    _check_naive_logits(logits, layer, None if s is None else masks[s], seen)
+                    seen += logits.shape[0]
                     if correct is None:
                         correct = torch.zeros(logits.shape[1], dtype=torch.int64, device=device)
                         counts = torch.zeros_like(correct)

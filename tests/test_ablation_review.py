@@ -198,6 +198,10 @@ def test_nan_logits_under_ablation_name_the_set_and_images():
     # the sets whose outputs stay finite count as the naive loop does
     result = abl.ablation_drops(model, data, "relu", masks=masks[:1], batch_size=4, progress=False)
     assert torch.equal(result.correct, naive(result, model, data, "relu", 4)[1])
+    # the naive loop refuses them too (it counted them as predictions of class 0)
+    with pytest.raises(ValueError, match=re.escape("the model's outputs hold NaN with unit(s) [0, 1, 2, 3] of layer "
+                                                   "'relu' ablated for image id(s) [0, 1, 2, 3]")):
+        abl.naive_ablation_counts(model, data, "relu", masks, batch_size=4)
 
 
 def test_mean_mode_names_nan_activations():

@@ -211,6 +211,8 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     size = _as_size(input_size)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     positions = [(_map_index(y, "y", None), _map_index(x, "x", None)) for y, x in positions]
+    if not positions:
+        return torch.zeros((0,) + size, dtype=torch.bool)
     probe = _positive_copy(model)
     first = next(probe.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")

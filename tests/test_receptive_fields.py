@@ -984,7 +984,8 @@ def test_boxes_and_tops_refuse_positions_outside_the_map():
             rf.box(y, x)
     assert rf.tops(torch.tensor([0, 15])).tolist() == [[0, 0], [3, 3]]
     for positions, message in [(torch.tensor([16]), "from 16 to 16, outside the 4x4 map's 0 .. 15"),
-                               (torch.tensor([-1, 3]), "from -1 to 3"), (torch.tensor([1.5]), "integer tensor")]:
+                               (torch.tensor([-1, 3]), "from -1 to 3"), (torch.tensor([1.5]), "integer tensor"),
+                               (torch.tensor([True, False]), "integer tensor, got torch.bool")]:  # were 1 and 0
         with pytest.raises(ValueError, match=message):
             rf.tops(positions)
     assert rf.tops(torch.tensor([7]), map_width=5).tolist() == [[1, 2]]  # another map's width: no height known
@@ -1156,3 +1157,9 @@ def test_the_probe_refuses_a_shared_module():
         probe_receptive_field(model, "c", 9)
     with pytest.raises(SharedModuleError):
         probe_gradient(model, "c", 9, [(1, 1)])
+
+
+def test_the_probe_of_no_positions_is_empty():
+    # it crashed reshaping a batch of no images
+    masks = probe_gradient(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), "0", (8, 6), [])
+    assert masks.shape == (0, 8, 6) and masks.dtype == torch.bool

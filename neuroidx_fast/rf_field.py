@@ -50,7 +50,8 @@ class ReceptiveField:
         width = _map_index(width, "map_width", None)
         if width < 1:
             raise ValueError(f"tops() needs a positive map_width, got {width}")
-        if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex():
+        if (not isinstance(positions, torch.Tensor) or positions.is_floating_point() or positions.is_complex()
+                or positions.dtype == torch.bool):  # True and False would be positions 1 and 0
             raise ValueError("tops() takes flat map positions y * W + x as an integer tensor, got "
                              f"{positions.dtype if isinstance(positions, torch.Tensor) else type(positions).__name__}")
         # the map's height is known where the width is the map's own (a width given for another map says

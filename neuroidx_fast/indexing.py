@@ -106,9 +106,14 @@ def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's state dict (names, shapes, dtypes and every byte of every tensor)."""
+    """SHA-256 of the model's state dict (names, shapes, dtypes and every byte of every tensor; an entry
+    that is no tensor, such as a module's ``get_extra_state()`` or quantised packed parameters, by its
+    name and ``_describe``)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            digest.update(f"{name}|{_describe(tensor, 0)}|".encode())
+            continue
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

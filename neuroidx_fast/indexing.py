@@ -200,30 +200,33 @@ def _preprocess_fingerprint(preprocess) -> str | None:
     return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', type(preprocess).__qualname__)}"
 
 
-def _preprocess_code(preprocess) -> str | None:
+def _preprocess_code(preprocess, reprs: bool = False) -> str | None:
     """What a checkpoint records of a function ``preprocess`` besides its name (``_preprocess_fingerprint``,
     which is ``<lambda>`` for every lambda and ``partial`` for every ``functools.partial``): SHA-256 of its
     code (``_describe``), its defaults and what it closes over, of a partial's function and arguments, of
     a callable object's ``__call__`` and settings. The same in every process for the same function (no
     addresses); another Python version compiles other bytecode. None for a module (its class and state
-    stand for it) and for no preprocess."""
+    stand for it) and for no preprocess. ``reprs``: values of other kinds (a dtype, a device, an enum)
+    by their repr too (``_describe``); without it, by their type alone, as the first checkpoints that
+    recorded the code had them (key ``preprocess_code``; ``preprocess_values`` has the reprs)."""
     if preprocess is None or isinstance(preprocess, nn.Module):
         return None
-    return hashlib.sha256(_describe(preprocess, 0).encode()).hexdigest()
+    return hashlib.sha256(_describe(preprocess, 0, reprs).encode()).hexdigest()
 
 
-def _describe(value, depth: int) -> str:
+def _describe(value, depth: int, reprs: bool = True) -> str:
     """A text for what ``value`` computes or holds, without addresses: numbers, strings, bytes and None
     as their repr; tuples, lists, sets and dicts of them element by element; a tensor's (or numpy
-    array's) dtype, shape and bytes; a function's code (bytecode, constants, names), defaults and
-    closure cells; a partial's function and arguments; a bound method's function; a module's submodules,
-    settings and state; a callable object's ``__call__`` and attributes; anything else its type alone
-    (what it holds cannot be told apart without its address). Globals a function reads are named, not
-    looked into."""
+    array's) dtype, shape and bytes (a quantised one's scales too, with ``reprs``); a function's code
+    (bytecode, constants, names), defaults and closure cells; a partial's function and arguments; a
+    bound method's function; a module's submodules, settings and state; a callable object's ``__call__``
+    and attributes; anything else, with ``reprs``, its type and repr (a torch.dtype or device, an enum,
+    a slice) unless the repr shows an address, else its type alone (what it holds cannot be told apart
+    without its address). Globals a function reads are named, not looked into."""
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     if depth > 8:
         return kind
-    deeper = functools.partial(_describe, depth=depth + 1)
+    deeper = functools.partial(_describe, depth=depth + 1, reprs=reprs)
     if value is None or value is Ellipsis or isinstance(value, (bool, numbers.Number, str, bytes)):
         return f"{kind}:{value!r}"
     if isinstance(value, torch.Tensor):
@@ -231,7 +234,10 @@ def _describe(value, depth: int) -> str:
             raw = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         except (RuntimeError, TypeError, NotImplementedError):  # sparse, quantised, meta: its kind and shape
             raw = b""
-        return f"tensor:{value.dtype}:{tuple(value.shape)}:{hashlib.sha256(raw).hexdigest()}"
+        described = f"tensor:{value.dtype}:{tuple(value.shape)}:{hashlib.sha256(raw).hexdigest()}"
+        if reprs and value.is_quantized:  # (its bytes are the integers: the scales say what they stand for)
+            return f"{described}:{_quantisation(value, deeper)}"
+        return described
     if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
         raw = value.tobytes() if value.dtype != object else repr(value.tolist()).encode()
         return f"ndarray:{value.dtype}:{value.shape}:{hashlib.sha256(raw).hexdigest()}"
@@ -265,7 +271,24 @@ def _describe(value, depth: int) -> str:
     if isinstance(call, types.FunctionType):  # a callable object
         settings = getattr(value, "__dict__", {})
         return f"{kind}({deeper(call)};{deeper(dict(settings) if isinstance(settings, dict) else {})})"
-    return kind
+    if not reprs:
+        return kind
+    if isinstance(value, types.ModuleType):  # (its repr names the file it came from)
+        return f"{kind}:{value.__name__}"
+    try:
+        shown = repr(value)
+    except Exception:  # a repr that fails tells nothing
+        return kind
+    return kind if " at 0x" in shown else f"{kind}:{shown}"
+
+
+def _quantisation(tensor: torch.Tensor, describe) -> str:
+    """A quantised tensor's scheme, scales and zero points (``describe`` for the per-channel tensors)."""
+    scheme = tensor.qscheme()
+    if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return f"{scheme}:{tensor.q_scale()!r}:{tensor.q_zero_point()}"
+    return (f"{scheme}:{describe(tensor.q_per_channel_scales())}:{describe(tensor.q_per_channel_zero_points())}:"
+            f"{tensor.q_per_channel_axis()}")
 
 
 def _check_images(images: torch.Tensor, first_id: int) -> None:
@@ -352,7 +375,7 @@ def _distributed():
 
 
 # fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
-_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code")
+_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code", "preprocess_values")
 
 
 def _holds_other_than_checkpoint(path) -> bool:
@@ -389,7 +412,7 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
         if "data_sample" in differ:
             notes.append("the dataset's first or last image differs (another dataset of the same length, or random "
                          "transforms: ids must name fixed images)")
-        if "preprocess_code" in differ:
+        if "preprocess_code" in differ or "preprocess_values" in differ:
             notes.append("the preprocess function differs (its code, defaults, arguments or the values it closes "
                          "over; or this Python version compiles it otherwise)")
         if "data_geometry" in differ:
@@ -571,6 +594,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                        "nan": nan, "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                        "preprocess": _preprocess_fingerprint(preprocess),
                        "preprocess_code": _preprocess_code(preprocess),
+                       # (its own key: checkpoints written before it resume, their code checked as it was)
+                       "preprocess_values": _preprocess_code(preprocess, reprs=True),
                        "structure": structure_fingerprint(model, preprocess),
                        "data_geometry": dataset_geometry(dataset)}
         if fingerprint["data"] is None and len(shard):

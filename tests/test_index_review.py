@@ -47,3 +47,102 @@ def test_a_model_with_non_tensor_state_can_be_checkpointed(tmp_path):
     model[0].version = 2
     assert model_fingerprint(model) == before
 
+
+def test_a_quantised_model_has_a_fingerprint_of_its_packed_parameters():
+    """A quantised Linear keeps a dtype and a tuple of tensors in its state dict (the same crash); its scale
+    counts, not only the integers."""
+    import torch.ao.nn.quantized as quantized
+
+    def linear(scale):
+        layer = quantized.Linear(2, 1)
+        weight = torch.quantize_per_tensor(torch.tensor([[1.0, 2.0]]) * scale / 0.5, scale, 0, torch.qint8)
+        layer.set_weight_bias(weight, None)
+        return layer
+
+    with pytest.warns(UserWarning, match="deprecated"):
+        half, quarter, again = linear(0.5), linear(0.25), linear(0.5)
+    assert torch.equal(half.weight().int_repr(), quarter.weight().int_repr())  # the same integers
+    assert model_fingerprint(half) != model_fingerprint(quarter)
+    assert model_fingerprint(half) == model_fingerprint(again)
+
+
+def _rounding(dtype):
+    return lambda x: x.to(dtype).float()
+
+
+class _Mode(enum.Enum):
+    FLAT = 1
+    SHARP = 2
+
+
+def _describing(value):
+    return lambda x: x if value is None else x
+
+
+def test_values_told_apart_only_by_their_repr_make_another_preprocess():
+    """A dtype, device, memory format, enum, slice or range that a preprocess closes over (or a partial
+    passes) was described by its type alone: float16 and bfloat16 rounding looked the same."""
+    pairs = [(torch.float16, torch.bfloat16), (torch.device("cpu"), torch.device("meta")),
+             (torch.channels_last, torch.contiguous_format), (_Mode.FLAT, _Mode.SHARP), (slice(0, 2), slice(0, 3)),
+             (range(3), range(4))]
+    for one, other in pairs:
+        assert _preprocess_code(_describing(one), reprs=True) != _preprocess_code(_describing(other), reprs=True)
+        assert _preprocess_code(_describing(one), reprs=True) == _preprocess_code(_describing(one), reprs=True)
+        # (the key of earlier checkpoints keeps its rule: their resumes go on as before)
+        assert _preprocess_code(_describing(one)) == _preprocess_code(_describing(other))
+    # objects whose repr shows an address: their type alone, the same in every process
+    assert _preprocess_code(_describing(object()), reprs=True) == _preprocess_code(_describing(object()), reprs=True)
+
+
+class _Failing(ImageSet):
+    """ImageSet failing at item ``fail`` (an interrupted run), with a fingerprint of its contents."""
+
+    def __init__(self, fail=None, **kwargs):
+        super().__init__(**kwargs)
+        self.fail = fail
+
+    def fingerprint(self):
+        return "files A"
+
+    def __getitem__(self, i):
+        if i == self.fail:
+            raise RuntimeError("disk gone")
+        return super().__getitem__(i)
+
+
+def test_a_resume_with_a_preprocess_of_another_dtype_is_refused(tmp_path):
+    """The resumed index mixed images rounded to float16 with images rounded to bfloat16."""
+    model, ckpt = make_model("vgg"), str(tmp_path / "ck")
+    args = dict(layers=["features.2"], checkpoint=ckpt, checkpoint_every=1, **ARGS)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        nx.index_dataset(model, _Failing(fail=5, n=8), preprocess=_rounding(torch.float16), **args)
+    with pytest.raises(ValueError, match="the preprocess function differs"):
+        nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.bfloat16), **args)
+    resumed = nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.float16), **args)
+    whole = nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.float16), **{**args, "checkpoint": None})
+    assert resumed["features.2"].images_seen == 8
+    assert torch.equal(resumed["features.2"].values, whole["features.2"].values)
+
+
+def test_checkpoints_without_the_preprocess_values_still_resume(tmp_path):
+    """A checkpoint written before the key preprocess_values resumes (its preprocess_code still checked)."""
+    model, ckpt = make_model("vgg"), str(tmp_path / "ck")
+    args = dict(layers=["features.2"], checkpoint=ckpt, checkpoint_every=1, **ARGS)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        nx.index_dataset(model, _Failing(fail=5, n=8), preprocess=_rounding(torch.float16), **args)
+    manifest, tensors = read_bundle(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    assert manifest["fingerprint"].pop("preprocess_values") is not None
+    _rewrite(ckpt, CHECKPOINT_FORMAT, manifest, tensors)
+    with pytest.raises(ValueError, match="the preprocess function differs"):  # (another code)
+        nx.index_dataset(model, _Failing(n=8), preprocess=lambda x: x.half().float(), **args)
+    resumed = nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.float16), **args)
+    assert resumed["features.2"].images_seen == 8
+
+
+def _rewrite(path, kind, manifest, tensors, version=None):
+    """Write ``manifest`` and ``tensors`` back as a bundle of ``kind`` (valid checksums: what another program
+    or version could write)."""
+    manifest = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "tensors_sha256",
+                                                                "manifest_sha256")}
+    version = version or (INDEX_VERSION if kind == INDEX_FORMAT else CHECKPOINT_VERSION)
+    write_bundle(str(path), kind, version, manifest, dict(tensors))

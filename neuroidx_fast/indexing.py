@@ -391,7 +391,7 @@ def _holds_other_than_checkpoint(path) -> bool:
     return kind != CHECKPOINT_FORMAT
 
 
-def _load_checkpoint(path, fingerprint, device, nan, backend):
+def _load_checkpoint(path, fingerprint, device, nan, backend, shard_length: int, batch_size: int):
     try:
         manifest, tensors = read_bundle(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     except BundleError as exc:
@@ -423,12 +423,35 @@ def _load_checkpoint(path, fingerprint, device, nan, backend):
         details = "; ".join(notes)
         raise ValueError(f"checkpoint {path} was made with other arguments ({details}). Use the original "
                          "arguments, or delete the checkpoint to start over")
-    index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
+    try:
+        index = NeuronIndex.from_bundle(manifest, tensors, where=str(path))
+        batches_done = _check_progress(manifest, index, shard_length, batch_size)
+    except BundleError as exc:
+        raise BundleError(f"cannot resume from checkpoint {path}: {exc}. Delete it to start over") from None
     stats = {name: _LayerStats.from_layer_index(layer, device, nan, backend) for name, layer in index.layers.items()}
     labels = index.labels.to(device) if index.labels is not None else None
     pixel_sum = index.meta.get("pixel_sum")
     pixels = torch.tensor(pixel_sum, dtype=torch.float64, device=device) if pixel_sum is not None else None
-    return stats, int(manifest["batches_done"]), index.input_size, index.class_names, pixels, labels
+    return stats, batches_done, index.input_size, index.class_names, pixels, labels
+
+
+def _check_progress(manifest: dict, index: NeuronIndex, shard_length: int, batch_size: int) -> int:
+    """A checkpoint's ``batches_done``, checked against what its layers saw: a checkpoint is written after
+    whole batches of its shard, so every layer saw min(batches_done * batch_size, shard length) images
+    and, with labels, counts each of them in one class. A resume from a count that disagrees would add
+    images twice or leave some out."""
+    done = manifest.get("batches_done")
+    batches = math.ceil(shard_length / batch_size)
+    if not isinstance(done, int) or isinstance(done, bool) or not 1 <= done <= batches:
+        raise BundleError(f"it records {done!r} batches done, not an int in [1, {batches}] (its shard has {batches} "
+                          f"batches of {batch_size})")
+    expected = min(done * batch_size, shard_length)
+    for name, layer in index.layers.items():
+        counted = int(layer.class_count.sum()) if layer.class_count is not None else expected
+        if layer.images_seen != expected or counted != expected:
+            raise BundleError(f"layer {name!r} saw {layer.images_seen} images (its class counts add up to {counted}), "
+                              f"but {done} batch(es) of {batch_size} of its shard of {shard_length} are {expected}")
+    return done
 
 
 def _save_checkpoint(path, stats, fingerprint, batches_done, meta, pixel_sum, labels):
@@ -611,7 +634,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     fresh = checkpoint is not None and os.path.isdir(checkpoint) and not os.listdir(checkpoint)  # e.g. just made
     if checkpoint is not None and not fresh and (os.path.exists(checkpoint) or recover_interrupted_write(checkpoint)):
         stats, batches_done, meta["input_size"], saved_names, pixel_sum, all_labels = _load_checkpoint(
-            checkpoint, fingerprint, device, nan, backend)
+            checkpoint, fingerprint, device, nan, backend, len(shard), batch_size)
         meta["class_names"] = saved_names if saved_names is not None else class_names
     total_batches = math.ceil(len(shard) / batch_size)
     start = shard.start + batches_done * batch_size

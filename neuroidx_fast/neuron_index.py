@@ -95,8 +95,10 @@ class LayerIndex:
                 for j in range(self.k) if self.ids[unit, j] >= 0]
 
 
-def _check_class_stats(class_sum, class_count, num_units: int, what: str) -> None:
-    """class_sum [classes, C] float64 and class_count [classes] int64, both or neither."""
+def _check_class_stats(class_sum, class_count, num_units: int, class_names, what: str) -> None:
+    """class_sum [classes, C] float64 and class_count [classes] int64 >= 0, both or neither; a row per
+    named class where the classes are named (index_dataset gives every named class one, and labels
+    past them are refused)."""
     if class_sum is None and class_count is None:
         return
     if class_sum is None or class_count is None or class_sum.dtype != torch.float64 or class_count.dtype != torch.int64 \
@@ -104,6 +106,21 @@ def _check_class_stats(class_sum, class_count, num_units: int, what: str) -> Non
         shapes = [None if t is None else f"{tuple(t.shape)} {t.dtype}" for t in (class_sum, class_count)]
         raise BundleError(f"{what}: class statistics {shapes[0]} / {shapes[1]}, not [classes, {num_units}] float64 / "
                           "[classes] int64")
+    if class_count.numel() and int(class_count.min()) < 0:
+        raise BundleError(f"{what}: a class counts {int(class_count.min())} images (counts are >= 0)")
+    if class_names is not None and len(class_names) != class_count.shape[0]:
+        raise BundleError(f"{what}: class statistics of {class_count.shape[0]} classes, but the index names "
+                          f"{len(class_names)} classes")
+
+
+def _check_input_size(size, what: str) -> tuple[int, int] | None:
+    """The recorded input size: two positive ints (None where none is recorded)."""
+    if size is None:
+        return None
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size):
+        raise BundleError(f"{what}: input size {size!r}, not two positive ints (height, width)")
+    return tuple(size)
 
 
 def _check_slots(ids, positions, map_size, what: str) -> None:
@@ -112,6 +129,17 @@ def _check_slots(ids, positions, map_size, what: str) -> None:
                         or int(positions.max()) >= map_size[0] * map_size[1]):
         raise BundleError(f"{what}: top-K ids or positions out of range (ids >= -1, positions in [-1, "
                           f"{map_size[0] * map_size[1]}) for a {map_size[0]}x{map_size[1]} map)")
+
+
+def _check_labels(labels, layers: dict, where: str) -> None:
+    """Every image's label: -1 (not seen) or a class that the class statistics have a row for."""
+    if labels is None or not labels.numel():
+        return
+    classes = next((layer.class_count.shape[0] for layer in layers.values() if layer.class_count is not None), None)
+    low, high = int(labels.min()), int(labels.max())
+    if low < -1 or (classes is not None and high >= classes):
+        bad = low if low < -1 else high
+        raise BundleError(f"{where}: an image has label {bad}, not -1 (unseen) or a class in [0, {classes})")
 
 
 @dataclass
@@ -193,7 +221,16 @@ class NeuronIndex:
     @classmethod
     def from_bundle(cls, manifest: dict, tensors: dict[str, torch.Tensor], where: str = "index") -> "NeuronIndex":
         try:
-            k = int(manifest["k"])
+            k, length = int(manifest["k"]), int(manifest["dataset_length"])
+            if k < 1:
+                raise BundleError(f"{where}: k is {k}; an index keeps k >= 1 top images per unit")
+            if length < 0:
+                raise BundleError(f"{where}: dataset length {length} must be >= 0")
+            class_names = manifest.get("class_names")
+            if class_names is not None and not (isinstance(class_names, list)
+                                                and all(isinstance(c, str) for c in class_names)):
+                raise BundleError(f"{where}: class names {str(class_names)[:80]}, not a list of strings")
+            input_size = _check_input_size(manifest.get("input_size"), where)
             layers = {}
             for i, entry in enumerate(manifest["layers"]):
                 name, num_units = entry["name"], int(entry["num_units"])
@@ -209,27 +246,31 @@ class NeuronIndex:
                     raise BundleError(f"{where}: class statistics of {name} are missing")
                 if name in layers:
                     raise BundleError(f"{where}: layer {name!r} is recorded twice")
-                _check_class_stats(get["class_sum"], get["class_count"], num_units, f"{where}: layer {name!r}")
+                _check_class_stats(get["class_sum"], get["class_count"], num_units, class_names,
+                                   f"{where}: layer {name!r}")
+                if bool(torch.isnan(get["values"]).any()):  # (nan="ignore" ranks NaN as -inf; "raise" refuses it)
+                    raise BundleError(f"{where}: layer {name!r} ranks NaN top-K values, which indexing never records")
                 map_size = tuple(entry["map_size"])
                 if len(map_size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                  for v in map_size):
                     raise BundleError(f"{where}: layer {name!r} has map size {list(map_size)}, not two positive ints")
                 _check_slots(get["ids"], get["positions"], map_size, f"{where}: layer {name!r}")
-                layers[name] = LayerIndex(name, get["values"], get["ids"], get["positions"], map_size,
-                                          int(entry["images_seen"]), get["mean_sum"], get["class_sum"],
-                                          get["class_count"])
-            input_size = tuple(manifest["input_size"]) if manifest.get("input_size") else None
-            length = int(manifest["dataset_length"])
-            if k < 0 or length < 0:
-                raise BundleError(f"{where}: k {k} and dataset length {length} must be >= 0")
+                seen = int(entry["images_seen"])
+                if not 0 <= seen <= length:
+                    raise BundleError(f"{where}: layer {name!r} saw {seen} images of a dataset of {length}")
+                if seen and input_size is None:  # (the size of the first batch is recorded with it)
+                    raise BundleError(f"{where}: layer {name!r} saw {seen} images, but the index records no input "
+                                      "size (what its positions and receptive fields are of)")
+                layers[name] = LayerIndex(name, get["values"], get["ids"], get["positions"], map_size, seen,
+                                          get["mean_sum"], get["class_sum"], get["class_count"])
             highest = max((int(layer.ids.max()) for layer in layers.values() if layer.ids.numel()), default=-1)
             if highest >= length:
                 raise BundleError(f"{where}: image id {highest} is ranked in a dataset of {length} images")
             labels = tensors.get("labels")
             if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != (length,)):
                 raise BundleError(f"{where}: tensor labels has the wrong shape/dtype")
-            return cls(layers, k, length, input_size, manifest.get("class_names"), manifest.get("meta") or {},
-                       labels)
+            _check_labels(labels, layers, where)
+            return cls(layers, k, length, input_size, class_names, manifest.get("meta") or {}, labels)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, BundleError):
                 raise

@@ -146,3 +146,88 @@ def _rewrite(path, kind, manifest, tensors, version=None):
                                                                 "manifest_sha256")}
     version = version or (INDEX_VERSION if kind == INDEX_FORMAT else CHECKPOINT_VERSION)
     write_bundle(str(path), kind, version, manifest, dict(tensors))
+
+
+def _set_layer(key, value):
+    def tamper(manifest, tensors):
+        manifest["layers"][0][key] = value
+    return tamper
+
+
+def _set(key, value):
+    def tamper(manifest, tensors):
+        manifest[key] = value
+    return tamper
+
+
+def _set_tensor(key, change):
+    def tamper(manifest, tensors):
+        tensors[key] = change(tensors[key].clone())
+    return tamper
+
+
+def _no_top_images(manifest, tensors):
+    manifest["k"] = 0
+    for key in ("0.values", "0.ids", "0.positions"):
+        tensors[key] = tensors[key][:, :0].contiguous()
+
+
+def _set_element(key, where, value):
+    def change(t):
+        t[where] = value
+        return t
+    return _set_tensor(key, change)
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (_set_layer("images_seen", -1), "layer 'features.2' saw -1 images of a dataset of 6"),
+    (_set_layer("images_seen", 7), "layer 'features.2' saw 7 images of a dataset of 6"),
+    (_set("input_size", [0, 16]), r"input size \[0, 16\], not two positive ints"),
+    (_set("input_size", [16]), r"input size \[16\], not two positive ints"),
+    (_set("input_size", None), "saw 6 images, but the index records no input size"),
+    (_no_top_images, "k is 0; an index keeps k >= 1"),
+    (_set("class_names", ["a", "b"]), "class statistics of 3 classes, but the index names 2 classes"),
+    (_set("class_names", [1, 2, 3]), r"class names \[1, 2, 3\], not a list of strings"),
+    (_set_element("0.class_count", 0, -1), "a class counts -1 images"),
+    (_set_element("labels", 2, 3), r"an image has label 3, not -1 \(unseen\) or a class in \[0, 3\)"),
+    (_set_element("labels", 2, -2), r"an image has label -2"),
+    (_set_element("0.values", (0, 0), float("nan")), "layer 'features.2' ranks NaN top-K values"),
+])
+def test_load_refuses_a_bundle_whose_numbers_disagree(tmp_path, tamper, message):
+    """Such bundles loaded, and failed later: k=0 with an IndexError in neuron_features, no input size with
+    a TypeError, a label past the class rows in class selectivity."""
+    data = ImageSet(n=6, size=8, classes=3)
+    nx.index_dataset(make_model("vgg"), data, ["features.2"], **ARGS).save(tmp_path / "good")
+    manifest, tensors = read_bundle(tmp_path / "good", INDEX_FORMAT, INDEX_VERSION)
+    tensors = dict(tensors)
+    tamper(manifest, tensors)
+    _rewrite(tmp_path / "bad", INDEX_FORMAT, manifest, tensors)
+    with pytest.raises(BundleError, match=message):
+        nx.NeuronIndex.load(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("batches_done, message", [
+    (1, r"layer 'features.2' saw 6 images \(its class counts add up to 6\), but 1 batch\(es\) of 2 of its shard of 6 "
+        "are 2"),
+    (0, r"it records 0 batches done, not an int in \[1, 3\]"), (4, r"it records 4 batches done"),
+    (True, r"it records True batches done"), (None, r"it records None batches done")])
+def test_a_checkpoint_whose_progress_disagrees_with_its_counts_is_refused(tmp_path, batches_done, message):
+    """A checkpoint saying 1 batch done of 3 when its layers had seen all 6 images resumed from the second
+    batch: images_seen 10 of a dataset of 6, every class counted twice; no batches_done was a KeyError."""
+    model, data, ckpt = make_model("vgg"), ImageSet(n=6, size=8, classes=3), tmp_path / "ck"
+    args = dict(layers=["features.2"], checkpoint=str(ckpt), **ARGS)
+    whole = nx.index_dataset(model, data, **args)
+    manifest, tensors = read_bundle(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    assert manifest["batches_done"] == 3
+    if batches_done is None:
+        del manifest["batches_done"]
+    else:
+        manifest["batches_done"] = batches_done
+    _rewrite(ckpt, CHECKPOINT_FORMAT, manifest, tensors)
+    with pytest.raises(BundleError, match=f"cannot resume from checkpoint .*: {message}.*Delete it to start over"):
+        nx.index_dataset(model, data, **args)
+    manifest["batches_done"] = 3  # (as written: it resumes, with nothing left to do)
+    _rewrite(ckpt, CHECKPOINT_FORMAT, manifest, tensors)
+    resumed = nx.index_dataset(model, data, **args)
+    assert resumed["features.2"].images_seen == 6
+    assert resumed["features.2"].class_count.tolist() == whole["features.2"].class_count.tolist()

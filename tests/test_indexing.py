@@ -663,6 +663,8 @@ def _tamper_map_rank(manifest, tensors):
 def _tamper_length(manifest, tensors):
     manifest["dataset_length"] = 3
     tensors.pop("labels", None)
+    for layer in manifest["layers"]:  # (else "saw 6 images of a dataset of 3": _tamper_images_seen)
+        layer["images_seen"] = 3
 
 
 def _tamper_positions(manifest, tensors):

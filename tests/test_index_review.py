@@ -231,3 +231,21 @@ def test_a_checkpoint_whose_progress_disagrees_with_its_counts_is_refused(tmp_pa
     resumed = nx.index_dataset(model, data, **args)
     assert resumed["features.2"].images_seen == 6
     assert resumed["features.2"].class_count.tolist() == whole["features.2"].class_count.tolist()
+
+
+def test_a_layer_the_forward_never_reaches_is_not_blamed_on_the_images():
+    """The error was wrapped as "the model fails on the first images ... check that the model takes images of
+    this size": the size was fine, the layer is not used by forward."""
+
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.used(x)
+
+    data = ImageSet(n=4, size=4, labels=False)
+    with pytest.raises(RuntimeError, match=r"^the forward never reached layer\(s\) \['unused'\]") as info:
+        nx.index_dataset(Unused(), data, ["used", "unused"], **ARGS)
+    assert "first images" not in str(info.value) and not isinstance(info.value, ValueError)

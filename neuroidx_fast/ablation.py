@@ -842,7 +842,6 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
 
 # ------------------------------------------------------------------------------------------ naive loop
 
-@restores_modes
 def _check_naive_logits(logits, layer: str, mask, first_id: int) -> None:
     """No NaN in the naive loop's logits (argmax would count them as class 0), as the engine checks."""
     nan = torch.isnan(logits).any(dim=1)
@@ -853,6 +852,7 @@ def _check_naive_logits(logits, layer: str, mask, first_id: int) -> None:
                          "fix the model or the images")
 
 
+@restores_modes
 def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=None, preprocess=None,
                           batch_size: int = 64, device=None, pass_times: list | None = None):
     """The slow oracle: one full pass over ``dataset`` per ablated set, each forward with a hook that

@@ -192,7 +192,13 @@ def collate_images(items: list):
     makes it, once their images are found to share one dtype and one shape. default_collate would stack
     uint8 and float images together as floats, the 8-bit ones then 0-255 instead of k / 255: wrong
     activations and crops, with no error."""
-    images = [item[0] if isinstance(item, (tuple, list)) and item else item for item in items]
+    for item in items:
+        _check_item_kind(item)
+    # (default_collate said "each element in list of batch should be of equal size")
+    if len({isinstance(item, (tuple, list)) for item in items}) > 1:
+        raise ValueError("some dataset items have labels and others do not (one batch holds both (image, label) "
+                         "pairs and bare images): give every image a label, or none")
+    images = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
     for image in images:
         if not isinstance(image, torch.Tensor):  # default_collate would stack numpy arrays, refuse PIL images
             raise ValueError(f"the dataset gives a {type(image).__name__} image: datasets must yield image tensors "
@@ -216,6 +222,18 @@ def collate_images(items: list):
     return default_collate(items)
 
 
+def _check_item_kind(item) -> None:
+    """A dataset item is an image or an (image, label) pair (a longer tuple's further entries are left
+    alone); a dict or a shorter tuple is refused, naming what it is."""
+    if isinstance(item, dict):
+        raise ValueError(f"the dataset gives dict items (keys {sorted(map(str, item))[:8]}): datasets must yield an "
+                         "image tensor or an (image, label) pair; wrap it in a Dataset whose __getitem__ returns "
+                         "them, e.g. (item['image'], item['label'])")
+    if isinstance(item, (tuple, list)) and len(item) < 2:
+        raise ValueError(f"the dataset gives {type(item).__name__}s of {len(item)} item(s): datasets must yield an "
+                         "image tensor or an (image, label) pair (an image without a label is returned alone, not in a tuple)")
+
+
 def split_batch(batch):
     """A DataLoader batch as (images, labels): images alone give labels None; (image, label) pairs give
     the labels as int64 [B] (they must be integer class indices)."""
@@ -231,5 +249,6 @@ def split_batch(batch):
             raise ValueError("the dataset's labels must be integer class indices (an int per image); got "
                              f"{type(labels).__name__} {getattr(labels, 'dtype', '')}{shape}")
         return batch[0], labels.to(torch.int64)
+    shown = f" of {len(batch)} item(s)" if isinstance(batch, (list, tuple)) else ""
     raise ValueError("the dataset must yield an image tensor [3, H, W] or a pair (image, label); got "
-                     f"a batch of {type(batch).__name__}")
+                     f"a batch of {type(batch).__name__}{shown}")

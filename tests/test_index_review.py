@@ -249,3 +249,31 @@ def test_a_layer_the_forward_never_reaches_is_not_blamed_on_the_images():
     with pytest.raises(RuntimeError, match=r"^the forward never reached layer\(s\) \['unused'\]") as info:
         nx.index_dataset(Unused(), data, ["used", "unused"], **ARGS)
     assert "first images" not in str(info.value) and not isinstance(info.value, ValueError)
+
+
+def test_items_with_and_without_labels_in_one_batch_are_refused():
+    """torch's "each element in list of batch should be of equal size" where the kinds met in one batch."""
+    images = ImageSet(n=4, size=4, labels=False).images
+    mixed = [(images[0], 0), (images[1], 1), images[2], (images[3], 0)]
+    for batch_size in (2, 4):
+        with pytest.raises(ValueError, match=r"some dataset items have labels and others do not \(one batch holds "
+                                             r"both \(image, label\) pairs and bare images\)"):
+            nx.index_dataset(make_model("vgg"), mixed, ["features.0"], k=1, batch_size=batch_size, progress=False)
+    assert collate_images([(images[0], 0), (images[1], 1)])[1].tolist() == [0, 1]
+    assert collate_images([images[0], images[1]]).shape == (2, 3, 4, 4)
+
+
+def test_dict_items_and_short_tuples_are_refused_naming_what_they_are():
+    """A dict item was told to "add a transform such as to_tensor", a 1-tuple "got a batch of list"."""
+    image = torch.rand(3, 4, 4)
+    with pytest.raises(ValueError, match=r"dict items \(keys \['image', 'label'\]\): datasets must yield an image "
+                                         r"tensor or an \(image, label\) pair; wrap it") as info:
+        collate_images([{"image": image, "label": 0}] * 2)
+    assert "to_tensor" not in str(info.value)
+    for item, what in (((image,), "tuples of 1 item"), ([], "lists of 0 item")):
+        with pytest.raises(ValueError, match=f"the dataset gives {what}\\(s\\): datasets must yield an image tensor "
+                                             r"or an \(image, label\) pair"):
+            collate_images([item, item])
+    with pytest.raises(ValueError, match="tuples of 1 item"):
+        nx.index_dataset(make_model("vgg"), [(image,)] * 4, ["features.0"], k=1, batch_size=2, progress=False)
+    assert collate_images([(image, 1, "meta")] * 2)[1].tolist() == [1, 1]  # (further entries: left alone)

@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from .rf_field import ReceptiveField, _as_size, _layer_module
+from .rf_field import ReceptiveField, _as_channels, _as_size, _layer_module
 from .rf_probe import probe_gradient, probe_receptive_field
 from .rf_walk import _analytic, _Unsupported
 
@@ -34,7 +34,7 @@ def receptive_field(model: nn.Module, layer: str, input_size, method: str = "aut
     larger than some units' fields, with a warning.
     """
     module = _layer_module(model, layer)
-    size = _as_size(input_size)
+    size, channels = _as_size(input_size), _as_channels(channels)
     if method not in ("auto", "analytic", "probe"):
         raise ValueError(f"method must be 'auto', 'analytic' or 'probe', got {method!r}")
     if method != "probe":

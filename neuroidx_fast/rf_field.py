@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import resolve_layers
-from .prepare import model_device, param_dtype
+from .hooks import LayerCapture, resolve_layers
+from .prepare import evaluating, model_device, param_dtype
 
 __all__ = ["ReceptiveField"]
 
@@ -124,8 +124,41 @@ def _as_size(input_size) -> tuple[int, int]:
     return h, w
 
 
+def _as_channels(channels) -> int:
+    """``channels`` (the model's input channels) as a positive int: 2.5 or True would make a blank input of
+    no sense, and 0 or -1 an error about the input's size."""
+    if isinstance(channels, bool):
+        raise ValueError(f"channels must be a positive int (the model's input channels), got {channels!r}")
+    try:
+        channels = operator.index(channels)
+    except TypeError:
+        raise ValueError(f"channels must be a positive int (the model's input channels), got {channels!r} "
+                         f"({type(channels).__name__})") from None
+    if channels < 1:
+        raise ValueError(f"channels must be a positive int (the model's input channels), got {channels}")
+    return channels
+
+
 def _blank_input(model: nn.Module, size, channels: int):
     return torch.zeros((1, channels) + tuple(size), device=model_device(model, None), dtype=param_dtype(model))
+
+
+def _layer_output(model, layer, size, channels):
+    """The layer's output on a blank input of ``size`` and ``channels`` (eval mode, no gradient). A model that
+    cannot run on such inputs (torch's RuntimeError: the wrong depth, a map smaller than a kernel) is a
+    ValueError that names the fix: channels= or a larger input_size."""
+    try:
+        with evaluating(model), torch.no_grad(), LayerCapture(model, [layer]) as capture:
+            return capture.run(_blank_input(model, size, channels))[layer]
+    except RuntimeError as exc:
+        if "never reached" in str(exc):
+            raise
+        message = str(exc).splitlines()[0]
+        # torch's words for an input of the wrong depth (conv: "expected input[...] to have 1 channels")
+        fix = (f"pass channels= (the model's input channels; these inputs have {channels})" if "channels" in message
+               else "choose a larger input_size")
+        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs of {channels} channel(s) up to layer "
+                         f"{layer!r} ({type(exc).__name__}: {message}): {fix}") from None
 
 
 def _layer_module(model: nn.Module, layer: str) -> nn.Module:

@@ -16,8 +16,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _OldSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
 
 from .hooks import LayerCapture
-from .prepare import evaluating
-from .rf_field import ReceptiveField, _as_size, _blank_input, _covering_window, _layer_module, _map_index, _spatial
+from .rf_field import (ReceptiveField, _as_channels, _as_size, _covering_window, _layer_module, _layer_output,
+                       _map_index, _spatial)
 from .rf_walk import _pair
 
 __all__ = ["probe_gradient", "probe_receptive_field"]
@@ -208,7 +208,7 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     field is their union). The distinct r_c in [1, 2) keep a layer that normalises over its channels (a
     LayerNorm's outputs sum to 0) from cancelling. A module that runs more than once in a forward raises
     SharedModuleError. Returns [P, H, W] bool."""
-    size = _as_size(input_size)
+    size, channels = _as_size(input_size), _as_channels(channels)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     positions = [(_map_index(y, "y", None), _map_index(x, "x", None)) for y, x in positions]
     if not positions:
@@ -243,11 +243,6 @@ def _bounds(mask: torch.Tensor):
     if ys.numel() == 0:
         return None
     return int(ys[0]), int(xs[0]), int(ys[-1]), int(xs[-1])
-
-
-def _layer_output(model, layer, size, channels):
-    with evaluating(model), torch.no_grad(), LayerCapture(model, [layer]) as capture:
-        return capture.run(_blank_input(model, size, channels))[layer]
 
 
 def _check_map_shape(layer, out) -> None:
@@ -292,17 +287,8 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     of one position, measured at ``input_size`` (see _one_position_field)."""
     size = _as_size(input_size)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
-    try:
-        out = _layer_output(model, layer, size, channels)
-    except RuntimeError as exc:
-        if "never reached" in str(exc):
-            raise
-        message = str(exc).splitlines()[0]
-        # torch's words for an input of the wrong depth (conv: "expected input[...] to have 1 channels")
-        fix = (f"pass channels= (the model's input channels; these inputs have {channels})" if "channels" in message
-               else "choose a larger input_size")
-        raise ValueError(f"the model cannot run on {size[0]}x{size[1]} inputs of {channels} channel(s) up to layer "
-                         f"{layer!r} ({type(exc).__name__}: {message}): {fix}") from None
+    channels = _as_channels(channels)
+    out = _layer_output(model, layer, size, channels)  # a model that cannot run on these inputs: a ValueError
     _check_map_shape(layer, out)
     if out.dim() == 2:
         return _one_position_field(model, layer, size, channels)

@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from .hooks import SharedModuleError
 from .prepare import evaluating
-from .rf_field import ReceptiveField, _blank_input, _covering_window, _spatial
+from .rf_field import ReceptiveField, _blank_input, _covering_window, _layer_output, _spatial
 
 # --------------------------------------------------------------------------------------------- walk
 @dataclass(frozen=True)
@@ -871,6 +871,14 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
     except (_Unsupported, ValueError) as exc:
         raise type(exc)(_without_fx_note(exc)) from None
     except Exception as exc:
+        # the model itself failing on these inputs (the wrong channels, too small an input): the error that
+        # names the fix; else the traced graph is at fault
+        try:
+            _layer_output(model, layer, size, channels)
+        except ValueError:
+            raise
+        except Exception:
+            pass
         raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {_without_fx_note(exc)})") from None
     else:
         raise _Unsupported("the traced graph has no output")

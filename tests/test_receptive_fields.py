@@ -300,11 +300,14 @@ def test_common_functional_patterns_need_no_probe(recwarn):
     assert not [w for w in recwarn if "probe" in str(w.message)]
 
 
-def test_an_input_too_small_for_the_model_is_a_clear_error():
+@pytest.mark.parametrize("method", ["auto", "analytic", "probe"])
+def test_an_input_too_small_for_the_model_is_a_clear_error(method, recwarn):
+    # the walk said "the analytic receptive field is unknown: running the traced graph failed", naming no fix,
+    # and auto warned that the graph was at fault before the probe said what was
     model = nn.Sequential(nn.Conv2d(3, 4, 7), nn.Conv2d(4, 4, 7)).eval()
-    with pytest.warns(UserWarning, match="graph walk stopped"), \
-            pytest.raises(ValueError, match="cannot run on 8x8 inputs of 3 channel.*layer '1'.*larger input_size"):
-        receptive_field(model, "1", 8)
+    with pytest.raises(ValueError, match="cannot run on 8x8 inputs of 3 channel.*layer '1'.*larger input_size"):
+        receptive_field(model, "1", 8, method=method)
+    assert not [w for w in recwarn if "graph walk" in str(w.message)]
 
 
 def test_a_module_named_with_a_quote_is_probed():
@@ -317,13 +320,32 @@ def test_a_module_named_with_a_quote_is_probed():
     assert (rf.size, rf.stride, rf.offset, rf.method) == ((5, 5), (2, 2), (0, 0), "probe")
 
 
-def test_a_model_of_other_input_channels_is_told_to_pass_them():
+@pytest.mark.parametrize("method", ["auto", "analytic", "probe"])
+def test_a_model_of_other_input_channels_is_told_to_pass_them(method, recwarn):
     gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2)).eval()
-    with pytest.warns(UserWarning, match="graph walk stopped"), \
-            pytest.raises(ValueError, match=r"16x16 inputs of 3 channel\(s\).*pass channels= .*these inputs have 3"):
-        receptive_field(gray, "2", 16)
-    rf = receptive_field(gray, "2", 16, channels=1)
+    with pytest.raises(ValueError, match=r"16x16 inputs of 3 channel\(s\).*pass channels= .*these inputs have 3"):
+        receptive_field(gray, "2", 16, method=method)
+    assert not [w for w in recwarn if "graph walk" in str(w.message)]
+    rf = receptive_field(gray, "2", 16, channels=1, method=method)
     assert (rf.size, rf.stride, rf.offset) == ((5, 5), (2, 2), (0, 0))
+
+
+@pytest.mark.parametrize("channels, message", [
+    (2.5, r"got 2.5 \(float\)"),  # a raw TypeError from torch.zeros
+    (True, "got True"),  # accepted as 1 channel
+    (0, "got 0"), (-1, "got -1"),  # "choose a larger input_size"
+    ("3", "got '3' \\(str\\)"),
+])
+def test_channels_must_be_a_positive_int(channels, message):
+    pooled = nn.Sequential(nn.MaxPool2d(2)).eval()  # no conv to check the input's depth
+    for call in (lambda: receptive_field(pooled, "0", 8, channels=channels),
+                 lambda: receptive_field(pooled, "0", 8, channels=channels, method="probe"),
+                 lambda: probe_receptive_field(pooled, "0", 8, channels=channels),
+                 lambda: probe_gradient(pooled, "0", 8, [(0, 0)], channels=channels)):
+        with pytest.raises(ValueError, match="channels must be a positive int \\(the model's input channels\\), "
+                                             + message):
+            call()
+    assert receptive_field(pooled, "0", 8, channels=np_int(2)).size == (2, 2)
 
 
 def test_unknown_operation_falls_back_to_the_probe_with_a_warning():

@@ -109,6 +109,9 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
 
 
 def _resolve_rf(index: NeuronIndex, layer: str, rf, model) -> ReceptiveField:
+    if index.input_size is None:  # (index_dataset records it; NeuronIndex.load refuses a bundle without it)
+        raise ValueError("the index records no input size, so its positions cannot be mapped to image pixels: "
+                         "index the dataset again with index_dataset")
     if rf is None and model is not None:
         channels = index.meta.get("input_channels") or index.image_channels or 3  # what the model reads
         rf = receptive_field(model, layer, index.input_size, channels=channels)

@@ -1,5 +1,7 @@
 """Neuron Features (SPEC.md section 3) against a brute-force loop that cuts each crop by plain slicing."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -502,3 +504,12 @@ def test_save_unit_takes_a_unit_index_and_options_are_checked(indexed, tmp_path)
     for options in ({"ncols": 0}, {"ncols": -1}, {"scale": 0}, {"scale": 2.5}):
         with pytest.raises(ValueError, match="must be a positive int"):
             feats.save_grid(tmp_path / "bad.png", **options)
+
+
+def test_an_index_without_an_input_size_says_so(indexed):
+    # neuron_features advised rf=, then failed on tuple(None)
+    _, dataset, index = indexed
+    bare = copy.copy(index)
+    bare.input_size = None
+    with pytest.raises(ValueError, match="the index records no input size.*index the dataset again"):
+        neuron_features(bare, "features.8", dataset, rf=index.receptive_field("features.8"))

@@ -275,6 +275,11 @@ def _one_position_field(model, layer, size, channels) -> ReceptiveField:
                           "probe")
 
 
+# The side under which the probe goes on enlarging the input past 4 times its size to measure a field clear
+# of the border.
+_SMALL_INPUT = 256
+
+
 def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
     """Size, stride and offset measured by the gradient probe at three positions near the centre of
     the map (the centre and its diagonal neighbours; two more off the diagonal check that each axis of the
@@ -284,7 +289,9 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     sizes or spacings (adaptive pooling's uneven windows, branches merged at different strides) take
     boxes that hold the fields measured, with a warning. Fields that move by less than a pixel per map
     position (after an upsampling) have no size and stride: a ValueError says so. A [B, C] layer is a map
-    of one position, measured at ``input_size`` (see _one_position_field)."""
+    of one position, measured at ``input_size`` (see _one_position_field). A map of one position whose unit sees
+    the whole input is the whole image once a larger input shows it again: at a small input, a field larger
+    than the image is measured on larger ones."""
     size = _as_size(input_size)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     channels = _as_channels(channels)
@@ -293,8 +300,8 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     if out.dim() == 2:
         return _one_position_field(model, layer, size, channels)
     map_size = _spatial(out)
-    best, previous_map = None, None
-    for scale in (1, 2, 4):
+    best, previous_map, scale = None, None, 1
+    while True:
         probe_size = (size[0] * scale, size[1] * scale)
         try:
             probe_map = out if scale == 1 else _layer_output(model, layer, probe_size, channels)
@@ -324,9 +331,17 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         best = (probe_size, points, boxes, whole, spans, inside, across)
         # enlarged until every field is clear of the border: two clear ones at the input size are not enough,
         # as a third, cut, spaces the fields wrongly (VGG-M's conv3 at 100x140: 12 px, not 16), and a field
-        # may be cut without touching the border, by the last rows that the net's pooling leaves unread
-        if whole or len(inside) == len(points):
+        # may be cut without touching the border, by the last rows that the net's pooling leaves unread. A
+        # one-position map whose unit sees the whole input is the whole image once a larger input shows it
+        # again (global pooling); at the first size, it may be a field larger than a small input (VGG-M's
+        # conv5 at 35 px: 139 px wide, stride 16), whose size and stride a larger map shows
+        if (whole and scale > 1) or len(inside) == len(points):
             break
+        # past 4 times the input size, only while the input is small and its fields too large for it (fewer
+        # than two clear of the border, none from border to border): a 13 px field at 3 px needs 24 px
+        if scale >= 4 and (spans or len(inside) >= 2 or min(probe_size) >= _SMALL_INPUT):
+            break
+        scale *= 2
     probe_size, points, boxes, whole, spans, inside, across = best
     if whole or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")

@@ -1185,3 +1185,20 @@ def test_the_probe_of_no_positions_is_empty():
     # it crashed reshaping a batch of no images
     masks = probe_gradient(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), "0", (8, 6), [])
     assert masks.shape == (0, 8, 6) and masks.dtype == torch.bool
+
+
+@pytest.mark.parametrize("model, layer, size, expected", [
+    # a 1x1 map at these sizes, no layer that mixes positions: the probe said "whole image"
+    (nn.Sequential(nn.Conv2d(3, 3, 7, padding=3), nn.Conv2d(3, 3, 7, padding=3, stride=4)), "1", 3,
+     ((13, 13), (4, 4), (-6, -6))),
+    (vgg_m(10, input_size=224, width=0.05, fc_width=8), "conv5", 35, ((139, 139), (16, 16), (-52, -52))),
+])
+def test_a_one_position_map_is_whole_only_if_a_larger_input_says_so(model, layer, size, expected):
+    model = model.eval()
+    analytic = receptive_field(model, layer, size, method="analytic")
+    probed = probe_receptive_field(model, layer, size)
+    for rf in (analytic, probed):
+        assert (rf.size, rf.stride, rf.offset, rf.whole_image, rf.map_size) == expected + (False, (1, 1))
+    # global pooling: a one-position map at every size, whole
+    pooled = nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1)).eval()
+    assert probe_receptive_field(pooled, "1", 5).whole_image

@@ -316,25 +316,29 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         # off the diagonal too, where a net that swaps its axes (a transpose) shows: on the diagonal, a field
         # that moves along x from one map row to the next looks like one that moves along y
         across = sorted({(cy, min(cx + 1, w - 1)), (min(cy + 1, h - 1), cx)} - set(points))
-        masks = probe_gradient(model, layer, probe_size, points + across, channels)
-        boxes = [_bounds(m) for m in masks[:len(points)]]
-        across = list(zip(across, (_bounds(m) for m in masks[len(points):])))
-        if any(b is None for b in boxes + [b for _, b in across]):
+        # and the last position, whose field ends at the last row and column that the layer reads
+        probed = points + across + ([(h - 1, w - 1)] if (h - 1, w - 1) not in points + across else [])
+        found = [_bounds(m) for m in probe_gradient(model, layer, probe_size, probed, channels)]
+        if any(b is None for b in found):
             raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
+        boxes, across = found[:len(points)], list(zip(across, found[len(points):len(points) + len(across)]))
+        # a field that ends where the last one does may be cut there: by the image's border, or by the last
+        # rows that the net's pooling leaves unread (VGG-M's conv5 at 160 px: its map row 5 reads rows 28 to
+        # 158 of a field 139 rows high)
+        last_read = found[probed.index((h - 1, w - 1))][2:]
         whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1)
         # a box from border to border on an axis along which the map has several positions, at the
         # largest input tried: the unit mixes a whole row or column
         spans = ((h > 1 and any(b[0] == 0 and b[2] == probe_size[0] - 1 for b in boxes))
                  or (w > 1 and any(b[1] == 0 and b[3] == probe_size[1] - 1 for b in boxes)))
         inside = [(p, b) for p, b in zip(points, boxes)
-                  if not (b[0] == 0 or b[1] == 0 or b[2] == probe_size[0] - 1 or b[3] == probe_size[1] - 1)]
+                  if not (b[0] == 0 or b[1] == 0 or b[2] >= last_read[0] or b[3] >= last_read[1])]
         best = (probe_size, points, boxes, whole, spans, inside, across)
-        # enlarged until every field is clear of the border: two clear ones at the input size are not enough,
-        # as a third, cut, spaces the fields wrongly (VGG-M's conv3 at 100x140: 12 px, not 16), and a field
-        # may be cut without touching the border, by the last rows that the net's pooling leaves unread. A
-        # one-position map whose unit sees the whole input is the whole image once a larger input shows it
-        # again (global pooling); at the first size, it may be a field larger than a small input (VGG-M's
-        # conv5 at 35 px: 139 px wide, stride 16), whose size and stride a larger map shows
+        # enlarged until every field is clear of the border and of the rows left unread: two clear ones at the
+        # input size are not enough, as a third, cut, spaces the fields wrongly (VGG-M's conv3 at 100x140: 12
+        # px, not 16). A one-position map whose unit sees the whole input is the whole image once a larger
+        # input shows it again (global pooling); at the first size, it may be a field larger than a small input
+        # (VGG-M's conv5 at 35 px: 139 px wide, stride 16), whose size and stride a larger map shows
         if (whole and scale > 1) or len(inside) == len(points):
             break
         # past 4 times the input size, only while the input is small and its fields too large for it (fewer

@@ -1202,3 +1202,20 @@ def test_a_one_position_map_is_whole_only_if_a_larger_input_says_so(model, layer
     # global pooling: a one-position map at every size, whole
     pooled = nn.Sequential(nn.Conv2d(3, 3, 3), nn.AdaptiveAvgPool2d(1)).eval()
     assert probe_receptive_field(pooled, "1", 5).whole_image
+
+
+@pytest.mark.parametrize("size", [40, (40, 72)])
+def test_fields_cut_by_rows_the_pooling_leaves_unread_count_as_cut(size, recwarn):
+    # at 160 px, conv5's field of map row 5 spans rows 28 to 158: cut by the last row, which no pooling
+    # window reads, it counted as uncut: stride 12, offset -36 and an "approximation" warning
+    model = vgg_m(10, input_size=224, width=0.05, fc_width=8).eval()
+    analytic = receptive_field(model, "conv5", size, method="analytic")
+    probed = probe_receptive_field(model, "conv5", size)
+    assert (analytic.size, analytic.stride, analytic.offset) == ((139, 139), (16, 16), (-52, -52))
+    assert (probed.size, probed.stride, probed.offset, probed.map_size) == (
+        analytic.size, analytic.stride, analytic.offset, analytic.map_size)
+    assert not [w for w in recwarn if "approximation" in str(w.message)]
+    # a field smaller than its neighbours elsewhere than at the last rows read is no cut one: adaptive pooling's
+    # uneven windows (12 -> 5: rows 0-2, 2-4, 4-7, 7-9, 9-11) are still an approximation, said
+    with pytest.warns(UserWarning, match="no single size and stride describe"):
+        probe_receptive_field(_adaptive_model(5), "1", 12)

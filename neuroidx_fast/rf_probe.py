@@ -253,12 +253,42 @@ def _check_map_shape(layer, out) -> None:
                          "whose output is [B, C, H, W] or [B, C]")
 
 
+class _LastMap(torch.overrides.TorchFunctionMode):
+    """Records the last [B, C, H, W] floating-point tensor computed from the input (``last``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.is_floating_point() and out.requires_grad:
+            self.last = out
+        return out
+
+
+def _last_map_read(model, layer, size, channels):
+    """Bounds of the input pixels that the last [B, C, H, W] map computed before ``layer``'s output reads, on
+    the probe's model and input (as probe_gradient); None where there is no such map."""
+    probe = _positive_copy(model)
+    first = next(probe.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    image = torch.ones((1, channels) + tuple(size), dtype=torch.float64, device=device, requires_grad=True)
+    with _ProbeSubstitutions(), _LastMap() as recorded, LayerCapture(probe, [layer]) as capture:
+        capture.run(image)
+        if recorded.last is None:
+            return None
+        (grad,) = torch.autograd.grad(recorded.last.sum(), image)
+    return _bounds((grad[0] != 0).any(dim=0))
+
+
 def _one_position_field(model, layer, size, channels) -> ReceptiveField:
     """The field of a [B, C] layer, a map of one position (SPEC.md 1), measured at ``size``: the whole image
     after global pooling or a flatten before a linear, but a box where the layer reads fixed positions of a
     map (``conv(x)[:, :, 3, 4]``). Whole where the box spans the image, or where it grows with the input (a
     unit that mixes every position of a map whose pooling leaves the image's last rows unread: AlexNet's
-    classifier at 99 px sees rows 0 to 96); else the box at this size, which no other input size has."""
+    classifier at 99 px sees rows 0 to 96), or, where no larger input runs, where it reads every pixel that the
+    last [B, C, H, W] map before it reads; else the box at this size, which no other input size has."""
     box = _bounds(probe_gradient(model, layer, size, [(0, 0)], channels)[0])
     if box is None:
         raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
@@ -267,8 +297,13 @@ def _one_position_field(model, layer, size, channels) -> ReceptiveField:
         try:
             grown = _bounds(probe_gradient(model, layer, (2 * size[0], 2 * size[1]), [(0, 0)], channels)[0])
         except Exception:
-            grown = None  # the model accepts no larger input (a flatten before a linear)
-        whole = grown is not None and any(grown[a + 2] - grown[a] > box[a + 2] - box[a] for a in (0, 1))
+            grown = None  # the model accepts no larger input (a flatten before a linear sized for this one)
+        if grown is None:
+            # whole where the unit reads every pixel that the last map before it reads (VGG-M's fc6 at 64 px:
+            # rows 0 to 62, row 63 read by no conv)
+            whole = box == _last_map_read(model, layer, size, channels)
+        else:
+            whole = any(grown[a + 2] - grown[a] > box[a + 2] - box[a] for a in (0, 1))
     if whole:
         return ReceptiveField(size, (0, 0), (0, 0), size, (1, 1), True, "probe")
     return ReceptiveField((box[2] - box[0] + 1, box[3] - box[1] + 1), (1, 1), (box[0], box[1]), size, (1, 1), False,

@@ -1219,3 +1219,27 @@ def test_fields_cut_by_rows_the_pooling_leaves_unread_count_as_cut(size, recwarn
     # uneven windows (12 -> 5: rows 0-2, 2-4, 4-7, 7-9, 9-11) are still an approximation, said
     with pytest.warns(UserWarning, match="no single size and stride describe"):
         probe_receptive_field(_adaptive_model(5), "1", 12)
+
+
+class _FixedPositionBesideAFlatten(nn.Module):
+    """A head on one position of a map, beside a linear sized for 12 px inputs: no larger input runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc, self.head = nn.Conv2d(3, 2, 3, stride=2), nn.Linear(2 * 5 * 5, 2), nn.Linear(2, 2)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(y[:, :, 1, 1]) + 0 * self.fc(y.flatten(1))
+
+
+def test_a_flatten_before_a_linear_sized_for_the_input_is_the_whole_image():
+    # VGG-M's fc6 at 64 px reads rows 0 to 62 (no conv reads row 63) and accepts no larger input: the probe
+    # gave a 63x63 box at offset 0
+    model = vgg_m(10, input_size=64, width=0.05, fc_width=8).eval()
+    for method in ("analytic", "probe"):
+        rf = receptive_field(model, "fc6", 64, method=method)
+        assert (rf.whole_image, rf.size, rf.box(0, 0)) == (True, (64, 64), (0, 0, 63, 63))
+    # a unit that reads one position of the last map is no whole image, larger inputs or not
+    rf = probe_receptive_field(_FixedPositionBesideAFlatten().eval(), "head", 12)
+    assert (rf.whole_image, rf.size, rf.offset) == (False, (3, 3), (2, 2))

@@ -15,14 +15,7 @@ from torch.utils.data import Subset
 
 import neuroidx_fast.ablation as abl
 from neuroidx_fast.train import evaluate_classifier, train_classifier
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_ablation import one_thread  # noqa: F401 (autouse: one thread, as in test_ablation.py)
 
 
 class Pairs(torch.utils.data.Dataset):

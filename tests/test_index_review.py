@@ -13,7 +13,8 @@ from neuroidx_fast.indexing import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, _prepr
 from neuroidx_fast.neuron_index import INDEX_FORMAT, INDEX_VERSION
 from neuroidx_fast.prepare import collate_images
 from neuroidx_fast.storage import BundleError, read_bundle, write_bundle
-from models import ImageSet, make_model
+from tests.models import ImageSet, make_model
+from tests.test_indexing import _Listed
 
 ARGS = dict(k=2, batch_size=2, progress=False)
 
@@ -94,32 +95,16 @@ def test_values_told_apart_only_by_their_repr_make_another_preprocess():
     assert _preprocess_code(_describing(object()), reprs=True) == _preprocess_code(_describing(object()), reprs=True)
 
 
-class _Failing(ImageSet):
-    """ImageSet failing at item ``fail`` (an interrupted run), with a fingerprint of its contents."""
-
-    def __init__(self, fail=None, **kwargs):
-        super().__init__(**kwargs)
-        self.fail = fail
-
-    def fingerprint(self):
-        return "files A"
-
-    def __getitem__(self, i):
-        if i == self.fail:
-            raise RuntimeError("disk gone")
-        return super().__getitem__(i)
-
-
 def test_a_resume_with_a_preprocess_of_another_dtype_is_refused(tmp_path):
     """The resumed index mixed images rounded to float16 with images rounded to bfloat16."""
     model, ckpt = make_model("vgg"), str(tmp_path / "ck")
     args = dict(layers=["features.2"], checkpoint=ckpt, checkpoint_every=1, **ARGS)
     with pytest.raises(RuntimeError, match="disk gone"):
-        nx.index_dataset(model, _Failing(fail=5, n=8), preprocess=_rounding(torch.float16), **args)
+        nx.index_dataset(model, _Listed("files A", fail=5, n=8), preprocess=_rounding(torch.float16), **args)
     with pytest.raises(ValueError, match="the preprocess function differs"):
-        nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.bfloat16), **args)
-    resumed = nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.float16), **args)
-    whole = nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.float16), **{**args, "checkpoint": None})
+        nx.index_dataset(model, _Listed("files A", n=8), preprocess=_rounding(torch.bfloat16), **args)
+    resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=_rounding(torch.float16), **args)
+    whole = nx.index_dataset(model, _Listed("files A", n=8), preprocess=_rounding(torch.float16), **{**args, "checkpoint": None})
     assert resumed["features.2"].images_seen == 8
     assert torch.equal(resumed["features.2"].values, whole["features.2"].values)
 
@@ -129,13 +114,13 @@ def test_checkpoints_without_the_preprocess_values_still_resume(tmp_path):
     model, ckpt = make_model("vgg"), str(tmp_path / "ck")
     args = dict(layers=["features.2"], checkpoint=ckpt, checkpoint_every=1, **ARGS)
     with pytest.raises(RuntimeError, match="disk gone"):
-        nx.index_dataset(model, _Failing(fail=5, n=8), preprocess=_rounding(torch.float16), **args)
+        nx.index_dataset(model, _Listed("files A", fail=5, n=8), preprocess=_rounding(torch.float16), **args)
     manifest, tensors = read_bundle(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
     assert manifest["fingerprint"].pop("preprocess_values") is not None
     _rewrite(ckpt, CHECKPOINT_FORMAT, manifest, tensors)
     with pytest.raises(ValueError, match="the preprocess function differs"):  # (another code)
-        nx.index_dataset(model, _Failing(n=8), preprocess=lambda x: x.half().float(), **args)
-    resumed = nx.index_dataset(model, _Failing(n=8), preprocess=_rounding(torch.float16), **args)
+        nx.index_dataset(model, _Listed("files A", n=8), preprocess=lambda x: x.half().float(), **args)
+    resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=_rounding(torch.float16), **args)
     assert resumed["features.2"].images_seen == 8
 
 

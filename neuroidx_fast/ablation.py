@@ -516,10 +516,13 @@ class _Engine:
         """No NaN in the logits of the replicas of sets ``first_set``, ... (mask-major, ``len(ids)`` rows
         each): argmax would count NaN logits as a prediction of class 0. The error names the set, its
         units and the images."""
-        nan = torch.isnan(logits).any(dim=1)
+        self.refuse_nan(torch.isnan(logits).any(dim=1).view(-1, len(ids)), masks, first_set, ids)
+
+    def refuse_nan(self, nan, masks, first_set: int, ids) -> None:
+        """The error of check_ablated_logits where ``nan`` [sets, len(ids)] (sets ``first_set``, ...) holds
+        a True: one host sync."""
         if not bool(nan.any()):
             return
-        nan = nan.view(-1, len(ids))
         j = int(nan.any(dim=1).nonzero()[0])
         units = masks[first_set + j].nonzero().flatten().tolist()
         raise ValueError(f"the model's outputs hold NaN with unit(s) {units[:8]} of layer {self.layer!r} ablated (set "
@@ -603,6 +606,7 @@ class _Engine:
     def general(self, cut, live, masks, fill, per_call: int, rtol, ids):
         s, b = masks.shape[0], cut.shape[0]
         pred = torch.empty((s, b), dtype=torch.int64, device=cut.device)
+        nan = torch.zeros((s, b), dtype=torch.bool, device=cut.device)  # checked once, after the loop (one sync)
         for s0 in range(0, s, per_call):
             chunk = masks[s0:s0 + per_call]
             m = chunk.shape[0]
@@ -614,13 +618,14 @@ class _Engine:
                                    f"{m * b} masked replicas: it mixes images of a batch, so it cannot be ablated "
                                    "in batches (use masks_per_batch=1)")
             self.stats["suffix_rows"] += m * b
-            self.check_ablated_logits(logits, masks, s0, ids)
+            nan[s0:s0 + m] = torch.isnan(logits).any(dim=1).view(m, b)
             p = logits.argmax(dim=1).view(m, b)
             if rtol is not None and m > 1:
                 for j in _near_tie(logits, rtol).view(m, b).any(dim=1).nonzero().flatten().tolist():
                     p[j] = self.naive_shape(cut, live, masks, s0 + j, fill, ids)
                     self.stats["verified_masks"] += 1
             pred[s0:s0 + m] = p
+        self.refuse_nan(nan, masks, 0, ids)
         return pred
 
     def readout(self, cut, live, masks, unit_ids, fill, plan_state, ids):
@@ -745,8 +750,9 @@ def ablation_drops(model: nn.Module, dataset, layer: str, units=None, masks=None
         used = masks.any(dim=0).cpu()
         missing = (~torch.isfinite(fill64) & used).nonzero().flatten()
         if missing.numel():
-            raise ValueError(f"units {missing[:10].tolist()} of layer {layer!r} have no finite mean (never seen?); "
-                             "mode='mean' cannot ablate them")
+            raise ValueError(f"units {missing[:10].tolist()} of layer {layer!r} have no finite mean "
+                             f"({fill64[missing[:10]].tolist()}: their activations hold +-inf, or the means given "
+                             "are not finite); mode='mean' cannot ablate them: use mode='zero' or give finite means=")
     fill64_or_zero = fill64 if fill64 is not None else torch.zeros(channels, dtype=torch.float64)
     fill = fill64_or_zero.to(act_dtype).to(engine.device)  # the value the naive hook writes, in the activation dtype
 
@@ -860,7 +866,8 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
     dtype; zeros by default). Returns ``(intact_correct [K], correct [S, K], class_counts [K])`` int64.
     ``pass_times``: a list that receives the seconds of each pass (the intact one first)."""
     module = resolve_layers(model, layer)[layer]
-    dataset_length(dataset, "measure")
+    if hasattr(dataset, "__len__"):  # (an iterable dataset is read as it comes)
+        dataset_length(dataset, "measure")
     masks = torch.as_tensor(masks)
     if masks.dtype != torch.bool:  # (a cast would make 0.5 an ablation)
         raise TypeError(f"masks must be a bool tensor [S, C] (True: ablate the unit), got {masks.dtype}")
@@ -905,6 +912,8 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                         counts = torch.zeros_like(correct)
                     counts.index_add_(0, labels, torch.ones_like(labels))
                     correct.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
+                if correct is None:
+                    raise ValueError("the dataset is empty: nothing to measure")
                 results.append(correct.cpu())
                 if pass_times is not None:
                     if device.type == "cuda":

@@ -281,3 +281,63 @@ def test_readout_path_with_per_channel_1d_pooling_and_global_hooks():
         handle.remove()
     assert hooked.stats["path"] == "general" and "runs forward hooks" in hooked.stats["readout"]
     assert torch.equal(hooked.correct, result.correct)
+
+
+def test_the_general_path_checks_nan_once_per_batch_not_once_per_mask(monkeypatch):
+    # one bool() of a device tensor per mask chunk waited for a GPU once per mask (74 waits for 16 masks
+    # x 4 batches one mask at a time, against 10 before the NaN check); now one per batch
+    data = Pairs(torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(32) % 2)
+    model = small_head(channels=16)
+    args = dict(path="general", verify=None, batch_size=8, progress=False)
+    syncs = {}
+    real = torch.Tensor.__bool__
+    for per_batch in (1, 16):
+        abl.ablation_drops(model, data, "1", masks_per_batch=per_batch, **args)  # (first-call work aside)
+        count = [0]
+
+        def counting(self, count=count):
+            count[0] += 1
+            return real(self)
+
+        monkeypatch.setattr(torch.Tensor, "__bool__", counting)
+        abl.ablation_drops(model, data, "1", masks_per_batch=per_batch, **args)
+        monkeypatch.setattr(torch.Tensor, "__bool__", real)
+        syncs[per_batch] = count[0]
+    assert syncs[1] == syncs[16] and syncs[1] < 20
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+
+def test_the_naive_loop_reads_an_iterable_dataset():
+    data = Pairs(torch.rand(6, 3, 5, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 3))
+    masks = torch.eye(4, dtype=torch.bool)
+    want = abl.naive_ablation_counts(small_head(), data, "1", masks, batch_size=4)
+    got = abl.naive_ablation_counts(small_head(), _Stream([data[i] for i in range(6)]), "1", masks, batch_size=4)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="the dataset is empty: nothing to measure"):
+        abl.naive_ablation_counts(small_head(), _Stream([]), "1", masks)
+
+
+class _MinusInfUnit(nn.Module):
+    def forward(self, x):
+        x = x.clone()
+        x[:, 3] = float("-inf")
+        return x
+
+
+def test_mean_mode_says_why_a_mean_is_not_finite():
+    # it said "never seen?" of a unit seen on every image, whose activations are -inf
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _MinusInfUnit(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    data = Pairs(torch.rand(6, 3, 5, 5, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 3))
+    with pytest.raises(ValueError, match=re.escape("units [3] of layer '1' have no finite mean ([-inf]: their "
+                                                   "activations hold +-inf")):
+        abl.ablation_drops(model, data, "1", mode="mean", batch_size=2, progress=False)
+    abl.ablation_drops(model, data, "1", mode="zero", batch_size=2, progress=False)

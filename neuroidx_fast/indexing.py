@@ -8,6 +8,7 @@ initialised torch.distributed, each rank indexes a contiguous shard; rank 0 merg
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import hashlib
 import json
@@ -220,9 +221,10 @@ def _describe(value, depth: int, reprs: bool = True) -> str:
     array's) dtype, shape and bytes (a quantised one's scales too, with ``reprs``); a function's code
     (bytecode, constants, names), defaults and closure cells; a partial's function and arguments; a
     bound method's function; a module's submodules, settings and state; a callable object's ``__call__``
-    and attributes; anything else, with ``reprs``, its type and repr (a torch.dtype or device, an enum,
-    a slice) unless the repr shows an address, else its type alone (what it holds cannot be told apart
-    without its address). Globals a function reads are named, not looked into."""
+    and attributes; with ``reprs``, a torch.dtype, device, memory format or layout, an enum or a range
+    by its repr, a slice by its bounds, another object by its attributes (``__dict__``); anything else
+    its type alone (what it holds cannot be told apart without its address, and a repr in general is
+    not the same in every process). Globals a function reads are named, not looked into."""
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     if depth > 8:
         return kind
@@ -273,13 +275,21 @@ def _describe(value, depth: int, reprs: bool = True) -> str:
         return f"{kind}({deeper(call)};{deeper(dict(settings) if isinstance(settings, dict) else {})})"
     if not reprs:
         return kind
+    if isinstance(value, _STABLE_REPRS):  # (the same text in every process)
+        return f"{kind}:{value!r}"
+    if isinstance(value, enum.Enum):  # (its name: a member's repr shows its value, which may be a set)
+        return f"{kind}.{value.name}"
+    if isinstance(value, slice):
+        return f"{kind}({deeper((value.start, value.stop, value.step))})"
     if isinstance(value, types.ModuleType):  # (its repr names the file it came from)
         return f"{kind}:{value.__name__}"
-    try:
-        shown = repr(value)
-    except Exception:  # a repr that fails tells nothing
-        return kind
-    return kind if " at 0x" in shown else f"{kind}:{shown}"
+    settings = getattr(value, "__dict__", None)  # (a settings object: a repr may show a set in hash order)
+    return f"{kind}({deeper(dict(settings))})" if isinstance(settings, dict) else kind
+
+
+# kinds whose repr is the same in every process and tells their values apart (a repr in general is not:
+# a set's order changes with the hash seed, addresses with the run)
+_STABLE_REPRS = (torch.dtype, torch.device, torch.memory_format, torch.layout, range)
 
 
 def _quantisation(tensor: torch.Tensor, describe) -> str:

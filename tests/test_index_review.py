@@ -3,6 +3,10 @@ preprocess values that only their repr tells apart, bundles and checkpoints whos
 the forward never reaches, datasets whose items are of mixed or wrong kinds."""
 
 import enum
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +97,49 @@ def test_values_told_apart_only_by_their_repr_make_another_preprocess():
         assert _preprocess_code(_describing(one)) == _preprocess_code(_describing(other))
     # objects whose repr shows an address: their type alone, the same in every process
     assert _preprocess_code(_describing(object()), reprs=True) == _preprocess_code(_describing(object()), reprs=True)
+
+
+class _Settings:
+    """A settings object a preprocess closes over; its repr changes on every call, as a set's order
+    changes with the hash seed in every process."""
+
+    shown = 0
+
+    def __init__(self, channels, scale):
+        self.channels, self.scale = channels, scale
+
+    def __repr__(self):
+        _Settings.shown += 1
+        return f"_Settings(call {_Settings.shown})"
+
+
+_SET_HOLDER = """
+import dataclasses, sys
+sys.path.insert(0, {repo!r})
+from neuroidx_fast.indexing import _preprocess_code
+
+@dataclasses.dataclass
+class Cfg:
+    channels: set
+
+cfg = Cfg({{"red", "green", "blue", "alpha", "beta", "gamma"}})
+print(repr(cfg))
+print(_preprocess_code(lambda x: x if cfg is None else x, reprs=True))
+"""
+
+
+def test_objects_a_preprocess_holds_are_described_the_same_in_every_process():
+    """An object was described by its repr, which can hold a set in hash order: a checkpoint interrupted
+    in one process was refused in the next ("the preprocess function differs")."""
+    same = _preprocess_code(_describing(_Settings({"a", "b"}, 1.0)), reprs=True)
+    assert _preprocess_code(_describing(_Settings({"b", "a"}, 1.0)), reprs=True) == same
+    assert _preprocess_code(_describing(_Settings({"a", "b"}, 2.0)), reprs=True) != same  # (its values count)
+    repo = str(Path(__file__).resolve().parents[1])
+    outputs = [subprocess.run([sys.executable, "-c", _SET_HOLDER.format(repo=repo)], capture_output=True, text=True,
+                              check=True, env={**os.environ, "PYTHONHASHSEED": seed}).stdout.splitlines()
+               for seed in ("1", "2")]
+    assert outputs[0][0] != outputs[1][0]  # (the set's repr does change with the seed)
+    assert outputs[0][1] == outputs[1][1]
 
 
 def test_a_resume_with_a_preprocess_of_another_dtype_is_refused(tmp_path):

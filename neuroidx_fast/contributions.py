@@ -11,7 +11,7 @@ from torch import nn
 
 from .hooks import SharedModuleError, resolve_layers
 from .maximization import frozen_eval, model_device
-from .prepare import as_index, pixel_space, positive_int
+from .prepare import as_index, first_line, pixel_space, positive_int
 
 __all__ = ["contributions", "Contributions"]
 
@@ -123,7 +123,12 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
             x = image.detach().to(device)
             if preprocess is not None:
                 x = preprocess(x)
-            logits = model(x.to(dtype))
+            try:
+                logits = model(x.to(dtype))
+            except RuntimeError as exc:  # e.g. an [H, W, C] image: torch's own words name no fix
+                raise ValueError(f"the model fails on this image of shape {tuple(image.shape[1:])} "
+                                 f"({first_line(exc)}): give one pixel-space image [C, H, W] with the model's input "
+                                 "channels and a size it takes") from exc
             if "F" not in captured:
                 raise RuntimeError(f"the forward never reached layer {layer!r}: it is not used by model.forward")
             if not isinstance(logits, torch.Tensor) or logits.dim() not in (1, 2) or (logits.dim() == 2
@@ -152,6 +157,10 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
     _check_no_nan(layer, F.detach(), grad, logits.detach())
     prod = (F.detach().double() * grad.double())[0]
     values = prod.flatten(1).sum(1) if prod.dim() == 3 else prod
+    undefined = torch.isnan(values).nonzero().flatten().tolist()
+    if undefined:  # +-inf activations where the gradient is 0: inf * 0
+        raise ValueError(f"the contributions of unit(s) {undefined[:10]} of layer {layer!r} are undefined: their "
+                         "activations are infinite where the target logit's gradient is 0 (inf * 0); check the model")
     values = values.cpu()
     order = torch.sort(values, descending=True, stable=True).indices
     logits = logits.detach().float().cpu()

@@ -411,3 +411,28 @@ def test_contributions_of_a_gray_model():
     with torch.no_grad():
         pooled = model[:4](image[None])[0]
     assert torch.allclose(result.values, (model[4].weight[1] * pooled).double(), atol=1e-6)
+
+
+class _Log(nn.Module):
+    def forward(self, x):
+        return torch.log(x)
+
+
+def test_contributions_of_infinite_activations_with_zero_gradient_are_refused():
+    # unit 3 is log(0) = -inf, cut by the ReLU after it: inf * 0 = NaN, ranked first without a word
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), _Log(), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.abs_()
+        model[0].bias.fill_(1.0)
+        model[0].weight[3] = 0
+        model[0].bias[3] = 0
+    with pytest.raises(ValueError, match=r"unit\(s\) \[3\] of layer '2' are undefined: their activations are infinite"):
+        contributions(model, torch.rand(3, 4, 4), "2", target=0)
+
+
+def test_contributions_of_an_image_the_model_cannot_take_say_which():
+    # an [H, W, C] image: torch's "expected input[1, 8, 8, 3] to have 3 channels" named no fix
+    with pytest.raises(ValueError, match=r"the model fails on this image of shape \(8, 8, 3\) .*\[C, H, W\]"):
+        contributions(linear_head_model(), torch.rand(8, 8, 3), "0")

@@ -147,11 +147,7 @@ def _draw_shares(ax, table, layers, color_threshold, class_threshold, class_colu
 
 def _index_columns(table, columns) -> list[str]:
     if columns is None:
-        present = [c for c in INDEX_LABELS if c in table.columns]
-        if not present:
-            raise ValueError(f"the table has none of the index columns {list(INDEX_LABELS)}: compute them first "
-                             "(index.table(color=...), or neuroidx selectivity), or name columns=")
-        return present
+        return [c for c in INDEX_LABELS if c in table.columns]
     columns = [columns] if isinstance(columns, str) else list(columns)
     if not columns:
         raise ValueError("no index columns given")
@@ -168,6 +164,9 @@ def plot_index_distributions(table, path, columns=None, layers=None) -> str:
     """One panel per index column (default: those of ``INDEX_LABELS`` present), one box per layer with
     every unit as a point (NaN, i.e. dead or not computed, left out; "n/a" where a layer has none)."""
     columns = _index_columns(table, columns)
+    if not columns:  # (matplotlib said "Number of columns must be a positive integer, not 0")
+        raise ValueError(f"the table has none of the index columns {list(INDEX_LABELS)}: compute them first "
+                         "(index.table(color=...), or neuroidx selectivity), or name columns=")
     _check_table(table, columns)
     layers = _layers(table, layers)
     fig = _figure(max(3.5, 1.0 + 0.7 * len(layers)) * len(columns), 3.6)

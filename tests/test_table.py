@@ -258,6 +258,9 @@ def test_plot_shares_and_errors(indexed, tmp_path):
     with pytest.raises(ValueError, match="the table has none of the index columns.*compute them first"):
         plots.plot_index_distributions(df[["layer", "unit"]], tmp_path / "x.png")
     assert not os.listdir(tmp_path)
+    # a summary of a table without the usual index columns is still drawn (its share panel's column named)
+    custom = pd.DataFrame({"layer": ["a"] * 4, "unit": range(4), "my_si": [0.1, 0.6, 0.9, 0.2]})
+    _check_png(plots.plot_layer_summary(custom, tmp_path / "custom.png", class_column="my_si"))
     # NumPy numbers are numbers (np.float32(0.5) was "must be a finite number")
     _check_png(plots.plot_selective_share(df, tmp_path / "np.png", color_threshold=np.float32(0.4),
                                           class_threshold=np.int64(0)))

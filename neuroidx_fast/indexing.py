@@ -645,7 +645,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         if fingerprint["data"] is None and len(shard):
             fingerprint["data_sample"] = sample_fingerprint(dataset, sorted({shard.start, shard.stop - 1}))
     classes = getattr(_base_dataset(dataset), "classes", None)  # (a Subset's too, those it has no image of)
-    class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) else None
+    # (an empty list names no classes: labels are then checked against MAX_CLASSES, as with none)
+    class_names = [str(c) for c in classes] if isinstance(classes, (list, tuple)) and len(classes) else None
     meta = {"k": k, "dataset_length": length, "input_size": None, "class_names": class_names,
             "model": type(model).__name__}
     if checkpoint is not None and world > 1:

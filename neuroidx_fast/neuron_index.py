@@ -230,6 +230,7 @@ class NeuronIndex:
             if class_names is not None and not (isinstance(class_names, list)
                                                 and all(isinstance(c, str) for c in class_names)):
                 raise BundleError(f"{where}: class names {str(class_names)[:80]}, not a list of strings")
+            class_names = class_names or None  # (an empty list names no classes: earlier indexes saved one so)
             input_size = _check_input_size(manifest.get("input_size"), where)
             layers = {}
             for i, entry in enumerate(manifest["layers"]):

@@ -265,6 +265,28 @@ def test_a_checkpoint_whose_progress_disagrees_with_its_counts_is_refused(tmp_pa
     assert resumed["features.2"].class_count.tolist() == whole["features.2"].class_count.tolist()
 
 
+def test_a_dataset_naming_no_classes_in_an_empty_list_gives_an_index_that_loads(tmp_path):
+    """classes = [] was saved as class_names [] beside 3 class rows (the labels were checked as unnamed), and
+    NeuronIndex.load and a checkpoint resume refused it: "class statistics of 3 classes, but the index
+    names 0 classes"."""
+    model, data, ckpt = make_model("vgg"), ImageSet(n=6, size=8, classes=3), tmp_path / "ck"
+    data.classes = []
+    index = nx.index_dataset(model, data, ["features.2"], checkpoint=str(ckpt), **ARGS)
+    assert index.class_names is None and index["features.2"].class_count.tolist() == [1, 4, 1]
+    index.save(tmp_path / "index")
+    assert nx.NeuronIndex.load(tmp_path / "index")["features.2"].class_count.tolist() == [1, 4, 1]
+    # indexes and checkpoints written so before still load and resume, naming no classes
+    manifest, tensors = read_bundle(tmp_path / "index", INDEX_FORMAT, INDEX_VERSION)
+    manifest["class_names"] = []
+    _rewrite(tmp_path / "earlier", INDEX_FORMAT, manifest, dict(tensors))
+    assert nx.NeuronIndex.load(tmp_path / "earlier").class_names is None
+    manifest, tensors = read_bundle(ckpt, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    manifest["class_names"] = []
+    _rewrite(ckpt, CHECKPOINT_FORMAT, manifest, tensors)
+    resumed = nx.index_dataset(model, data, ["features.2"], checkpoint=str(ckpt), **ARGS)
+    assert resumed.class_names is None and resumed["features.2"].class_count.tolist() == [1, 4, 1]
+
+
 def test_a_layer_the_forward_never_reaches_is_not_blamed_on_the_images():
     """The error was wrapped as "the model fails on the first images ... check that the model takes images of
     this size": the size was fine, the layer is not used by forward."""

@@ -150,10 +150,10 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     made gray by ``pca_gray_crops``; the pairs are run in batches. ``preprocess`` and ``autocast_dtype``
     should be those the index was built with. The model runs in eval mode (its mode is restored after).
     Dead units (SPEC.md 3) give NaN. The index is not clamped: a gray image may excite a unit more.
-    NaN is otherwise only for live units whose top activations sum to 0 or less (a layer without a
-    ReLU: the ratio is undefined), with a warning naming them; a NaN or infinite pixel in a top image,
-    or a NaN activation of a live unit on a gray image, is a ValueError (naming the images, and the
-    layer and units).
+    Live units whose top activations sum to 0 or less (a layer without a ReLU) get the formula's value
+    as is (SPEC.md 4), with a warning naming them: it means nothing there. A NaN or infinite pixel in a
+    top image, or a NaN activation of a live unit on a gray image, is a ValueError (naming the images,
+    and the layer and units).
     """
     names = [layer] if isinstance(layer, str) else list(layer)
     resolve_layers(model, names)
@@ -208,23 +208,23 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
         gray_sum = torch.where(s["valid"], s["gray"], torch.zeros((), dtype=torch.float64)).sum(dim=1)
         alpha = (1 - gray_sum / top).float()
         alpha[s["dead"]] = float("nan")
-        _undefined_where_no_positive_sum(alpha, top, s["dead"], name)
+        _warn_where_no_positive_sum(top, s["dead"], name)
         result[name] = alpha
     return result[names[0]] if isinstance(layer, str) else result
 
 
-def _undefined_where_no_positive_sum(alpha, top, dead, name) -> None:
-    """alpha = NaN, with a warning, for the live units whose top activations sum to 0 or less (a layer
-    without a ReLU): SPEC.md 4's ratio then has no meaning (a zero denominator gives +-inf, a negative
-    one flips the index's sign)."""
+def _warn_where_no_positive_sum(top, dead, name) -> None:
+    """A warning naming the live units whose top activations sum to 0 or less (a layer without a ReLU):
+    SPEC.md 4's alpha is reported as is (not clamped), but there it means nothing (a zero denominator
+    gives +-inf or NaN, a negative one flips the index's sign)."""
     undefined = ~dead & (top <= 0)
     if bool(undefined.any()):
         units = undefined.nonzero().flatten().tolist()
         shown = ", ".join(map(str, units[:10])) + (", ..." if len(units) > 10 else "")
         warnings.warn(f"color selectivity of {name!r}: {len(units)} live unit(s) ({shown}) have top activations "
-                      "that sum to 0 or less, so 1 - sum a'_j / sum a_j is undefined for them: NaN (index a "
-                      "layer after its ReLU to get positive activations)", stacklevel=3)
-        alpha[undefined] = float("nan")
+                      "that sum to 0 or less, so 1 - sum a'_j / sum a_j means nothing for them (reported as is: "
+                      "+-inf, NaN or a flipped sign); index a layer after its ReLU to get positive activations",
+                      stacklevel=3)
 
 
 def _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast, batch_size):

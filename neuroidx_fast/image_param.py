@@ -43,8 +43,11 @@ def color_matrix_from_images(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"expected images [N, 3, H, W] with N >= 1, got {tuple(images.shape)}")
     pixels = images.detach().double().permute(1, 0, 2, 3).reshape(3, -1)
     if pixels.shape[1] < 2:  # the covariance of one pixel is NaN (0 / 0), on which eigh fails to converge
-        raise ValueError(f"a colour covariance needs at least 2 pixels, got images {tuple(images.shape)} (one "
-                         "pixel): give more or larger images, or use color_matrix()")
+        raise ValueError(f"a colour covariance needs at least 2 pixels, got images {tuple(images.shape)} "
+                         f"({pixels.shape[1]} pixel(s)): give more or larger images, or use color_matrix()")
+    if not bool(torch.isfinite(pixels).all()):  # (eigh of a NaN covariance fails to converge too)
+        raise ValueError(f"images hold {int((~torch.isfinite(pixels)).sum())} NaN or infinite pixel value(s): a "
+                         "colour covariance needs finite pixels")
     cov = torch.cov(pixels)
     vals, vecs = torch.linalg.eigh(cov)
     root = vecs @ torch.diag(vals.clamp(min=1e-12).sqrt()) @ vecs.T

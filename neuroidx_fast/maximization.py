@@ -71,10 +71,11 @@ def frozen_eval(model: nn.Module, device: torch.device, preprocess=None, image_g
 
 
 def _refuse_inference_tensors(roots) -> None:
-    """A ValueError when a parameter or buffer of ``roots`` is an inference tensor (made or loaded inside
-    ``torch.inference_mode()``), which no backward may save."""
+    """A ValueError when a parameter of ``roots`` is an inference tensor (made or loaded inside
+    ``torch.inference_mode()``), which no backward may save. (Buffers are left alone: one that the
+    backward never saves, such as an added bias, works.)"""
     for root in roots:
-        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
+        for name, tensor in root.named_parameters():
             if tensor.is_inference():
                 what = "the model's" if root is roots[0] else "the preprocess module's"
                 raise ValueError(f"{what} parameters are inference tensors ({name!r} among them), which autograd "

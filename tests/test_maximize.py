@@ -339,6 +339,39 @@ def test_a_model_built_inside_inference_mode_is_refused_by_name_and_left_as_it_c
         assert all(p.requires_grad for p in built.parameters())
 
 
+class _CachedBias(nn.Module):
+    """A conv after an additive bias buffer made on its first call (e.g. a serving warm-up under
+    inference_mode): the backward saves nothing of it, so the buffer may be an inference tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if not hasattr(self, "pos"):
+            self.register_buffer("pos", torch.linspace(0, 1, x.shape[-1]).expand(x.shape[-2], -1).clone())
+        return self.conv(x + self.pos)
+
+
+def test_an_inference_buffer_the_backward_does_not_save_is_no_reason_to_refuse():
+    model = _CachedBias().eval()
+    with torch.inference_mode():
+        model(torch.rand(1, 3, 16, 16))
+    assert model.pos.is_inference()
+    images = mx.maximize(model, "conv", [0, 1], size=16, steps=3)
+    assert images.shape == (2, 3, 16, 16) and bool(torch.isfinite(images).all())
+
+
+def test_colour_matrix_from_images_refuses_non_finite_pixels():
+    images = torch.rand(1, 3, 2, 2)
+    images[0, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"1 NaN or infinite pixel value\(s\)"):  # (eigh failed to converge)
+        color_matrix_from_images(images)
+    with pytest.raises(ValueError, match=r"at least 2 pixels, got images \(1, 3, 0, 4\) \(0 pixel\(s\)\)"):
+        color_matrix_from_images(torch.rand(1, 3, 0, 4))
+
+
 def test_errors(net):
     with pytest.raises(ValueError, match="unknown layer 'conv3'.*conv"):
         mx.maximize(net, "conv3", [0], size=SIZE, steps=1)
@@ -387,7 +420,7 @@ def test_parametrisations_round_trip_and_colour_matrix():
 
 def test_colour_matrix_from_images_needs_two_pixels():
     # the covariance of a single 1x1 image was NaN, and eigh then failed to converge
-    with pytest.raises(ValueError, match=r"at least 2 pixels, got images \(1, 3, 1, 1\).*color_matrix\(\)"):
+    with pytest.raises(ValueError, match=r"at least 2 pixels, got images \(1, 3, 1, 1\) \(1 pixel.*color_matrix\(\)"):
         color_matrix_from_images(torch.rand(1, 3, 1, 1))
     two = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])[:, :, None, None]  # gray pixels: luminance only
     assert torch.allclose(color_matrix_from_images(two), torch.full((3, 3), 3 ** -0.5), atol=1e-4)

@@ -253,23 +253,46 @@ def _check_map_shape(layer, out) -> None:
                          "whose output is [B, C, H, W] or [B, C]")
 
 
+# Functions that copy some elements of their first argument: a crop of a map, not a map (a slice is a view,
+# whose base is the map).
+_CROPS = {torch.Tensor.__getitem__, torch.index_select, torch.Tensor.index_select, torch.gather, torch.Tensor.gather,
+          torch.take_along_dim, torch.Tensor.take_along_dim, torch.masked_select, torch.Tensor.masked_select}
+
+
 class _LastMap(torch.overrides.TorchFunctionMode):
-    """Records the last [B, C, H, W] floating-point tensor computed from the input (``last``)."""
+    """Records the last [B, C, H, W] floating-point map computed from the input (``last``): the whole map where a
+    function slices or crops one (``y[:, :, 1:3, 1:3]`` records ``y``), as a unit that reads a crop of a map
+    reads no whole map."""
 
     def __init__(self):
         super().__init__()
         self.last = None
+        self._crops = {}  # id of a crop: (the crop, the map it was cut from)
+
+    def _map(self, tensor):
+        """The map that ``tensor`` is, or is a view or a crop of."""
+        tensor = tensor if tensor._base is None else tensor._base
+        crop = self._crops.get(id(tensor))
+        return crop[1] if crop is not None and crop[0] is tensor else tensor
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.is_floating_point() and out.requires_grad:
-            self.last = out
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        if func in _CROPS and args and isinstance(args[0], torch.Tensor):
+            source = self._map(args[0])
+            self._crops.update((id(t), (t, source)) for t in outs if isinstance(t, torch.Tensor))
+        for tensor in outs:
+            if isinstance(tensor, torch.Tensor):
+                root = self._map(tensor)
+                if root.dim() == 4 and root.is_floating_point() and root.requires_grad:
+                    self.last = root
         return out
 
 
 def _last_map_read(model, layer, size, channels):
-    """Bounds of the input pixels that the last [B, C, H, W] map computed before ``layer``'s output reads, on
-    the probe's model and input (as probe_gradient); None where there is no such map."""
+    """Bounds of the input pixels that the last [B, C, H, W] map computed before ``layer``'s output reads (the
+    whole map, not a crop of it: see _LastMap), on the probe's model and input (as probe_gradient); None where
+    there is no such map."""
     probe = _positive_copy(model)
     first = next(probe.parameters(), None)
     device = first.device if first is not None else torch.device("cpu")

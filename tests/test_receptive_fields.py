@@ -1222,15 +1222,19 @@ def test_fields_cut_by_rows_the_pooling_leaves_unread_count_as_cut(size, recwarn
 
 
 class _FixedPositionBesideAFlatten(nn.Module):
-    """A head on one position of a map, beside a linear sized for 12 px inputs: no larger input runs."""
+    """A head on fixed positions of a map (``read``: one position, a slice, an indexed crop), after a linear
+    sized for 12 px inputs: no larger input reaches the head."""
 
-    def __init__(self):
+    def __init__(self, read):
         super().__init__()
-        self.conv, self.fc, self.head = nn.Conv2d(3, 2, 3, stride=2), nn.Linear(2 * 5 * 5, 2), nn.Linear(2, 2)
+        self.read = read
+        self.conv, self.fc = nn.Conv2d(3, 2, 3, stride=2), nn.Linear(2 * 5 * 5, 2)
+        self.head = nn.Linear(read(torch.zeros(1, 2, 5, 5)).shape[1], 2)
 
     def forward(self, x):
         y = self.conv(x)
-        return self.head(y[:, :, 1, 1]) + 0 * self.fc(y.flatten(1))
+        z = self.fc(y.flatten(1))
+        return self.head(self.read(y)) + 0 * z
 
 
 def test_a_flatten_before_a_linear_sized_for_the_input_is_the_whole_image():
@@ -1240,6 +1244,14 @@ def test_a_flatten_before_a_linear_sized_for_the_input_is_the_whole_image():
     for method in ("analytic", "probe"):
         rf = receptive_field(model, "fc6", 64, method=method)
         assert (rf.whole_image, rf.size, rf.box(0, 0)) == (True, (64, 64), (0, 0, 63, 63))
-    # a unit that reads one position of the last map is no whole image, larger inputs or not
-    rf = probe_receptive_field(_FixedPositionBesideAFlatten().eval(), "head", 12)
-    assert (rf.whole_image, rf.size, rf.offset) == (False, (3, 3), (2, 2))
+
+
+@pytest.mark.parametrize("read, expected", [
+    (lambda y: y[:, :, 1, 1], ((3, 3), (2, 2))),
+    # a crop of the map, flattened: it was called the whole image, as the crop was the last map
+    (lambda y: y[:, :, 1:3, 1:3].flatten(1), ((5, 5), (2, 2))),
+    (lambda y: y[:, :, [1, 2]][:, :, :, [2, 3]].flatten(1), ((5, 5), (2, 4))),
+])
+def test_a_unit_that_reads_fixed_positions_of_a_map_is_no_whole_image(read, expected):
+    rf = probe_receptive_field(_FixedPositionBesideAFlatten(read).eval(), "head", 12)
+    assert (rf.whole_image, rf.size, rf.offset) == (False,) + expected

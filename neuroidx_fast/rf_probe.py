@@ -341,15 +341,17 @@ _SMALL_INPUT = 256
 def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: int = 3) -> ReceptiveField:
     """Size, stride and offset measured by the gradient probe at three positions near the centre of
     the map (the centre and its diagonal neighbours; two more off the diagonal check that each axis of the
-    fields follows the same axis of the map, which a transpose breaks: a ValueError), on inputs enlarged
-    until the field of view no longer touches the image border. A field that spans the whole input along an axis of a map wider
-    than one position (a unit that mixes a whole row or column) is the whole image; fields of unequal
+    fields follows the same axis of the map, which a transpose breaks: a ValueError), on inputs enlarged, along
+    each axis apart and up to a bound on their pixels, until the field of view no longer touches the image
+    border. A field that spans the whole input along an axis of a map wider than one position (a unit that
+    mixes a whole row or column) is the whole image; fields of unequal
     sizes or spacings (adaptive pooling's uneven windows, branches merged at different strides) take
     boxes that hold the fields measured, with a warning. Fields that move by less than a pixel per map
     position (after an upsampling) have no size and stride: a ValueError says so. A [B, C] layer is a map
-    of one position, measured at ``input_size`` (see _one_position_field). A map of one position whose unit sees
-    the whole input is the whole image once a larger input shows it again: at a small input, a field larger
-    than the image is measured on larger ones."""
+    of one position, measured at ``input_size`` (see _one_position_field). A map one position wide along an axis
+    whose unit sees the whole input along it sees it whole along it once a larger input shows it again (size the
+    input's, offset 0; pooling to (1, None)), and the whole image where both axes are so (global pooling): at a
+    small input, a field larger than the image is measured on larger ones."""
     size = _as_size(input_size)
     _layer_module(model, layer)  # an unknown name: the error that lists the model's names
     channels = _as_channels(channels)
@@ -358,17 +360,20 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     if out.dim() == 2:
         return _one_position_field(model, layer, size, channels)
     map_size = _spatial(out)
-    best, previous_map, scale = None, None, 1
+    # the most pixels a probe's input may hold: 4 times the input's, or a small input's sides doubled up to
+    # twice _SMALL_INPUT (a thin input grows along its short side alone: (27, 1000) to (216, 1000))
+    most = max(4 * size[0] * size[1], (2 * _SMALL_INPUT) ** 2)
+    best, previous, scale, grew = None, None, [1, 1], (False, False)
+    whole_along = [False, False]  # the axes along which the unit has seen the whole input at two sizes
     while True:
-        probe_size = (size[0] * scale, size[1] * scale)
+        probe_size = (size[0] * scale[0], size[1] * scale[1])
         try:
-            probe_map = out if scale == 1 else _layer_output(model, layer, probe_size, channels)
+            probe_map = out if previous is None else _layer_output(model, layer, probe_size, channels)
         except Exception:
             break  # the model accepts no larger input
         h, w = _spatial(probe_map)
-        if previous_map is not None and ((h == previous_map[0] > 1) or (w == previous_map[1] > 1)):
+        if previous is not None and any(grew[a] and (h, w)[a] == previous[0][a] > 1 for a in (0, 1)):
             break  # the map did not grow along an axis (adaptive pooling): the larger input has another geometry
-        previous_map = (h, w)
         cy, cx = max(0, (h - 1) // 2), max(0, (w - 1) // 2)
         points = sorted({(max(cy - 1, 0), max(cx - 1, 0)), (cy, cx), (min(cy + 1, h - 1), min(cx + 1, w - 1))})
         # off the diagonal too, where a net that swaps its axes (a transpose) shows: on the diagonal, a field
@@ -384,28 +389,36 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         # rows that the net's pooling leaves unread (VGG-M's conv5 at 160 px: its map row 5 reads rows 28 to
         # 158 of a field 139 rows high)
         last_read = found[probed.index((h - 1, w - 1))][2:]
-        whole = boxes[0] == (0, 0, probe_size[0] - 1, probe_size[1] - 1) and (h, w) == (1, 1)
+        # one map position along an axis whose field spans the input there: whole along it where larger inputs
+        # show it again, up to _SMALL_INPUT or as far as the probe can go (global pooling; pooling to (1, None));
+        # at a small input, it may be a field larger than the input at a large stride (VGG-M's conv5 at 35 px:
+        # 139 px wide, stride 16; five 3x3/2 convs at 16 and 32 px: 63 px, stride 32), which a larger map shows
+        spanned = tuple((h, w)[a] == 1 and boxes[0][a] == 0 and boxes[0][a + 2] == probe_size[a] - 1
+                        for a in (0, 1))
+        for a in (0, 1):
+            if grew[a]:
+                whole_along[a] = spanned[a] and previous[1][a]
+        settled = [whole_along[a] and probe_size[a] >= _SMALL_INPUT for a in (0, 1)]
         # a box from border to border on an axis along which the map has several positions, at the
         # largest input tried: the unit mixes a whole row or column
         spans = ((h > 1 and any(b[0] == 0 and b[2] == probe_size[0] - 1 for b in boxes))
                  or (w > 1 and any(b[1] == 0 and b[3] == probe_size[1] - 1 for b in boxes)))
-        inside = [(p, b) for p, b in zip(points, boxes)
-                  if not (b[0] == 0 or b[1] == 0 or b[2] >= last_read[0] or b[3] >= last_read[1])]
-        best = (probe_size, points, boxes, whole, spans, inside, across)
-        # enlarged until every field is clear of the border and of the rows left unread: two clear ones at the
-        # input size are not enough, as a third, cut, spaces the fields wrongly (VGG-M's conv3 at 100x140: 12
-        # px, not 16). A one-position map whose unit sees the whole input is the whole image once a larger
-        # input shows it again (global pooling); at the first size, it may be a field larger than a small input
-        # (VGG-M's conv5 at 35 px: 139 px wide, stride 16), whose size and stride a larger map shows
-        if (whole and scale > 1) or len(inside) == len(points):
+        clear = [[p for p, b in zip(points, boxes) if not (b[a] == 0 or b[a + 2] >= last_read[a])] for a in (0, 1)]
+        inside = [(p, b) for p, b in zip(points, boxes) if all(whole_along[a] or p in clear[a] for a in (0, 1))]
+        best = (probe_size, points, boxes, tuple(whole_along), spans, inside, across)
+        # enlarged, along each axis apart, until every field is clear of the border and of the rows left unread:
+        # two clear ones at the input size are not enough, as a third, cut, spaces the fields wrongly (VGG-M's
+        # conv3 at 100x140: 12 px, not 16). Past 4 times the input size, only while the input is small and fewer
+        # than two fields clear of the border (a 13 px field at 3 px needs 24 px; ResNet18's layer3, 147 px, at
+        # 16 px needs 256), and never past ``most`` pixels
+        grew = tuple(not settled[a] and len(clear[a]) < len(points)
+                     and (scale[a] < 4 or (len(clear[a]) < 2 and probe_size[a] < _SMALL_INPUT)) for a in (0, 1))
+        if not any(grew) or math.prod(probe_size) * 2 ** sum(grew) > most:
             break
-        # past 4 times the input size, only while the input is small and its fields too large for it (fewer
-        # than two clear of the border, none from border to border): a 13 px field at 3 px needs 24 px
-        if scale >= 4 and (spans or len(inside) >= 2 or min(probe_size) >= _SMALL_INPUT):
-            break
-        scale *= 2
-    probe_size, points, boxes, whole, spans, inside, across = best
-    if whole or (spans and len(inside) < 2):
+        previous = ((h, w), spanned)
+        scale = [scale[a] * 2 if grew[a] else scale[a] for a in (0, 1)]
+    probe_size, points, boxes, whole_along, spans, inside, across = best
+    if all(whole_along) or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
     measured = list(zip(points, boxes))  # every field measured, a part of the unit's field where cut
     _check_per_axis(layer, measured + across)
@@ -481,6 +494,9 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
                       "lower bound", stacklevel=3)
+    # along an axis seen whole, every row (or column) of the input, from the first
+    rf_size, stride, offset = (tuple(whole[a] if whole_along[a] else v[a] for a in (0, 1))
+                               for whole, v in ((size, rf_size), ((1, 1), stride), ((0, 0), offset)))
     return ReceptiveField(rf_size, stride, offset, size, map_size, False, "probe")
 
 

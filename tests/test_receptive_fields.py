@@ -1192,6 +1192,9 @@ def test_the_probe_of_no_positions_is_empty():
     (nn.Sequential(nn.Conv2d(3, 3, 7, padding=3), nn.Conv2d(3, 3, 7, padding=3, stride=4)), "1", 3,
      ((13, 13), (4, 4), (-6, -6))),
     (vgg_m(10, input_size=224, width=0.05, fc_width=8), "conv5", 35, ((139, 139), (16, 16), (-52, -52))),
+    # five 3x3/2 convs at 16 px: a 1x1 map at 32 px too, whose field spans it; it was called whole there
+    (nn.Sequential(*[m for i in range(5) for m in (nn.Conv2d(3 if i == 0 else 4, 4, 3, 2, 1), nn.ReLU())]), "8", 16,
+     ((63, 63), (32, 32), (-31, -31))),
 ])
 def test_a_one_position_map_is_whole_only_if_a_larger_input_says_so(model, layer, size, expected):
     model = model.eval()
@@ -1255,3 +1258,39 @@ def test_a_flatten_before_a_linear_sized_for_the_input_is_the_whole_image():
 def test_a_unit_that_reads_fixed_positions_of_a_map_is_no_whole_image(read, expected):
     rf = probe_receptive_field(_FixedPositionBesideAFlatten(read).eval(), "head", 12)
     assert (rf.whole_image, rf.size, rf.offset) == (False,) + expected
+
+
+def test_a_small_input_grows_past_4_times_while_its_fields_span_it():
+    # an 89 px field at stride 4: at 8 px the map is 2x2, and at 32 px every field spans the image; the probe
+    # stopped there and called the layer the whole image (ResNet18's layer3 at 16 to 32 px likewise)
+    model = nn.Sequential(nn.Conv2d(3, 3, 9, 2, 4), nn.Conv2d(3, 3, 9, 2, 4), nn.Conv2d(3, 3, 9, padding=4),
+                          nn.Conv2d(3, 3, 9, padding=4)).eval()
+    for rf in (receptive_field(model, "3", 8, method="analytic"), probe_receptive_field(model, "3", 8)):
+        assert (rf.size, rf.stride, rf.offset, rf.map_size, rf.whole_image) == ((89, 89), (4, 4), (-44, -44), (2, 2),
+                                                                               False)
+
+
+def _probed_sizes(monkeypatch):
+    """The input sizes that the probe tries, in order."""
+    import neuroidx_fast.rf_probe as rf_probe
+    sizes, probe = [], rf_probe.probe_gradient
+    monkeypatch.setattr(rf_probe, "probe_gradient", lambda model, layer, size, *rest: (
+        sizes.append(tuple(size)), probe(model, layer, size, *rest))[1])
+    return sizes
+
+
+def test_the_probe_grows_each_axis_apart_and_an_axis_of_one_position_is_whole_along_it(monkeypatch):
+    # pooling to (1, None): the map stays one row high at every height, and the probe doubled both sides up to
+    # (256, 1024), then gave a field 256 rows high at stride 1 for a 32 px high input
+    sizes = _probed_sizes(monkeypatch)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.AvgPool2d(2), nn.Conv2d(3, 3, 3, padding=1),
+                          nn.AdaptiveAvgPool2d((1, None)), nn.Conv2d(3, 3, (1, 3), padding=(0, 1))).eval()
+    rf = probe_receptive_field(model, "4", (32, 64))
+    assert (rf.size, rf.stride, rf.offset, rf.map_size, rf.whole_image) == ((32, 12), (1, 2), (0, -5), (1, 32), False)
+    assert rf.box(0, 5) == (0, 5, 31, 16)
+    assert sizes == [(32, 64), (64, 64), (128, 64), (256, 64)]
+    # a thin input grows along its short side alone, up to a bound: VGG-M's conv5 at 27x300 went to 216x2400
+    sizes.clear()
+    rf = probe_receptive_field(vgg_m(10, input_size=224, width=0.05, fc_width=8).eval(), "conv5", (27, 300))
+    assert (rf.size, rf.stride, rf.offset) == ((139, 139), (16, 16), (-52, -52))
+    assert sizes == [(27, 300), (54, 300), (108, 300), (216, 300)]

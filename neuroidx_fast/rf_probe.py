@@ -220,9 +220,12 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     # gradient of the sum of the chosen outputs holds each position's gradient in its own image.
     images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
     with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
-        # the whole forward, not one stopped at the layer: a module called again later (shared by several
-        # places) is a SharedModuleError, as in the walk and the indexing, not its first call measured
-        out = capture.run_whole(images)[layer]
+        # a module called again later (shared by several places) is a SharedModuleError, as in the walk and the
+        # indexing, not its first call measured: one image without gradients runs the whole forward to see it,
+        # and the probe's own forward stops at the layer (the layers after it, with gradients, cost 2-4 times)
+        with torch.no_grad():
+            capture.run_whole(images[:1])
+        out = capture.run(images)[layer]
         _check_map_shape(layer, out)
         flat = out.reshape(out.shape[0], out.shape[1], -1)
         coefficients = 1 + torch.arange(flat.shape[1], dtype=flat.dtype, device=flat.device) / flat.shape[1]

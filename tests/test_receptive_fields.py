@@ -1294,3 +1294,27 @@ def test_the_probe_grows_each_axis_apart_and_an_axis_of_one_position_is_whole_al
     rf = probe_receptive_field(vgg_m(10, input_size=224, width=0.05, fc_width=8).eval(), "conv5", (27, 300))
     assert (rf.size, rf.stride, rf.offset) == ((139, 139), (16, 16), (-52, -52))
     assert sizes == [(27, 300), (54, 300), (108, 300), (216, 300)]
+
+
+class _Recorder(nn.Module):
+    """Records, for each call, the batch size and whether gradients are on."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], torch.is_grad_enabled()))
+        return x
+
+
+def test_the_probe_runs_the_layers_after_the_target_once_without_gradients(monkeypatch):
+    # to see a shared module, it ran the whole forward on every position's image with gradients
+    import neuroidx_fast.rf_probe as rf_probe
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), _Recorder(), nn.Conv2d(3, 3, 3), _Recorder()).eval()
+    probe = rf_probe._positive_copy(model)
+    monkeypatch.setattr(rf_probe, "_positive_copy", lambda m: probe)
+    masks = probe_gradient(model, "2", 9, [(0, 0), (2, 3), (4, 4)])
+    assert [m.sum().item() for m in masks] == [25, 25, 25]
+    # (batch, gradients on): the check for a second call on one image, then the probe's 3 images up to the layer
+    assert probe[1].calls == [(1, False), (3, True)] and probe[3].calls == [(1, False)]

@@ -8,7 +8,7 @@ import difflib
 import torch
 from torch import nn
 
-__all__ = ["resolve_layers", "LayerCapture", "InputCapture", "SharedModuleError"]
+__all__ = ["resolve_layers", "LayerCapture", "InputCapture", "SharedModuleError", "LayerNotReachedError"]
 
 
 def resolve_layers(model: nn.Module, layers) -> dict[str, nn.Module]:
@@ -47,8 +47,13 @@ def _forward_until_stopped(model: nn.Module, inputs, kwargs) -> None:
         pass
 
 
-def _never_reached(names) -> RuntimeError:
-    return RuntimeError(f"the forward never reached layer(s) {list(names)}: they are not used by model.forward")
+class LayerNotReachedError(RuntimeError):
+    """A requested layer that the forward never ran: the model's structure, not its inputs, is to blame."""
+
+
+def _never_reached(names) -> LayerNotReachedError:
+    return LayerNotReachedError(f"the forward never reached layer(s) {list(names)}: they are not used by "
+                                "model.forward")
 
 
 class SharedModuleError(ValueError):

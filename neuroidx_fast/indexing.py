@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .hooks import LayerCapture, _forward_until_stopped, resolve_layers
+from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
 from .prepare import (check_pixel_batch, check_preprocess, collate_images, dataset_length, eval_on_device,
@@ -334,17 +334,6 @@ def _first_batch_failure(exc: RuntimeError, image_shape: tuple, model_channels: 
     if "kernel size can't be greater than actual input size" in text or "output size is too small" in text:
         return f"{said}: images too small for its layers give this, so use larger ones (the CLI's --size)"
     return f"{said}: check that the model takes images of this size and number of channels (the CLI's --size)"
-
-
-def _raised_in_forward(exc: BaseException) -> bool:
-    """Whether ``exc`` came from inside the model's forward (what the images may cause), not from the
-    capture's check after it (a requested layer the forward never reached: no image size is to blame)."""
-    frame = exc.__traceback__
-    while frame is not None:
-        if frame.tb_frame.f_code is _forward_until_stopped.__code__:
-            return True
-        frame = frame.tb_next
-    return False
 
 
 def _check_labels(labels: torch.Tensor, class_names, first_id: int) -> None:
@@ -698,7 +687,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                     try:
                         outputs = run(x.to(param_dtype))
                     except RuntimeError as exc:
-                        if step != first_step or "out of memory" in str(exc) or not _raised_in_forward(exc):
+                        if step != first_step or "out of memory" in str(exc) or isinstance(exc, LayerNotReachedError):
                             raise
                         raise ValueError(_first_batch_failure(exc, tuple(images.shape[1:]), x.shape[1])) from exc
                 if stats is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .hooks import LayerCapture, resolve_layers
+from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
 from .prepare import evaluating, model_device, param_dtype
 
 __all__ = ["ReceptiveField"]
@@ -151,7 +151,7 @@ def _layer_output(model, layer, size, channels):
         with evaluating(model), torch.no_grad(), LayerCapture(model, [layer]) as capture:
             return capture.run(_blank_input(model, size, channels))[layer]
     except RuntimeError as exc:
-        if "never reached" in str(exc):
+        if isinstance(exc, LayerNotReachedError):
             raise
         message = str(exc).splitlines()[0]
         # torch's words for an input of the wrong depth (conv: "expected input[...] to have 1 channels")

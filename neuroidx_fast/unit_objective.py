@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import InputCapture, LayerCapture, SharedModuleError, resolve_layers
+from .hooks import InputCapture, LayerCapture, LayerNotReachedError, SharedModuleError, resolve_layers
 
 __all__ = ["UnitObjective", "unit_maps_objective", "affine_layer", "OBJECTIVES"]
 
@@ -153,7 +153,7 @@ class UnitObjective:
                     self.input_shape = tuple(out.shape[1:])
                     out = _affine_forward(self.module, out)
         except RuntimeError as exc:
-            if "never reached" in str(exc):
+            if isinstance(exc, LayerNotReachedError):
                 raise
             after = " after preprocess=" if self.preprocess is not None else ""
             raise ValueError(f"the model cannot run on {self.size[0]}x{self.size[1]} images{after} up to layer "

@@ -38,7 +38,7 @@ def frozen_eval(model: nn.Module, device: torch.device, preprocess=None, image_g
     Meanwhile, on the CPU, convolutions that read the image compute their pixel gradient by phases
     (image_conv_grad.py) and freed memory is kept for reuse (heap.py: the steps of an optimisation
     allocate and free the same large temporaries, which glibc would otherwise fault in anew each step).
-    With ``image_gradients`` (a backward to the image will run), parameters or buffers made inside
+    With ``image_gradients`` (a backward to the image will run), parameters made inside
     ``torch.inference_mode()`` are refused up front: autograd cannot save them, and the error it gives
     names neither the cause nor the fix."""
     roots = [model] + ([preprocess] if isinstance(preprocess, nn.Module) else [])

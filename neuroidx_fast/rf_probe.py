@@ -200,6 +200,16 @@ def _fix_computed_weights(probe: nn.Module) -> None:
                 del module._forward_pre_hooks[key]
 
 
+def _probe_and_inputs(model: nn.Module, count: int, size, channels: int):
+    """The probe's model (``_positive_copy``) and ``count`` positive input images [count, channels, *size] of
+    ones, float64 on its device, that take gradients."""
+    probe = _positive_copy(model)
+    first = next(probe.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    images = torch.ones((count, channels) + tuple(size), dtype=torch.float64, device=device, requires_grad=True)
+    return probe, images
+
+
 def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels: int = 3) -> torch.Tensor:
     """SPEC.md 2's probe: for each (y, x) of ``positions``, the mask [H, W] of input pixels where
     d sum_c r_c F_c(0, y, x) / d input is nonzero, on a copy of the model with positive weights and
@@ -213,12 +223,10 @@ def probe_gradient(model: nn.Module, layer: str, input_size, positions, channels
     positions = [(_map_index(y, "y", None), _map_index(x, "x", None)) for y, x in positions]
     if not positions:
         return torch.zeros((0,) + size, dtype=torch.bool)
-    probe = _positive_copy(model)
-    first = next(probe.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
     # One image per position, all in one batch: in eval mode the images do not interact, so the
     # gradient of the sum of the chosen outputs holds each position's gradient in its own image.
-    images = torch.ones((len(positions), channels) + size, dtype=torch.float64, device=device, requires_grad=True)
+    probe, images = _probe_and_inputs(model, len(positions), size, channels)
+    device = images.device
     with _ProbeSubstitutions(), LayerCapture(probe, [layer]) as capture:
         # a module called again later (shared by several places) is a SharedModuleError, as in the walk and the
         # indexing, not its first call measured: one image without gradients runs the whole forward to see it,
@@ -296,10 +304,7 @@ def _last_map_read(model, layer, size, channels):
     """Bounds of the input pixels that the last [B, C, H, W] map computed before ``layer``'s output reads (the
     whole map, not a crop of it: see _LastMap), on the probe's model and input (as probe_gradient); None where
     there is no such map."""
-    probe = _positive_copy(model)
-    first = next(probe.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    image = torch.ones((1, channels) + tuple(size), dtype=torch.float64, device=device, requires_grad=True)
+    probe, image = _probe_and_inputs(model, 1, size, channels)
     with _ProbeSubstitutions(), _LastMap() as recorded, LayerCapture(probe, [layer]) as capture:
         capture.run(image)
         if recorded.last is None:

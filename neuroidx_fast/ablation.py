@@ -866,8 +866,6 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
     dtype; zeros by default). Returns ``(intact_correct [K], correct [S, K], class_counts [K])`` int64.
     ``pass_times``: a list that receives the seconds of each pass (the intact one first)."""
     module = resolve_layers(model, layer)[layer]
-    if hasattr(dataset, "__len__"):  # (an iterable dataset is read as it comes)
-        dataset_length(dataset, "measure")
     masks = torch.as_tensor(masks)
     if masks.dtype != torch.bool:  # (a cast would make 0.5 an ablation)
         raise TypeError(f"masks must be a bool tensor [S, C] (True: ablate the unit), got {masks.dtype}")
@@ -912,7 +910,7 @@ def naive_ablation_counts(model: nn.Module, dataset, layer: str, masks, fill=Non
                         counts = torch.zeros_like(correct)
                     counts.index_add_(0, labels, torch.ones_like(labels))
                     correct.index_add_(0, labels, (logits.argmax(dim=1) == labels).to(torch.int64))
-                if correct is None:
+                if correct is None:  # (any dataset, iterable ones too: the loop saw no batch)
                     raise ValueError("the dataset is empty: nothing to measure")
                 results.append(correct.cpu())
                 if pass_times is not None:

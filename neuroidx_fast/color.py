@@ -14,7 +14,7 @@ from .features import (batch_slots, check_finite_top_images, check_top_images_si
                        resolve_dataset)
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
-from .prepare import check_preprocess, evaluating, model_device, param_dtype, pixel_space, positive_int
+from .prepare import check_preprocess, evaluating, model_device, param_dtype, pixel_space, positive_int, shortened
 from .receptive_fields import ReceptiveField
 
 __all__ = ["color_selectivity", "luminance", "pca_gray_crops", "GRAY_MODES"]
@@ -220,9 +220,8 @@ def _warn_where_no_positive_sum(top, dead, name) -> None:
     undefined = ~dead & (top <= 0)
     if bool(undefined.any()):
         units = undefined.nonzero().flatten().tolist()
-        shown = ", ".join(map(str, units[:10])) + (", ..." if len(units) > 10 else "")
-        warnings.warn(f"color selectivity of {name!r}: {len(units)} live unit(s) ({shown}) have top activations "
-                      "that sum to 0 or less, so 1 - sum a'_j / sum a_j means nothing for them (reported as is: "
+        warnings.warn(f"color selectivity of {name!r}: {len(units)} live unit(s) ({shortened(units, 10)}) have top "
+                      "activations that sum to 0 or less, so 1 - sum a'_j / sum a_j means nothing for them (reported as is: "
                       "+-inf, NaN or a flipped sign); index a layer after its ReLU to get positive activations",
                       stacklevel=3)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .hooks import SharedModuleError, resolve_layers
 from .maximization import frozen_eval, model_device
-from .prepare import as_index, first_line, pixel_space, positive_int
+from .prepare import as_index, first_line, pixel_space, positive_int, shortened
 
 __all__ = ["contributions", "Contributions"]
 
@@ -63,8 +63,7 @@ def _check_no_nan(layer: str, F: torch.Tensor, grad: torch.Tensor, logits: torch
     """A ValueError naming the layer and its units where the layer's output or the gradient of the logit
     holds NaN, or the logits do."""
     def nan_units(tensor):
-        units = torch.isnan(tensor[0]).reshape(tensor.shape[1], -1).any(1).nonzero().flatten().tolist()
-        return ", ".join(map(str, units[:10])) + (", ..." if len(units) > 10 else "")
+        return shortened(torch.isnan(tensor[0]).reshape(tensor.shape[1], -1).any(1).nonzero().flatten().tolist(), 10)
 
     if nan_units(F):
         raise ValueError(f"NaN in layer {layer!r}'s output on this image, unit(s) {nan_units(F)}: their "

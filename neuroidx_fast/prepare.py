@@ -96,6 +96,12 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def shortened(items, most: int) -> str:
+    """The first ``most`` of ``items``, comma-separated, with ", ..." where there are more (for messages)."""
+    items = list(items)
+    return ", ".join(map(str, items[:most])) + (", ..." if len(items) > most else "")
+
+
 def positive_int(name: str, value, *, zero_ok: bool = False, none_means: str | None = None):
     """``value`` as a Python int, checked: an integer (``as_index``: NumPy and 0-d tensor integers too, not
     a bool or a float) >= 1, or >= 0 with ``zero_ok``. With ``none_means`` (what None stands for, said in
@@ -216,9 +222,8 @@ def collate_images(items: list):
                              "to_tensor, or PILToTensor, for every image)")
         shapes = sorted({tuple(image.shape) for image in images})
         if len(shapes) > 1:
-            listed = ", ".join(map(str, shapes[:4])) + (", ..." if len(shapes) > 4 else "")
-            raise ValueError(f"the dataset gives images of different shapes in one batch ({listed}): give every image "
-                             "one size and number of channels (e.g. a Resize and CenterCrop transform)")
+            raise ValueError(f"the dataset gives images of different shapes in one batch ({shortened(shapes, 4)}): give "
+                             "every image one size and number of channels (e.g. a Resize and CenterCrop transform)")
     return default_collate(items)
 
 

@@ -75,8 +75,8 @@ from .graph_split import SplitModel, incoming_weight_l1, logits_element, readout
 from .hooks import LayerCapture, resolve_layers
 from .indexing import _base_dataset
 from .ops.reference import replica_memory_format
-from .prepare import (check_label_range, check_pixel_batch, check_preprocess, collate_images, dataset_length,
-                      eval_on_device, first_line, pixel_space, positive_int, restores_modes, split_batch)
+from .prepare import (check_label_range, check_pixel_batch, check_preprocess, dataset_length, eval_on_device,
+                      first_line, image_loader, pixel_space, positive_int, restores_modes, split_batch)
 
 __all__ = ["AblationResult", "ablation_drops", "ablation_correlations", "naive_ablation_counts",
            "CORRELATION_ATTRIBUTES"]
@@ -380,8 +380,7 @@ class _Engine:
         return x.to(self.param_dtype)
 
     def batches(self, desc: str):
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                            collate_fn=collate_images, pin_memory=self.device.type == "cuda")
+        loader = image_loader(self.dataset, self.batch_size, self.device, self.num_workers)
         if not self.progress:
             yield from loader
             return

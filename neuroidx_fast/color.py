@@ -181,10 +181,10 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
 
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
-                                                                   progress, f"color ({gray})")):
+                                                                   progress, f"color ({gray})", device)):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
+            images = pixel_space(images.to(device, non_blocking=True))
             check_finite_top_images(images, batch_ids)  # a NaN pixel would make a live unit's alpha NaN
-            images = pixel_space(images.to(device))
             if step == 0:
                 _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast)
             if gray == "luminance":

@@ -8,13 +8,13 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from . import backends, ops
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
-from .prepare import (as_index, canonical_device, check_pixel_batch, collate_images, dataset_length, integer_tensor,
+from .prepare import (as_index, canonical_device, check_pixel_batch, dataset_length, image_loader, integer_tensor,
                       nonfinite_images, positive_int, split_batch)
 from .receptive_fields import ReceptiveField, receptive_field
 
@@ -55,13 +55,13 @@ class NeuronFeatures:
 
 
 def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: int = 0, progress: bool = False,
-                    desc: str = "top images"):
+                    desc: str = "top images", device=None):
     """Yield ``(batch_ids, images)`` for the sorted unique ``ids``, in id order and batches: each image
     is loaded once whatever number of units rank it. Images come as the dataset gives them: floating, or
-    uint8 8-bit pixels (prepare.pixel_space)."""
+    uint8 8-bit pixels (prepare.pixel_space); for a CUDA ``device``, in page-locked memory (an
+    asynchronous copy there: ``prepare.image_loader``)."""
     ids = torch.unique(ids[ids >= 0].cpu())
-    loader = DataLoader(Subset(dataset, ids.tolist()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_images)
+    loader = image_loader(Subset(dataset, ids.tolist()), batch_size, device or "cpu", num_workers)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -277,11 +277,12 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     ids_dev, tops_dev, weights_dev = ids.to(device), tops.to(device), weights.to(device)
     try_codes = device.type == "cpu" and backends.resolve_name(backend, device) == "cpp"
     warned: list = []
-    for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}"):
+    for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}", device):
         check_top_images_size(images, index, channels=(1, 3))
-        _check_top_images(images, batch_ids, warned)
         # 8-bit pixels stay uint8: the pixel codes every backend reads (ops.as_pixel_codes), k / 255 exactly
-        images = images.to(device=device, dtype=None if images.dtype == torch.uint8 else torch.float32)
+        images = images.to(device=device, dtype=None if images.dtype == torch.uint8 else torch.float32,
+                           non_blocking=True)
+        _check_top_images(images, batch_ids, warned)  # on the device: a GPU checks a batch in a fraction of a ms
         images = as_rgb(images).contiguous()
         slots = batch_slots(batch_ids, ids_dev)
         # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes

@@ -1,6 +1,11 @@
 """Benchmark of index_dataset: images/s against a bare forward of the same model over the same batches,
 stopped at the same (deepest indexed) layer, measured in one run.
 
+Two bare forwards: over batches cut from one tensor in memory (``overhead``: what indexing costs
+beyond the model, loading included), and over the same DataLoader batches index_dataset reads
+(``overhead_vs_loaded_forward``: stacking 256 images into a batch costs a CPU 10-40 ms, as much as the
+GPU's forward: what indexing itself adds).
+
 Run:  python -m bench.bench_index [--quick] [--device cuda]
 CPU: a small VGG-style CNN at 64x64, every conv layer indexed. GPU: a ResNet-50-shaped model (random
 init) at batch 256 with bf16 autocast and all 16 bottleneck outputs indexed. JSON under bench/results/.
@@ -17,6 +22,7 @@ from torch import nn
 
 import neuroidx_fast as nx
 from neuroidx_fast.hooks import LayerCapture
+from neuroidx_fast.prepare import image_loader
 from bench.bench_topk import common_args, result_header, save_result, sync
 
 
@@ -89,33 +95,43 @@ def main(argv=None):
                 capture.run(x.to(device, non_blocking=True))
         sync(device)
 
+    def loaded():
+        with torch.no_grad(), LayerCapture(model, layers) as capture, autocast:
+            for x, _ in image_loader(dataset, batch, device):
+                capture.run(x.to(device, non_blocking=True))
+        sync(device)
+
     def indexed():
         nx.index_dataset(model, dataset, layers, k=100 if len(dataset) >= 100 else len(dataset), batch_size=batch,
                          device=device, autocast_dtype=amp, progress=False)
         sync(device)
 
-    times = {"bare": [], "index": []}
-    bare(), indexed()  # warm-up (allocator, kernels, libraries)
-    for _ in range(2 if args.quick else 5):  # interleaved, so that machine noise hits both alike
-        for name, fn in (("bare", bare), ("index", indexed)):
+    times = {"bare": [], "loaded": [], "index": []}
+    bare(), loaded(), indexed()  # warm-up (allocator, kernels, libraries)
+    for _ in range(2 if args.quick else 5):  # interleaved, so that machine noise hits all alike
+        for name, fn in (("bare", bare), ("loaded", loaded), ("index", indexed)):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
     # the overhead of each back-to-back pair, their median (a best indexing run over the best bare one pairs
     # two different moments of a machine whose speed drifts, and gave a negative overhead)
     overheads = [i / b - 1 for b, i in zip(times["bare"], times["index"])]
+    overheads_loaded = [i / b - 1 for b, i in zip(times["loaded"], times["index"])]
     best = {name: statistics.median(t) for name, t in times.items()}
     n = len(dataset)
     result = result_header(
         "index_dataset", device,
         model="resnet50-shaped" if device.type == "cuda" else "small-vgg-cnn", layers=layers,
         batch_size=batch, images=n, input_size=size, autocast=str(amp),
-        bare_images_per_s=n / best["bare"], index_images_per_s=n / best["index"],
-        overhead=statistics.median(overheads), overhead_by_pair=overheads, times_s=times,
+        bare_images_per_s=n / best["bare"], loaded_images_per_s=n / best["loaded"], index_images_per_s=n / best["index"],
+        overhead=statistics.median(overheads), overhead_by_pair=overheads,
+        overhead_vs_loaded_forward=statistics.median(overheads_loaded), times_s=times,
     )
     print(f"device: {result['device']}; {result['model']}, {len(layers)} layers indexed, batch {batch}, {n} images")
-    print(f"bare forward {result['bare_images_per_s']:.1f} img/s, indexing {result['index_images_per_s']:.1f} img/s, "
-          f"overhead {100 * result['overhead']:.1f}%")
+    print(f"bare forward {result['bare_images_per_s']:.1f} img/s (over the DataLoader's batches "
+          f"{result['loaded_images_per_s']:.1f}), indexing {result['index_images_per_s']:.1f} img/s, "
+          f"overhead {100 * result['overhead']:.1f}% ({100 * result['overhead_vs_loaded_forward']:.1f}% over the "
+          "DataLoader forward)")
     if not args.quick:
         save_result(result, args.out, "index")
 

@@ -20,13 +20,13 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
 from .receptive_fields import receptive_field
 from .neuron_index import LayerIndex, NeuronIndex
-from .prepare import (check_pixel_batch, check_preprocess, collate_images, dataset_length, eval_on_device,
-                      first_line, nonfinite_images, pixel_space, positive_int, restores_modes, split_batch)
+from .prepare import (check_pixel_batch, check_preprocess, dataset_length, eval_on_device, first_line, image_loader,
+                      nonfinite_images, pixel_space, positive_int, restores_modes, split_batch)
 from .storage import MANIFEST, BundleError, is_bundle, read_bundle, recover_interrupted_write, write_bundle
 from .topk import TopK
 
@@ -47,13 +47,18 @@ class _LayerStats:
         self.class_count = None
         self.nan_means_said = False
 
-    def update(self, activations, ids, labels, num_classes):
+    def reduce(self, activations):
+        """The batch's spatial reduction (``TopK.reduce``: no device sync); ``add`` adds it."""
         size = tuple(activations.shape[2:]) if activations.dim() == 4 else (1, 1)
         if size != self.map_size:
             raise ValueError(f"layer {self.name!r}: activation map size changed from {self.map_size} to {size}; "
                              "every image must have the same size")
-        means = self.top.observe(activations, ids, check_ids=False).double()
-        self._warn_of_nan_means(means, ids)
+        return self.top.reduce(activations)
+
+    def add(self, activations, reduced, rare: bool, ids, labels, num_classes):
+        means = self.top.add_reduced(reduced, rare, activations, ids, check_ids=False).double()
+        if rare:  # (a batch that is not rare has finite means)
+            self._warn_of_nan_means(means, ids)
         self.mean_sum += means.sum(dim=0)
         if labels is not None:
             self._add_classes(means, labels, num_classes)
@@ -301,15 +306,32 @@ def _quantisation(tensor: torch.Tensor, describe) -> str:
             f"{tensor.q_per_channel_axis()}")
 
 
-def _check_images(images: torch.Tensor, first_id: int) -> None:
-    check_pixel_batch(images, "index_dataset")
-    if images.dtype == torch.uint8:
-        return  # 8-bit pixels: k / 255 (pixel_space)
-    if not images.numel():
-        return
-    low, high = (float(v) for v in torch.aminmax(images))  # one pass; the images are named only where needed
+def _pixel_range(images: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """[2] float64 (lowest, highest) pixel of the batch ``x`` (``images`` on the device), left on the
+    device to be read with the batch's other checks (one sync); None for 8-bit pixels (k / 255: in
+    range) or an empty batch."""
+    if images.dtype == torch.uint8 or not x.numel():
+        return None
+    return torch.stack(torch.aminmax(x)).double()  # one pass; the images are named only where needed
+
+
+def _read_checks(pixel_range: torch.Tensor | None, rare: list) -> tuple[tuple | None, list]:
+    """The batch's device-side checks read in one sync: (low, high) pixels or None, and each layer's
+    ``rare`` flag (``TopK.reduce``) as a bool."""
+    parts = ([pixel_range] if pixel_range is not None else []) + [flag.reshape(1).double() for flag in rare]
+    if not parts:
+        return None, []
+    values = torch.cat(parts).tolist()
+    if pixel_range is None:
+        return None, [bool(v) for v in values]
+    return (values[0], values[1]), [bool(v) for v in values[2:]]
+
+
+def _check_images(images: torch.Tensor, low: float, high: float, first_id: int) -> None:
+    """Pixel values of a batch whose lowest and highest pixels ``_read_checks`` read: finite (else an
+    error naming the images), in [0, 1] (else a warning)."""
     if not (math.isfinite(low) and math.isfinite(high)):  # (nan="ignore" is for activations: a NaN pixel would
-        bad = nonfinite_images(images)                     # also spoil the pixel mean)
+        bad = nonfinite_images(images).tolist()            # also spoil the pixel mean)
         raise ValueError(f"images {[first_id + int(i) for i in bad[:16]]} hold NaN or infinite pixels: the dataset "
                          "must give finite pixel-space images")
     # every batch (a dataset may turn to 0..255 further on); the warning shows once
@@ -649,8 +671,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         meta["class_names"] = saved_names if saved_names is not None else class_names
     total_batches = math.ceil(len(shard) / batch_size)
     start = shard.start + batches_done * batch_size
-    loader = DataLoader(Subset(dataset, range(start, shard.stop)), batch_size=batch_size, shuffle=False,
-                        collate_fn=collate_images, num_workers=num_workers, pin_memory=device.type == "cuda")
+    loader = image_loader(Subset(dataset, range(start, shard.stop)), batch_size, device, num_workers)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     bar = None
@@ -664,7 +685,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
             for step, batch in enumerate(loader, start=batches_done):
                 images, labels = split_batch(batch)
                 first_id = shard.start + step * batch_size
-                _check_images(images, first_id)
+                check_pixel_batch(images, "index_dataset")
                 if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
                     raise ValueError("some dataset items have labels and others do not")
                 if labels is not None and labels.numel():
@@ -672,6 +693,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 _check_image_size(images, meta["input_size"], first_id)
                 ids = torch.arange(first_id, first_id + images.shape[0], device=device)
                 x = pixel_space(images.to(device, non_blocking=True))
+                pixel_range = _pixel_range(images, x)
                 pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
                 if pixel_sum is not None:  # (sums of other channels would broadcast)
                     _check_same(f"images {first_id}..{first_id + images.shape[0] - 1}", "channels", pixels.numel(),
@@ -700,6 +722,10 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                                              "whose output is [B, C, H, W] or [B, C]")
                         size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
                         stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
+                reduced = [stats[name].reduce(outputs[name]) for name in names]
+                pixel_low_high, rare = _read_checks(pixel_range, [r.rare for r in reduced])  # the batch's one sync
+                if pixel_low_high is not None:
+                    _check_images(images, *pixel_low_high, first_id)
                 label_dev = labels.to(device) if labels is not None else None
                 if labels is not None:
                     if all_labels is None:
@@ -707,8 +733,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                     all_labels[ids] = label_dev
                 num_classes = int(labels.max()) + 1 if labels is not None and labels.numel() else 0
                 num_classes = max(num_classes, len(meta["class_names"] or []))  # every named class gets a row
-                for name in names:
-                    stats[name].update(outputs[name], ids, label_dev, num_classes)
+                for name, layer_reduced, layer_rare in zip(names, reduced, rare):
+                    stats[name].add(outputs[name], layer_reduced, layer_rare, ids, label_dev, num_classes)
                 batches_done = step + 1
                 if bar is not None:
                     bar.update(1)

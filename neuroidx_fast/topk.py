@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import backends
@@ -13,6 +15,14 @@ __all__ = ["TopK", "STATE_FORMAT"]
 
 STATE_FORMAT = "neuroidx_fast.TopK/1"
 _NAN_POLICIES = ("raise", "ignore")
+
+
+class ReducedBatch(NamedTuple):
+    """``TopK.reduce``'s result: per (image, unit) max, flat argmax and mean [B, C], and ``rare``."""
+    vmax: torch.Tensor
+    argmax: torch.Tensor
+    vmean: torch.Tensor
+    rare: torch.Tensor
 _MAX_ID = torch.iinfo(torch.int64).max
 
 
@@ -137,16 +147,19 @@ class TopK:
             f"{' ...' if ids.numel() > 32 else ''}). Check the model and inputs, or pass nan='ignore' "
             "to treat NaN as -inf")
 
-    def update(self, values: torch.Tensor, ids, positions=None, check_ids: bool = True) -> "TopK":
+    def update(self, values: torch.Tensor, ids, positions=None, check_ids: bool = True,
+               nan_free: bool = False) -> "TopK":
         """Add a batch: ``values`` [B, C] (each image's per-unit activation), ``ids`` [B] int64 image ids,
         ``positions`` [B, C] int64 flat positions of the maxima (zeros if None). Each image must be added
         once: the ids are checked to be distinct, >= 0, and not among the images the state ranks (an image
         added before that no unit ranks cannot be seen, and counts twice in ``count``), the positions to
-        be >= 0; ``check_ids=False`` skips those checks (for callers that generate ids and positions)."""
+        be >= 0; ``check_ids=False`` skips those checks (for callers that generate ids and positions).
+        ``nan_free=True``: the caller has found that ``values`` hold no NaN (skips that check, a device sync)."""
         values, ids, positions = self._check_batch(values, ids, positions, check_ids)
         if values.shape[0] == 0:
             return self
-        values = self._handle_nan(values, ids)
+        if not nan_free:
+            values = self._handle_nan(values, ids)
         self._ops.topk_update(self.values, self.ids, self.positions, values, ids, positions)
         self.count += int(values.shape[0])
         return self
@@ -157,11 +170,32 @@ class TopK:
         Returns the per-(image, unit) spatial means [B, C] (for class-conditional statistics). Under
         ``nan="ignore"``, NaN elements of a map are dropped: its max and argmax come from the rest, its
         mean is the mean of the rest (NaN when every element is NaN)."""
+        reduced = self.reduce(activations)
+        return self.add_reduced(reduced, bool(reduced.rare), activations, ids, check_ids)
+
+    def reduce(self, activations: torch.Tensor) -> "ReducedBatch":
+        """The first half of ``observe``, with no device sync: the spatial reduction of ``activations`` and
+        ``rare``, a 0-d bool tensor on their device that is True where the batch needs ``observe``'s
+        careful path (a NaN max, or a mean that is not finite). A caller indexing many layers reads every
+        layer's ``rare`` in one sync, then calls ``add_reduced``: a GPU is not made to wait once a layer."""
         if not isinstance(activations, torch.Tensor) or activations.dim() not in (2, 4):
             raise ValueError(f"{self._where()}: activations must be a [B, C, H, W] or [B, C] tensor")
         if activations.shape[1] != self.num_units:
             raise ValueError(f"{self._where()}: activations have {activations.shape[1]} channels, "
                              f"the state tracks {self.num_units} units")
+        vmax, argmax, vmean = spatial_reduce(activations, backend=self.backend, refine_overflow=False)
+        rare = torch.isnan(vmax).any() | ~torch.isfinite(vmean).all()
+        return ReducedBatch(vmax, argmax, vmean, rare)
+
+    def add_reduced(self, reduced: "ReducedBatch", rare: bool, activations: torch.Tensor, ids,
+                    check_ids: bool = True) -> torch.Tensor:
+        """The second half of ``observe``: add ``reduced`` (``reduce(activations)``), whose ``rare`` the
+        caller has read; returns the spatial means [B, C]. A rare batch is reduced again on the careful
+        path (overflowed means summed again in float64, the NaN policy applied), so the result is
+        ``observe``'s in every case."""
+        if not rare:  # no NaN max and finite means: the careful path would change nothing
+            self.update(reduced.vmax, ids, reduced.argmax, check_ids=check_ids, nan_free=True)
+            return reduced.vmean
         vmax, argmax, vmean = spatial_reduce(activations, backend=self.backend)
         if self.nan == "ignore":
             vmax, argmax, vmean = _drop_nan_elements(activations, vmax, argmax, vmean)

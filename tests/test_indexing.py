@@ -860,3 +860,18 @@ def test_a_subset_keeps_the_class_names_of_its_dataset():
         index = nx.index_dataset(make_model("vgg"), subset, ["features.2"], k=2, batch_size=4, progress=False)
         assert index.class_names == data.classes
         assert index["features.2"].class_count.tolist() == counts and counts[3] == 0
+
+
+class _Huge(torch.nn.Module):
+    """Maps of 3e37 everywhere: their float32 sums (16 elements) overflow."""
+
+    def forward(self, x):
+        return x[:, :2, :4, :4] * 0 + 3e37
+
+
+def test_an_overflowing_layer_gets_finite_means_through_the_one_sync_per_batch():
+    index = nx.index_dataset(torch.nn.Sequential(_Huge()), ImageSet(n=5), ["0"], k=2, batch_size=2, progress=False,
+                             backend="torch")
+    mean = float(torch.tensor(3e37))  # (3e37 rounded to float32)
+    assert torch.equal(index["0"].mean_sum, torch.full((2,), 5 * mean, dtype=torch.float64))
+    assert torch.equal(index["0"].class_sum.sum(dim=0), index["0"].mean_sum)

@@ -276,3 +276,31 @@ def test_a_device_named_with_or_without_an_index_is_the_tensors_device():
     top = nx.TopK(3, 2, device="cpu:0")
     top.update(torch.randn(2, 3), torch.arange(2))
     assert top.device == torch.device("cpu") and top.count == 2
+
+
+def test_reduce_flags_exactly_the_batches_that_need_the_careful_path():
+    """index_dataset reads every layer's ``rare`` flag in one sync a batch: a batch not flagged skips the
+    NaN and overflow handling, so the flag must be up wherever that handling changes something."""
+    top = nx.TopK(3, 2, backend="torch")  # (the torch reduction sums maps in float32, so 16 x 3e37 overflows)
+    clean = torch.rand(2, 3, 4, 4)
+    assert not bool(top.reduce(clean).rare)
+    with_nan = clean.clone()
+    with_nan[1, 2, 0, 0] = float("nan")
+    assert bool(top.reduce(with_nan).rare)
+    with pytest.raises(ValueError, match=r"NaN activation in TopK: unit\(s\) 2 on image id\(s\) \[1\]"):
+        top.add_reduced(top.reduce(with_nan), True, with_nan, torch.arange(2))
+    overflowing = torch.full((2, 3, 4, 4), 3e37)
+    reduced = top.reduce(overflowing)
+    assert bool(reduced.rare) and torch.isinf(reduced.vmean).all()
+    means = top.add_reduced(reduced, True, overflowing, torch.arange(2))  # summed again in float64
+    assert torch.equal(means, torch.full((2, 3), 3e37))
+
+
+def test_a_batch_added_through_reduce_equals_observe():
+    x = torch.randn(5, 4, 3, 3)
+    seen, split = nx.TopK(4, 3), nx.TopK(4, 3)
+    means = seen.observe(x, torch.arange(5))
+    reduced = split.reduce(x)
+    assert torch.equal(split.add_reduced(reduced, bool(reduced.rare), x, torch.arange(5)), means)
+    for a, b in zip(seen.result(), split.result()):
+        assert torch.equal(a, b)

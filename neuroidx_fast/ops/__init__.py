@@ -13,13 +13,16 @@ __all__ = ["spatial_reduce", "gather_crops", "accumulate_crops", "as_pixel_codes
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def spatial_reduce(x: torch.Tensor, backend: str | None = "auto"):
+def spatial_reduce(x: torch.Tensor, backend: str | None = "auto", refine_overflow: bool = True):
     """One read of a layer output gives, per (image, unit), its max, argmax and mean over positions.
 
     ``x``: [B, C, H, W] or [B, C] (read as H = W = 1), float32 / float16 / bfloat16 (float64 is
     accepted and always reduced by the torch reference), any memory format.
     Returns ``(vmax [B, C] float32, argmax [B, C] int64, vmean [B, C] float32)``; argmax is the flat
     index ``y * W + x`` of the first maximum. A map holding NaN gives a NaN max pointing at its first NaN.
+    A map of finite values whose float32 sum overflows has its mean summed again in float64 (a device
+    sync per call); ``refine_overflow=False`` leaves that mean not finite, for a caller that checks
+    many layers' means at once (``TopK.reduce``).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"spatial_reduce expects a torch.Tensor, got {type(x).__name__}")
@@ -41,7 +44,7 @@ def spatial_reduce(x: torch.Tensor, backend: str | None = "auto"):
     if x.dtype == torch.float64:
         name = "torch"
     vmax, argmax, vmean = backends.get(name, x.device).spatial_reduce(x)
-    return vmax, argmax, _overflowed_means_again(x, vmax, vmean)
+    return vmax, argmax, _overflowed_means_again(x, vmax, vmean) if refine_overflow else vmean
 
 
 def _overflowed_means_again(x: torch.Tensor, vmax: torch.Tensor, vmean: torch.Tensor) -> torch.Tensor:

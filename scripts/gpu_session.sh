@@ -9,7 +9,8 @@
 # Each benchmark's JSON goes to $OUT (bench/results where OUT is not set): copy it to bench/results and
 # commit it. Everything the steps print goes to $OUT/gpu-<stage>.log; stdout gets a line per step and
 # the log's end. The GPU image has torch, Triton and CuPy and no network, so only the package itself
-# is installed, built there (a later call on the same machine finds it built). NX_DEVICE (default
+# is installed, built there (a later call on the same machine finds it built), with `python -m pip`: the
+# image's bare `pip` belongs to another Python, without torch or pybind11. NX_DEVICE (default
 # cuda) and NX_BENCH_ARGS (e.g. --quick) change what the benchmarks get:
 # NX_DEVICE=cpu NX_BENCH_ARGS=--quick OUT=/tmp/x bash scripts/gpu_session.sh bench tries the steps
 # on a machine without a GPU.
@@ -30,8 +31,8 @@ log="$out/gpu-$stage.log"
 : >"$log"
 
 if ! python -c "import neuroidx_fast._C" >>"$log" 2>&1; then
-  echo "installing the package (pip install --no-build-isolation --no-deps -e .)"
-  if ! pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
+  echo "installing the package (python -m pip install --no-build-isolation --no-deps -e .)"
+  if ! python -m pip install --no-build-isolation --no-deps -e . >>"$log" 2>&1; then
     echo "the install failed; the end of $log:"
     tail -20 "$log"
     exit 1

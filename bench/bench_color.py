@@ -55,8 +55,8 @@ def main(argv=None):
 
     def bare():
         with torch.no_grad(), LayerCapture(model, [layer]) as capture:
-            for _, images in load_top_images(dataset, unique, batch):
-                capture.run(luminance(images.to(device)))
+            for _, images in load_top_images(dataset, unique, batch, device=device):  # (pinned for a GPU, as ours)
+                capture.run(luminance(images.to(device, non_blocking=True)))
         sync(device)
 
     def batched():

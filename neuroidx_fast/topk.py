@@ -77,7 +77,7 @@ class TopK:
     def _where(self) -> str:
         return f"layer {self.name!r}" if self.name else "TopK"
 
-    def _check_batch(self, values, ids, positions, check_ids=True):
+    def _check_batch(self, values, ids, positions):
         if not isinstance(values, torch.Tensor) or values.dim() != 2 or values.shape[1] != self.num_units:
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise ValueError(f"{self._where()}: values must be a [B, {self.num_units}] tensor, got {shape}")
@@ -112,24 +112,35 @@ class TopK:
             if positions.dtype.is_floating_point or positions.dtype == torch.bool:
                 raise TypeError(f"{self._where()}: positions must be integers (int64), got {positions.dtype}")
             positions = positions.to(torch.int64).contiguous()
-        if check_ids and ids.numel():  # (each check is a device sync on a GPU)
-            lowest, highest = (int(v) for v in torch.aminmax(ids))
-            if lowest < 0 or highest == _MAX_ID:  # (the largest int64 sorts with the empty slots' -1 ids)
-                raise ValueError(f"{self._where()}: image ids must lie in [0, 2^63 - 1) (their dataset positions), "
-                                 f"got {lowest if lowest < 0 else highest}")
-            if torch.unique(ids).numel() != ids.numel():
-                raise ValueError(f"{self._where()}: a batch holds the same image id twice; each image must be "
-                                 "seen once (ids are dataset positions)")
-            again = torch.isin(self.ids, ids)
-            if bool(again.any()):
-                unit, slot = (int(i) for i in again.nonzero()[0])
-                raise ValueError(f"{self._where()}: image id {int(self.ids[unit, slot])} was added before (unit "
-                                 f"{unit} ranks it); each image must be seen once (ids are dataset positions)")
-            if positions.numel() and int(positions.min()) < 0:
-                raise ValueError(f"{self._where()}: positions must be flat indices >= 0 of the maxima, got "
-                                 f"{int(positions.min())}")
         # detached: the state keeps values, not the graph that made them (and every batch's inputs)
         return values.detach().float().contiguous(), ids, positions
+
+    def _id_problems(self, ids, positions) -> torch.Tensor:
+        """[4] bool, left on the device (read with the NaN check in one sync): ids outside [0, 2^63 - 1), an
+        id twice in the batch, an id the state ranks, a negative position. ``_raise_id_problem`` names it."""
+        ordered = ids.sort().values
+        no = torch.zeros((), dtype=torch.bool, device=ids.device)
+        return torch.stack([
+            (ordered[0] < 0) | (ordered[-1] == _MAX_ID),  # (the largest int64 sorts with the empty slots' -1 ids)
+            (ordered[1:] == ordered[:-1]).any(),
+            torch.isin(self.ids, ids).any(),
+            (positions < 0).any() if positions.numel() else no,
+        ])
+
+    def _raise_id_problem(self, problems: list, ids, positions):
+        if problems[0]:
+            lowest, highest = (int(v) for v in torch.aminmax(ids))
+            raise ValueError(f"{self._where()}: image ids must lie in [0, 2^63 - 1) (their dataset positions), "
+                             f"got {lowest if lowest < 0 else highest}")
+        if problems[1]:
+            raise ValueError(f"{self._where()}: a batch holds the same image id twice; each image must be "
+                             "seen once (ids are dataset positions)")
+        if problems[2]:
+            unit, slot = (int(i) for i in torch.isin(self.ids, ids).nonzero()[0])
+            raise ValueError(f"{self._where()}: image id {int(self.ids[unit, slot])} was added before (unit "
+                             f"{unit} ranks it); each image must be seen once (ids are dataset positions)")
+        raise ValueError(f"{self._where()}: positions must be flat indices >= 0 of the maxima, got "
+                         f"{int(positions.min())}")
 
     def _handle_nan(self, values, ids):
         nan_mask = torch.isnan(values)
@@ -155,10 +166,17 @@ class TopK:
         added before that no unit ranks cannot be seen, and counts twice in ``count``), the positions to
         be >= 0; ``check_ids=False`` skips those checks (for callers that generate ids and positions).
         ``nan_free=True``: the caller has found that ``values`` hold no NaN (skips that check, a device sync)."""
-        values, ids, positions = self._check_batch(values, ids, positions, check_ids)
+        values, ids, positions = self._check_batch(values, ids, positions)
         if values.shape[0] == 0:
             return self
+        # every check of the batch is read in one device sync (a GPU stalls the CPU at each)
+        checks = [self._id_problems(ids, positions)] if check_ids else []
         if not nan_free:
+            checks.append(torch.isnan(values).any().reshape(1))
+        found = torch.cat(checks).tolist() if checks else []
+        if check_ids and any(found[:4]):
+            self._raise_id_problem(found[:4], ids, positions)
+        if not nan_free and found[-1]:
             values = self._handle_nan(values, ids)
         self._ops.topk_update(self.values, self.ids, self.positions, values, ids, positions)
         self.count += int(values.shape[0])

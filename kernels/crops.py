@@ -7,6 +7,11 @@ in flat order p = i * rw + k, so the lanes of a program read whole rows of the i
 Pixels outside the image take the channel's pad value (masked load) or, in edge mode, the nearest
 image pixel (clamped coordinates).
 
+uint8 pixel codes (CODES): the kernels read the codes and decode each pixel they read through the
+256-entry float32 table of the values the codes stand for (``reference.pixel_code_values``). A table
+load is exact by construction, where Triton's float32 division is not correctly rounded; the results are
+bit-identical to the float32 kernels' on the decoded images, for a quarter of the image bytes.
+
 Exactness: gather is a copy. accumulate keeps each pixel's float64 sum in a register and, for
 j = 0, 1, ... in order, adds float64(w_j) * float64(pixel) unless slot j is empty; the product of two
 float32 numbers is exact in float64, so a fused multiply-add rounds exactly as the reference's
@@ -26,6 +31,7 @@ import triton
 import triton.language as tl
 
 from neuroidx_fast.ops.crop_operands import check_index_range, crop_operands
+from neuroidx_fast.ops.reference import pixel_code_values
 
 __all__ = ["gather_crops", "accumulate_crops", "pick_block"]
 
@@ -33,8 +39,20 @@ _MAX_BLOCK = 1024
 
 
 @triton.jit
-def _crop_pixels(images_ptr, slot, y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad,
-                 EDGE: tl.constexpr):
+def _load_pixels(at, mask, codes_ptr, CODES: tl.constexpr):
+    """float32 pixels at ``at`` where ``mask`` (0.0 elsewhere): uint8 codes decoded through the table
+    ``codes_ptr`` (CODES), or the float32 pixels themselves."""
+    if CODES:
+        code = tl.load(at, mask=mask, other=0)
+        v = tl.load(codes_ptr + code.to(tl.int32), mask=mask, other=0.0)
+    else:
+        v = tl.load(at, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _crop_pixels(images_ptr, codes_ptr, slot, y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad,
+                 EDGE: tl.constexpr, CODES: tl.constexpr):
     """Pixels (ii, kk) of the crop of image row ``slot`` (>= 0 where ``live``) with corner (y0, x0)."""
     y0 = tl.minimum(tl.maximum(y0, -rh), H).to(tl.int32)
     x0 = tl.minimum(tl.maximum(x0, -rw), W).to(tl.int32)
@@ -44,10 +62,10 @@ def _crop_pixels(images_ptr, slot, y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pa
     if EDGE:
         yc = tl.minimum(tl.maximum(ys, 0), H - 1)
         xc = tl.minimum(tl.maximum(xs, 0), W - 1)
-        v = tl.load(plane + (yc * W + xc), mask=live, other=0.0)
+        v = _load_pixels(plane + (yc * W + xc), live, codes_ptr, CODES)
     else:
         inside = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-        v = tl.load(plane + (ys * W + xs), mask=live & inside, other=0.0)
+        v = _load_pixels(plane + (ys * W + xs), live & inside, codes_ptr, CODES)
         v = tl.where(inside, v, pad)
     return v
 
@@ -71,9 +89,9 @@ def _channel_pad(pad_ptr, c, EDGE: tl.constexpr):
 
 @triton.jit
 def _gather_crops_kernel(
-    images_ptr, slots_ptr, tops_ptr, pad_ptr, out_ptr,
+    images_ptr, slots_ptr, tops_ptr, pad_ptr, codes_ptr, out_ptr,
     Ch, H, W, rh, rw,
-    EDGE: tl.constexpr, BLOCK: tl.constexpr,
+    EDGE: tl.constexpr, CODES: tl.constexpr, BLOCK: tl.constexpr,
 ):
     mc = tl.program_id(0)  # crop m, channel c
     m = mc // Ch
@@ -86,16 +104,17 @@ def _gather_crops_kernel(
     # Scalars broadcast once to tensors (the interpreter mis-types scalar & tensor boolean ops).
     filled = tl.broadcast_to(slot, [BLOCK]) >= 0
     live = pmask & filled
-    v = _crop_pixels(images_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad, EDGE)
+    v = _crop_pixels(images_ptr, codes_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk, live, pad,
+                     EDGE, CODES)
     v = tl.where(filled, v, 0.0)
     tl.store(out_ptr + mc.to(tl.int64) * (rh * rw) + ps, v, mask=pmask)
 
 
 @triton.jit
 def _accumulate_crops_kernel(
-    sums_ptr, images_ptr, slots_ptr, tops_ptr, weights_ptr, pad_ptr,
+    sums_ptr, images_ptr, slots_ptr, tops_ptr, weights_ptr, pad_ptr, codes_ptr,
     J, Ch, H, W, rh, rw,
-    EDGE: tl.constexpr, BLOCK: tl.constexpr,
+    EDGE: tl.constexpr, CODES: tl.constexpr, BLOCK: tl.constexpr,
 ):
     uc = tl.program_id(0)  # unit u, channel c
     u = uc // Ch
@@ -111,8 +130,8 @@ def _accumulate_crops_kernel(
         x0 = tl.load(tops_ptr + 2 * (row + j) + 1)
         w = tl.load(weights_ptr + row + j).to(tl.float64)
         filled = tl.broadcast_to(slot, [BLOCK]) >= 0
-        v = _crop_pixels(images_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk, pmask & filled,
-                         pad, EDGE)
+        v = _crop_pixels(images_ptr, codes_ptr, tl.maximum(slot, 0), y0, x0, c, Ch, H, W, rh, rw, ii, kk,
+                         pmask & filled, pad, EDGE, CODES)
         acc = tl.where(filled, acc + w * v.to(tl.float64), acc)
     tl.store(out, acc, mask=pmask)
 
@@ -124,9 +143,14 @@ def pick_block(plane_size: int):
 
 
 def _operands(images, slots, tops, pad_value, size, what: str):
-    operands = crop_operands(images, slots, tops, pad_value, what)
+    operands = crop_operands(images, slots, tops, pad_value, what, pixel_types=(torch.float32, torch.uint8))
     check_index_range(images, size, what, "the Triton crop kernels")
     return operands
+
+
+def _code_table(images: torch.Tensor) -> torch.Tensor:
+    """The table the kernels decode uint8 images through (float32 images: any tensor, never read)."""
+    return pixel_code_values(images.device) if images.dtype == torch.uint8 else images
 
 
 def _plane_blocks(plane_size: int, block: int) -> int:
@@ -142,7 +166,7 @@ def _device_context(t: torch.Tensor):
 
 
 def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, size, pad_value):
-    """[M, Ch, rh, rw] crops of ``images`` (see the reference contract)."""
+    """[M, Ch, rh, rw] crops of ``images``, float32 or uint8 pixel codes (see the reference contract)."""
     rh, rw = size
     images, slots, tops, pad = _operands(images, slots, tops, pad_value, size, "gather_crops")
     m, ch = slots.shape[0], images.shape[1]
@@ -153,9 +177,9 @@ def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, 
     grid = (m * ch, _plane_blocks(rh * rw, block))
     with _device_context(images):
         _gather_crops_kernel[grid](
-            images, slots, tops, images if pad is None else pad, crops,
+            images, slots, tops, images if pad is None else pad, _code_table(images), crops,
             ch, images.shape[2], images.shape[3], rh, rw,
-            EDGE=pad is None, BLOCK=block, num_warps=num_warps,
+            EDGE=pad is None, CODES=images.dtype == torch.uint8, BLOCK=block, num_warps=num_warps,
         )
     return crops
 
@@ -174,7 +198,7 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
     grid = (u * ch, _plane_blocks(rh * rw, block))
     with _device_context(images):
         _accumulate_crops_kernel[grid](
-            sums, images, slots, tops, weights, images if pad is None else pad,
+            sums, images, slots, tops, weights, images if pad is None else pad, _code_table(images),
             slots.shape[1], ch, images.shape[2], images.shape[3], rh, rw,
-            EDGE=pad is None, BLOCK=block, num_warps=num_warps,
+            EDGE=pad is None, CODES=images.dtype == torch.uint8, BLOCK=block, num_warps=num_warps,
         )

@@ -4,8 +4,9 @@ The torch reference is checked against a brute-force oracle written here (one pi
 Python and numpy), and every backend against the reference, bit for bit (the contract in
 ``neuroidx_fast.ops.reference`` makes both ops exact: gather is a copy, accumulate adds exact float64
 products in j order). CPU backends (the Triton interpreter among them) run tiny "weird" shapes; GPU
-backends (marker ``gpu``) run the same shapes and a realistic layer. Without a GPU, the CUDA kernels of
-csrc/cuda/crops.cu are also built for the host behind a small shim and run, block by block, on the
+backends (marker ``gpu``) run the same shapes and a realistic layer, from float32 pixels and from uint8
+pixel codes. Without a GPU, the CUDA kernels of csrc/cuda/crops.cu (the float32 ones and the `_u8` ones
+that read codes) are also built for the host behind a small shim and run, block by block, on the
 launches the cuda launcher plans; their nvcc compile checks live with the other kernels' in
 tests/test_cuda_backend.py (KERNEL_FILES).
 """
@@ -370,22 +371,83 @@ def test_as_pixel_codes(backend):
         assert ops.as_pixel_codes(perturbed, backend) is None, bad
 
 
+def _check_codes(module, case, pad, device="cpu"):
+    """``module``'s crops of the codes of case's images against the reference's of the float32 pixels they
+    stand for (both made on CPU, where the division is the codes' definition, then moved to ``device``)."""
+    images, slots, tops, weights, sums = _inputs(case)
+    codes, pixels = _codes_and_pixels(images)
+    fill = _pad_value(pad, images.shape[1])
+    codes, slots, tops, weights, sums = (t.to(device) for t in (codes, slots, tops, weights, sums))
+    fill = None if fill is None else fill.to(device)
+    size = tuple(sums.shape[2:])
+    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
+    want = reference.gather_crops(pixels, flat_slots.cpu(), flat_tops.cpu(), size, None if fill is None else fill.cpu())
+    _assert_bits_equal(module.gather_crops(codes, flat_slots, flat_tops, size, fill), want)
+    want_sums = sums.cpu().clone()
+    reference.accumulate_crops(want_sums, pixels, slots.cpu(), tops.cpu(), weights.cpu(),
+                               None if fill is None else fill.cpu())
+    module.accumulate_crops(sums, codes, slots, tops, weights, fill)
+    _assert_bits_equal(sums, want_sums)
+
+
 @pytest.mark.parametrize("pad", PADS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_codes_match_float_pixels(backend, case, pad):
-    images, slots, tops, weights, sums = _inputs(case)
-    codes, pixels = _codes_and_pixels(images)
-    fill = _pad_value(pad, images.shape[1])
-    size = tuple(sums.shape[2:])
-    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
-    want = reference.gather_crops(pixels, flat_slots, flat_tops, size, fill)
-    module = backends.get(backend, "cpu")
-    _assert_bits_equal(module.gather_crops(codes, flat_slots, flat_tops, size, fill), want)
-    want_sums = sums.clone()
-    reference.accumulate_crops(want_sums, pixels, slots, tops, weights, fill)
+    _check_codes(backends.get(backend, "cpu"), case, pad)
+
+
+def _every_code_inputs(device="cpu"):
+    """codes [1, 2, 8, 32] holding every code in each channel (reversed in the second), the float32 pixels
+    they stand for (made on CPU), and whole-image crops (8 x 32) of them at the image and across and
+    beyond each border and corner, one slot empty: slots [1, 8], tops [1, 8, 2], weights [1, 8], sums."""
+    codes = torch.stack([torch.arange(256), torch.arange(255, -1, -1)]).to(torch.uint8).view(1, 2, 8, 32)
+    pixels = codes.float() / 255
+    slots = torch.tensor([[0, 0, -1, 0, 0, 0, 0, 0]])
+    tops = torch.tensor([[[0, 0], [-3, -5], [1, 1], [4, 20], [-9, 0], [2, -40], [7, 31], [-7, -31]]])
+    weights = torch.tensor([[0.75, -2.0, 5.0, 1e-30, 3.0, -0.0, 1.5, -0.375]])
+    sums = torch.randn(1, 2, 8, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 100
+    return codes.to(device), pixels, slots.to(device), tops.to(device), weights.to(device), sums.to(device)
+
+
+def _check_every_code(module, pad, device="cpu"):
+    codes, pixels, slots, tops, weights, sums = _every_code_inputs(device)
+    fill = _pad_value(pad, 2)
+    want = reference.gather_crops(pixels, slots.reshape(-1).cpu(), tops.reshape(-1, 2).cpu(), (8, 32), fill)
+    fill = None if fill is None else fill.to(device)
+    _assert_bits_equal(module.gather_crops(codes, slots.reshape(-1), tops.reshape(-1, 2), (8, 32), fill), want)
+    want_sums = sums.cpu().clone()
+    reference.accumulate_crops(want_sums, pixels, slots.cpu(), tops.cpu(), weights.cpu(),
+                               None if fill is None else fill.cpu())
     module.accumulate_crops(sums, codes, slots, tops, weights, fill)
     _assert_bits_equal(sums, want_sums)
+
+
+def _refuse_decoding(monkeypatch):
+    """Makes decoding uint8 images as a whole fail: the kernels under test must decode the pixels they read."""
+    decode = reference.decode_pixels
+
+    def only_float_images(images):
+        assert images.dtype != torch.uint8, "the whole uint8 image was decoded before the kernels ran"
+        return decode(images)
+
+    monkeypatch.setattr(reference, "decode_pixels", only_float_images)
+
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("kernels", ["triton", "cuda_on_the_host"])
+def test_gpu_kernels_decode_every_code_across_every_border(kernels, pad, request, monkeypatch):
+    # The Triton kernels (interpreted) and crops.cu's `_u8` kernels (built for the host) read the codes
+    # themselves, through the table: every code in each channel, crops at and beyond each border and
+    # corner, give the reference's bits on the float32 pixels, gather and accumulate.
+    if kernels == "triton":
+        if "triton" not in cpu_backends():
+            pytest.skip("the triton backend does not run on CPU here")
+        module = backends.get("triton", "cpu")
+    else:
+        module = request.getfixturevalue("host_crops_cu")
+    _refuse_decoding(monkeypatch)
+    _check_every_code(module, pad)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -750,7 +812,38 @@ NX_HOST_GATHER(nx_gather_crops_pad)
 NX_HOST_GATHER(nx_gather_crops_edge)
 NX_HOST_ACCUMULATE(nx_accumulate_crops_pad)
 NX_HOST_ACCUMULATE(nx_accumulate_crops_edge)
+#define NX_HOST_GATHER_U8(name) extern "C" void host_##name(unsigned gx, unsigned gy, const unsigned char* images, \
+    const long long* slots, const long long* tops, const float* pad, const float* codes, float* out, int Ch, int H, \
+    int W, int rh, int rw) { NX_HOST_GRID(name(images, slots, tops, pad, codes, out, Ch, H, W, rh, rw)) }
+#define NX_HOST_ACCUMULATE_U8(name) extern "C" void host_##name(unsigned gx, unsigned gy, double* sums, \
+    const unsigned char* images, const long long* slots, const long long* tops, const float* weights, \
+    const float* pad, const float* codes, int J, int Ch, int H, int W, int rh, int rw) { \
+    NX_HOST_GRID(name(sums, images, slots, tops, weights, pad, codes, J, Ch, H, W, rh, rw)) }
+NX_HOST_GATHER_U8(nx_gather_crops_pad_u8)
+NX_HOST_GATHER_U8(nx_gather_crops_edge_u8)
+NX_HOST_ACCUMULATE_U8(nx_accumulate_crops_pad_u8)
+NX_HOST_ACCUMULATE_U8(nx_accumulate_crops_edge_u8)
 """
+
+
+class _HostCrops:
+    """The cuda backend's two crop ops on CPU tensors, through the host build of crops.cu: the launcher's
+    operand checks and launch plans, each planned launch run block by block (``run``). Crops start as
+    NaN, so that a pixel no thread writes shows."""
+
+    def __init__(self, launcher, run):
+        self.launcher, self.run = launcher, run
+
+    def gather_crops(self, images, slots, tops, size, pad_value):
+        images, slots, tops, pad = self.launcher._crop_operands(images, slots, tops, pad_value, size, "gather_crops")
+        crops = torch.full((slots.shape[0], images.shape[1]) + tuple(size), float("nan"))
+        self.run(self.launcher.gather_launch(images, slots, tops, pad, crops))
+        return crops
+
+    def accumulate_crops(self, sums, images, slots, tops, weights, pad_value):
+        images, slots, tops, pad = self.launcher._crop_operands(images, slots, tops, pad_value, tuple(sums.shape[2:]),
+                                                                "accumulate_crops")
+        self.run(self.launcher.accumulate_launch(sums, images, slots, tops, weights.contiguous(), pad))
 
 
 @pytest.fixture(scope="module")
@@ -778,29 +871,43 @@ def host_crops_cu(tmp_path_factory):
         assert all(isinstance(a, (np.uint64, np.int32)) for a in args)
         getattr(lib, f"host_{name}")(ctypes.c_uint(grid[0]), ctypes.c_uint(grid[1]), *converted)
 
-    return launcher, run
+    return _HostCrops(launcher, run)
 
 
 @pytest.mark.parametrize("pad", PADS)
 @pytest.mark.parametrize("case", CASES)
 def test_cuda_kernels_on_the_host(host_crops_cu, case, pad):
-    launcher, run = host_crops_cu
-    images, slots, tops, weights, sums = _inputs(case)
-    fill = _pad_value(pad, images.shape[1])
-    size = tuple(sums.shape[2:])
-    flat = launcher._crop_operands(images, slots.reshape(-1), tops.reshape(-1, 2), fill, size, "gather_crops")
-    crops = torch.full((slots.numel(), images.shape[1]) + size, float("nan"))
-    run(launcher.gather_launch(*flat, crops))
-    _assert_bits_equal(crops, reference.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), size, fill))
-    want = sums.clone()
-    reference.accumulate_crops(want, images, slots, tops, weights, fill)
-    im, sl, tp, pd = launcher._crop_operands(images, slots, tops, fill, size, "accumulate_crops")
-    run(launcher.accumulate_launch(sums, im, sl, tp, weights.contiguous(), pd))
-    _assert_bits_equal(sums, want)
+    _check_backend(host_crops_cu, case, pad)
+
+
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_u8_kernels_on_the_host(host_crops_cu, case, pad, monkeypatch):
+    _refuse_decoding(monkeypatch)
+    _check_codes(host_crops_cu, case, pad)
+
+
+def test_cuda_launcher_picks_the_u8_kernels_for_codes(host_crops_cu):
+    # uint8 images go to the `_u8` kernels with the code table after the pad operand; float32 images to the
+    # float32 kernels, with the arguments they always had.
+    launcher = host_crops_cu.launcher
+    images, slots, tops, weights, sums = _inputs("basic")
+    codes = _codes_and_pixels(images)[0]
+    table = launcher._ptr(reference.pixel_code_values("cpu"))
+    for pixels, suffix in ((images, ""), (codes, "_u8")):
+        for pad in (None, torch.zeros(3)):
+            mode = "edge" if pad is None else "pad"
+            crops = torch.empty((slots.numel(), 3, 5, 5))
+            name, _, args = launcher.gather_launch(pixels, slots.reshape(-1), tops.reshape(-1, 2), pad, crops)
+            assert name == f"nx_gather_crops_{mode}{suffix}" and (table in args[4:5]) == (suffix == "_u8")
+            assert len(args) == 10 + (suffix == "_u8")
+            name, _, args = launcher.accumulate_launch(sums, pixels, slots, tops, weights, pad)
+            assert name == f"nx_accumulate_crops_{mode}{suffix}" and (table in args[6:7]) == (suffix == "_u8")
+            assert len(args) == 12 + (suffix == "_u8")
 
 
 def test_cuda_launcher_refuses_cpu_tensors_and_huge_crops(host_crops_cu):
-    launcher, _ = host_crops_cu
+    launcher = host_crops_cu.launcher
     images, slots, tops, weights, sums = _inputs("basic")
     with pytest.raises(ValueError, match="cuda backend got images on cpu"):
         launcher.gather_crops(images, slots.reshape(-1), tops.reshape(-1, 2), (3, 3), None)
@@ -921,6 +1028,21 @@ def test_gpu_backend_matches_reference(gpu_backend, case, pad):
     _check_backend(gpu_backend, case, pad, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("case", CASES)
+def test_gpu_codes_match_float_pixels(gpu_backend, case, pad, monkeypatch):
+    _refuse_decoding(monkeypatch)
+    _check_codes(gpu_backend, case, pad, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pad", PADS)
+def test_gpu_kernels_decode_every_code_on_the_device(gpu_backend, pad, monkeypatch):
+    _refuse_decoding(monkeypatch)
+    _check_every_code(gpu_backend, pad, device="cuda")
+
+
 def _layer(units: int, k: int, n_images: int, size: int, seed: int):
     """A realistic layer: corners on a conv layer's RF grid (stride 16, offset -42, so that boxes of
     about 100 pixels reach past the image), top images drawn among n_images, descending positive weights with a
@@ -936,19 +1058,23 @@ def _layer(units: int, k: int, n_images: int, size: int, seed: int):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pixels", ["float32", "uint8"])
 @pytest.mark.parametrize("pad", PADS)
-def test_gpu_realistic_layer(gpu_backend, pad):
+def test_gpu_realistic_layer(gpu_backend, pad, pixels):
     images, slots, tops, weights = _layer(512, 100, 256, 224, seed=_seed("layer", pad))
+    if pixels == "uint8":  # the kernels read the codes; the reference the float32 pixels they stand for
+        images = (images * 255).round_().to(torch.uint8)
+    decoded = reference.decode_pixels(images)  # (on CUDA through the table: exact)
     fill = None if pad == "edge" else torch.full((3,), 0.5, device="cuda")
     want = torch.zeros(512, 3, 100, 100, dtype=torch.float64, device="cuda")
-    reference.accumulate_crops(want, images, slots, tops, weights, fill)
+    reference.accumulate_crops(want, decoded, slots, tops, weights, fill)
     got = torch.zeros_like(want)
     gpu_backend.accumulate_crops(got, images, slots, tops, weights, fill)
     _assert_bits_equal(got, want)
     sub_slots, sub_tops = slots[:64].reshape(-1), tops[:64].reshape(-1, 2)
     _assert_bits_equal(gpu_backend.gather_crops(images, sub_slots, sub_tops, (100, 100), fill),
-                       reference.gather_crops(images, sub_slots, sub_tops, (100, 100), fill))
-    del images, want, got
+                       reference.gather_crops(decoded, sub_slots, sub_tops, (100, 100), fill))
+    del images, decoded, want, got
     torch.cuda.empty_cache()
 
 

@@ -3,6 +3,11 @@
 // the contract). Pixels outside an image take the channel's pad value, or in edge mode (the `_edge`
 // kernels) the nearest image pixel.
 //
+// The `_u8` kernels read the images as uint8 pixel codes instead and decode each pixel they read
+// through `codes`, the 256-entry float32 table of the values the codes stand for (k / 255 correctly
+// rounded): a table load gives exactly the pixel of the float32 image, so every result is bit-identical
+// to the float32 kernels' on the decoded images, for a quarter of the image bytes and no decoding pass.
+//
 // Layout of the work: block (blockIdx.x = crop or unit * Ch + channel, blockIdx.y = chunk) owns
 // NX_CROP_THREADS * NX_CROP_PIXELS consecutive output pixels of one channel plane, in flat order
 // p = i * rw + k; thread t takes p = chunk_start + t + q * NX_CROP_THREADS (q < NX_CROP_PIXELS), so
@@ -25,23 +30,35 @@ __device__ __forceinline__ int nx_crop_corner(long long v, int r, int extent) {
     return (int)(v < -r ? -r : (v > extent ? extent : v));
 }
 
+// The float32 pixel stored at `at`: a float32 pixel as it is, a uint8 code through the table `codes`
+// (unused for float32 images).
+__device__ __forceinline__ float nx_pixel_value(const float* __restrict__ at, const float* __restrict__ codes) {
+    return __ldg(at);
+}
+
+__device__ __forceinline__ float nx_pixel_value(const unsigned char* __restrict__ at,
+                                                const float* __restrict__ codes) {
+    return __ldg(codes + __ldg(at));
+}
+
 // Pixel (ys, xs) of one image channel plane, outside pixels taking `pad` (or the nearest pixel: EDGE).
 // Nothing is read unless `live` (an empty slot has no plane; the result is then unspecified).
-template <bool EDGE>
-__device__ __forceinline__ float nx_crop_pixel(const float* __restrict__ plane, int ys, int xs, int H, int W,
-                                               float pad, bool live) {
+template <bool EDGE, typename Pixel>
+__device__ __forceinline__ float nx_crop_pixel(const Pixel* __restrict__ plane, const float* __restrict__ codes,
+                                               int ys, int xs, int H, int W, float pad, bool live) {
     if (EDGE) {
         ys = ys < 0 ? 0 : (ys >= H ? H - 1 : ys);
         xs = xs < 0 ? 0 : (xs >= W ? W - 1 : xs);
-        return live ? __ldg(plane + ys * W + xs) : pad;
+        return live ? nx_pixel_value(plane + ys * W + xs, codes) : pad;
     }
-    return live && ys >= 0 && ys < H && xs >= 0 && xs < W ? __ldg(plane + ys * W + xs) : pad;
+    return live && ys >= 0 && ys < H && xs >= 0 && xs < W ? nx_pixel_value(plane + ys * W + xs, codes) : pad;
 }
 
-template <bool EDGE>
-__device__ __forceinline__ void nx_gather_crops(const float* __restrict__ images, const long long* __restrict__ slots,
+template <bool EDGE, typename Pixel>
+__device__ __forceinline__ void nx_gather_crops(const Pixel* __restrict__ images, const long long* __restrict__ slots,
                                                 const long long* __restrict__ tops, const float* __restrict__ pad,
-                                                float* __restrict__ out, int Ch, int H, int W, int rh, int rw) {
+                                                const float* __restrict__ codes, float* __restrict__ out, int Ch,
+                                                int H, int W, int rh, int rw) {
     const long long mc = blockIdx.x;  // crop m, channel c
     const long long m = mc / Ch;
     const int c = (int)(mc - m * Ch);
@@ -50,7 +67,7 @@ __device__ __forceinline__ void nx_gather_crops(const float* __restrict__ images
     const int y0 = nx_crop_corner(__ldg(tops + 2 * m), rh, H);
     const int x0 = nx_crop_corner(__ldg(tops + 2 * m + 1), rw, W);
     const float fill = EDGE ? 0.0f : __ldg(pad + c);
-    const float* plane = images + (slot < 0 ? 0 : (slot * Ch + c) * (long long)H * W);
+    const Pixel* plane = images + (slot < 0 ? 0 : (slot * Ch + c) * (long long)H * W);
     float* dst = out + mc * plane_size;
     const int start = (int)blockIdx.y * (NX_CROP_THREADS * NX_CROP_PIXELS) + (int)threadIdx.x;
 #pragma unroll
@@ -58,18 +75,19 @@ __device__ __forceinline__ void nx_gather_crops(const float* __restrict__ images
         const int p = start + q * NX_CROP_THREADS;
         if (p < plane_size) {
             const int i = p / rw;
-            const float v = nx_crop_pixel<EDGE>(plane, y0 + i, x0 + (p - i * rw), H, W, fill, slot >= 0);
+            const float v = nx_crop_pixel<EDGE>(plane, codes, y0 + i, x0 + (p - i * rw), H, W, fill, slot >= 0);
             dst[p] = slot < 0 ? 0.0f : v;
         }
     }
 }
 
-template <bool EDGE>
-__device__ __forceinline__ void nx_accumulate_crops(double* __restrict__ sums, const float* __restrict__ images,
+template <bool EDGE, typename Pixel>
+__device__ __forceinline__ void nx_accumulate_crops(double* __restrict__ sums, const Pixel* __restrict__ images,
                                                     const long long* __restrict__ slots,
                                                     const long long* __restrict__ tops,
                                                     const float* __restrict__ weights, const float* __restrict__ pad,
-                                                    int J, int Ch, int H, int W, int rh, int rw) {
+                                                    const float* __restrict__ codes, int J, int Ch, int H, int W,
+                                                    int rh, int rw) {
     const long long uc = blockIdx.x;  // unit u, channel c
     const long long u = uc / Ch;
     const int c = (int)(uc - u * Ch);
@@ -99,10 +117,10 @@ __device__ __forceinline__ void nx_accumulate_crops(double* __restrict__ sums, c
         const double w = (double)__ldg(weights + row + j);
         const int y0 = nx_crop_corner(__ldg(tops + 2 * (row + j)), rh, H);
         const int x0 = nx_crop_corner(__ldg(tops + 2 * (row + j) + 1), rw, W);
-        const float* plane = images + (real ? (slot * Ch + c) * plane_stride : 0);
+        const Pixel* plane = images + (real ? (slot * Ch + c) * plane_stride : 0);
 #pragma unroll
         for (int q = 0; q < NX_CROP_PIXELS; ++q) {
-            const float v = nx_crop_pixel<EDGE>(plane, y0 + ii[q], x0 + kk[q], H, W, fill, real);
+            const float v = nx_crop_pixel<EDGE>(plane, codes, y0 + ii[q], x0 + kk[q], H, W, fill, real);
             if (real) acc[q] += w * (double)v;
         }
     }
@@ -117,24 +135,52 @@ __device__ __forceinline__ void nx_accumulate_crops(double* __restrict__ sums, c
 extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
 nx_gather_crops_pad(const float* images, const long long* slots, const long long* tops, const float* pad, float* out,
                     int Ch, int H, int W, int rh, int rw) {
-    nx_gather_crops<false>(images, slots, tops, pad, out, Ch, H, W, rh, rw);
+    nx_gather_crops<false>(images, slots, tops, pad, nullptr, out, Ch, H, W, rh, rw);
 }
 
 extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
 nx_gather_crops_edge(const float* images, const long long* slots, const long long* tops, const float* pad, float* out,
                      int Ch, int H, int W, int rh, int rw) {
-    nx_gather_crops<true>(images, slots, tops, pad, out, Ch, H, W, rh, rw);
+    nx_gather_crops<true>(images, slots, tops, pad, nullptr, out, Ch, H, W, rh, rw);
+}
+
+// The same from uint8 pixel codes, decoded through `codes` [256].
+extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
+nx_gather_crops_pad_u8(const unsigned char* images, const long long* slots, const long long* tops, const float* pad,
+                       const float* codes, float* out, int Ch, int H, int W, int rh, int rw) {
+    nx_gather_crops<false>(images, slots, tops, pad, codes, out, Ch, H, W, rh, rw);
+}
+
+extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
+nx_gather_crops_edge_u8(const unsigned char* images, const long long* slots, const long long* tops, const float* pad,
+                        const float* codes, float* out, int Ch, int H, int W, int rh, int rw) {
+    nx_gather_crops<true>(images, slots, tops, pad, codes, out, Ch, H, W, rh, rw);
 }
 
 // grid (U * Ch, ceil(rh * rw / (NX_CROP_THREADS * NX_CROP_PIXELS))), block NX_CROP_THREADS.
 extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
 nx_accumulate_crops_pad(double* sums, const float* images, const long long* slots, const long long* tops,
                         const float* weights, const float* pad, int J, int Ch, int H, int W, int rh, int rw) {
-    nx_accumulate_crops<false>(sums, images, slots, tops, weights, pad, J, Ch, H, W, rh, rw);
+    nx_accumulate_crops<false>(sums, images, slots, tops, weights, pad, nullptr, J, Ch, H, W, rh, rw);
 }
 
 extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
 nx_accumulate_crops_edge(double* sums, const float* images, const long long* slots, const long long* tops,
                          const float* weights, const float* pad, int J, int Ch, int H, int W, int rh, int rw) {
-    nx_accumulate_crops<true>(sums, images, slots, tops, weights, pad, J, Ch, H, W, rh, rw);
+    nx_accumulate_crops<true>(sums, images, slots, tops, weights, pad, nullptr, J, Ch, H, W, rh, rw);
+}
+
+// The same from uint8 pixel codes, decoded through `codes` [256].
+extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
+nx_accumulate_crops_pad_u8(double* sums, const unsigned char* images, const long long* slots, const long long* tops,
+                           const float* weights, const float* pad, const float* codes, int J, int Ch, int H, int W,
+                           int rh, int rw) {
+    nx_accumulate_crops<false>(sums, images, slots, tops, weights, pad, codes, J, Ch, H, W, rh, rw);
+}
+
+extern "C" __global__ void __launch_bounds__(NX_CROP_THREADS)
+nx_accumulate_crops_edge_u8(double* sums, const unsigned char* images, const long long* slots, const long long* tops,
+                            const float* weights, const float* pad, const float* codes, int J, int Ch, int H, int W,
+                            int rh, int rw) {
+    nx_accumulate_crops<true>(sums, images, slots, tops, weights, pad, codes, J, Ch, H, W, rh, rw);
 }

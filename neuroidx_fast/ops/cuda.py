@@ -41,7 +41,8 @@ _SR_VARIANTS = ("groups_contig", "groups_strided", "threads_flat", "threads_rows
 KERNELS = {
     "spatial_reduce.cu": tuple(f"nx_sr_{v}_{s}" for v in _SR_VARIANTS for s in _DTYPE_SUFFIX.values()),
     "topk_update.cu": ("nx_topk_update",),
-    "crops.cu": tuple(f"nx_{op}_crops_{mode}" for op in ("gather", "accumulate") for mode in ("pad", "edge")),
+    "crops.cu": tuple(f"nx_{op}_crops_{mode}{pixels}" for op in ("gather", "accumulate") for mode in ("pad", "edge")
+                      for pixels in ("", "_u8")),
     "ablation.cu": ("nx_mask_replicas_u16", "nx_mask_replicas_u32", "nx_mask_replicas_u64",
                     "nx_readout_ablation_argmax"),
 }
@@ -265,8 +266,9 @@ def _allow_shared(kernel, name: str, device: int, nbytes: int) -> None:
 # --- gather_crops / accumulate_crops ----------------------------------------------------------------
 
 def _crop_operands(images, slots, tops, pad_value, size, what: str):
-    """Contiguous operands of the crop kernels; raises where the int indexing of crops.cu would not hold."""
-    operands = crop_operands(images, slots, tops, pad_value, what)
+    """Contiguous operands of the crop kernels (images float32, or uint8 pixel codes, which the `_u8`
+    kernels decode as they read them); raises where the int indexing of crops.cu would not hold."""
+    operands = crop_operands(images, slots, tops, pad_value, what, pixel_types=(torch.float32, torch.uint8))
     if slots.device != images.device or tops.device != images.device:
         raise ValueError(f"{what}: slots and tops must be on {images.device}")
     rh, rw = size
@@ -284,14 +286,24 @@ def _require_cuda(images, what: str) -> None:
         raise ValueError(f"{what}: the cuda backend got images on {images.device}")
 
 
+def _crop_kernel_and_table(op: str, images, pad):
+    """The crops.cu kernel of ``op`` for these images and pad mode, and the table argument that follows
+    ``pad`` in its signature: the 256 values of the pixel codes for uint8 images (the `_u8` kernels),
+    nothing for float32 ones."""
+    name = f"nx_{op}_crops_{'edge' if pad is None else 'pad'}"
+    if images.dtype != torch.uint8:
+        return name, ()
+    return name + "_u8", (_ptr(reference.pixel_code_values(images.device)),)  # (cached: outlives the launch)
+
+
 def gather_launch(images, slots, tops, pad, crops):
     """(kernel name, grid, args) of the crops.cu launch that fills ``crops`` [M, Ch, rh, rw] (operands as
     ``_crop_operands`` returns them; ``pad`` None is edge mode). The tests run it through a host build of
     crops.cu as well."""
     m, ch, rh, rw = crops.shape
-    name = "nx_gather_crops_edge" if pad is None else "nx_gather_crops_pad"
+    name, codes = _crop_kernel_and_table("gather", images, pad)
     args = (
-        _ptr(images), _ptr(slots), _ptr(tops), _ptr(images if pad is None else pad), _ptr(crops),
+        _ptr(images), _ptr(slots), _ptr(tops), _ptr(images if pad is None else pad), *codes, _ptr(crops),
         numpy.int32(ch), numpy.int32(images.shape[2]), numpy.int32(images.shape[3]), numpy.int32(rh), numpy.int32(rw),
     )
     return name, (m * ch, -(-(rh * rw) // _CROP_CHUNK)), args
@@ -300,11 +312,11 @@ def gather_launch(images, slots, tops, pad, crops):
 def accumulate_launch(sums, images, slots, tops, weights, pad):
     """(kernel name, grid, args) of the crops.cu launch that adds into ``sums`` [U, Ch, rh, rw]."""
     u, ch, rh, rw = sums.shape
-    name = "nx_accumulate_crops_edge" if pad is None else "nx_accumulate_crops_pad"
+    name, codes = _crop_kernel_and_table("accumulate", images, pad)
     args = (
         _ptr(sums), _ptr(images), _ptr(slots), _ptr(tops), _ptr(weights), _ptr(images if pad is None else pad),
-        numpy.int32(slots.shape[1]), numpy.int32(ch), numpy.int32(images.shape[2]), numpy.int32(images.shape[3]),
-        numpy.int32(rh), numpy.int32(rw),
+        *codes, numpy.int32(slots.shape[1]), numpy.int32(ch), numpy.int32(images.shape[2]),
+        numpy.int32(images.shape[3]), numpy.int32(rh), numpy.int32(rw),
     )
     return name, (u * ch, -(-(rh * rw) // _CROP_CHUNK)), args
 
@@ -319,7 +331,6 @@ def _launch_crops(plan, tensor_device: torch.device) -> None:
 
 def gather_crops(images, slots, tops, size, pad_value):
     _require_cuda(images, "gather_crops")
-    images = reference.decode_pixels(images)  # uint8 pixel codes: decoded on the device, then the float32 kernels
     rh, rw = size
     images, slots, tops, pad = _crop_operands(images, slots, tops, pad_value, size, "gather_crops")
     crops = torch.empty((slots.shape[0], images.shape[1], rh, rw), dtype=torch.float32, device=images.device)
@@ -330,7 +341,6 @@ def gather_crops(images, slots, tops, size, pad_value):
 
 def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
     _require_cuda(images, "accumulate_crops")
-    images = reference.decode_pixels(images)
     if sums.dtype != torch.float64 or not sums.is_contiguous() or sums.device != images.device:
         raise ValueError("accumulate_crops: sums must be a contiguous float64 tensor on the images' device")
     if weights.dtype != torch.float32 or weights.shape != slots.shape:

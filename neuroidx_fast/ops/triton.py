@@ -11,26 +11,13 @@ import os
 import torch
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 
-from neuroidx_fast.kernels import crops as _crops
+from neuroidx_fast.kernels.crops import accumulate_crops, gather_crops
 from neuroidx_fast.kernels.spatial_reduce import spatial_reduce
 from neuroidx_fast.kernels.topk_update import topk_update
 from neuroidx_fast.kernels.ablation import mask_replicas, readout_ablation_argmax
 
 __all__ = ["check_device", "spatial_reduce", "topk_update", "gather_crops", "accumulate_crops",
            "mask_replicas", "readout_ablation_argmax"]
-
-
-def gather_crops(images, slots, tops, size, pad_value):
-    from neuroidx_fast.ops.reference import decode_pixels
-
-    # uint8 pixel codes are decoded on the device, then cut by the float32 kernels.
-    return _crops.gather_crops(decode_pixels(images), slots, tops, size, pad_value)
-
-
-def accumulate_crops(sums, images, slots, tops, weights, pad_value) -> None:
-    from neuroidx_fast.ops.reference import decode_pixels
-
-    _crops.accumulate_crops(sums, decode_pixels(images), slots, tops, weights, pad_value)
 
 
 def check_device(device_type: str) -> None:

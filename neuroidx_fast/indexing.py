@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
-from .receptive_fields import receptive_field
+from .receptive_fields import receptive_fields
 from .neuron_index import LayerIndex, NeuronIndex
 from .prepare import (check_pixel_batch, check_preprocess, dataset_length, eval_on_device, first_line, image_loader,
                       nonfinite_images, pixel_space, positive_int, restores_modes, split_batch)
@@ -533,11 +533,10 @@ def _model_input_channels(preprocess, pixel_sum, input_size, device) -> int:
 def _receptive_fields(model, names, input_size, channels: int) -> dict:
     """Each layer's receptive field at the indexed input size, as plain numbers for the manifest."""
     found = {}
-    for name in names:
-        try:
-            rf = receptive_field(model, name, input_size, channels=channels)
-        except Exception as exc:  # the index is complete: a field that cannot be found must not lose it
-            warnings.warn(f"no receptive field recorded for {name!r} ({exc}); pass rf= to neuron_features",
+    # one walk of the graph for all the layers; a layer's error is its value
+    for name, rf in receptive_fields(model, names, input_size, channels=channels, errors="return").items():
+        if isinstance(rf, Exception):  # the index is complete: a field that cannot be found must not lose it
+            warnings.warn(f"no receptive field recorded for {name!r} ({rf}); pass rf= to neuron_features",
                           stacklevel=3)
             continue
         found[name] = {"size": list(rf.size), "stride": list(rf.stride), "offset": list(rf.offset),

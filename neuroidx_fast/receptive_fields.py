@@ -1,4 +1,5 @@
-"""Receptive fields (SPEC.md section 2): ``receptive_field(model, layer, input_size)``.
+"""Receptive fields (SPEC.md section 2): ``receptive_field(model, layer, input_size)``, and
+``receptive_fields(model, layers, input_size)`` for several layers from one walk of the graph.
 
 Two measurements: an analytic walk of the model's graph (``rf_walk``: torch.fx, composing per axis a
 jump, a size and an offset through every node) and the gradient probe (``rf_probe``: which input pixels
@@ -15,9 +16,9 @@ from torch import nn
 
 from .rf_field import ReceptiveField, _as_channels, _as_size, _layer_module
 from .rf_probe import probe_gradient, probe_receptive_field
-from .rf_walk import _analytic, _Unsupported
+from .rf_walk import _analytic, _analytic_shared, _field, _Unsupported
 
-__all__ = ["ReceptiveField", "receptive_field", "probe_gradient", "probe_receptive_field"]
+__all__ = ["ReceptiveField", "receptive_field", "receptive_fields", "probe_gradient", "probe_receptive_field"]
 
 
 def receptive_field(model: nn.Module, layer: str, input_size, method: str = "auto",
@@ -31,18 +32,67 @@ def receptive_field(model: nn.Module, layer: str, input_size, method: str = "aut
     theoretical fields (SPEC.md 2): a network that pads circularly, or by reflection or replication wider
     than the window after the padding reaches in, is warned of, as its border units also see pixels past
     their boxes. Adaptive pooling whose windows are uneven (10 -> 4) gets boxes that hold every window,
-    larger than some units' fields, with a warning.
+    larger than some units' fields, with a warning. ``receptive_fields`` finds several layers' at once.
     """
+    return _receptive_field(model, layer, input_size, method, channels, None, stacklevel=3)
+
+
+def receptive_fields(model: nn.Module, layers, input_size, channels: int = 3,
+                     errors: str = "raise") -> dict[str, ReceptiveField]:
+    """``{layer: receptive_field(model, layer, input_size, channels=channels)}`` for each of ``layers`` (a
+    name or names), the same fields, warnings and errors, but from one trace and one walk of the graph
+    where the walk answers for each layer as it would alone (the probe, where it falls back to it, still
+    measures each layer apart). ``errors="raise"``: the first layer that has no field raises its error, as
+    that loop would; ``errors="return"``: its error is its value in the dict, and the other layers go on.
+    """
+    if errors not in ("raise", "return"):
+        raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
+    names = list(dict.fromkeys([layers] if isinstance(layers, str) else layers))
+    walked = _walked_together(model, names, input_size, channels)
+    fields = {}
+    for name in names:
+        try:
+            fields[name] = _receptive_field(model, name, input_size, "auto", channels, walked.get(name),
+                                            stacklevel=3)
+        except Exception as exc:
+            if errors == "raise":
+                raise
+            fields[name] = exc
+    return fields
+
+
+def _walked_together(model: nn.Module, names, input_size, channels) -> dict:
+    """What one walk of the graph finds for each layer that it answers for as a walk for the layer alone
+    would ({} where the arguments are wrong: each layer's own call says how)."""
+    try:
+        size, channels = _as_size(input_size), _as_channels(channels)
+    except ValueError:
+        return {}
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = _layer_module(model, name)
+        except Exception:  # an unknown name or not a model: that layer's own call raises it
+            continue
+    return _analytic_shared(model, modules, size, channels) if modules else {}
+
+
+def _receptive_field(model: nn.Module, layer: str, input_size, method: str, channels, walked,
+                     stacklevel: int) -> ReceptiveField:
+    """receptive_field, from ``walked`` (what a shared walk found at the layer) where not None;
+    ``stacklevel``: where its warnings point, as seen from this function."""
     module = _layer_module(model, layer)
     size, channels = _as_size(input_size), _as_channels(channels)
     if method not in ("auto", "analytic", "probe"):
         raise ValueError(f"method must be 'auto', 'analytic' or 'probe', got {method!r}")
     if method != "probe":
         try:
-            return _analytic(model, layer, module, size, channels)
+            if walked is not None:
+                return _field(walked, size, layer, stacklevel + 1)
+            return _analytic(model, layer, module, size, channels, stacklevel + 1)
         except _Unsupported as exc:
             if method == "analytic":
                 raise ValueError(f"the analytic receptive field of {layer!r} is unknown: {exc.reason}") from None
             warnings.warn(f"receptive field of {layer!r}: the graph walk stopped at {exc.reason}; measuring it with "
-                          "the gradient probe instead", stacklevel=2)
+                          "the gradient probe instead", stacklevel=stacklevel)
     return probe_receptive_field(model, layer, size, channels=channels)

@@ -12,6 +12,7 @@ channels-last tensor keeps the box and one over positions mixes them. What it do
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import inspect
 import operator
@@ -438,7 +439,7 @@ def _edge_pad_misses(pad: _EdgePad, rf: ReceptiveField) -> list[str]:
     return misses
 
 
-def _warn_edge_pads(pads, rf: ReceptiveField) -> None:
+def _warn_edge_pads(pads, rf: ReceptiveField, stacklevel: int) -> None:
     """SPEC.md 2's boxes are the theoretical fields; where a padding by reflection or replication is wider
     than the window after it reaches into the image, units near a border also see pixels past their
     boxes (the copies' sources), which no box nor crop holds: said, as for circular padding."""
@@ -450,7 +451,7 @@ def _warn_edge_pads(pads, rf: ReceptiveField) -> None:
             how = "reflection" if pad.mode == "reflect" else "replication"
             warnings.warn(f"receptive field: {pad.name} pads by {how} wider than the windows after it reach in, so "
                           f"units near a border also see pixels that their boxes (and the crops cut from them) leave "
-                          f"out: {'; '.join(misses)}", stacklevel=4)
+                          f"out: {'; '.join(misses)}", stacklevel=stacklevel)
 
 
 def _softmax_state(state, x, dim):
@@ -744,12 +745,7 @@ class _Walk(fx.Interpreter):
 
     def edge_pads_before(self, node: fx.Node) -> list:
         """The paddings by reflection or replication whose output ``node`` reads, directly or not."""
-        ancestors, todo = {node}, [node]
-        while todo:
-            for a in todo.pop().all_input_nodes:
-                if a not in ancestors:
-                    ancestors.add(a)
-                    todo.append(a)
+        ancestors = _ancestors(node)
         return [pad for where, pad in self.edge_pads if where is None or where in ancestors]
 
     def _note_edge_pad(self, n: fx.Node, target, args, kwargs, state) -> None:
@@ -760,7 +756,11 @@ class _Walk(fx.Interpreter):
         name = (f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
                 else f"{_node_name(n)}(mode={padding[0]!r})")
         pad = _EdgePad(name, padding[0], state, _spatial(x), tuple(padding[1]), tuple(padding[2]))
-        self.edge_pads.append((n if self.target is not None else None, pad))
+        self.edge_pads.append((self._pad_owner(n), pad))
+
+    def _pad_owner(self, n: fx.Node):
+        """The node a padding met at ``n`` is noted under: None inside a block walked for the layer."""
+        return n if self.target is not None else None
 
     def _input_tensors(self, n: fx.Node):
         """(node, tensor) for the inputs of ``n`` that are tensors already computed."""
@@ -772,59 +772,91 @@ class _Walk(fx.Interpreter):
             found.append(self.states.get(a))
         return found
 
+    def _is_target(self, n: fx.Node) -> bool:
+        return n.target == self.target
+
     def run_node(self, n: fx.Node):
         # tensors this node may change in place (x.add_(y), ReLU(inplace=True)), with their versions
         inputs = [(a, t, t._version) for a, t in self._input_tensors(n)]
         out = super().run_node(n)
-        if n.op == "placeholder":
-            state = self.input_states.pop(0) if self.input_states else None
-        elif n.op in ("get_attr",):
-            state = None
-        elif n.op == "output":
-            if self.target is not None:  # the whole graph ran and never called the layer
-                raise _Unsupported(f"layer {self.target!r} is not called as a module in the traced graph")
-            raise _Reached(self._states_of(n)[0] if n.all_input_nodes else None, out)
-        else:
-            args, kwargs = self.fetch_args_kwargs_from_env(n)
-            states = self._states_of(n)
-            target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
-            if _union(states) is not None and _pads_circularly(target, args, kwargs):
-                _warn_circular(f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
-                               else f"{_node_name(n)}(mode='circular')")
-            self._note_edge_pad(n, target, args, kwargs, _union(states))
-            if n.op == "call_module":
-                module = target
-                x = args[0] if args else None
-                user_module = (type(module).__module__.split(".")[0] != "torch"
-                               and not isinstance(module, _POINTWISE_MODULES))
-                if n.target == self.target and (user_module or isinstance(module, (nn.Sequential, nn.ModuleList))):
-                    # a block: walk through its own graph
-                    state = _module_walk(module, _union(states), x, self.edge_pads)
-                else:
-                    state = _module_state(module, _union(states), x, out)
-            elif n.op == "call_function":
-                state = _function_state(n.target, args, kwargs, states, out)
-            else:
-                state = _method_state(n.target, args, kwargs, states, out)
+        if n.op == "output":
+            return self._at_output(n, out)
+        state = self._node_state(n, out)
         self.states[n] = state
-        for a, t, version in inputs:
-            # changed in place into a value of another field: later readers of the node that made it would
-            # see the old field (a pointwise change in place, a ReLU's, keeps it)
-            if t._version != version and self.states.get(a) != state:
-                raise _Unsupported(f"an in-place change of a value that widens its field ({_node_name(n)})")
-        if self.target is not None and n.op == "call_module" and n.target == self.target:
-            raise _Reached(state, out, n)
+        self._after_node(n, state, out, self._widened_in_place(n, inputs, state))
         return out
+
+    def _at_output(self, n: fx.Node, out):
+        if self.target is not None:  # the whole graph ran and never called the layer
+            raise _Unsupported(f"layer {self.target!r} is not called as a module in the traced graph")
+        raise _Reached(self._states_of(n)[0] if n.all_input_nodes else None, out)
+
+    def _after_node(self, n: fx.Node, state, out, widened: str | None) -> None:
+        if widened is not None:
+            raise _Unsupported(widened)
+        if self.target is not None and n.op == "call_module" and self._is_target(n):
+            raise _Reached(state, out, n)
+
+    def _node_state(self, n: fx.Node, out):
+        if n.op == "placeholder":
+            return self.input_states.pop(0) if self.input_states else None
+        if n.op == "get_attr":
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        states = self._states_of(n)
+        target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+        if _union(states) is not None and _pads_circularly(target, args, kwargs):
+            _warn_circular(f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
+                           else f"{_node_name(n)}(mode='circular')")
+        self._note_edge_pad(n, target, args, kwargs, _union(states))
+        if n.op == "call_module":
+            x = args[0] if args else None
+            if self._is_target(n) and _walks_inside(target):
+                return self._walk_block(n, target, _union(states), x)
+            return _module_state(target, _union(states), x, out)
+        if n.op == "call_function":
+            return _function_state(n.target, args, kwargs, states, out)
+        return _method_state(n.target, args, kwargs, states, out)
+
+    def _walk_block(self, n: fx.Node, module: nn.Module, state, x):
+        """The state after the layer ``n`` when it is a block: walked through its own graph."""
+        return _module_walk(module, state, x, self.edge_pads)
+
+    def _widened_in_place(self, n: fx.Node, inputs, state) -> str | None:
+        """Why the walk cannot go on where ``n`` changed an input in place into a value of another field:
+        later readers of the node that made it would see the old field (a pointwise change in place, a
+        ReLU's, keeps it); else None."""
+        for a, t, version in inputs:
+            if t._version != version and self.states.get(a) != state:
+                return f"an in-place change of a value that widens its field ({_node_name(n)})"
+        return None
+
+
+def _walks_inside(module: nn.Module) -> bool:
+    """A layer that is a block (the user's module, a Sequential): walked through its own graph."""
+    user_module = type(module).__module__.split(".")[0] != "torch" and not isinstance(module, _POINTWISE_MODULES)
+    return user_module or isinstance(module, (nn.Sequential, nn.ModuleList))
+
+
+def _ancestors(node: fx.Node) -> set:
+    """``node`` and every node it reads, directly or not."""
+    ancestors, todo = {node}, [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in ancestors:
+                ancestors.add(a)
+                todo.append(a)
+    return ancestors
 
 
 def _node_name(n: fx.Node) -> str:
     return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
 
 
-def _module_walk(module: nn.Module, state, x, edge_pads: list | None = None):
-    """The state after a (non-leaf) module, walked through its own graph (noting its paddings by reflection
-    or replication in ``edge_pads``)."""
-    gm = _trace(module)
+def _module_walk(module: nn.Module, state, x, edge_pads: list | None = None, gm: fx.GraphModule | None = None):
+    """The state after a (non-leaf) module, walked through its own graph (``gm``, traced here where not
+    given), noting its paddings by reflection or replication in ``edge_pads``."""
+    gm = _trace(module) if gm is None else gm
     try:
         with torch.no_grad():
             _Walk(gm, [state], None, edge_pads).run(x)
@@ -855,7 +887,28 @@ def _without_fx_note(exc: Exception) -> str:
     return str(exc).split("\n\nWhile executing")[0].strip()
 
 
-def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int) -> ReceptiveField:
+@dataclass(frozen=True)
+class _Found:
+    """What the walk found at a layer: its state, its output on the blank input, and the paddings by
+    reflection or replication on the way to it."""
+
+    state: object
+    output: object
+    pads: list
+
+
+def _field(found: _Found, size, layer: str, stacklevel: int) -> ReceptiveField:
+    """The layer's receptive field from what the walk found there, its edge paddings warned of
+    (``stacklevel``: where the warnings point, as seen from this function)."""
+    rf = _to_rf(found.state, size, found.output, "analytic", layer)
+    _warn_edge_pads(found.pads, rf, stacklevel + 1)
+    return rf
+
+
+def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: int,
+              stacklevel: int = 2) -> ReceptiveField:
+    """The layer's field from a walk of the graph to it; ``stacklevel``: where its warnings point, as
+    seen from this function (2: its caller)."""
     # traced in eval mode, as the layer is indexed: `if self.training` branches (auxiliary heads) are
     # those of inference
     with evaluating(model):
@@ -882,6 +935,115 @@ def _analytic(model: nn.Module, layer: str, module: nn.Module, size, channels: i
         raise _Unsupported(f"running the traced graph failed ({type(exc).__name__}: {_without_fx_note(exc)})") from None
     else:
         raise _Unsupported("the traced graph has no output")
-    rf = _to_rf(found.state, size, found.output, "analytic", layer)
-    _warn_edge_pads(walk.edge_pads_before(found.node), rf)
-    return rf
+    return _field(_Found(found.state, found.output, walk.edge_pads_before(found.node)), size, layer, stacklevel + 1)
+
+
+# ------------------------------------------------------------------------------- one walk, many layers
+# receptive_fields(): the layers of one model at one input size from one trace and one walk, each layer's
+# field what _analytic finds for it alone. The trace makes every requested layer a leaf (the innermost,
+# where one holds another), where _analytic's makes its own layer alone one: a block (a user's module, a
+# Sequential) is walked through its own graph, as _analytic walks its layer, and the walk goes on past it
+# with the state that graph gives, which is the one the graph inlining it gives where the block reads one
+# input and gives one output that depends on it. Where that or anything else may differ from the walk for
+# a layer alone (a warning, which each layer must give itself; a node the walk does not know; an error)
+# the walk stops, and the layers it did not vouch for are walked one by one.
+
+
+class _Stop(Exception):
+    """The shared walk can vouch for no layer after this node."""
+
+
+class _SharedWalk(_Walk):
+    """A walk through every layer of ``targets`` (call_module names, each called once), noting at each
+    what a walk for it alone finds (``found``); ``blocks``: the graphs of the targets walked inside."""
+
+    def __init__(self, gm: fx.GraphModule, targets: set, blocks: dict, caught: list):
+        super().__init__(gm, [_START], None)
+        self.targets, self.blocks, self.caught = targets, blocks, caught
+        self.found: dict[str, _Found] = {}
+        self.last = False  # the node just walked is the last the walk vouches for
+
+    def _is_target(self, n: fx.Node) -> bool:
+        return n.op == "call_module" and n.target in self.targets
+
+    def _pad_owner(self, n: fx.Node):
+        return n  # every layer has its own paddings: those its node reads
+
+    def _at_output(self, n: fx.Node, out):
+        return out  # the whole graph walked: every target found
+
+    def _walk_block(self, n: fx.Node, module: nn.Module, state, x):
+        inner = []
+        state = _module_walk(module, state, x, inner, self.blocks[n.target])
+        self.edge_pads += [(n, pad) for _, pad in inner]
+        # the layers after are walked alone where the block's graph may differ from the inlined one, and
+        # where it pads by reflection inside: which later layers read such a padding, the inlined graph tells
+        self.last = bool(inner) or not _inlines_alike(n, self.blocks[n.target])
+        return state
+
+    def _after_node(self, n: fx.Node, state, out, widened: str | None) -> None:
+        if self.caught:
+            raise _Stop  # a warning, which the walk of each layer from here gives in its own place
+        if self._is_target(n):
+            if widened is None:
+                self.found[n.target] = _Found(state, out, self.edge_pads_before(n))
+            # a block changing its input in place fails its own layer's walk, not the inlined graph's
+            if self.last or (widened is not None and n.target not in self.blocks):
+                raise _Stop
+        elif widened is not None:
+            raise _Stop
+
+
+def _inlines_alike(n: fx.Node, block: fx.GraphModule) -> bool:
+    """Whether the state after block node ``n``, from the block's own graph walked on its first input
+    alone, is the one the graph inlining it gives, with the same nodes read: a call with one input to a
+    graph of one placeholder (defaults trace otherwise in a graph of its own) that gives one value read
+    from it."""
+    placeholders = [p for p in block.graph.nodes if p.op == "placeholder"]
+    output = next(o for o in reversed(block.graph.nodes) if o.op == "output")
+    result = output.args[0] if output.args else None
+    return (len(n.args) == 1 and not n.kwargs and len(placeholders) == 1 and isinstance(result, fx.Node)
+            and placeholders[0] in _ancestors(result))
+
+
+def _innermost(modules: dict) -> dict:
+    """The layers of ``modules`` (name -> module) that hold none of the others (those that do are inlined:
+    their inner layers are leaves of the shared trace, as they are of their own)."""
+    requested = {id(m) for m in modules.values()}
+    return {name: m for name, m in modules.items()
+            if not any(id(sub) in requested for sub in m.modules() if sub is not m)}
+
+
+def _shared_trace(model: nn.Module, leaves: dict):
+    """(the model's graph with ``leaves`` (name -> module) as leaves, {name: graph} of the leaves walked
+    inside, traced as _analytic traces them), or None where a trace fails: that graph may then fail
+    or differ for the layers alone."""
+    try:
+        with evaluating(model):
+            gm = _trace(model, leaves=leaves.values())
+            with torch.no_grad():
+                blocks = {name: _trace(m) for name, m in leaves.items() if _walks_inside(m)}
+    except _Unsupported:
+        return None
+    return gm, blocks
+
+
+def _analytic_shared(model: nn.Module, modules: dict, size, channels: int) -> dict:
+    """{name: _Found} for the layers of ``modules`` (name -> module) that one walk of the model's graph
+    finds as _analytic finds them alone; the others are left for _analytic (SPEC.md 2)."""
+    leaves = _innermost(modules)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning seen: each stops the sharing (see _SharedWalk)
+        traced = _shared_trace(model, leaves)
+        if traced is None or caught:
+            return {}
+        gm, blocks = traced
+        # a layer called twice (SharedModuleError) or not called as a module is left to _analytic
+        calls = collections.Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+        walk = _SharedWalk(gm, {name for name in leaves if calls[name] == 1}, blocks, caught)
+        try:
+            with evaluating(model), torch.no_grad():
+                walk.run(_blank_input(model, size, channels))
+        except Exception:  # _Stop, or an error that _analytic gives the layers after on their own
+            pass
+    return walk.found

@@ -191,18 +191,24 @@ def test_reference_empty_slots_add_nothing():
 
 # --- every CPU backend against the reference ---------------------------------------------------------
 
+def _against_reference(module, images, reference_images, slots, tops, weights, sums, fill):
+    """``module``'s gather and accumulation of ``images`` (on their device) against the reference's of
+    ``reference_images`` on CPU, bit for bit."""
+    cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+    size = tuple(sums.shape[2:])
+    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
+    want = reference.gather_crops(reference_images.cpu(), flat_slots.cpu(), flat_tops.cpu(), size, cpu(fill))
+    _assert_bits_equal(module.gather_crops(images, flat_slots, flat_tops, size, fill), want)
+    want_sums = sums.cpu().clone()
+    reference.accumulate_crops(want_sums, reference_images.cpu(), slots.cpu(), tops.cpu(), weights.cpu(), cpu(fill))
+    module.accumulate_crops(sums, images, slots, tops, weights, fill)
+    _assert_bits_equal(sums, want_sums)
+
+
 def _check_backend(module, case, pad, device="cpu"):
     images, slots, tops, weights, sums = _inputs(case, device)
     fill = _pad_value(pad, images.shape[1])
-    fill = None if fill is None else fill.to(device)
-    size = tuple(sums.shape[2:])
-    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
-    want = reference.gather_crops(images, flat_slots, flat_tops, size, fill)
-    _assert_bits_equal(module.gather_crops(images, flat_slots, flat_tops, size, fill), want)
-    want_sums = sums.clone()
-    reference.accumulate_crops(want_sums, images, slots, tops, weights, fill)
-    module.accumulate_crops(sums, images, slots, tops, weights, fill)
-    _assert_bits_equal(sums, want_sums)
+    _against_reference(module, images, images, slots, tops, weights, sums, None if fill is None else fill.to(device))
 
 
 @pytest.mark.parametrize("pad", PADS)
@@ -378,16 +384,7 @@ def _check_codes(module, case, pad, device="cpu"):
     codes, pixels = _codes_and_pixels(images)
     fill = _pad_value(pad, images.shape[1])
     codes, slots, tops, weights, sums = (t.to(device) for t in (codes, slots, tops, weights, sums))
-    fill = None if fill is None else fill.to(device)
-    size = tuple(sums.shape[2:])
-    flat_slots, flat_tops = slots.reshape(-1), tops.reshape(-1, 2)
-    want = reference.gather_crops(pixels, flat_slots.cpu(), flat_tops.cpu(), size, None if fill is None else fill.cpu())
-    _assert_bits_equal(module.gather_crops(codes, flat_slots, flat_tops, size, fill), want)
-    want_sums = sums.cpu().clone()
-    reference.accumulate_crops(want_sums, pixels, slots.cpu(), tops.cpu(), weights.cpu(),
-                               None if fill is None else fill.cpu())
-    module.accumulate_crops(sums, codes, slots, tops, weights, fill)
-    _assert_bits_equal(sums, want_sums)
+    _against_reference(module, codes, pixels, slots, tops, weights, sums, None if fill is None else fill.to(device))
 
 
 @pytest.mark.parametrize("pad", PADS)

@@ -327,6 +327,20 @@ def _read_checks(pixel_range: torch.Tensor | None, rare: list) -> tuple[tuple | 
     return (values[0], values[1]), [bool(v) for v in values[2:]]
 
 
+@contextlib.contextmanager
+def _pixels_checked_first(images: torch.Tensor, first_id: int):
+    """A batch's pixels are checked with its other device-side checks, after its forward; an error of the
+    batch before then (its labels, its size, the model) is preceded by the pixel check, here on the CPU
+    batch, as when pixels were checked first: NaN pixels are named rather than what they broke, and
+    0..255 images get their warning before the model's failure on them."""
+    try:
+        yield
+    except Exception:
+        if images.dtype != torch.uint8 and images.numel():
+            _check_images(images, *(float(v) for v in torch.aminmax(images)), first_id)
+        raise
+
+
 def _check_images(images: torch.Tensor, low: float, high: float, first_id: int) -> None:
     """Pixel values of a batch whose lowest and highest pixels ``_read_checks`` read: finite (else an
     error naming the images), in [0, 1] (else a warning)."""
@@ -685,44 +699,47 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                 images, labels = split_batch(batch)
                 first_id = shard.start + step * batch_size
                 check_pixel_batch(images, "index_dataset")
-                if stats is not None and any(s.class_sum is not None for s in stats.values()) != (labels is not None):
-                    raise ValueError("some dataset items have labels and others do not")
-                if labels is not None and labels.numel():
-                    _check_labels(labels, meta["class_names"], first_id)
-                _check_image_size(images, meta["input_size"], first_id)
-                ids = torch.arange(first_id, first_id + images.shape[0], device=device)
-                x = pixel_space(images.to(device, non_blocking=True))
-                pixel_range = _pixel_range(images, x)
-                pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
-                if pixel_sum is not None:  # (sums of other channels would broadcast)
-                    _check_same(f"images {first_id}..{first_id + images.shape[0] - 1}", "channels", pixels.numel(),
-                                pixel_sum.numel())
-                pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
-                if preprocess is not None:
-                    x = preprocess(x)
-                    _check_preprocess_size(images, x)
-                with autocast:
-                    # the first batch runs the whole forward: a requested module that is called again
-                    # later (shared) is an error before anything is recorded
-                    run = capture.run_whole if step == first_step else capture.run
-                    try:
-                        outputs = run(x.to(param_dtype))
-                    except RuntimeError as exc:
-                        if step != first_step or "out of memory" in str(exc) or isinstance(exc, LayerNotReachedError):
-                            raise
-                        raise ValueError(_first_batch_failure(exc, tuple(images.shape[1:]), x.shape[1])) from exc
-                if stats is None:
-                    meta["input_size"] = tuple(images.shape[-2:])
-                    stats = {}
-                    for name in names:
-                        out = outputs[name]
-                        if out.dim() not in (2, 4):
-                            raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}: index a layer "
-                                             "whose output is [B, C, H, W] or [B, C]")
-                        size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
-                        stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
-                reduced = [stats[name].reduce(outputs[name]) for name in names]
-                pixel_low_high, rare = _read_checks(pixel_range, [r.rare for r in reduced])  # the batch's one sync
+                with _pixels_checked_first(images, first_id):
+                    labelled = labels is not None
+                    if stats is not None and any(s.class_sum is not None for s in stats.values()) != labelled:
+                        raise ValueError("some dataset items have labels and others do not")
+                    if labels is not None and labels.numel():
+                        _check_labels(labels, meta["class_names"], first_id)
+                    _check_image_size(images, meta["input_size"], first_id)
+                    ids = torch.arange(first_id, first_id + images.shape[0], device=device)
+                    x = pixel_space(images.to(device, non_blocking=True))
+                    pixel_range = _pixel_range(images, x)
+                    pixels = x.sum(dim=(0, 2, 3), dtype=torch.float64)  # before preprocess: pixel space
+                    if pixel_sum is not None:  # (sums of other channels would broadcast)
+                        _check_same(f"images {first_id}..{first_id + images.shape[0] - 1}", "channels", pixels.numel(),
+                                    pixel_sum.numel())
+                    pixel_sum = pixels if pixel_sum is None else pixel_sum + pixels
+                    if preprocess is not None:
+                        x = preprocess(x)
+                        _check_preprocess_size(images, x)
+                    with autocast:
+                        # the first batch runs the whole forward: a requested module that is called again
+                        # later (shared) is an error before anything is recorded
+                        run = capture.run_whole if step == first_step else capture.run
+                        try:
+                            outputs = run(x.to(param_dtype))
+                        except RuntimeError as exc:
+                            if (step != first_step or "out of memory" in str(exc)
+                                    or isinstance(exc, LayerNotReachedError)):
+                                raise
+                            raise ValueError(_first_batch_failure(exc, tuple(images.shape[1:]), x.shape[1])) from exc
+                    if stats is None:
+                        meta["input_size"] = tuple(images.shape[-2:])
+                        stats = {}
+                        for name in names:
+                            out = outputs[name]
+                            if out.dim() not in (2, 4):
+                                raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}: index a layer "
+                                                 "whose output is [B, C, H, W] or [B, C]")
+                            size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
+                            stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
+                    reduced = [stats[name].reduce(outputs[name]) for name in names]
+                    pixel_low_high, rare = _read_checks(pixel_range, [r.rare for r in reduced])  # the batch's one sync
                 if pixel_low_high is not None:
                     _check_images(images, *pixel_low_high, first_id)
                 label_dev = labels.to(device) if labels is not None else None

@@ -875,3 +875,37 @@ def test_an_overflowing_layer_gets_finite_means_through_the_one_sync_per_batch()
     mean = float(torch.tensor(3e37))  # (3e37 rounded to float32)
     assert torch.equal(index["0"].mean_sum, torch.full((2,), 5 * mean, dtype=torch.float64))
     assert torch.equal(index["0"].class_sum.sum(dim=0), index["0"].mean_sum)
+
+
+class _RefusesNonFinite(torch.nn.Module):
+    """A model that refuses non-finite inputs (as models with input asserts do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        if not torch.isfinite(x).all():
+            raise RuntimeError("non-finite input")
+        return self.conv(x)
+
+
+def test_nan_pixels_are_named_before_what_they_break():
+    """The pixel range is read with the batch's other device checks, after the forward; an error of the
+    batch before then must still give way to the pixel error, as when pixels were checked first."""
+    data = ImageSet(n=4)
+    data.images[3, 0, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"images \[3\] hold NaN or infinite pixels"):
+        nx.index_dataset(_RefusesNonFinite().eval(), data, ["conv"], k=1, batch_size=2, progress=False)
+    data.labels[2] = -3  # a bad label in the same batch
+    with pytest.raises(ValueError, match=r"images \[3\] hold NaN or infinite pixels"):
+        nx.index_dataset(make_model("vgg"), data, ["features.0"], k=1, batch_size=2, progress=False)
+
+
+def test_images_in_0_255_are_warned_of_before_the_first_batch_fails():
+    data = ImageSet(n=2)
+    data.images = data.images * 255
+    four_channels = torch.nn.Sequential(torch.nn.Conv2d(4, 2, 3))  # fails on these RGB images
+    with pytest.warns(UserWarning, match=r"images are outside \[0, 1\]"), \
+            pytest.raises(ValueError, match="the model fails on the first images"):
+        nx.index_dataset(four_channels, data, ["0"], k=1, progress=False)

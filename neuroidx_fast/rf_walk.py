@@ -985,13 +985,20 @@ class _SharedWalk(_Walk):
         if self.caught:
             raise _Stop  # a warning, which the walk of each layer from here gives in its own place
         if self._is_target(n):
-            if widened is None:
-                self.found[n.target] = _Found(state, out, self.edge_pads_before(n))
+            if widened is None:  # (the output's shape as it is now: the walk goes on, and a later node may
+                # change the tensor in place, e.g. transpose_, which a walk stopping at the layer never sees)
+                self.found[n.target] = _Found(state, _as_meta(out), self.edge_pads_before(n))
             # a block changing its input in place fails its own layer's walk, not the inlined graph's
             if self.last or (widened is not None and n.target not in self.blocks):
                 raise _Stop
         elif widened is not None:
             raise _Stop
+
+
+def _as_meta(out):
+    """A tensor's shape and layout without its values (what a field reads of a layer's output), on the
+    meta device; anything else as it is."""
+    return torch.empty_like(out, device="meta") if isinstance(out, torch.Tensor) else out
 
 
 def _inlines_alike(n: fx.Node, block: fx.GraphModule) -> bool:

@@ -205,3 +205,22 @@ def test_the_index_records_the_fields_it_finds_and_warns_of_the_others():
     assert found == {name: {"size": list(rf.size), "stride": list(rf.stride), "offset": list(rf.offset),
                             "whole_image": rf.whole_image, "method": rf.method}
                      for name, rf in ((n, receptive_field(_SharedRelu().eval(), n, 16)) for n in ("conv1", "conv2"))}
+
+
+class _TransposedAfter(nn.Module):
+    """Transposes a layer's output in place after the layer: the shared walk goes on past the layer and
+    must keep the map size it had there."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        y.transpose_(2, 3)
+        return self.b(y)
+
+
+def test_an_output_changed_in_place_after_its_layer_keeps_the_layers_map_size():
+    found = _assert_same_as_layer_by_layer(_TransposedAfter().eval(), ["a", "b"], (16, 24))
+    assert found["a"].map_size == (14, 22)

@@ -48,20 +48,37 @@ def receptive_fields(model: nn.Module, layers, input_size, channels: int = 3,
     if errors not in ("raise", "return"):
         raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
     names = list(dict.fromkeys([layers] if isinstance(layers, str) else layers))
-    walked = _walked_together(model, names, input_size, channels)
+    shared: list = []  # the shared walk's warnings
+    walked = _walked_together(model, names, input_size, channels, shared)
     fields = {}
-    for name in names:
-        try:
-            fields[name] = _receptive_field(model, name, input_size, "auto", channels, walked.get(name),
-                                            stacklevel=3)
-        except Exception as exc:
-            if errors == "raise":
-                raise
-            fields[name] = exc
+    try:
+        with warnings.catch_warnings(record=True) as own:
+            warnings.simplefilter("always")
+            for name in names:
+                try:
+                    fields[name] = _receptive_field(model, name, input_size, "auto", channels, walked.get(name),
+                                                    stacklevel=3)
+                except Exception as exc:
+                    if errors == "raise":
+                        raise
+                    fields[name] = exc
+    finally:
+        _show_again(shared, own)
     return fields
 
 
-def _walked_together(model: nn.Module, names, input_size, channels) -> dict:
+def _show_again(shared: list, own: list) -> None:
+    """Show the warnings the layers' own walks gave (``own``), after those of the shared walk that none
+    of them gave again (a warning given once per process, by a model or by torch's TORCH_WARN_ONCE, is
+    not given again), each at its place and through the user's filters: one registry for the call, so
+    a warning the "default" action shows once per place is shown once."""
+    again = {(str(w.message), w.category) for w in own}
+    registry: dict = {}
+    for w in [w for w in shared if (str(w.message), w.category) not in again] + list(own):
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, registry=registry, source=w.source)
+
+
+def _walked_together(model: nn.Module, names, input_size, channels, seen: list) -> dict:
     """What one walk of the graph finds for each layer that it answers for as a walk for the layer alone
     would ({} where the arguments are wrong: each layer's own call says how)."""
     try:
@@ -74,7 +91,7 @@ def _walked_together(model: nn.Module, names, input_size, channels) -> dict:
             modules[name] = _layer_module(model, name)
         except Exception:  # an unknown name or not a model: that layer's own call raises it
             continue
-    return _analytic_shared(model, modules, size, channels) if modules else {}
+    return _analytic_shared(model, modules, size, channels, seen) if modules else {}
 
 
 def _receptive_field(model: nn.Module, layer: str, input_size, method: str, channels, walked,

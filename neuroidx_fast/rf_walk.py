@@ -1035,14 +1035,17 @@ def _shared_trace(model: nn.Module, leaves: dict):
     return gm, blocks
 
 
-def _analytic_shared(model: nn.Module, modules: dict, size, channels: int) -> dict:
+def _analytic_shared(model: nn.Module, modules: dict, size, channels: int, seen: list) -> dict:
     """{name: _Found} for the layers of ``modules`` (name -> module) that one walk of the model's graph
-    finds as _analytic finds them alone; the others are left for _analytic (SPEC.md 2)."""
+    finds as _analytic finds them alone; the others are left for _analytic (SPEC.md 2). The warnings of
+    the trace and walk go to ``seen`` (warnings.WarningMessage), not to the user: the walks of the
+    layers left give theirs in their own places; the caller shows those no such walk gives again."""
     leaves = _innermost(modules)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every warning seen: each stops the sharing (see _SharedWalk)
         traced = _shared_trace(model, leaves)
         if traced is None or caught:
+            seen.extend(caught)
             return {}
         gm, blocks = traced
         # a layer called twice (SharedModuleError) or not called as a module is left to _analytic
@@ -1053,4 +1056,5 @@ def _analytic_shared(model: nn.Module, modules: dict, size, channels: int) -> di
                 walk.run(_blank_input(model, size, channels))
         except Exception:  # _Stop, or an error that _analytic gives the layers after on their own
             pass
+    seen.extend(caught)
     return walk.found

@@ -224,3 +224,31 @@ class _TransposedAfter(nn.Module):
 def test_an_output_changed_in_place_after_its_layer_keeps_the_layers_map_size():
     found = _assert_same_as_layer_by_layer(_TransposedAfter().eval(), ["a", "b"], (16, 24))
     assert found["a"].map_size == (14, 22)
+
+
+class _WarnsOnce(nn.Module):
+    """Warns once per process between its two layers (as models do with a 'warned' flag)."""
+
+    warned = False
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+    def forward(self, x):
+        y = self.a(x)
+        if not _WarnsOnce.warned:
+            _WarnsOnce.warned = True
+            warnings.warn("model: deprecated input convention")
+        return self.b(y)
+
+
+def test_a_warning_given_once_is_shown_though_the_shared_walk_met_it():
+    """The shared walk records warnings (each stops it) and the layers' own walks give theirs again; one
+    that the model gives once per process is not given again, and was lost."""
+    model = _WarnsOnce().eval()
+    _WarnsOnce.warned = False
+    together = _together(model, ["a", "b"], 16)
+    _WarnsOnce.warned = False
+    assert together == _layer_by_layer(model, ["a", "b"], 16)
+    assert (UserWarning, "model: deprecated input convention") in together[1]

@@ -321,7 +321,8 @@ def _read_checks(pixel_range: torch.Tensor | None, rare: list) -> tuple[tuple | 
     parts = ([pixel_range] if pixel_range is not None else []) + [flag.reshape(1).double() for flag in rare]
     if not parts:
         return None, []
-    values = torch.cat(parts).tolist()
+    # (a layer of a model split over devices has its flag on its own: the add then names the mismatch)
+    values = torch.cat([part.to(parts[0].device) for part in parts]).tolist()
     if pixel_range is None:
         return None, [bool(v) for v in values]
     return (values[0], values[1]), [bool(v) for v in values[2:]]

@@ -232,7 +232,8 @@ def collate_images(items: list, pin: bool = False):
     if not pin or not images or images[0].device.type != "cpu":
         return default_collate(items)
     stacked = torch.empty((len(images),) + tuple(images[0].shape), dtype=images[0].dtype, pin_memory=True)
-    torch.stack(images, out=stacked)
+    with torch.no_grad():  # (images that require grad: an out= stack refuses them; a batch is data)
+        torch.stack(images, out=stacked)
     if not isinstance(items[0], (tuple, list)):
         return stacked
     return [stacked] + default_collate([tuple(item[1:]) for item in items])

@@ -84,3 +84,9 @@ def test_index_on_the_gpu_equals_the_cpu_index_with_labels_and_nan_errors(no_tf3
     bad.images[6, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match=r"images \[6\] hold NaN or infinite pixels"):
         nx.index_dataset(make_model("vgg").cuda(), bad, layers, k=3, batch_size=4, progress=False, device="cuda")
+
+
+def test_pinned_collate_takes_images_that_require_grad():
+    items = [torch.rand(3, 4, 4, requires_grad=True) for _ in range(2)]
+    batch = collate_images(items, pin=True)  # (an out= stack refuses inputs that require grad)
+    assert batch.is_pinned() and torch.equal(batch, torch.stack(items).detach())

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .features import (batch_slots, check_finite_top_images, check_top_images_size, load_top_images,
-                       resolve_dataset)
+                       refuse_nonfinite_rows, resolve_dataset)
 from .hooks import LayerCapture, resolve_layers
 from .neuron_index import NeuronIndex
 from .prepare import check_preprocess, evaluating, model_device, param_dtype, pixel_space, positive_int, shortened
@@ -100,6 +100,26 @@ def _gather(output: torch.Tensor, slots: torch.Tensor, units: torch.Tensor, posi
     return flat[slots[hit], units.expand_as(slots)[hit], positions[hit]], hit
 
 
+def _gather_every_slot(output: torch.Tensor, slots: torch.Tensor, units: torch.Tensor,
+                       positions: torch.Tensor) -> torch.Tensor:
+    """[C, K] float64: output[slots[c, j], c, positions[c, j]], read at image 0 where a slot is elsewhere
+    (slot -1: the caller keeps what it had there); no mask, so no device sync."""
+    flat = output.reshape(output.shape[0], output.shape[1], -1)
+    return flat[slots.clamp(min=0), units.expand_as(slots), positions].float().double()
+
+
+def _check_deferred(unchecked_pixels: list, state: dict) -> None:
+    """The luminance pass's checks, read once it is over: NaN or infinite pixels in a top image (the
+    first batch's were checked at once), then NaN activations on gray images (the errors named as when
+    each batch was checked)."""
+    if unchecked_pixels and bool(torch.stack([bad.any() for _, bad in unchecked_pixels]).any()):
+        for batch_ids, bad in unchecked_pixels:
+            refuse_nonfinite_rows(batch_ids, bad.cpu())
+    for name, s in state.items():
+        if bool(torch.isnan(s["gray"]).any()):
+            raise _nan_gray_error(name, s["gray"], s["units"].expand_as(s["ids"]), s["ids"])
+
+
 def _nan_gray_error(name: str, values: torch.Tensor, units: torch.Tensor, image_ids: torch.Tensor) -> ValueError:
     """A NaN a'_j would make a live unit's alpha NaN, which SPEC.md keeps for dead units: an error (as NaN
     activations are when indexing), naming the layer, the units and the images (``units``, ``image_ids``:
@@ -175,35 +195,46 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
         dead, valid = L.dead(), L.live_slots()
         state[name] = {"ids": torch.where(valid, L.ids, torch.full_like(L.ids, -1)).to(device),
                        "positions": L.positions.clamp(min=0).to(device), "valid": valid, "dead": dead,
-                       "gray": torch.zeros(L.values.shape, dtype=torch.float64),
+                       # (luminance: filled on the device, batch after batch, with no sync; pca: on the CPU)
+                       "gray": torch.zeros(L.values.shape, dtype=torch.float64,
+                                           device=device if gray == "luminance" else "cpu"),
                        "units": torch.arange(L.num_units, device=device)[:, None]}
     all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
+    # the luminance pass reads the device once, at the end (a sync a batch kept a GPU from overlapping the
+    # next batch's loading with this one's forward): its pixel checks and its NaN checks wait until then
+    unique_ids = torch.unique(all_ids[all_ids >= 0])  # the ids load_top_images yields, in its order
+    unique_on_device, start, unchecked_pixels = unique_ids.to(device), 0, []
 
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
                                                                    progress, f"color ({gray})", device)):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
             images = pixel_space(images.to(device, non_blocking=True))
-            check_finite_top_images(images, batch_ids)  # a NaN pixel would make a live unit's alpha NaN
+            if gray == "luminance" and step > 0:
+                unchecked_pixels.append((batch_ids, ~torch.isfinite(images).flatten(1).all(dim=1)))
+            else:
+                check_finite_top_images(images, batch_ids)  # a NaN pixel would make a live unit's alpha NaN
             if step == 0:
                 _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast)
             if gray == "luminance":
+                assert torch.equal(batch_ids, unique_ids[start:start + batch_ids.numel()])
+                batch_ids_on_device = unique_on_device[start:start + batch_ids.numel()]
+                start += batch_ids.numel()
                 outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
                 for name, s in state.items():
-                    slots = batch_slots(batch_ids, s["ids"])
-                    values, hit = _gather(outputs[name], slots, s["units"], s["positions"])
-                    if bool(torch.isnan(values).any()):
-                        raise _nan_gray_error(name, values, s["units"].expand_as(slots)[hit],
-                                              batch_ids.to(slots.device)[slots[hit]])
-                    s["gray"][hit.cpu()] = values.double().cpu()
+                    slots = batch_slots(batch_ids_on_device, s["ids"])
+                    s["gray"] = torch.where(slots >= 0, _gather_every_slot(outputs[name], slots, s["units"],
+                                                                           s["positions"]), s["gray"])
             else:
                 for name, s in state.items():
                     _pca_batch(capture, model_dtype, name, s, index, batch_ids, images, preprocess, autocast,
                                batch_size)
 
+    _check_deferred(unchecked_pixels, state)
     result = {}
     for name, L in layers.items():
         s = state[name]
+        s["gray"] = s["gray"].cpu()
         top = torch.where(s["valid"], L.values.double(), torch.zeros((), dtype=torch.float64)).sum(dim=1)
         gray_sum = torch.where(s["valid"], s["gray"], torch.zeros((), dtype=torch.float64)).sum(dim=1)
         alpha = (1 - gray_sum / top).float()

@@ -142,7 +142,13 @@ def check_finite_top_images(images: torch.Tensor, batch_ids: torch.Tensor) -> No
     8-bit pixels (uint8) are finite."""
     if images.dtype == torch.uint8:
         return
-    bad = batch_ids[nonfinite_images(images).cpu()][:5].tolist()
+    refuse_nonfinite_rows(batch_ids, nonfinite_images(images).cpu())
+
+
+def refuse_nonfinite_rows(batch_ids: torch.Tensor, rows: torch.Tensor) -> None:
+    """check_finite_top_images' error, for the ``rows`` (indices or a bool mask, on the CPU) of a batch
+    found to hold NaN or infinite pixels; nothing where there are none."""
+    bad = batch_ids[rows][:5].tolist()
     if bad:
         raise ValueError(f"top images {bad} hold NaN or infinite pixels: the dataset must give finite pixel-space "
                          "images in [0, 1]")

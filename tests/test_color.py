@@ -318,3 +318,21 @@ def test_luminance_of_half_images_is_rounded_once(dtype):
     gray = luminance(images)
     assert gray.dtype == dtype
     assert torch.equal(gray[:, 0], in_float32.to(dtype))  # weighted in float32, then one rounding to the half dtype
+
+
+def test_the_checks_of_later_batches_are_read_once_the_pass_is_over(nan_where, monkeypatch):
+    """The luminance pass checks the first batch's pixels at once and every other check at its end (a
+    sync a batch kept a GPU from overlapping loading and forward): the errors are the same."""
+    model, data, index = nan_where
+    last = int(index["0"].ids[index["0"].ids >= 0].max())  # the last batch, with batch_size=1
+    poisoned = list(data)
+    poisoned[last] = (torch.full_like(data[last][0], float("nan")), data[last][1])
+    with pytest.raises(ValueError, match=rf"top images \[{last}\] hold NaN or infinite pixels"):
+        color_selectivity(model, index, "0", poisoned, batch_size=1)
+    monkeypatch.setattr(model[0], "nan_on", "gray")
+    top = re.escape(str(sorted(index["0"].ids[0].tolist())))
+    with pytest.raises(ValueError, match=rf"the model gives NaN .* top image\(s\) {top} for unit\(s\) \[0\]"):
+        color_selectivity(model, index, "0", batch_size=1)
+    monkeypatch.setattr(model[0], "nan_on", None)
+    torch.testing.assert_close(color_selectivity(model, index, "0", batch_size=1),
+                               color_selectivity(model, index, "0", batch_size=64), rtol=0, atol=0, equal_nan=True)

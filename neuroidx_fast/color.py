@@ -202,8 +202,7 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     all_ids = torch.cat([s["ids"].reshape(-1).cpu() for s in state.values()])
     # the luminance pass reads the device once, at the end (a sync a batch kept a GPU from overlapping the
     # next batch's loading with this one's forward): its pixel checks and its NaN checks wait until then
-    unique_ids = torch.unique(all_ids[all_ids >= 0])  # the ids load_top_images yields, in its order
-    unique_on_device, start, unchecked_pixels = unique_ids.to(device), 0, []
+    unchecked_pixels = []
 
     with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
         for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
@@ -217,12 +216,9 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
             if step == 0:
                 _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, preprocess, autocast)
             if gray == "luminance":
-                assert torch.equal(batch_ids, unique_ids[start:start + batch_ids.numel()])
-                batch_ids_on_device = unique_on_device[start:start + batch_ids.numel()]
-                start += batch_ids.numel()
                 outputs = _forward(capture, model_dtype, luminance(images), preprocess, autocast)
                 for name, s in state.items():
-                    slots = batch_slots(batch_ids_on_device, s["ids"])
+                    slots = batch_slots(batch_ids, s["ids"])
                     s["gray"] = torch.where(slots >= 0, _gather_every_slot(outputs[name], slots, s["units"],
                                                                            s["positions"]), s["gray"])
             else:

@@ -15,7 +15,7 @@ from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
 from .prepare import (as_index, canonical_device, check_pixel_batch, dataset_length, image_loader, integer_tensor,
-                      nonfinite_images, positive_int, split_batch)
+                      nonfinite_images, pins_batches, positive_int, split_batch)
 from .receptive_fields import ReceptiveField, receptive_field
 
 __all__ = ["NeuronFeatures", "neuron_features", "save_grid", "save_unit", "load_top_images"]
@@ -58,9 +58,11 @@ def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: in
                     desc: str = "top images", device=None):
     """Yield ``(batch_ids, images)`` for the sorted unique ``ids``, in id order and batches: each image
     is loaded once whatever number of units rank it. Images come as the dataset gives them: floating, or
-    uint8 8-bit pixels (prepare.pixel_space); for a CUDA ``device``, in page-locked memory (an
-    asynchronous copy there: ``prepare.image_loader``)."""
+    uint8 8-bit pixels (prepare.pixel_space); for a CUDA ``device``, images and ids in page-locked
+    memory (asynchronous copies there: ``prepare.image_loader``, ``batch_slots``)."""
     ids = torch.unique(ids[ids >= 0].cpu())
+    if pins_batches(device or "cpu"):
+        ids = ids.pin_memory()  # (its slices, the batch ids, are page-locked too)
     loader = image_loader(Subset(dataset, ids.tolist()), batch_size, device or "cpu", num_workers)
     bar = None
     if progress:
@@ -83,7 +85,7 @@ def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: in
 
 def batch_slots(batch_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Rows of ``batch_ids`` (sorted) holding each entry of ``ids``; -1 where the image is elsewhere."""
-    batch_ids = batch_ids.to(ids.device)
+    batch_ids = batch_ids.to(ids.device, non_blocking=True)  # (asynchronous from load_top_images' pinned ids)
     where = torch.searchsorted(batch_ids, ids).clamp(max=batch_ids.numel() - 1)
     hit = (ids >= 0) & (batch_ids[where] == ids)
     return torch.where(hit, where, torch.full_like(where, -1))

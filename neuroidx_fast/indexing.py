@@ -337,8 +337,9 @@ def _pixels_checked_first(images: torch.Tensor, first_id: int):
     try:
         yield
     except Exception:
-        if images.dtype != torch.uint8 and images.numel():
-            _check_images(images, *(float(v) for v in torch.aminmax(images)), first_id)
+        pixel_range = _pixel_range(images, images)
+        if pixel_range is not None:
+            _check_images(images, *pixel_range.tolist(), first_id)
         raise
 
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, default_collate
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "collate_images", "image_loader", "as_index", "integer_tensor", "check_preprocess", "check_label_range",
-           "positive_int", "nonfinite_images", "check_pixel_batch", "pixel_space", "first_line"]
+           "split_batch", "collate_images", "image_loader", "pins_batches", "as_index", "integer_tensor",
+           "check_preprocess", "check_label_range", "positive_int", "nonfinite_images", "check_pixel_batch", "pixel_space", "first_line"]
 
 
 def check_pixel_batch(images: torch.Tensor, what: str) -> None:
@@ -239,11 +239,17 @@ def collate_images(items: list, pin: bool = False):
     return [stacked] + default_collate([tuple(item[1:]) for item in items])
 
 
+def pins_batches(device) -> bool:
+    """Whether a pass on ``device`` reads its batches from page-locked memory (a CUDA device): a copy
+    from there is asynchronous, where one from pageable memory first waits for the device's stream."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
 def image_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> DataLoader:
-    """A DataLoader of ``collate_images`` batches in dataset order, for a pass on ``device``: for a CUDA
-    device the batches come in page-locked memory (stacked there directly without workers; pinned by the
-    DataLoader's thread with them), so that ``.to(device, non_blocking=True)`` is an asynchronous copy."""
-    to_gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    """A DataLoader of ``collate_images`` batches in dataset order, for a pass on ``device``: where
+    ``pins_batches(device)``, in page-locked memory (stacked there directly without workers; pinned by
+    the DataLoader's thread with them), so that ``.to(device, non_blocking=True)`` is an asynchronous copy."""
+    to_gpu = pins_batches(device)
     direct = to_gpu and num_workers == 0
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=functools.partial(collate_images, pin=True) if direct else collate_images,

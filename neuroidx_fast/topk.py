@@ -15,6 +15,7 @@ __all__ = ["TopK", "STATE_FORMAT"]
 
 STATE_FORMAT = "neuroidx_fast.TopK/1"
 _NAN_POLICIES = ("raise", "ignore")
+_MAX_ID = torch.iinfo(torch.int64).max
 
 
 class ReducedBatch(NamedTuple):
@@ -23,7 +24,6 @@ class ReducedBatch(NamedTuple):
     argmax: torch.Tensor
     vmean: torch.Tensor
     rare: torch.Tensor
-_MAX_ID = torch.iinfo(torch.int64).max
 
 
 def _repeated_id(ids: torch.Tensor) -> tuple[int, int] | None:

@@ -22,6 +22,7 @@ from torch import nn
 
 import neuroidx_fast as nx
 from neuroidx_fast.hooks import LayerCapture
+from neuroidx_fast.background import reading
 from neuroidx_fast.prepare import image_loader
 from bench.bench_topk import common_args, result_header, save_result, sync
 
@@ -97,8 +98,9 @@ def main(argv=None):
 
     def loaded():
         with torch.no_grad(), LayerCapture(model, layers) as capture, autocast:
-            for x, _ in image_loader(dataset, batch, device):
-                capture.run(x.to(device, non_blocking=True))
+            with reading(image_loader(dataset, batch, device)) as batches:
+                for x, _ in batches:
+                    capture.run(x.to(device, non_blocking=True))
         sync(device)
 
     def indexed():

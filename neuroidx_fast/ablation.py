@@ -71,6 +71,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import ops
+from .background import reading
 from .graph_split import SplitModel, incoming_weight_l1, logits_element, readout_rank_problem, split_model
 from .hooks import LayerCapture, resolve_layers
 from .indexing import _base_dataset
@@ -381,15 +382,16 @@ class _Engine:
 
     def batches(self, desc: str):
         loader = image_loader(self.dataset, self.batch_size, self.device, self.num_workers)
-        if not self.progress:
-            yield from loader
-            return
-        from tqdm.auto import tqdm
+        with reading(loader) as batches:
+            if not self.progress:
+                yield from batches
+                return
+            from tqdm.auto import tqdm
 
-        with tqdm(total=len(loader), unit="batch", desc=desc) as bar:
-            for batch in loader:
-                yield batch
-                bar.update(1)
+            with tqdm(total=len(loader), unit="batch", desc=desc) as bar:
+                for batch in batches:
+                    yield batch
+                    bar.update(1)
 
     def probe(self):
         """The layer output of the first image alone: its shape and dtype, before any pass."""

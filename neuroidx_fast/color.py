@@ -204,9 +204,9 @@ def color_selectivity(model: nn.Module, index: NeuronIndex, layer, dataset=None,
     # next batch's loading with this one's forward): its pixel checks and its NaN checks wait until then
     unchecked_pixels = []
 
-    with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture:
-        for step, (batch_ids, images) in enumerate(load_top_images(dataset, all_ids, batch_size, num_workers,
-                                                                   progress, f"color ({gray})", device)):
+    top_images = load_top_images(dataset, all_ids, batch_size, num_workers, progress, f"color ({gray})", device)
+    with evaluating(model), torch.no_grad(), LayerCapture(model, names) as capture, contextlib.closing(top_images):
+        for step, (batch_ids, images) in enumerate(top_images):
             check_top_images_size(images, index)  # a'_j is read at pos_j of the index's maps
             images = pixel_space(images.to(device, non_blocking=True))
             if gray == "luminance" and step > 0:

@@ -3,6 +3,7 @@ receptive-field crops of each unit's top-K images, made in one second pass over 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from torch.utils.data import Subset
 
 from . import backends, ops
+from .background import reading
 from .neuron_index import NeuronIndex
 from .ops.crop_operands import codes_pay_off
 from .png import image_grid, save_png, to_uint8
@@ -71,13 +73,14 @@ def load_top_images(dataset, ids: torch.Tensor, batch_size: int, num_workers: in
         bar = tqdm(total=len(loader), unit="batch", desc=desc)
     try:
         start = 0
-        for batch in loader:
-            images = split_batch(batch)[0]
-            check_pixel_batch(images, "top images")
-            yield ids[start:start + images.shape[0]], images
-            start += images.shape[0]
-            if bar is not None:
-                bar.update(1)
+        with reading(loader) as batches:
+            for batch in batches:
+                images = split_batch(batch)[0]
+                check_pixel_batch(images, "top images")
+                yield ids[start:start + images.shape[0]], images
+                start += images.shape[0]
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
@@ -285,26 +288,28 @@ def neuron_features(index: NeuronIndex, layer: str, dataset=None, pad="gray", no
     ids_dev, tops_dev, weights_dev = ids.to(device), tops.to(device), weights.to(device)
     try_codes = device.type == "cpu" and backends.resolve_name(backend, device) == "cpp"
     warned: list = []
-    for batch_ids, images in load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}", device):
-        check_top_images_size(images, index, channels=(1, 3))
-        # 8-bit pixels stay uint8: the pixel codes every backend reads (ops.as_pixel_codes), k / 255 exactly
-        images = images.to(device=device, dtype=None if images.dtype == torch.uint8 else torch.float32,
-                           non_blocking=True)
-        _check_top_images(images, batch_ids, warned)  # on the device: a GPU checks a batch in a fraction of a ms
-        images = as_rgb(images).contiguous()
-        slots = batch_slots(batch_ids, ids_dev)
-        # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
-        # for the cpp kernels to read; worth the one pass over the batch that finds them where codes_pay_off
-        # (batches whose crops read each pixel often enough: fewer times with the AVX-512 loops). Found here
-        # once for both the sums and the kept crops (the accumulation alone would find them itself). Once a
-        # batch is not 8-bit, the later ones are not tried.
-        if try_codes and codes_pay_off(images, slots, (rh, rw), backends.get("cpp", device).code_loops()):
-            codes = ops.as_pixel_codes(images, backend)
-            try_codes = codes is not None
-            images = images if codes is None else codes
-        ops.accumulate_crops(sums, images, slots, tops_dev, weights_dev, pad, backend)
-        if keep:
-            _keep_crops(crops, images, slots[:, :keep], tops_dev[:, :keep], (rh, rw), pad, backend)
+    top_images = load_top_images(dataset, ids, batch_size, num_workers, progress, f"NF {layer}", device)
+    with contextlib.closing(top_images):  # (on an error, its batches stop being read at once)
+        for batch_ids, images in top_images:
+            check_top_images_size(images, index, channels=(1, 3))
+            # 8-bit pixels stay uint8: the pixel codes every backend reads (ops.as_pixel_codes): k / 255 exactly
+            images = images.to(device=device, dtype=None if images.dtype == torch.uint8 else torch.float32,
+                               non_blocking=True)
+            _check_top_images(images, batch_ids, warned)  # on the device: a GPU checks a batch in a fraction of ms
+            images = as_rgb(images).contiguous()
+            slots = batch_slots(batch_ids, ids_dev)
+            # Pixels from 8-bit files (k / 255) are passed as uint8 codes: the same bits, a quarter of the bytes
+            # for the cpp kernels to read; worth the one pass over the batch that finds them where codes_pay_off
+            # (batches whose crops read each pixel often enough: fewer times with the AVX-512 loops). Found here
+            # once for both the sums and the kept crops (the accumulation alone would find them itself). Once a
+            # batch is not 8-bit, the later ones are not tried.
+            if try_codes and codes_pay_off(images, slots, (rh, rw), backends.get("cpp", device).code_loops()):
+                codes = ops.as_pixel_codes(images, backend)
+                try_codes = codes is not None
+                images = images if codes is None else codes
+            ops.accumulate_crops(sums, images, slots, tops_dev, weights_dev, pad, backend)
+            if keep:
+                _keep_crops(crops, images, slots[:, :keep], tops_dev[:, :keep], (rh, rw), pad, backend)
     # sum_j w_j (NaN for a dead unit: it has no NF, SPEC.md 3)
     weight_sum = torch.where(dead, float("nan"), exact_sum / top_scale)
     denominator = exact_sum if norm == "sum" else valid.sum(dim=1).double() * top_scale

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset
 
+from .background import reading
 from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
 from .receptive_fields import receptive_fields
 from .neuron_index import LayerIndex, NeuronIndex
@@ -695,9 +696,9 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
 
         bar = tqdm(total=total_batches, initial=batches_done, unit="batch", desc="indexing")
     try:
-        with torch.no_grad(), LayerCapture(model, names) as capture:
+        with torch.no_grad(), LayerCapture(model, names) as capture, reading(loader) as batches:
             first_step = batches_done
-            for step, batch in enumerate(loader, start=batches_done):
+            for step, batch in enumerate(batches, start=batches_done):
                 images, labels = split_batch(batch)
                 first_id = shard.start + step * batch_size
                 check_pixel_batch(images, "index_dataset")

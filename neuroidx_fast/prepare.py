@@ -11,11 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
+from .background import BackgroundBatches, background_enabled
 from .ops.reference import decode_pixels
 
 __all__ = ["model_device", "param_dtype", "eval_on_device", "evaluating", "restores_modes", "dataset_length",
-           "split_batch", "collate_images", "image_loader", "pins_batches", "as_index", "integer_tensor",
-           "check_preprocess", "check_label_range", "positive_int", "nonfinite_images", "check_pixel_batch", "pixel_space", "first_line"]
+           "split_batch", "collate_images", "image_loader", "pins_batches", "reads_in_background", "as_index",
+           "integer_tensor", "check_preprocess", "check_label_range", "positive_int", "nonfinite_images",
+           "check_pixel_batch", "pixel_space", "first_line"]
 
 
 def check_pixel_batch(images: torch.Tensor, what: str) -> None:
@@ -245,15 +247,34 @@ def pins_batches(device) -> bool:
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-def image_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> DataLoader:
+def reads_in_background(device, num_workers: int) -> bool:
+    """Whether a pass on ``device`` reads its batches in a background thread (``background``): where it
+    pins them (a CUDA device, whose work the main thread only launches and waits on) and has no
+    DataLoader workers to read them, unless NEUROIDX_BACKGROUND_BATCHES=0."""
+    return pins_batches(device) and num_workers == 0 and background_enabled()
+
+
+def image_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0, background: bool | None = None):
     """A DataLoader of ``collate_images`` batches in dataset order, for a pass on ``device``: where
     ``pins_batches(device)``, in page-locked memory (stacked there directly without workers; pinned by
-    the DataLoader's thread with them), so that ``.to(device, non_blocking=True)`` is an asynchronous copy."""
+    the DataLoader's thread with them), so that ``.to(device, non_blocking=True)`` is an asynchronous copy.
+    ``background`` (None: ``reads_in_background``): the batches read by a thread, two ahead of the pass
+    (``background.BackgroundBatches``; iterate it inside ``background.reading`` to stop the thread on an
+    error)."""
     to_gpu = pins_batches(device)
     direct = to_gpu and num_workers == 0
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=functools.partial(collate_images, pin=True) if direct else collate_images,
-                      pin_memory=to_gpu and not direct)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=functools.partial(collate_images, pin=True) if direct else collate_images,
+                        pin_memory=to_gpu and not direct)
+    if background is None:
+        background = reads_in_background(device, num_workers)
+    if not background:
+        return loader
+    device = torch.device(device)
+    start = None
+    if device.type == "cuda" and device.index is not None:
+        start = functools.partial(torch.cuda.set_device, device)  # (a new thread is on device 0)
+    return BackgroundBatches(loader, depth=2, start=start)
 
 
 def _check_item_kind(item) -> None:

@@ -693,7 +693,7 @@ def step_ablate(args) -> None:
         table = table.drop(columns=[c for c in ABLATION_COLUMNS if c in table])
         frame = _ablation_frame(run.out, list(index.layers), index)
         if frame is not None:
-            table = table.merge(frame, on=["layer", "unit"], how="left")
+            table = table.merge(frame, on=["layer", "unit"], how="left")  # (save_table keeps class indices ints)
         save_table(table, run.out.table_csv)
 
 

@@ -148,7 +148,25 @@ def _join(df, other, pd):
     if other.duplicated(["layer", "unit"]).any():
         raise ValueError("an extra table has several rows for one (layer, unit)")
     other = other.assign(layer=other["layer"].astype(str), unit=other["unit"].astype(np.int64))
-    return df.merge(other, on=["layer", "unit"], how="left", validate="one_to_one")
+    return _class_indices_as_integers(df.merge(other, on=["layer", "unit"], how="left", validate="one_to_one"))
+
+
+# Class-index columns that a left join leaves empty for the units it has no row of (e.g. units not
+# ablated): pandas makes them float to hold NaN, so that neurons.csv said class 8.0.
+CLASS_INDEX_COLUMNS = ("max_drop_class",)
+
+
+def _class_indices_as_integers(frame):
+    """``frame`` with its CLASS_INDEX_COLUMNS that are float but hold only whole numbers and NaN as
+    pandas' nullable Int64 (8, and an empty cell or <NA> where there is none); other columns as they are."""
+    kinds = {}
+    for column in CLASS_INDEX_COLUMNS:
+        if column in frame.columns and frame[column].dtype.kind == "f":
+            values = frame[column].to_numpy(dtype=np.float64)
+            whole = values[~np.isnan(values)]
+            if np.all(np.isfinite(whole) & (whole == np.round(whole))):
+                kinds[column] = "Int64"
+    return frame.astype(kinds) if kinds else frame
 
 
 def _format(path: str) -> str:
@@ -166,6 +184,7 @@ def save_table(df, path) -> str:
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"save_table needs a DataFrame, got {type(df).__name__}")
     path = os.fspath(path)
+    df = _class_indices_as_integers(df)
     if _format(path) == ".parquet":
         return write_atomic(path, lambda tmp: df.to_parquet(tmp, engine="pyarrow", index=False))
     return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
@@ -219,4 +238,4 @@ def load_table(path):
     if not {"layer", "unit"} <= set(frame.columns):
         raise ValueError(f"{path} is not a neuron table (no layer and unit columns): make it again (save_table, "
                          "or neuroidx selectivity)")
-    return frame
+    return _class_indices_as_integers(frame)  # (a CSV cell left empty reads as NaN, and the column as float)

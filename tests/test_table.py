@@ -130,6 +130,33 @@ def test_extra_join(indexed):
         neuron_table(index, extra=pd.DataFrame({"layer": ["features.2"] * 2, "unit": [0, 0], "x": [1, 2]}))
 
 
+def test_class_indices_of_a_partial_join_stay_integers(indexed, tmp_path):
+    """Ablation columns joined for some units only: max_drop_class is a class index (8, -1), not 8.0,
+    in the frame, in the CSV and read back; the units without a row get an empty cell."""
+    _, index, _ = indexed
+    ablation = pd.DataFrame({"layer": ["features.8", "features.8"], "unit": [3, 0], "max_drop_class": [2, -1],
+                             "max_class_drop": [0.5, 0.0]})
+    df = neuron_table(index, extra=ablation)
+    assert str(df["max_drop_class"].dtype) == "Int64" and df["max_drop_class"].isna().sum() == 32
+    got = df.set_index(["layer", "unit"])["max_drop_class"]
+    assert got[("features.8", 3)] == 2 and got[("features.8", 0)] == -1
+    path = tmp_path / "neurons.csv"
+    save_table(df, path)
+    column = pd.read_csv(path, dtype=str, keep_default_na=False)["max_drop_class"].tolist()
+    assert sorted(set(column)) == ["", "-1", "2"]  # not "2.0"
+    back = load_table(path)
+    assert str(back["max_drop_class"].dtype) == "Int64" and back["max_drop_class"].isna().sum() == 32
+    # a table written as floats before (8.0), or merged by hand, is read and saved with integers too
+    floats = df.astype({"max_drop_class": "float64"})
+    floats.to_csv(path, index=False)
+    assert str(load_table(path)["max_drop_class"].dtype) == "Int64"
+    save_table(floats, path)
+    assert "2.0" not in path.read_text()
+    # a column that is not class indices is left alone
+    odd = df.astype({"max_drop_class": "float64"}).assign(max_drop_class=0.5)
+    assert load_table(save_table(odd, tmp_path / "odd.csv"))["max_drop_class"].dtype == np.float64
+
+
 def _tricky_index():
     """Layer names and class names that CSV readers like to misread ("3" as a number, "NA" as missing)."""
     values = torch.tensor([[2.0, 1.0], [0.0, 0.0], [3.0, 2.5]])

@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     selectivity.add_argument("--gray", default="luminance", choices=["luminance", "pca"])
     selectivity.add_argument("--tau", type=float, default=1.0)
     selectivity.add_argument("--color-threshold", type=float, default=0.25)
-    selectivity.add_argument("--class-threshold", type=float, default=0.5)
+    selectivity.add_argument("--class-threshold", type=float, default=None,
+                             help="gamma above which a unit counts as class selective in the plots and summary "
+                                  "(default: halfway from the least gamma the run's K and classes allow to 1; "
+                                  "0.5 with at least K classes)")
 
     ablate = sub.add_parser("ablate", parents=[common, redo], help="per-unit, per-class accuracy drops")
     ablate.add_argument("--mode", default="zero", choices=["zero", "mean"])

@@ -614,6 +614,30 @@ def _with_other_layers(table, kept, order):
         .reset_index(drop=True)
 
 
+def _class_threshold(given, index) -> float:
+    """The gamma above which the plots and the summary count a unit as class selective: ``given``, or by
+    default halfway from ``gamma_floor`` (the least gamma the index's K top images of the dataset's
+    classes allow) to 1, said once. A threshold at or under that floor counts every live unit: said too."""
+    from .selectivity import gamma_floor
+
+    labels = index.labels
+    classes = int(torch.unique(labels[labels >= 0]).numel()) if labels is not None else 0
+    floor = gamma_floor(index.k, classes) if classes else float("nan")
+    if given is None:
+        if not math.isfinite(floor):
+            return 0.5
+        threshold = (1 + floor) / 2
+        if floor > 0:
+            print(f"class selective: gamma > {threshold:.3g}, halfway from {floor:.3g} (the least gamma of K = "
+                  f"{index.k} top images of {classes} classes: every unit reaches it) to 1; --class-threshold "
+                  "sets another")
+        return threshold
+    if math.isfinite(floor) and given < floor:
+        print(f"note: --class-threshold {given:g} is below {floor:.3g}, the least gamma of K = {index.k} top images "
+              f"of {classes} classes: every live unit counts as class selective; choose one above it")
+    return given
+
+
 def step_selectivity(args) -> None:
     from .color import color_selectivity
     from .plots import plot_all
@@ -622,7 +646,7 @@ def step_selectivity(args) -> None:
     if not args.tau > 0 or args.tau > 1:  # before the long part
         raise ValueError(f"--tau must be in (0, 1], got {args.tau}")
     for name in ("color_threshold", "class_threshold"):
-        if not math.isfinite(getattr(args, name)):
+        if getattr(args, name) is not None and not math.isfinite(getattr(args, name)):
             raise ValueError(f"--{name.replace('_', '-')} must be a number, got {getattr(args, name)}")
     run, index = open_run(args.out, args.device)
     layers = _layers(args, index)
@@ -639,14 +663,15 @@ def step_selectivity(args) -> None:
     save_table(table, run.out.table_csv)
     for layer in layers:
         _record_made(run.out, "selectivity", layer, made_with, [run.out.table_csv], checks=False)
-    plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=args.class_threshold)
+    class_threshold = _class_threshold(args.class_threshold, index)
+    plot_all(table, run.out.plots_dir, color_threshold=args.color_threshold, class_threshold=class_threshold)
     for layer in layers:
         rows = table[table["layer"] == layer]
         color, gamma = rows["color_selectivity"], rows["class_selectivity"]
         # out of the units whose index is defined (not dead), as the plots count them
         print(f"{layer}: {int((color > args.color_threshold).sum())} of {int(color.notna().sum())} live units "
-              f"color selective (> {args.color_threshold}), {int((gamma > args.class_threshold).sum())} of "
-              f"{int(gamma.notna().sum())} class selective (gamma > {args.class_threshold})")
+              f"color selective (> {args.color_threshold}), {int((gamma > class_threshold).sum())} of "
+              f"{int(gamma.notna().sum())} class selective (gamma > {class_threshold:.3g})")
     print(f"table -> {run.out.table_csv}; plots -> {run.out.plots_dir}")
 
 
@@ -749,7 +774,7 @@ def run_demo(out_dir="neuroidx-demo", device=None, images=None, quick: bool = Fa
                                batch_size=64, checkpoint_every=50, force=True))
     step_features(SimpleNamespace(**common, layers=None, pad="gray", keep=6, batch_size=64))
     step_selectivity(SimpleNamespace(**common, layers=None, gray="luminance", tau=1.0, color_threshold=0.25,
-                                     class_threshold=0.5, batch_size=64))
+                                     class_threshold=None, batch_size=64))
     step_ablate(SimpleNamespace(**common, layers=["conv4"] if quick else ["conv4", "conv5"], mode="zero",
                                 units=None, batch_size=64))
     step_visualize(SimpleNamespace(**common, layers=["conv3", "conv5"], units=None, max_units=4 if quick else 12,

@@ -20,7 +20,7 @@ import torch
 
 from .neuron_index import LayerIndex, NeuronIndex
 
-__all__ = ["class_selectivity", "class_selectivity_morcos", "top_image_labels"]
+__all__ = ["class_selectivity", "class_selectivity_morcos", "top_image_labels", "gamma_floor"]
 
 # Relative slack when comparing a cumulative class share with tau < 1: float64 sums of <= K shares may
 # land a few ulps under a share they reach exactly.
@@ -133,6 +133,18 @@ def _topk_weights(lay: LayerIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     w = torch.where(infinite, (values == top[:, None]).to(torch.float64), w)
     w = torch.where(valid, w, torch.zeros_like(values))
     return w, valid, dead
+
+
+def gamma_floor(k: int, num_classes: int) -> float:
+    """The least class selectivity gamma (SPEC.md 5.1) a unit with ``k`` top images can have when the
+    dataset's images come from ``num_classes`` classes: M counts at most min(k, num_classes) classes, so
+    gamma >= (k - min(k, num_classes)) / (k - 1). It is 0 with at least k classes; with fewer, every unit
+    is that selective by construction (k = 20 top images of 10 classes: gamma >= 10 / 19 = 0.526), and a
+    threshold for "class selective" only tells units apart above it. NaN for k < 2 (gamma undefined)."""
+    k, num_classes = int(k), int(num_classes)
+    if k < 2:
+        return float("nan")
+    return (k - min(k, max(num_classes, 1))) / (k - 1)
 
 
 def class_selectivity(index, layer=None, tau: float = 1.0, labels=None, return_class: bool = False):

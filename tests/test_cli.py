@@ -64,8 +64,13 @@ def test_whole_pipeline_on_an_image_folder(folder, tmp_path, capsys):
     assert len(table) == 12 + 16 and table["color_selectivity"].notna().any()
     # counted out of the units whose index is defined, as the plots count them (not out of dead ones too)
     alpha = table[table["layer"] == "features.8"]["color_selectivity"]
-    assert (f"features.8: {int((alpha > 0.25).sum())} of {int(alpha.notna().sum())} live units color selective"
-            in capsys.readouterr().out)
+    gamma = table[table["layer"] == "features.8"]["class_selectivity"]
+    printed = capsys.readouterr().out
+    assert f"features.8: {int((alpha > 0.25).sum())} of {int(alpha.notna().sum())} live units color selective" in printed
+    # K = 4 top images of 3 classes: gamma >= 1/3 for every unit, so the default threshold is halfway to 1
+    assert "halfway from 0.333 (the least gamma of K = 4 top images of 3 classes" in printed
+    assert f"{int((gamma > 2 / 3).sum())} of {int(gamma.notna().sum())} class selective (gamma > 0.667)" in printed
+    assert (gamma.dropna() >= 1 / 3 - 1e-12).all()
     assert list(run.plots_dir.glob("*.png"))
     capsys.readouterr()
     assert _cli("ablate", "--out", out, "--layers", "features.8", "--no-progress") == 0

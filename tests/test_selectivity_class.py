@@ -371,3 +371,34 @@ def test_morcos_eps_must_be_a_finite_number_at_least_zero():
             class_selectivity_morcos(layer, eps=bad)
     assert class_selectivity_morcos(layer, eps=np.float32(0))[0].item() == 0.5
     assert class_selectivity_morcos(layer, eps=0)[0].item() == 0.5
+
+
+def test_gamma_floor_is_the_least_gamma_the_classes_allow(vgg_index):
+    from neuroidx_fast.selectivity import gamma_floor
+
+    assert gamma_floor(20, 10) == 10 / 19 and gamma_floor(4, 3) == 1 / 3
+    assert gamma_floor(100, 1000) == 0.0 and gamma_floor(5, 5) == 0.0
+    assert gamma_floor(5, 1) == 1.0 and math.isnan(gamma_floor(1, 3))
+    _, data, index = vgg_index
+    classes = int(torch.unique(data.labels).numel())
+    floor = gamma_floor(index.k, classes)
+    assert floor > 0  # a case where it binds
+    for name in VGG_LAYERS:
+        gamma = class_selectivity(index, name, labels=data)
+        live = gamma[~gamma.isnan()]
+        assert live.numel() and bool((live >= floor - 1e-12).all()), name
+
+
+def test_the_cli_default_class_threshold_sits_above_the_floor(capsys):
+    from neuroidx_fast.pipeline import _class_threshold
+
+    index = type("Index", (), {"k": 20, "labels": torch.arange(200) % 10})()
+    assert _class_threshold(None, index) == (1 + 10 / 19) / 2
+    assert "halfway from 0.526 (the least gamma of K = 20 top images of 10 classes" in capsys.readouterr().out
+    assert _class_threshold(0.5, index) == 0.5
+    assert "below 0.526" in capsys.readouterr().out and _class_threshold(0.9, index) == 0.9
+    assert capsys.readouterr().out == ""
+    many = type("Index", (), {"k": 20, "labels": torch.arange(200) % 50})()
+    assert _class_threshold(None, many) == 0.5 and capsys.readouterr().out == ""  # no floor: as before
+    unlabelled = type("Index", (), {"k": 20, "labels": None})()
+    assert _class_threshold(None, unlabelled) == 0.5

@@ -244,6 +244,28 @@ def test_a_checkpoint_resumes_only_on_the_same_dataset_contents(tmp_path):
     assert torch.equal(resumed["features.2"].values, whole["features.2"].values)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_a_checkpoint_resumes_only_with_the_same_quantisation_scales(tmp_path):
+    """A quantised tensor's bytes are its integers: requantised at another scale with the same integers,
+    the model computes otherwise, and only its scales tell."""
+    def quantised(scale):
+        model = make_model("vgg")
+        model.register_buffer("q", torch.quantize_per_tensor(torch.arange(4.0) * scale, scale, 0, torch.qint8))
+        return model
+
+    assert nx.indexing.quantisation_fingerprint(make_model("vgg")) is None
+    assert torch.equal(quantised(0.1).q.int_repr(), quantised(0.2).q.int_repr())
+    assert nx.indexing.model_fingerprint(quantised(0.1)) == nx.indexing.model_fingerprint(quantised(0.2))
+    checkpoint = str(tmp_path / "ck")
+    args = dict(layers=["features.2"], k=2, batch_size=2, checkpoint=checkpoint, checkpoint_every=1, progress=False)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        nx.index_dataset(quantised(0.1), _Listed("files A", fail=5, n=8), **args)
+    with pytest.raises(ValueError, match="the model's quantisation scales differ"):
+        nx.index_dataset(quantised(0.2), _Listed("files A", n=8), **args)
+    resumed = nx.index_dataset(quantised(0.1), _Listed("files A", n=8), **args)
+    assert resumed["features.2"].images_seen == 8
+
+
 def test_images_too_small_for_the_model_say_so():
     with pytest.raises(ValueError, match=r"fails on the first images, \(3, 2, 2\) \(RuntimeError: .*use larger ones"):
         nx.index_dataset(make_model("vgg"), ImageSet(n=4, size=2), ["features.8"], k=1, progress=False)

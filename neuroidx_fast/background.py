@@ -1,4 +1,4 @@
-"""Reading a loader's batches in a background thread, a few ahead of the pass that uses them.
+"""Reading a loader's batches in a background thread, ahead of the pass that uses them.
 
 Why: a pass on a GPU (indexing, ablation, the top-image passes) reads each batch's checks back once, a
 device sync; with the batches read in the same thread, the GPU then idles while the CPU reads and stacks
@@ -7,9 +7,16 @@ From a thread, the next batches are read while the main thread launches work and
 dataset reads, image decoding and the stack into page-locked memory release the GIL.
 
 The batches are the loader's own, in its order, each read once; an error raised while reading batch n
-reaches the pass after batches 0 .. n - 1, where it would have without the thread. Closing the reader
-(``reading`` does it on leaving the block, on an error too) stops the thread before it returns: no
-dataset item is read after the pass is over.
+reaches the pass after batches 0 .. n - 1, where it would have without the thread, with a note saying
+that it was raised in the reading thread. The thread reads under the grad mode, inference mode and
+default device of the code that started the iteration (a new thread would start with torch's
+defaults: gradients on). Closing the reader (``reading`` does it on leaving its block, on an error
+too; dropping the iterator does it as well) stops the thread once the batch it is reading is done, and
+waits for that, so that no dataset item is read after the pass is over; after a KeyboardInterrupt it
+does not wait.
+
+Datasets whose objects belong to the thread that made them (an sqlite connection, some file handles)
+cannot be read from another thread: NEUROIDX_BACKGROUND_BATCHES=0 reads batches in the pass's thread.
 """
 
 from __future__ import annotations
@@ -19,10 +26,14 @@ import os
 import queue
 import threading
 
-__all__ = ["BackgroundBatches", "reading", "background_enabled"]
+import torch
 
-_POLL_S = 0.1  # how often a blocked producer or consumer looks whether the other is gone
+__all__ = ["BackgroundBatches", "reading", "background_enabled", "ENV"]
+
+_POLL_S = 0.1  # how often a blocked reader or pass looks whether the other is gone
 ENV = "NEUROIDX_BACKGROUND_BATCHES"  # "0": read batches in the pass's own thread
+_NOTE = (f"(raised while reading the batches in a background thread; set {ENV}=0 to read them in the pass's "
+         "own thread, e.g. for a dataset whose objects belong to the thread that made them)")
 
 
 def background_enabled() -> bool:
@@ -38,10 +49,11 @@ def background_enabled() -> bool:
 
 class BackgroundBatches:
     """An iterable over ``loader``'s batches (any iterable with a length), each iteration read by its
-    own background thread at most ``depth`` batches ahead. ``start`` runs first in that thread (e.g.
-    ``torch.cuda.set_device``: a new thread starts on device 0)."""
+    own background thread: ``depth`` batches wait in a queue, and the thread reads the next one, so at
+    most ``depth + 1`` are read ahead of the one the pass holds. ``start`` runs first in that thread
+    (e.g. ``torch.cuda.set_device``: a new thread starts on device 0)."""
 
-    def __init__(self, loader, depth: int = 2, start=None):
+    def __init__(self, loader, depth: int = 1, start=None):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.loader, self.depth, self.start = loader, depth, start
@@ -54,36 +66,17 @@ class BackgroundBatches:
 
 
 class _Reader:
-    """One iteration: the thread reads into a bounded queue; ``__next__`` takes from it."""
+    """One iteration: the thread reads into a bounded queue; ``__next__`` takes from it. The thread holds
+    no reference to this object, so that dropping it (``__del__``) stops the thread."""
 
     def __init__(self, loader, depth: int, start):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._done = False
-        self._thread = threading.Thread(target=self._read, args=(loader, start), name="neuroidx-batches", daemon=True)
+        state = _ThreadState.of_this_thread()
+        self._thread = threading.Thread(target=_read, args=(loader, start, state, self._queue, self._stop),
+                                        name="neuroidx-batches", daemon=True)
         self._thread.start()
-
-    def _read(self, loader, start) -> None:
-        try:
-            if start is not None:
-                start()
-            for batch in loader:
-                if not self._offer(("batch", batch)):
-                    return
-                del batch  # (not held while waiting for a place in the queue)
-            self._offer(("end", None))
-        except BaseException as exc:  # handed to the pass, which raises it where the batch was due
-            self._offer(("error", exc))
-
-    def _offer(self, entry) -> bool:
-        """Put ``entry`` in the queue once there is room; False if the reader was closed meanwhile."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=_POLL_S)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def __iter__(self) -> "_Reader":
         return self
@@ -110,36 +103,87 @@ class _Reader:
                 del value  # (the exception holds frames: no cycle through this one)
         raise StopIteration
 
-    def close(self) -> None:
-        """Stop reading: the thread has ended when this returns (it finishes the batch it is on), and the
-        batches read ahead are let go."""
+    def close(self, wait: bool = True) -> None:
+        """Stop reading: the thread ends once the batch it is reading is done (it puts no more in the
+        queue); with ``wait``, this returns when it has ended. The batches read ahead are let go."""
         self._done = True
         self._stop.set()
-        while True:
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
-        if self._thread is not threading.current_thread():
+        if wait and self._thread is not threading.current_thread():
             self._thread.join()
-        while True:  # (what it put while this drained)
+        while True:
             try:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
 
     def __del__(self):
-        if not self._done:
-            self._stop.set()  # (no join from a finaliser: the thread sees this and ends by itself)
+        self._stop.set()  # (no join from a finaliser: the thread sees this and ends by itself)
+
+
+class _ThreadState:
+    """The per-thread torch settings a dataset read depends on: grad mode, inference mode and the
+    default device, taken from the thread that starts an iteration and applied in the reading thread."""
+
+    def __init__(self, grad: bool, inference: bool, device):
+        self.grad, self.inference, self.device = grad, inference, device
+
+    @classmethod
+    def of_this_thread(cls) -> "_ThreadState":
+        return cls(torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_device())
+
+    @contextlib.contextmanager
+    def applied(self):
+        with contextlib.ExitStack() as stack:
+            if self.inference:
+                stack.enter_context(torch.inference_mode())
+            stack.enter_context(torch.set_grad_enabled(self.grad))
+            if self.device != torch.get_default_device():
+                stack.enter_context(torch.device(self.device))
+            yield
+
+
+def _offer(items: queue.Queue, stop: threading.Event, entry) -> bool:
+    """Put ``entry`` in the queue once there is room; False if the reader was closed meanwhile."""
+    while not stop.is_set():
+        try:
+            items.put(entry, timeout=_POLL_S)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _read(loader, start, state: _ThreadState, items: queue.Queue, stop: threading.Event) -> None:
+    """The reading thread: every batch of ``loader`` into ``items``, then ("end", None); an error as
+    ("error", exc), handed to the pass, which raises it where the batch was due."""
+    try:
+        with state.applied():
+            if start is not None:
+                start()
+            for batch in loader:
+                if stop.is_set() or not _offer(items, stop, ("batch", batch)):
+                    return
+                batch = None  # (the queue holds it now; not this frame too once the pass has taken it)
+        _offer(items, stop, ("end", None))
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            exc.add_note(_NOTE)
+        _offer(items, stop, ("error", exc))
 
 
 @contextlib.contextmanager
 def reading(loader):
     """``with reading(loader) as batches: for batch in batches: ...``: an iterator over ``loader``,
-    closed on leaving the block (a background reader's thread is then stopped and joined)."""
+    closed on leaving the block: a background reader's thread is stopped, and waited for unless the
+    block ends with a KeyboardInterrupt (Ctrl-C then stops the pass at once; the thread finishes the
+    batch it is reading and ends by itself)."""
     batches = iter(loader)
+    wait = True
     try:
         yield batches
+    except KeyboardInterrupt:
+        wait = False
+        raise
     finally:
         if isinstance(batches, _Reader):
-            batches.close()
+            batches.close(wait=wait)

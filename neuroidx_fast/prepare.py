@@ -251,16 +251,16 @@ def reads_in_background(device, num_workers: int) -> bool:
     """Whether a pass on ``device`` reads its batches in a background thread (``background``): where it
     pins them (a CUDA device, whose work the main thread only launches and waits on) and has no
     DataLoader workers to read them, unless NEUROIDX_BACKGROUND_BATCHES=0."""
-    return pins_batches(device) and num_workers == 0 and background_enabled()
+    return background_enabled() and pins_batches(device) and num_workers == 0  # (a bad setting: an error anywhere)
 
 
 def image_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0, background: bool | None = None):
     """A DataLoader of ``collate_images`` batches in dataset order, for a pass on ``device``: where
     ``pins_batches(device)``, in page-locked memory (stacked there directly without workers; pinned by
     the DataLoader's thread with them), so that ``.to(device, non_blocking=True)`` is an asynchronous copy.
-    ``background`` (None: ``reads_in_background``): the batches read by a thread, two ahead of the pass
-    (``background.BackgroundBatches``; iterate it inside ``background.reading`` to stop the thread on an
-    error)."""
+    ``background`` (None: ``reads_in_background``): the batches read by a thread, one waiting and one
+    being read ahead of the pass (``background.BackgroundBatches``; iterate it inside
+    ``background.reading``, which stops the thread when the pass ends, on an error too)."""
     to_gpu = pins_batches(device)
     direct = to_gpu and num_workers == 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -272,9 +272,9 @@ def image_loader(dataset, batch_size: int, device: torch.device, num_workers: in
         return loader
     device = torch.device(device)
     start = None
-    if device.type == "cuda" and device.index is not None:
-        start = functools.partial(torch.cuda.set_device, device)  # (a new thread is on device 0)
-    return BackgroundBatches(loader, depth=2, start=start)
+    if device.type == "cuda":  # (a new thread is on device 0; "cuda" alone: the current device)
+        start = functools.partial(torch.cuda.set_device, canonical_device(device))
+    return BackgroundBatches(loader, depth=1, start=start)
 
 
 def _check_item_kind(item) -> None:

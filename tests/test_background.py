@@ -2,6 +2,7 @@
 batches in the same order, errors where they were due, and no thread left reading after a pass. The
 passes themselves run here with the thread forced on, on the CPU, and must give the same results."""
 
+import gc
 import threading
 import time
 
@@ -17,11 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Counted:
-    """range(n) (endless with n None) that records how many items it has handed out and in which thread;
-    raises ValueError at item ``fail``."""
+    """range(n) (endless with n None) that records how many items it has handed out and in which thread,
+    taking ``delay`` seconds an item; raises ValueError at item ``fail``."""
 
-    def __init__(self, n=None, fail=None):
-        self.n, self.fail, self.handed, self.threads = n, fail, 0, set()
+    def __init__(self, n=None, fail=None, delay=0.0):
+        self.n, self.fail, self.delay, self.handed, self.threads = n, fail, delay, 0, set()
 
     def __len__(self):
         return self.n
@@ -30,6 +31,7 @@ class Counted:
         i = 0
         while self.n is None or i < self.n:
             self.threads.add(threading.get_ident())
+            time.sleep(self.delay)
             if i == self.fail:
                 raise ValueError(f"item {i} is broken")
             self.handed += 1
@@ -61,26 +63,81 @@ def test_every_batch_in_order_read_by_another_thread():
     assert not readers_alive()
 
 
-def test_reads_at_most_depth_ahead_and_close_stops_the_thread():
-    source = Counted()  # endless
-    with reading(BackgroundBatches(source, depth=2)) as batches:
+@pytest.mark.parametrize("depth", [1, 2])
+def test_reads_at_most_depth_plus_one_ahead_and_close_reads_no_more(depth):
+    source = Counted(delay=0.02)  # endless
+    with reading(BackgroundBatches(source, depth=depth)) as batches:
         assert [next(batches) for _ in range(3)] == [0, 1, 2]
-        ahead = settled(source) - 3
-        assert 1 <= ahead <= 3  # two in the queue, one in the reader's hands waiting for room
-        batches.close()
-        assert not readers_alive()
+        assert settled(source) - 3 == depth + 1  # `depth` in the queue, one in the reader's hands
         stopped = source.handed
+        batches.close()  # (emptying the queue must not let the reader read another batch)
+        assert not readers_alive()
         time.sleep(0.3)
-        assert source.handed == stopped  # nothing read once closed
+        assert source.handed == stopped
         with pytest.raises(StopIteration):
             next(batches)
+
+
+def test_an_iterator_dropped_unclosed_stops_its_thread():
+    source = Counted(delay=0.01)
+    batches = iter(BackgroundBatches(source))
+    assert next(batches) == 0
+    del batches
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while readers_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not readers_alive()
+    # and a for loop left by a break, its iterator dropped with it
+    for item in BackgroundBatches(Counted(delay=0.01)):
+        break
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while readers_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not readers_alive()
+
+
+def test_ctrl_c_does_not_wait_for_the_batch_being_read():
+    source = Counted(delay=1.5)
+    with pytest.raises(KeyboardInterrupt):
+        with reading(BackgroundBatches(source)) as batches:
+            next(batches)
+            time.sleep(0.2)  # the reader is now 1.3 s from its next batch
+            started = time.monotonic()
+            raise KeyboardInterrupt
+    assert time.monotonic() - started < 0.5
+    deadline = time.monotonic() + 5  # it ends by itself after that batch
+    while readers_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not readers_alive()
+
+
+def test_the_reader_reads_under_the_callers_grad_mode_and_default_device():
+    class Seen:
+        def __len__(self):
+            return 1
+
+        def __iter__(self):
+            yield (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.get_default_device().type,
+                   (torch.ones(1, requires_grad=True) * 2).requires_grad)
+
+    assert list(BackgroundBatches(Seen())) == [(True, False, "cpu", True)]
+    with torch.no_grad():
+        assert list(BackgroundBatches(Seen())) == [(False, False, "cpu", False)]
+    with torch.inference_mode():
+        assert list(BackgroundBatches(Seen())) == [(False, True, "cpu", False)]
+    with torch.device("meta"):
+        assert list(BackgroundBatches(Seen()))[0][2] == "meta"
 
 
 def test_an_error_arrives_after_the_batches_before_it():
     batches = iter(BackgroundBatches(Counted(10, fail=4), depth=2))
     assert [next(batches) for _ in range(4)] == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match="item 4 is broken"):
+    with pytest.raises(ValueError, match="item 4 is broken") as raised:
         next(batches)
+    # where it came from, and how to read in the pass's thread instead (a dataset tied to its thread)
+    assert any(ENV in note and "background thread" in note for note in raised.value.__notes__)
     assert not readers_alive()
     with pytest.raises(StopIteration):
         next(batches)
@@ -115,6 +172,8 @@ def test_the_environment_switch(monkeypatch):
     monkeypatch.setenv(ENV, "sometimes")
     with pytest.raises(ValueError, match=f"{ENV}='sometimes'.*1.*0"):
         background_enabled()
+    with pytest.raises(ValueError, match=ENV):  # on any device, not only where it would read in the background
+        prepare.reads_in_background("cpu", 0)
     with pytest.raises(ValueError, match="depth"):
         BackgroundBatches([], depth=0)
 

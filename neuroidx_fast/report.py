@@ -9,7 +9,9 @@ The pages are offline: they reference the run's PNGs by relative paths (nothing 
 and load one CSS and one JS file written under ``report/static/``; no external URL appears anywhere.
 Every text goes through Jinja2's autoescaping. Whatever part of the run is missing (features, neuron
 table, ablation, maximisation images, the index itself) is left out, and the page says which
-``neuroidx`` subcommand makes it.
+``neuroidx`` subcommand makes it. So is a layer's step whose files are not as its record says they were
+made (``<step>/.done/<layer>.json``: each file's size and SHA-256), or that has files but no record (an
+interrupted remake): the report's notes name the file, what differs and the command that remakes it.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+import pandas as pd
 
 from .atomic import public_mode, write_atomic
 from .outdir import OutDir, read_json
-from .storage import replace_directory
+from .pipeline import _file_check  # (pipeline imports this module only inside step_report: no cycle)
+from .storage import replace_directory, writer_lock
 from .table import read_ablation_csv
 
 __all__ = ["build_report", "HINTS"]
@@ -55,12 +59,20 @@ SUMMARY_KEYS = ("model", "data", "layers", "k", "num_images", "created")
 # lowers no class): a negative one is shown and sorted as missing, not as a class number.
 CLASS_COLUMNS = ("top_class", "max_drop_class")
 TOP_DROPS = 5
+# The steps whose outputs the pages show, checked against the record their command writes once a layer's
+# outputs are all saved (``OutDir.step_record``: each file's size and SHA-256): step -> (subcommand, what
+# the outputs are). Not the selectivity step: its record vouches for no content of neurons.csv, which
+# `ablate` rewrites too (the pipeline checks the table's rows instead).
+CHECKED_STEPS = {"features": ("features", "Neuron Features"), "ablation": ("ablate", "ablation results"),
+                 "visualize": ("visualize", "maximisation images")}
+# How many of a step's damaged files a note names (a layer's PNGs can number thousands).
+NAMED_FILES = 3
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def fmt(value, digits: int = 4) -> str:
     """A cell's text: numbers to ``digits`` significant digits, missing values (None, NaN, '') as '–'."""
-    if value is None:
+    if value is None or value is pd.NA:  # (pd.NA: an empty cell of an integer column, e.g. max_drop_class)
         return DASH
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
@@ -77,7 +89,7 @@ def fmt(value, digits: int = 4) -> str:
 
 def _sort_key(value) -> str:
     """What the table's JS sorts a cell by: the number to 9 digits or the text; '' when missing."""
-    if value is None:
+    if value is None or value is pd.NA:  # (pd.NA: an empty cell of an integer column, e.g. max_drop_class)
         return ""
     if isinstance(value, (bool, np.bool_)):
         return "1" if value else "0"
@@ -101,7 +113,8 @@ def _shown(column, value):
 
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, (float, np.floating)) and math.isnan(float(value))) or \
+    return value is None or value is pd.NA or \
+        (isinstance(value, (float, np.floating)) and math.isnan(float(value))) or \
         (isinstance(value, str) and not value.strip())
 
 
@@ -157,10 +170,16 @@ class _Layer:
     has_ablation: bool = False
     ablation_error: str | None = None
     index: object = None                                  # LayerIndex or None
+    made: dict = field(default_factory=dict)              # step -> the files its record vouches for, checked
 
     @property
     def has_features(self) -> bool:
         return self.crop_ids is not None
+
+    def made_file(self, step: str, path) -> bool:
+        """Whether ``path`` is one of ``step``'s outputs of this layer, as its record says it was made: a file
+        the record does not list, or of a step whose files changed since, is not the run's result."""
+        return Path(path) in self.made.get(step, ())
 
     def dead(self, unit: int):
         """True / False, or None when nothing says."""
@@ -250,6 +269,10 @@ class _Run:
             layer.index = self.index[name]
             layer.num_units = layer.index.num_units
         units = set(range(layer.num_units or 0))
+        for step in CHECKED_STEPS:
+            made = self._check_made(layer, step)
+            if made is not None:
+                layer.made[step] = made
         self._read_features(layer)
         units.update(layer.feature_rows)
         if table is not None:
@@ -261,7 +284,7 @@ class _Run:
                     continue
                 layer.table[unit] = record
             units.update(layer.table)
-        if out.rf_json(name).exists():
+        if layer.made_file("features", out.rf_json(name)):
             try:
                 layer.rf = read_json(out.rf_json(name))
             except (OSError, ValueError):
@@ -270,9 +293,45 @@ class _Run:
         layer.units = sorted(u for u in units if u >= 0)
         return layer
 
+    def _step_files(self, layer: str, step: str) -> bool:
+        """Whether the run holds any output of ``layer``'s ``step``, made whole or not."""
+        out = self.out
+        if step == "ablation":
+            return out.ablation_csv(layer).exists() or out.ablation_classes_csv(layer).exists()
+        folder = out.features_dir(layer) if step == "features" else out.maximized_png(layer, 0).parent
+        return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+
+    def _check_made(self, layer: _Layer, step: str) -> set | None:
+        """The files of ``layer``'s ``step`` that its record vouches for, each checked against the size and
+        SHA-256 recorded when the step made it; None when the record is missing or any of its files
+        differs (cut short, edited or replaced since; a later remake interrupted): the pages then show
+        none of them, as for a step not run, and the notes (and the layer's pages) say why, unless the
+        step was simply not run (no record, no file)."""
+        out, name = self.out, layer.name
+        command, what = CHECKED_STEPS[step]
+        record = out.step_record(step, name)
+        where = record.relative_to(out.root).as_posix()
+        if not record.exists():
+            if not self._step_files(name, step):
+                return None  # the step was not run for this layer: the pages say which command makes it
+            problem = f"{name}'s {what} have files but no record that `neuroidx {command}` finished them " \
+                      f"({where}; a remake that was interrupted leaves none)"
+        else:
+            files, problem = _checked_files(out.root, record, f"{name}'s {what} ({where})")
+            if problem is None:
+                return files
+        note = f"{problem}: {name}'s {what} are not shown; run `neuroidx {command} --out {out.root} --layers " \
+               f"{name}` to remake them"
+        self.notes.append(note)
+        if step == "features":
+            layer.features_error = note
+        elif step == "ablation":
+            layer.ablation_error = note
+        return None
+
     def _read_features(self, layer: _Layer) -> None:
         path = self.out.features_file(layer.name)
-        if not path.exists():
+        if not layer.made_file("features", path):  # none, or not as made (a note says which)
             return
         from safetensors import safe_open
 
@@ -298,18 +357,19 @@ class _Run:
         import pandas as pd
 
         summary, per_class = self.out.ablation_csv(layer.name), self.out.ablation_classes_csv(layer.name)
-        # complete files only: an interrupted remake leaves new and old files side by side, and no record
-        layer.has_ablation = (summary.exists() or per_class.exists()) \
-            and self.out.made("ablation", layer.name)
+        # complete files only, as made (an interrupted remake leaves new and old files side by side, and no
+        # record; a file changed since differs from its record): _check_made
+        summary_made, per_class_made = layer.made_file("ablation", summary), layer.made_file("ablation", per_class)
+        layer.has_ablation = summary_made or per_class_made
         if not layer.has_ablation:
             return
         try:
-            if summary.exists():
+            if summary_made:
                 df = read_ablation_csv(summary)
                 if "unit" in df.columns:
                     for record in df.to_dict("records"):
                         layer.ablation[int(record.pop("unit"))] = record
-            if per_class.exists():
+            if per_class_made:
                 # the unit, then one column per class: the header read as written (a class may be named
                 # "unit", which pandas would rename)
                 with open(per_class, newline="", encoding="utf-8") as f:
@@ -326,6 +386,43 @@ class _Run:
         except Exception as exc:  # a broken CSV must not stop the rest of the report
             layer.ablation_error = (f"the ablation files of {layer.name} could not be read ({type(exc).__name__}: "
                                     f"{exc}); run `neuroidx {HINTS['ablation']}` again")
+
+
+def _checked_files(root: Path, record: Path, shown: str):
+    """(the files the step record ``record`` lists, None) where each is as the record says it was made (its
+    size and SHA-256, ``pipeline._record_made``), else (None, what is wrong) for a note, ``shown`` naming
+    the outputs."""
+    try:
+        made = read_json(record)
+    except (OSError, ValueError) as exc:
+        return None, f"the record of {shown} cannot be read ({exc})"
+    files = made.get("files") if isinstance(made, dict) else None
+    checks = made.get("checks") if isinstance(made, dict) else None
+    if not isinstance(files, list) or not files or not all(isinstance(file, str) for file in files):
+        return None, f"the record of {shown} lists no files"
+    if not isinstance(checks, dict):  # (the pipeline makes such a layer again too)
+        return None, f"the record of {shown} holds no sizes nor checksums (written by an earlier version): " \
+                     "nothing vouches for the files"
+    wrong = [f"{file} {why}" for file in files if (why := _file_problem(root / file, checks.get(file))) is not None]
+    if wrong:
+        more = f" (and {len(wrong) - NAMED_FILES} more)" if len(wrong) > NAMED_FILES else ""
+        return None, "; ".join(wrong[:NAMED_FILES]) + more
+    return {root / file for file in files}, None
+
+
+def _file_problem(path: Path, check) -> str | None:
+    """How the file ``path`` differs from what its step's record says of it (``check``: its size and SHA-256
+    when it was made, ``pipeline._record_made``), or None where it does not."""
+    if not path.is_file():
+        return "is missing"
+    if not isinstance(check, dict):
+        return "has no size nor checksum in the record"
+    size = path.stat().st_size
+    if size != check.get("size"):
+        return f"is {size} bytes, not the {check.get('size')} recorded when it was made (cut short or replaced since)"
+    if _file_check(path)["sha256"] != check.get("sha256"):
+        return "does not match the SHA-256 recorded when it was made (edited or replaced since)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- page data
@@ -358,11 +455,12 @@ def _summary(run: _Run):
 def _layer_status(run: _Run, layer: _Layer):
     """What the run holds for one layer: [(part, present, hint command)]."""
     visualize = run.out.maximized_png(layer.name, 0).parent
+    images = any(path.parent == visualize and path.suffix == ".png" for path in layer.made.get("visualize", ()))
     return [
         ("features", layer.has_features, HINTS["features"]),
         ("neuron table", bool(layer.table), HINTS["table"]),
         ("ablation", layer.has_ablation, HINTS["ablation"]),
-        ("maximisation images", visualize.is_dir() and any(visualize.glob("*.png")), HINTS["visualize"]),
+        ("maximisation images", images, HINTS["visualize"]),
     ]
 
 
@@ -384,8 +482,8 @@ def _layer_page(run: _Run, layer: _Layer, page_dir: Path, root: str):
     for unit in layer.units:
         nf = out.nf_png(layer.name, unit)
         cards.append({"unit": unit, "href": f"../units/{quote(layer.page)}/{unit}.html",
-                      "src": _url(nf, page_dir) if nf.exists() else None, "dead": layer.dead(unit),
-                      "indices": _value_cells(layer.table.get(unit))})
+                      "src": _url(nf, page_dir) if layer.made_file("features", nf) else None,
+                      "dead": layer.dead(unit), "indices": _value_cells(layer.table.get(unit))})
     columns = _table_columns(run, layer)
     rows = []
     for unit in sorted(layer.table):
@@ -405,7 +503,7 @@ def _layer_page(run: _Run, layer: _Layer, page_dir: Path, root: str):
     return {
         "layer": layer, "root": root, "cards": cards, "columns": columns, "rows": rows,
         "min_filters": min_filters, "has_dead_column": any(c == "dead" for c, _ in columns),
-        "grid_src": _url(grid, page_dir) if grid.exists() else None, "rf": layer.rf,
+        "grid_src": _url(grid, page_dir) if layer.made_file("features", grid) else None, "rf": layer.rf,
         "status": _layer_status(run, layer), "hints": HINTS,
     }
 
@@ -422,8 +520,8 @@ def _unit_page(run: _Run, layer: _Layer, position: int, page_dir: Path, root: st
             if image_id < 0:
                 continue
             path = out.crop_png(layer.name, unit, j)
-            crops.append({"j": j, "src": _url(path, page_dir) if path.exists() else None, "value": fmt(value),
-                          "image_id": image_id, "class_name": run.image_class(image_id)})
+            crops.append({"j": j, "src": _url(path, page_dir) if layer.made_file("features", path) else None,
+                          "value": fmt(value), "image_id": image_id, "class_name": run.image_class(image_id)})
     top = []
     if layer.index is not None and unit < layer.index.num_units:
         for value, image_id, y, x in layer.index.top(unit):
@@ -437,8 +535,8 @@ def _unit_page(run: _Run, layer: _Layer, position: int, page_dir: Path, root: st
     next_unit = layer.units[position + 1] if position + 1 < len(layer.units) else None
     return {
         "layer": layer, "unit": unit, "root": root, "dead": layer.dead(unit),
-        "nf_src": _url(nf, page_dir) if nf.exists() else None,
-        "max_src": _url(maximized, page_dir) if maximized.exists() else None,
+        "nf_src": _url(nf, page_dir) if layer.made_file("features", nf) else None,
+        "max_src": _url(maximized, page_dir) if layer.made_file("visualize", maximized) else None,
         "crops": crops, "in_features": row is not None, "top": top, "has_labels": run.labels is not None,
         "values": _value_cells(record), "details": details, "has_record": record is not None,
         "ablation": ablation, "drops": drops,
@@ -461,6 +559,16 @@ def build_report(out_dir, title: str | None = None) -> Path:
     title = title or f"neuroidx report: {s.get('model', '?')} on {s.get('data', '?')}"
     env.globals.update(title=title, dash=DASH)
     out.root.mkdir(parents=True, exist_ok=True)
+    # Builds of one report take turns, from before the temporary folder is made to after it is swapped in:
+    # replace_directory deletes every report.tmp-* beside report/ as the leftover of a killed build, and
+    # would take a build still under way for one (which then fails, or ships half its pages).
+    with writer_lock(os.path.realpath(out.report_dir)):
+        _build(run, env, out)
+    return out.report_index
+
+
+def _build(run: _Run, env, out: OutDir) -> None:
+    """Write the report's pages into a new folder beside report/ and swap it in (under the writer lock)."""
     # a sibling of report/: the pages' relative links to the run's files are the same from both
     report = Path(tempfile.mkdtemp(prefix=out.report_dir.name + ".tmp-", dir=out.root))
     try:
@@ -497,4 +605,3 @@ def build_report(out_dir, title: str | None = None) -> Path:
         shutil.rmtree(report, ignore_errors=True)
         raise
     replace_directory(report, out.report_dir)  # whole: the old report, or the new one
-    return out.report_index

@@ -3,6 +3,7 @@ maximisation image), checked for resolving relative links, no external URL, esca
 shows, graceful degradation, rebuilds; and, when Chromium is found, rendered by a headless browser."""
 
 import math
+import os
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -18,8 +19,9 @@ from PIL import Image
 import neuroidx_fast as nx
 from neuroidx_fast.artifacts import save_features
 from neuroidx_fast.outdir import OutDir, read_json, write_json
+from neuroidx_fast.pipeline import _record_made
 from neuroidx_fast.png import save_png
-from neuroidx_fast.report import DASH, build_report
+from neuroidx_fast.report import DASH, build_report, fmt
 from models import ImageSet, make_model
 
 LAYERS = ["features.2", "features.8", "classifier.2"]  # the last one gets no Neuron Features
@@ -121,6 +123,8 @@ def _make_run(root: Path):
     for layer in FEATURE_LAYERS:
         features[layer] = nx.neuron_features(index, layer, keep_crops=4, batch_size=8, backend="torch")
         save_features(features[layer], out)
+        # recorded as `neuroidx features` records them: the report shows no file its record does not vouch for
+        _record_made(out, "features", layer, {"pad": "gray", "keep": 4}, [out.features_dir(layer)])
 
     g = np.random.default_rng(0)
     frames = []
@@ -150,12 +154,11 @@ def _make_run(root: Path):
     pd.DataFrame({"unit": np.arange(n8), "overall_drop": matrix.mean(1), "max_class_drop": matrix.max(1),
                   "max_drop_class": matrix.argmax(1), "max_drop_class_name": [CLASSES[i] for i in matrix.argmax(1)]}
                  ).to_csv(out.ablation_csv("features.8"), index=False)
-    from neuroidx_fast.pipeline import _record_made
-
     _record_made(out, "ablation", "features.8", {"mode": "zero"},  # complete: as `neuroidx ablate` records it
                  [out.ablation_csv("features.8"), out.ablation_classes_csv("features.8")])
 
     save_png(torch.rand(3, 20, 20, generator=torch.Generator().manual_seed(1)), out.maximized_png(*VISUALIZED))
+    _record_made(out, "visualize", VISUALIZED[0], {"units": [VISUALIZED[1]]}, [out.maximized_png(*VISUALIZED).parent])
     save_png(Image.new("RGB", (40, 30), (200, 30, 30)), out.plots_dir / "layer_summary.png")
     write_json(out.run_json, {"model": "vgg-test", "data": "builtin:shapes", "layers": LAYERS, "k": 5,
                               "class_names": CLASSES, "labels": data.labels.tolist(), "num_images": len(data),
@@ -363,6 +366,7 @@ def test_whole_image_layer_shows_no_stride(run, tmp_path):
     features = nx.neuron_features(run["index"], "classifier.2", keep_crops=2, batch_size=8, backend="torch")
     assert features.rf.whole_image  # a fully connected layer: rf.json says stride [0, 0], whole_image true
     save_features(features, out)
+    _record_made(out, "features", "classifier.2", {"pad": "gray", "keep": 2}, [out.features_dir("classifier.2")])
     assert read_json(out.rf_json("classifier.2"))["stride"] == [0, 0]
     build_report(out.root)
     h, w = features.rf.size
@@ -392,6 +396,8 @@ def _with_class_sentinels(run, tmp_path):
     ablation.loc[ablation["unit"] == 1, "max_drop_class"] = -1
     ablation.loc[ablation["unit"] == 1, "max_drop_class_name"] = np.nan
     ablation.to_csv(out.ablation_csv("features.8"), index=False)
+    _record_made(out, "ablation", "features.8", {"mode": "zero"},  # as `neuroidx ablate` would write them
+                 [out.ablation_csv("features.8"), out.ablation_classes_csv("features.8")])
     return out, sentinel
 
 
@@ -541,6 +547,202 @@ def test_rebuild_over_an_old_report(run, tmp_path):
     assert_links_resolve(out.report_dir)
 
 
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_concurrent_builds_of_one_report_both_finish_whole(run, tmp_path, monkeypatch):
+    # before, a build made its report.tmp-* folder outside the writer lock: another build of the same report
+    # that swapped its own in meanwhile deleted that folder as the leftover of a killed build, and the first
+    # then failed or shipped the pages it wrote after (a report without its first pages)
+    import fcntl
+    import tempfile
+    import threading
+
+    import neuroidx_fast.report as report_module
+
+    out = fresh_copy(run, tmp_path)
+    build_report(out.root)
+    whole = _files(out.report_dir)
+    write, mkdtemp, flock = report_module._write_text, tempfile.mkdtemp, fcntl.flock
+    started = set()  # the builds that made their report.tmp- folder
+    first_paused, go_on = threading.Event(), threading.Event()
+
+    def making(*args, **kwargs):
+        folder = mkdtemp(*args, **kwargs)
+        if os.path.basename(folder).startswith("report.tmp-"):
+            started.add(threading.current_thread().name)
+        return folder
+
+    def locking(fd, operation):
+        # the second build waits for the lock before it makes its folder: the first, which holds the lock,
+        # goes on then (the first waits for the second below: without the lock, until it is done)
+        if threading.current_thread().name == "second" and "second" not in started:
+            go_on.set()
+        return flock(fd, operation)
+
+    def writing(path, text):
+        write(path, text)
+        if threading.current_thread().name == "first" and not first_paused.is_set():
+            first_paused.set()  # its first page written: the second build starts now
+            assert go_on.wait(60)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", making)
+    monkeypatch.setattr(fcntl, "flock", locking)
+    monkeypatch.setattr(report_module, "_write_text", writing)
+    errors = []
+
+    def build(name):
+        try:
+            build_report(out.root)
+        except BaseException as exc:  # (said by the assertion below)
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        finally:
+            (first_paused if name == "first" else go_on).set()
+
+    threads = [threading.Thread(target=build, args=(name,), name=name) for name in ("first", "second")]
+    threads[0].start()
+    assert first_paused.wait(60)
+    threads[1].start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(thread.is_alive() for thread in threads) and started == {"first", "second"}
+    assert errors == []
+    assert _files(out.report_dir) == whole  # one complete report, every page of it
+    assert sorted(p.name for p in out.root.iterdir() if "report" in p.name) == ["report"]  # no leftovers
+
+
+def _notes(out: OutDir) -> list[str]:
+    """The notes at the top of the report's index page (and its other "missing" lines)."""
+    return [" ".join(p.text().split()) for p in parse(out.report_index).find_all("p", cls="missing")]
+
+
+def _note(out: OutDir, *parts) -> str:
+    found = [note for note in _notes(out) if all(part in note for part in parts)]
+    assert len(found) == 1, (parts, _notes(out))
+    return found[0]
+
+
+def _status(out: OutDir, layer: str) -> list[str]:
+    """A layer's "what the run holds" list on the index page."""
+    row = [tr for tr in parse(out.report_index).find("table", cls="layers").find("tbody").find_all("tr")
+           if tr.find("a").text() == layer][0]
+    return [" ".join(li.text().split()) for li in row.find_all("li")]
+
+
+def _same_size_edit(text: str) -> str:
+    """``text`` (a number) with its first digit after the point changed: the file keeps its size."""
+    at = text.index(".") + 1
+    return text[:at] + str((int(text[at]) + 5) % 10) + text[at + 1:]
+
+
+def test_outputs_changed_since_they_were_made_are_not_shown(run, tmp_path):
+    # before, the report read a layer's features file, ablation CSVs and PNGs without their step's record
+    # (each file's size and SHA-256 when it was made): one cut short, edited or replaced since was shown as
+    # the run's result, or as a parse failure at best
+    from safetensors.torch import load_file, save_file
+
+    out, feats = fresh_copy(run, tmp_path), run["features"]["features.8"]
+    root = out.root
+    unit = next(u for u in range(16) if not bool(feats.dead[u]) and int(feats.crop_ids[u, 0]) >= 0)
+    # features.8: its features file replaced by one that reads fine, one crop value changed
+    tensors = load_file(out.features_file("features.8"))
+    tensors["crop_values"][unit, 0] = 987.654
+    save_file(tensors, out.features_file("features.8"))
+    # its ablation CSV with one number changed, the file as long as before (only the checksum tells)
+    path = out.ablation_csv("features.8")
+    lines = path.read_text().splitlines(keepends=True)
+    cells = lines[1 + 2].split(",")  # unit 2's row: unit, overall_drop, ...
+    assert cells[0] == "2"
+    cells[1] = _same_size_edit(cells[1])
+    changed = float(cells[1])
+    lines[1 + 2] = ",".join(cells)
+    size = path.stat().st_size
+    path.write_text("".join(lines))
+    assert path.stat().st_size == size
+    # features.2: one crop PNG cut short; features.8's maximisation image replaced
+    crop = out.crop_png("features.2", 0, 0)
+    whole_crop = crop.stat().st_size
+    os.truncate(crop, 40)
+    save_png(torch.zeros(3, 20, 20), out.maximized_png(*VISUALIZED))
+    build_report(root)
+
+    # the notes name the file, what differs from its record, and the command that remakes it
+    note = _note(out, "features/features.8/features.safetensors")
+    assert "recorded when it was made" in note and "features.8's Neuron Features are not shown" in note
+    assert note.endswith(f"run `neuroidx features --out {root} --layers features.8` to remake them")
+    note = _note(out, "ablation/features.8.csv")
+    assert "ablation/features.8.csv does not match the SHA-256 recorded when it was made" in note
+    assert note.endswith(f"run `neuroidx ablate --out {root} --layers features.8` to remake them")
+    note = _note(out, "features/features.2/crops/0_0.png")
+    assert f"crops/0_0.png is 40 bytes, not the {whole_crop} recorded when it was made" in note
+    assert note.endswith(f"run `neuroidx features --out {root} --layers features.2` to remake them")
+    note = _note(out, "visualize/features.8/3.png")
+    assert note.endswith(f"run `neuroidx visualize --out {root} --layers features.8` to remake them")
+    # and the steps are shown as not made: none of their numbers or images
+    assert _status(out, "features.8") == ["no features (neuroidx features)", "neuron table",
+                                          "no ablation (neuroidx ablate)",
+                                          "no maximisation images (neuroidx visualize)"]
+    assert _status(out, "features.2")[0] == "no features (neuroidx features)"
+    assert _status(out, "classifier.2")[0] == "no features (neuroidx features)"  # (none made: no note)
+    assert not any("classifier.2" in n for n in _notes(out))
+    for layer in FEATURE_LAYERS:
+        page = page_of(out, layer)
+        assert not parse(page).find_all("img"), layer  # no NF, no grid
+        assert "are not shown" in page.read_text(encoding="utf-8")
+    unit_page = page_of(out, "features.8", unit)
+    assert not _crops(unit_page) and "987.7" not in unit_page.read_text(encoding="utf-8")
+    assert not parse(unit_page).find_all("img")
+    assert not _crops(page_of(out, "features.2", 0))
+    page = page_of(out, "features.8", 2)
+    text = page.read_text(encoding="utf-8")
+    assert parse(page).find("table", cls="drops") is None and fmt(changed) not in text
+    assert "ablation/features.8.csv does not match the SHA-256" in text
+    assert not parse(page_of(out, *VISUALIZED)).find_all("img")
+    assert_links_resolve(out.report_dir)
+
+
+def test_outputs_without_their_record_are_not_shown(run, tmp_path):
+    # a remake interrupted leaves the new files beside the old and no record: none of them is the run's
+    # result; nor are files the record does not list, nor those of a record without checksums
+    out = fresh_copy(run, tmp_path)
+    root = out.root
+    out.step_record("features", "features.8").unlink()
+    out.step_record("ablation", "features.8").unlink()
+    record = read_json(out.step_record("features", "features.2"))
+    write_json(out.step_record("features", "features.2"), {"settings": record["settings"], "files": record["files"]})
+    save_png(torch.zeros(3, 20, 20), out.maximized_png("features.8", 5))  # not in visualize's record
+    build_report(root)
+    note = _note(out, "features.8's Neuron Features")
+    assert "no record that `neuroidx features` finished them (features/.done/features.8.json" in note
+    assert note.endswith(f"run `neuroidx features --out {root} --layers features.8` to remake them")
+    note = _note(out, "features.8's ablation results")
+    assert "no record that `neuroidx ablate` finished them (ablation/.done/features.8.json" in note
+    assert note.endswith(f"run `neuroidx ablate --out {root} --layers features.8` to remake them")
+    note = _note(out, "features.2's Neuron Features")
+    assert "holds no sizes nor checksums (written by an earlier version)" in note
+    assert note.endswith(f"run `neuroidx features --out {root} --layers features.2` to remake them")
+    assert _status(out, "features.8") == ["no features (neuroidx features)", "neuron table",
+                                          "no ablation (neuroidx ablate)", "maximisation images"]
+    assert _status(out, "features.2")[0] == "no features (neuroidx features)"
+    assert not _crops(page_of(out, "features.8", 3)) and not _crops(page_of(out, "features.2", 0))
+    assert parse(page_of(out, "features.8", 3)).find("table", cls="drops") is None
+    # the maximisation image its record lists is shown; the one it does not, not
+    srcs = [local_target(page_of(out, "features.8", 3), img.attrs["src"])
+            for img in parse(page_of(out, "features.8", 3)).find_all("img")]
+    assert srcs == [out.maximized_png(*VISUALIZED).resolve()]
+    assert not parse(page_of(out, "features.8", 5)).find_all("img")
+    assert not any("visualize" in n for n in _notes(out))
+
+
+def test_an_untouched_run_shows_every_output_and_no_note(run, built):
+    out = run["out"]
+    assert _notes(out) == []
+    for layer in FEATURE_LAYERS:
+        assert _status(out, layer)[0] == "features" and "are not shown" not in page_of(out, layer).read_text()
+    assert _status(out, "features.8") == ["features", "neuron table", "ablation", "maximisation images"]
+
+
 # -------------------------------------------------------------------------------------------- browser
 def _chromium():
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
@@ -639,3 +841,13 @@ def test_class_sentinel_sorts_last_in_headless_chromium(run, tmp_path):
         # by class number (stable: by unit within one class), the units without a class last either way
         known = sorted((u for u in range(16) if u not in sentinel), key=lambda u: -top_class[u] if desc else top_class[u])
         assert units == known + sentinel, (desc, units)
+
+
+def test_an_empty_integer_cell_shows_as_missing():
+    """neurons.csv's max_drop_class is a nullable integer column (units not ablated: empty cells); pandas
+    versions give its missing values as None or pd.NA: both show as missing and sort as such."""
+    from neuroidx_fast.report import _missing, _sort_key
+
+    for value in (None, pd.NA, float("nan")):
+        assert fmt(value) == DASH and _missing(value) and _sort_key(value) == ""
+    assert fmt(8) == "8" and not _missing(0)

@@ -31,7 +31,7 @@ import pandas as pd
 
 from .atomic import public_mode, write_atomic
 from .outdir import OutDir, read_json
-from .pipeline import _file_check  # (pipeline imports this module only inside step_report: no cycle)
+from .pipeline import _differs_from  # (pipeline imports this module only inside step_report: no cycle)
 from .storage import replace_directory, writer_lock
 from .table import read_ablation_csv
 
@@ -417,12 +417,8 @@ def _file_problem(path: Path, check) -> str | None:
         return "is missing"
     if not isinstance(check, dict):
         return "has no size nor checksum in the record"
-    size = path.stat().st_size
-    if size != check.get("size"):
-        return f"is {size} bytes, not the {check.get('size')} recorded when it was made (cut short or replaced since)"
-    if _file_check(path)["sha256"] != check.get("sha256"):
-        return "does not match the SHA-256 recorded when it was made (edited or replaced since)"
-    return None
+    differs = _differs_from(path, check)
+    return None if differs is None else f"{differs} recorded when it was made (cut short, edited or replaced since)"
 
 
 # ------------------------------------------------------------------------------------------- page data

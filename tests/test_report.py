@@ -672,10 +672,10 @@ def test_outputs_changed_since_they_were_made_are_not_shown(run, tmp_path):
     assert "recorded when it was made" in note and "features.8's Neuron Features are not shown" in note
     assert note.endswith(f"run `neuroidx features --out {root} --layers features.8` to remake them")
     note = _note(out, "ablation/features.8.csv")
-    assert "ablation/features.8.csv does not match the SHA-256 recorded when it was made" in note
+    assert "ablation/features.8.csv does not match its checksum recorded when it was made" in note
     assert note.endswith(f"run `neuroidx ablate --out {root} --layers features.8` to remake them")
     note = _note(out, "features/features.2/crops/0_0.png")
-    assert f"crops/0_0.png is 40 bytes, not the {whole_crop} recorded when it was made" in note
+    assert f"crops/0_0.png is 40 bytes, not {whole_crop} recorded when it was made" in note
     assert note.endswith(f"run `neuroidx features --out {root} --layers features.2` to remake them")
     note = _note(out, "visualize/features.8/3.png")
     assert note.endswith(f"run `neuroidx visualize --out {root} --layers features.8` to remake them")
@@ -697,7 +697,7 @@ def test_outputs_changed_since_they_were_made_are_not_shown(run, tmp_path):
     page = page_of(out, "features.8", 2)
     text = page.read_text(encoding="utf-8")
     assert parse(page).find("table", cls="drops") is None and fmt(changed) not in text
-    assert "ablation/features.8.csv does not match the SHA-256" in text
+    assert "ablation/features.8.csv does not match its checksum" in text
     assert not parse(page_of(out, *VISUALIZED)).find_all("img")
     assert_links_resolve(out.report_dir)
 

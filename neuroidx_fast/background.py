@@ -166,7 +166,7 @@ def _read(loader, start, state: _ThreadState, items: queue.Queue, stop: threadin
                 batch = None  # (the queue holds it now; not this frame too once the pass has taken it)
         _offer(items, stop, ("end", None))
     except BaseException as exc:
-        if isinstance(exc, Exception):
+        if isinstance(exc, Exception) and hasattr(exc, "add_note"):  # (Python 3.11 and later)
             exc.add_note(_NOTE)
         _offer(items, stop, ("error", exc))
 

@@ -113,9 +113,10 @@ def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of the model's state dict (names, shapes, dtypes and every byte of every tensor; an entry
-    that is no tensor, such as a module's ``get_extra_state()`` or quantised packed parameters, by its
-    name and ``_describe``)."""
+    """SHA-256 of the model's state dict (names, shapes, dtypes and every byte of every tensor, and a
+    quantised tensor's scales and zero points: its bytes are its integers, the same for a model quantised
+    again at other scales; an entry that is no tensor, such as a module's ``get_extra_state()`` or
+    quantised packed parameters, by its name and ``_describe``)."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         if not isinstance(tensor, torch.Tensor):
@@ -123,21 +124,9 @@ def model_fingerprint(model: nn.Module) -> str:
             continue
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        if tensor.is_quantized:
+            digest.update(f"|{_quantisation(tensor, functools.partial(_describe, depth=1))}|".encode())
     return digest.hexdigest()
-
-
-def quantisation_fingerprint(model: nn.Module) -> str | None:
-    """SHA-256 of the scales and zero points of the model's quantised state-dict tensors, whose bytes
-    alone (``model_fingerprint``) are their integers: a model quantised again at other scales computes
-    otherwise from the same bytes. None for a model without quantised tensors. (Its own fingerprint key,
-    so that checkpoints written before it still resume.)"""
-    digest, found = hashlib.sha256(), False
-    describe = functools.partial(_describe, depth=1)
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, torch.Tensor) and tensor.is_quantized:
-            digest.update(f"{name}|{_quantisation(tensor, describe)}|".encode())
-            found = True
-    return digest.hexdigest() if found else None
 
 
 def _module_lines(module: nn.Module) -> str:
@@ -438,8 +427,7 @@ def _distributed():
 
 
 # fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
-_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code", "preprocess_values",
-                       "model_quantisation")
+_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code", "preprocess_values")
 
 
 def _holds_other_than_checkpoint(path) -> bool:
@@ -468,9 +456,8 @@ def _load_checkpoint(path, fingerprint, device, nan, backend, shard_length: int,
                     and (key in saved or key not in _LATER_FINGERPRINTS))
     if differ:
         notes = []  # the named differences first, in this order, then the other settings as they are
-        if "model" in differ or "structure" in differ or "model_quantisation" in differ:
+        if "model" in differ or "structure" in differ:
             what = "weights" if "structure" not in differ else "modules (or the preprocess's settings)"
-            what = "quantisation scales" if differ == ["model_quantisation"] else what
             notes.append(f"the model's {what} differ")
         if "data" in differ:
             notes.append("the dataset's contents differ (its file list changed)")
@@ -676,8 +663,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     # reads it: without one, no weight is hashed and no image file stat-ed)
     fingerprint = None
     if checkpoint is not None:
-        fingerprint = {"model": model_fingerprint(model), "model_quantisation": quantisation_fingerprint(model),
-                       "data": dataset_fingerprint(dataset), "layers": names,
+        fingerprint = {"model": model_fingerprint(model), "data": dataset_fingerprint(dataset), "layers": names,
                        "k": k, "dataset_length": length, "batch_size": batch_size, "rank": rank, "world_size": world,
                        "nan": nan, "param_dtype": str(param_dtype), "autocast_dtype": str(autocast_dtype),
                        "preprocess": _preprocess_fingerprint(preprocess),

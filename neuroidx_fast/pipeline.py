@@ -626,7 +626,11 @@ def _class_threshold(given, index) -> float:
     if given is None:
         if not math.isfinite(floor):
             return 0.5
-        threshold = (1 + floor) / 2
+        # (1 + floor) / 2 = (2K - 1 - c) / (2K - 2), c = min(K, classes), as one rounded division: the very
+        # float of a unit whose gamma is that fraction (M = (c + 1) / 2 for odd c), which then does not
+        # count (gamma > threshold), whatever the rounding of a sum of roundings would have said
+        k, c = index.k, min(index.k, classes)
+        threshold = (2 * k - 1 - c) / (2 * k - 2)
         if floor > 0:
             print(f"class selective: gamma > {threshold:.3g}, halfway from {floor:.3g} (the least gamma of K = "
                   f"{index.k} top images of {classes} classes: every unit reaches it) to 1; --class-threshold "

@@ -393,7 +393,7 @@ def test_the_cli_default_class_threshold_sits_above_the_floor(capsys):
     from neuroidx_fast.pipeline import _class_threshold
 
     index = type("Index", (), {"k": 20, "labels": torch.arange(200) % 10})()
-    assert _class_threshold(None, index) == (1 + 10 / 19) / 2
+    assert _class_threshold(None, index) == 29 / 38  # (1 + 10 / 19) / 2, as one division
     assert "halfway from 0.526 (the least gamma of K = 20 top images of 10 classes" in capsys.readouterr().out
     assert _class_threshold(0.5, index) == 0.5
     assert "below 0.526" in capsys.readouterr().out and _class_threshold(0.9, index) == 0.9
@@ -402,3 +402,17 @@ def test_the_cli_default_class_threshold_sits_above_the_floor(capsys):
     assert _class_threshold(None, many) == 0.5 and capsys.readouterr().out == ""  # no floor: as before
     unlabelled = type("Index", (), {"k": 20, "labels": None})()
     assert _class_threshold(None, unlabelled) == 0.5
+
+
+def test_a_gamma_exactly_at_the_default_threshold_never_counts():
+    """With an odd number of classes c, units with M = (c + 1) / 2 have gamma exactly halfway from the
+    floor to 1: they must compare equal to the threshold (not above by a rounding), for every K."""
+    from neuroidx_fast.pipeline import _class_threshold
+
+    for k in range(3, 120):
+        for classes in range(1, k, 2):
+            index = type("Index", (), {"k": k, "labels": torch.arange(4 * k) % classes})()
+            threshold = _class_threshold(None, index)
+            m = (classes + 1) // 2
+            gamma = torch.tensor([(k - m) / (k - 1)], dtype=torch.float64)  # as class_selectivity rounds it
+            assert not bool(gamma > threshold) and float(gamma) == threshold, (k, classes)

@@ -384,7 +384,8 @@ class _Engine:
         loader = image_loader(self.dataset, self.batch_size, self.device, self.num_workers)
         with reading(loader) as batches:
             if not self.progress:
-                yield from batches
+                for batch in batches:  # (not `yield from`: closing this would close the reader and wait)
+                    yield batch
                 return
             from tqdm.auto import tqdm
 

@@ -174,16 +174,22 @@ def _read(loader, start, state: _ThreadState, items: queue.Queue, stop: threadin
 @contextlib.contextmanager
 def reading(loader):
     """``with reading(loader) as batches: for batch in batches: ...``: an iterator over ``loader``,
-    closed on leaving the block: a background reader's thread is stopped, and waited for unless the
-    block ends with a KeyboardInterrupt (Ctrl-C then stops the pass at once; the thread finishes the
-    batch it is reading and ends by itself)."""
+    closed on leaving the block. A background reader's thread is stopped, and waited for unless the
+    block ends with a KeyboardInterrupt, or a GeneratorExit (a generator that reads in this block closed
+    early, e.g. by a Ctrl-C in the code that iterates it): Ctrl-C then stops the pass at once, and the
+    thread finishes the batch it is reading and ends by itself. A DataLoader's worker processes are
+    shut down (else the iterator, held by a traceback that a notebook keeps, would keep them)."""
     batches = iter(loader)
     wait = True
     try:
         yield batches
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, GeneratorExit):
         wait = False
         raise
     finally:
         if isinstance(batches, _Reader):
             batches.close(wait=wait)
+        else:
+            shutdown = getattr(batches, "_shutdown_workers", None)  # (torch's multi-process iterator)
+            if shutdown is not None:
+                shutdown()

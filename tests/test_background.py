@@ -2,6 +2,7 @@
 batches in the same order, errors where they were due, and no thread left reading after a pass. The
 passes themselves run here with the thread forced on, on the CPU, and must give the same results."""
 
+import contextlib
 import gc
 import threading
 import time
@@ -259,3 +260,40 @@ def test_a_failing_pass_stops_its_reader(background_on_cpu):
     with pytest.raises(ValueError, match="21"):
         nx.index_dataset(model, dataset, ["features.3"], k=2, batch_size=4, progress=False)
     assert not readers_alive()
+
+
+def test_a_failed_pass_leaves_no_worker_process_behind():
+    """With DataLoader workers (no background thread), an error kept with its traceback (as a notebook
+    keeps the last one) must not keep the workers alive through the pass's iterator."""
+    import multiprocessing
+
+    dataset = ImageSet(n=40, size=16)
+    dataset.images[21, 0, 3, 3] = float("nan")
+    try:
+        nx.index_dataset(make_model("vgg"), dataset, ["features.3"], k=2, batch_size=4, num_workers=2,
+                         progress=False)
+    except ValueError as exc:
+        kept = exc  # (its traceback holds index_dataset's frame)
+    assert "21" in str(kept)
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children()
+
+
+def test_ctrl_c_in_the_code_iterating_a_reading_generator_does_not_wait():
+    """load_top_images and ablation's batches read inside a generator: a Ctrl-C in their consumer closes
+    the generator (GeneratorExit), which must not wait for the batch being read either."""
+    def batches_of(source):
+        with reading(BackgroundBatches(source)) as batches:
+            for batch in batches:
+                yield batch
+
+    reader = batches_of(Counted(delay=1.5))
+    with pytest.raises(KeyboardInterrupt):
+        with contextlib.closing(reader):
+            next(reader)
+            time.sleep(0.2)
+            started = time.monotonic()
+            raise KeyboardInterrupt
+    assert time.monotonic() - started < 0.5

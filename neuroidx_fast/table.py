@@ -162,7 +162,7 @@ def _class_indices_as_integers(frame):
     kinds = {}
     for column in CLASS_INDEX_COLUMNS:
         if column in frame.columns and frame[column].dtype.kind == "f":
-            values = frame[column].to_numpy(dtype=np.float64)
+            values = frame[column].astype("float64").to_numpy()  # (pandas < 2.2: no to_numpy(float) of a NA)
             whole = values[~np.isnan(values)]
             if np.all(np.isfinite(whole) & (whole == np.round(whole))):
                 kinds[column] = "Int64"

@@ -215,14 +215,15 @@ def _already_made(out: OutDir, step: str, layer: str, settings: dict, args) -> b
 
 
 def _file_check(path: Path) -> dict:
-    """A file's size and SHA-256, as a step's record keeps them (``_record_made``)."""
+    """A file's size, SHA-256 and modification time (ns), as a step's record keeps them (``_record_made``)."""
     import hashlib
 
+    stat = path.stat()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": stat.st_size, "sha256": digest.hexdigest(), "mtime_ns": stat.st_mtime_ns}
 
 
 def _changed_output(out: OutDir, made: dict) -> str | None:
@@ -246,10 +247,15 @@ def _changed_output(out: OutDir, made: dict) -> str | None:
 
 
 def _differs_from(path: Path, check: dict) -> str | None:
-    """How the file ``path`` differs from its record's ``check`` (``_file_check``): None where it does not."""
-    size = path.stat().st_size
-    if size != check.get("size"):
-        return f"is {size} bytes, not {check.get('size')}"
+    """How the file ``path`` differs from its record's ``check`` (``_file_check``): None where it does not.
+    A file of the recorded size and modification time (to the nanosecond) is taken as unchanged without
+    reading it: a run's features and PNGs can weigh gigabytes, hashed at each rerun and report build; an
+    edit, a truncation or a replacement moves the time (records of earlier versions, without one: hashed)."""
+    stat = path.stat()
+    if stat.st_size != check.get("size"):
+        return f"is {stat.st_size} bytes, not {check.get('size')}"
+    if check.get("mtime_ns") is not None and check.get("mtime_ns") == stat.st_mtime_ns:
+        return None
     if _file_check(path)["sha256"] != check.get("sha256"):
         return "does not match its checksum"
     return None

@@ -31,7 +31,7 @@ import pandas as pd
 
 from .atomic import public_mode, write_atomic
 from .outdir import OutDir, read_json
-from .pipeline import _differs_from  # (pipeline imports this module only inside step_report: no cycle)
+from .pipeline import ABLATION_COLUMNS, _differs_from  # (pipeline imports this module only inside step_report: no cycle)
 from .storage import replace_directory, writer_lock
 from .table import read_ablation_csv
 
@@ -67,6 +67,10 @@ CHECKED_STEPS = {"features": ("features", "Neuron Features"), "ablation": ("abla
                  "visualize": ("visualize", "maximisation images")}
 # How many of a step's damaged files a note names (a layer's PNGs can number thousands).
 NAMED_FILES = 3
+# A step's outputs that no checksum vouches for, shown as found: those of a record written by an
+# earlier version (no checksums), and features or maximisation images with no record (saved through
+# the Python API, or by a version before the records), as reports showed them before.
+UNVERIFIED = "unverified"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -177,9 +181,13 @@ class _Layer:
         return self.crop_ids is not None
 
     def made_file(self, step: str, path) -> bool:
-        """Whether ``path`` is one of ``step``'s outputs of this layer, as its record says it was made: a file
-        the record does not list, or of a step whose files changed since, is not the run's result."""
-        return Path(path) in self.made.get(step, ())
+        """Whether ``path`` is one of ``step``'s outputs of this layer to show: one its record lists, as
+        made (a file the record does not list, or of a step whose files changed since, is not the run's
+        result); where nothing can vouch for the files (``UNVERIFIED``), any that exists."""
+        made = self.made.get(step)
+        if made is UNVERIFIED:
+            return Path(path).exists()
+        return made is not None and Path(path) in made
 
     def dead(self, unit: int):
         """True / False, or None when nothing says."""
@@ -270,9 +278,7 @@ class _Run:
             layer.num_units = layer.index.num_units
         units = set(range(layer.num_units or 0))
         for step in CHECKED_STEPS:
-            made = self._check_made(layer, step)
-            if made is not None:
-                layer.made[step] = made
+            layer.made[step] = self._check_made(layer, step)
         self._read_features(layer)
         units.update(layer.feature_rows)
         if table is not None:
@@ -282,6 +288,8 @@ class _Run:
                     unit = int(record["unit"])
                 except (TypeError, ValueError):
                     continue
+                if layer.ablation_error is not None:  # (neurons.csv's copy of the ablation files not shown)
+                    record.update({column: None for column in ABLATION_COLUMNS if column in record})
                 layer.table[unit] = record
             units.update(layer.table)
         if layer.made_file("features", out.rf_json(name)):
@@ -301,25 +309,22 @@ class _Run:
         folder = out.features_dir(layer) if step == "features" else out.maximized_png(layer, 0).parent
         return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
 
-    def _check_made(self, layer: _Layer, step: str) -> set | None:
+    def _check_made(self, layer: _Layer, step: str):
         """The files of ``layer``'s ``step`` that its record vouches for, each checked against the size and
-        SHA-256 recorded when the step made it; None when the record is missing or any of its files
-        differs (cut short, edited or replaced since; a later remake interrupted): the pages then show
-        none of them, as for a step not run, and the notes (and the layer's pages) say why, unless the
-        step was simply not run (no record, no file)."""
+        SHA-256 recorded when the step made it; ``UNVERIFIED`` where nothing vouches for them (a record
+        without checksums, by an earlier version; features or maximisation images without a record);
+        None where there is nothing to show: the step not run, ablation files without a record (an
+        interrupted remake leaves old and new side by side), or a file that differs from its record
+        (cut short, edited or replaced since), which a note (and the layer's pages) then names."""
         out, name = self.out, layer.name
         command, what = CHECKED_STEPS[step]
         record = out.step_record(step, name)
         where = record.relative_to(out.root).as_posix()
         if not record.exists():
-            if not self._step_files(name, step):
-                return None  # the step was not run for this layer: the pages say which command makes it
-            problem = f"{name}'s {what} have files but no record that `neuroidx {command}` finished them " \
-                      f"({where}; a remake that was interrupted leaves none)"
-        else:
-            files, problem = _checked_files(out.root, record, f"{name}'s {what} ({where})")
-            if problem is None:
-                return files
+            return UNVERIFIED if step != "ablation" and self._step_files(name, step) else None
+        files, problem = _checked_files(out.root, record, f"{name}'s {what} ({where})")
+        if problem is None:
+            return files
         note = f"{problem}: {name}'s {what} are not shown; run `neuroidx {command} --out {out.root} --layers " \
                f"{name}` to remake them"
         self.notes.append(note)
@@ -390,8 +395,8 @@ class _Run:
 
 def _checked_files(root: Path, record: Path, shown: str):
     """(the files the step record ``record`` lists, None) where each is as the record says it was made (its
-    size and SHA-256, ``pipeline._record_made``), else (None, what is wrong) for a note, ``shown`` naming
-    the outputs."""
+    size and SHA-256, ``pipeline._record_made``); (UNVERIFIED, None) for a record without checksums; else
+    (None, what is wrong) for a note, ``shown`` naming the outputs."""
     try:
         made = read_json(record)
     except (OSError, ValueError) as exc:
@@ -400,9 +405,8 @@ def _checked_files(root: Path, record: Path, shown: str):
     checks = made.get("checks") if isinstance(made, dict) else None
     if not isinstance(files, list) or not files or not all(isinstance(file, str) for file in files):
         return None, f"the record of {shown} lists no files"
-    if not isinstance(checks, dict):  # (the pipeline makes such a layer again too)
-        return None, f"the record of {shown} holds no sizes nor checksums (written by an earlier version): " \
-                     "nothing vouches for the files"
+    if not isinstance(checks, dict):  # (written by an earlier version: shown as found, as it was then)
+        return UNVERIFIED, None
     wrong = [f"{file} {why}" for file in files if (why := _file_problem(root / file, checks.get(file))) is not None]
     if wrong:
         more = f" (and {len(wrong) - NAMED_FILES} more)" if len(wrong) > NAMED_FILES else ""
@@ -451,7 +455,11 @@ def _summary(run: _Run):
 def _layer_status(run: _Run, layer: _Layer):
     """What the run holds for one layer: [(part, present, hint command)]."""
     visualize = run.out.maximized_png(layer.name, 0).parent
-    images = any(path.parent == visualize and path.suffix == ".png" for path in layer.made.get("visualize", ()))
+    made = layer.made.get("visualize")
+    if made is UNVERIFIED:
+        images = visualize.is_dir() and any(visualize.glob("*.png"))
+    else:
+        images = any(path.parent == visualize and path.suffix == ".png" for path in made or ())
     return [
         ("features", layer.has_features, HINTS["features"]),
         ("neuron table", bool(layer.table), HINTS["table"]),

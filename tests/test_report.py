@@ -698,13 +698,21 @@ def test_outputs_changed_since_they_were_made_are_not_shown(run, tmp_path):
     text = page.read_text(encoding="utf-8")
     assert parse(page).find("table", cls="drops") is None and fmt(changed) not in text
     assert "ablation/features.8.csv does not match its checksum" in text
+    # nor neurons.csv's copy of the layer's ablation columns (another layer's stay)
+    table = pd.read_csv(out.table_csv)
+    shown = table[(table["layer"] == "features.8") & (table["unit"] == 2)]["overall_drop"].iloc[0]
+    assert fmt(shown) not in text
+    other = table[(table["layer"] == "features.2") & (table["unit"] == 0)]["overall_drop"].iloc[0]
+    assert fmt(other) in page_of(out, "features.2", 0).read_text(encoding="utf-8")
     assert not parse(page_of(out, *VISUALIZED)).find_all("img")
     assert_links_resolve(out.report_dir)
 
 
-def test_outputs_without_their_record_are_not_shown(run, tmp_path):
-    # a remake interrupted leaves the new files beside the old and no record: none of them is the run's
-    # result; nor are files the record does not list, nor those of a record without checksums
+def test_outputs_nothing_vouches_for_are_shown_as_found(run, tmp_path):
+    """Features or maximisation images without a record (saved through the Python API, or by a version
+    before the records) and steps whose record holds no checksums (an earlier version) are shown as
+    reports showed them before, with no note; ablation files without a record are not (an interrupted
+    remake leaves new files beside the old); nor is a file a checked record does not list."""
     out = fresh_copy(run, tmp_path)
     root = out.root
     out.step_record("features", "features.8").unlink()
@@ -713,26 +721,20 @@ def test_outputs_without_their_record_are_not_shown(run, tmp_path):
     write_json(out.step_record("features", "features.2"), {"settings": record["settings"], "files": record["files"]})
     save_png(torch.zeros(3, 20, 20), out.maximized_png("features.8", 5))  # not in visualize's record
     build_report(root)
-    note = _note(out, "features.8's Neuron Features")
-    assert "no record that `neuroidx features` finished them (features/.done/features.8.json" in note
-    assert note.endswith(f"run `neuroidx features --out {root} --layers features.8` to remake them")
-    note = _note(out, "features.8's ablation results")
-    assert "no record that `neuroidx ablate` finished them (ablation/.done/features.8.json" in note
-    assert note.endswith(f"run `neuroidx ablate --out {root} --layers features.8` to remake them")
-    note = _note(out, "features.2's Neuron Features")
-    assert "holds no sizes nor checksums (written by an earlier version)" in note
-    assert note.endswith(f"run `neuroidx features --out {root} --layers features.2` to remake them")
-    assert _status(out, "features.8") == ["no features (neuroidx features)", "neuron table",
-                                          "no ablation (neuroidx ablate)", "maximisation images"]
-    assert _status(out, "features.2")[0] == "no features (neuroidx features)"
-    assert not _crops(page_of(out, "features.8", 3)) and not _crops(page_of(out, "features.2", 0))
+    assert _notes(out) == []
+    assert _status(out, "features.8") == ["features", "neuron table", "no ablation (neuroidx ablate)",
+                                          "maximisation images"]
+    assert _status(out, "features.2")[0] == "features"
+    assert _crops(page_of(out, "features.8", 3)) and _crops(page_of(out, "features.2", 0))
     assert parse(page_of(out, "features.8", 3)).find("table", cls="drops") is None
     # the maximisation image its record lists is shown; the one it does not, not
     srcs = [local_target(page_of(out, "features.8", 3), img.attrs["src"])
             for img in parse(page_of(out, "features.8", 3)).find_all("img")]
-    assert srcs == [out.maximized_png(*VISUALIZED).resolve()]
-    assert not parse(page_of(out, "features.8", 5)).find_all("img")
-    assert not any("visualize" in n for n in _notes(out))
+    assert out.maximized_png(*VISUALIZED).resolve() in srcs
+    assert not any(src == out.maximized_png("features.8", 5).resolve() for src in srcs)
+    assert out.maximized_png("features.8", 5).resolve() not in [
+        local_target(page_of(out, "features.8", 5), img.attrs["src"])
+        for img in parse(page_of(out, "features.8", 5)).find_all("img")]
 
 
 def test_an_untouched_run_shows_every_output_and_no_note(run, built):
@@ -851,3 +853,21 @@ def test_an_empty_integer_cell_shows_as_missing():
     for value in (None, pd.NA, float("nan")):
         assert fmt(value) == DASH and _missing(value) and _sort_key(value) == ""
     assert fmt(8) == "8" and not _missing(0)
+
+
+def test_a_file_of_the_recorded_size_and_time_is_not_read_again(tmp_path):
+    """Checks of a step's files read a file only where its size and modification time are not those
+    recorded: gigabytes of features are not hashed at every report build or rerun."""
+    from neuroidx_fast.pipeline import _differs_from, _file_check
+
+    path = tmp_path / "drops.csv"
+    path.write_text("unit,overall_drop\n0,0.25\n")
+    check = _file_check(path)
+    assert set(check) == {"size", "sha256", "mtime_ns"} and _differs_from(path, check) is None
+    stat = path.stat()
+    path.write_text("unit,overall_drop\n0,0.75\n")  # same size, new time: read, and found changed
+    assert _differs_from(path, check) is not None
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its old time back: taken as unchanged, unread
+    assert _differs_from(path, check) is None
+    older = {"size": check["size"], "sha256": check["sha256"]}  # a record of an earlier version: hashed
+    assert _differs_from(path, older) is not None

@@ -234,16 +234,28 @@ def _changed_output(out: OutDir, made: dict) -> str | None:
         return "are not listed in their record"
     if not isinstance(checks, dict):
         return "were recorded without checksums (by an earlier version)"
-    for name in files:
-        path, check = out.root / name, checks.get(name)
-        if not path.is_file():
-            return f"changed since they were made ({name} is missing)"
-        if not isinstance(check, dict):
+    for name, kind, differs in _output_problems(out.root, files, checks):  # (the first one is enough)
+        if kind == "unchecked":
             return f"were recorded without the checksum of {name}"
-        differs = _differs_from(path, check)
-        if differs is not None:
-            return f"changed since they were made ({name} {differs})"
+        return f"changed since they were made ({name} {differs})"
     return None
+
+
+def _output_problems(root: Path, files, checks: dict):
+    """Yield (name, kind, how) for each file of a step's record (``files``, relative to ``root``) that is not
+    as its ``checks`` say it was saved, lazily (a caller that needs one reads no further file): kind
+    "missing" (how: "is missing"), "unchecked" (the record holds no check of it; how None) or "differs"
+    (how: ``_differs_from``)."""
+    for name in files:
+        path, check = root / name, checks.get(name)
+        if not path.is_file():
+            yield name, "missing", "is missing"
+        elif not isinstance(check, dict):
+            yield name, "unchecked", None
+        else:
+            differs = _differs_from(path, check)
+            if differs is not None:
+                yield name, "differs", differs
 
 
 def _differs_from(path: Path, check: dict) -> str | None:
@@ -623,7 +635,7 @@ def _with_other_layers(table, kept, order):
 def _class_threshold(given, index) -> float:
     """The gamma above which the plots and the summary count a unit as class selective: ``given``, or by
     default halfway from ``gamma_floor`` (the least gamma the index's K top images of the dataset's
-    classes allow) to 1, said once. A threshold at or under that floor counts every live unit: said too."""
+    classes allow) to 1, said once. A threshold under that floor counts every live unit: said too."""
     from .selectivity import gamma_floor
 
     labels = index.labels

@@ -254,7 +254,8 @@ def reads_in_background(device, num_workers: int) -> bool:
     return background_enabled() and pins_batches(device) and num_workers == 0  # (a bad setting: an error anywhere)
 
 
-def image_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0, background: bool | None = None):
+def image_loader(dataset, batch_size: int, device: torch.device, num_workers: int = 0,
+                 background: bool | None = None):
     """A DataLoader of ``collate_images`` batches in dataset order, for a pass on ``device``: where
     ``pins_batches(device)``, in page-locked memory (stacked there directly without workers; pinned by
     the DataLoader's thread with them), so that ``.to(device, non_blocking=True)`` is an asynchronous copy.

@@ -10,8 +10,10 @@ and load one CSS and one JS file written under ``report/static/``; no external U
 Every text goes through Jinja2's autoescaping. Whatever part of the run is missing (features, neuron
 table, ablation, maximisation images, the index itself) is left out, and the page says which
 ``neuroidx`` subcommand makes it. So is a layer's step whose files are not as its record says they were
-made (``<step>/.done/<layer>.json``: each file's size and SHA-256), or that has files but no record (an
-interrupted remake): the report's notes name the file, what differs and the command that remakes it.
+made (``<step>/.done/<layer>.json``: each file's size and SHA-256), which the report's notes name with
+what differs and the command that remakes it, and ablation files without a record (an interrupted
+remake). Outputs nothing vouches for (records of earlier versions, features saved without one) are
+shown as found.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import pandas as pd
 
 from .atomic import public_mode, write_atomic
 from .outdir import OutDir, read_json
-from .pipeline import ABLATION_COLUMNS, _differs_from  # (pipeline imports this module only inside step_report: no cycle)
+# (pipeline imports this module only inside step_report: no cycle)
+from .pipeline import ABLATION_COLUMNS, _output_problems
 from .storage import replace_directory, writer_lock
 from .table import read_ablation_csv
 
@@ -359,8 +362,6 @@ class _Run:
         layer.crop_ids, layer.crop_values, layer.features_dead = crop_ids, crop_values, dead
 
     def _read_ablation(self, layer: _Layer) -> None:
-        import pandas as pd
-
         summary, per_class = self.out.ablation_csv(layer.name), self.out.ablation_classes_csv(layer.name)
         # complete files only, as made (an interrupted remake leaves new and old files side by side, and no
         # record; a file changed since differs from its record): _check_made
@@ -407,22 +408,20 @@ def _checked_files(root: Path, record: Path, shown: str):
         return None, f"the record of {shown} lists no files"
     if not isinstance(checks, dict):  # (written by an earlier version: shown as found, as it was then)
         return UNVERIFIED, None
-    wrong = [f"{file} {why}" for file in files if (why := _file_problem(root / file, checks.get(file))) is not None]
+    wrong = [f"{name} {_problem_text(kind, how)}" for name, kind, how in _output_problems(root, files, checks)]
     if wrong:
         more = f" (and {len(wrong) - NAMED_FILES} more)" if len(wrong) > NAMED_FILES else ""
         return None, "; ".join(wrong[:NAMED_FILES]) + more
     return {root / file for file in files}, None
 
 
-def _file_problem(path: Path, check) -> str | None:
-    """How the file ``path`` differs from what its step's record says of it (``check``: its size and SHA-256
-    when it was made, ``pipeline._record_made``), or None where it does not."""
-    if not path.is_file():
-        return "is missing"
-    if not isinstance(check, dict):
+def _problem_text(kind: str, how: str | None) -> str:
+    """A note's words for one of ``pipeline._output_problems``' files."""
+    if kind == "unchecked":
         return "has no size nor checksum in the record"
-    differs = _differs_from(path, check)
-    return None if differs is None else f"{differs} recorded when it was made (cut short, edited or replaced since)"
+    if kind == "differs":
+        return f"{how} recorded when it was made (cut short, edited or replaced since)"
+    return how
 
 
 # ------------------------------------------------------------------------------------------- page data

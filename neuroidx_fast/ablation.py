@@ -88,6 +88,48 @@ _VERIFY_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 _REDUCED_FP32_RTOL = 2.0 ** -8  # float32 convolutions / matmuls with TF32 (10-bit) or bfloat16 operands
 
 
+def _setting(read):
+    """``read()``, or None where this torch lacks the setting or refuses to read it (torch raises on a
+    legacy getter once the new fp32_precision settings were used, and the other way round)."""
+    try:
+        return read()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _new_fp32_precision(backend: str, op: str):
+    """torch >= 2.9's fp32_precision for ``op`` ("conv", "matmul") of ``backend`` ("mkldnn", "cuda",
+    "cudnn"): the first set of the op's, the backend's and the global one ("none" defers upwards)."""
+    for read in (lambda: getattr(getattr(torch.backends, backend), op).fp32_precision,
+                 lambda: getattr(torch.backends, backend).fp32_precision, lambda: torch.backends.fp32_precision):
+        value = _setting(read)
+        if value is not None and str(value).lower() != "none":
+            return str(value).lower()
+    return None
+
+
+def reduced_float32_precisions(device_type: str, ops=("conv", "matmul")) -> set:
+    """Which reduced precisions ("tf32", "bf16") torch may give the operands of float32 ``ops`` on
+    ``device_type``, from its settings old and new, each read apart: torch refuses a legacy getter
+    once the new fp32_precision settings were used (an error about a "mix of the legacy and new
+    APIs"), and reading the new ones needs no legacy getter."""
+    found = set()
+    legacy = _setting(torch.get_float32_matmul_precision)  # matmuls of every device
+    if "matmul" in ops and legacy in ("high", "medium"):
+        found.add("tf32" if legacy == "high" else "bf16")
+    backends = {"cuda": {"conv": "cudnn", "matmul": "cuda"}}.get(device_type, {"conv": "mkldnn", "matmul": "mkldnn"})
+    for op in ops:
+        mode = _new_fp32_precision(backends[op], op)
+        if mode in ("tf32", "bf16"):
+            found.add(mode)
+    if device_type == "cuda":
+        if "conv" in ops and _setting(lambda: bool(torch.backends.cudnn.allow_tf32)):
+            found.add("tf32")
+        if "matmul" in ops and _setting(lambda: bool(torch.backends.cuda.matmul.allow_tf32)):
+            found.add("tf32")
+    return found
+
+
 def verify_rtol(dtype: torch.dtype, device_type: str) -> float | None:
     """How close a replica's top-2 logits may come before the general path re-checks it the naive way.
     A batch of replicas and the naive loop's batch may run different kernels (cuDNN picks by batch
@@ -97,14 +139,7 @@ def verify_rtol(dtype: torch.dtype, device_type: str) -> float | None:
     rtol = _VERIFY_RTOL.get(dtype)
     if dtype != torch.float32:
         return rtol
-    reduced = torch.get_float32_matmul_precision() != "highest"
-    if device_type == "cuda":
-        reduced = reduced or bool(torch.backends.cudnn.allow_tf32) or bool(torch.backends.cuda.matmul.allow_tf32)
-    else:
-        for backend in ("conv", "matmul"):
-            mkldnn = getattr(getattr(torch.backends, "mkldnn", None), backend, None)
-            reduced = reduced or str(getattr(mkldnn, "fp32_precision", "none")).lower() in ("tf32", "bf16")
-    return _REDUCED_FP32_RTOL if reduced else rtol
+    return _REDUCED_FP32_RTOL if reduced_float32_precisions(device_type) else rtol
 
 
 # ------------------------------------------------------------------------------------------ result
@@ -329,12 +364,11 @@ def readout_error_bound(dtype: torch.dtype, num_terms: int) -> float:
         acc = _gamma(n, u64)
     elif dtype == torch.float32:
         acc = _gamma(n, 2.0 ** -24)
-        modes = {torch.get_float32_matmul_precision()}
-        mkldnn = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
-        modes.add(str(getattr(mkldnn, "fp32_precision", "none")).lower())
-        if modes & {"medium", "bf16"}:
+        # the read-out's matmul may run on either device's kernels: the widest of their settings
+        modes = reduced_float32_precisions("cpu", ("matmul",)) | reduced_float32_precisions("cuda", ("matmul",))
+        if "bf16" in modes:
             acc += 2 * 2.0 ** -8 + 2.0 ** -16  # operands rounded to bfloat16
-        elif modes & {"high", "tf32"}:
+        elif "tf32" in modes:
             acc += 2 * 2.0 ** -11 + 2.0 ** -22  # operands rounded to TF32
     else:
         unit = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}.get(dtype)

@@ -729,6 +729,51 @@ def test_the_re_check_margin_widens_where_float32_may_use_tf32():
         torch.set_float32_matmul_precision(saved[2])
 
 
+_FP32_PRECISION_SETTINGS = [(), ("mkldnn",), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("cuda", "matmul"), ("cudnn",),
+                            ("cudnn", "conv")]
+
+
+def _fp32_precision_setting(path):
+    setting = torch.backends
+    for name in path:
+        setting = getattr(setting, name)
+    return setting
+
+
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"), reason="torch < 2.9 has no fp32_precision settings")
+def test_torchs_new_float32_precision_settings_widen_the_margins_and_break_nothing():
+    """torch refuses its legacy get_float32_matmul_precision once the new fp32_precision settings were used
+    (a RuntimeError about mixing the two APIs): ablation read both and failed with that error."""
+    model, data = calibrated("vgg", seed=3)
+    ieee_bound = abl.readout_error_bound(torch.float32, 64)
+    saved = {path: _fp32_precision_setting(path).fp32_precision for path in _FP32_PRECISION_SETTINGS}
+    try:
+        torch.backends.fp32_precision = "ieee"
+        for path in _FP32_PRECISION_SETTINGS[1:]:  # each deferring to the global setting (as other tests left them)
+            _fp32_precision_setting(path).fp32_precision = "none"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        with pytest.raises(RuntimeError):
+            torch.get_float32_matmul_precision()  # (what the fix works around)
+        result = abl.ablation_drops(model, data, "features.3", batch_size=8, progress=False)
+        assert_equal_to_naive(result, model, data, "features.3", batch_size=8)
+        assert abl.reduced_float32_precisions("cpu") == {"bf16"}
+        assert abl.verify_rtol(torch.float32, "cpu") == 2.0 ** -8
+        assert abl.verify_rtol(torch.float64, "cpu") == 1e-10
+        assert abl.readout_error_bound(torch.float32, 64) > ieee_bound + 2 * 2.0 ** -8
+        torch.backends.mkldnn.matmul.fp32_precision = "ieee"
+        torch.backends.fp32_precision = "tf32"  # every backend that defers to the global setting
+        assert abl.reduced_float32_precisions("cuda") == {"tf32"}
+        assert abl.reduced_float32_precisions("cpu", ("conv",)) == {"tf32"}
+        assert abl.reduced_float32_precisions("cpu", ("matmul",)) == set()  # set to ieee above: its own
+        assert abl.readout_error_bound(torch.float32, 64) > ieee_bound + 2 * 2.0 ** -11  # (cuda's matmul)
+        torch.backends.fp32_precision = "ieee"
+        assert abl.verify_rtol(torch.float32, "cpu") == 1e-4
+    finally:
+        for path, value in saved.items():
+            _fp32_precision_setting(path).fp32_precision = value
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
 class _BareInPlace(nn.Module):
     """An in-place op whose result is not assigned: torch.fx drops it from the traced graph."""
 

@@ -138,7 +138,9 @@ def _check_reproduces(capture, model_dtype, images, batch_ids, state, layers, pr
     top images of one batch: a'_j / a_j would compare two models (another preprocess, autocast or
     weights than the index's), silently. One more forward of that batch; loose tolerances, so that
     another device or kernel's rounding passes."""
-    outputs = _forward(capture, model_dtype, images, preprocess, autocast)
+    # a copy: the batch is made gray after this, and a preprocess (Normalize(inplace=True)) or a model
+    # may change its input in place
+    outputs = _forward(capture, model_dtype, images.clone(), preprocess, autocast)
     for name, s in state.items():
         slots = batch_slots(batch_ids, s["ids"])
         now, hit = _gather(outputs[name], slots, s["units"], s["positions"])  # s["ids"]: valid slots only

@@ -88,6 +88,23 @@ def test_one_layer_matches_the_shared_pass(indexed):
     torch.testing.assert_close(alone, together["layer2"], atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
+def _normalise_in_place(x):
+    return x.sub_(0.45).div_(0.25)
+
+
+@pytest.mark.parametrize("gray", ["luminance", "pca"])
+def test_a_preprocess_that_works_in_place_gives_the_same_alpha(indexed, gray):
+    """The check that the model gives back the index ran the first batch through preprocess, which may
+    work in place (Normalize(inplace=True)): the gray versions of that batch were then made from
+    normalised pixels, and its alphas were wrong without a word."""
+    model, _, index, layers = indexed
+    expected = color_selectivity(model, index, layers, gray=gray, batch_size=64, preprocess=_normalise)
+    got = color_selectivity(model, index, layers, gray=gray, batch_size=64, preprocess=_normalise_in_place)
+    for layer in layers:
+        assert torch.equal(got[layer].isnan(), expected[layer].isnan())
+        torch.testing.assert_close(got[layer], expected[layer], atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
 def test_in_place_ops_after_a_layer_do_not_change_its_alpha():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True)).eval()

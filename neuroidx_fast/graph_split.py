@@ -308,13 +308,14 @@ def _spatial_dims(dims) -> bool:
     return bool(dims) and all(isinstance(d, int) and (d >= 2 or d in (-1, -2)) for d in dims)
 
 
-def _plain(m: nn.Module, classes) -> bool:
-    """Whether ``m`` is one of ``classes`` with that class's own forward (a subclass may compute anything)."""
+def plain_module(m: nn.Module, classes) -> bool:
+    """Whether ``m`` is one of ``classes`` with that class's own forward (a subclass may compute anything,
+    and so may a forward set on the instance: accelerate's hooks, a user's patch)."""
     classes = classes if isinstance(classes, tuple) else (classes,)
-    return any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
+    return "forward" not in m.__dict__ and any(isinstance(m, c) and type(m).forward is c.forward for c in classes)
 
 
-def _hooked(m: nn.Module) -> bool:
+def runs_forward_hooks(m: nn.Module) -> bool:
     """Whether a call of ``m`` runs forward hooks (its own or global ones): code the read-out's arithmetic
     does not run."""
     from torch.nn.modules import module as torch_module
@@ -328,12 +329,12 @@ def _per_channel_step(gm: fx.GraphModule, node: fx.Node) -> str | None:
     (pooling: given an input of the rank it takes as batched, which ``readout_rank_problem`` checks)."""
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
-        if _plain(m, PER_CHANNEL_MODULES):
+        if plain_module(m, PER_CHANNEL_MODULES):
             return type(m).__name__
-        if _plain(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)) \
+        if plain_module(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool1d)) \
                 and _all_ones(m.output_size):
             return type(m).__name__
-        if _plain(m, nn.Flatten) and m.start_dim == 1:
+        if plain_module(m, nn.Flatten) and m.start_dim == 1:
             return "Flatten"
         return None
     if node.op == "call_function":
@@ -380,8 +381,9 @@ def _find_readout(gm: fx.GraphModule, suffix: fx.GraphModule, has_live: bool):
     weight = bias = None
     if head.op == "call_module" and isinstance(suffix.get_submodule(head.target), nn.Linear):
         linear = suffix.get_submodule(head.target)
-        if not _plain(linear, nn.Linear):
-            return None, f"the read-out {type(linear).__name__} is an nn.Linear with its own forward"
+        if not plain_module(linear, nn.Linear):
+            return None, (f"the read-out {type(linear).__name__} has a forward of its own (a subclass's, or one "
+                          "set on the module)")
         weight, bias = linear.weight, linear.bias
         source = head.args[0] if head.args else None
         if len(head.args) != 1 or head.kwargs:
@@ -409,7 +411,7 @@ def _find_readout(gm: fx.GraphModule, suffix: fx.GraphModule, has_live: bool):
         node = node.args[0] if node.args else None
     if not (isinstance(node, fx.Node) and node.op == "placeholder"):
         return None, "the linear read-out's input does not come from the ablated layer"
-    hooked = [n for n in chain + [head] if n.op == "call_module" and _hooked(suffix.get_submodule(n.target))]
+    hooked = [n for n in chain + [head] if n.op == "call_module" and runs_forward_hooks(suffix.get_submodule(n.target))]
     if hooked:
         return None, f"{_label(hooked[0])} after the layer runs forward hooks"
     compute = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr") and not _is_metadata(n)]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .hooks import InputCapture, LayerCapture, LayerNotReachedError, SharedModuleError, resolve_layers
+from .graph_split import plain_module, runs_forward_hooks
 
 __all__ = ["UnitObjective", "unit_maps_objective", "affine_layer", "OBJECTIVES"]
 
@@ -46,9 +47,11 @@ def unit_maps_objective(out: torch.Tensor, units: torch.Tensor, objective: str,
 
 
 def affine_layer(module: nn.Module) -> bool:
-    """True for a plain ``nn.Conv2d`` or ``nn.Linear`` (not a subclass, which may change ``forward``)
-    without hooks of its own (which could change what it returns)."""
-    return type(module) in (nn.Conv2d, nn.Linear) and not module._forward_hooks and not module._forward_pre_hooks
+    """True for a plain ``nn.Conv2d`` or ``nn.Linear`` (not a subclass, nor one whose forward was set on
+    the instance: either may compute something else) that runs no forward hooks, its own or global ones
+    (which could change what it returns)."""
+    return (type(module) in (nn.Conv2d, nn.Linear) and plain_module(module, (nn.Conv2d, nn.Linear))
+            and not runs_forward_hooks(module))
 
 
 def _affine_forward(module: nn.Module, a: torch.Tensor, channel: int | None = None) -> torch.Tensor:

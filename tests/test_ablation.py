@@ -729,6 +729,18 @@ def test_the_re_check_margin_widens_where_float32_may_use_tf32():
         torch.set_float32_matmul_precision(saved[2])
 
 
+def test_a_read_out_layer_whose_forward_was_replaced_is_run_as_it_is():
+    """A forward set on the head Linear's instance (accelerate's hooks, a user's patch): the read-out
+    path computed the logits from the Linear's weights, not from that forward (151 counts off here)."""
+    model, data = calibrated("vgg", seed=3)
+    assert abl.ablation_drops(model, data, "classifier.2", batch_size=8, progress=False).stats["path"] == "readout"
+    head = model.classifier[3]
+    head.forward = lambda x: nn.Linear.forward(head, x).flip(1)
+    result = abl.ablation_drops(model, data, "classifier.2", batch_size=8, progress=False)
+    assert result.stats["path"] == "general" and "forward of its own" in result.stats["readout"]
+    assert_equal_to_naive(result, model, data, "classifier.2", batch_size=8)
+
+
 _FP32_PRECISION_SETTINGS = [(), ("mkldnn",), ("mkldnn", "matmul"), ("mkldnn", "conv"), ("cuda", "matmul"), ("cudnn",),
                             ("cudnn", "conv")]
 

@@ -250,7 +250,7 @@ def readout_case(name):
 
 
 @pytest.mark.parametrize("name, reason", [
-    ("subclass", "the read-out CosineLinear is an nn.Linear with its own forward"),
+    ("subclass", "the read-out CosineLinear has a forward of its own"),
     ("pool1d_on_2d", "call module '2' gets a 2-D input, which torch pools as one unbatched signal across channels"),
     ("head_hook", "call module '4' after the layer runs forward hooks"),
     ("chain_pre_hook", "call module '2' after the layer runs forward hooks"),

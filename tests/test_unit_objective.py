@@ -114,6 +114,17 @@ def test_shortcut_only_for_plain_layers():
     hooked = nn.Conv2d(2, 2, 1)
     hooked.register_forward_hook(lambda m, i, o: o * 2)
     assert not uo.affine_layer(hooked)
+    # a forward set on the instance (accelerate's hooks do so) or a global hook changes what it returns too
+    patched = nn.Conv2d(2, 2, 1)
+    patched.forward = lambda x: -nn.Conv2d.forward(patched, x)
+    assert not uo.affine_layer(patched)
+    plain = nn.Linear(2, 2)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        assert not uo.affine_layer(plain)
+    finally:
+        handle.remove()
+    assert uo.affine_layer(plain)
     # a subclass that squares its output is read through its output, not through the shortcut
     model = net_with(Scaled(6, 4, 3, padding=1))
     with uo.UnitObjective(model, "target", "mean", (8, 8), torch.float32, torch.device("cpu")) as readout:

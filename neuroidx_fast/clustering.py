@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .prepare import as_index, integer_tensor
+from .prepare import as_index, as_seed, integer_tensor, positive_int
 
 __all__ = ["cluster_units", "cluster_categories", "Clusters", "purity"]
 
@@ -111,7 +111,8 @@ def _kmeans(points: torch.Tensor, n_clusters: int, seed: int, n_init: int, what:
         raise ValueError(f"n_clusters={n_clusters} but the {points.shape[0]} {what} have only {distinct} distinct "
                          f"feature vectors: ask for at most {distinct} clusters")
     data = points.double().numpy()
-    km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed).fit(data)
+    # (scikit-learn takes seeds in [0, 2**32) only; these functions take any int, as maximize does)
+    km = KMeans(n_clusters=n_clusters, n_init=n_init, random_state=seed % 2 ** 32).fit(data)
     labels = torch.as_tensor(km.labels_, dtype=torch.int64)
     score = (float(silhouette_score(data, km.labels_))
              if 2 <= n_clusters < points.shape[0] and distinct > 1 and len(labels.unique()) > 1 else None)
@@ -155,6 +156,7 @@ def cluster_units(index, layer: str, n_clusters: int, features: str = "class_pro
     ``reference`` [C] (group per unit, -1 unknown) gives the purity; by default, for class profiles, each
     clustered unit's preferred class (argmax of mu_k), -1 for the units left out.
     """
+    seed, n_init = as_seed(seed), positive_int("n_init", n_init)
     layer_index = _layer(index, layer)
     if features not in UNIT_FEATURES:
         raise ValueError(f"features must be one of {UNIT_FEATURES}, got {features!r}")
@@ -212,6 +214,7 @@ def cluster_categories(index, layer: str, n_clusters: int, groups=None, normaliz
     dropping the class instead would leave it out for one unit's sake. ``groups`` [classes] (e.g.
     super-categories) gives the purity. Needs an index built with labels.
     """
+    seed, n_init = as_seed(seed), positive_int("n_init", n_init)
     layer_index = _layer(index, layer)
     means = _class_means(index, layer_index, "cluster_categories")      # [classes, C]
     ok = layer_index.class_count > 0

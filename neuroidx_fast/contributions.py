@@ -11,7 +11,7 @@ from torch import nn
 
 from .hooks import SharedModuleError, resolve_layers
 from .maximization import frozen_eval, model_device
-from .prepare import as_index, first_line, pixel_space, positive_int, shortened
+from .prepare import as_index, check_pixel_range, check_preprocess, first_line, pixel_space, positive_int, shortened
 
 __all__ = ["contributions", "Contributions"]
 
@@ -98,6 +98,8 @@ def contributions(model: nn.Module, image: torch.Tensor, layer: str, target: int
         raise ValueError(f"image must be one image [C, H, W] or [1, C, H, W], got {tuple(image.shape)}")
     if not bool(torch.isfinite(image).all()):
         raise ValueError("image holds NaN or infinite pixels: give a finite pixel-space image")
+    check_pixel_range(image)
+    check_preprocess(preprocess)
     top = positive_int("top", top)
     device = model_device(model, device)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

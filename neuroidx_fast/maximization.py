@@ -22,7 +22,8 @@ from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
-from .prepare import as_index, model_device as _model_device, nonfinite_images, param_dtype, pixel_space, positive_int
+from .prepare import (as_index, as_seed, check_pixel_range, model_device as _model_device, nonfinite_images, param_dtype,
+                      pixel_space, positive_int)
 from .unit_objective import OBJECTIVES, UnitObjective
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
@@ -155,13 +156,6 @@ def _gap(out: torch.Tensor) -> torch.Tensor:
     return out.float() if out.dim() == 2 else out.float().mean(dim=(2, 3))
 
 
-def _seed(seed) -> int:
-    value = as_index(seed)
-    if value is None:
-        raise ValueError(f"seed must be an int, got {seed!r}")
-    return value
-
-
 def _chunks(n, size):
     size = n if size is None else size
     return [range(i, min(n, i + size)) for i in range(0, n, size)]
@@ -255,7 +249,7 @@ def maximize(model: nn.Module, layer: str, units, size=128, steps: int = 256, lr
     name = _one_layer(model, layer)
     units = _units(units)
     size = _size(size)
-    seed = _seed(seed)
+    seed = as_seed(seed)
     steps = _positive("steps", steps, integer=True, zero_ok=True)
     lr = _positive("lr", lr)
     l2, tv, blur_sigma = (_positive(label, value, zero_ok=True)
@@ -319,7 +313,7 @@ def unit_activations(model: nn.Module, layer: str, images: torch.Tensor, units, 
     values are a ValueError naming the layer, the images and the units (SPEC.md 1)."""
     name = _one_layer(model, layer)
     images = _image_batch(images)
-    _check_pixel_range(images)
+    check_pixel_range(images)
     units = _units(units)
     if len(units) == 1:
         units = units * images.shape[0]
@@ -442,16 +436,6 @@ def _image_batch(images, ids=None) -> torch.Tensor:
     return batch.detach().float().cpu()
 
 
-def _check_pixel_range(batch: torch.Tensor) -> None:
-    bad = nonfinite_images(batch)[:5].tolist()
-    if bad:
-        raise ValueError(f"image(s) {bad} of the set hold NaN or infinite pixels: give finite pixel-space images")
-    low, high = (float(v) for v in torch.aminmax(batch))  # one pass over the set, not two
-    if low < -1e-3 or high > 1 + 1e-3:
-        raise ValueError(f"images must be in pixel space [0, 1], got values in [{low:.3g}, {high:.3g}]: pass the "
-                         "images before normalisation and put the normalisation in preprocess=")
-
-
 def _check_finite_features(name: str, features: torch.Tensor, ids) -> None:
     """A ValueError naming the layer, the images (by their ids, as given) and the channels where the pooled
     ``features`` [N, C] hold NaN or infinity: they can be neither clustered nor a target."""
@@ -529,9 +513,9 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
     and the image ids or clusters: they can be neither clustered nor a target.
     """
     name = _one_layer(model, layer)
-    seed = _seed(seed)
+    seed = as_seed(seed)
     batch = _image_batch(images, ids)
-    _check_pixel_range(batch)
+    check_pixel_range(batch)
     n = batch.shape[0]
     clusters = _positive("clusters", clusters, integer=True)
     if clusters > n:
@@ -567,9 +551,13 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
         if weights is None:
             w = default_weights
         else:
-            w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            problem = ValueError(f"weights must be {n} finite non-negative numbers, one per image, got {weights!r:.80}")
+            try:
+                w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+            except (TypeError, ValueError, RuntimeError) as exc:  # text, ragged lists: torch's words name no fix
+                raise problem from exc
             if w.numel() != n or not torch.isfinite(w).all() or (w < 0).any():
-                raise ValueError(f"weights must be {n} finite non-negative numbers, one per image")
+                raise problem
             sums = torch.zeros(clusters, dtype=torch.float64).index_add_(0, labels, w)
             if (sums <= 0).any():
                 raise ValueError(f"the weights of cluster(s) {(sums <= 0).nonzero().reshape(-1).tolist()} sum to 0")

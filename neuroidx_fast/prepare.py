@@ -59,6 +59,29 @@ def as_index(value):
         return None
 
 
+def check_pixel_range(batch: torch.Tensor) -> None:
+    """A ValueError where images given to the API directly (not through a pass, which reads whatever
+    the dataset gives) are not finite pixel-space ones in [0, 1] (to rounding): normalised images, or
+    0-255 ones, would be normalised again by preprocess= and give wrong results without a word."""
+    bad = nonfinite_images(batch)[:5].tolist()
+    if bad:
+        raise ValueError(f"image(s) {bad} of the set hold NaN or infinite pixels: give finite pixel-space images")
+    low, high = (float(v) for v in torch.aminmax(batch))  # one pass over the set, not two
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise ValueError(f"images must be in pixel space [0, 1], got values in [{low:.3g}, {high:.3g}]: pass the "
+                         "images before normalisation and put the normalisation in preprocess=")
+
+
+def as_seed(seed) -> int:
+    """A random seed given to the API, as a Python int (any integer: NumPy and 0-d tensor ones too); a
+    ValueError for None, a bool, a float or anything else, so that a run cannot silently be
+    irreproducible (scikit-learn takes None for "fresh randomness")."""
+    value = as_index(seed)
+    if value is None:
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return value
+
+
 def integer_tensor(name: str, values) -> torch.Tensor:
     """``values`` (a tensor, array, list or number of integers) as an int64 tensor; a ValueError naming
     ``name`` for anything else (strings, floats, bools, None, integers past int64), where torch's own

@@ -93,6 +93,22 @@ def test_units_cluster_by_class_profile_into_the_planted_groups(index):
         cluster_units(index, "1", 13)
 
 
+def test_seeds_are_checked_and_any_int_is_taken(index):
+    """seed went to scikit-learn as it was: None gave other clusters at every call, -1 or 2**32 an error about
+    a random_state the caller never passed."""
+    base = cluster_units(index, "1", 3, seed=0)
+    for call in (lambda seed: cluster_units(index, "1", 3, seed=seed),
+                 lambda seed: cluster_categories(index, "1", 2, seed=seed)):
+        for bad in (None, True, 1.5, "0"):
+            with pytest.raises(ValueError, match="seed must be an int"):
+                call(bad)
+        for seed in (-1, 2 ** 32, np.int64(7)):
+            assert call(seed).labels.shape[0] > 0
+        with pytest.raises(ValueError, match="n_init must be a positive int"):
+            cluster_units(index, "1", 3, n_init=0)
+    assert torch.equal(cluster_units(index, "1", 3, seed=2 ** 32).labels, base.labels)  # 2**32 is seed 0
+
+
 def test_units_cluster_by_neuron_features_dead_ones_left_out(index):
     g = torch.Generator().manual_seed(2)
     bases = torch.rand(GROUPS, 3, 5, 5, generator=g)
@@ -290,6 +306,12 @@ def test_contributions_errors_and_state():
         contributions(model, broken, "0")
     with pytest.raises(ValueError, match="target must be a class index"):
         contributions(model, image, "0", target=1.0)
+    # an image already normalised, or of 0-255 values, would be normalised again without a word
+    for wrong in ((image - 0.45) / 0.25, image * 255):
+        with pytest.raises(ValueError, match=r"pixel space \[0, 1\].*preprocess="):
+            contributions(model, wrong, "0", preprocess=lambda x: (x - 0.45) / 0.25)
+    with pytest.raises(TypeError, match="preprocess must be None or a callable"):
+        contributions(model, image, "0", preprocess="imagenet")
     # NumPy integers are integers
     assert torch.equal(contributions(model, image, "0", target=np.int64(2)).values,
                        contributions(model, image, "0", target=2).values)

@@ -544,6 +544,9 @@ def test_towards_errors(net, two_groups):
         mx.maximize_towards(net, "conv2", [], steps=1)
     with pytest.raises(ValueError, match="weights"):
         mx.maximize_towards(net, "conv2", two_groups[:4], weights=[1, -1, 0, 0], steps=1)
+    for weights in ("abcd", [[1, 2], [3]]):  # torch's own error named no fix
+        with pytest.raises(ValueError, match="weights must be 4 finite non-negative numbers"):
+            mx.maximize_towards(net, "conv2", two_groups[:4], weights=weights, steps=1)
     with pytest.raises(ValueError, match="unknown layer"):
         mx.maximize_towards(net, "conv9", two_groups[:4], steps=1)
     with pytest.raises(ValueError, match=r"pixel space \[0, 1\].*preprocess="):

@@ -236,6 +236,7 @@ def class_selectivity_morcos(index, layer=None, eps: float = 1e-12) -> tuple[tor
     top = class_ids[first]
     dead = lay.dead()
     si = torch.where(dead, torch.full_like(si, float("nan")), si)
-    # a NaN mean (nan="ignore" with a map NaN everywhere) makes si NaN: no class is the top one then
-    top = torch.where(dead | torch.isnan(si), torch.full_like(top, -1), top)
+    # a NaN mean (nan="ignore" with a map NaN everywhere) makes si NaN: no class is the top one then; an
+    # infinite mean makes si NaN too (inf / inf, as IEEE arithmetic has it), but its class is the top one
+    top = torch.where(dead | torch.isnan(means).any(dim=0), torch.full_like(top, -1), top)
     return si, top

@@ -348,6 +348,9 @@ def test_morcos_known_values_and_dead():
     layer.class_sum[0, 2] = float("nan")  # (nan="ignore", an image whose whole map was NaN): no top class
     si, top = class_selectivity_morcos(layer, eps=0.0)
     assert math.isnan(si[2].item()) and top.tolist() == [0, -1, -1]
+    layer.class_sum[3, 0] = float("inf")  # +inf is an ordinary value (SPEC.md 1): its class is the top one
+    si, top = class_selectivity_morcos(layer, eps=0.0)
+    assert math.isnan(si[0].item()) and top.tolist() == [3, -1, -1]  # (si: inf / inf)
     one_class = _layer([[1.0]], [[0]])
     one_class.class_sum, one_class.class_count = torch.ones(2, 1, dtype=torch.float64), torch.tensor([1, 0])
     with pytest.raises(ValueError, match="at least 2 classes"):

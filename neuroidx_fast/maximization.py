@@ -22,8 +22,8 @@ from .heap import reuse_freed_memory
 from .hooks import resolve_layers
 from .image_conv_grad import image_conv_gradients
 from .image_param import PARAMS, ImageParam, RandomTransforms, total_variation
-from .prepare import (as_index, as_seed, check_pixel_range, model_device as _model_device, nonfinite_images, param_dtype,
-                      pixel_space, positive_int)
+from .prepare import (as_index, as_seed, check_pixel_range, model_device as _model_device, nonfinite_images,
+                      param_dtype, pixel_space, positive_int)
 from .unit_objective import OBJECTIVES, UnitObjective
 
 __all__ = ["maximize", "maximize_towards", "unit_activations", "save_maximized", "TowardsResult"]
@@ -551,7 +551,8 @@ def maximize_towards(model: nn.Module, layer: str, images, clusters: int = 1, to
         if weights is None:
             w = default_weights
         else:
-            problem = ValueError(f"weights must be {n} finite non-negative numbers, one per image, got {weights!r:.80}")
+            problem = ValueError(f"weights must be {n} finite non-negative numbers, one per image, got "
+                                 f"{weights!r:.80}")
             try:
                 w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
             except (TypeError, ValueError, RuntimeError) as exc:  # text, ragged lists: torch's words name no fix

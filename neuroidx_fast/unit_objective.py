@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .hooks import InputCapture, LayerCapture, LayerNotReachedError, SharedModuleError, resolve_layers
 from .graph_split import plain_module, runs_forward_hooks
+from .hooks import InputCapture, LayerCapture, LayerNotReachedError, SharedModuleError, resolve_layers
 
 __all__ = ["UnitObjective", "unit_maps_objective", "affine_layer", "OBJECTIVES"]
 

@@ -444,8 +444,8 @@ void accumulate_channels(double* sums, int64_t U, int64_t Ch, int64_t c0, int64_
   // images, where J crops read a row at a time are J interleaved streams that the prefetchers do not
   // follow; staging rows or prefetching whole blocks did not recover it, and groups of 4-10 crops a
   // pass were no faster than these pairs. Also tried: finding each pair's row terms once per run of
-  // rows that keep them, not once per row: as fast within the noise with gray padding, 12% faster with
-  // edge padding. The 100 px layer from codes is bound by the vector units, not by memory: 52.5 ms with
+  // rows that keep them, not once per row: with gray padding 4-7% slower in cache, 8% faster on the
+  // 44 px layer, the same on the 100 px one; 12% faster with edge padding. The 100 px layer from codes is bound by the vector units, not by memory: 52.5 ms with
   // all its crops in cache against 54.2 ms from the 512 images, 117 ms on one thread; its loop issues
   // 16 zmm operations per 16 columns of two crops: decode (byte permute, conversion, shift) and
   // multiply-add, four each.)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
-from .prepare import evaluating, model_device, param_dtype
+from .prepare import evaluating, first_line, model_device, param_dtype
 
 __all__ = ["ReceptiveField"]
 
@@ -153,7 +153,7 @@ def _layer_output(model, layer, size, channels):
     except RuntimeError as exc:
         if isinstance(exc, LayerNotReachedError):
             raise
-        message = str(exc).splitlines()[0]
+        message = first_line(exc)
         # torch's words for an input of the wrong depth (conv: "expected input[...] to have 1 channels")
         fix = (f"pass channels= (the model's input channels; these inputs have {channels})" if "channels" in message
                else "choose a larger input_size")

@@ -16,6 +16,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _OldSpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm as _OldWeightNorm
 
 from .hooks import LayerCapture
+from .prepare import model_device
 from .rf_field import (ReceptiveField, _as_channels, _as_size, _covering_window, _layer_module, _layer_output,
                        _map_index, _spatial)
 from .rf_walk import _pair
@@ -204,9 +205,8 @@ def _probe_and_inputs(model: nn.Module, count: int, size, channels: int):
     """The probe's model (``_positive_copy``) and ``count`` positive input images [count, channels, *size] of
     ones, float64 on its device, that take gradients."""
     probe = _positive_copy(model)
-    first = next(probe.parameters(), None)
-    device = first.device if first is not None else torch.device("cpu")
-    images = torch.ones((count, channels) + tuple(size), dtype=torch.float64, device=device, requires_grad=True)
+    images = torch.ones((count, channels) + tuple(size), dtype=torch.float64, device=model_device(probe, None),
+                        requires_grad=True)
     return probe, images
 
 

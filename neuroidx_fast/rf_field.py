@@ -110,7 +110,7 @@ def _covering_window(spans, strides) -> tuple[int, int, int]:
 
 
 def _as_size(input_size) -> tuple[int, int]:
-    if isinstance(input_size, int) and not isinstance(input_size, bool):
+    if not isinstance(input_size, bool) and hasattr(input_size, "__index__"):  # an int, numpy's too
         input_size = (input_size, input_size)
     try:
         # operator.index, not int(): a size of 16.7 pixels is a mistake to report, not to truncate

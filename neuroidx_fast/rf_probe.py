@@ -387,16 +387,20 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
         # off the diagonal too, where a net that swaps its axes (a transpose) shows: on the diagonal, a field
         # that moves along x from one map row to the next looks like one that moves along y
         across = sorted({(cy, min(cx + 1, w - 1)), (min(cy + 1, h - 1), cx)} - set(points))
-        # and the last position, whose field ends at the last row and column that the layer reads
-        probed = points + across + ([(h - 1, w - 1)] if (h - 1, w - 1) not in points + across else [])
+        # and the corners: the last position's field ends at the last row and column that the layer reads,
+        # and a field at a corner that its box does not hold shows a layer that moves positions around
+        corners = sorted({(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1)} - set(points + across))
+        probed = points + across + corners
         found = [_bounds(m) for m in probe_gradient(model, layer, probe_size, probed, channels)]
-        if any(b is None for b in found):
+        if any(b is None for b in found[:len(points) + len(across)]):
             raise ValueError(f"the gradient probe found no input pixel that reaches {layer!r}")
         boxes, across = found[:len(points)], list(zip(across, found[len(points):len(points) + len(across)]))
         # a field that ends where the last one does may be cut there: by the image's border, or by the last
         # rows that the net's pooling leaves unread (VGG-M's conv5 at 160 px: its map row 5 reads rows 28 to
-        # 158 of a field 139 rows high)
-        last_read = found[probed.index((h - 1, w - 1))][2:]
+        # 158 of a field 139 rows high); a last unit that reads padding alone (a conv padded by more than
+        # its kernel reaches) says nothing of them: the image's border then
+        last_box = found[probed.index((h - 1, w - 1))]
+        last_read = last_box[2:] if last_box is not None else (probe_size[0] - 1, probe_size[1] - 1)
         # one map position along an axis whose field spans the input there: whole along it where larger inputs
         # show it again, up to _SMALL_INPUT or as far as the probe can go (global pooling; pooling to (1, None));
         # at a small input, it may be a field larger than the input at a large stride (VGG-M's conv5 at 35 px:
@@ -413,7 +417,8 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
                  or (w > 1 and any(b[1] == 0 and b[3] == probe_size[1] - 1 for b in boxes)))
         clear = [[p for p, b in zip(points, boxes) if not (b[a] == 0 or b[a + 2] >= last_read[a])] for a in (0, 1)]
         inside = [(p, b) for p, b in zip(points, boxes) if all(whole_along[a] or p in clear[a] for a in (0, 1))]
-        best = (probe_size, points, boxes, tuple(whole_along), spans, inside, across)
+        at_corners = [(p, b) for p, b in zip(probed, found) if p in corners and b is not None]
+        best = (probe_size, points, boxes, tuple(whole_along), spans, inside, across, at_corners)
         # enlarged, along each axis apart, until every field is clear of the border and of the rows left unread:
         # two clear ones at the input size are not enough, as a third, cut, spaces the fields wrongly (VGG-M's
         # conv3 at 100x140: 12 px, not 16). Past 4 times the input size, only while the input is small and fewer
@@ -425,7 +430,7 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
             break
         previous = ((h, w), spanned)
         scale = [scale[a] * 2 if grew[a] else scale[a] for a in (0, 1)]
-    probe_size, points, boxes, whole_along, spans, inside, across = best
+    probe_size, points, boxes, whole_along, spans, inside, across, at_corners = best
     if all(whole_along) or (spans and len(inside) < 2):
         return ReceptiveField(size, (0, 0), (0, 0), size, map_size, True, "probe")
     measured = list(zip(points, boxes))  # every field measured, a part of the unit's field where cut
@@ -499,6 +504,12 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     for point, box in measured + across:
         if not all(holds(a, box, point) for a in (0, 1)):
             raise _not_per_axis(layer, measured + across)
+    missed = [(point, box) for point, box in at_corners if not all(holds(a, box, point) for a in (0, 1))]
+    if missed and not uneven:  # (the uneven fields' boxes are warned of as an approximation above)
+        warnings.warn(f"the gradient probe measured fields of {layer!r} at corners of its map that their boxes do not "
+                      f"hold (boxes {[b for _, b in missed]} at map positions {[p for p, _ in missed]}): the layer "
+                      "moves positions across the map (torch.roll, a 1-d conv over its flattened rows), so units near "
+                      "its border read pixels outside their boxes, and their crops miss them", stacklevel=3)
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
                       "lower bound", stacklevel=3)

@@ -133,11 +133,19 @@ def _dims(dim, ndim: int):
 
 def _without_dims(state, x, out, removed):
     """After an operation that reduces (or squeezes) dimensions ``removed`` of ``x``: the box where they
-    hold no position (out has them, keepdim, or not), else the whole image."""
+    hold no position (out has them, keepdim, or not); where one position axis is reduced and kept (a mean
+    over rows, keepdim), a window over the whole of that axis, as adaptive pooling to (1, None) gives; else
+    the whole image."""
     if state is None or state is WHOLE:
         return state
     axes = _axes(state, x)
-    if removed & set(axes) or not isinstance(out, torch.Tensor):
+    if not isinstance(out, torch.Tensor):
+        return WHOLE
+    reduced = [a for a in (0, 1) if axes[a] in removed]
+    if len(reduced) == 1 and out.dim() == x.dim() and state.axes is None:
+        extent = tuple(x.shape[axes[a]] if a in reduced else 1 for a in (0, 1))
+        return _window(state, extent, extent, 0)
+    if reduced:
         return WHOLE
     if out.dim() == x.dim():
         return _relaid(state, axes, out.dim())
@@ -491,6 +499,8 @@ def _norm_state(state, batch_statistics: bool):
 
 
 def _module_state(module: nn.Module, state, x, out):
+    if "forward" in module.__dict__:  # the layer itself (else traced) with a forward set on it: anything
+        raise _Unsupported(f"a forward set on the {type(module).__name__} instance")
     if isinstance(module, nn.modules.batchnorm._NormBase):
         # BatchNorm in eval mode without running statistics (track_running_stats=False) normalises by
         # the batch's; InstanceNorm by the image's unless it tracks running statistics (torch's rules)
@@ -510,10 +520,8 @@ def _module_state(module: nn.Module, state, x, out):
     if isinstance(module, (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)):
         left, _, top, _ = module.padding if len(module.padding) == 4 else (module.padding[0],) * 4
         return _window(state, 1, 1, (top, left))
-    if isinstance(module, _SOFTMAX_MODULES):
-        return _softmax_state(state, x, module.dim)
-    if isinstance(module, _POINTWISE_MODULES):
-        return state
+    if _known_pointwise(module):  # (the layer itself may be another subclass: not known, probed)
+        return _softmax_state(state, x, module.dim) if isinstance(module, _SOFTMAX_MODULES) else state
     if isinstance(module, nn.Linear):
         return _last_dims_state(state, x, 1)
     if isinstance(module, nn.LayerNorm):
@@ -712,9 +720,24 @@ class _Tracer(fx.Tracer):
         self.leaves = {id(m) for m in leaves}
 
     def is_leaf_module(self, m, qualname):
-        # a subclass of a known pointwise module (e.g. models.BandLocalResponseNorm) is still pointwise
-        return (id(m) in self.leaves or isinstance(m, _POINTWISE_MODULES + _SOFTMAX_MODULES)
-                or super().is_leaf_module(m, qualname))
+        if id(m) in self.leaves or _known_pointwise(m):
+            return True
+        # a forward set on the instance (a patch, accelerate's hooks) is traced, as a subclass's is
+        return "forward" not in m.__dict__ and super().is_leaf_module(m, qualname)
+
+
+def _known_pointwise(m: nn.Module) -> bool:
+    """Whether ``m`` is a module of _POINTWISE_MODULES or _SOFTMAX_MODULES that runs that class's own forward,
+    or models.BandLocalResponseNorm (an LRN by another computation). A subclass that overrides forward may
+    compute anything (a blur as well as a scaled ReLU), and so may a forward set on the instance: their
+    graphs are walked instead."""
+    from .models import BandLocalResponseNorm  # (models imports nothing of the walk: no cycle)
+
+    known = _POINTWISE_MODULES + _SOFTMAX_MODULES
+    if not isinstance(m, known) or "forward" in m.__dict__:
+        return False
+    defines_forward = next(c for c in type(m).__mro__ if "forward" in vars(c))
+    return defines_forward in known or defines_forward is BandLocalResponseNorm
 
 
 def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:
@@ -739,6 +762,9 @@ class _Walk(fx.Interpreter):
         self.input_states = list(input_states)
         self.target = target
         self.states: dict[fx.Node, object] = {}
+        # the nodes whose values the layer reads, directly or not; None: every node (no layer, or not found)
+        layer_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == target]
+        self.read_by_layer = _ancestors(layer_nodes[0]) if target is not None and layer_nodes else None
         # (node, _EdgePad) for every padding by reflection or replication met; node None inside a block
         # walked for the layer (all of it leads to the layer). Shared with the walks of such blocks.
         self.edge_pads = [] if edge_pads is None else edge_pads
@@ -805,10 +831,22 @@ class _Walk(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         states = self._states_of(n)
         target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
+        if self.read_by_layer is not None and n not in self.read_by_layer:
+            # a value the layer does not read (another branch, a second output): what it pads or mixes
+            # neither widens the layer's field nor stops the walk; its field is still carried, where known,
+            # for an in-place change of a value the layer reads (_widened_in_place)
+            try:
+                return self._op_state(n, target, args, kwargs, states, out)
+            except Exception:
+                return None
         if _union(states) is not None and _pads_circularly(target, args, kwargs):
             _warn_circular(f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
                            else f"{_node_name(n)}(mode='circular')")
         self._note_edge_pad(n, target, args, kwargs, _union(states))
+        return self._op_state(n, target, args, kwargs, states, out)
+
+    def _op_state(self, n: fx.Node, target, args, kwargs, states, out):
+        """The state after node ``n`` (not a placeholder nor an attribute) from its inputs' ``states``."""
         if n.op == "call_module":
             x = args[0] if args else None
             if self._is_target(n) and _walks_inside(target):
@@ -834,7 +872,7 @@ class _Walk(fx.Interpreter):
 
 def _walks_inside(module: nn.Module) -> bool:
     """A layer that is a block (the user's module, a Sequential): walked through its own graph."""
-    user_module = type(module).__module__.split(".")[0] != "torch" and not isinstance(module, _POINTWISE_MODULES)
+    user_module = type(module).__module__.split(".")[0] != "torch" and not _known_pointwise(module)
     return user_module or isinstance(module, (nn.Sequential, nn.ModuleList))
 
 

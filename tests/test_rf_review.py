@@ -1,0 +1,160 @@
+"""receptive_field on graphs a review found mishandled: branches the layer does not read, a map whose last
+unit reads padding alone, layers that move positions across the map, subclasses of pointwise modules that
+override their forward, and sizes given as numpy ints."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuroidx_fast import receptive_field
+from neuroidx_fast.receptive_fields import probe_receptive_field
+
+
+def _field(model, layer, size, method="auto"):
+    """(the field, the messages of the warnings it gave)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rf = receptive_field(model.eval(), layer, size, method=method)
+    return rf, [str(w.message) for w in caught]
+
+
+class _SideBranch(nn.Module):
+    """Returns the target ``b``'s map and a side branch it never reads, traced before it."""
+
+    def __init__(self, side):
+        super().__init__()
+        self.side = side
+        self.a = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular" if side == "circular" else "zeros")
+        self.valid, self.strided = nn.Conv2d(3, 4, 17), nn.Conv2d(3, 4, 3, 2, 1)  # 32 -> 16 at strides 1 and 2
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if self.side == "circular":
+            side = self.a(x)
+        elif self.side == "interpolate":
+            side = F.interpolate(self.a(x), scale_factor=0.5)
+        else:
+            side = torch.cat([self.valid(x), self.strided(x)], 1)  # no field: strides differ
+        return self.b(x), side
+
+
+@pytest.mark.parametrize("side", ["circular", "interpolate", "strides"])
+def test_a_branch_the_layer_does_not_read_changes_nothing(side):
+    # before: a circular-padding warning, a fall back to the probe, or "cannot merge branches"
+    rf, messages = _field(_SideBranch(side), "b", 32)
+    assert (rf.size, rf.stride, rf.offset, rf.method) == ((3, 3), (1, 1), (-1, -1), "analytic")
+    assert messages == []
+
+
+def test_the_probe_takes_a_last_unit_that_reads_padding_alone():
+    # the conv pads by 1 with a 1x1 kernel: the map's border units read padding alone (before: "found no
+    # input pixel"); Softsign is unknown to the walk, so the default method falls back to the probe too
+    model = nn.Sequential(nn.Conv2d(3, 4, 1, padding=1), nn.Softsign())
+    for method in ("probe", "auto"):
+        rf, _ = _field(model, "1", 20, method)
+        assert (rf.size, rf.stride, rf.offset, rf.method) == ((1, 1), (1, 1), (-1, -1), "probe")
+
+
+class _Rolled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c2(torch.roll(self.c1(x), shifts=2, dims=3))
+
+
+class _RowsConvolvedAsTokens(nn.Module):
+    """A 1-d conv over the flattened positions: a unit at a row's end reads the next row's start."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.tokens = nn.Conv1d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.c1(x)
+        return self.c2(self.tokens(x.flatten(2)).view(x.shape))
+
+
+@pytest.mark.parametrize("model", [_Rolled, _RowsConvolvedAsTokens])
+def test_the_probe_warns_of_fields_that_move_across_the_map(model):
+    # before: boxes from the fields near the centre, and the corner units' fields outside them unsaid
+    _, messages = _field(model(), "c2", 16)
+    assert any("corners of its map" in m for m in messages), messages
+
+
+def test_the_probe_of_an_ordinary_net_gives_no_corner_warning():
+    model = nn.Sequential(nn.Conv2d(3, 4, 5, 2, 2), nn.ReLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                          nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.ZeroPad2d((1, 0, 2, 0)), nn.Conv2d(4, 4, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probed = probe_receptive_field(model.eval(), "5", 40)
+    assert (probed.size, probed.stride) == (receptive_field(model, "5", 40).size, (4, 4))
+
+
+class _BlurDropout(nn.Dropout):
+    """A Dropout whose forward blurs (5x5): not pointwise, though a Dropout."""
+
+    def forward(self, x):
+        return F.avg_pool2d(x, 5, 1, 2)
+
+
+class _ScaledReLU(nn.ReLU):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_pointwise_subclass_that_overrides_forward_is_walked_through():
+    blurred = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _BlurDropout(), nn.Conv2d(4, 4, 3, padding=1))
+    rf, messages = _field(blurred, "2", 16)
+    assert (rf.size, rf.offset, rf.method) == ((9, 9), (-4, -4), "analytic") and messages == []  # was 5x5
+    assert probe_receptive_field(blurred, "2", 16).size == (9, 9)
+    scaled = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _ScaledReLU(), nn.Conv2d(4, 4, 3, padding=1))
+    rf, messages = _field(scaled, "2", 16)
+    assert (rf.size, rf.method) == ((5, 5), "analytic") and messages == []
+    patched = nn.Dropout()
+    patched.forward = lambda x: F.avg_pool2d(x, 3, 1, 1)  # a forward set on the instance
+    rf, _ = _field(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), patched, nn.Conv2d(4, 4, 1)), "2", 16)
+    assert rf.size == (5, 5)
+
+
+def test_numpy_sizes_are_taken():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    assert receptive_field(model, "0", np.int64(32)).input_size == receptive_field(model, "0", 32).input_size
+    with pytest.raises(ValueError, match="input_size"):
+        receptive_field(model, "0", np.float64(32.0))
+
+
+def test_a_layer_with_a_forward_set_on_it_is_probed():
+    patched = nn.Conv2d(4, 4, 1)
+    patched.forward = lambda x: F.avg_pool2d(x, 3, 1, 1)  # conv geometry no more: 1x1 -> 3x3
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), patched)
+    rf, messages = _field(model, "1", 16)
+    assert (rf.size, rf.method) == ((5, 5), "probe") and any("set on the Conv2d" in m for m in messages)
+
+
+class _RowsReduced(nn.Module):
+    def __init__(self, reduce):
+        super().__init__()
+        self.reduce = reduce
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, (1, 3))
+
+    def forward(self, x):
+        return self.c2(self.reduce(self.c1(x)))
+
+
+@pytest.mark.parametrize("reduce", [lambda y: y.mean(2, keepdim=True), lambda y: y.amax(2, keepdim=True) + y.mean((1, 2), keepdim=True),
+                                    lambda y: F.adaptive_avg_pool2d(y, (1, None))])
+def test_a_reduction_over_the_rows_keeps_the_columns(reduce):
+    # before: a mean over the rows (keepdim) gave the whole image, where adaptive pooling to (1, None) gives
+    # every row and 5 columns
+    rf, messages = _field(_RowsReduced(reduce), "c2", 20)
+    assert (rf.method, rf.whole_image, rf.map_size, messages) == ("analytic", False, (1, 16), [])
+    assert [rf.box(0, x) for x in (0, 15)] == [(0, 0, 19, 4), (0, 15, 19, 19)]
+    probed = probe_receptive_field(_RowsReduced(reduce).eval(), "c2", 20)
+    assert (probed.size, probed.offset) == (rf.size, rf.offset) == ((20, 5), (0, 0))

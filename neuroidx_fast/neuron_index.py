@@ -131,6 +131,16 @@ def _check_slots(ids, positions, map_size, what: str) -> None:
                           f"{map_size[0] * map_size[1]}) for a {map_size[0]}x{map_size[1]} map)")
 
 
+def _recorded_int(record: dict, key: str, where: str) -> int:
+    """``record[key]``, an int as the package writes it: a float (5.7, or Infinity, which JSON reads) or a
+    bool there is a manifest no neuroidx_fast wrote, not a count to round."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BundleError(f"{where}: {key} is {value!r}, not a whole number: the manifest was not written by "
+                          "neuroidx_fast (or was edited); index again")
+    return value
+
+
 def _check_labels(labels, layers: dict, where: str) -> None:
     """Every image's label: -1 (not seen) or a class that the class statistics have a row for."""
     if labels is None or not labels.numel():
@@ -221,7 +231,7 @@ class NeuronIndex:
     @classmethod
     def from_bundle(cls, manifest: dict, tensors: dict[str, torch.Tensor], where: str = "index") -> "NeuronIndex":
         try:
-            k, length = int(manifest["k"]), int(manifest["dataset_length"])
+            k, length = _recorded_int(manifest, "k", where), _recorded_int(manifest, "dataset_length", where)
             if k < 1:
                 raise BundleError(f"{where}: k is {k}; an index keeps k >= 1 top images per unit")
             if length < 0:
@@ -234,7 +244,7 @@ class NeuronIndex:
             input_size = _check_input_size(manifest.get("input_size"), where)
             layers = {}
             for i, entry in enumerate(manifest["layers"]):
-                name, num_units = entry["name"], int(entry["num_units"])
+                name, num_units = entry["name"], _recorded_int(entry, "num_units", where)
                 get = {key: tensors.get(f"{i}.{key}") for key in
                        ("values", "ids", "positions", "mean_sum", "class_sum", "class_count")}
                 for key, dtype, shape in (("values", torch.float32, (num_units, k)), ("ids", torch.int64, (num_units, k)),
@@ -256,7 +266,7 @@ class NeuronIndex:
                                                  for v in map_size):
                     raise BundleError(f"{where}: layer {name!r} has map size {list(map_size)}, not two positive ints")
                 _check_slots(get["ids"], get["positions"], map_size, f"{where}: layer {name!r}")
-                seen = int(entry["images_seen"])
+                seen = _recorded_int(entry, "images_seen", where)
                 if not 0 <= seen <= length:
                     raise BundleError(f"{where}: layer {name!r} saw {seen} images of a dataset of {length}")
                 if seen and input_size is None:  # (the size of the first batch is recorded with it)
@@ -272,7 +282,7 @@ class NeuronIndex:
                 raise BundleError(f"{where}: tensor labels has the wrong shape/dtype")
             _check_labels(labels, layers, where)
             return cls(layers, k, length, input_size, class_names, manifest.get("meta") or {}, labels)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, BundleError):
                 raise
             raise BundleError(f"{where}: manifest is inconsistent ({type(exc).__name__}: {exc})") from None

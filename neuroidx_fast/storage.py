@@ -402,6 +402,8 @@ def _parse_manifest(data: bytes, where: str, kind: str, max_version: int) -> dic
         manifest = json.loads(data.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{where} is corrupt: {exc}") from None
+    except RecursionError:  # lists nested thousands deep: no manifest of ours
+        raise BundleError(f"{where} is corrupt: nested too deep to be a manifest") from None
     # (bundles of earlier versions have no manifest checksum: their tensors are still checked)
     if isinstance(manifest, dict) and "manifest_sha256" in manifest \
             and manifest["manifest_sha256"] != _manifest_sha256(manifest):
@@ -413,7 +415,7 @@ def _parse_manifest(data: bytes, where: str, kind: str, max_version: int) -> dic
     if isinstance(version, int) and not isinstance(version, bool) and version < 1:
         raise BundleError(f"{os.path.dirname(where)} has format version {version!r}: no neuroidx_fast writes it (the "
                           "first is 1), so the file was not written by this package")
-    if not isinstance(version, int) or version > max_version:
+    if isinstance(version, bool) or not isinstance(version, int) or version > max_version:
         raise BundleError(f"{os.path.dirname(where)} has format version {version!r}; this neuroidx_fast reads up to "
                           f"{max_version}: upgrade the package")
     return manifest

@@ -226,6 +226,10 @@ def _set_element(key, where, value):
     (_set_element("labels", 2, 3), r"an image has label 3, not -1 \(unseen\) or a class in \[0, 3\)"),
     (_set_element("labels", 2, -2), r"an image has label -2"),
     (_set_element("0.values", (0, 0), float("nan")), "layer 'features.2' ranks NaN top-K values"),
+    (_set("k", 5.7), "k is 5.7, not a whole number"),  # (was read as 5)
+    (_set("dataset_length", float("inf")), "dataset_length is inf, not a whole number"),  # (was an OverflowError)
+    (_set_layer("images_seen", 6.0), "images_seen is 6.0, not a whole number"),
+    (_set_layer("num_units", True), "num_units is True, not a whole number"),
 ])
 def test_load_refuses_a_bundle_whose_numbers_disagree(tmp_path, tamper, message):
     """Such bundles loaded, and failed later: k=0 with an IndexError in neuron_features, no input size with
@@ -333,3 +337,16 @@ def test_dict_items_and_short_tuples_are_refused_naming_what_they_are():
     with pytest.raises(ValueError, match="tuples of 1 item"):
         nx.index_dataset(make_model("vgg"), [(image,)] * 4, ["features.0"], k=1, batch_size=2, progress=False)
     assert collate_images([(image, 1, "meta")] * 2)[1].tolist() == [1, 1]  # (further entries: left alone)
+
+
+def test_load_refuses_a_manifest_nested_too_deep_or_of_version_true(tmp_path):
+    """A RecursionError and a load that took ``format_version: true`` for version 1."""
+    data = ImageSet(n=6, size=8, classes=3)
+    nx.index_dataset(make_model("vgg"), data, ["features.2"], **ARGS).save(tmp_path / "good")
+    manifest, tensors = read_bundle(tmp_path / "good", INDEX_FORMAT, INDEX_VERSION)
+    _rewrite(tmp_path / "true", INDEX_FORMAT, manifest, tensors, version=True)
+    with pytest.raises(BundleError, match="format version True"):
+        nx.NeuronIndex.load(tmp_path / "true")
+    (tmp_path / "good" / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deep"):
+        nx.NeuronIndex.load(tmp_path / "good")

@@ -998,6 +998,8 @@ class _SharedWalk(_Walk):
     def __init__(self, gm: fx.GraphModule, targets: set, blocks: dict, caught: list):
         super().__init__(gm, [_START], None)
         self.targets, self.blocks, self.caught = targets, blocks, caught
+        # as for one layer: what no target reads neither warns nor stops the walk
+        self.read_by_layer = set().union(*(_ancestors(n) for n in gm.graph.nodes if self._is_target(n)))
         self.found: dict[str, _Found] = {}
         self.last = False  # the node just walked is the last the walk vouches for
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuroidx_fast import receptive_field
-from neuroidx_fast.receptive_fields import probe_receptive_field
+from neuroidx_fast.receptive_fields import probe_receptive_field, receptive_fields
 
 
 def _field(model, layer, size, method="auto"):
@@ -48,6 +48,10 @@ def test_a_branch_the_layer_does_not_read_changes_nothing(side):
     rf, messages = _field(_SideBranch(side), "b", 32)
     assert (rf.size, rf.stride, rf.offset, rf.method) == ((3, 3), (1, 1), (-1, -1), "analytic")
     assert messages == []
+    with warnings.catch_warnings(record=True) as caught:  # the layers of one model in one walk: the same
+        warnings.simplefilter("always")
+        assert receptive_fields(_SideBranch(side).eval(), ["b"], 32) == {"b": rf}
+    assert caught == []
 
 
 def test_the_probe_takes_a_last_unit_that_reads_padding_alone():

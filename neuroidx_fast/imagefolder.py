@@ -44,7 +44,8 @@ class ImageFolder(Dataset):
 
     Images are resized so that their shorter side is ``resize`` (default: ``size``) and center-cropped
     to ``size`` x ``size`` (``crop=False``: resized to ``size`` x ``size`` directly, aspect not kept).
-    Classes are the subfolder names, sorted; images are sorted by path, so ids are stable. A folder
+    Classes are the subfolder names, sorted (one without images too, with a warning); images, in them
+    and in their subfolders (linked ones too), are sorted by path, so ids are stable. A folder
     with images and no subfolders is one unlabelled set: items are images only.
     """
 
@@ -77,6 +78,12 @@ class ImageFolder(Dataset):
             if loose:
                 warnings.warn(f"{len(loose)} images at the top of {root!r} ({', '.join(loose[:3])}"
                               f"{' ...' if len(loose) > 3 else ''}) are in no class folder: left out", stacklevel=2)
+            # (kept as classes: the class indices are those of the folder names a model was trained on)
+            empty = sorted(set(subfolders) - {subfolders[label] for _, label in self.samples})
+            if empty and self.samples:
+                warnings.warn(f"{len(empty)} class folder(s) of {root!r} hold no JPEG or PNG images "
+                              f"({', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}): kept as classes without "
+                              "images", stacklevel=2)
         else:
             self.classes = None
             self.samples = [(path, -1) for path in self._images(root)]
@@ -87,9 +94,17 @@ class ImageFolder(Dataset):
 
     @staticmethod
     def _images(folder: str) -> list[str]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(folder):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # linked folders are followed, as a linked class folder is; one reached before (through a link back
+        # up: a cycle; or through a second link) is not walked again
+        found, walked = [], {os.path.realpath(folder)}
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            kept = []
+            for name in sorted(d for d in dirnames if not d.startswith(".")):
+                real = os.path.realpath(os.path.join(dirpath, name))
+                if real not in walked:
+                    walked.add(real)
+                    kept.append(name)
+            dirnames[:] = kept
             found += [os.path.join(dirpath, f) for f in filenames
                       if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
         return sorted(found)
@@ -104,7 +119,10 @@ class ImageFolder(Dataset):
         cost a pass over the dataset; a copy that keeps the times, cp -p, restores it.)"""
         digest = hashlib.sha256()
         for path, label in self.samples:
-            stat = os.stat(path)
+            try:
+                stat = os.stat(path)
+            except OSError as exc:  # (a broken link, a file removed since: as load says it)
+                raise ValueError(f"cannot read image {path!r}: {exc}") from None
             digest.update(f"{os.path.relpath(path, self.root)}|{stat.st_size}|{stat.st_mtime_ns}|{label}\n".encode())
         return digest.hexdigest()
 

@@ -20,7 +20,7 @@ import warnings
 
 import torch
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .background import reading
 from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
@@ -48,8 +48,12 @@ class _LayerStats:
         self.class_count = None
         self.nan_means_said = False
 
-    def reduce(self, activations):
+    def reduce(self, activations, batch: int):
         """The batch's spatial reduction (``TopK.reduce``: no device sync); ``add`` adds it."""
+        if activations.shape[0] != batch:  # (TopK would blame the ids of the batch's images)
+            raise ValueError(f"layer {self.name!r} outputs shape {tuple(activations.shape)} for a batch of {batch} "
+                             "images: its first dimension must be the batch; index a layer whose output is "
+                             "[B, C, H, W] or [B, C]")
         size = tuple(activations.shape[2:]) if activations.dim() == 4 else (1, 1)
         if size != self.map_size:
             raise ValueError(f"layer {self.name!r}: activation map size changed from {self.map_size} to {size}; "
@@ -167,6 +171,45 @@ def dataset_fingerprint(dataset) -> str | None:
     return f"{fingerprint()}|{hashlib.sha256(repr(positions).encode()).hexdigest()}"
 
 
+def _check_map_style(dataset) -> None:
+    """Ids are positions in the dataset: a DataLoader (whose length counts batches) and an
+    IterableDataset (which has no positions) are refused before their length is taken for images."""
+    if isinstance(dataset, DataLoader):
+        raise TypeError("index_dataset takes the dataset itself, not a DataLoader (whose length counts batches): "
+                        "pass loader.dataset, and batch_size= and num_workers= for its loading")
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(f"the dataset is an IterableDataset ({type(dataset).__name__}): index_dataset reads images by "
+                        "position (their ids), so it needs a map-style dataset, with __len__ and __getitem__")
+
+
+class _Positions(Subset):
+    """The positions of a dataset that a pass reads. The dataset's own IndexError (a ``__len__`` larger
+    than the images it can give) names neither the position nor that length: both are named."""
+
+    def __getitems__(self, indices):
+        positions = [self.indices[i] for i in indices]
+        if not callable(getattr(self.dataset, "__getitems__", None)):
+            return [_item(self.dataset, position) for position in positions]
+        try:
+            return self.dataset.__getitems__(positions)
+        except IndexError as exc:
+            raise _beyond_length(self.dataset, f"images {positions[0]}..{positions[-1]}", exc) from exc
+
+
+def _item(dataset, position: int):
+    try:
+        return dataset[position]
+    except IndexError as exc:
+        raise _beyond_length(dataset, f"image {position}", exc) from exc
+
+
+def _beyond_length(dataset, what: str, exc: IndexError) -> IndexError:
+    length = len(dataset)
+    return IndexError(f"the dataset raised IndexError reading {what} ({first_line(exc)}), though its __len__ says it "
+                      f"holds {length} images (ids 0..{length - 1}): its __len__ must be the number of images it can "
+                      "give")
+
+
 def _base_dataset(dataset):
     """The dataset under any Subsets of it (what says its classes, geometry and contents)."""
     while isinstance(dataset, Subset):
@@ -187,7 +230,7 @@ def sample_fingerprint(dataset, positions) -> str:
     length (or one with random transforms, whose ids name no fixed image) is refused. Cheap: a few items."""
     digest = hashlib.sha256()
     for position in positions:
-        item = dataset[position]
+        item = _item(dataset, position)
         image, label = (item[0], item[1] if len(item) > 1 else None) if isinstance(item, (tuple, list)) else (item, None)
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu().contiguous()
@@ -210,7 +253,7 @@ def _preprocess_fingerprint(preprocess) -> str | None:
     return f"{getattr(preprocess, '__module__', '?')}.{getattr(preprocess, '__qualname__', type(preprocess).__qualname__)}"
 
 
-def _preprocess_code(preprocess, reprs: bool = False) -> str | None:
+def _preprocess_code(preprocess, reprs: bool = False, selves: bool = False) -> str | None:
     """What a checkpoint records of a function ``preprocess`` besides its name (``_preprocess_fingerprint``,
     which is ``<lambda>`` for every lambda and ``partial`` for every ``functools.partial``): SHA-256 of its
     code (``_describe``), its defaults and what it closes over, of a partial's function and arguments, of
@@ -218,26 +261,29 @@ def _preprocess_code(preprocess, reprs: bool = False) -> str | None:
     addresses); another Python version compiles other bytecode. None for a module (its class and state
     stand for it) and for no preprocess. ``reprs``: values of other kinds (a dtype, a device, an enum)
     by their repr too (``_describe``); without it, by their type alone, as the first checkpoints that
-    recorded the code had them (key ``preprocess_code``; ``preprocess_values`` has the reprs)."""
+    recorded the code had them (key ``preprocess_code``; ``preprocess_values`` has the reprs). ``selves``:
+    a bound method's object too (key ``preprocess_objects``, with the reprs), not its type's name alone."""
     if preprocess is None or isinstance(preprocess, nn.Module):
         return None
-    return hashlib.sha256(_describe(preprocess, 0, reprs).encode()).hexdigest()
+    return hashlib.sha256(_describe(preprocess, 0, reprs, selves).encode()).hexdigest()
 
 
-def _describe(value, depth: int, reprs: bool = True) -> str:
+def _describe(value, depth: int, reprs: bool = True, selves: bool = False) -> str:
     """A text for what ``value`` computes or holds, without addresses: numbers, strings, bytes and None
     as their repr; tuples, lists, sets and dicts of them element by element; a tensor's (or numpy
     array's) dtype, shape and bytes (a quantised one's scales too, with ``reprs``); a function's code
     (bytecode, constants, names), defaults and closure cells; a partial's function and arguments; a
-    bound method's function; a module's submodules, settings and state; a callable object's ``__call__``
-    and attributes; with ``reprs``, a torch.dtype, device, memory format or layout, an enum or a range
-    by its repr, a slice by its bounds, another object by its attributes (``__dict__``); anything else
-    its type alone (what it holds cannot be told apart without its address, and a repr in general is
-    not the same in every process). Globals a function reads are named, not looked into."""
+    bound method's function and, with ``selves``, its object as any value here (without, its type's
+    name alone, as fingerprints recorded before had it); a module's submodules, settings and state; a
+    callable object's ``__call__`` and attributes; with ``reprs``, a torch.dtype, device, memory format
+    or layout, an enum or a range by its repr, a slice by its bounds, another object by its attributes
+    (``__dict__``); anything else its type alone (what it holds cannot be told apart without its
+    address, and a repr in general is not the same in every process). Globals a function reads are
+    named, not looked into."""
     kind = f"{type(value).__module__}.{type(value).__qualname__}"
     if depth > 8:
         return kind
-    deeper = functools.partial(_describe, depth=depth + 1, reprs=reprs)
+    deeper = functools.partial(_describe, depth=depth + 1, reprs=reprs, selves=selves)
     if value is None or value is Ellipsis or isinstance(value, (bool, numbers.Number, str, bytes)):
         return f"{kind}:{value!r}"
     if isinstance(value, torch.Tensor):
@@ -264,7 +310,9 @@ def _describe(value, depth: int, reprs: bool = True) -> str:
     if isinstance(value, functools.partial):
         return f"partial({deeper(value.func)};{deeper(value.args)};{deeper(value.keywords)})"
     if isinstance(value, types.MethodType):
-        return f"method({deeper(value.__func__)};{type(value.__self__).__qualname__})"
+        # (Normalize(mean, std).forward: its object holds what it computes)
+        bound_to = deeper(value.__self__) if selves else type(value.__self__).__qualname__
+        return f"method({deeper(value.__func__)};{bound_to})"
     if isinstance(value, types.FunctionType):
         cells = []
         for cell in value.__closure__ or ():
@@ -427,7 +475,8 @@ def _distributed():
 
 
 # fingerprint keys that checkpoints of earlier versions lack: not checked when resuming one of those
-_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code", "preprocess_values")
+_LATER_FINGERPRINTS = ("structure", "data_sample", "data_geometry", "preprocess_code", "preprocess_values",
+                       "preprocess_objects")
 
 
 def _holds_other_than_checkpoint(path) -> bool:
@@ -464,9 +513,9 @@ def _load_checkpoint(path, fingerprint, device, nan, backend, shard_length: int,
         if "data_sample" in differ:
             notes.append("the dataset's first or last image differs (another dataset of the same length, or random "
                          "transforms: ids must name fixed images)")
-        if "preprocess_code" in differ or "preprocess_values" in differ:
-            notes.append("the preprocess function differs (its code, defaults, arguments or the values it closes "
-                         "over; or this Python version compiles it otherwise)")
+        if {"preprocess_code", "preprocess_values", "preprocess_objects"} & set(differ):
+            notes.append("the preprocess function differs (its code, defaults, arguments, the values it closes "
+                         "over or the object it is a method of; or this Python version compiles it otherwise)")
         if "data_geometry" in differ:
             notes.append(f"the images are made otherwise from the files (checkpoint {saved.get('data_geometry')}, now "
                          f"{fingerprint.get('data_geometry')})")
@@ -644,6 +693,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
     k, batch_size = positive_int("k", k), positive_int("batch_size", batch_size)
     check_preprocess(preprocess)
     checkpoint_every = positive_int("checkpoint_every", checkpoint_every)
+    _check_map_style(dataset)
     length = dataset_length(dataset, "index")
     if k > length:
         raise ValueError(f"k={k} is larger than the dataset ({length} images); choose k <= {length}")
@@ -670,6 +720,8 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                        "preprocess_code": _preprocess_code(preprocess),
                        # (its own key: checkpoints written before it resume, their code checked as it was)
                        "preprocess_values": _preprocess_code(preprocess, reprs=True),
+                       # (a bound method's object too: its own key, for the same reason)
+                       "preprocess_objects": _preprocess_code(preprocess, reprs=True, selves=True),
                        "structure": structure_fingerprint(model, preprocess),
                        "data_geometry": dataset_geometry(dataset)}
         if fingerprint["data"] is None and len(shard):
@@ -690,7 +742,7 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
         meta["class_names"] = saved_names if saved_names is not None else class_names
     total_batches = math.ceil(len(shard) / batch_size)
     start = shard.start + batches_done * batch_size
-    loader = image_loader(Subset(dataset, range(start, shard.stop)), batch_size, device, num_workers)
+    loader = image_loader(_Positions(dataset, range(start, shard.stop)), batch_size, device, num_workers)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     bar = None
@@ -742,9 +794,12 @@ def index_dataset(model: nn.Module, dataset, layers, k: int = 100, preprocess=No
                             if out.dim() not in (2, 4):
                                 raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}: index a layer "
                                                  "whose output is [B, C, H, W] or [B, C]")
+                            if out.shape[1] == 0:
+                                raise ValueError(f"layer {name!r} outputs shape {tuple(out.shape)}: it has no units "
+                                                 "(0 channels); index a layer with at least one channel")
                             size = tuple(out.shape[2:]) if out.dim() == 4 else (1, 1)
                             stats[name] = _LayerStats(name, out.shape[1], k, size, device, nan, backend)
-                    reduced = [stats[name].reduce(outputs[name]) for name in names]
+                    reduced = [stats[name].reduce(outputs[name], images.shape[0]) for name in names]
                     pixel_low_high, rare = _read_checks(pixel_range, [r.rare for r in reduced])  # the batch's one sync
                 if pixel_low_high is not None:
                     _check_images(images, *pixel_low_high, first_id)

@@ -227,7 +227,9 @@ def dataset_geometry(dataset) -> str | None:
 def sample_fingerprint(dataset, positions) -> str:
     """SHA-256 of the items at ``positions`` (image bytes, dtype, shape and label): what a checkpoint
     records of a dataset that has no ``fingerprint()``, so that a resume on another dataset of the same
-    length (or one with random transforms, whose ids name no fixed image) is refused. Cheap: a few items."""
+    length whose sampled items differ (or one with random transforms, whose ids name no fixed image) is
+    refused. Cheap: a few items, so a dataset that differs only between them passes: a dataset that
+    can change so should have a ``fingerprint()`` of its own (ImageFolder has)."""
     digest = hashlib.sha256()
     for position in positions:
         item = _item(dataset, position)

@@ -31,6 +31,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """An option checked here, before the command touches anything (--force drops a layer's record first)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
 def _layers(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
@@ -70,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     common.add_argument("--batch-size", type=_positive_int, default=None,
                         help="images per batch (default 64; `index` resuming a run: the run's)")
-    common.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    common.add_argument("--workers", type=_non_negative_int, default=0,
+                        help="DataLoader worker processes (0: read images in the main process)")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     common.add_argument("--layers", type=_layers, default=None,
@@ -102,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     features = sub.add_parser("features", parents=[common, redo], help="Neuron Features and top crops (PNG)")
     features.add_argument("--pad", type=_pad, default="gray",
                           help="gray | zero | mean | edge | a pixel value | one value per channel (r,g,b)")
-    features.add_argument("--keep", type=int, default=9, help="top crops kept per unit")
+    features.add_argument("--keep", type=_non_negative_int, default=9, help="top crops kept per unit")
 
     selectivity = sub.add_parser("selectivity", parents=[common], help="color and class selectivity, table, plots")
     selectivity.add_argument("--gray", default="luminance", choices=["luminance", "pca"])
@@ -147,20 +159,25 @@ def _run(args) -> int:
         print(info_text())
         return 0
     from . import pipeline
+    from .outdir import OutDir
 
+    # every command below writes in its run directory: one at a time (OutDir.writing), for the whole command
     if args.command == "report":
-        path = pipeline.step_report(args.out)
+        with OutDir(args.out).writing():
+            path = pipeline.step_report(args.out)
         print(f"report: {path}")
         return 0
     if args.command == "demo":
-        path = pipeline.run_demo(args.out, device=args.device, images=args.images, quick=args.quick,
-                                 progress=not args.no_progress)
+        with OutDir(args.out).writing(create=True):
+            path = pipeline.run_demo(args.out, device=args.device, images=args.images, quick=args.quick,
+                                     progress=not args.no_progress)
         print(f"demo finished; open {path}")
         return 0
     step = {"index": pipeline.step_index, "features": pipeline.step_features,
             "selectivity": pipeline.step_selectivity, "ablate": pipeline.step_ablate,
             "visualize": pipeline.step_visualize}[args.command]
-    step(args)
+    with OutDir(args.out).writing(create=args.command == "index"):
+        step(args)
     return 0
 
 

@@ -18,18 +18,32 @@
                                       once they are complete (a rerun skips the layer while they match, and
                                       remakes it, saying why, where a file changed)
     report/index.html                 the HTML report (report/layers/<layer>.html, report/units/<layer>/<unit>.html)
+    .neuroidx.lock                    held (flock) by the command writing in the run, deleted when it ends
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
 from .atomic import write_atomic
 
-__all__ = ["OutDir", "safe_name", "write_json", "read_json"]
+try:
+    import fcntl
+except ImportError:  # (not on Windows: commands on one run directory are then not kept apart)
+    fcntl = None
+
+__all__ = ["OutDir", "RunBusyError", "safe_name", "write_json", "read_json"]
+
+LOCK_NAME = ".neuroidx.lock"
+
+
+class RunBusyError(RuntimeError):
+    """Another neuroidx command holds the run directory's lock (``OutDir.writing``)."""
 
 
 def safe_name(layer: str) -> str:
@@ -137,12 +151,79 @@ class OutDir:
         if not self.run_json.exists():
             raise FileNotFoundError(f"{self.root} holds no run (no run.json): run `neuroidx index --model ... --data "
                                     f"... --out {self.root}` first")
+        # (`index --out DIR --force` alone would read the settings back from this very file: the fix named
+        # gives them again)
+        again = f"index again with its settings given: `neuroidx index --model ... --data ... --out {self.root} " \
+                "--force`"
         try:
             settings = read_json(self.run_json)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{self.run_json} is not valid JSON ({exc}): index again with --force") from None
+            raise ValueError(f"{self.run_json} is not valid JSON ({exc}): {again}") from None
         missing = [key for key in ("model", "data", "layers") if not isinstance(settings, dict) or key not in settings]
         if missing:
-            raise ValueError(f"{self.run_json} is not a run's record (no {', '.join(missing)}): index again with "
-                             "--force")
+            raise ValueError(f"{self.run_json} is not a run's record (no {', '.join(missing)}): {again}")
         return settings
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK_NAME
+
+    @contextlib.contextmanager
+    def writing(self, create: bool = False):
+        """Hold the run directory's lock for the block: one command at a time writes in a run (two would
+        each replace the other's files, and both say they succeeded); another one fails at once with
+        ``RunBusyError``. ``create``: make the directory first if it is missing (`index`), and remove it
+        again if the block left it empty (a command refused before it wrote anything leaves no folder).
+        The lock file is deleted on release (a folder refused as a run keeps only its own files); one left
+        by a killed command (whose lock the system released) is taken and deleted by the next. No lock
+        where the system offers none (``fcntl`` missing, a folder that cannot hold the file)."""
+        made = []  # the folders made here, deepest first
+        if create:
+            folder = self.root
+            while not os.path.lexists(folder) and folder != folder.parent:
+                made.append(folder)
+                folder = folder.parent
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError:  # (a file in the way: the command says so)
+                made = []
+        fd = self._lock() if self.root.is_dir() else None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.lock_file)  # (before the unlock: a command that opened it then looks again)
+                os.close(fd)
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: the command wrote in it
+                    break
+
+    def _lock(self):
+        """The open, locked lock file (``writing``), or None where it cannot be locked."""
+        if fcntl is None:
+            return None
+        while True:
+            try:
+                fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            except OSError:  # read-only, another user's file: as without the lock
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RunBusyError(f"another neuroidx command is writing in {self.root} (it holds {self.lock_file}): "
+                                   "wait for it to end, or use another --out") from None
+            except OSError:  # no flock on this file system
+                os.close(fd)
+                return None
+            try:
+                # the holder before deletes the file on release: if it did after this open, another command
+                # may have locked a new file of that name meanwhile, so lock that one instead
+                if os.path.samestat(os.fstat(fd), os.stat(self.lock_file)):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)

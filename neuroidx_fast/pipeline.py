@@ -4,6 +4,8 @@ steps need only ``--out``."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import datetime as dt
 import json
 import math
@@ -89,10 +91,34 @@ def _model(settings: dict):
         # time it is built, so that the later steps rebuild the model the index saw (the global RNG is kept)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = load_model(settings["model"], settings.get("model_args") or {})
+            try:
+                model = load_model(settings["model"], settings.get("model_args") or {})
+            except ValueError:  # (its own messages name the option)
+                raise
+            except Exception as exc:  # raised by the factory itself: alone, "KeyError: 'x'" names no option
+                given = f" with --model-args '{json.dumps(settings['model_args'])}'" if settings.get("model_args") \
+                    else ""
+                raise ValueError(f"--model {settings['model']!r}{given} failed: {type(exc).__name__}: "
+                                 f"{_first_line(exc)}; check --model and --model-args") from None
     if settings.get("weights"):
-        load_weights(model, settings["weights"])
+        try:
+            load_weights(model, settings["weights"])
+        except ValueError:
+            if _weights_format(settings["weights"]):
+                raise
+            # (torch's unpickler fails on other files with errors such as "KeyError: 105")
+            raise ValueError(f"--weights {settings['weights']!r} is neither a safetensors file nor a torch file (a "
+                             "state dict saved with torch.save): give the model's weights in one of those") from None
     return model.eval()
+
+
+def _weights_format(path) -> bool:
+    """Whether ``path`` begins as a weights file does: safetensors, or torch.save's zip or pickle."""
+    from .loading import _is_safetensors
+
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return _is_safetensors(os.fspath(path)) or head == b"PK" or head[:1] == b"\x80"
 
 
 def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object]:
@@ -423,30 +449,65 @@ def _saved_index(out: OutDir):
         return None
 
 
+@contextlib.contextmanager
+def _nan_said_for_the_cli():
+    """index_dataset's NaN error, whose advice (nan='ignore') is the Python API's, with the command line's."""
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        if not text.startswith("NaN activation in ") or "nan='ignore'" not in text:
+            raise
+        where = text.split(". Check the model", 1)[0]
+        raise ValueError(f"{where}: the command line indexes finite activations only; check --model and --weights "
+                         "(or index with the Python API's index_dataset(..., nan='ignore'), which ranks NaN as "
+                         "-inf)") from None
+
+
+def _index_first_batch(model, dataset, settings: dict, preprocess, batch_size: int, device) -> None:
+    """Index the first batch of ``dataset`` as the run will (its errors are the run's own)."""
+    import warnings
+
+    from torch.utils.data import Subset
+
+    from .indexing import index_dataset
+
+    first = Subset(dataset, range(min(batch_size, len(dataset))))
+    preprocess = copy.deepcopy(preprocess).to(device) if preprocess is not None else None  # (the run's stays)
+    with warnings.catch_warnings(), _nan_said_for_the_cli():
+        warnings.simplefilter("ignore")  # (the run itself says them)
+        index_dataset(model, first, settings["layers"], k=min(settings["k"], len(first)), preprocess=preprocess,
+                      batch_size=batch_size, device=device, progress=False)
+
+
 def step_index(args) -> object:
     """Index the run's layers (resuming from DIR/index.checkpoint) and save DIR/index."""
     from .hooks import resolve_layers
-    from .indexing import index_dataset
+    from .indexing import _holds_other_than_checkpoint, index_dataset
     from .loading import parse_normalize
 
     out = OutDir(args.out)
     if out.root.exists() and not out.root.is_dir():
         raise ValueError(f"--out {out.root} is a file: give a directory (new, or a run's)")
-    if out.root.is_dir() and not out.run_json.exists() and any(out.root.iterdir()):
+    if out.root.is_dir() and not out.run_json.exists() and any(p != out.lock_file for p in out.root.iterdir()):
         # a run replaces its index/, features/, plots/, report/ ... (a user's files among them would go)
         raise ValueError(f"--out {out.root} holds files but no run (no run.json): give a new or empty directory")
     settings = _recorded_settings(out, args) if args.model is None and args.data is None else _settings_from(args)
     _check_out_outside_data(out, settings.get("data"))
-    started = out.checkpoint.exists() or (out.index / "manifest.json").exists()
-    # the run DIR holds, unless it never wrote anything (then simply replaced) or --force replaces it
+    # The run DIR holds, unless it never wrote anything (then simply replaced) or --force replaces it. Its
+    # index may be gone (deleted, or a damaged one's remake interrupted before its first checkpoint) while
+    # what was made from it is not: other settings would delete that too, so they need --force as well.
+    started = (out.checkpoint.exists() or os.path.lexists(out.index)
+               or any(os.path.lexists(path) for path in out.derived()))
     old = out.run_settings() if out.run_json.exists() and started and not args.force else None
     if old is not None:
         differ = [key for key in _RECIPE if _comparable(key, old.get(key)) != _comparable(key, settings.get(key))]
-        finished = (out.index / "manifest.json").exists()
         if differ:
             raise ValueError(f"{out.root} holds a run made with other settings ({', '.join(differ)}): use another "
                              "--out, or --force to replace it")
-        saved = _saved_index(out) if finished else None  # None: damaged, removed: made again below
+        # None: missing, or damaged and removed: made again below from the same settings and inputs (checked
+        # against run.json's fingerprints), so what was made from the old index stays
+        saved = _saved_index(out) if os.path.lexists(out.index) else None
         if saved is not None:
             _finish_index_record(out, old, saved)
             print(f"{out.root}: the index is already complete (use --force to index again)")
@@ -459,12 +520,31 @@ def step_index(args) -> object:
     if settings["k"] > len(dataset):
         raise ValueError(f"--k {settings['k']} is larger than the dataset ({len(dataset)} images); choose k <= "
                          f"{len(dataset)}")
-    # Only now that the new settings are known to work does anything of the old run go.
+    batch_size = args.batch_size
+    # a resume (or `index --out DIR` alone) goes on with the batches the run began with (a forced run given its
+    # settings does not read the run.json it replaces: it may be damaged)
+    recorded = ((out.run_settings().get("batch_size") or _checkpoint_batch_size(out))
+                if old is not None or args.model is None else None)
+    if recorded:
+        if not getattr(args, "batch_size_given", True):
+            batch_size = recorded
+        elif args.batch_size != recorded and old is not None:  # refused before run.json is rewritten
+            raise ValueError(f"{out.root}'s index began in batches of {recorded}: resume with --batch-size {recorded} "
+                             "(or without --batch-size), or index again from the start (--force)")
+    if not args.force and os.path.lexists(out.checkpoint) and _holds_other_than_checkpoint(out.checkpoint):
+        raise ValueError(f"{out.checkpoint} holds something other than this run's index checkpoint (another "
+                         f"program's files, or an index put there): move it away, then run `neuroidx index --out "
+                         f"{out.root}` again")
     if args.force:
         for bundle in (out.index, out.checkpoint):  # both checked before either goes
             if os.path.lexists(bundle) and not is_bundle(bundle):
                 raise ValueError(f"--force would delete {bundle}, which is not a neuroidx_fast index: move it away, "
                                  "or use another --out")
+        if out.run_json.exists():
+            # Nothing of the old run goes before the new settings have indexed their first batch: settings that
+            # fail at once (NaN activations, an unreadable image, a layer's output) leave it whole. (One that
+            # fails in a later batch ends with it replaced, as --force says.)
+            _index_first_batch(model, dataset, settings, preprocess, batch_size, device)
         for bundle in (out.index, out.checkpoint):
             remove_bundle(bundle)
     if out.run_json.exists() and (args.force or old is None):
@@ -474,15 +554,6 @@ def step_index(args) -> object:
                 shutil.rmtree(path, ignore_errors=True)
             elif path.exists():
                 path.unlink()
-    batch_size = args.batch_size
-    recorded = (out.run_settings().get("batch_size") or _checkpoint_batch_size(out)) if out.run_json.exists() else None
-    if recorded and (old is not None or args.model is None):
-        # a resume (or `index --out DIR` alone) goes on with the batches the run began with
-        if not getattr(args, "batch_size_given", True):
-            batch_size = recorded
-        elif args.batch_size != recorded and old is not None:  # refused before run.json is rewritten
-            raise ValueError(f"{out.root}'s index began in batches of {recorded}: resume with --batch-size {recorded} "
-                             "(or without --batch-size), or index again from the start (--force)")
     classes = getattr(dataset, "classes", None)
     from .indexing import dataset_fingerprint, model_fingerprint, structure_fingerprint
 
@@ -501,10 +572,11 @@ def step_index(args) -> object:
     write_json(out.run_json, record)
     if preprocess is not None:
         preprocess = preprocess.to(device)
-    index = index_dataset(model, dataset, settings["layers"], k=settings["k"], preprocess=preprocess,
-                          batch_size=batch_size, num_workers=args.workers, device=device,
-                          checkpoint=str(out.checkpoint), checkpoint_every=args.checkpoint_every,
-                          progress=not args.no_progress)
+    with _nan_said_for_the_cli():
+        index = index_dataset(model, dataset, settings["layers"], k=settings["k"], preprocess=preprocess,
+                              batch_size=batch_size, num_workers=args.workers, device=device,
+                              checkpoint=str(out.checkpoint), checkpoint_every=args.checkpoint_every,
+                              progress=not args.no_progress)
     index.meta["run_id"] = record["run_id"]  # which run.json this index belongs to
     index.save(out.index)
     _finish_index_record(out, record, index)

@@ -333,10 +333,12 @@ def test_a_new_index_clears_the_old_runs_outputs_and_nothing_else(folder, tmp_pa
     run = OutDir(out)
     assert _cli(*_index_args(folder, out, "--images", 12)) == 0
     assert _cli("features", "--out", out, "--layers", "features.8", "--no-progress") == 0
-    # the index deleted by hand and made again with other settings: the old run's Neuron Features (of
-    # other images) must not be taken for this run's
+    # the index deleted by hand and made again with other settings: refused without --force (the old run's
+    # outputs would go), and with it the old run's Neuron Features (of other images) are not taken for this run's
     shutil.rmtree(run.index)
-    assert _cli(*_index_args(folder, out, "--images", 8)) == 0
+    assert "holds a run made with other settings (images)" in _error(capsys, *_index_args(folder, out, "--images", 8))
+    assert run.grid_png("features.8").exists()
+    assert _cli(*_index_args(folder, out, "--images", 8, "--force")) == 0
     assert not run.grid_png("features.8").exists()
     assert _cli("features", "--out", out, "--layers", "features.8", "--no-progress") == 0
     assert "already made" not in capsys.readouterr().out

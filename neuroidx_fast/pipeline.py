@@ -337,7 +337,10 @@ def _record_made(out: OutDir, step: str, layer: str, settings: dict, outputs, ch
     files = []
     for path in outputs:
         path = Path(path)
-        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        # (not the temporary file of a write that a killed command left: no output, and deleted by hand, it
+        # would make the layer again)
+        found = (sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".tmp-"))
+                 if path.is_dir() else [path])
         files += [p.relative_to(out.root).as_posix() for p in found]
     record = {"settings": settings, "files": files}
     if checks:

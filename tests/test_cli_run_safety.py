@@ -178,3 +178,16 @@ def test_something_else_in_the_checkpoint_folder_is_named_with_the_cli_fix(run_w
     assert f"{run.checkpoint} holds something other than this run's index checkpoint" in err
     assert "move it away" in err and "checkpoint=" not in err
     assert NeuronIndex.load(run.checkpoint).k == 3  # (the user's to move)
+
+
+def test_a_temporary_file_left_by_a_killed_write_is_no_output(run_with_features, capsys):
+    # before, a .tmp-* file that a killed command left in a layer's folder was listed among the layer's
+    # outputs: deleted by hand afterwards, it made the layer again
+    run = OutDir(run_with_features)
+    left = run.grid_png("features.8").parent / ".tmp-killed.png"
+    left.write_bytes(b"half a png")
+    assert _cli("features", "--out", run.root, "--keep", 2, "--force", "--layers", "features.8", "--no-progress") == 0
+    left.unlink()
+    capsys.readouterr()
+    assert _cli("features", "--out", run.root, "--keep", 2, "--layers", "features.8", "--no-progress") == 0
+    assert "already made" in capsys.readouterr().out

@@ -43,6 +43,7 @@ def spatial_reduce(x: torch.Tensor, backend: str | None = "auto", refine_overflo
         return empty, x.new_empty((b, c), dtype=torch.int64), empty.clone()
     if x.dtype == torch.float64:
         name = "torch"
+    x = x.detach()  # (statistics, not functions autograd follows: the same on every backend)
     vmax, argmax, vmean = backends.get(name, x.device).spatial_reduce(x)
     return vmax, argmax, _overflowed_means_again(x, vmax, vmean) if refine_overflow else vmean
 
@@ -148,7 +149,12 @@ def _crop_size(size) -> tuple[int, int]:
         pair = (None,)
     if None in pair or min(pair) < 1:
         raise ValueError(f"crop size must be a positive int or a pair (rh, rw) of them, got {size!r}")
+    if max(pair) > _MOST_CROP_SIDE:  # (past it the crops' sizes overflow the allocators' int64 arithmetic)
+        raise ValueError(f"crop size {pair} is too large: at most {_MOST_CROP_SIDE} pixels a side")
     return pair
+
+
+_MOST_CROP_SIDE = 1 << 20
 
 
 def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, size, pad="gray",
@@ -170,8 +176,9 @@ def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, 
     name = backends.resolve_name(backend, images.device)
     if slots.numel() == 0:
         return images.new_zeros((0, images.shape[1], rh, rw), dtype=torch.float32)
-    return backends.get(name, images.device).gather_crops(images.contiguous(), slots.reshape(-1).contiguous(),
-                                                          tops.reshape(-1, 2).contiguous(), (rh, rw), fill)
+    with torch.no_grad():  # (a copy, not a function autograd follows: the same on every backend)
+        return backends.get(name, images.device).gather_crops(images.contiguous(), slots.reshape(-1).contiguous(),
+                                                              tops.reshape(-1, 2).contiguous(), (rh, rw), fill)
 
 
 def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor,
@@ -201,13 +208,18 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
     if not isinstance(weights, torch.Tensor) or weights.dtype != torch.float32 or weights.shape != slots.shape:
         raise ValueError(f"accumulate_crops: weights must be float32 of shape {tuple(slots.shape)}, got "
                          f"{getattr(weights, 'dtype', None)} {tuple(getattr(weights, 'shape', ()))}")
+    for label, t in (("images", images), ("slots", slots), ("tops", tops), ("weights", weights)):
+        if t.device == sums.device and t.untyped_storage().data_ptr() == sums.untyped_storage().data_ptr():
+            raise ValueError(f"accumulate_crops: sums shares memory with {label}, which the backends would read as "
+                             f"they write the sums (each in its own order): pass a copy ({label}.clone())")
     fill = pad_value(pad, images.shape[1], images.device)
     name = backends.resolve_name(backend, images.device)
     if slots.numel() == 0:
         return sums
-    backends.get(name, images.device).accumulate_crops(sums, images.contiguous(), slots.contiguous(),
-                                                       tops.contiguous(), weights.to(images.device).contiguous(),
-                                                       fill)
+    with torch.no_grad():  # (images, weights or a pad that require grad would make sums a node of a graph)
+        backends.get(name, images.device).accumulate_crops(sums, images.contiguous(), slots.contiguous(),
+                                                           tops.contiguous(), weights.to(images.device).contiguous(),
+                                                           fill)
     return sums
 
 

@@ -9,7 +9,7 @@ import torch
 from . import backends
 from .ops import spatial_reduce
 from .ops.reference import topk_merge_rows
-from .prepare import canonical_device, positive_int
+from .prepare import as_index, canonical_device, positive_int
 
 __all__ = ["TopK", "STATE_FORMAT"]
 
@@ -274,14 +274,17 @@ class TopK:
         missing = [key for key in ("num_units", "k", "count", "values", "ids", "positions") if key not in state]
         if missing:
             raise ValueError(f"TopK state is missing {missing}")
-        num_units, k = int(state["num_units"]), int(state["k"])
+        # ints as state_dict() writes them: 2.7 or "3" is a state it did not write, not a count to round
+        num_units, k, count = (as_index(state[key]) for key in ("num_units", "k", "count"))
+        for key, value in (("num_units", num_units), ("k", k), ("count", count)):
+            if value is None:
+                raise ValueError(f"TopK state: {key} must be an int, got {state[key]!r} (corrupt state)")
         top = cls(num_units, k, device=device, nan=state.get("nan", "raise"), backend=backend)
         for key, dtype in (("values", torch.float32), ("ids", torch.int64), ("positions", torch.int64)):
             tensor = state[key]
             if not isinstance(tensor, torch.Tensor) or tensor.shape != (num_units, k) or tensor.dtype != dtype:
                 raise ValueError(f"TopK state: {key!r} must be a [{num_units}, {k}] {dtype} tensor, got "
                                  f"{getattr(tensor, 'shape', None)} {getattr(tensor, 'dtype', None)}")
-        count = int(state["count"])
         if count < 0:
             raise ValueError(f"TopK state: count must be >= 0, got {count}")
         # copies: the new TopK updates its tensors in place, the caller's state stays as it was

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -192,6 +193,10 @@ def test_corrupt_or_foreign_state_rejected():
                                      positions=torch.zeros(3, 2, dtype=torch.int64)))
     with pytest.raises(ValueError, match="holds 2 images but count says 1"):
         nx.TopK.from_state_dict(dict(state, count=1))
+    for key, value in (("k", 2.7), ("count", 4.0), ("num_units", "3"), ("count", True)):  # (were read as ints)
+        with pytest.raises(ValueError, match=f"TopK state: {key} must be an int, got {value!r}"):
+            nx.TopK.from_state_dict(dict(state, **{key: value}))
+    assert nx.TopK.from_state_dict(dict(state, k=np.int64(2), count=torch.tensor(4))).count == 4
     # an empty slot (id -1) ahead of a real entry: updates would drop the real one on one backend only
     one_row = {"format": state["format"], "num_units": 1, "k": 2, "count": 1, "values": torch.tensor([[5.0, 3.0]]),
                "ids": torch.tensor([[-1, 0]]), "positions": torch.tensor([[-1, 0]])}

@@ -833,10 +833,12 @@ class _Walk(fx.Interpreter):
         target = self.fetch_attr(n.target) if n.op == "call_module" else n.target
         if self.read_by_layer is not None and n not in self.read_by_layer:
             # a value the layer does not read (another branch, a second output): what it pads or mixes
-            # neither widens the layer's field nor stops the walk; its field is still carried, where known,
-            # for an in-place change of a value the layer reads (_widened_in_place)
+            # neither widens the layer's field, nor warns, nor stops the walk; its field is still carried,
+            # where known, for an in-place change of a value the layer reads (_widened_in_place)
             try:
-                return self._op_state(n, target, args, kwargs, states, out)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # (uneven adaptive pooling's, of a map the layer never sees)
+                    return self._op_state(n, target, args, kwargs, states, out)
             except Exception:
                 return None
         if _union(states) is not None and _pads_circularly(target, args, kwargs):

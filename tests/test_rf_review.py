@@ -37,12 +37,14 @@ class _SideBranch(nn.Module):
             side = self.a(x)
         elif self.side == "interpolate":
             side = F.interpolate(self.a(x), scale_factor=0.5)
+        elif self.side == "uneven":
+            side = F.adaptive_avg_pool2d(self.a(x), 10)  # (32 -> 10: windows of unequal sizes, warned of)
         else:
             side = torch.cat([self.valid(x), self.strided(x)], 1)  # no field: strides differ
         return self.b(x), side
 
 
-@pytest.mark.parametrize("side", ["circular", "interpolate", "strides"])
+@pytest.mark.parametrize("side", ["circular", "interpolate", "strides", "uneven"])
 def test_a_branch_the_layer_does_not_read_changes_nothing(side):
     # before: a circular-padding warning, a fall back to the probe, or "cannot merge branches"
     rf, messages = _field(_SideBranch(side), "b", 32)

@@ -8,6 +8,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from . import backends
 from .prepare import as_index, positive_int
@@ -111,17 +112,34 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
 
     def __init__(self, channels: int, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0):
         super().__init__(size, alpha, beta, k)
-        offset = torch.arange(channels)[None, :] - torch.arange(channels)[:, None]  # [c, j]: j - c
-        band = ((offset >= -(size // 2)) & (offset <= (size - 1) // 2)).float() * (alpha / size)
-        self.register_buffer("band", band[:, :, None, None], persistent=False)
+        self.channels = channels
+        self._bands = {}  # (size, alpha, dtype, device) -> the band matrix (see _band)
+
+    def _band(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The [C, C, 1, 1] band matrix of alpha / size, of the module's size and alpha as they are now (the
+        cpp kernels read them so), rounded once to ``dtype`` from float64: float64 inputs get float64's
+        alpha / size, not float32's."""
+        key = (int(self.size), float(self.alpha), dtype, torch.device(device))
+        if key not in self._bands:
+            offset = torch.arange(self.channels)[None, :] - torch.arange(self.channels)[:, None]  # [c, j]: j - c
+            window = (offset >= -(key[0] // 2)) & (offset <= (key[0] - 1) // 2)
+            band = window.to(torch.float64) * (key[1] / key[0])
+            self._bands = {key: band[:, :, None, None].to(dtype=dtype, device=device)}  # (the last one only)
+        return self._bands[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        band = self.band.to(x.dtype)
-        if x.dim() != 4 or x.shape[1] != band.shape[0]:
-            raise ValueError(f"{type(self).__name__} for {band.shape[0]} channels expects [B, {band.shape[0]}, H, W], "
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__} for {self.channels} channels expects [B, {self.channels}, H, W], "
                              f"got shape {tuple(x.shape)}")
         params = (int(self.size), float(self.alpha), float(self.beta), float(self.k))
-        kernels = backends.cpu_kernels(x)  # NEUROIDX_BACKEND=torch selects the torch form
+        if x.shape[2] * x.shape[3] == 0 or params[2] == 0:
+            # no position (the convolution refuses an empty map), or beta 0: d^0 = 1, as torch's gives it
+            # even where d is 0 (exp(-0 * log 0) would be NaN)
+            return x.clone()
+        band = self._band(x.dtype, x.device)
+        # NEUROIDX_BACKEND=torch selects the torch form; so does a tensor of forward-mode AD, whose tangent
+        # the kernels, which read raw memory, would drop
+        kernels = backends.cpu_kernels(x) if forward_ad.unpack_dual(x).tangent is None else None
         if torch.is_grad_enabled() and x.requires_grad:
             return _BandLRN.apply(x, band, params, kernels)
         if kernels is not None:
@@ -129,7 +147,7 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
         return x * _lrn_power(_lrn_divisor(x, band, params[3]), params[2])
 
     def extra_repr(self) -> str:
-        return f"{self.band.shape[0]}, " + super().extra_repr()
+        return f"{self.channels}, " + super().extra_repr()
 
 
 class VGGM(nn.Sequential):

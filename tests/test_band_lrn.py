@@ -1,0 +1,58 @@
+"""BandLocalResponseNorm against torch's nn.LocalResponseNorm where a review found them apart: float64
+inputs (the band held float32's alpha / size), maps without positions, size or alpha changed after
+construction (the band kept the old ones), beta 0 at a zero divisor, and forward-mode AD (the cpp kernels
+dropped the tangent)."""
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwad
+from torch import nn
+
+from neuroidx_fast.models import BandLocalResponseNorm
+
+
+def _both(channels=6, size=3, alpha=1.0, beta=0.75, k=1.0):
+    return BandLocalResponseNorm(channels, size, alpha, beta, k), nn.LocalResponseNorm(size, alpha, beta, k)
+
+
+def test_float64_is_float64_accurate():
+    ours, torchs = _both(alpha=1.0)
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ours(x), torchs(x), rtol=1e-13, atol=0)  # (was 1.8e-8 off: float32's alpha / size)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_map_without_positions_gives_an_empty_map(requires_grad):
+    ours, torchs = _both()
+    x = torch.zeros(2, 6, 0, 3, requires_grad=requires_grad)
+    assert ours(x).shape == torchs(x).shape == (2, 6, 0, 3)  # (was a RuntimeError from the convolution)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_settings_changed_after_construction_are_used(backend, monkeypatch):
+    monkeypatch.setenv("NEUROIDX_BACKEND", backend)
+    ours, _ = _both(alpha=1e-4)
+    ours.alpha, ours.size = 1.0, 5  # (the torch form kept the old band: up to 6.2 off)
+    x = torch.randn(2, 6, 4, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(ours(x), nn.LocalResponseNorm(5, 1.0, 0.75, 1.0)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_beta_zero_at_a_zero_divisor_is_the_identity_as_in_torch():
+    ours, torchs = _both(beta=0.0, k=0.0)
+    x = torch.zeros(1, 6, 2, 2, requires_grad=True)
+    y = ours(x)
+    assert torch.equal(y, torchs(x))  # (was NaN: exp(-0 * log 0))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # (torch's, at its first jvp)
+def test_forward_mode_ad_keeps_the_tangent():
+    ours, torchs = _both(alpha=0.5)
+    g = torch.Generator().manual_seed(2)
+    x, v = torch.randn(2, 6, 3, 3, generator=g), torch.randn(2, 6, 3, 3, generator=g)
+    tangents = []
+    for module in (ours, torchs):
+        with fwad.dual_level():
+            tangents.append(fwad.unpack_dual(module(fwad.make_dual(x, v))).tangent)
+    assert tangents[0] is not None and torch.allclose(tangents[0], tangents[1], rtol=1e-5, atol=1e-6)  # (was None)

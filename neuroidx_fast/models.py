@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import OrderedDict
 
 import torch
@@ -174,8 +175,12 @@ class VGGM(nn.Sequential):
         if None in pooled:
             smallest = next(n for n in range(7, 512) if _conv5_pool_size(n))
             raise ValueError(f"VGG-M needs inputs of at least {smallest}x{smallest} pixels, got input_size={input_size}")
-        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or width <= 0:
+        if isinstance(width, bool) or not isinstance(width, numbers.Real) or not math.isfinite(width) or width <= 0:
             raise ValueError(f"width must be a positive number (1.0: the original channel counts), got {width!r}")
+        if not isinstance(lrn, bool):  # ("no" would be taken as True)
+            raise ValueError(f"lrn must be True or False (whether to keep the two LRN layers), got {lrn!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout <= 1:
+            raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
         classes = positive_int("num_classes", num_classes)
         fc_width = positive_int("fc_width", fc_width, none_means="4096 * width")
         c = [max(1, round(n * width)) for n in (96, 256, 512, 512, 512)]

@@ -56,3 +56,17 @@ def test_forward_mode_ad_keeps_the_tangent():
         with fwad.dual_level():
             tangents.append(fwad.unpack_dual(module(fwad.make_dual(x, v))).tangent)
     assert tangents[0] is not None and torch.allclose(tangents[0], tangents[1], rtol=1e-5, atol=1e-6)  # (was None)
+
+
+def test_vgg_m_checks_its_switches():
+    from neuroidx_fast.models import vgg_m
+
+    # before: lrn="no" kept the LRN layers, dropout="0.5" was torch's bare TypeError, numpy's float width refused
+    with pytest.raises(ValueError, match="lrn must be True or False .*, got 'no'"):
+        vgg_m(5, 64, width=0.05, lrn="no")
+    for dropout in ("0.5", 1.5, True):
+        with pytest.raises(ValueError, match="dropout must be a probability in"):
+            vgg_m(5, 64, width=0.05, dropout=dropout)
+    import numpy as np
+
+    assert vgg_m(5, 64, width=np.float32(0.05), lrn=False, dropout=0.0).conv1.out_channels == 5

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .hooks import LayerCapture, LayerNotReachedError, resolve_layers
-from .prepare import evaluating, first_line, model_device, param_dtype
+from .prepare import as_index, evaluating, first_line, model_device, param_dtype
 
 __all__ = ["ReceptiveField"]
 
@@ -110,7 +110,7 @@ def _covering_window(spans, strides) -> tuple[int, int, int]:
 
 
 def _as_size(input_size) -> tuple[int, int]:
-    if not isinstance(input_size, bool) and hasattr(input_size, "__index__"):  # an int, numpy's too
+    if as_index(input_size) is not None:  # an int, numpy's too (not an array of two, which has __index__ too)
         input_size = (input_size, input_size)
     try:
         # operator.index, not int(): a size of 16.7 pixels is a mistake to report, not to truncate

@@ -507,9 +507,10 @@ def probe_receptive_field(model: nn.Module, layer: str, input_size, channels: in
     missed = [(point, box) for point, box in at_corners if not all(holds(a, box, point) for a in (0, 1))]
     if missed and not uneven:  # (the uneven fields' boxes are warned of as an approximation above)
         warnings.warn(f"the gradient probe measured fields of {layer!r} at corners of its map that their boxes do not "
-                      f"hold (boxes {[b for _, b in missed]} at map positions {[p for p, _ in missed]}): the layer "
-                      "moves positions across the map (torch.roll, a 1-d conv over its flattened rows), so units near "
-                      "its border read pixels outside their boxes, and their crops miss them", stacklevel=3)
+                      f"hold (boxes {[b for _, b in missed]} at map positions {[p for p, _ in missed]}): units near "
+                      "its border read pixels outside their boxes, which their crops miss (padding by reflection or "
+                      "replication wider than the windows after it, or a layer that moves positions across the map: "
+                      "torch.roll, a 1-d conv over its flattened rows)", stacklevel=3)
     if math.prod(rf_size) >= probe_size[0] * probe_size[1]:
         warnings.warn(f"the receptive field of {layer!r} covers every input size the probe tried; its size is a "
                       "lower bound", stacklevel=3)

@@ -41,6 +41,8 @@ class _Box:
 
 
 WHOLE = "whole image"
+# the field of a value the layer does not read, where the walk does not know the op that made it (_Walk)
+_UNKNOWN = "unknown"
 _START = _Box((1, 1), (1, 1), (0, 0))
 
 
@@ -133,19 +135,13 @@ def _dims(dim, ndim: int):
 
 def _without_dims(state, x, out, removed):
     """After an operation that reduces (or squeezes) dimensions ``removed`` of ``x``: the box where they
-    hold no position (out has them, keepdim, or not); where one position axis is reduced and kept (a mean
-    over rows, keepdim), a window over the whole of that axis, as adaptive pooling to (1, None) gives; else
-    the whole image."""
+    hold no position (out has them, keepdim, or not), else the whole image. (A mean over the rows alone
+    is the whole image too, though its units see every row of a few columns: its map, broadcast back onto
+    the rows, as in coordinate attention, has no single stride along them, which a merge would refuse.)"""
     if state is None or state is WHOLE:
         return state
     axes = _axes(state, x)
-    if not isinstance(out, torch.Tensor):
-        return WHOLE
-    reduced = [a for a in (0, 1) if axes[a] in removed]
-    if len(reduced) == 1 and out.dim() == x.dim() and state.axes is None:
-        extent = tuple(x.shape[axes[a]] if a in reduced else 1 for a in (0, 1))
-        return _window(state, extent, extent, 0)
-    if reduced:
+    if removed & set(axes) or not isinstance(out, torch.Tensor):
         return WHOLE
     if out.dim() == x.dim():
         return _relaid(state, axes, out.dim())
@@ -835,12 +831,14 @@ class _Walk(fx.Interpreter):
             # a value the layer does not read (another branch, a second output): what it pads or mixes
             # neither widens the layer's field, nor warns, nor stops the walk; its field is still carried,
             # where known, for an in-place change of a value the layer reads (_widened_in_place)
+            if any(s is _UNKNOWN for s in states):
+                return _UNKNOWN
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # (uneven adaptive pooling's, of a map the layer never sees)
                     return self._op_state(n, target, args, kwargs, states, out)
-            except Exception:
-                return None
+            except Exception:  # (an in-place change of a value the layer reads by it stops the walk, as it should)
+                return _UNKNOWN
         if _union(states) is not None and _pads_circularly(target, args, kwargs):
             _warn_circular(f"module {n.target!r} ({type(target).__name__})" if n.op == "call_module"
                            else f"{_node_name(n)}(mode='circular')")

@@ -57,3 +57,13 @@ def test_a_crop_size_past_any_allocation_is_named(size):
     images, slots, tops, weights = _crops()
     with pytest.raises(ValueError, match="is too large: at most 1048576 pixels a side"):
         ops.gather_crops(images, slots, tops, size)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_no_units_add_nothing(backend):
+    # a first alias check took empty tensors (every one at address 0) for ones sharing memory
+    sums = torch.zeros(0, 3, 4, 4, dtype=torch.float64)
+    empty = torch.zeros(0, 2, dtype=torch.int64)
+    out = ops.accumulate_crops(sums, torch.rand(2, 3, 8, 8), empty, torch.zeros(0, 2, 2, dtype=torch.int64),
+                               torch.zeros(0, 2), backend=backend)
+    assert out is sums and out.shape == (0, 3, 4, 4)

@@ -209,7 +209,8 @@ def accumulate_crops(sums: torch.Tensor, images: torch.Tensor, slots: torch.Tens
         raise ValueError(f"accumulate_crops: weights must be float32 of shape {tuple(slots.shape)}, got "
                          f"{getattr(weights, 'dtype', None)} {tuple(getattr(weights, 'shape', ()))}")
     for label, t in (("images", images), ("slots", slots), ("tops", tops), ("weights", weights)):
-        if t.device == sums.device and t.untyped_storage().data_ptr() == sums.untyped_storage().data_ptr():
+        if t.numel() and sums.numel() and t.device == sums.device \
+                and t.untyped_storage().data_ptr() == sums.untyped_storage().data_ptr():  # (empty ones: all at 0)
             raise ValueError(f"accumulate_crops: sums shares memory with {label}, which the backends would read as "
                              f"they write the sums (each in its own order): pass a copy ({label}.clone())")
     fill = pad_value(pad, images.shape[1], images.device)

@@ -270,14 +270,42 @@ def _preprocess_code(preprocess, reprs: bool = False, selves: bool = False) -> s
     return hashlib.sha256(_describe(preprocess, 0, reprs, selves).encode()).hexdigest()
 
 
+def _method_object(obj, deeper) -> str:
+    """A bound method's object as a resume compares it: a module by its state (Normalize(mean, std)); another
+    object by its public attributes that hold settings (numbers, strings, tensors, arrays, short tuples,
+    lists and dicts of them). Not what differs between a run and its resume with the same settings, or costs
+    seconds to hash: caches under private names (filled as the object is used), objects such as a logger
+    (whose attributes reach the process's global state), long sequences (a dataset's list of files)."""
+    if isinstance(obj, nn.Module):
+        return deeper(obj)
+    attributes = getattr(obj, "__dict__", None)
+    kept = {name: value for name, value in (attributes.items() if isinstance(attributes, dict) else ())
+            if not name.startswith("_") and _holds_settings(value)}
+    return f"{type(obj).__qualname__}({deeper(kept)})"
+
+
+def _holds_settings(value, depth: int = 0) -> bool:
+    """Whether ``value`` is a setting as _method_object records them."""
+    if value is None or isinstance(value, (bool, numbers.Number, str, bytes, torch.Tensor, torch.dtype, torch.device)):
+        return True
+    if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
+        return True
+    if isinstance(value, (tuple, list)):
+        return depth < 3 and len(value) <= 64 and all(_holds_settings(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return depth < 3 and len(value) <= 64 and all(isinstance(k, str) and _holds_settings(v, depth + 1)
+                                                      for k, v in value.items())
+    return False
+
+
 def _describe(value, depth: int, reprs: bool = True, selves: bool = False) -> str:
     """A text for what ``value`` computes or holds, without addresses: numbers, strings, bytes and None
     as their repr; tuples, lists, sets and dicts of them element by element; a tensor's (or numpy
     array's) dtype, shape and bytes (a quantised one's scales too, with ``reprs``); a function's code
     (bytecode, constants, names), defaults and closure cells; a partial's function and arguments; a
-    bound method's function and, with ``selves``, its object as any value here (without, its type's
-    name alone, as fingerprints recorded before had it); a module's submodules, settings and state; a
-    callable object's ``__call__`` and attributes; with ``reprs``, a torch.dtype, device, memory format
+    bound method's function and, with ``selves``, its object's settings (``_method_object``; without,
+    its type's name alone, as fingerprints recorded before had it); a module's submodules, settings and
+    state; a callable object's ``__call__`` and attributes; with ``reprs``, a torch.dtype, device, memory format
     or layout, an enum or a range by its repr, a slice by its bounds, another object by its attributes
     (``__dict__``); anything else its type alone (what it holds cannot be told apart without its
     address, and a repr in general is not the same in every process). Globals a function reads are
@@ -313,7 +341,7 @@ def _describe(value, depth: int, reprs: bool = True, selves: bool = False) -> st
         return f"partial({deeper(value.func)};{deeper(value.args)};{deeper(value.keywords)})"
     if isinstance(value, types.MethodType):
         # (Normalize(mean, std).forward: its object holds what it computes)
-        bound_to = deeper(value.__self__) if selves else type(value.__self__).__qualname__
+        bound_to = _method_object(value.__self__, deeper) if selves else type(value.__self__).__qualname__
         return f"method({deeper(value.__func__)};{bound_to})"
     if isinstance(value, types.FunctionType):
         cells = []

@@ -4,6 +4,8 @@ and inputs whose errors blamed something else (a layer that is not batch-first, 
 channel, a DataLoader or an IterableDataset as the dataset, a ``__len__`` that says too much, a
 broken link under checkpoint=)."""
 
+import functools
+import logging
 import os
 import warnings
 
@@ -33,6 +35,20 @@ class _Scale:
 
     def apply(self, x):
         return x * self.by
+
+
+class _Cached(_Scale):
+    """A preprocess object as found in the wild: a cache filled as it is used, a logger, a long list."""
+
+    def __init__(self, by, files=1000):
+        super().__init__(by)
+        self._on = {}
+        self.log = logging.getLogger(f"neuroidx-test-{by}")
+        self.files = [f"image{i}.png" for i in range(files)]
+
+    def apply(self, x):
+        self._on.setdefault(x.device, torch.tensor(self.by))
+        return x * self._on[x.device]
 
 
 def _interrupted(model, ckpt, preprocess):
@@ -187,3 +203,21 @@ def test_a_broken_link_is_named_with_a_checkpoint_as_without(tmp_path):
     for checkpoint in (None, str(tmp_path / "ck")):
         with pytest.raises(ValueError, match="cannot read image .*broken.png"):
             nx.index_dataset(model, folder, ["features.2"], k=2, batch_size=2, checkpoint=checkpoint, progress=False)
+
+
+def test_a_bound_methods_object_is_known_by_its_settings_alone(tmp_path):
+    """A first fix described the whole object: its cache, filled by the interrupted run, made the resume's
+    fresh object differ; a logger's attributes reach every logger of the process; a list of a million files
+    took seconds to hash at every start."""
+    model, ckpt = make_model("vgg"), str(tmp_path / "ck")
+    _interrupted(model, ckpt, _Cached(1.0).apply)
+    logging.getLogger("neuroidx-test-another")  # (a logger made since: the manager's dict grew)
+    resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=_Cached(1.0).apply, checkpoint=ckpt,
+                               **ARGS)
+    assert resumed["features.2"].images_seen == 8
+    _interrupted(model, str(tmp_path / "ck2"), _Cached(1.0).apply)
+    with pytest.raises(ValueError, match="the preprocess function differs"):  # (its setting still counts)
+        nx.index_dataset(model, _Listed("files A", n=8), preprocess=_Cached(2.0).apply,
+                         checkpoint=str(tmp_path / "ck2"), **ARGS)
+    code = functools.partial(_preprocess_code, reprs=True, selves=True)
+    assert code(_Cached(1.0, files=10 ** 6).apply) == code(_Cached(1.0, files=100).apply)

@@ -207,7 +207,7 @@ def _beyond_length(dataset, what: str, exc: IndexError) -> IndexError:
     length = len(dataset)
     return IndexError(f"the dataset raised IndexError reading {what} ({first_line(exc)}), though its __len__ says it "
                       f"holds {length} images (ids 0..{length - 1}): its __len__ must be the number of images it can "
-                      "give")
+                      "give (or its __getitem__ has a bug: the traceback above shows where it raised)")
 
 
 def _base_dataset(dataset):

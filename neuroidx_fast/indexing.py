@@ -272,15 +272,16 @@ def _preprocess_code(preprocess, reprs: bool = False, selves: bool = False) -> s
 
 def _method_object(obj, deeper) -> str:
     """A bound method's object as a resume compares it: a module by its state (Normalize(mean, std)); another
-    object by its public attributes that hold settings (numbers, strings, tensors, arrays, short tuples,
-    lists and dicts of them). Not what differs between a run and its resume with the same settings, or costs
-    seconds to hash: caches under private names (filled as the object is used), objects such as a logger
-    (whose attributes reach the process's global state), long sequences (a dataset's list of files)."""
+    object by its attributes that hold settings (numbers, strings, tensors, arrays, short tuples and lists
+    of them, dicts of them by name), private ones too (self._mean). Not what differs between a run and its
+    resume with the same settings, or costs seconds to hash: objects such as a logger (whose attributes
+    reach the process's global state), caches by device or by input (dicts keyed otherwise than by name),
+    long sequences (a dataset's list of files)."""
     if isinstance(obj, nn.Module):
         return deeper(obj)
     attributes = getattr(obj, "__dict__", None)
     kept = {name: value for name, value in (attributes.items() if isinstance(attributes, dict) else ())
-            if not name.startswith("_") and _holds_settings(value)}
+            if _holds_settings(value)}
     return f"{type(obj).__qualname__}({deeper(kept)})"
 
 

@@ -40,9 +40,10 @@ class _Scale:
 class _Cached(_Scale):
     """A preprocess object as found in the wild: a cache filled as it is used, a logger, a long list."""
 
-    def __init__(self, by, files=1000):
+    def __init__(self, by, files=1000, offset=0.0):
         super().__init__(by)
-        self._on = {}
+        self._offset = offset  # (a setting under a private name)
+        self._on = {}  # (a cache by device)
         self.log = logging.getLogger(f"neuroidx-test-{by}")
         self.files = [f"image{i}.png" for i in range(files)]
 
@@ -221,3 +222,4 @@ def test_a_bound_methods_object_is_known_by_its_settings_alone(tmp_path):
                          checkpoint=str(tmp_path / "ck2"), **ARGS)
     code = functools.partial(_preprocess_code, reprs=True, selves=True)
     assert code(_Cached(1.0, files=10 ** 6).apply) == code(_Cached(1.0, files=100).apply)
+    assert code(_Cached(1.0, offset=0.5).apply) != code(_Cached(1.0).apply)

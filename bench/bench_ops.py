@@ -58,7 +58,7 @@ def cases(device, quick: bool, names):
 
         def lrn_run(with_kernels):
             a = act.detach().requires_grad_(True)
-            out = _BandLRN.apply(a, lrn.band, params, with_kernels)
+            out = _BandLRN.apply(a, lrn._band(a.dtype, a.device), params, with_kernels)
             return torch.cat([out.detach().flatten(), torch.autograd.grad(out, a, grad)[0].flatten()])
         table["lrn_forward_backward"] = ({"torch": lambda: lrn_run(None), "cpp": lambda: lrn_run(kernels)}, False)
     conv_weight = torch.randn(24, 3, 7, 7, generator=g).to(device)

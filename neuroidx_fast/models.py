@@ -116,6 +116,12 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
         self.channels = channels
         self._bands = {}  # (size, alpha, dtype, device) -> the band matrix (see _band)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "channels" not in self.__dict__:  # (pickled by an earlier version, which kept the band as a buffer)
+            self.channels = self._buffers.pop("band").shape[0]
+            self._bands = {}
+
     def _band(self, dtype: torch.dtype, device) -> torch.Tensor:
         """The [C, C, 1, 1] band matrix of alpha / size, of the module's size and alpha as they are now (the
         cpp kernels read them so), rounded once to ``dtype`` from float64: float64 inputs get float64's
@@ -138,9 +144,10 @@ class BandLocalResponseNorm(nn.LocalResponseNorm):
             # even where d is 0 (exp(-0 * log 0) would be NaN)
             return x.clone()
         band = self._band(x.dtype, x.device)
-        # NEUROIDX_BACKEND=torch selects the torch form; so does a tensor of forward-mode AD, whose tangent
-        # the kernels, which read raw memory, would drop
-        kernels = backends.cpu_kernels(x) if forward_ad.unpack_dual(x).tangent is None else None
+        if forward_ad.unpack_dual(x).tangent is not None:
+            # forward-mode AD: torch's ops carry the tangent (the kernels read raw memory; _BandLRN has no jvp)
+            return x * _lrn_power(_lrn_divisor(x, band, params[3]), params[2])
+        kernels = backends.cpu_kernels(x)  # NEUROIDX_BACKEND=torch selects the torch form
         if torch.is_grad_enabled() and x.requires_grad:
             return _BandLRN.apply(x, band, params, kernels)
         if kernels is not None:

@@ -51,11 +51,25 @@ def test_forward_mode_ad_keeps_the_tangent():
     ours, torchs = _both(alpha=0.5)
     g = torch.Generator().manual_seed(2)
     x, v = torch.randn(2, 6, 3, 3, generator=g), torch.randn(2, 6, 3, 3, generator=g)
-    tangents = []
-    for module in (ours, torchs):
-        with fwad.dual_level():
-            tangents.append(fwad.unpack_dual(module(fwad.make_dual(x, v))).tangent)
-    assert tangents[0] is not None and torch.allclose(tangents[0], tangents[1], rtol=1e-5, atol=1e-6)  # (was None)
+    for requires_grad in (False, True):  # (with grad: "You must implement the jvp function" from _BandLRN)
+        tangents = []
+        for module in (ours, torchs):
+            with fwad.dual_level():
+                dual = fwad.make_dual(x.clone().requires_grad_(requires_grad), v)
+                tangents.append(fwad.unpack_dual(module(dual)).tangent)
+        assert tangents[0] is not None and torch.allclose(tangents[0], tangents[1], rtol=1e-5, atol=1e-6)  # (was None)
+
+
+def test_a_module_pickled_by_the_earlier_version_runs():
+    import pickle
+
+    ours, torchs = _both()
+    old = BandLocalResponseNorm(6, 3, 1.0, 0.75, 1.0)
+    del old.channels, old._bands  # (what the earlier version held instead: the band, a buffer)
+    old.register_buffer("band", torch.ones(6, 6, 1, 1), persistent=False)
+    loaded = pickle.loads(pickle.dumps(old))
+    x = torch.randn(1, 6, 3, 3, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(loaded(x), torchs(x), rtol=1e-5, atol=1e-6) and "band" not in dict(loaded.named_buffers())
 
 
 def test_vgg_m_checks_its_switches():

@@ -865,9 +865,22 @@ class _Walk(fx.Interpreter):
         later readers of the node that made it would see the old field (a pointwise change in place, a
         ReLU's, keeps it); else None."""
         for a, t, version in inputs:
-            if t._version != version and self.states.get(a) != state:
+            if t._version == version:
+                continue
+            if self.read_by_layer is not None and a not in self.read_by_layer and not self._holds_read_memory(t):
+                continue  # a value the layer does not read, nor a view of one: its field is not the layer's
+            if state is _UNKNOWN or self.states.get(a) != state:
                 return f"an in-place change of a value that widens its field ({_node_name(n)})"
         return None
+
+    def _holds_read_memory(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` shares memory with a value the layer reads (a view of it: a change of ``t`` in
+        place is one of that value)."""
+        if not t.numel():
+            return False
+        memory = t.untyped_storage().data_ptr()
+        return any(isinstance(v, torch.Tensor) and v.numel() and v.untyped_storage().data_ptr() == memory
+                   for node, v in self.env.items() if node in self.read_by_layer)
 
 
 def _walks_inside(module: nn.Module) -> bool:

@@ -186,3 +186,42 @@ def test_sizes_given_as_arrays_of_two_are_taken():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     for size in (np.array([32, 24]), torch.tensor([32, 24]), (np.int64(32), 24)):
         assert receptive_field(model, "0", size).input_size == (32, 24)
+
+
+class _ViewChangedInPlace(nn.Module):
+    """Half of the layer's input changed in place through a view (narrow: an op the walk does not know)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        a = self.c1(x)
+        half = a.narrow(3, 0, 8)
+        half.mul_(torch.roll(half, 5, 3))
+        return self.c2(a)
+
+
+class _UnreadChangedInPlace(nn.Module):
+    """A second output, a constant, changed in place by a roll: the layer reads neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        a = self.c1(x)
+        aux = torch.zeros(1, 4, 1, 1).repeat(x.shape[0], 1, x.shape[2], x.shape[3])
+        aux.add_(torch.roll(a, 5, 3))
+        return self.c2(a), aux
+
+
+def test_in_place_changes_count_where_the_layer_reads_their_memory():
+    # a view of the layer's input changed in place by an unknown op: the walk said 5x5 (the probe: 5x10); a
+    # value the layer never reads, changed so: the walk stopped, warning of a widened field
+    rf, _ = _field(_ViewChangedInPlace(), "c2", 16)
+    with pytest.warns(UserWarning, match="corners of its map"):  # (the roll's)
+        probed = probe_receptive_field(_ViewChangedInPlace().eval(), "c2", 16)
+    assert rf.method == "probe" and rf.size == probed.size
+    rf, messages = _field(_UnreadChangedInPlace(), "c2", 16)
+    assert (rf.size, rf.method, messages) == ((5, 5), "analytic", [])

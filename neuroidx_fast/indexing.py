@@ -272,25 +272,31 @@ def _preprocess_code(preprocess, reprs: bool = False, selves: bool = False) -> s
 
 def _method_object(obj, deeper) -> str:
     """A bound method's object as a resume compares it: a module by its state (Normalize(mean, std)); another
-    object by its attributes that hold settings (numbers, strings, tensors, arrays, short tuples and lists
-    of them, dicts of them by name), private ones too (self._mean). Not what differs between a run and its
-    resume with the same settings, or costs seconds to hash: objects such as a logger (whose attributes
-    reach the process's global state), caches by device or by input (dicts keyed otherwise than by name),
-    long sequences (a dataset's list of files)."""
+    object by its attributes that hold settings: numbers, strings, tensors, arrays, enums, functions and
+    modules, and under public names short tuples and lists of them and dicts of them by name. Not what
+    differs between a run and its resume with the same settings, or costs seconds to hash: objects such as
+    a logger (whose attributes reach the process's global state), containers under private names (caches
+    filled as the object is used), long sequences (a dataset's list of files)."""
     if isinstance(obj, nn.Module):
         return deeper(obj)
     attributes = getattr(obj, "__dict__", None)
     kept = {name: value for name, value in (attributes.items() if isinstance(attributes, dict) else ())
-            if _holds_settings(value)}
+            if _holds_settings(value, private=name.startswith("_"))}
     return f"{type(obj).__qualname__}({deeper(kept)})"
 
 
-def _holds_settings(value, depth: int = 0) -> bool:
+_SETTING_TYPES = (bool, numbers.Number, str, bytes, torch.Tensor, torch.dtype, torch.device, enum.Enum, nn.Module,
+                  types.FunctionType, types.BuiltinFunctionType, functools.partial)
+
+
+def _holds_settings(value, depth: int = 0, private: bool = False) -> bool:
     """Whether ``value`` is a setting as _method_object records them."""
-    if value is None or isinstance(value, (bool, numbers.Number, str, bytes, torch.Tensor, torch.dtype, torch.device)):
+    if value is None or isinstance(value, _SETTING_TYPES):
         return True
     if type(value).__module__ == "numpy" and type(value).__name__ == "ndarray":
         return True
+    if private:
+        return False
     if isinstance(value, (tuple, list)):
         return depth < 3 and len(value) <= 64 and all(_holds_settings(v, depth + 1) for v in value)
     if isinstance(value, dict):

@@ -4,6 +4,7 @@ and inputs whose errors blamed something else (a layer that is not batch-first, 
 channel, a DataLoader or an IterableDataset as the dataset, a ``__len__`` that says too much, a
 broken link under checkpoint=)."""
 
+import enum
 import functools
 import logging
 import os
@@ -35,6 +36,11 @@ class _Scale:
 
     def apply(self, x):
         return x * self.by
+
+
+class InterpolationMode(enum.Enum):  # (as torchvision's)
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
 
 
 class _Cached(_Scale):
@@ -223,3 +229,10 @@ def test_a_bound_methods_object_is_known_by_its_settings_alone(tmp_path):
     code = functools.partial(_preprocess_code, reprs=True, selves=True)
     assert code(_Cached(1.0, files=10 ** 6).apply) == code(_Cached(1.0, files=100).apply)
     assert code(_Cached(1.0, offset=0.5).apply) != code(_Cached(1.0).apply)
+    for name, one, other in (("mode", InterpolationMode.BILINEAR, InterpolationMode.NEAREST),
+                             ("fn", torch.sigmoid, torch.tanh), ("fn", lambda x: x, lambda x: -x),
+                             ("norm", Normalize([0.5] * 3, [0.25] * 3), Normalize([0.4] * 3, [0.25] * 3))):
+        first, second = _Cached(1.0), _Cached(1.0)
+        setattr(first, name, one)
+        setattr(second, name, other)
+        assert code(first.apply) != code(second.apply), name  # (an enum, a function or a module: dropped once)

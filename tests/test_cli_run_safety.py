@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from neuroidx_fast import NeuronIndex
-from neuroidx_fast.cli import main
 from neuroidx_fast.outdir import OutDir
 from tests.models import make_model
+from tests.test_cli import _cli
 
 MODEL = "tests.models:make_model"
 
@@ -31,10 +31,6 @@ def folder(tmp_path_factory):
         for i in range(4):
             Image.fromarray((rng.random((18, 18, 3)) * 255).astype(np.uint8)).save(root / name / f"{i}.png")
     return root
-
-
-def _cli(*argv):
-    return main([str(a) for a in argv])
 
 
 def _index_args(folder, out, *extra):

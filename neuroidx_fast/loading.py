@@ -9,6 +9,8 @@ import sys
 import torch
 from torch import nn
 
+from .prepare import first_line
+
 __all__ = ["load_model", "load_weights", "Normalize", "parse_normalize", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,9 +24,19 @@ class Normalize(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+        # one mean and one std for every channel ('--normalize mean,std'): images of any channel count
+        self.one_value = len(set(torch.tensor(mean, dtype=torch.float32).reshape(-1).tolist())) == 1 \
+            and len(set(torch.tensor(std, dtype=torch.float32).reshape(-1).tolist())) == 1
 
     def forward(self, x):
-        return (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+        mean, std = self.mean, self.std
+        if x.dim() == 4 and x.shape[1] != mean.shape[1]:  # (broadcast, [B, 1, H, W] would become [B, 3, H, W])
+            if not getattr(self, "one_value", False):
+                raise ValueError(f"the normalisation holds {mean.shape[1]} channels' means and stds, but the images "
+                                 f"have {x.shape[1]} channel(s): give one per channel, or one mean and one std for all "
+                                 "(--normalize mean,std)")
+            mean, std = mean[:, :1], std[:, :1]
+        return (x - mean.to(x.device, x.dtype)) / std.to(x.device, x.dtype)
 
 
 def parse_normalize(spec: str | None):
@@ -50,13 +62,17 @@ def parse_normalize(spec: str | None):
                      "'m1,m2,m3,s1,s2,s3'")
 
 
-def _from_factory(spec: str, kwargs: dict) -> nn.Module:
+def _from_factory(spec: str, kwargs: dict, import_root: str | None = None) -> nn.Module:
     module_name, _, attr = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a factory in the user's working directory
+    # a factory in the user's working directory, or in the one recorded (a later step run from elsewhere):
+    # first, so that a module of the same name in the working directory does not take its place
+    root = import_root or os.getcwd()
+    if root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:  # (ValueError: an empty name, ':x')
         raise ValueError(f"cannot import {module_name!r} for --model {spec!r}: {exc}") from None
     factory = module
     for part in attr.split("."):
@@ -72,15 +88,15 @@ def _from_factory(spec: str, kwargs: dict) -> nn.Module:
     return model
 
 
-def load_model(spec: str, kwargs: dict | None = None) -> nn.Module:
-    """A model from ``package.module:factory`` (called with ``kwargs``), ``vgg_m`` (built in), or a
-    torchvision / timm model name when those libraries are installed (untrained: weights come from
-    ``--weights``)."""
+def load_model(spec: str, kwargs: dict | None = None, import_root: str | None = None) -> nn.Module:
+    """A model from ``package.module:factory`` (called with ``kwargs``; imported from ``import_root`` first,
+    by default the working directory), ``vgg_m`` (built in), or a torchvision / timm model name when those
+    libraries are installed (untrained: weights come from ``--weights``)."""
     kwargs = dict(kwargs or {})
     if not isinstance(spec, str) or not spec:
         raise ValueError("--model is required: package.module:factory, vgg_m, or a torchvision / timm name")
     if ":" in spec:
-        return _from_factory(spec, kwargs)
+        return _from_factory(spec, kwargs, import_root)
     if spec in ("vgg_m", "vgg-m"):
         from .models import vgg_m
 
@@ -120,6 +136,9 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     """Load a state dict (safetensors, or a torch file read with weights_only=True) into ``model``,
     strictly: missing, unexpected or mis-shaped tensors are a one-line error naming a few of them."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"weights {path!r} is a folder: give the weights file (safetensors, or a state dict saved "
+                         "with torch.save)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file {path!r} does not exist")
     try:
@@ -134,9 +153,12 @@ def load_weights(model: nn.Module, path) -> nn.Module:
             raise ValueError(f"cannot read weights {path!r}: it holds pickled Python objects, not just tensors (a "
                              "whole model saved with torch.save(model)?); save model.state_dict() instead (or a "
                              "safetensors file), after loading it yourself if you trust its source") from None
-        raise ValueError(f"cannot read weights {path!r}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+        raise ValueError(f"cannot read weights {path!r}: {type(exc).__name__}: {first_line(exc)}") from None
+    # a training checkpoint: the model's state dict under one of the usual keys
+    wrapped = [key for key in ("state_dict", "model", "model_state_dict")
+               if isinstance(state, dict) and isinstance(state.get(key), dict)]
+    if len(wrapped) == 1:
+        state = state[wrapped[0]]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"weights {path!r} hold no state dict of tensors")
     own = model.state_dict()
@@ -150,7 +172,10 @@ def load_weights(model: nn.Module, path) -> nn.Module:
         for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if items:
                 parts.append(f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
-        raise ValueError(f"weights {path!r} do not fit the model ({'; '.join(parts)})")
+        prefixed = unexpected and all(k.startswith("module.") for k in unexpected)
+        hint = ("; saved from DataParallel? its keys begin with 'module.': save model.module.state_dict(), or strip "
+                "the prefix") if prefixed else ""
+        raise ValueError(f"weights {path!r} do not fit the model ({'; '.join(parts)}){hint}")
     for key in own:  # the counters left out above: the model's own (torch's strict load of a file that
         if key not in state:  # keeps _metadata would refuse them as missing)
             state[key] = own[key]

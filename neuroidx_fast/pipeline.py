@@ -75,8 +75,6 @@ def _dataset(settings: dict):
 
 
 def _model(settings: dict):
-    import sys
-
     from .loading import load_model, load_weights
 
     if settings["model"] == "demo":
@@ -85,14 +83,12 @@ def _model(settings: dict):
         model = demo_model()
     else:
         root = settings.get("import_root")  # where `index` was run: a package.module:factory found from there
-        if root and root not in sys.path:
-            sys.path.append(root)
         # Seeded: a model without --weights (vgg_m, a torchvision name) gets the same initial weights every
         # time it is built, so that the later steps rebuild the model the index saw (the global RNG is kept)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             try:
-                model = load_model(settings["model"], settings.get("model_args") or {})
+                model = load_model(settings["model"], settings.get("model_args") or {}, import_root=root)
             except ValueError:  # (its own messages name the option)
                 raise
             except Exception as exc:  # raised by the factory itself: alone, "KeyError: 'x'" names no option

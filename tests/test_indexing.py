@@ -829,26 +829,32 @@ def _adder(by):
     return lambda x: x + by
 
 
-def test_a_resume_with_another_preprocess_function_is_refused(tmp_path):
-    """A function preprocess was recorded by its name alone: <lambda> for every lambda, partial for every
-    functools.partial; a run resumed with another one returned a mix of two computations."""
-    model = make_model("vgg")
+def check_preprocess_resumes(model, folder, cases, refused: str = "the preprocess function differs") -> None:
+    """For each (first, others, same) of ``cases``: a run interrupted with preprocess ``first`` (checkpoints
+    under ``folder``) is refused (``refused``) with each of ``others`` and, resumed with ``same``, equals a
+    whole run with it."""
     args = dict(layers=["features.2"], k=2, batch_size=2, checkpoint_every=1, progress=False)
-    cases = [(lambda x: x * 2, [lambda x: x * 3, lambda x: x.sin()], lambda x: x * 2),  # code, constants, names
-             (_adder(0.5), [_adder(1.0), _adder(torch.tensor(0.5))], _adder(0.5)),  # what it closes over
-             (functools.partial(_add, by=0.5), [functools.partial(_add, by=1.0), functools.partial(_add, 0.5)],
-              functools.partial(_add, by=0.5))]  # a partial's arguments
     for case, (first, others, same) in enumerate(cases):
-        ckpt = str(tmp_path / f"ckpt{case}")
+        ckpt = str(folder / f"ckpt{case}")
         with pytest.raises(RuntimeError, match="disk gone"):
             nx.index_dataset(model, _Listed("files A", fail=5, n=8), preprocess=first, checkpoint=ckpt, **args)
         for other in others:
-            with pytest.raises(ValueError, match="the preprocess function differs"):
+            with pytest.raises(ValueError, match=refused):
                 nx.index_dataset(model, _Listed("files A", n=8), preprocess=other, checkpoint=ckpt, **args)
         resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=same, checkpoint=ckpt, **args)
         whole = nx.index_dataset(model, _Listed("files A", n=8), preprocess=same, **args)
         for key in ("values", "ids", "positions"):
             assert torch.equal(getattr(resumed["features.2"], key), getattr(whole["features.2"], key)), (case, key)
+
+
+def test_a_resume_with_another_preprocess_function_is_refused(tmp_path):
+    """A function preprocess was recorded by its name alone: <lambda> for every lambda, partial for every
+    functools.partial; a run resumed with another one returned a mix of two computations."""
+    cases = [(lambda x: x * 2, [lambda x: x * 3, lambda x: x.sin()], lambda x: x * 2),  # code, constants, names
+             (_adder(0.5), [_adder(1.0), _adder(torch.tensor(0.5))], _adder(0.5)),  # what it closes over
+             (functools.partial(_add, by=0.5), [functools.partial(_add, by=1.0), functools.partial(_add, 0.5)],
+              functools.partial(_add, by=0.5))]  # a partial's arguments
+    check_preprocess_resumes(make_model("vgg"), tmp_path, cases)
 
 
 def test_checkpoints_without_the_preprocess_code_still_resume(tmp_path):

@@ -23,7 +23,7 @@ from neuroidx_fast.loading import Normalize
 from neuroidx_fast.storage import read_bundle
 from tests.models import ImageSet, make_model
 from tests.test_index_review import _rewrite
-from tests.test_indexing import _Listed
+from tests.test_indexing import _Listed, check_preprocess_resumes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -67,19 +67,11 @@ def test_a_resume_with_a_bound_method_of_other_settings_is_refused(tmp_path):
     """A bound method was recorded by its function and its object's type: a run interrupted with
     _Scale(1.0).apply resumed with _Scale(100.0).apply (or one Normalize's forward with another's) and
     returned a mix of two preprocessings."""
-    model = make_model("vgg")
-    cases = [(_Scale(1.0).apply, _Scale(100.0).apply, _Scale(1.0).apply),
-             (Normalize([0.5] * 3, [0.25] * 3).forward, Normalize([0.4] * 3, [0.25] * 3).forward,
+    cases = [(_Scale(1.0).apply, [_Scale(100.0).apply], _Scale(1.0).apply),
+             (Normalize([0.5] * 3, [0.25] * 3).forward, [Normalize([0.4] * 3, [0.25] * 3).forward],
               Normalize([0.5] * 3, [0.25] * 3).forward)]
-    for case, (first, other, same) in enumerate(cases):
-        ckpt = str(tmp_path / f"ck{case}")
-        _interrupted(model, ckpt, first)
-        with pytest.raises(ValueError, match="the preprocess function differs .*the object it is a method of"):
-            nx.index_dataset(model, _Listed("files A", n=8), preprocess=other, checkpoint=ckpt, **ARGS)
-        resumed = nx.index_dataset(model, _Listed("files A", n=8), preprocess=same, checkpoint=ckpt, **ARGS)
-        whole = nx.index_dataset(model, _Listed("files A", n=8), preprocess=same, **ARGS)
-        for key in ("values", "ids", "positions"):
-            assert torch.equal(getattr(resumed["features.2"], key), getattr(whole["features.2"], key)), (case, key)
+    check_preprocess_resumes(make_model("vgg"), tmp_path, cases,
+                             refused="the preprocess function differs .*the object it is a method of")
 
 
 def test_checkpoints_of_a_bound_method_made_before_its_object_was_recorded_still_resume(tmp_path):

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from .graph_split import plain_module
 from .hooks import SharedModuleError
 from .prepare import evaluating
 from .rf_field import ReceptiveField, _blank_input, _covering_window, _layer_output, _spatial
@@ -729,11 +730,7 @@ def _known_pointwise(m: nn.Module) -> bool:
     graphs are walked instead."""
     from .models import BandLocalResponseNorm  # (models imports nothing of the walk: no cycle)
 
-    known = _POINTWISE_MODULES + _SOFTMAX_MODULES
-    if not isinstance(m, known) or "forward" in m.__dict__:
-        return False
-    defines_forward = next(c for c in type(m).__mro__ if "forward" in vars(c))
-    return defines_forward in known or defines_forward is BandLocalResponseNorm
+    return plain_module(m, _POINTWISE_MODULES + _SOFTMAX_MODULES + (BandLocalResponseNorm,))
 
 
 def _trace(module: nn.Module, leaves=()) -> fx.GraphModule:

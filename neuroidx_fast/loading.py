@@ -25,8 +25,7 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
         # one mean and one std for every channel ('--normalize mean,std'): images of any channel count
-        self.one_value = len(set(torch.tensor(mean, dtype=torch.float32).reshape(-1).tolist())) == 1 \
-            and len(set(torch.tensor(std, dtype=torch.float32).reshape(-1).tolist())) == 1
+        self.one_value = self.mean.unique().numel() == 1 and self.std.unique().numel() == 1
 
     def forward(self, x):
         mean, std = self.mean, self.std

@@ -137,6 +137,9 @@ def _crop_args(images, slots, tops, what: str):
         raise ValueError(f"{what}: cannot crop from empty images {tuple(images.shape)}")
 
 
+_MOST_CROP_SIDE = 1 << 20
+
+
 def _crop_size(size) -> tuple[int, int]:
     """(rh, rw) from an int or a pair of ints (NumPy and 0-d tensor ints too)."""
     from ..prepare import as_index
@@ -152,9 +155,6 @@ def _crop_size(size) -> tuple[int, int]:
     if max(pair) > _MOST_CROP_SIDE:  # (past it the crops' sizes overflow the allocators' int64 arithmetic)
         raise ValueError(f"crop size {pair} is too large: at most {_MOST_CROP_SIDE} pixels a side")
     return pair
-
-
-_MOST_CROP_SIDE = 1 << 20
 
 
 def gather_crops(images: torch.Tensor, slots: torch.Tensor, tops: torch.Tensor, size, pad="gray",

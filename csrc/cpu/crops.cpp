@@ -445,10 +445,10 @@ void accumulate_channels(double* sums, int64_t U, int64_t Ch, int64_t c0, int64_
   // follow; staging rows or prefetching whole blocks did not recover it, and groups of 4-10 crops a
   // pass were no faster than these pairs. Also tried: finding each pair's row terms once per run of
   // rows that keep them, not once per row: with gray padding 4-7% slower in cache, 8% faster on the
-  // 44 px layer, the same on the 100 px one; 12% faster with edge padding. The 100 px layer from codes is bound by the vector units, not by memory: 52.5 ms with
-  // all its crops in cache against 54.2 ms from the 512 images, 117 ms on one thread; its loop issues
-  // 16 zmm operations per 16 columns of two crops: decode (byte permute, conversion, shift) and
-  // multiply-add, four each.)
+  // 44 px layer, the same on the 100 px one; 12% faster with edge padding. The 100 px layer from codes
+  // is bound by the vector units, not by memory: 52.5 ms with all its crops in cache against 54.2 ms
+  // from the 512 images, 117 ms on one thread; its loop issues 16 zmm operations per 16 columns of two
+  // crops: decode (byte permute, conversion, shift) and multiply-add, four each.)
   const int64_t rows_in_cache = std::max<int64_t>(1, kBlockDoubles / std::max<int64_t>(rw, 1));
   const int64_t blocks_for_threads = (kTasksPerThread * num_threads + U * channels - 1) / (U * channels);
   const int64_t wanted_blocks = std::min(rh, std::max((rh + rows_in_cache - 1) / rows_in_cache, blocks_for_threads));

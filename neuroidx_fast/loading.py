@@ -131,6 +131,13 @@ def _is_safetensors(path: str) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < os.path.getsize(path)
 
 
+def is_weights_format(path) -> bool:
+    """Whether ``path`` begins as a weights file does: safetensors, or torch.save's zip or pickle."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return _is_safetensors(os.fspath(path)) or head == b"PK" or head[:1] == b"\x80"
+
+
 def load_weights(model: nn.Module, path) -> nn.Module:
     """Load a state dict (safetensors, or a torch file read with weights_only=True) into ``model``,
     strictly: missing, unexpected or mis-shaped tensors are a one-line error naming a few of them."""

@@ -75,7 +75,7 @@ def _dataset(settings: dict):
 
 
 def _model(settings: dict):
-    from .loading import load_model, load_weights
+    from .loading import is_weights_format, load_model, load_weights
 
     if settings["model"] == "demo":
         from .demo_model import demo_model
@@ -100,21 +100,12 @@ def _model(settings: dict):
         try:
             load_weights(model, settings["weights"])
         except ValueError:
-            if _weights_format(settings["weights"]):
+            if is_weights_format(settings["weights"]):
                 raise
             # (torch's unpickler fails on other files with errors such as "KeyError: 105")
             raise ValueError(f"--weights {settings['weights']!r} is neither a safetensors file nor a torch file (a "
                              "state dict saved with torch.save): give the model's weights in one of those") from None
     return model.eval()
-
-
-def _weights_format(path) -> bool:
-    """Whether ``path`` begins as a weights file does: safetensors, or torch.save's zip or pickle."""
-    from .loading import _is_safetensors
-
-    with open(path, "rb") as f:
-        head = f.read(2)
-    return _is_safetensors(os.fspath(path)) or head == b"PK" or head[:1] == b"\x80"
 
 
 def open_run(out_dir, device=None, need_index: bool = True) -> tuple[Run, object]:
